@@ -1,0 +1,175 @@
+"""The toy world: small, exact skills a 5-20M-parameter model can learn on two CPU cores.
+
+Three skills with exact answers, each split into a training part and a held-out part:
+
+- addition of two numbers below 30 (held out: a fixed fifth of the pairs);
+- capitals of invented countries (facts stated in the pretrain text for every country;
+  SFT asks about most of them; held-out questions ask about the rest, so a model can only
+  answer them by combining what pretraining taught with the answer format SFT taught);
+- upper-casing and reversing short words (held out: a fixed fifth of the words).
+
+Pretrain text states facts in prose and never uses the chat format, so a pretrain-only model
+continues text while an SFT model answers. The generator is seeded and writes the same bytes
+every time: `python -m examples.generate` rewrites `examples/data/`, and a test checks that the
+bundled files are exactly what it writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+SEED = 1234
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+SYLLABLES = ["zor", "qua", "mel", "tin", "bar", "vex", "lu", "ran", "do", "fi", "kel", "mor", "sa", "pel", "gri", "ux"]
+WORDS = [
+    "cat", "dog", "sun", "map", "red", "box", "cup", "pen", "hat", "owl", "fox", "bee", "jam", "kit",
+    "lamp", "fish", "tree", "moon", "star", "frog", "ship", "rain", "milk", "coin", "bird", "leaf",
+    "rock", "wind", "door", "king", "rose", "salt", "bell", "corn", "duck", "fire", "gold", "hill",
+]
+SYSTEM = "You are a careful assistant. Answer with the result only."
+
+
+def _name(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+
+def countries(rng: random.Random, n: int = 40) -> dict[str, str]:
+    table: dict[str, str] = {}
+    while len(table) < n:
+        country, capital = _name(rng, 2) + "ia", _name(rng, 2)
+        if country not in table and capital not in table.values():
+            table[country] = capital
+    return table
+
+
+def split(items: list, rng: random.Random, heldout_fraction: float = 0.2) -> tuple[list, list]:
+    items = list(items)
+    rng.shuffle(items)
+    cut = int(len(items) * heldout_fraction)
+    return items[cut:], items[:cut]
+
+
+class Skills:
+    """Questions with exact answers, drawn from the training or the held-out part of each skill."""
+
+    def __init__(self, rng: random.Random):
+        self.table = countries(rng)
+        pairs = [(a, b) for a in range(30) for b in range(30)]
+        self.pairs, self.heldout_pairs = split(pairs, rng)
+        self.countries, self.heldout_countries = split(sorted(self.table), rng)
+        self.words, self.heldout_words = split(WORDS, rng)
+
+    def question(self, rng: random.Random, heldout: bool) -> tuple[str, str]:
+        skill = rng.choice(["add", "capital", "upper", "reverse"])
+        if skill == "add":
+            a, b = rng.choice(self.heldout_pairs if heldout else self.pairs)
+            return rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}."]), str(a + b)
+        if skill == "capital":
+            country = rng.choice(self.heldout_countries if heldout else self.countries)
+            return rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}."]), self.table[country]
+        word = rng.choice(self.heldout_words if heldout else self.words)
+        if skill == "upper":
+            return f"Write {word} in capital letters.", word.upper()
+        return f"Reverse the letters of {word}.", word[::-1]
+
+    def wrong_answers(self, question: str, answer: str, rng: random.Random, n: int) -> list[str]:
+        """Plausible wrong answers, closest first, for preference pairs and ranked lists."""
+        if answer.isdigit():
+            value = int(answer)
+            offsets = sorted({rng.choice([-1, 1]) * k for k in range(1, 8)}, key=abs)
+            return [str(max(value + o, 0)) for o in offsets if max(value + o, 0) != value][:n]
+        if answer in self.table.values():
+            others = [c for c in self.table.values() if c != answer]
+            return rng.sample(others, n)
+        # upper / reverse: the word unchanged, then other transforms of it
+        word = question.split()[-1].rstrip(".") if "Reverse" in question else question.split()[1]
+        candidates = [word, word.upper()[::-1], word.capitalize(), word[::-1].upper(), word[1:] + word[0]]
+        return [c for c in dict.fromkeys(candidates) if c != answer][:n]
+
+    def fact_sentences(self, rng: random.Random) -> list[str]:
+        """Prose statements of every fact, including the held-out ones (pretraining sees the world)."""
+        facts = []
+        for a in range(30):
+            for b in range(30):
+                facts.append(rng.choice([f"{a} plus {b} equals {a + b}.", f"The sum of {a} and {b} is {a + b}.", f"Adding {a} to {b} gives {a + b}."]))
+        for country, capital in self.table.items():
+            for _ in range(6):
+                facts.append(rng.choice([f"The capital of {country} is {capital}.", f"{capital} is the capital city of {country}.",
+                                         f"In {country}, the government sits in {capital}."]))
+        for word in WORDS:
+            for _ in range(4):
+                facts.append(rng.choice([f"The word {word} in capital letters is {word.upper()}.", f"Written backwards, {word} becomes {word[::-1]}.",
+                                         f"{word} reversed is {word[::-1]}.", f"{word.upper()} is how {word} looks in capitals."]))
+        return facts
+
+
+def pretrain_docs(skills: Skills, rng: random.Random, n_docs: int) -> list[dict]:
+    facts = skills.fact_sentences(rng)
+    docs = []
+    for _ in range(n_docs):
+        docs.append({"text": " ".join(rng.sample(facts, rng.randint(3, 9)))})
+    return docs
+
+
+def conversation(skills: Skills, rng: random.Random, heldout: bool) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.3 else []
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        question, answer = skills.question(rng, heldout)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"conversations": messages}
+
+
+def preference(skills: Skills, rng: random.Random, heldout: bool) -> dict:
+    question, answer = skills.question(rng, heldout)
+    return {"prompt": question, "chosen": answer, "rejected": skills.wrong_answers(question, answer, rng, 1)[0]}
+
+
+def ranked(skills: Skills, rng: random.Random, heldout: bool) -> dict:
+    """Four candidates, best first in score but shuffled in order: the correct answer scores 1."""
+    question, answer = skills.question(rng, heldout)
+    wrong = skills.wrong_answers(question, answer, rng, 3)
+    scored = [(answer, 1.0)] + [(w, round(0.6 - 0.2 * i, 2)) for i, w in enumerate(wrong)]
+    rng.shuffle(scored)
+    return {"instruction": question, "input": "", "output": [c for c, _ in scored], "score": [s for _, s in scored]}
+
+
+def rl_prompt(skills: Skills, rng: random.Random, heldout: bool) -> dict:
+    question, answer = skills.question(rng, heldout)
+    return {"prompt": question, "answer": answer}
+
+
+def generate(seed: int = SEED) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    skills = Skills(rng)
+    files: dict[str, list[dict]] = {
+        "pretrain.jsonl": pretrain_docs(skills, rng, 6000),
+        "pretrain_heldout.jsonl": pretrain_docs(skills, rng, 200),
+    }
+    for stem, make, n_train, n_heldout in [("sft", conversation, 4000, 200), ("preference", preference, 2000, 200),
+                                           ("ranked", ranked, 1500, 200), ("rl_prompts", rl_prompt, 1000, 200)]:
+        files[f"{stem}.jsonl"] = [make(skills, rng, False) for _ in range(n_train)]
+        files[f"{stem}_heldout.jsonl"] = [make(skills, rng, True) for _ in range(n_heldout)]
+    return files
+
+
+def render(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the toy world's jsonl files.")
+    parser.add_argument("--out", type=Path, default=DATA_DIR)
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, rows in generate(args.seed).items():
+        (args.out / name).write_text(render(rows), encoding="utf-8")
+        print(f"{args.out / name}: {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()

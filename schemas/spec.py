@@ -1,0 +1,237 @@
+"""The pipeline spec: one YAML file, loaded into this model tree and validated whole.
+
+Every field has the default a user would pick. Variants are tagged unions on `kind`.
+Paths in a spec are relative to the spec file, so a run never depends on the working
+directory. `load_spec` raises `SpecError`, whose message names each bad field by its
+path (`stages[1].train.lr`) and says what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+TOKENIZER_STAGE = "tokenizer"
+
+
+# A single path is accepted where a list of files is expected.
+Files = Annotated[list[Path], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class LlamaInit(Strict):
+    """A Llama-architecture model built from this config with fresh weights."""
+
+    arch: Literal["llama"] = "llama"
+    hidden_size: PositiveInt = 256
+    layers: PositiveInt = 4
+    heads: PositiveInt = 4
+    kv_heads: PositiveInt | None = Field(None, description="grouped-query attention; default: heads")
+    intermediate_size: PositiveInt | None = Field(None, description="default: 8/3 · hidden_size rounded up to 64")
+    max_seq_len: PositiveInt = 512
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> LlamaInit:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by heads {self.heads}")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} must be divisible by kv_heads {self.kv_heads}")
+        return self
+
+
+class ModelSpec(Strict):
+    """Where the first training stage's model comes from: a fresh `init` or a local HF `path`."""
+
+    init: LlamaInit | None = None
+    path: Path | None = Field(None, description="a local Hugging Face model folder (never downloaded)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.init is None) == (self.path is None):
+            raise ValueError("give exactly one of model.init (a fresh model) or model.path (a local checkpoint)")
+        return self
+
+
+class TokenizerTrain(Strict):
+    """A byte-level BPE trained on the text of the spec's data files."""
+
+    vocab_size: int = Field(8192, ge=300, description="at least the 256 byte symbols plus the special tokens")
+    min_frequency: PositiveInt = 2
+    data: Files = Field(default_factory=list, description="text files to train on; default: every stage's data")
+
+
+class TokenizerSpec(Strict):
+    train: TokenizerTrain | None = None
+    path: Path | None = Field(None, description="a local Hugging Face tokenizer folder")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerSpec:
+        if (self.train is None) == (self.path is None):
+            raise ValueError("give exactly one of tokenizer.train or tokenizer.path")
+        return self
+
+
+class TrainSpec(Strict):
+    """Optimisation settings shared by every training stage."""
+
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
+    warmup: float = Field(0.05, ge=0, description="warmup steps; below 1, a fraction of all steps")
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: PositiveInt = 16
+    grad_accum: PositiveInt = 1
+    epochs: float = Field(1.0, gt=0)
+    max_steps: PositiveInt | None = Field(None, description="overrides epochs when set")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the device multiplies bf16 natively")
+    save_steps: PositiveInt = Field(100, description="in-stage checkpoint interval; a re-run resumes from the last one")
+    logging_steps: PositiveInt = 10
+    seed: int = 0
+
+
+class StageBase(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique; names the MLflow run and the work folder")
+    from_: str | None = Field(None, alias="from", description="the stage whose output is this stage's input; default: the previous one")
+    train: TrainSpec = TrainSpec()
+
+
+class Packing(Strict):
+    block_size: PositiveInt = 512
+
+
+class PretrainStage(StageBase):
+    """Causal LM on raw text: documents joined with EOS and cut into blocks."""
+
+    kind: Literal["pretrain"]
+    data: Files = Field(min_length=1, description="jsonl files of {\"text\"}")
+    heldout: Files = Field(default_factory=list, description="held-out text for eval loss")
+    packing: Packing = Packing()
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning on conversations; loss on every assistant turn only."""
+
+    kind: Literal["sft"]
+    data: Files = Field(min_length=1, description="jsonl files of {\"conversations\": [{role, content}]}")
+    heldout: Files = Field(default_factory=list, description="held-out conversations: eval loss and exact match")
+    max_len: PositiveInt = Field(512, description="longer conversations are truncated")
+    eval_samples: int = Field(64, ge=0, description="held-out conversations answered greedily for exact match")
+
+
+Stage = Annotated[PretrainStage | SFTStage, Field(discriminator="kind")]
+
+
+class PipelineSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the MLflow experiment")
+    model: ModelSpec
+    tokenizer: TokenizerSpec = TokenizerSpec(train=TokenizerTrain())
+    template: Literal["chatml"] = "chatml"
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _stages_link(self) -> PipelineSpec:
+        seen: set[str] = {TOKENIZER_STAGE}
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}].name {stage.name!r} is used twice (or is reserved); stage names must be unique")
+            if stage.from_ is not None and stage.from_ not in seen - {TOKENIZER_STAGE}:
+                raise ValueError(f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage")
+            seen.add(stage.name)
+        if self.model.init is not None:
+            for i, stage in enumerate(self.stages):
+                if isinstance(stage, PretrainStage) and stage.packing.block_size > self.model.init.max_seq_len:
+                    raise ValueError(f"stages[{i}].packing.block_size {stage.packing.block_size} exceeds model.init.max_seq_len "
+                                     f"{self.model.init.max_seq_len}")
+        return self
+
+    def upstream_of(self, stage: Stage) -> Stage | None:
+        """The stage whose checkpoint feeds `stage`: `from` if given, else the previous one."""
+        index = self.stages.index(stage)
+        if stage.from_ is not None:
+            return next(s for s in self.stages if s.name == stage.from_)
+        return self.stages[index - 1] if index else None
+
+    def data_files(self) -> list[Path]:
+        files = [f for stage in self.stages for f in stage.data + stage.heldout]
+        if self.tokenizer.train is not None:
+            files += self.tokenizer.train.data
+        return list(dict.fromkeys(files))
+
+
+class SpecError(ValueError):
+    """A spec that cannot run, with one line per problem."""
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("pretrain", "sft") and out.endswith("]"):
+            continue  # the tagged-union branch adds no information to the path
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
+    """Make every data path absolute against the spec's folder and check it exists."""
+
+    def fix(path: Path, where: str) -> Path:
+        resolved = path if path.is_absolute() else (base / path).resolve()
+        if not resolved.exists():
+            missing.append(f"{where}: {path} does not exist (looked for {resolved})")
+        return resolved
+
+    missing: list[str] = []
+    stages = [
+        stage.model_copy(update={
+            "data": [fix(p, f"stages[{i}].data") for p in stage.data],
+            "heldout": [fix(p, f"stages[{i}].heldout") for p in stage.heldout],
+        })
+        for i, stage in enumerate(spec.stages)
+    ]
+    model = spec.model
+    if model.path is not None:
+        model = model.model_copy(update={"path": fix(model.path, "model.path")})
+    tokenizer = spec.tokenizer
+    if tokenizer.path is not None:
+        tokenizer = tokenizer.model_copy(update={"path": fix(tokenizer.path, "tokenizer.path")})
+    elif tokenizer.train is not None and tokenizer.train.data:
+        train = tokenizer.train.model_copy(update={"data": [fix(p, "tokenizer.train.data") for p in tokenizer.train.data]})
+        tokenizer = tokenizer.model_copy(update={"train": train})
+    if missing:
+        raise SpecError("\n".join(missing))
+    return spec.model_copy(update={"stages": stages, "model": model, "tokenizer": tokenizer})
+
+
+def load_spec(path: Path) -> PipelineSpec:
+    """Read, validate and resolve a spec file; raise SpecError with every problem found."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read the spec ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a mapping with name, model and stages")
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{path}: {len(err.errors())} problem(s) in the spec"]
+        for e in err.errors():
+            lines.append(f"  {_location(e['loc'])}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
+        raise SpecError("\n".join(lines)) from None
+    try:
+        return _resolve_paths(spec, path.resolve().parent)
+    except SpecError as err:
+        raise SpecError(f"{path}: missing files\n  " + str(err).replace("\n", "\n  ")) from None

@@ -1,0 +1,106 @@
+"""The HF Trainer set up the same way for every training stage.
+
+Precision, schedule, clipping, accumulation, seeding and in-stage checkpoints come from one
+`TrainSpec`; `fit` resumes from the last complete checkpoint in the work folder, so a stage
+killed mid-training continues where it stopped instead of starting again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+
+from schemas.spec import TrainSpec
+
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def training_arguments(train: TrainSpec, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": train.min_lr_ratio},
+        warmup_steps=train.warmup,
+        bf16=use_bf16(train.precision),
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete in-stage checkpoint; incomplete ones (killed mid-save) are removed."""
+    complete = []
+    for folder in output_dir.glob("checkpoint-*"):
+        if (folder / TRAINER_STATE).exists():
+            complete.append(folder)
+        else:
+            shutil.rmtree(folder)
+    return max(complete, key=lambda f: int(f.name.split("-")[1]), default=None)
+
+
+def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
+    """Train, resuming from the last complete checkpoint; return the metrics and the step resumed from."""
+    checkpoint = last_checkpoint(Path(trainer.args.output_dir))
+    resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
+    tokens = trainer.state.num_input_tokens_seen
+    if tokens and metrics.get("train_runtime"):
+        metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
+    metrics["global_step"] = float(trainer.state.global_step)
+    return metrics, resumed_from
+
+
+def make_trainer(model: PreTrainedModel, args: TrainingArguments, datasets: DatasetDict, collator,
+                 callbacks: tuple[TrainerCallback, ...], trainer_class: type[Trainer] = Trainer) -> Trainer:
+    return trainer_class(model=model, args=args, train_dataset=datasets["train"],
+                         eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
+                         data_collator=collator, callbacks=list(callbacks))
+
+
+def save(model: PreTrainedModel, tokenizer, folder: Path) -> Path:
+    """The stage's output: weights in safetensors plus the tokenizer, loadable with from_pretrained."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
