@@ -158,3 +158,17 @@ def validate_file(path: Path, fmt: Format) -> pl.DataFrame:
     if problems:
         raise DataError(sorted(problems, key=lambda p: (str(p.file), p.line)))
     return frame
+
+
+def check_files(files: list[tuple[Path, Format]]) -> dict[str, int]:
+    """Rows per file; raise one DataError with every problem of every file."""
+    rows: dict[str, int] = {}
+    problems: list[Problem] = []
+    for path, fmt in files:
+        try:
+            rows[str(path)] = len(validate_file(path, fmt))
+        except DataError as err:
+            problems += err.problems
+    if problems:
+        raise DataError(problems)
+    return rows

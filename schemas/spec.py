@@ -9,7 +9,7 @@ path (`stages[1].train.lr`) and says what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -111,6 +111,7 @@ class PretrainStage(StageBase):
     """Causal LM on raw text: documents joined with EOS and cut into blocks."""
 
     kind: Literal["pretrain"]
+    data_format: ClassVar[str] = "text"
     data: Files = Field(min_length=1, description="jsonl files of {\"text\"}")
     heldout: Files = Field(default_factory=list, description="held-out text for eval loss")
     packing: Packing = Packing()
@@ -120,6 +121,7 @@ class SFTStage(StageBase):
     """Supervised fine-tuning on conversations; loss on every assistant turn only."""
 
     kind: Literal["sft"]
+    data_format: ClassVar[str] = "conversations"
     data: Files = Field(min_length=1, description="jsonl files of {\"conversations\": [{role, content}]}")
     heldout: Files = Field(default_factory=list, description="held-out conversations: eval loss and exact match")
     max_len: PositiveInt = Field(512, description="longer conversations are truncated")
@@ -159,11 +161,16 @@ class PipelineSpec(Strict):
             return next(s for s in self.stages if s.name == stage.from_)
         return self.stages[index - 1] if index else None
 
-    def data_files(self) -> list[Path]:
-        files = [f for stage in self.stages for f in stage.data + stage.heldout]
-        if self.tokenizer.train is not None:
-            files += self.tokenizer.train.data
-        return list(dict.fromkeys(files))
+    def tokenizer_corpus(self) -> list[tuple[Path, str]]:
+        """The files a trained tokenizer learns from, with their format: the given text files, else every stage's data."""
+        if self.tokenizer.train is not None and self.tokenizer.train.data:
+            return [(path, "text") for path in self.tokenizer.train.data]
+        return [(path, stage.data_format) for stage in self.stages for path in stage.data]
+
+    def data_contracts(self) -> list[tuple[Path, str]]:
+        """Every data file the spec reads, once, with the format it must have."""
+        files = [(path, stage.data_format) for stage in self.stages for path in stage.data + stage.heldout]
+        return list(dict.fromkeys(files + self.tokenizer_corpus()))
 
 
 class SpecError(ValueError):

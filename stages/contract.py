@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from datasets import DatasetDict
-from transformers import TrainerCallback
+from typing import TYPE_CHECKING
 
 from schemas.spec import LlamaInit
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from transformers import TrainerCallback
 
 
 @dataclass(frozen=True)

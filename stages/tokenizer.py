@@ -35,3 +35,17 @@ def run(spec: TokenizerTrain, corpus: Iterable[str], workdir: Path) -> StageResu
     folder = workdir / "tokenizer"
     tokenizer.save_pretrained(folder)
     return StageResult(checkpoint=folder, metrics={"vocab_size": float(len(tokenizer))})
+
+
+def adopt(path: Path, workdir: Path) -> StageResult:
+    """A user's tokenizer, given the chat tokens and template our stages render with if it lacks them."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or EOS
+    tokenizer.chat_template = CHATML
+    folder = workdir / "tokenizer"
+    tokenizer.save_pretrained(folder)
+    return StageResult(checkpoint=folder, metrics={"vocab_size": float(len(tokenizer)), "added_tokens": float(len(missing))})

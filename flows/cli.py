@@ -1,0 +1,94 @@
+"""`lifecycle`: run, inspect and browse pipeline runs from one spec file.
+
+The home is configured before Prefect is imported (Prefect reads PREFECT_HOME when it
+loads), so `validate` and `status` never start Prefect at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from schemas.data import DataError, check_files
+from schemas.spec import SpecError, load_spec
+from tasks.home import Home
+
+KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match", "train_tokens_per_second", "vocab_size")
+
+
+def _check(spec_path: Path) -> None:
+    """Spec and data, everything a run checks before any model loads."""
+    spec = load_spec(spec_path)
+    rows = check_files(spec.data_contracts())
+    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {len(rows)} data files, {sum(rows.values())} rows, all valid")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _check(args.spec)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _check(args.spec)
+    from flows.lifecycle import lifecycle  # after Home.configure: Prefect reads its home on import
+
+    lifecycle(str(args.spec.resolve()))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.lineage import client, stage_statuses
+    from tasks.plan import plan
+
+    spec = load_spec(args.spec)
+    home = Home.from_env()
+    rows = stage_statuses(client(home), home, spec.name, plan(spec))
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        return 0
+    print(f"{'stage':<14} {'kind':<10} {'fingerprint':<14} {'state':<9} {'run id':<34} metrics")
+    for row in rows:
+        metrics = "  ".join(f"{k}={row.metrics[k]:.4g}" for k in KEY_METRICS if k in row.metrics)
+        print(f"{row.name:<14} {row.kind:<10} {row.fingerprint[:12]:<14} {row.state:<9} {row.run_id or '-':<34} {metrics}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    home = Home.from_env()
+    print(f"MLflow UI on http://127.0.0.1:{args.port} for {home.tracking_uri}")
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", home.tracking_uri,
+                               "--host", "127.0.0.1", "--port", str(args.port)])
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lifecycle", description="Make a language model from a spec, stage by stage.")
+    commands = top.add_subparsers(dest="command", required=True)
+    for name, func, text in [("run", cmd_run, "run every stage; a re-run reuses what finished and resumes the rest"),
+                             ("status", cmd_status, "one row per stage: name, kind, fingerprint, state, run id, key metrics"),
+                             ("validate", cmd_validate, "check the spec and every data file; nothing trains")]:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("spec", type=Path)
+        sub.set_defaults(func=func)
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+    ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the project's store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    Home.from_env().configure()
+    try:
+        return args.func(args)
+    except (SpecError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The `lifecycle` flow: every stage of a spec, in order, each reused or trained and recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from schemas.spec import load_spec
+from tasks import lineage
+from tasks.home import Home
+from tasks.plan import plan
+from tasks.stage import check_data, fetch, prepare, reuse, train, train_tokenizer
+
+
+@flow(name="lifecycle")
+def lifecycle(spec_path: str) -> dict[str, str]:
+    """Run a spec end to end; return the MLflow run id of every stage."""
+    home = Home.from_env()
+    spec = load_spec(Path(spec_path))
+    tokenizer_stage, *model_stages = plan(spec)
+    check_data(spec)
+    mlflow = lineage.client(home)
+    experiment = lineage.experiment_id(mlflow, home, spec.name)
+    runs: dict[str, str] = {}
+    with lineage.pipeline_run(mlflow, experiment, spec.name, Path(spec_path).resolve()) as parent:
+        for stage in [tokenizer_stage, *model_stages]:
+            run_id = reuse(home, experiment, stage)
+            if run_id is None:
+                if stage is tokenizer_stage:
+                    run_id = train_tokenizer(home, experiment, spec, stage, parent)
+                else:
+                    datasets = prepare(home, spec, stage, fetch(home, runs[tokenizer_stage.name]))
+                    run_id = train(home, experiment, spec, stage, parent, runs.get(stage.upstream),
+                                   runs[tokenizer_stage.name], datasets)
+                lineage.link(mlflow, parent, stage, run_id, reused=False)
+            else:
+                lineage.link(mlflow, parent, stage, run_id, reused=True)
+            runs[stage.name] = run_id
+    get_run_logger().info("pipeline %s: every stage finished; browse with `lifecycle ui` (%s)", spec.name, home.tracking_uri)
+    return runs

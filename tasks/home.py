@@ -1,0 +1,48 @@
+"""The project home: where the embedded MLflow store, Prefect's state and the work live.
+
+`./.lifecycle` by default, `$LIFECYCLE_HOME` when set; always made absolute, so nothing
+depends on the working directory once a command has started. A tracking URI or Prefect API
+the user has set already (a real server when scaling out) is respected, never overridden.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Home:
+        return cls(Path(os.environ.get("LIFECYCLE_HOME", ".lifecycle")).expanduser().resolve())
+
+    @property
+    def embedded_tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI", self.embedded_tracking_uri)
+
+    @property
+    def artifact_root(self) -> str | None:
+        """Artifacts of new experiments go under the home with the embedded store; a server decides its own."""
+        return (self.root / "artifacts").as_uri() if self.tracking_uri == self.embedded_tracking_uri else None
+
+    def work(self, stage: str, fingerprint: str) -> Path:
+        """A stage's working folder: in-stage Trainer checkpoints survive here for a resume."""
+        return self.root / "work" / f"{stage}-{fingerprint[:16]}"
+
+    def cache(self, kind: str, key: str) -> Path:
+        return self.root / "cache" / kind / key
+
+    def configure(self) -> None:
+        """Point MLflow and Prefect at the home unless the user pointed them elsewhere. Call before importing prefect."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", self.embedded_tracking_uri)
+        os.environ.setdefault("PREFECT_HOME", str(self.root / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond this machine

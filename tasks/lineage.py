@@ -1,0 +1,199 @@
+"""MLflow as the record of every run: lineage, reuse, checkpoints and stage states.
+
+One parent run per pipeline run, one child run per stage that trains. Run ids are passed
+explicitly (MLflow's active run is thread-local, and Prefect may run tasks in threads), so
+everything here goes through an `MlflowClient`. A stage's checkpoint is logged once, at the
+end, under the artifact path `checkpoint`; the run is marked FINISHED only after that, so a
+FINISHED run always has a complete checkpoint to reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from tasks.home import Home
+from tasks.plan import PlannedStage, file_digest
+
+TAG = "lifecycle."
+CHECKPOINT = "checkpoint"
+
+
+def client(home: Home) -> MlflowClient:
+    return MlflowClient(tracking_uri=home.tracking_uri)
+
+
+def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = True) -> str | None:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    if not create:
+        return None
+    artifact_root = home.artifact_root
+    return mlflow.create_experiment(name, artifact_location=f"{artifact_root}/{name}" if artifact_root else None)
+
+
+def runs_of(mlflow: MlflowClient, experiment: str, stage: PlannedStage, status: str | None = None) -> list[Run]:
+    """Runs of this exact stage (same fingerprint), newest first."""
+    query = f"tags.`{TAG}fingerprint` = '{stage.fingerprint}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return mlflow.search_runs([experiment], query, order_by=["attributes.start_time DESC"])
+
+
+def finished_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage) -> Run | None:
+    runs = runs_of(mlflow, experiment, stage, "FINISHED")
+    return runs[0] if runs else None
+
+
+def _alive_here(run: Run) -> bool:
+    """Whether the process that opened a RUNNING run still runs; a run from another host is trusted."""
+    tags = run.data.tags
+    if tags.get(f"{TAG}host") != socket.gethostname():
+        return True
+    pid = int(tags.get(f"{TAG}pid", "0"))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def state(run: Run | None) -> str:
+    """pending, running, finished or failed; a RUNNING run whose process died (kill -9) counts as failed."""
+    if run is None:
+        return "pending"
+    status = run.info.status
+    if status == "FINISHED":
+        return "finished"
+    if status == "RUNNING" and _alive_here(run):
+        return "running"
+    return "failed"
+
+
+def close_abandoned(mlflow: MlflowClient, experiment: str, stage: PlannedStage) -> None:
+    """Mark runs of this stage left RUNNING by a dead process as KILLED; refuse if one is alive."""
+    for run in runs_of(mlflow, experiment, stage, "RUNNING"):
+        if _alive_here(run):
+            raise RuntimeError(f"stage {stage.name} is being run right now by pid {run.data.tags.get(TAG + 'pid')} "
+                               f"(MLflow run {run.info.run_id}); wait for it or stop it first")
+        mlflow.set_terminated(run.info.run_id, status="KILLED")
+
+
+@contextmanager
+def pipeline_run(mlflow: MlflowClient, experiment: str, spec_name: str, spec_path: Path) -> Iterator[str]:
+    """The parent run of one pipeline run: FINISHED when every stage is, FAILED otherwise."""
+    run_id = mlflow.create_run(experiment, run_name=spec_name, tags={
+        f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path), f"{TAG}host": socket.gethostname(),
+        f"{TAG}pid": str(os.getpid())}).info.run_id
+    mlflow.log_artifact(run_id, str(spec_path), "spec")
+    try:
+        yield run_id
+    except BaseException:
+        mlflow.set_terminated(run_id, status="FAILED")
+        raise
+    mlflow.set_terminated(run_id, status="FINISHED")
+
+
+def link(mlflow: MlflowClient, parent: str, stage: PlannedStage, run_id: str, reused: bool) -> None:
+    """Record in the parent run which run stands for each stage, trained now or reused."""
+    mlflow.set_tag(parent, f"{TAG}stage.{stage.name}", f"{run_id} (reused)" if reused else run_id)
+
+
+def start_stage_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage, parent: str,
+                    upstream_run: str | None, tokenizer_run: str | None) -> str:
+    tags = {
+        MLFLOW_PARENT_RUN_ID: parent,
+        f"{TAG}stage": stage.name,
+        f"{TAG}kind": stage.kind,
+        f"{TAG}fingerprint": stage.fingerprint,
+        f"{TAG}host": socket.gethostname(),
+        f"{TAG}pid": str(os.getpid()),
+    }
+    if upstream_run:
+        tags[f"{TAG}upstream_run"] = upstream_run
+    if tokenizer_run:
+        tags[f"{TAG}tokenizer_run"] = tokenizer_run
+    run_id = mlflow.create_run(experiment, run_name=stage.name, tags=tags).info.run_id
+    resolved = stage.spec.model_dump(mode="json", by_alias=True)
+    mlflow.log_dict(run_id, resolved, "stage_spec.json")
+    mlflow.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in _flatten(resolved).items()])
+    return run_id
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return out
+
+
+def log_data_inputs(mlflow: MlflowClient, run_id: str, files: dict[str, list[Path]]) -> None:
+    """Data files as run inputs, with our full-content digest (MLflow's own reads only the first rows)."""
+    inputs = [DatasetInput(Dataset(name=path.name, digest=file_digest(path)[:32], source_type="local", source=path.as_uri()),
+                           tags=[InputTag("mlflow.data.context", split)])
+              for split, paths in files.items() for path in paths]
+    if inputs:
+        mlflow.log_inputs(run_id, datasets=inputs)
+
+
+def finish_stage_run(mlflow: MlflowClient, run_id: str, checkpoint: Path, metrics: dict[str, float], resumed_from_step: int) -> None:
+    """Log the checkpoint and the final metrics, then mark the run FINISHED: in that order, always."""
+    now = int(time.time() * 1000)
+    mlflow.log_artifacts(run_id, str(checkpoint), CHECKPOINT)
+    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(f"{TAG}resumed_from_step", str(resumed_from_step))])
+    mlflow.set_terminated(run_id, status="FINISHED")
+
+
+def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run) -> Path:
+    """The run's checkpoint in the content-addressed cache (keyed by the stage fingerprint), downloaded once."""
+    target = home.cache(CHECKPOINT, run.data.tags[f"{TAG}fingerprint"])
+    if target.exists():
+        return target
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    mlflow.download_artifacts(run.info.run_id, CHECKPOINT, str(partial))
+    (partial / CHECKPOINT).rename(target)
+    shutil.rmtree(partial)
+    return target
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    name: str
+    kind: str
+    fingerprint: str
+    state: str
+    run_id: str | None
+    metrics: dict[str, float]
+
+
+def stage_statuses(mlflow: MlflowClient, home: Home, spec_name: str, stages: list[PlannedStage]) -> list[StageStatus]:
+    experiment = experiment_id(mlflow, home, spec_name, create=False)
+    rows = []
+    for stage in stages:
+        runs = runs_of(mlflow, experiment, stage) if experiment else []
+        run = next((r for r in runs if r.info.status == "FINISHED"), runs[0] if runs else None)
+        rows.append(StageStatus(stage.name, stage.kind, stage.fingerprint, state(run),
+                                run.info.run_id if run else None, dict(run.data.metrics) if run else {}))
+    return rows

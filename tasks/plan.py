@@ -1,0 +1,88 @@
+"""The plan of a pipeline run: every stage in order, with its upstream and its fingerprint.
+
+A stage's fingerprint is the sha256 of what decides its output: its resolved spec (data
+files by content digest, not by path), the upstream stage's fingerprint, the tokenizer's
+fingerprint, the project version and the versions of torch, transformers and peft. It is
+computed from the spec and the data alone, before anything runs, so `status` can show it
+and a re-run can find the stage's finished run in MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import version
+from pathlib import Path
+
+from schemas.spec import TOKENIZER_STAGE, PipelineSpec, Stage, TokenizerSpec
+
+CHUNK = 1 << 20
+
+
+@cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's full content (memoised per process on path, size and mtime)."""
+    stat = path.stat()
+    return _file_digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+def folder_digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        sha.update(f"{path.relative_to(folder)}\0{file_digest(path)}\n".encode())
+    return sha.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    return {name: version(name) for name in ("llm-lifecycle", "torch", "transformers", "peft")}
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    kind: str
+    spec: Stage | TokenizerSpec
+    fingerprint: str
+    upstream: str | None  # the stage whose checkpoint is this stage's input; None: built from the spec
+
+
+def _fingerprint(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan(spec: PipelineSpec) -> list[PlannedStage]:
+    """The tokenizer stage, then the spec's stages, each fingerprinted from its inputs."""
+    base = {"versions": versions(), "template": spec.template}
+    if spec.tokenizer.path is not None:
+        source = {"path_digest": folder_digest(spec.tokenizer.path)}
+    else:
+        source = {"train": spec.tokenizer.train.model_dump(mode="json", exclude={"data"}),
+                  "data": [file_digest(p) for p, _ in spec.tokenizer_corpus()]}
+    tokenizer = PlannedStage(TOKENIZER_STAGE, TOKENIZER_STAGE, spec.tokenizer, _fingerprint(base | {"tokenizer": source}), None)
+    planned = {TOKENIZER_STAGE: tokenizer}
+    for stage in spec.stages:
+        upstream = spec.upstream_of(stage)
+        resolved = stage.model_dump(mode="json", by_alias=True, exclude={"data", "heldout"})
+        payload = base | {
+            "stage": resolved,
+            "data": [file_digest(p) for p in stage.data],
+            "heldout": [file_digest(p) for p in stage.heldout],
+            "tokenizer": tokenizer.fingerprint,
+        }
+        if upstream is None:
+            payload["model"] = (spec.model.init.model_dump(mode="json") if spec.model.init is not None
+                                else {"path_digest": folder_digest(spec.model.path)})
+        else:
+            payload["upstream"] = planned[upstream.name].fingerprint
+        planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, _fingerprint(payload), upstream.name if upstream else None)
+    return list(planned.values())

@@ -1,0 +1,151 @@
+"""Prefect tasks around the stages: check the data, reuse or prepare, train, record.
+
+Tasks are thin: the work is in `stages/`, the record in `tasks/lineage.py`. Prefect's own
+result cache is off (`NO_CACHE`): MLflow is the one record of what finished, so a re-run in
+a new process, or after `prefect flow-run retry`, decides reuse the same way.
+
+The stage modules are imported when a stage trains, not before: torch and transformers take
+seconds to load, and a re-run that reuses every stage needs neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.data import check_files
+from schemas.spec import PipelineSpec
+from stages.contract import StageInputs, StageResult
+from tasks import lineage
+from tasks.home import Home
+from tasks.plan import PlannedStage, file_digest, folder_digest
+
+
+def stage_module(kind: str) -> ModuleType:
+    match kind:
+        case "pretrain":
+            from stages import pretrain
+            return pretrain
+        case "sft":
+            from stages import sft
+            return sft
+    raise ValueError(f"no stage of kind {kind!r}")
+
+
+@task(cache_policy=NO_CACHE)
+def check_data(spec: PipelineSpec) -> dict[str, int]:
+    """Every data file of the spec against its contract; all problems at once, before any model loads."""
+    return check_files(spec.data_contracts())
+
+
+@task(cache_policy=NO_CACHE, task_run_name="reuse-{stage.name}")
+def reuse(home: Home, experiment: str, stage: PlannedStage) -> str | None:
+    run = lineage.finished_run(lineage.client(home), experiment, stage)
+    if run is None:
+        return None
+    get_run_logger().info("stage %s: reused from run %s (fingerprint %s)", stage.name, run.info.run_id, stage.fingerprint[:12])
+    return run.info.run_id
+
+
+@task(cache_policy=NO_CACHE, task_run_name="fetch-{run_id}")
+def fetch(home: Home, run_id: str) -> Path:
+    """A finished stage's checkpoint, downloaded from MLflow into the cache."""
+    mlflow = lineage.client(home)
+    return lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(run_id))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="prepare-{stage.name}")
+def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: Path) -> Path:
+    """Tokenized (and packed) datasets, cached by data, tokenizer, template and packing parameters."""
+    key = hashlib.sha256(json.dumps({
+        "kind": stage.kind,
+        "data": [file_digest(p) for p in stage.spec.data],
+        "heldout": [file_digest(p) for p in stage.spec.heldout],
+        "tokenizer": folder_digest(tokenizer_dir),
+        "template": spec.template,
+        "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len"}),
+    }, sort_keys=True).encode()).hexdigest()
+    target = home.cache("datasets", key)
+    if target.exists():
+        return target
+    from transformers import AutoTokenizer
+
+    datasets = stage_module(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
+    partial = target.with_name(f"{key}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    datasets.save_to_disk(str(partial))
+    partial.rename(target)
+    return target
+
+
+def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, upstream_run: str | None,
+              tokenizer_run: str | None, work) -> str:
+    """Open the stage's child run, do the work, log the checkpoint; FAILED on any error."""
+    mlflow = lineage.client(home)
+    lineage.close_abandoned(mlflow, experiment, stage)
+    run_id = lineage.start_stage_run(mlflow, experiment, stage, parent, upstream_run, tokenizer_run)
+    try:
+        result: StageResult = work(mlflow, run_id)
+        lineage.finish_stage_run(mlflow, run_id, result.checkpoint, result.metrics, result.resumed_from_step)
+    except BaseException:
+        mlflow.set_terminated(run_id, status="FAILED")
+        raise
+    resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
+    get_run_logger().info("stage %s: finished as run %s%s", stage.name, run_id, resumed)
+    return run_id
+
+
+def _texts(files: list[tuple[Path, str]]) -> Iterator[str]:
+    from stages import pretrain, sft
+
+    for path, fmt in files:
+        if fmt == "text":
+            yield from pretrain.read_texts([path])
+        else:
+            for messages in sft.read_conversations([path]):
+                yield from (m["content"] for m in messages)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
+def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, parent: str) -> str:
+    from stages import tokenizer
+
+    workdir = home.work(stage.name, stage.fingerprint)
+
+    def work(mlflow, run_id) -> StageResult:
+        if spec.tokenizer.path is not None:
+            return tokenizer.adopt(spec.tokenizer.path, workdir)
+        files = spec.tokenizer_corpus()
+        lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _ in files]})
+        return tokenizer.run(spec.tokenizer.train, _texts(files), workdir)
+
+    return _recorded(home, experiment, stage, parent, None, None, work)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
+def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, parent: str,
+          upstream_run: str | None, tokenizer_run: str, datasets_dir: Path) -> str:
+    from datasets import load_from_disk
+
+    from tasks.step_metrics import StepMetrics
+
+    workdir = home.work(stage.name, stage.fingerprint)
+
+    def work(mlflow, run_id) -> StageResult:
+        lineage.log_data_inputs(mlflow, run_id, {"train": stage.spec.data, "eval": stage.spec.heldout})
+        if upstream_run is not None:
+            model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(upstream_run))
+        else:
+            model = spec.model.init or spec.model.path
+        inputs = StageInputs(model=model, tokenizer=lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run)),
+                             datasets=load_from_disk(str(datasets_dir)), callbacks=(StepMetrics(mlflow, run_id),))
+        return stage_module(stage.kind).run(stage.spec, inputs, workdir)
+
+    return _recorded(home, experiment, stage, parent, upstream_run, tokenizer_run, work)
