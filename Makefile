@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+# torch goes in first and alone (the CPU wheel); everything else is held to constraints.txt so no
+# package can pull another torch or CUDA wheels; DeepSpeed builds against that torch, ops off.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints.txt deepspeed
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/lifecycle run examples/toy.yaml
+	$(VENV)/bin/lifecycle status examples/toy.yaml
+	@echo "Browse every run, metric and checkpoint: $(VENV)/bin/lifecycle ui  (http://127.0.0.1:5000)"
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m bench.pipeline
+
+clean:
+	rm -rf .lifecycle

@@ -1,0 +1,75 @@
+"""The flow end to end on examples/quick.yaml, under prefect_test_harness with a temp MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from mlflow import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows.lifecycle import lifecycle
+from schemas.spec import load_spec
+from tasks.plan import plan
+
+from .conftest import QUICK, use_home
+
+
+def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_run) -> None:
+    root, runs = quick_run
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert list(runs) == ["tokenizer", "pretrain", "sft"]
+    planned = {stage.name: stage for stage in plan(load_spec(QUICK))}
+    parents = set()
+    for name, run_id in runs.items():
+        run = mlflow.get_run(run_id)
+        tags = run.data.tags
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        assert tags["lifecycle.stage"] == name and tags["lifecycle.fingerprint"] == planned[name].fingerprint
+        parents.add(tags["mlflow.parentRunId"])
+        assert [a.path for a in mlflow.list_artifacts(run_id)] == ["checkpoint", "stage_spec.json"]
+    assert tags["lifecycle.upstream_run"] == runs["pretrain"] and tags["lifecycle.tokenizer_run"] == runs["tokenizer"]
+    (parent,) = parents
+    parent_run = mlflow.get_run(parent)
+    assert parent_run.info.status == "FINISHED" and parent_run.data.tags["lifecycle.stage.sft"] == runs["sft"]
+    sft = mlflow.get_run(runs["sft"])
+    assert sft.data.params["train.max_steps"] == "40"
+    assert sft.data.metrics["global_step"] == 40 and "exact_match" in sft.data.metrics
+    assert len(mlflow.get_metric_history(runs["sft"], "loss")) == 4  # per-step metrics, every 10 of 40 steps
+    assert {d.dataset.name for d in sft.inputs.dataset_inputs} == {"sft.jsonl", "sft_heldout.jsonl"}
+
+
+def test_logged_checkpoints_load_with_transformers(quick_run, tmp_path) -> None:
+    root, runs = quick_run
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    folder = mlflow.download_artifacts(runs["sft"], "checkpoint", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.vocab_size == len(tokenizer) == 512
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+def test_rerun_reuses_every_finished_stage_and_an_edit_reruns_downstream_only(quick_run, tmp_path, monkeypatch) -> None:
+    root, runs = quick_run
+    use_home(monkeypatch, root)
+    assert lifecycle(str(QUICK)) == runs  # nothing trains: the same runs stand for every stage
+
+    edited = tmp_path / "quick.yaml"
+    edited.write_text(QUICK.read_text().replace("eval_samples: 16", "eval_samples: 8")
+                      .replace("data/", str(QUICK.parent / "data") + "/"))
+    again = lifecycle(str(edited))
+    assert again["tokenizer"] == runs["tokenizer"] and again["pretrain"] == runs["pretrain"]
+    assert again["sft"] != runs["sft"]
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert mlflow.get_run(again["sft"]).data.tags["lifecycle.upstream_run"] == runs["pretrain"]
+
+
+def test_status_reads_the_store_from_another_process(quick_run) -> None:
+    root, runs = quick_run
+    env = {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PATH": ""}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "status", str(QUICK), "--json"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    assert [(r["name"], r["state"], r["run_id"]) for r in rows] == [(name, "finished", run) for name, run in runs.items()]
+    assert rows[2]["kind"] == "sft" and "train_loss" in rows[2]["metrics"]

@@ -1,0 +1,80 @@
+"""kill -9 in the middle of SFT, then run again: finished stages are reused, SFT resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from flows.lifecycle import lifecycle
+from schemas.spec import load_spec
+from tasks.home import Home
+from tasks.lineage import client, runs_of, stage_statuses
+from tasks.plan import plan
+
+from .conftest import QUICK, use_home
+
+
+# quick.yaml with an SFT stage long enough to be killed after its first checkpoint
+SPEC = """
+name: quick
+model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 256}}}}
+tokenizer: {{train: {{vocab_size: 512}}}}
+stages:
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}}, train: {{max_steps: 20, batch_size: 8}}}}
+  - name: sft
+    kind: sft
+    data: {data}/sft.jsonl
+    train: {{max_steps: 300, batch_size: 8, save_steps: 10, logging_steps: 10}}
+"""
+
+
+def wait_for_checkpoint(work: Path, process: subprocess.Popen, timeout: float = 240) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(work.glob("sft-*/trainer/checkpoint-*/trainer_state.json"))
+        if found:
+            return found[0].parent
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.1)
+    raise AssertionError("no SFT checkpoint appeared in time")
+
+
+def test_killed_sft_resumes_from_its_checkpoint_and_reuses_finished_stages(prefect_harness, tmp_path, monkeypatch) -> None:
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC.format(data=QUICK.parent / "data"))
+    root = tmp_path / "home"
+    env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec_path)], env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        checkpoint = wait_for_checkpoint(root / "work", process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_at = int(checkpoint.name.split("-")[1])
+
+    use_home(monkeypatch, root)
+    home = Home.from_env()
+    stages = plan(load_spec(spec_path))
+    assert [s.state for s in stage_statuses(client(home), home, "quick", stages)] == ["finished", "finished", "failed"]
+
+    runs = lifecycle(str(spec_path))
+
+    mlflow = MlflowClient(home.tracking_uri)
+    experiment = mlflow.get_experiment_by_name("quick").experiment_id
+    for stage in stages[:2]:  # trained once, before the kill; reused after it
+        (only,) = runs_of(mlflow, experiment, stage)
+        assert only.info.run_id == runs[stage.name]
+    sft_runs = runs_of(mlflow, experiment, stages[2])
+    assert [r.info.status for r in sft_runs] == ["FINISHED", "KILLED"]
+    resumed = sft_runs[0]
+    assert int(resumed.data.tags["lifecycle.resumed_from_step"]) >= killed_at >= 10
+    assert resumed.data.metrics["global_step"] == 300
+    assert [s.state for s in stage_statuses(mlflow, home, "quick", stages)] == ["finished"] * 3

@@ -1,0 +1,83 @@
+"""The spec: every shipped YAML loads; bad ones fail with the field path and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schemas.spec import PipelineSpec, SFTStage, SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+name: t
+model: {init: {hidden_size: 64, layers: 2, heads: 2, max_seq_len: 128}}
+stages:
+  - {name: pretrain, kind: pretrain, data: data.jsonl, packing: {block_size: 64}}
+  - {name: sft, kind: sft, data: [data.jsonl], train: {lr: 0.001}}
+"""
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_spec_loads(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.stages and all(p.is_absolute() and p.exists() for p, _ in spec.data_contracts())
+
+
+def test_good_spec_resolves_paths_against_the_spec_folder(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.stages[0].data == [tmp_path / "data.jsonl"]
+    assert isinstance(spec.stages[1], SFTStage) and spec.stages[1].train.lr == 0.001
+    assert spec.upstream_of(spec.stages[1]) is spec.stages[0]
+    assert spec.upstream_of(spec.stages[0]) is None
+    assert spec.tokenizer.train is not None and spec.tokenizer.train.vocab_size == 8192
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("lr: 0.001", "lr: -1"), "stages[1].train.lr: Input should be greater than 0"),
+    (("lr: 0.001", "learning_rate: 0.1"), "stages[1].train.learning_rate: Extra inputs are not permitted"),
+    (("kind: sft", "kind: sfx"), "stages[1]: Input tag 'sfx' found using 'kind' does not match any of the expected tags: 'pretrain', 'sft'"),
+    (("heads: 2", "heads: 3"), "hidden_size 64 must be divisible by heads 3"),
+    (("block_size: 64", "block_size: 4096"), "stages[0].packing.block_size 4096 exceeds model.init.max_seq_len 128"),
+    (("name: sft,", "name: pretrain,"), "stages[1].name 'pretrain' is used twice"),
+    (("name: sft,", "name: sft, from: later,"), "stages[1].from names 'later', which is not an earlier stage"),
+    (("name: t", "name: 't x'"), "name: String should match pattern"),
+    (("data: [data.jsonl]", "data: [nothere.jsonl]"), "stages[1].data: nothere.jsonl does not exist"),
+    (("model: {init:", "model: {path: ./m, init:"), "give exactly one of model.init (a fresh model) or model.path"),
+])
+def test_bad_spec_names_the_field_and_the_rule(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, GOOD.replace(*change)))
+    assert expected in str(err.value)
+    assert str(tmp_path / "spec.yaml") in str(err.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    bad = GOOD.replace("lr: 0.001", "lr: -1, batch_size: 0")
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, bad))
+    assert "2 problem(s)" in str(err.value)
+    assert "stages[1].train.lr" in str(err.value) and "stages[1].train.batch_size" in str(err.value)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(write(tmp_path, "name: [unclosed"))
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(write(tmp_path, "- a list"))
+    with pytest.raises(SpecError, match="cannot read the spec"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_models_forbid_unknown_fields_everywhere() -> None:
+    assert PipelineSpec.model_config["extra"] == "forbid"

@@ -1,0 +1,109 @@
+"""Each stage on a tiny model: the tokenizer renders chats as training does, losses fall, outputs load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from examples.generate import DATA_DIR
+from schemas.spec import LlamaInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
+from stages import pretrain, sft, tokenizer
+from stages.contract import StageInputs
+from stages.templates import IGNORE, encode_conversation, encode_prompt
+from stages.training import last_checkpoint
+
+TINY = LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
+FAST = dict(batch_size=8, lr=3e-3, warmup=0.0, logging_steps=5, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory) -> Path:
+    texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
+    return tokenizer.run(TokenizerTrain(vocab_size=512), texts, tmp_path_factory.mktemp("tok")).checkpoint
+
+
+@pytest.fixture(scope="module")
+def pretrained(trained_tokenizer, tmp_path_factory) -> Path:
+    spec = PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"],
+                         heldout=[DATA_DIR / "pretrain_heldout.jsonl"], packing={"block_size": 64},
+                         train=TrainSpec(max_steps=40, save_steps=20, **FAST))
+    datasets = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
+    result = pretrain.run(spec, StageInputs(TINY, trained_tokenizer, datasets), tmp_path_factory.mktemp("pre"))
+    return result
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"}, {"role": "user", "content": "Reverse the letters of cat."},
+        {"role": "assistant", "content": "tac"}]
+
+
+def test_tokenizer_stores_the_template_training_renders_with(trained_tokenizer: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    ids, _ = encode_conversation(CHAT, tok, max_len=512)
+    assert list(tok.apply_chat_template(CHAT, tokenize=True)["input_ids"]) == ids
+    prompt = tok.apply_chat_template(CHAT[:-1], tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert list(prompt) == encode_prompt(CHAT[:-1], tok)
+    assert tok.decode(tok("plain words 12 + 7")["input_ids"]) == "plain words 12 + 7"
+
+
+def test_loss_only_on_every_assistant_turn(trained_tokenizer: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    ids, labels = encode_conversation(CHAT, tok, max_len=512)
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert tok.decode(trained) == "5<|im_end|>tac<|im_end|>"
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
+    short_ids, short_labels = encode_conversation(CHAT, tok, max_len=10)
+    assert (short_ids, short_labels) == (ids[:10], labels[:10])
+
+
+def test_pretrain_packs_documents_with_eos_between(trained_tokenizer: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    blocks = pretrain.pack(["one two", "three"], tok, block_size=2)
+    stream = tok("one two", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + tok("three", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert sum(blocks["input_ids"], []) == stream[: len(stream) // 2 * 2]
+
+
+def test_pretrain_loss_falls_and_the_output_loads(pretrained) -> None:
+    assert pretrained.metrics["train_loss"] < 6.0  # a 512-token vocabulary starts near ln(512) = 6.24
+    assert pretrained.metrics["heldout_loss"] < 5.0
+    model = AutoModelForCausalLM.from_pretrained(pretrained.checkpoint)
+    assert model.config.hidden_size == 64 and model.num_parameters() == pretrained.metrics["parameters"]
+    assert (pretrained.checkpoint / "model.safetensors").exists() and (pretrained.checkpoint / "tokenizer.json").exists()
+    assert not list(pretrained.checkpoint.glob("*.bin"))
+
+
+def test_sft_lowers_response_loss_and_resumes_from_its_checkpoint(trained_tokenizer: Path, pretrained, tmp_path: Path) -> None:
+    spec = SFTStage(name="sft", kind="sft", data=[DATA_DIR / "sft.jsonl"], heldout=[DATA_DIR / "sft_heldout.jsonl"],
+                    max_len=128, eval_samples=8, train=TrainSpec(max_steps=30, save_steps=10, **FAST))
+    datasets = sft.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
+    result = sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path)
+    assert result.metrics["heldout_loss"] < result.metrics["heldout_loss_before"] - 0.5
+    assert 0.0 <= result.metrics["exact_match"] <= 1.0 and result.resumed_from_step == 0
+    assert AutoModelForCausalLM.from_pretrained(result.checkpoint) is not None
+
+    # a longer run of the same stage continues from the last in-stage checkpoint, not from step 0
+    assert last_checkpoint(tmp_path / "trainer").name == "checkpoint-30"
+    longer = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 40})})
+    resumed = sft.run(longer, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path)
+    assert resumed.resumed_from_step == 30 and resumed.metrics["global_step"] == 40
+
+
+def test_incomplete_checkpoints_are_discarded(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-20").mkdir()  # killed mid-save: no trainer_state.json
+    assert last_checkpoint(tmp_path).name == "checkpoint-10"
+    assert not (tmp_path / "checkpoint-20").exists()
+
+
+def test_fresh_model_follows_the_init_spec(trained_tokenizer: Path) -> None:
+    model = pretrain.build_model(LlamaInit(hidden_size=64, layers=3, heads=4, kv_heads=2, max_seq_len=96),
+                                 AutoTokenizer.from_pretrained(trained_tokenizer))
+    assert (model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.intermediate_size) == (3, 2, 192)
+    assert model.config.vocab_size == 512
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
