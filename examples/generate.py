@@ -8,8 +8,10 @@ Three skills with exact answers, each split into a training part and a held-out 
   answer them by combining what pretraining taught with the answer format SFT taught);
 - upper-casing and reversing short words (held out: a fixed fifth of the words).
 
-Pretrain text states facts in prose and never uses the chat format, so a pretrain-only model
-continues text while an SFT model answers. The generator is seeded and writes the same bytes
+Pretrain text states every fact in prose, in every phrasing, and never uses the chat format,
+so a pretrain-only model continues text while an SFT model answers. An answer is the fact's
+canonical sentence ("The capital of Zorbia is Quellon."): SFT teaches the format and the model
+completes it from what pretraining taught, which is what lets it answer held-out questions. The generator is seeded and writes the same bytes
 every time: `python -m examples.generate` rewrites `examples/data/`, and a test checks that the
 bundled files are exactly what it writes.
 """
@@ -30,7 +32,7 @@ WORDS = [
     "lamp", "fish", "tree", "moon", "star", "frog", "ship", "rain", "milk", "coin", "bird", "leaf",
     "rock", "wind", "door", "king", "rose", "salt", "bell", "corn", "duck", "fire", "gold", "hill",
 ]
-SYSTEM = "You are a careful assistant. Answer with the result only."
+SYSTEM = "You are a careful assistant. Answer in one sentence."
 
 
 def _name(rng: random.Random, parts: int) -> str:
@@ -64,55 +66,62 @@ class Skills:
         self.words, self.heldout_words = split(WORDS, rng)
 
     def question(self, rng: random.Random, heldout: bool) -> tuple[str, str]:
+        """A question and its exact answer: the canonical sentence pretraining states the fact in."""
         skill = rng.choice(["add", "capital", "upper", "reverse"])
         if skill == "add":
             a, b = rng.choice(self.heldout_pairs if heldout else self.pairs)
-            return rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}."]), str(a + b)
+            return rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}."]), self.sentence(skill, (a, b), a + b)
         if skill == "capital":
             country = rng.choice(self.heldout_countries if heldout else self.countries)
-            return rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}."]), self.table[country]
+            question = rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}."])
+            return question, self.sentence(skill, country, self.table[country])
         word = rng.choice(self.heldout_words if heldout else self.words)
         if skill == "upper":
-            return f"Write {word} in capital letters.", word.upper()
-        return f"Reverse the letters of {word}.", word[::-1]
+            return f"Write {word} in capital letters.", self.sentence(skill, word, word.upper())
+        return f"Reverse the letters of {word}.", self.sentence(skill, word, word[::-1])
+
+    @staticmethod
+    def sentence(skill: str, subject, value, template: int = 0) -> str:
+        """Fact sentences; template 0 is the canonical one, which SFT answers use."""
+        if skill == "add":
+            a, b = subject
+            return [f"{a} plus {b} equals {value}.", f"The sum of {a} and {b} is {value}.", f"Adding {a} to {b} gives {value}."][template]
+        if skill == "capital":
+            return [f"The capital of {subject} is {value}.", f"{value} is the capital city of {subject}.",
+                    f"In {subject}, the government sits in {value}."][template]
+        if skill == "upper":
+            return [f"The word {subject} in capital letters is {value}.", f"{value} is how {subject} looks in capitals."][template]
+        return [f"The word {subject} reversed is {value}.", f"Written backwards, {subject} becomes {value}."][template]
 
     def wrong_answers(self, question: str, answer: str, rng: random.Random, n: int) -> list[str]:
         """Plausible wrong answers, closest first, for preference pairs and ranked lists."""
-        if answer.isdigit():
-            value = int(answer)
+        value = answer.rstrip(".").split()[-1]
+        subject_and_value = answer.rstrip(".").rsplit(" ", 1)[0] + " "
+        if value.isdigit():
             offsets = sorted({rng.choice([-1, 1]) * k for k in range(1, 8)}, key=abs)
-            return [str(max(value + o, 0)) for o in offsets if max(value + o, 0) != value][:n]
-        if answer in self.table.values():
-            others = [c for c in self.table.values() if c != answer]
-            return rng.sample(others, n)
-        # upper / reverse: the word unchanged, then other transforms of it
-        word = question.split()[-1].rstrip(".") if "Reverse" in question else question.split()[1]
-        candidates = [word, word.upper()[::-1], word.capitalize(), word[::-1].upper(), word[1:] + word[0]]
-        return [c for c in dict.fromkeys(candidates) if c != answer][:n]
+            wrong = [str(max(int(value) + o, 0)) for o in offsets if max(int(value) + o, 0) != int(value)]
+        elif value in self.table.values():
+            wrong = rng.sample([c for c in self.table.values() if c != value], n)
+        else:  # upper / reverse: the word unchanged, then other transforms of it
+            word = question.split()[-1].rstrip(".") if question.startswith("Reverse") else question.split()[1]
+            wrong = [c for c in dict.fromkeys([word, word.upper()[::-1], word.capitalize(), word[::-1].upper(), word[1:] + word[0]])
+                     if c != value]
+        return [subject_and_value + w + "." for w in wrong[:n]]
 
-    def fact_sentences(self, rng: random.Random) -> list[str]:
-        """Prose statements of every fact, including the held-out ones (pretraining sees the world)."""
-        facts = []
-        for a in range(30):
-            for b in range(30):
-                facts.append(rng.choice([f"{a} plus {b} equals {a + b}.", f"The sum of {a} and {b} is {a + b}.", f"Adding {a} to {b} gives {a + b}."]))
+    def fact_sentences(self) -> list[str]:
+        """Every fact in every phrasing, held-out ones included (pretraining sees the whole world)."""
+        facts = [self.sentence("add", (a, b), a + b, t) for a in range(30) for b in range(30) for t in range(3)]
         for country, capital in self.table.items():
-            for _ in range(6):
-                facts.append(rng.choice([f"The capital of {country} is {capital}.", f"{capital} is the capital city of {country}.",
-                                         f"In {country}, the government sits in {capital}."]))
+            facts += [self.sentence("capital", country, capital, t) for t in range(3)] * 6
         for word in WORDS:
-            for _ in range(4):
-                facts.append(rng.choice([f"The word {word} in capital letters is {word.upper()}.", f"Written backwards, {word} becomes {word[::-1]}.",
-                                         f"{word} reversed is {word[::-1]}.", f"{word.upper()} is how {word} looks in capitals."]))
+            facts += [self.sentence("upper", word, word.upper(), t) for t in range(2)] * 6
+            facts += [self.sentence("reverse", word, word[::-1], t) for t in range(2)] * 6
         return facts
 
 
 def pretrain_docs(skills: Skills, rng: random.Random, n_docs: int) -> list[dict]:
-    facts = skills.fact_sentences(rng)
-    docs = []
-    for _ in range(n_docs):
-        docs.append({"text": " ".join(rng.sample(facts, rng.randint(3, 9)))})
-    return docs
+    facts = skills.fact_sentences()
+    return [{"text": " ".join(rng.sample(facts, rng.randint(3, 9)))} for _ in range(n_docs)]
 
 
 def conversation(skills: Skills, rng: random.Random, heldout: bool) -> dict:
@@ -138,8 +147,9 @@ def ranked(skills: Skills, rng: random.Random, heldout: bool) -> dict:
 
 
 def rl_prompt(skills: Skills, rng: random.Random, heldout: bool) -> dict:
+    """A question and the value a reward function checks for (the last word of the canonical answer)."""
     question, answer = skills.question(rng, heldout)
-    return {"prompt": question, "answer": answer}
+    return {"prompt": question, "answer": answer.rstrip(".").split()[-1]}
 
 
 def generate(seed: int = SEED) -> dict[str, list[dict]]:

@@ -8,7 +8,7 @@ from stages.templates import IM_END, encode_prompt
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+def answer(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
     """The model's greedy reply to each conversation-so-far, stopping at the end-of-turn token."""
     stop = tokenizer.convert_tokens_to_ids(IM_END)
     model.eval()

@@ -1,0 +1,85 @@
+"""The command line as a user meets it: validate, errors without tracebacks, the UI serving the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .conftest import QUICK
+
+
+def lifecycle(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"LIFECYCLE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_validate_checks_spec_and_data_without_training(tmp_path: Path) -> None:
+    done = lifecycle("validate", str(QUICK), home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "spec valid; 3 stages; 4 data files, 10400 rows, all valid" in done.stdout
+    assert not (tmp_path / "work").exists()
+
+
+def test_bad_data_fails_run_in_seconds_with_file_line_errors(tmp_path: Path) -> None:
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n{"text": 1}\n')
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "fine"}\n')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: bad\nmodel: {init: {hidden_size: 64, layers: 1, heads: 1}}\nstages:\n"
+                    "  - {name: pretrain, kind: pretrain, data: text.jsonl}\n  - {name: sft, kind: sft, data: chat.jsonl}\n")
+    start = time.monotonic()
+    done = lifecycle("run", str(spec), home=tmp_path / "home")
+    assert done.returncode == 2 and time.monotonic() - start < 30
+    assert f"{data}:1: roles: the last turn must be the assistant's" in done.stderr
+    assert f"{data}:2: conversations: required" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "home" / "work").exists()
+
+
+def test_bad_spec_is_one_clear_message(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(QUICK.read_text().replace("max_steps: 40", "max_steps: -4", 1))
+    done = lifecycle("status", str(spec), home=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "stages[0].train.max_steps: Input should be greater than 0" in done.stderr
+
+
+def test_status_of_a_spec_never_run_is_pending(tmp_path: Path) -> None:
+    done = lifecycle("status", str(QUICK), "--json", home=tmp_path)
+    assert [(row["name"], row["state"], row["run_id"]) for row in json.loads(done.stdout)] == [
+        ("tokenizer", "pending", None), ("pretrain", "pending", None), ("sft", "pending", None)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ui_serves_the_project_store_on_loopback(quick_run) -> None:
+    root, runs = quick_run
+    port = free_port()
+    env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={runs['sft']}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    run = json.load(response)["run"]
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the UI did not come up"
+                time.sleep(0.5)
+        assert run["info"]["run_name"] == "sft" and run["info"]["status"] == "FINISHED"
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
