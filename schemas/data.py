@@ -1,25 +1,41 @@
 """Data contracts: every jsonl file is checked whole, before any model loads.
 
-A file is read line by line (UTF-8, a BOM and CRLF tolerated, blank lines skipped), each
-line parsed as a JSON object and flattened into typed columns; a pandera schema (polars
-backend) then checks the rules with lazy validation, so one pass reports every failure.
-Each problem names the file, the line, the field and the rule, with a short excerpt.
+A file is read line by line (UTF-8; a BOM, CRLF and blank lines tolerated; a line over the size
+limit reported and read past, never held), each line parsed as a JSON object and flattened into
+its format's canonical columns, whichever accepted shape it came in (schemas/formats.py). A
+pandera schema (polars backend) then checks the rules on those columns with lazy validation, so
+one pass reports every failure. Each problem names the file, the line, the field and the rule,
+with a short excerpt: a shape problem names the user's own key, a rule problem the canonical
+column, since the rule holds for every shape alike.
+
+`read_file` returns the valid rows in canonical form (ranked candidates sorted best first),
+the problems of rows it set aside under on_invalid="skip", and notes that are not errors.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaErrors
 
-Format = Literal["text", "conversations"]
+from schemas.formats import Format, Shape, flatten
+
+OnInvalid = Literal["fail", "skip"]
 ROLES = ("system", "user", "assistant")
 SHOWN = 20  # problems printed before the rest are only counted
+# One chat or preference row this large is almost surely a broken file (a JSON array on one line,
+# lost newlines); a pretrain document may be a whole book, hence its own limit.
+MAX_LINE_BYTES = 1 << 20
+MAX_TEXT_LINE_BYTES = 64 << 20
+SKIP_CHUNK = 1 << 16
+BOM = b"\xef\xbb\xbf"
+TIE_NOTE = "tied scores: tied candidates weigh zero against each other in PRO"
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,10 @@ class Problem:
         tail = f"  [{self.excerpt}]" if self.excerpt else ""
         return f"{self.file}:{self.line}: {self.field}: {self.rule}{tail}"
 
+    def record(self) -> dict[str, str | int]:
+        """The problem as a JSON-ready mapping, for the rejected-rows artifact."""
+        return {"file": str(self.file), "line": self.line, "field": self.field, "rule": self.rule, "excerpt": self.excerpt}
+
 
 class DataError(ValueError):
     def __init__(self, problems: list[Problem]):
@@ -45,119 +65,217 @@ class DataError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in {files} data file(s):\n" + "\n".join(shown))
 
 
+@dataclass(frozen=True)
+class Validated:
+    """The valid rows of one file in canonical form, with what was set aside and what is only worth knowing."""
+
+    frame: pl.DataFrame
+    rejected: list[Problem]  # every problem of every dropped row under on_invalid="skip"; "fail" raises instead
+    notes: list[Problem]  # not errors: e.g. tied scores in a ranked list
+
+    @property
+    def rejected_rows(self) -> int:
+        return len({p.line for p in self.rejected})
+
+
 def _excerpt(value: object, width: int = 60) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    # User bytes end up on a terminal: control characters are shown escaped, never interpreted.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _nonempty(column: str) -> pa.Check:
-    return pa.Check(lambda data: data.lazyframe.select(pl.col(data.key).str.strip_chars().str.len_chars() > 0),
-                    name="must not be empty", element_wise=False)
+# ---- the rules, as pandera checks on canonical columns --------------------------------------
+
+def _rule(name: str, test: Callable[[pl.Expr], pl.Expr]) -> pa.Check:
+    """A check of `test` on the column; a missing result (an empty list's last turn) counts as failed."""
+    return pa.Check(lambda data: data.lazyframe.select(test(pl.col(data.key)).fill_null(False)), name=name)
 
 
-TEXT_SCHEMA = pa.DataFrameSchema({"text": pa.Column(pl.Utf8, checks=_nonempty("text"), nullable=False)}, name="text")
-
-
-def _roles_rule(data: pa.PolarsData) -> pl.LazyFrame:
-    """Known roles; an optional system turn first; then user and assistant alternate, user first."""
-    roles = pl.col(data.key)
+def _alternating(roles: pl.Expr) -> pl.Expr:
+    """An optional system turn, then user and assistant in turn from user: any other role fails it too."""
     body = pl.when(roles.list.first() == "system").then(roles.list.slice(1)).otherwise(roles)
     expected = body.list.eval(pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("user")).otherwise(pl.lit("assistant")))
-    return data.lazyframe.select((body.list.len() >= 2) & (body == expected))
+    return (body.list.len() >= 1) & (body == expected)
 
 
-def _last_assistant(data: pa.PolarsData) -> pl.LazyFrame:
-    return data.lazyframe.select(pl.col(data.key).list.last() == "assistant")
+def _nonempty(text: pl.Expr) -> pl.Expr:
+    return text.str.strip_chars().str.len_chars() > 0
 
 
-def _contents_nonempty(data: pa.PolarsData) -> pl.LazyFrame:
-    return data.lazyframe.select(pl.col(data.key).list.eval(pl.element().str.strip_chars().str.len_chars() > 0).list.all())
+def _each_nonempty(texts: pl.Expr) -> pl.Expr:
+    return texts.list.eval(_nonempty(pl.element())).list.all()
 
 
-CONVERSATION_SCHEMA = pa.DataFrameSchema(
-    {
-        "roles": pa.Column(pl.List(pl.Utf8), nullable=False, checks=[
-            pa.Check(_roles_rule, name=f"roles must be {'/'.join(ROLES)}: an optional system turn, then user and assistant alternating, user first"),
-            pa.Check(_last_assistant, name="the last turn must be the assistant's"),
+TEXT = pl.Utf8
+TEXTS = pl.List(pl.Utf8)
+ROLE_ORDER = f"roles must be {'/'.join(ROLES)}: an optional system turn, then user and assistant alternating, user first"
+NONEMPTY = _rule("must not be empty", _nonempty)
+NONEMPTY_MESSAGES = _rule("no message may have empty content", _each_nonempty)
+PROMPT_COLUMNS = {
+    "prompt_roles": pa.Column(TEXTS, checks=[_rule(ROLE_ORDER, _alternating),
+                                            _rule("the prompt's last turn must be the user's", lambda roles: roles.list.last() == "user")]),
+    "prompt_contents": pa.Column(TEXTS, checks=[NONEMPTY_MESSAGES]),
+}
+
+SCHEMAS: dict[Format, pa.DataFrameSchema] = {
+    "text": pa.DataFrameSchema({"text": pa.Column(TEXT, checks=[NONEMPTY])}, name="text"),
+    "conversations": pa.DataFrameSchema({
+        "roles": pa.Column(TEXTS, checks=[_rule(ROLE_ORDER, _alternating),
+                                          _rule("the last turn must be the assistant's", lambda roles: roles.list.last() == "assistant")]),
+        "contents": pa.Column(TEXTS, checks=[NONEMPTY_MESSAGES]),
+    }, name="conversations"),
+    "preference": pa.DataFrameSchema({
+        **PROMPT_COLUMNS,
+        "chosen": pa.Column(TEXT, checks=[NONEMPTY]),
+        "rejected": pa.Column(TEXT, checks=[NONEMPTY, _rule("must differ from chosen", lambda rejected: (
+            rejected.str.strip_chars() != pl.col("chosen").str.strip_chars()))]),
+    }, name="preference"),
+    "ranked": pa.DataFrameSchema({
+        **PROMPT_COLUMNS,
+        "completions": pa.Column(TEXTS, checks=[_rule("at least 2 candidates are needed to rank", lambda c: c.list.len() >= 2),
+                                                _rule("no candidate may be empty", _each_nonempty)]),
+        "scores": pa.Column(pl.List(pl.Float64), checks=[
+            _rule("one score per candidate", lambda scores: scores.list.len() == pl.col("completions").list.len()),
+            _rule("scores must be finite numbers", lambda scores: scores.list.eval(pl.element().is_finite()).list.all()),
         ]),
-        "contents": pa.Column(pl.List(pl.Utf8), nullable=False, checks=[
-            pa.Check(_contents_nonempty, name="no message may have empty content"),
-        ]),
-    },
-    name="conversations",
-)
+    }, name="ranked"),
+    "prompts": pa.DataFrameSchema({
+        **PROMPT_COLUMNS,
+        "answer": pa.Column(TEXT, nullable=True, checks=[_rule("must not be empty when given", lambda a: a.is_null() | _nonempty(a))]),
+    }, name="prompts"),
+}
 
 
-def _flatten(fmt: Format, row: dict) -> dict | str:
-    """The row as typed columns, or the reason it has not the format's shape."""
-    if fmt == "text":
-        if not isinstance(row.get("text"), str):
-            return "text: required, must be a string"
-        return {"text": row["text"]}
-    messages = row.get("conversations", row.get("messages"))
-    if not isinstance(messages, list) or not messages:
-        return "conversations: required, must be a non-empty list of {role, content}"
-    roles, contents = [], []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            return f"conversations[{i}]: must be an object with string role and content"
-        roles.append(message["role"])
-        contents.append(message["content"])
-    return {"roles": roles, "contents": contents}
+# ---- reading --------------------------------------------------------------------------------
+
+def _lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, int]]:
+    """(number, bytes, oversize) per line; a line of more than `limit` bytes (its end of line aside)
+    yields only its head and its size as `oversize` (0 for every other line), the rest read past
+    in chunks so it is never held whole."""
+    number = 0
+    while raw := handle.readline(limit + 2):  # room for the limit and a CRLF
+        number += 1
+        if len(raw.rstrip(b"\r\n")) <= limit:
+            yield number, raw, 0
+            continue
+        head, size = raw[:200], len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(SKIP_CHUNK)
+            size += len(raw)
+        yield number, head, size - (len(raw) - len(raw.rstrip(b"\r\n")))
+
+
+def _parse(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> dict | Problem | None:
+    """One line as a JSON object, None for a blank line, or the Problem that stops it being read."""
+    def problem(rule: str, excerpt: str = "") -> Problem:
+        return Problem(path, number, "(line)", rule, _excerpt(excerpt.strip()))
+
+    if oversize:
+        return problem(f"is {oversize:,} bytes, over the {limit:,}-byte limit for one row", raw.decode("utf-8", "replace"))
+    raw = raw.removeprefix(BOM)  # anywhere: files joined with `cat` keep each one's BOM
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")  # so JSON errors point at columns of the line itself
+    except UnicodeDecodeError as err:
+        hint = " (the file looks UTF-16: save it as UTF-8)" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        return problem(f"not valid UTF-8 at byte {err.start}{hint}", raw.decode("utf-8", "replace"))
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        return problem(f"not valid JSON: {err.msg} at column {err.colno}", text)
+    except RecursionError:
+        return problem("not readable: JSON nested too deeply", text)
+    except ValueError as err:  # an integer literal of more digits than Python converts; its advice is for programmers
+        return problem(f"not valid JSON: {str(err).split(':')[0]}", text)
+    if not isinstance(row, dict):
+        return problem("must be a JSON object", text)
+    return row
 
 
 def read_jsonl(path: Path, fmt: Format) -> tuple[pl.DataFrame, list[Problem]]:
-    """Parse a file into typed columns plus `line`; shape problems are returned, not raised."""
-    rows: list[dict] = []
+    """Parse a file into canonical columns plus `line`; problems of shape are returned, not raised."""
+    schema = SCHEMAS[fmt]
+    dtypes = {"line": pl.Int64, **{name: column.dtype.type for name, column in schema.columns.items()}}
+    columns: dict[str, list] = {name: [] for name in dtypes}
     problems: list[Problem] = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                problems.append(Problem(path, number, "(line)", f"not valid UTF-8 at byte {err.start}"))
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                problems.append(Problem(path, number, "(line)", f"not valid JSON: {err.msg} at column {err.colno}", _excerpt(text.strip())))
-                continue
-            if not isinstance(row, dict):
-                problems.append(Problem(path, number, "(line)", "must be a JSON object", _excerpt(text.strip())))
-                continue
-            flat = _flatten(fmt, row)
-            if isinstance(flat, str):
-                field, rule = flat.split(": ", 1)
-                problems.append(Problem(path, number, field, rule, _excerpt(row)))
-                continue
-            rows.append({"line": number, **flat})
-    if not rows and not problems:
-        problems.append(Problem(path, 0, "(file)", "holds no rows"))
-    schema = TEXT_SCHEMA if fmt == "text" else CONVERSATION_SCHEMA
-    columns = {"line": pl.Int64, **{name: column.dtype.type for name, column in schema.columns.items()}}
-    return pl.DataFrame(rows, schema=columns), problems
+    limit = MAX_TEXT_LINE_BYTES if fmt == "text" else MAX_LINE_BYTES
+    try:
+        with open(path, "rb") as handle:
+            for number, raw, oversize in _lines(handle, limit):
+                row = _parse(path, number, raw, oversize, limit)
+                if row is None:
+                    continue
+                if isinstance(row, Problem):
+                    problems.append(row)
+                    continue
+                try:
+                    flat = flatten(fmt, row)
+                except Shape as err:
+                    problems.append(Problem(path, number, err.field, err.rule, _excerpt(raw.removeprefix(BOM).decode().strip())))
+                    continue
+                columns["line"].append(number)
+                for name, value in flat.items():
+                    columns[name].append(value)
+    except OSError as err:
+        problems.append(Problem(path, 0, "(file)", f"cannot be read: {err.strerror or err}"))
+    return pl.DataFrame(columns, schema=dtypes), problems
 
 
-def validate_file(path: Path, fmt: Format) -> pl.DataFrame:
-    """Every valid row of `path`; raise DataError naming every problem if there is one."""
-    frame, problems = read_jsonl(path, fmt)
-    schema = TEXT_SCHEMA if fmt == "text" else CONVERSATION_SCHEMA
+def _rule_problems(path: Path, frame: pl.DataFrame, schema: pa.DataFrameSchema) -> list[Problem]:
     try:
         schema.validate(frame, lazy=True)
     except SchemaErrors as err:
-        cases = err.failure_cases
-        for case in cases.iter_rows(named=True):
-            index = case.get("index")
-            line = int(frame["line"][index]) if index is not None else 0
-            value = frame[case["column"]][index] if index is not None else case["failure_case"]
-            problems.append(Problem(path, line, case["column"], case["check"], _excerpt(value.to_list() if isinstance(value, pl.Series) else value)))
-    if problems:
-        raise DataError(sorted(problems, key=lambda p: (str(p.file), p.line)))
-    return frame
+        problems = []
+        for case in err.failure_cases.iter_rows(named=True):
+            index, column = case.get("index"), case.get("column")
+            if index is None or column not in frame.columns:
+                problems.append(Problem(path, 0, column or "(file)", case["check"], _excerpt(str(case["failure_case"]))))
+            else:
+                row = frame.row(index, named=True)
+                problems.append(Problem(path, row["line"], column, case["check"], _excerpt(row[column])))
+        return problems
+    return []
+
+
+def _rank(path: Path, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[Problem]]:
+    """Candidates sorted best first (ties keep the file's order), and a note for each list with ties."""
+    tied = frame.filter(pl.col("scores").list.n_unique() < pl.col("scores").list.len())
+    notes = [Problem(path, line, "scores", TIE_NOTE, _excerpt(scores)) for line, scores in tied.select("line", "scores").iter_rows()]
+    best_first = pl.col("scores").list.eval(pl.int_range(pl.len()).sort_by(pl.element(), descending=True, maintain_order=True))
+    return frame.with_columns(pl.col("completions").list.gather(best_first), pl.col("scores").list.gather(best_first)), notes
+
+
+def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail") -> Validated:
+    """The valid rows of `path` in canonical form.
+
+    "fail" raises DataError naming every problem if there is one; "skip" drops the invalid rows
+    and returns their problems as `rejected`, but still raises when the file itself is unusable
+    (unreadable, or no valid row left), since training on nothing is never what was meant.
+    """
+    path = Path(path)
+    frame, problems = read_jsonl(path, fmt)
+    problems += _rule_problems(path, frame, SCHEMAS[fmt])
+    problems.sort(key=lambda p: p.line)
+    rejected_lines = {p.line for p in problems}
+    valid = frame.filter(~pl.col("line").is_in(rejected_lines))
+    notes: list[Problem] = []
+    if fmt == "ranked":
+        valid, notes = _rank(path, valid)
+    if valid.is_empty() and 0 not in rejected_lines:
+        if not problems:
+            problems.append(Problem(path, 0, "(file)", "holds no rows"))
+        elif on_invalid == "skip":
+            problems.insert(0, Problem(path, 0, "(file)", f"holds no valid rows: all {len(rejected_lines)} were rejected"))
+    if problems and (on_invalid == "fail" or problems[0].line == 0):
+        raise DataError(problems)
+    return Validated(frame=valid, rejected=problems, notes=notes)
+
+
+def validate_file(path: Path, fmt: Format) -> pl.DataFrame:
+    """Every valid row of `path` in canonical form; raise DataError naming every problem if there is one."""
+    return read_file(path, fmt, "fail").frame
 
 
 def check_files(files: list[tuple[Path, Format]]) -> dict[str, int]:
