@@ -26,16 +26,13 @@ def lifecycle(spec_path: str) -> dict[str, str]:
     with lineage.pipeline_run(mlflow, experiment, spec.name, Path(spec_path).resolve()) as parent:
         for stage in [tokenizer_stage, *model_stages]:
             run_id = reuse(home, experiment, stage)
-            if run_id is None:
-                if stage is tokenizer_stage:
-                    run_id = train_tokenizer(home, experiment, spec, stage, parent)
-                else:
-                    datasets = prepare(home, spec, stage, fetch(home, runs[tokenizer_stage.name]))
-                    run_id = train(home, experiment, spec, stage, parent, runs.get(stage.upstream),
-                                   runs[tokenizer_stage.name], datasets)
-                lineage.link(mlflow, parent, stage, run_id, reused=False)
-            else:
-                lineage.link(mlflow, parent, stage, run_id, reused=True)
+            reused = run_id is not None
+            if stage is tokenizer_stage and not reused:
+                run_id = train_tokenizer(home, experiment, spec, stage, parent)
+            elif not reused:
+                datasets = prepare(home, spec, stage, fetch(home, runs[tokenizer_stage.name]))
+                run_id = train(home, experiment, spec, stage, parent, runs.get(stage.upstream), runs[tokenizer_stage.name], datasets)
+            lineage.link(mlflow, parent, stage, run_id, reused)
             runs[stage.name] = run_id
     get_run_logger().info("pipeline %s: every stage finished; browse with `lifecycle ui` (%s)", spec.name, home.tracking_uri)
     return runs
