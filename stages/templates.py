@@ -1,12 +1,22 @@
 """Chat templates: how a conversation becomes tokens, and which tokens are trained.
 
-A conversation is tokenized turn by turn, so the trained spans are exact token ranges
-(never recovered from character offsets). The same template is stored in the tokenizer
-as a Jinja chat template, so `tokenizer.apply_chat_template` at inference renders a prompt
-exactly as training did; a test checks the two agree token for token.
+A template is plain data: the text of each part of a conversation, with slots for the
+message content and the tokenizer's special tokens. A conversation is tokenized piece by
+piece, so the trained spans (each assistant reply and its end-of-turn marker) are exact
+token ranges, never recovered from character offsets. The same template, written as Jinja
+by `jinja`, is stored in the tokenizer, so `tokenizer.apply_chat_template` at inference
+renders a prompt exactly as training did; the tests check the two agree token for token.
+
+The `tokenizer` template is the tokenizer's own chat template: its trained spans are found
+by rendering successive prefixes of the conversation, which only works for a template
+whose rendering of a conversation starts with its rendering of every earlier prefix.
 """
 
 from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
 
 IGNORE = -100  # label of a token that carries no loss
 
@@ -14,41 +24,269 @@ BOS, EOS, PAD = "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END]
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+OWN_TEMPLATE = "tokenizer"  # the template name that means: the tokenizer's own chat template
 
 
-def chatml_segments(messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, trained) pieces: each assistant reply and its end marker are trained."""
-    pieces: list[tuple[str, bool]] = []
-    for message in messages:
-        pieces.append((f"{IM_START}{message['role']}\n", False))
-        if message["role"] == "assistant":
-            pieces.append((f"{message['content']}{IM_END}", True))
-            pieces.append(("\n", False))
-        else:
-            pieces.append((f"{message['content']}{IM_END}\n", False))
+@dataclass(frozen=True)
+class Template:
+    """A chat format as text with slots: {content}, {input}, {system}, {bos} and {eos}.
+
+    A conversation renders as `start`, then each user turn (the first one carrying the
+    rendered system message in its {system} slot), each assistant turn as `header` +
+    `reply` + `after_reply`, and, for a prompt, a final `header`. Only `reply` is trained.
+    A user message may carry an alpaca row's `input` apart from its instruction: `user_input`
+    renders it into the user turn's {input} slot (alpaca under its own heading; the others
+    after a newline, as the normaliser joins the two when it keeps them together).
+    """
+
+    start: str
+    system: str
+    user: str
+    user_input: str
+    header: str
+    reply: str
+    after_reply: str
+
+
+TEMPLATES: dict[str, Template] = {
+    "chatml": Template(
+        start="",
+        system=f"{IM_START}system\n{{content}}{IM_END}\n",
+        user=f"{{system}}{IM_START}user\n{{content}}{{input}}{IM_END}\n",
+        user_input="\n{input}",
+        header=f"{IM_START}assistant\n",
+        reply=f"{{content}}{IM_END}",
+        after_reply="\n",
+    ),
+    # Llama 2 chat: the system message sits inside the first [INST]; every exchange is its own <s> ... </s>
+    "llama2": Template(
+        start="",
+        system="<<SYS>>\n{content}\n<</SYS>>\n\n",
+        user="{bos}[INST] {system}{content}{input} [/INST]",
+        user_input="\n{input}",
+        header="",
+        reply=" {content} {eos}",
+        after_reply="",
+    ),
+    # DeepSeek LLM chat: the prompt ends at "Assistant:", so the reply's leading space is generated (and trained)
+    "deepseek": Template(
+        start="{bos}",
+        system="{content}\n\n",
+        user="{system}User: {content}{input}\n\n",
+        user_input="\n{input}",
+        header="Assistant:",
+        reply=" {content}{eos}",
+        after_reply="",
+    ),
+    "alpaca": Template(
+        start="",
+        system="{content}\n\n",
+        user="{system}### Instruction:\n{content}{input}\n\n",
+        user_input="\n\n### Input:\n{input}",
+        header="### Response:\n",
+        reply="{content}{eos}",
+        after_reply="",
+    ),
+}
+TEMPLATE_NAMES = (*TEMPLATES, OWN_TEMPLATE)
+NO_CHAT_TEMPLATE = (f"the {OWN_TEMPLATE} template needs a tokenizer with a chat template, and this one has none; "
+                    f"choose one of {', '.join(TEMPLATES)}")
+
+SLOT = re.compile(r"\{(content|input|system|bos|eos)\}")
+
+
+def _fill(text: str, **values: str) -> str:
+    # a substitution function, not str.format: message content may itself contain braces
+    return SLOT.sub(lambda match: values[match.group(1)], text)
+
+
+def _check_roles(messages: list[dict]) -> None:
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[:1] == ["system"] else roles
+    if not body or any(role != ("user", "assistant")[i % 2] for i, role in enumerate(body)):
+        raise ValueError(f"a conversation is an optional system message, then user and assistant turns alternating, "
+                         f"user first; got roles {roles}")
+
+
+def _special(tokenizer, template: str) -> dict[str, str]:
+    if "{eos}" in TEMPLATES[template].reply and tokenizer.eos_token is None:
+        raise ValueError(f"the {template} template ends each reply with the end-of-sequence token, "
+                         f"and this tokenizer has none (set tokenizer.eos_token)")
+    return {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
+
+
+def _template_pieces(messages: list[dict], tokenizer, template: str, first_trained: int,
+                     generation_prompt: bool) -> list[tuple[str, bool]]:
+    """(text, trained) pieces: the replies of assistant turns from message index `first_trained` on are trained."""
+    spec, special = TEMPLATES[template], _special(tokenizer, template)
+    system = _fill(spec.system, content=messages[0]["content"], **special) if messages[0]["role"] == "system" else ""
+    pieces = [(_fill(spec.start, **special), False)]
+    first_user = True
+    for index, message in enumerate(messages):
+        if message["role"] == "user":
+            given = message.get("input")
+            extra = _fill(spec.user_input, input=given) if given else ""
+            pieces.append((_fill(spec.user, content=message["content"], input=extra,
+                                 system=system if first_user else "", **special), False))
+            first_user = False
+        elif message["role"] == "assistant":
+            pieces += [(_fill(spec.header, **special), False),
+                       (_fill(spec.reply, content=message["content"], **special), index >= first_trained),
+                       (_fill(spec.after_reply, **special), False)]
+    if generation_prompt:
+        pieces.append((_fill(spec.header, **special), False))
     return pieces
 
 
-def encode_conversation(messages: list[dict], tokenizer, max_len: int) -> tuple[list[int], list[int]]:
-    """input_ids and labels (IGNORE outside assistant replies), truncated to max_len tokens."""
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _after(prefix: str, text: str, what: str) -> str:
+    """The part of `text` after `prefix`, or a clear error where the template is not prefix-stable."""
+    if not text.startswith(prefix):
+        raise ValueError(f"the tokenizer's chat template is not prefix-stable ({what} does not start with the "
+                         f"rendering before it), so its trained spans cannot be found; choose another template. "
+                         f"Expected a start of {prefix[-80:]!r}, got {text[:len(prefix)][-80:]!r}")
+    return text[len(prefix):]
+
+
+def _own_pieces(messages: list[dict], tokenizer, first_trained: int, generation_prompt: bool) -> list[tuple[str, bool]]:
+    """(text, trained) pieces of the tokenizer's own template: each reply is what its message adds to the prompt before it."""
+    if not tokenizer.chat_template:
+        raise ValueError(NO_CHAT_TEMPLATE)
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:index], generation_prompt=True)
+        whole = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        context = _after(done, prompt, f"the prompt before message {index}")
+        turn = _after(prompt, whole, f"the conversation up to message {index}")
+        # the separator after the end-of-turn marker is the next turn's context: generation stops at the marker
+        reply = turn.rstrip()
+        pieces += [(context, False), (reply, index >= first_trained), (turn[len(reply):], False)]
+        done = whole
+    if generation_prompt or messages[-1]["role"] != "assistant":
+        pieces.append((_after(done, _render(tokenizer, messages, generation_prompt), "the prompt"), False))
+    return pieces
+
+
+def _tokenize(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
+    """input_ids and labels of the pieces, adjacent context pieces joined so they tokenize as one text."""
+    merged: list[tuple[str, bool]] = []
+    for text, trained in pieces:
+        if merged and not trained and not merged[-1][1]:
+            merged[-1] = (merged[-1][0] + text, False)
+        elif text:
+            merged.append((text, trained))
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, trained in chatml_segments(messages):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer([text for text, _ in merged], add_special_tokens=False)["input_ids"] if merged else []
+    for ids, (_, trained) in zip(encoded, merged):
         input_ids += ids
         labels += ids if trained else [IGNORE] * len(ids)
+    return input_ids, labels
+
+
+def _encode(messages: list[dict], tokenizer, template: str, first_trained: int,
+            generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    _check_roles(messages)
+    if template == OWN_TEMPLATE:
+        pieces = _own_pieces(messages, tokenizer, first_trained, generation_prompt)
+        input_ids, labels = _tokenize(pieces, tokenizer)
+        # a user's template may put a piece boundary inside what its tokenizer reads as one word
+        whole = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
+        if input_ids != whole:
+            raise ValueError("the tokenizer's chat template splits a reply from its context inside a token, "
+                             "so training would not see the tokens inference sees; choose another template")
+        return input_ids, labels
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
+    return _tokenize(_template_pieces(messages, tokenizer, template, first_trained, generation_prompt), tokenizer)
+
+
+def encode_conversation(messages: list[dict], tokenizer, max_len: int, template: str = "chatml") -> tuple[list[int], list[int]]:
+    """input_ids and labels (IGNORE outside assistant replies; every reply trained), truncated to max_len tokens."""
+    input_ids, labels = _encode(messages, tokenizer, template, first_trained=0)
     return input_ids[:max_len], labels[:max_len]
 
 
-def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
+def encode_completion(prompt_messages: list[dict], completion: str, tokenizer, max_len: int,
+                      template: str = "chatml") -> tuple[list[int], list[int]]:
+    """input_ids and labels of a prompt answered by `completion`: only the completion is trained, truncated to max_len."""
+    messages = [*prompt_messages, {"role": "assistant", "content": completion}]
+    input_ids, labels = _encode(messages, tokenizer, template, first_trained=len(prompt_messages))
+    return input_ids[:max_len], labels[:max_len]
+
+
+def encode_prompt(messages: list[dict], tokenizer, template: str = "chatml") -> list[int]:
     """The tokens a model continues to answer: the conversation so far plus the assistant header."""
-    ids: list[int] = []
-    for text, _ in chatml_segments(messages):
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"]
+    input_ids, _ = _encode(messages, tokenizer, template, first_trained=len(messages), generation_prompt=True)
+    return input_ids
+
+
+def end_of_turn_id(tokenizer, template: str = "chatml") -> int:
+    """The token that ends an assistant reply: where generation stops."""
+    probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    input_ids, labels = _encode(probe, tokenizer, template, first_trained=0)
+    return [i for i, label in zip(input_ids, labels) if label != IGNORE][-1]
+
+
+def _jinja_text(text: str, **slots: str) -> str:
+    """A Jinja expression that renders `text`, each slot read from the Jinja expression given for it."""
+    slots = {"bos": "bos_token", "eos": "eos_token", **slots}
+    chunks = SLOT.split(text)  # literal text at even indices, slot names at odd ones
+    parts = [slots[chunk] if i % 2 else json.dumps(chunk) for i, chunk in enumerate(chunks) if i % 2 or chunk]
+    return " ~ ".join(parts) or "''"
+
+
+def _jinja_output(text: str, **slots: str) -> list[str]:
+    """The Jinja line that outputs `text`; none where `text` is empty."""
+    return ["{{- " + _jinja_text(text, **slots) + " -}}"] if text else []
+
+
+def jinja(template: str) -> str:
+    """The template as a Jinja chat template: stored in a tokenizer, `apply_chat_template` renders as training does."""
+    if template not in TEMPLATES:
+        own = " (the tokenizer template is the tokenizer's own, already stored)" if template == OWN_TEMPLATE else ""
+        raise ValueError(f"{template!r} has no Jinja form to store: choose one of {', '.join(TEMPLATES)}{own}")
+    spec = TEMPLATES[template]
+    content = "message['content']"
+    generation_prompt = _jinja_output(spec.header)
+    return "\n".join([
+        "{%- if messages[0]['role'] == 'system' -%}",
+        "{%- set system = " + _jinja_text(spec.system, content="messages[0]['content']") + " -%}",
+        "{%- set turns = messages[1:] -%}",
+        "{%- else -%}",
+        "{%- set system = '' -%}",
+        "{%- set turns = messages -%}",
+        "{%- endif -%}",
+        *_jinja_output(spec.start),
+        "{%- for message in turns -%}",
+        "{%- if message['role'] == 'user' -%}",
+        "{%- if message['input'] is defined and message['input'] -%}",
+        "{%- set user_input = " + _jinja_text(spec.user_input, input="message['input']") + " -%}",
+        "{%- else -%}",
+        "{%- set user_input = '' -%}",
+        "{%- endif -%}",
+        *_jinja_output(spec.user, content=content, input="user_input", system="(system if loop.first else '')"),
+        "{%- else -%}",
+        *_jinja_output(spec.header + spec.reply + spec.after_reply, content=content),
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        *(["{%- if add_generation_prompt -%}", *generation_prompt, "{%- endif -%}"] if generation_prompt else []),
+    ])
+
+
+def store_template(tokenizer, template: str) -> None:
+    """Make `template` the tokenizer's chat template, so inference renders prompts as training did."""
+    if template == OWN_TEMPLATE:
+        if not tokenizer.chat_template:
+            raise ValueError(NO_CHAT_TEMPLATE)
+        return
+    tokenizer.chat_template = jinja(template)
+
+
+CHATML = jinja("chatml")
