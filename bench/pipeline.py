@@ -46,6 +46,7 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     """The baseline: the same model, packed data and TrainingArguments, in a bare Trainer with no flow around it."""
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, set_seed
 
+    from schemas.data import read_files
     from schemas.spec import load_spec
     from stages import pretrain
     from stages.training import training_arguments
@@ -53,7 +54,7 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     spec = load_spec(spec_path)
     stage = spec.stages[0]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    dataset = pretrain.pack(pretrain.read_texts(stage.data), tokenizer, stage.packing.block_size)
+    dataset, _ = pretrain.pack(read_files(stage.data, "text").frame["text"].to_list(), tokenizer, stage.packing.block_size)
     set_seed(stage.train.seed)
     model = pretrain.build_model(spec.model.init, tokenizer)
     trainer = Trainer(model=model, args=training_arguments(stage.train, workdir), train_dataset=dataset,
@@ -91,11 +92,11 @@ def direct_stage_seconds(spec_path: Path, workdir: Path) -> float:
     start = time.perf_counter()
     spec = load_spec(spec_path)
     check_files(spec.data_contracts())
-    tok_dir = tokenizer.run(spec.tokenizer.train, _texts(spec.tokenizer_corpus()), workdir / "tokenizer").checkpoint
+    tok_dir = tokenizer.run(spec.tokenizer.train, _texts(spec.tokenizer_corpus()), spec.template, workdir / "tokenizer").checkpoint
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = spec.model.init
     for stage, module in zip(spec.stages, (pretrain, sft)):
-        result = module.run(stage, StageInputs(model, tok_dir, module.prepare(stage, tok)), workdir / stage.name)
+        result = module.run(stage, StageInputs(model, tok_dir, module.prepare(stage, tok).datasets), workdir / stage.name)
         model = result.checkpoint
     return time.perf_counter() - start
 

@@ -22,8 +22,14 @@ KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match"
 def _check(spec_path: Path) -> None:
     """Spec and data, everything a run checks before any model loads."""
     spec = load_spec(spec_path)
-    rows = check_files(spec.data_contracts())
-    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {len(rows)} data files, {sum(rows.values())} rows, all valid")
+    results = check_files(spec.data_contracts())
+    rows = sum(len(r.frame) for r in results.values())
+    rejected = sum(r.rejected_rows for r in results.values())
+    verdict = f"{rejected} invalid rows will be skipped (on_invalid: skip)" if rejected else "all valid"
+    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {len(results)} data files, {rows} rows, {verdict}")
+    for result in results.values():
+        for note in result.notes[:5]:
+            print(f"note: {note}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -273,20 +273,34 @@ def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail") -> Valida
     return Validated(frame=valid, rejected=problems, notes=notes)
 
 
+def read_files(paths: list[Path], fmt: Format, on_invalid: OnInvalid = "fail") -> Validated:
+    """Several files of one format as one frame (file order kept), every file's problems together."""
+    parts, problems = [], []
+    for path in paths:
+        try:
+            parts.append(read_file(path, fmt, on_invalid))
+        except DataError as err:
+            problems += err.problems
+    if problems:
+        raise DataError(problems)
+    return Validated(frame=pl.concat([p.frame for p in parts]), rejected=[r for p in parts for r in p.rejected],
+                     notes=[n for p in parts for n in p.notes])
+
+
 def validate_file(path: Path, fmt: Format) -> pl.DataFrame:
     """Every valid row of `path` in canonical form; raise DataError naming every problem if there is one."""
     return read_file(path, fmt, "fail").frame
 
 
-def check_files(files: list[tuple[Path, Format]]) -> dict[str, int]:
-    """Rows per file; raise one DataError with every problem of every file."""
-    rows: dict[str, int] = {}
+def check_files(files: list[tuple[Path, Format, OnInvalid]]) -> dict[str, Validated]:
+    """Each file read under its policy; one DataError with every problem of every file that must not fail."""
+    results: dict[str, Validated] = {}
     problems: list[Problem] = []
-    for path, fmt in files:
+    for path, fmt, on_invalid in files:
         try:
-            rows[str(path)] = len(validate_file(path, fmt))
+            results[str(path)] = read_file(path, fmt, on_invalid)
         except DataError as err:
             problems += err.problems
     if problems:
         raise DataError(problems)
-    return rows
+    return results

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 TOKENIZER_STAGE = "tokenizer"
+# How conversations become text; "tokenizer" is the tokenizer's own chat template (stages/templates.py).
+TemplateName = Literal["chatml", "llama2", "deepseek", "alpaca", "tokenizer"]
 
 
 # A single path is accepted where a list of files is expected.
@@ -100,6 +102,8 @@ class TrainSpec(Strict):
 class StageBase(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique; names the MLflow run and the work folder")
     from_: str | None = Field(None, alias="from", description="the stage whose output is this stage's input; default: the previous one")
+    on_invalid: Literal["fail", "skip"] = Field(
+        "fail", description="fail: a bad row stops the run before any model loads; skip: bad rows are dropped, logged and counted")
     train: TrainSpec = TrainSpec()
 
 
@@ -124,8 +128,11 @@ class SFTStage(StageBase):
     data_format: ClassVar[str] = "conversations"
     data: Files = Field(min_length=1, description="jsonl files of {\"conversations\": [{role, content}]}")
     heldout: Files = Field(default_factory=list, description="held-out conversations: eval loss and exact match")
-    max_len: PositiveInt = Field(512, description="longer conversations are truncated")
+    max_len: PositiveInt = Field(512, description="tokens per example, and per packed row")
+    packing: bool = Field(True, description="best-fit whole conversations into rows of max_len; attention never crosses one")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="what happens to a conversation longer than max_len (counted)")
     eval_samples: int = Field(64, ge=0, description="held-out conversations answered greedily for exact match")
+    template: TemplateName | None = Field(None, description="default: the pipeline's template")
 
 
 Stage = Annotated[PretrainStage | SFTStage, Field(discriminator="kind")]
@@ -135,7 +142,7 @@ class PipelineSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the MLflow experiment")
     model: ModelSpec
     tokenizer: TokenizerSpec = TokenizerSpec(train=TokenizerTrain())
-    template: Literal["chatml"] = "chatml"
+    template: TemplateName = "chatml"
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -161,15 +168,15 @@ class PipelineSpec(Strict):
             return next(s for s in self.stages if s.name == stage.from_)
         return self.stages[index - 1] if index else None
 
-    def tokenizer_corpus(self) -> list[tuple[Path, str]]:
-        """The files a trained tokenizer learns from, with their format: the given text files, else every stage's data."""
+    def tokenizer_corpus(self) -> list[tuple[Path, str, str]]:
+        """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every stage's data."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
-            return [(path, "text") for path in self.tokenizer.train.data]
-        return [(path, stage.data_format) for stage in self.stages for path in stage.data]
+            return [(path, "text", "fail") for path in self.tokenizer.train.data]
+        return [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in stage.data]
 
-    def data_contracts(self) -> list[tuple[Path, str]]:
-        """Every data file the spec reads, once, with the format it must have."""
-        files = [(path, stage.data_format) for stage in self.stages for path in stage.data + stage.heldout]
+    def data_contracts(self) -> list[tuple[Path, str, str]]:
+        """Every data file the spec reads, once: (path, the format it must have, what to do with a bad row)."""
+        files = [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in stage.data + stage.heldout]
         return list(dict.fromkeys(files + self.tokenizer_corpus()))
 
 
@@ -189,8 +196,8 @@ def _location(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
-    """Make every data path absolute against the spec's folder and check it exists."""
+def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
+    """Make every data path absolute against the spec's folder and check it exists; give each stage its template."""
 
     def fix(path: Path, where: str) -> Path:
         resolved = path if path.is_absolute() else (base / path).resolve()
@@ -203,7 +210,7 @@ def _resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
         stage.model_copy(update={
             "data": [fix(p, f"stages[{i}].data") for p in stage.data],
             "heldout": [fix(p, f"stages[{i}].heldout") for p in stage.heldout],
-        })
+        } | ({"template": stage.template or spec.template} if isinstance(stage, SFTStage) else {}))
         for i, stage in enumerate(spec.stages)
     ]
     model = spec.model
@@ -239,6 +246,6 @@ def load_spec(path: Path) -> PipelineSpec:
             lines.append(f"  {_location(e['loc'])}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
         raise SpecError("\n".join(lines)) from None
     try:
-        return _resolve_paths(spec, path.resolve().parent)
+        return _resolve(spec, path.resolve().parent)
     except SpecError as err:
         raise SpecError(f"{path}: missing files\n  " + str(err).replace("\n", "\n  ")) from None

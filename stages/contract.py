@@ -6,11 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from schemas.data import Problem
 from schemas.spec import LlamaInit
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
     from transformers import TrainerCallback
+
+
+@dataclass(frozen=True)
+class Prepared:
+    datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
+    rejected: list[Problem] = field(default_factory=list)  # rows dropped under on_invalid: skip, with their reasons
+    counts: dict[str, float] = field(default_factory=dict)  # what preparation cut or dropped, e.g. over-long examples
 
 
 @dataclass(frozen=True)

@@ -9,38 +9,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, set_seed
 
-from schemas.data import validate_file
+from schemas.data import read_files
 from schemas.spec import LlamaInit, PretrainStage
-from stages.contract import StageInputs, StageResult
+from stages.contract import Prepared, StageInputs, StageResult
+from stages.packing import concat_chunk, tokenize_documents
 from stages.training import fit, make_trainer, save, training_arguments
 
 
-def read_texts(files: list[Path]) -> list[str]:
-    return pl.concat([validate_file(f, "text") for f in files])["text"].to_list()
+def pack(texts: list[str], tokenizer, block_size: int) -> tuple[Dataset, int]:
+    """Documents joined with EOS after each, cut into full blocks; also the tail tokens that filled no block."""
+    blocks = concat_chunk(tokenize_documents(texts, tokenizer), tokenizer.eos_token_id, block_size)
+    return blocks.to_dataset(), blocks.dropped_tokens
 
 
-def pack(texts: list[str], tokenizer, block_size: int) -> Dataset:
-    """Concatenate documents with EOS after each and cut into full blocks."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream += ids
-        stream.append(eos)
-    usable = len(stream) // block_size * block_size
-    blocks = [stream[i:i + block_size] for i in range(0, usable, block_size)]
-    return Dataset.from_dict({"input_ids": blocks})
-
-
-def prepare(spec: PretrainStage, tokenizer) -> DatasetDict:
-    splits = {"train": pack(read_texts(spec.data), tokenizer, spec.packing.block_size)}
-    if spec.heldout:
-        splits["heldout"] = pack(read_texts(spec.heldout), tokenizer, spec.packing.block_size)
-    return DatasetDict(splits)
+def prepare(spec: PretrainStage, tokenizer) -> Prepared:
+    splits, rejected, counts = {}, [], {}
+    for split, files in (("train", spec.data), ("heldout", spec.heldout)):
+        if files:
+            read = read_files(files, "text", spec.on_invalid)
+            splits[split], counts[f"{split}_tail_tokens_dropped"] = pack(read.frame["text"].to_list(), tokenizer, spec.packing.block_size)
+            rejected += read.rejected
+    return Prepared(DatasetDict(splits), rejected, counts)
 
 
 def build_model(init: LlamaInit, tokenizer) -> LlamaForCausalLM:

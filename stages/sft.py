@@ -1,7 +1,9 @@
 """The SFT stage: conversations through the chat template, loss on assistant replies only.
 
 Every assistant turn of a multi-turn conversation is trained; system and user turns and
-the template's headers are context. On held-out conversations the stage measures the
+the template's headers are context. Conversations are best-fit packed into rows of max_len
+(position ids restart per conversation and attention never crosses one; stages/packing.py),
+or padded per batch with `packing: false`. On held-out conversations the stage measures the
 response loss and the exact-match rate of greedy answers, before and after training, so
 each run shows what SFT changed.
 """
@@ -9,6 +11,7 @@ each run shows what SFT changed.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -16,35 +19,46 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
-from schemas.data import validate_file
+from schemas.data import read_files
 from schemas.spec import SFTStage
-from stages.contract import StageInputs, StageResult
+from stages.contract import Prepared, StageInputs, StageResult
 from stages.generation import exact_match
-from stages.templates import IGNORE, encode_conversation
+from stages.packing import PackedCollator, pack_examples
+from stages.templates import IGNORE, encode_conversation, store_template
 from stages.training import fit, make_trainer, save, training_arguments
 
 
-def read_conversations(files: list[Path]) -> list[list[dict]]:
-    frame = pl.concat([validate_file(f, "conversations") for f in files])
+def conversations(frame: pl.DataFrame) -> list[list[dict]]:
+    """Canonical rows (parallel roles and contents) as message lists."""
     return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
             for roles, contents in zip(frame["roles"].to_list(), frame["contents"].to_list())]
 
 
-def encode(conversations: list[list[dict]], tokenizer, max_len: int) -> Dataset:
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "messages": []}
-    for messages in conversations:
-        input_ids, labels = encode_conversation(messages, tokenizer, max_len)
-        columns["input_ids"].append(input_ids)
-        columns["labels"].append(labels)
-        columns["messages"].append(json.dumps(messages, ensure_ascii=False))
-    return Dataset.from_dict(columns)
+def encode(messages_list: list[list[dict]], tokenizer, spec: SFTStage) -> tuple[Dataset, dict[str, float]]:
+    """Training rows for the conversations (packed or one per row) and what max_len cut or dropped."""
+    encoded = [encode_conversation(messages, tokenizer, sys.maxsize, spec.template) for messages in messages_list]
+    input_ids, labels = [ids for ids, _ in encoded], [lab for _, lab in encoded]
+    if spec.packing:
+        packed = pack_examples(input_ids, labels, spec.max_len, spec.overlong)
+        return packed.dataset, {"truncated": packed.truncated, "dropped": packed.dropped, "row_fill": packed.fill}
+    keep = [i for i, ids in enumerate(input_ids) if len(ids) <= spec.max_len or spec.overlong == "truncate"]
+    counts = {"truncated": sum(len(input_ids[i]) > spec.max_len for i in keep), "dropped": len(input_ids) - len(keep)}
+    return Dataset.from_dict({"input_ids": [input_ids[i][: spec.max_len] for i in keep],
+                              "labels": [labels[i][: spec.max_len] for i in keep]}), counts
 
 
-def prepare(spec: SFTStage, tokenizer) -> DatasetDict:
-    splits = {"train": encode(read_conversations(spec.data), tokenizer, spec.max_len)}
-    if spec.heldout:
-        splits["heldout"] = encode(read_conversations(spec.heldout), tokenizer, spec.max_len)
-    return DatasetDict(splits)
+def prepare(spec: SFTStage, tokenizer) -> Prepared:
+    splits, rejected, counts = {}, [], {}
+    for split, files in (("train", spec.data), ("heldout", spec.heldout)):
+        if files:
+            read = read_files(files, "conversations", spec.on_invalid)
+            chats = conversations(read.frame)
+            splits[split], split_counts = encode(chats, tokenizer, spec)
+            counts |= {f"{split}_{name}": float(value) for name, value in split_counts.items()}
+            rejected += read.rejected
+            if split == "heldout":  # the conversations themselves, for exact match through generation
+                splits["heldout_conversations"] = Dataset.from_dict({"messages": [json.dumps(c, ensure_ascii=False) for c in chats]})
+    return Prepared(DatasetDict(splits), rejected, counts)
 
 
 def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
@@ -52,15 +66,17 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     set_seed(spec.train.seed)
     model = AutoModelForCausalLM.from_pretrained(inputs.model, dtype=torch.float32)
     datasets = inputs.datasets
-    heldout = [json.loads(m) for m in datasets["heldout"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
-    trainer = make_trainer(model, training_arguments(spec.train, workdir / "trainer"),
-                           datasets.remove_columns("messages"), collator, inputs.callbacks)
+    heldout = [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
+    collator = (PackedCollator(tokenizer.pad_token_id) if spec.packing
+                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
+    trainer = make_trainer(model, training_arguments(spec.train, workdir / "trainer"), datasets, collator, inputs.callbacks)
     before: dict[str, float] = {}
     if heldout:
-        before = {"heldout_loss_before": trainer.evaluate()["eval_loss"], "exact_match_before": exact_match(model, tokenizer, heldout)}
+        before = {"heldout_loss_before": trainer.evaluate()["eval_loss"],
+                  "exact_match_before": exact_match(model, tokenizer, heldout, spec.template)}
     metrics, resumed_from = fit(trainer)
     if heldout:
-        metrics |= before | {"heldout_loss": trainer.evaluate()["eval_loss"], "exact_match": exact_match(model, tokenizer, heldout)}
-    metrics["train_conversations"] = float(len(datasets["train"]))
+        metrics |= before | {"heldout_loss": trainer.evaluate()["eval_loss"], "exact_match": exact_match(model, tokenizer, heldout, spec.template)}
+    metrics["train_rows"] = float(len(datasets["train"]))
+    store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
     return StageResult(checkpoint=save(model, tokenizer, workdir / "model"), metrics=metrics, resumed_from_step=resumed_from)

@@ -155,6 +155,16 @@ def log_data_inputs(mlflow: MlflowClient, run_id: str, files: dict[str, list[Pat
         mlflow.log_inputs(run_id, datasets=inputs)
 
 
+def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float], rejected: list[dict]) -> None:
+    """What data preparation dropped or cut, as metrics; rows rejected under on_invalid: skip as an artifact with reasons."""
+    metrics = {f"data_{name}": value for name, value in counts.items()}
+    metrics["data_rejected_rows"] = len({(r["file"], r["line"]) for r in rejected})
+    now = int(time.time() * 1000)
+    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    if rejected:
+        mlflow.log_text(run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), "data/rejected.jsonl")
+
+
 def finish_stage_run(mlflow: MlflowClient, run_id: str, checkpoint: Path, metrics: dict[str, float], resumed_from_step: int) -> None:
     """Log the checkpoint and the final metrics, then mark the run FINISHED: in that order, always."""
     now = int(time.time() * 1000)

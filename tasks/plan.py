@@ -67,7 +67,7 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
         source = {"path_digest": folder_digest(spec.tokenizer.path)}
     else:
         source = {"train": spec.tokenizer.train.model_dump(mode="json", exclude={"data"}),
-                  "data": [file_digest(p) for p, _ in spec.tokenizer_corpus()]}
+                  "data": [file_digest(p) for p, _, _ in spec.tokenizer_corpus()]}
     tokenizer = PlannedStage(TOKENIZER_STAGE, TOKENIZER_STAGE, spec.tokenizer, _fingerprint(base | {"tokenizer": source}), None)
     planned = {TOKENIZER_STAGE: tokenizer}
     for stage in spec.stages:

@@ -20,7 +20,7 @@ from types import ModuleType
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.data import check_files
+from schemas.data import check_files, read_file
 from schemas.spec import PipelineSpec
 from stages.contract import StageInputs, StageResult
 from tasks import lineage
@@ -42,7 +42,7 @@ def stage_module(kind: str) -> ModuleType:
 @task(cache_policy=NO_CACHE)
 def check_data(spec: PipelineSpec) -> dict[str, int]:
     """Every data file of the spec against its contract; all problems at once, before any model loads."""
-    return check_files(spec.data_contracts())
+    return {path: len(result.frame) for path, result in check_files(spec.data_contracts()).items()}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="reuse-{stage.name}")
@@ -70,19 +70,28 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
         "heldout": [file_digest(p) for p in stage.spec.heldout],
         "tokenizer": folder_digest(tokenizer_dir),
         "template": spec.template,
-        "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len"}),
+        "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template"}),
     }, sort_keys=True).encode()).hexdigest()
     target = home.cache("datasets", key)
     if target.exists():
         return target
     from transformers import AutoTokenizer
 
-    datasets = stage_module(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
+    prepared = stage_module(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
     partial = target.with_name(f"{key}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    datasets.save_to_disk(str(partial))
+    prepared.datasets.save_to_disk(str(partial / "datasets"))
+    (partial / REPORT).write_text(json.dumps({"counts": prepared.counts, "rejected": [p.record() for p in prepared.rejected]}))
     partial.rename(target)
     return target
+
+
+REPORT = "prepare_report.json"  # beside the prepared datasets: what preparation dropped, cut or rejected
+
+
+def _log_preparation(mlflow, run_id: str, prepared_dir: Path) -> None:
+    report = json.loads((prepared_dir / REPORT).read_text())
+    lineage.log_preparation(mlflow, run_id, report["counts"], report["rejected"])
 
 
 def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, upstream_run: str | None,
@@ -102,15 +111,15 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
     return run_id
 
 
-def _texts(files: list[tuple[Path, str]]) -> Iterator[str]:
-    from stages import pretrain, sft
-
-    for path, fmt in files:
+def _texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
+    """The tokenizer's corpus: pretrain documents and every message of every conversation."""
+    for path, fmt, on_invalid in files:
+        frame = read_file(path, fmt, on_invalid).frame
         if fmt == "text":
-            yield from pretrain.read_texts([path])
+            yield from frame["text"]
         else:
-            for messages in sft.read_conversations([path]):
-                yield from (m["content"] for m in messages)
+            for contents in frame["contents"]:
+                yield from contents
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
@@ -121,10 +130,10 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
 
     def work(mlflow, run_id) -> StageResult:
         if spec.tokenizer.path is not None:
-            return tokenizer.adopt(spec.tokenizer.path, workdir)
+            return tokenizer.adopt(spec.tokenizer.path, spec.template, workdir)
         files = spec.tokenizer_corpus()
-        lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _ in files]})
-        return tokenizer.run(spec.tokenizer.train, _texts(files), workdir)
+        lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _, _ in files]})
+        return tokenizer.run(spec.tokenizer.train, _texts(files), spec.template, workdir)
 
     return _recorded(home, experiment, stage, parent, None, None, work)
 
@@ -140,12 +149,13 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
 
     def work(mlflow, run_id) -> StageResult:
         lineage.log_data_inputs(mlflow, run_id, {"train": stage.spec.data, "eval": stage.spec.heldout})
+        _log_preparation(mlflow, run_id, datasets_dir)
         if upstream_run is not None:
             model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(upstream_run))
         else:
             model = spec.model.init or spec.model.path
         inputs = StageInputs(model=model, tokenizer=lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run)),
-                             datasets=load_from_disk(str(datasets_dir)), callbacks=(StepMetrics(mlflow, run_id),))
+                             datasets=load_from_disk(str(datasets_dir / "datasets")), callbacks=(StepMetrics(mlflow, run_id),))
         return stage_module(stage.kind).run(stage.spec, inputs, workdir)
 
     return _recorded(home, experiment, stage, parent, upstream_run, tokenizer_run, work)

@@ -31,7 +31,7 @@ stages:
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_spec_loads(path: Path) -> None:
     spec = load_spec(path)
-    assert spec.stages and all(p.is_absolute() and p.exists() for p, _ in spec.data_contracts())
+    assert spec.stages and all(p.is_absolute() and p.exists() for p, _, _ in spec.data_contracts())
 
 
 def test_good_spec_resolves_paths_against_the_spec_folder(tmp_path: Path) -> None:
@@ -81,3 +81,19 @@ def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
 
 def test_models_forbid_unknown_fields_everywhere() -> None:
     assert PipelineSpec.model_config["extra"] == "forbid"
+
+
+def test_template_names_match_the_templates_the_stages_render() -> None:
+    from typing import get_args
+
+    from schemas.spec import TemplateName
+    from stages.templates import TEMPLATE_NAMES
+
+    assert get_args(TemplateName) == TEMPLATE_NAMES
+
+
+def test_sft_stages_inherit_the_pipeline_template_unless_they_name_one(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD.replace("name: t\n", "name: t\ntemplate: llama2\n")))
+    assert spec.stages[1].template == "llama2"
+    own = load_spec(write(tmp_path, GOOD.replace("kind: sft,", "kind: sft, template: alpaca,")))
+    assert own.stages[1].template == "alpaca"

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.generate import DATA_DIR
+from schemas.data import read_files
 from schemas.spec import LlamaInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
 from stages import pretrain, sft, tokenizer
 from stages.contract import StageInputs
@@ -23,7 +24,7 @@ FAST = dict(batch_size=8, lr=3e-3, warmup=0.0, logging_steps=5, precision="fp32"
 @pytest.fixture(scope="module")
 def trained_tokenizer(tmp_path_factory) -> Path:
     texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
-    return tokenizer.run(TokenizerTrain(vocab_size=512), texts, tmp_path_factory.mktemp("tok")).checkpoint
+    return tokenizer.run(TokenizerTrain(vocab_size=512), texts, "chatml", tmp_path_factory.mktemp("tok")).checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,9 @@ def pretrained(trained_tokenizer, tmp_path_factory) -> Path:
     spec = PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"],
                          heldout=[DATA_DIR / "pretrain_heldout.jsonl"], packing={"block_size": 64},
                          train=TrainSpec(max_steps=40, save_steps=20, **FAST))
-    datasets = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
-    result = pretrain.run(spec, StageInputs(TINY, trained_tokenizer, datasets), tmp_path_factory.mktemp("pre"))
+    prepared = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
+    assert 0 < prepared.counts["train_tail_tokens_dropped"] < 64
+    result = pretrain.run(spec, StageInputs(TINY, trained_tokenizer, prepared.datasets), tmp_path_factory.mktemp("pre"))
     return result
 
 
@@ -62,9 +64,10 @@ def test_loss_only_on_every_assistant_turn(trained_tokenizer: Path) -> None:
 
 def test_pretrain_packs_documents_with_eos_between(trained_tokenizer: Path) -> None:
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
-    blocks = pretrain.pack(["one two", "three"], tok, block_size=2)
+    blocks, dropped = pretrain.pack(["one two", "three"], tok, block_size=2)
     stream = tok("one two", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + tok("three", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert sum(blocks["input_ids"], []) == stream[: len(stream) // 2 * 2]
+    assert dropped == len(stream) % 2
 
 
 def test_pretrain_loss_falls_and_the_output_loads(pretrained) -> None:
@@ -78,8 +81,14 @@ def test_pretrain_loss_falls_and_the_output_loads(pretrained) -> None:
 
 def test_sft_lowers_response_loss_and_resumes_from_its_checkpoint(trained_tokenizer: Path, pretrained, tmp_path: Path) -> None:
     spec = SFTStage(name="sft", kind="sft", data=[DATA_DIR / "sft.jsonl"], heldout=[DATA_DIR / "sft_heldout.jsonl"],
-                    max_len=128, eval_samples=8, train=TrainSpec(max_steps=30, save_steps=10, **FAST))
-    datasets = sft.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
+                    max_len=128, eval_samples=8, template="chatml", train=TrainSpec(max_steps=30, save_steps=10, **FAST))
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    prepared = sft.prepare(spec, tok)
+    chats = sft.conversations(read_files(spec.data, "conversations").frame)
+    overlong = sum(len(encode_conversation(c, tok, 10_000)[0]) > 128 for c in chats)
+    assert prepared.counts["train_truncated"] == overlong > 0 and prepared.counts["train_dropped"] == 0
+    assert prepared.counts["train_row_fill"] > 0.9  # best-fit packing leaves little of a row empty
+    datasets = prepared.datasets
     result = sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path)
     assert result.metrics["heldout_loss"] < result.metrics["heldout_loss_before"] - 0.5
     assert 0.0 <= result.metrics["exact_match"] <= 1.0 and result.resumed_from_step == 0
