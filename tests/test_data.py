@@ -36,10 +36,10 @@ def test_bundled_data_is_exactly_what_the_generator_writes() -> None:
 
 
 def test_bundled_data_passes_its_contracts() -> None:
-    rows = check_files([(DATA_DIR / "pretrain.jsonl", "text"), (DATA_DIR / "sft.jsonl", "conversations"),
-                        (DATA_DIR / "preference.jsonl", "preference"), (DATA_DIR / "ranked.jsonl", "ranked"),
-                        (DATA_DIR / "rl_prompts.jsonl", "prompts")])
-    assert list(rows.values()) == [6000, 4000, 2000, 1500, 1000]
+    results = check_files([(DATA_DIR / "pretrain.jsonl", "text", "fail"), (DATA_DIR / "sft.jsonl", "conversations", "fail"),
+                           (DATA_DIR / "preference.jsonl", "preference", "fail"), (DATA_DIR / "ranked.jsonl", "ranked", "fail"),
+                           (DATA_DIR / "rl_prompts.jsonl", "prompts", "fail")])
+    assert [len(r.frame) for r in results.values()] == [6000, 4000, 2000, 1500, 1000]
 
 
 # ---- every accepted shape gives the same canonical row ------------------------------------
@@ -286,13 +286,20 @@ def test_every_problem_in_every_file_is_reported_with_a_cap_on_display(tmp_path:
     chat = tmp_path / "chat.jsonl"
     chat.write_text("not json\n")
     with pytest.raises(DataError) as err:
-        check_files([(text, "text"), (chat, "conversations")])
+        check_files([(text, "text", "fail"), (chat, "conversations", "fail")])
     problems = err.value.problems
     assert len(problems) == 34
     assert {(p.line, p.rule) for p in problems if p.file == text} >= {(1, "must not be empty"), (2, "must be a string, not a number"),
                                                                        (3, "not valid UTF-8 at byte 0")}
     assert "34 problem(s) in 2 data file(s)" in str(err.value)
     assert "... and 14 more problem(s)" in str(err.value)
+
+
+def test_skip_files_pass_the_check_with_their_rejected_rows(tmp_path: Path) -> None:
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "kept"}\n{"text": ""}\n')
+    (result,) = check_files([(text, "text", "skip")]).values()
+    assert result.frame["text"].to_list() == ["kept"] and [(p.line, p.field) for p in result.rejected] == [(2, "text")]
 
 
 def test_an_empty_file_is_a_problem(tmp_path: Path) -> None:
