@@ -62,6 +62,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Decoded training examples of one stage with the trained spans marked."""
+    from transformers import AutoTokenizer
+
+    from stages.inspect import render_marked
+    from tasks.lineage import client, experiment_id, fetch_checkpoint, finished_run
+    from tasks.plan import plan
+    from tasks.stage import stage_module
+
+    spec = load_spec(args.spec)
+    stage = next((s for s in spec.stages if s.name == args.stage), None)
+    if stage is None:
+        raise SpecError(f"{args.spec}: no stage named {args.stage!r}; the stages are {', '.join(s.name for s in spec.stages)}")
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None:
+        home = Home.from_env()
+        mlflow = client(home)
+        experiment = experiment_id(mlflow, home, spec.name, create=False)
+        run = finished_run(mlflow, experiment, plan(spec)[0]) if experiment else None
+        if run is None:
+            raise SpecError(f"{args.spec}: the tokenizer stage has not finished yet; run `lifecycle run {args.spec}` "
+                            "(or pass --tokenizer PATH)")
+        tokenizer_dir = fetch_checkpoint(mlflow, home, run)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    colour = sys.stdout.isatty()
+    for i, (input_ids, labels) in enumerate(stage_module(stage.kind).examples(stage, tokenizer, args.n)):
+        trained = sum(label != -100 for label in labels)
+        print(f"--- {stage.name} example {i + 1}: {len(input_ids)} tokens, {trained} trained"
+              + ("" if colour else " (trained spans in ⟦ ⟧)"))
+        print(render_marked(input_ids, labels, tokenizer, colour))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     home = Home.from_env()
     print(f"MLflow UI on http://127.0.0.1:{args.port} for {home.tracking_uri}")
@@ -80,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect = commands.add_parser("inspect", help="decoded training examples of a stage, trained spans marked")
+    inspect.add_argument("spec", type=Path)
+    inspect.add_argument("--stage", required=True, help="the stage's name")
+    inspect.add_argument("-n", type=int, default=3, help="how many examples")
+    inspect.add_argument("--tokenizer", type=Path, help="a tokenizer folder; default: the spec's finished tokenizer stage")
+    inspect.set_defaults(func=cmd_inspect)
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)

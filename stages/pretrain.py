@@ -26,6 +26,13 @@ def pack(texts: list[str], tokenizer, block_size: int) -> tuple[Dataset, int]:
     return blocks.to_dataset(), blocks.dropped_tokens
 
 
+def examples(spec: PretrainStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    """The first n documents as the stage sees them, EOS included; every token is trained."""
+    texts = read_files(spec.data, "text", spec.on_invalid).frame["text"].head(n).to_list()
+    documents = [ids + [tokenizer.eos_token_id] for ids in tokenize_documents(texts, tokenizer)]
+    return [(ids, ids) for ids in documents]
+
+
 def prepare(spec: PretrainStage, tokenizer) -> Prepared:
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):

@@ -47,6 +47,12 @@ def encode(messages_list: list[list[dict]], tokenizer, spec: SFTStage) -> tuple[
                               "labels": [labels[i][: spec.max_len] for i in keep]}), counts
 
 
+def examples(spec: SFTStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    """The first n training conversations as the stage encodes them: (input_ids, labels)."""
+    chats = conversations(read_files(spec.data, "conversations", spec.on_invalid).frame.head(n))
+    return [encode_conversation(c, tokenizer, spec.max_len, spec.template) for c in chats]
+
+
 def prepare(spec: SFTStage, tokenizer) -> Prepared:
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):

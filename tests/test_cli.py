@@ -83,3 +83,15 @@ def test_ui_serves_the_project_store_on_loopback(quick_run) -> None:
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_inspect_marks_what_each_stage_trains(quick_run) -> None:
+    root, _ = quick_run
+    done = lifecycle("inspect", str(QUICK), "--stage", "sft", "-n", "2", home=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("--- sft example") == 2
+    assert "<|im_start|>assistant\n⟦The word fire in capital letters is FIRE.<|im_end|>⟧" in done.stdout
+    pretrain = lifecycle("inspect", str(QUICK), "--stage", "pretrain", "-n", "1", home=root).stdout
+    assert pretrain.startswith("--- pretrain example 1") and pretrain.rstrip().endswith("<|endoftext|>⟧")
+    missing = lifecycle("inspect", str(QUICK), "--stage", "nope", home=root)
+    assert missing.returncode == 2 and "no stage named 'nope'; the stages are pretrain, sft" in missing.stderr
