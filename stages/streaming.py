@@ -16,26 +16,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from schemas.data import DataError, Problem
+from schemas.data import BOM, MAX_TEXT_LINE_BYTES, SKIP_CHUNK, DataError, OnInvalid, Problem
+from schemas.formats import Shape, flatten
 from stages.packing import tokenize_documents
 
-OnInvalid = Literal["fail", "skip"]
-BOM = b"\xef\xbb\xbf"
 DOCUMENTS_PER_CALL = 256  # one tokenizer call per batch amortises its overhead; the batch stays ~1 MB
 MAX_WORKERS = 64  # DataLoader workers one dataset can count skipped rows for (one shared slot each)
 KEPT_PROBLEMS = 1000  # a corpus check lists this many problems and counts the rest, so memory stays flat
 EXCERPT_WIDTH = 60
-# A document may be a whole book; a longer line is surely a broken file (lost newlines, one JSON
-# array) and is read past in chunks, never held. The same limit as schemas.data for text rows.
-MAX_LINE_BYTES = 64 << 20
-SKIP_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -78,24 +73,17 @@ def excerpt(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    return {int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 def parse_line(path: Path, number: int, raw: bytes, oversize: int = 0) -> str | Problem | None:
     """The document on one line; a Problem when the line breaks the pretrain format; None when blank.
 
-    The rules and their wording follow `schemas.data.read_file` for text rows, so a streamed file
-    and a validated one fail with the same sentence, and no line, however broken, gives a traceback."""
+    The rules and their wording are those of `schemas.data.read_file` for text rows (the row's
+    shape from `schemas.formats.flatten`), so a streamed file and a validated one fail with the
+    same sentence, and no line, however broken, gives a traceback."""
     def problem(field: str, rule: str, shown: str = "") -> Problem:
         return Problem(path, number, field, rule, excerpt(shown))
 
     if oversize:
-        return problem("(line)", f"is {oversize:,} bytes, over the {MAX_LINE_BYTES:,}-byte limit for one row", raw.decode("utf-8", "replace"))
+        return problem("(line)", f"is {oversize:,} bytes, over the {MAX_TEXT_LINE_BYTES:,}-byte limit for one row", raw.decode("utf-8", "replace"))
     raw = raw.removeprefix(BOM)  # on any line: files joined with `cat` keep each one's BOM
     try:
         line = raw.decode("utf-8")
@@ -113,29 +101,23 @@ def parse_line(path: Path, number: int, raw: bytes, oversize: int = 0) -> str | 
         return problem("(line)", f"not valid JSON: {err}", line)
     if not isinstance(row, dict):
         return problem("(line)", "must be a JSON object", line)
-    if "text" not in row:
-        return problem("text", "required", line)
-    text = row["text"]
-    if not isinstance(text, str):
-        return problem("text", f"must be a string, not {kind(text)}", line)
-    if not text or text.isspace():
+    try:
+        text = flatten("text", row)["text"]
+    except Shape as err:
+        return problem(err.field, err.rule, line)
+    if not text or text.isspace():  # the pandera rule of schemas.data, on one row
         return problem("text", "must not be empty", line)
-    if "\\u" in line and not text.isascii():  # only a JSON escape can carry a lone surrogate: raw ones fail to decode
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            # JSON's \ud800-style escapes can name half a surrogate pair, which the tokenizer cannot take
-            return problem("text", "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not valid Unicode", line)
     return text
 
 
 def numbered_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes, int]]:
-    """(number, bytes, oversize) per line; a line over MAX_LINE_BYTES yields only its head and its
-    size as `oversize` (0 for every other line), the rest read past so it is never held whole."""
+    """(number, bytes, oversize) per line; a line over MAX_TEXT_LINE_BYTES (a document may be a whole
+    book; longer is surely a broken file) yields only its head and its size as `oversize` (0 for
+    every other line), the rest read past so it is never held whole."""
     number = 0
-    while raw := handle.readline(MAX_LINE_BYTES + 1):
+    while raw := handle.readline(MAX_TEXT_LINE_BYTES + 1):
         number += 1
-        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+        if len(raw) <= MAX_TEXT_LINE_BYTES or raw.endswith(b"\n"):
             yield number, raw, 0
             continue
         head, size = raw[:200], len(raw)
