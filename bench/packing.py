@@ -42,7 +42,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train_tokenizer(workdir: Path):
     texts = [row["text"] for row in read_jsonl(DATA / "pretrain.jsonl")]
-    return AutoTokenizer.from_pretrained(tokenizer_stage.run(TokenizerTrain(vocab_size=1024), texts, workdir).checkpoint)
+    return AutoTokenizer.from_pretrained(tokenizer_stage.run(TokenizerTrain(vocab_size=1024), texts, "chatml", workdir).checkpoint)
 
 
 # ---------------------------------------------------------------- 1. tokenize + pack

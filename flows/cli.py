@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from schemas.data import DataError, check_files
+from schemas.data import DataError
 from schemas.spec import SpecError, load_spec
+from tasks.checks import check_contracts
 from tasks.home import Home
 
 KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match", "train_tokens_per_second", "vocab_size")
@@ -22,11 +23,11 @@ KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match"
 def _check(spec_path: Path) -> None:
     """Spec and data, everything a run checks before any model loads."""
     spec = load_spec(spec_path)
-    results = check_files(spec.data_contracts())
-    rows = sum(len(r.frame) for r in results.values())
-    rejected = sum(r.rejected_rows for r in results.values())
+    results, corpora = check_contracts(spec)
+    rows = sum(len(r.frame) for r in results.values()) + sum(c.rows for c in corpora)
+    rejected = sum(r.rejected_rows for r in results.values()) + sum(c.invalid for c in corpora)
     verdict = f"{rejected} invalid rows will be skipped (on_invalid: skip)" if rejected else "all valid"
-    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {len(results)} data files, {rows} rows, {verdict}")
+    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {len(results) + sum(c.files for c in corpora)} data files, {rows} rows, {verdict}")
     for result in results.values():
         for note in result.notes[:5]:
             print(f"note: {note}")

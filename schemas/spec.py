@@ -8,6 +8,7 @@ path (`stages[1].train.lr`) and says what is allowed.
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -99,6 +100,11 @@ class TrainSpec(Strict):
     seed: int = 0
 
 
+def expand(patterns: list[Path]) -> list[Path]:
+    """Paths and glob patterns as the files they name, each pattern's matches sorted."""
+    return [Path(match) for pattern in patterns for match in sorted(glob.glob(str(pattern)))]
+
+
 class StageBase(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique; names the MLflow run and the work folder")
     from_: str | None = Field(None, alias="from", description="the stage whose output is this stage's input; default: the previous one")
@@ -116,9 +122,17 @@ class PretrainStage(StageBase):
 
     kind: Literal["pretrain"]
     data_format: ClassVar[str] = "text"
-    data: Files = Field(min_length=1, description="jsonl files of {\"text\"}")
+    data: Files = Field(min_length=1, description="jsonl files of {\"text\"}; glob patterns too")
     heldout: Files = Field(default_factory=list, description="held-out text for eval loss")
     packing: Packing = Packing()
+    streaming: bool = Field(False, description="read data as a stream at flat memory (corpora larger than memory); needs train.max_steps")
+    shuffle_buffer: PositiveInt = Field(1024, description="blocks held for shuffling a stream")
+
+    @model_validator(mode="after")
+    def _stream_has_an_end(self) -> PretrainStage:
+        if self.streaming and self.train.max_steps is None:
+            raise ValueError("a streaming stage needs train.max_steps: a stream has no length to count epochs in")
+        return self
 
 
 class SFTStage(StageBase):
@@ -171,13 +185,22 @@ class PipelineSpec(Strict):
     def tokenizer_corpus(self) -> list[tuple[Path, str, str]]:
         """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every stage's data."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
-            return [(path, "text", "fail") for path in self.tokenizer.train.data]
-        return [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in stage.data]
+            return [(path, "text", "fail") for path in expand(self.tokenizer.train.data)]
+        return [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in expand(stage.data)]
 
     def data_contracts(self) -> list[tuple[Path, str, str]]:
-        """Every data file the spec reads, once: (path, the format it must have, what to do with a bad row)."""
-        files = [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in stage.data + stage.heldout]
-        return list(dict.fromkeys(files + self.tokenizer_corpus()))
+        """Every data file read whole, once: (path, the format it must have, what to do with a bad row).
+
+        Streamed corpora are left out: they are checked line by line at flat memory instead (`streamed`)."""
+        streamed = self.streamed()
+        files = [(path, stage.data_format, stage.on_invalid) for stage in self.stages
+                 for path in expand(stage.heldout) + ([] if stage in streamed else expand(stage.data))]
+        if self.tokenizer.train is not None and self.tokenizer.train.data:
+            files += self.tokenizer_corpus()
+        return list(dict.fromkeys(files))
+
+    def streamed(self) -> list[PretrainStage]:
+        return [stage for stage in self.stages if isinstance(stage, PretrainStage) and stage.streaming]
 
 
 class SpecError(ValueError):
@@ -201,8 +224,9 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
 
     def fix(path: Path, where: str) -> Path:
         resolved = path if path.is_absolute() else (base / path).resolve()
-        if not resolved.exists():
-            missing.append(f"{where}: {path} does not exist (looked for {resolved})")
+        if not expand([resolved]):
+            missing.append(f"{where}: {path} does not exist (looked for {resolved})" if glob.escape(str(path)) == str(path)
+                           else f"{where}: {path} matches no file (looked for {resolved})")
         return resolved
 
     missing: list[str] = []
@@ -243,7 +267,7 @@ def load_spec(path: Path) -> PipelineSpec:
     except ValidationError as err:
         lines = [f"{path}: {len(err.errors())} problem(s) in the spec"]
         for e in err.errors():
-            lines.append(f"  {_location(e['loc'])}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
+            lines.append(f"  {_location(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
         raise SpecError("\n".join(lines)) from None
     try:
         return _resolve(spec, path.resolve().parent)

@@ -17,6 +17,7 @@ from schemas.data import read_files
 from schemas.spec import LlamaInit, PretrainStage
 from stages.contract import Prepared, StageInputs, StageResult
 from stages.packing import concat_chunk, tokenize_documents
+from stages.streaming import StreamingTextDataset
 from stages.training import fit, make_trainer, save, training_arguments
 
 
@@ -34,8 +35,9 @@ def examples(spec: PretrainStage, tokenizer, n: int) -> list[tuple[list[int], li
 
 
 def prepare(spec: PretrainStage, tokenizer) -> Prepared:
+    """Packed blocks of the training and held-out text; a streamed training corpus is read during training instead."""
     splits, rejected, counts = {}, [], {}
-    for split, files in (("train", spec.data), ("heldout", spec.heldout)):
+    for split, files in (("train", [] if spec.streaming else spec.data), ("heldout", spec.heldout)):
         if files:
             read = read_files(files, "text", spec.on_invalid)
             splits[split], counts[f"{split}_tail_tokens_dropped"] = pack(read.frame["text"].to_list(), tokenizer, spec.packing.block_size)
@@ -68,11 +70,19 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
         model = build_model(inputs.model, tokenizer)
     else:
         model = AutoModelForCausalLM.from_pretrained(inputs.model, dtype=torch.float32)
+    datasets = dict(inputs.datasets)
+    if spec.streaming:
+        # world_size 1: under the Trainer, accelerate has rank 0 read the stream and dispatch batches to every rank
+        datasets["train"] = StreamingTextDataset(spec.data, tokenizer, spec.packing.block_size, shuffle_buffer=spec.shuffle_buffer,
+                                                 seed=spec.train.seed, on_invalid=spec.on_invalid, rank=0, world_size=1)
     args = training_arguments(spec.train, workdir / "trainer")
-    trainer = make_trainer(model, args, inputs.datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks)
+    trainer = make_trainer(model, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks)
     metrics, resumed_from = fit(trainer)
     if "heldout" in inputs.datasets:
         metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]
     metrics["parameters"] = float(model.num_parameters())
-    metrics["train_blocks"] = float(len(inputs.datasets["train"]))
+    if spec.streaming:
+        metrics["stream_rows_skipped"] = float(datasets["train"].skipped)
+    else:
+        metrics["train_blocks"] = float(len(datasets["train"]))
     return StageResult(checkpoint=save(model, tokenizer, workdir / "model"), metrics=metrics, resumed_from_step=resumed_from)

@@ -278,6 +278,17 @@ class StreamingTextDataset(IterableDataset):
             yield {"input_ids": block, "labels": block.clone()}
 
 
+def documents(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail") -> Iterator[str]:
+    """Every document of a corpus in file order, one line in memory at a time (e.g. to train a tokenizer on)."""
+    for path, number, raw, oversize in read_lines(expand(patterns), Shard(0, 1)):
+        parsed = parse_line(path, number, raw, oversize)
+        if isinstance(parsed, Problem):
+            if on_invalid == "fail":
+                raise DataError([parsed])
+        elif parsed is not None:
+            yield parsed
+
+
 @dataclass
 class CorpusCheck:
     """A streamed check of every line: counts, and the first KEPT_PROBLEMS problems."""

@@ -8,10 +8,10 @@ killed mid-training continues where it stopped instead of starting again.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from schemas.spec import TrainSpec
@@ -90,7 +90,7 @@ def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
     return metrics, resumed_from
 
 
-def make_trainer(model: PreTrainedModel, args: TrainingArguments, datasets: DatasetDict, collator,
+def make_trainer(model: PreTrainedModel, args: TrainingArguments, datasets: Mapping, collator,
                  callbacks: tuple[TrainerCallback, ...], trainer_class: type[Trainer] = Trainer) -> Trainer:
     return trainer_class(model=model, args=args, train_dataset=datasets["train"],
                          eval_dataset=datasets["heldout"] if "heldout" in datasets else None,

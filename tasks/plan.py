@@ -16,7 +16,7 @@ from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
-from schemas.spec import TOKENIZER_STAGE, PipelineSpec, Stage, TokenizerSpec
+from schemas.spec import TOKENIZER_STAGE, PipelineSpec, Stage, TokenizerSpec, expand
 
 CHUNK = 1 << 20
 
@@ -75,8 +75,8 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
         resolved = stage.model_dump(mode="json", by_alias=True, exclude={"data", "heldout"})
         payload = base | {
             "stage": resolved,
-            "data": [file_digest(p) for p in stage.data],
-            "heldout": [file_digest(p) for p in stage.heldout],
+            "data": [file_digest(p) for p in expand(stage.data)],
+            "heldout": [file_digest(p) for p in expand(stage.heldout)],
             "tokenizer": tokenizer.fingerprint,
         }
         if upstream is None:

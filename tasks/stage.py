@@ -20,10 +20,11 @@ from types import ModuleType
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.data import check_files, read_file
-from schemas.spec import PipelineSpec
+from schemas.data import read_file
+from schemas.spec import PipelineSpec, expand
 from stages.contract import StageInputs, StageResult
 from tasks import lineage
+from tasks.checks import check_contracts
 from tasks.home import Home
 from tasks.plan import PlannedStage, file_digest, folder_digest
 
@@ -40,9 +41,10 @@ def stage_module(kind: str) -> ModuleType:
 
 
 @task(cache_policy=NO_CACHE)
-def check_data(spec: PipelineSpec) -> dict[str, int]:
-    """Every data file of the spec against its contract; all problems at once, before any model loads."""
-    return {path: len(result.frame) for path, result in check_files(spec.data_contracts()).items()}
+def check_data(spec: PipelineSpec) -> int:
+    """The data checks as the flow's first step, before any model loads; the number of valid rows."""
+    results, corpora = check_contracts(spec)
+    return sum(len(r.frame) for r in results.values()) + sum(c.rows for c in corpora)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="reuse-{stage.name}")
@@ -66,11 +68,11 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
     """Tokenized (and packed) datasets, cached by data, tokenizer, template and packing parameters."""
     key = hashlib.sha256(json.dumps({
         "kind": stage.kind,
-        "data": [file_digest(p) for p in stage.spec.data],
-        "heldout": [file_digest(p) for p in stage.spec.heldout],
+        "data": [file_digest(p) for p in expand(stage.spec.data)],
+        "heldout": [file_digest(p) for p in expand(stage.spec.heldout)],
         "tokenizer": folder_digest(tokenizer_dir),
         "template": spec.template,
-        "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template"}),
+        "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}),
     }, sort_keys=True).encode()).hexdigest()
     target = home.cache("datasets", key)
     if target.exists():
@@ -112,13 +114,14 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
 
 
 def _texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
-    """The tokenizer's corpus: pretrain documents and every message of every conversation."""
+    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory) and every message."""
+    from stages.streaming import documents
+
     for path, fmt, on_invalid in files:
-        frame = read_file(path, fmt, on_invalid).frame
         if fmt == "text":
-            yield from frame["text"]
+            yield from documents([path], on_invalid)
         else:
-            for contents in frame["contents"]:
+            for contents in read_file(path, fmt, on_invalid).frame["contents"]:
                 yield from contents
 
 
@@ -148,7 +151,7 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
     workdir = home.work(stage.name, stage.fingerprint)
 
     def work(mlflow, run_id) -> StageResult:
-        lineage.log_data_inputs(mlflow, run_id, {"train": stage.spec.data, "eval": stage.spec.heldout})
+        lineage.log_data_inputs(mlflow, run_id, {"train": expand(stage.spec.data), "eval": expand(stage.spec.heldout)})
         _log_preparation(mlflow, run_id, datasets_dir)
         if upstream_run is not None:
             model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(upstream_run))

@@ -146,7 +146,7 @@ def test_concat_chunk_golden_case() -> None:
 
 def test_fast_tokenization_matches_the_tokenizer_call(tmp_path: Path) -> None:
     texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()[:300]]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_stage.run(TokenizerTrain(vocab_size=300), texts, tmp_path).checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_stage.run(TokenizerTrain(vocab_size=300), texts, "chatml", tmp_path).checkpoint)
     assert tokenize_documents(texts, tokenizer) == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 

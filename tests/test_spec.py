@@ -97,3 +97,15 @@ def test_sft_stages_inherit_the_pipeline_template_unless_they_name_one(tmp_path:
     assert spec.stages[1].template == "llama2"
     own = load_spec(write(tmp_path, GOOD.replace("kind: sft,", "kind: sft, template: alpaca,")))
     assert own.stages[1].template == "alpaca"
+
+
+def test_streaming_takes_glob_patterns_and_needs_max_steps(tmp_path: Path) -> None:
+    streaming = GOOD.replace("data: data.jsonl, packing", "data: 'dat*.jsonl', streaming: true, packing")
+    with pytest.raises(SpecError, match="a streaming stage needs train.max_steps"):
+        load_spec(write(tmp_path, streaming))
+    streaming = streaming.replace("packing: {block_size: 64}", "packing: {block_size: 64}, train: {max_steps: 5}")
+    spec = load_spec(write(tmp_path, streaming))
+    assert spec.streamed() == [spec.stages[0]]
+    assert [p for p, _, _ in spec.data_contracts()] == [tmp_path / "data.jsonl"]  # the SFT stage's; the stream is checked apart
+    with pytest.raises(SpecError, match="nope-\\*.jsonl matches no file"):
+        load_spec(write(tmp_path, streaming.replace("dat*.jsonl", "nope-*.jsonl")))

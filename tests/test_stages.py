@@ -116,3 +116,16 @@ def test_fresh_model_follows_the_init_spec(trained_tokenizer: Path) -> None:
     assert model.config.vocab_size == 512
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_pretrain_streams_a_globbed_corpus(trained_tokenizer: Path, tmp_path: Path) -> None:
+    lines = (DATA_DIR / "pretrain.jsonl").read_text().splitlines(keepends=True)
+    for part in range(3):
+        (tmp_path / f"part-{part}.jsonl").write_text("".join(lines[part::3]))
+    spec = PretrainStage(name="pretrain", kind="pretrain", data=[tmp_path / "part-*.jsonl"], streaming=True,
+                         packing={"block_size": 64}, train=TrainSpec(max_steps=20, save_steps=20, **FAST))
+    prepared = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
+    assert "train" not in prepared.datasets  # nothing is prepared ahead of a stream
+    result = pretrain.run(spec, StageInputs(TINY, trained_tokenizer, prepared.datasets), tmp_path / "work")
+    assert result.metrics["global_step"] == 20 and result.metrics["train_loss"] < 6.0
+    assert result.metrics["stream_rows_skipped"] == 0

@@ -54,7 +54,7 @@ HARD = [
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
-    return tokenizer_stage.run(TokenizerTrain(vocab_size=512), texts, tmp_path_factory.mktemp("tok")).checkpoint
+    return tokenizer_stage.run(TokenizerTrain(vocab_size=512), texts, "chatml", tmp_path_factory.mktemp("tok")).checkpoint
 
 
 @pytest.fixture
