@@ -98,6 +98,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     home = Home.from_env()
+    if home.tracking_uri.startswith(("http://", "https://")):
+        print(f"the runs are on the tracking server: browse {home.tracking_uri}")
+        return 0
     print(f"MLflow UI on http://127.0.0.1:{args.port} for {home.tracking_uri}")
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", home.tracking_uri,
                                "--host", "127.0.0.1", "--port", str(args.port)])

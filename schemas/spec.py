@@ -101,8 +101,12 @@ class TrainSpec(Strict):
 
 
 def expand(patterns: list[Path]) -> list[Path]:
-    """Paths and glob patterns as the files they name, each pattern's matches sorted."""
-    return [Path(match) for pattern in patterns for match in sorted(glob.glob(str(pattern)))]
+    """Paths and glob patterns (`**` included) as the files they name: a path as itself, a pattern's matches sorted."""
+    files: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = [Path(pattern)] if Path(pattern).is_file() else sorted(Path(m) for m in glob.glob(str(pattern), recursive=True))
+        files |= dict.fromkeys(m for m in matches if m.is_file())
+    return list(files)
 
 
 class StageBase(Strict):
@@ -168,6 +172,13 @@ class PipelineSpec(Strict):
             if stage.from_ is not None and stage.from_ not in seen - {TOKENIZER_STAGE}:
                 raise ValueError(f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage")
             seen.add(stage.name)
+        first = self.stages[0]
+        if self.model.init is not None and not isinstance(first, PretrainStage):
+            raise ValueError(f"stages[0] ({first.name}, kind {first.kind}) needs a trained model to start from: "
+                             "begin with a pretrain stage, or give model.path")
+        if self.model.path is not None and self.tokenizer.path is None:
+            raise ValueError("model.path needs tokenizer.path (usually the same folder): a newly trained tokenizer "
+                             "would not match the model's embeddings")
         if self.model.init is not None:
             for i, stage in enumerate(self.stages):
                 if isinstance(stage, PretrainStage) and stage.packing.block_size > self.model.init.max_seq_len:
@@ -219,32 +230,40 @@ def _location(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
-    """Make every data path absolute against the spec's folder and check it exists; give each stage its template."""
+def _folder(path: Path, base: Path, where: str, missing: list[str]) -> Path:
+    resolved = path if path.is_absolute() else (base / path).resolve()
+    if not resolved.is_dir():
+        missing.append(f"{where}: {path} is not a folder (looked for {resolved})")
+    return resolved
 
-    def fix(path: Path, where: str) -> Path:
+
+def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
+    """Every data path made absolute against the spec's folder and expanded into the files it names; each SFT stage given its template."""
+
+    def fix(path: Path, where: str) -> list[Path]:
         resolved = path if path.is_absolute() else (base / path).resolve()
-        if not expand([resolved]):
+        files = expand([resolved])
+        if not files:
             missing.append(f"{where}: {path} does not exist (looked for {resolved})" if glob.escape(str(path)) == str(path)
                            else f"{where}: {path} matches no file (looked for {resolved})")
-        return resolved
+        return files
 
     missing: list[str] = []
     stages = [
         stage.model_copy(update={
-            "data": [fix(p, f"stages[{i}].data") for p in stage.data],
-            "heldout": [fix(p, f"stages[{i}].heldout") for p in stage.heldout],
+            "data": [f for p in stage.data for f in fix(p, f"stages[{i}].data")],
+            "heldout": [f for p in stage.heldout for f in fix(p, f"stages[{i}].heldout")],
         } | ({"template": stage.template or spec.template} if isinstance(stage, SFTStage) else {}))
         for i, stage in enumerate(spec.stages)
     ]
     model = spec.model
     if model.path is not None:
-        model = model.model_copy(update={"path": fix(model.path, "model.path")})
+        model = model.model_copy(update={"path": _folder(model.path, base, "model.path", missing)})
     tokenizer = spec.tokenizer
     if tokenizer.path is not None:
-        tokenizer = tokenizer.model_copy(update={"path": fix(tokenizer.path, "tokenizer.path")})
+        tokenizer = tokenizer.model_copy(update={"path": _folder(tokenizer.path, base, "tokenizer.path", missing)})
     elif tokenizer.train is not None and tokenizer.train.data:
-        train = tokenizer.train.model_copy(update={"data": [fix(p, "tokenizer.train.data") for p in tokenizer.train.data]})
+        train = tokenizer.train.model_copy(update={"data": [f for p in tokenizer.train.data for f in fix(p, "tokenizer.train.data")]})
         tokenizer = tokenizer.model_copy(update={"train": train})
     if missing:
         raise SpecError("\n".join(missing))

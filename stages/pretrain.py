@@ -76,7 +76,7 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
         datasets["train"] = StreamingTextDataset(spec.data, tokenizer, spec.packing.block_size, shuffle_buffer=spec.shuffle_buffer,
                                                  seed=spec.train.seed, on_invalid=spec.on_invalid, rank=0, world_size=1)
     args = training_arguments(spec.train, workdir / "trainer")
-    trainer = make_trainer(model, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks)
+    trainer = make_trainer(model, tokenizer, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks)
     metrics, resumed_from = fit(trainer)
     if "heldout" in inputs.datasets:
         metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]

@@ -72,17 +72,23 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     set_seed(spec.train.seed)
     model = AutoModelForCausalLM.from_pretrained(inputs.model, dtype=torch.float32)
     datasets = inputs.datasets
-    heldout = [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
+    asked = [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
     collator = (PackedCollator(tokenizer.pad_token_id) if spec.packing
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
-    trainer = make_trainer(model, training_arguments(spec.train, workdir / "trainer"), datasets, collator, inputs.callbacks)
-    before: dict[str, float] = {}
-    if heldout:
-        before = {"heldout_loss_before": trainer.evaluate()["eval_loss"],
-                  "exact_match_before": exact_match(model, tokenizer, heldout, spec.template)}
+    trainer = make_trainer(model, tokenizer, training_arguments(spec.train, workdir / "trainer"), datasets, collator, inputs.callbacks)
+
+    def measured(suffix: str) -> dict[str, float]:
+        """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of them."""
+        if "heldout" not in datasets:
+            return {}
+        found = {f"heldout_loss{suffix}": trainer.evaluate()["eval_loss"]}
+        if asked:
+            found[f"exact_match{suffix}"] = exact_match(model, tokenizer, asked, spec.template)
+        return found
+
+    before = measured("_before")
     metrics, resumed_from = fit(trainer)
-    if heldout:
-        metrics |= before | {"heldout_loss": trainer.evaluate()["eval_loss"], "exact_match": exact_match(model, tokenizer, heldout, spec.template)}
+    metrics |= before | measured("")
     metrics["train_rows"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
     return StageResult(checkpoint=save(model, tokenizer, workdir / "model"), metrics=metrics, resumed_from_step=resumed_from)

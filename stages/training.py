@@ -7,6 +7,7 @@ killed mid-training continues where it stopped instead of starting again.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,21 +81,24 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
     """Train, resuming from the last complete checkpoint; return the metrics and the step resumed from."""
     checkpoint = last_checkpoint(Path(trainer.args.output_dir))
-    resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    resumed_from, tokens_before = 0, 0
+    if checkpoint:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        resumed_from, tokens_before = state["global_step"], state.get("num_input_tokens_seen", 0)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
-    tokens = trainer.state.num_input_tokens_seen
+    tokens = trainer.state.num_input_tokens_seen - tokens_before  # this session's: runtime counts only since the resume
     if tokens and metrics.get("train_runtime"):
         metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
     metrics["global_step"] = float(trainer.state.global_step)
     return metrics, resumed_from
 
 
-def make_trainer(model: PreTrainedModel, args: TrainingArguments, datasets: Mapping, collator,
-                 callbacks: tuple[TrainerCallback, ...], trainer_class: type[Trainer] = Trainer) -> Trainer:
-    return trainer_class(model=model, args=args, train_dataset=datasets["train"],
-                         eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
-                         data_collator=collator, callbacks=list(callbacks))
+def make_trainer(model: PreTrainedModel, tokenizer, args: TrainingArguments, datasets: Mapping, collator,
+                 callbacks: tuple[TrainerCallback, ...]) -> Trainer:
+    return Trainer(model=model, args=args, train_dataset=datasets["train"],
+                   eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
+                   processing_class=tokenizer, data_collator=collator, callbacks=list(callbacks))
 
 
 def save(model: PreTrainedModel, tokenizer, folder: Path) -> Path:

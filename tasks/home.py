@@ -8,6 +8,7 @@ the user has set already (a real server when scaling out) is respected, never ov
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ class Home:
 
     @property
     def artifact_root(self) -> str | None:
-        """Artifacts of new experiments go under the home with the embedded store; a server decides its own."""
-        return (self.root / "artifacts").as_uri() if self.tracking_uri == self.embedded_tracking_uri else None
+        """Artifacts of new experiments go under the home with a local store; a tracking server decides its own."""
+        return None if self.tracking_uri.startswith(("http://", "https://", "databricks")) else (self.root / "artifacts").as_uri()
 
     def work(self, stage: str, fingerprint: str) -> Path:
         """A stage's working folder: in-stage Trainer checkpoints survive here for a resume."""
@@ -40,9 +41,24 @@ class Home:
     def cache(self, kind: str, key: str) -> Path:
         return self.root / "cache" / kind / key
 
+
+def publish(partial: Path, target: Path) -> Path:
+    """Move a folder built at `partial` to `target` in one step; if another process published it first, keep theirs."""
+    try:
+        partial.rename(target)
+    except OSError:
+        if not target.exists():
+            raise
+        shutil.rmtree(partial)
+    return target
+
     def configure(self) -> None:
         """Point MLflow and Prefect at the home unless the user pointed them elsewhere. Call before importing prefect."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("MLFLOW_TRACKING_URI", self.embedded_tracking_uri)
         os.environ.setdefault("PREFECT_HOME", str(self.root / "prefect"))
+        # PREFECT_HOME also moves Prefect's profiles; keep the user's, where a server URL may be set with `prefect config set`
+        user_profiles = Path("~/.prefect/profiles.toml").expanduser()
+        if user_profiles.exists():
+            os.environ.setdefault("PREFECT_PROFILES_PATH", str(user_profiles))
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond this machine

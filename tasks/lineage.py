@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from tasks.home import Home
+from tasks.home import Home, publish
 from tasks.plan import PlannedStage, file_digest
 
 TAG = "lifecycle."
@@ -37,6 +37,8 @@ def client(home: Home) -> MlflowClient:
 def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = True) -> str | None:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.lifecycle_stage == "deleted" and create:
+            mlflow.restore_experiment(experiment.experiment_id)  # a deleted experiment's name is taken until it is purged
         return experiment.experiment_id
     if not create:
         return None
@@ -63,7 +65,7 @@ def _alive_here(run: Run) -> bool:
     if tags.get(f"{TAG}host") != socket.gethostname():
         return True
     pid = int(tags.get(f"{TAG}pid", "0"))
-    if pid <= 0:
+    if pid <= 0 or pid == os.getpid():  # a restarted container may hand this process the dead one's pid
         return False
     try:
         os.kill(pid, 0)
@@ -101,8 +103,8 @@ def pipeline_run(mlflow: MlflowClient, experiment: str, spec_name: str, spec_pat
     run_id = mlflow.create_run(experiment, run_name=spec_name, tags={
         f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path), f"{TAG}host": socket.gethostname(),
         f"{TAG}pid": str(os.getpid())}).info.run_id
-    mlflow.log_artifact(run_id, str(spec_path), "spec")
     try:
+        mlflow.log_artifact(run_id, str(spec_path), "spec")
         yield run_id
     except BaseException:
         mlflow.set_terminated(run_id, status="FAILED")
@@ -129,11 +131,14 @@ def start_stage_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage, 
         tags[f"{TAG}upstream_run"] = upstream_run
     if tokenizer_run:
         tags[f"{TAG}tokenizer_run"] = tokenizer_run
-    run_id = mlflow.create_run(experiment, run_name=stage.name, tags=tags).info.run_id
+    return mlflow.create_run(experiment, run_name=stage.name, tags=tags).info.run_id
+
+
+def log_stage_spec(mlflow: MlflowClient, run_id: str, stage: PlannedStage) -> None:
+    """The resolved stage spec, as a JSON artifact and as flat params."""
     resolved = stage.spec.model_dump(mode="json", by_alias=True)
     mlflow.log_dict(run_id, resolved, "stage_spec.json")
     mlflow.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in _flatten(resolved).items()])
-    return run_id
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -148,7 +153,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def log_data_inputs(mlflow: MlflowClient, run_id: str, files: dict[str, list[Path]]) -> None:
     """Data files as run inputs, with our full-content digest (MLflow's own reads only the first rows)."""
-    inputs = [DatasetInput(Dataset(name=path.name, digest=file_digest(path)[:32], source_type="local", source=path.as_uri()),
+    inputs = [DatasetInput(Dataset(name=path.name, digest=file_digest(path)[:32], source_type="local",
+                                   source=json.dumps({"uri": path.as_uri()})),
                            tags=[InputTag("mlflow.data.context", split)])
               for split, paths in files.items() for path in paths]
     if inputs:
@@ -168,22 +174,23 @@ def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float],
 def finish_stage_run(mlflow: MlflowClient, run_id: str, checkpoint: Path, metrics: dict[str, float], resumed_from_step: int) -> None:
     """Log the checkpoint and the final metrics, then mark the run FINISHED: in that order, always."""
     now = int(time.time() * 1000)
+    step = int(metrics.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
     mlflow.log_artifacts(run_id, str(checkpoint), CHECKPOINT)
-    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
                      tags=[RunTag(f"{TAG}resumed_from_step", str(resumed_from_step))])
     mlflow.set_terminated(run_id, status="FINISHED")
 
 
 def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run) -> Path:
-    """The run's checkpoint in the content-addressed cache (keyed by the stage fingerprint), downloaded once."""
-    target = home.cache(CHECKPOINT, run.data.tags[f"{TAG}fingerprint"])
+    """The run's checkpoint in the cache, downloaded once (keyed by run: a deleted and retrained run is a new key)."""
+    target = home.cache(CHECKPOINT, run.info.run_id)
     if target.exists():
         return target
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     mlflow.download_artifacts(run.info.run_id, CHECKPOINT, str(partial))
-    (partial / CHECKPOINT).rename(target)
+    publish(partial / CHECKPOINT, target)
     shutil.rmtree(partial)
     return target
 

@@ -72,7 +72,9 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
     planned = {TOKENIZER_STAGE: tokenizer}
     for stage in spec.stages:
         upstream = spec.upstream_of(stage)
-        resolved = stage.model_dump(mode="json", by_alias=True, exclude={"data", "heldout"})
+        # how often a stage checkpoints or logs does not change what it makes: editing them keeps reuse and resume
+        resolved = stage.model_dump(mode="json", by_alias=True,
+                                    exclude={"data": True, "heldout": True, "train": {"save_steps", "logging_steps"}})
         payload = base | {
             "stage": resolved,
             "data": [file_digest(p) for p in expand(stage.data)],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,8 @@ from schemas.spec import PipelineSpec, expand
 from stages.contract import StageInputs, StageResult
 from tasks import lineage
 from tasks.checks import check_contracts
-from tasks.home import Home
-from tasks.plan import PlannedStage, file_digest, folder_digest
+from tasks.home import Home, publish
+from tasks.plan import PlannedStage, file_digest, folder_digest, versions
 
 
 def stage_module(kind: str) -> ModuleType:
@@ -71,7 +72,7 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
         "data": [file_digest(p) for p in expand(stage.spec.data)],
         "heldout": [file_digest(p) for p in expand(stage.spec.heldout)],
         "tokenizer": folder_digest(tokenizer_dir),
-        "template": spec.template,
+        "versions": versions(),
         "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}),
     }, sort_keys=True).encode()).hexdigest()
     target = home.cache("datasets", key)
@@ -80,12 +81,11 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
     from transformers import AutoTokenizer
 
     prepared = stage_module(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
-    partial = target.with_name(f"{key}.partial")
+    partial = target.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     prepared.datasets.save_to_disk(str(partial / "datasets"))
     (partial / REPORT).write_text(json.dumps({"counts": prepared.counts, "rejected": [p.record() for p in prepared.rejected]}))
-    partial.rename(target)
-    return target
+    return publish(partial, target)
 
 
 REPORT = "prepare_report.json"  # beside the prepared datasets: what preparation dropped, cut or rejected
@@ -103,11 +103,14 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
     lineage.close_abandoned(mlflow, experiment, stage)
     run_id = lineage.start_stage_run(mlflow, experiment, stage, parent, upstream_run, tokenizer_run)
     try:
+        lineage.log_stage_spec(mlflow, run_id, stage)
         result: StageResult = work(mlflow, run_id)
         lineage.finish_stage_run(mlflow, run_id, result.checkpoint, result.metrics, result.resumed_from_step)
     except BaseException:
         mlflow.set_terminated(run_id, status="FAILED")
         raise
+    # the in-stage checkpoints (optimizer state included) have served: the run's artifact is the record now
+    shutil.rmtree(home.work(stage.name, stage.fingerprint) / "trainer", ignore_errors=True)
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     get_run_logger().info("stage %s: finished as run %s%s", stage.name, run_id, resumed)
     return run_id

@@ -45,6 +45,8 @@ def test_an_edit_changes_that_stage_and_everything_downstream_only(tmp_path: Pat
     pretrain_edit = fingerprints(tmp_path, SPEC.replace("block_size: 64", "block_size: 32"))
     assert pretrain_edit["tokenizer"] == base["tokenizer"]
     assert pretrain_edit["pretrain"] != base["pretrain"] and pretrain_edit["sft"] != base["sft"]
+    cadence_edit = fingerprints(tmp_path, SPEC.replace("lr: 0.001", "lr: 0.001, save_steps: 7, logging_steps: 3"))
+    assert cadence_edit == base  # checkpoint and logging cadence do not change what a stage makes
     model_edit = fingerprints(tmp_path, SPEC.replace("layers: 2", "layers: 3"))
     assert model_edit["tokenizer"] == base["tokenizer"] and model_edit["pretrain"] != base["pretrain"]
 

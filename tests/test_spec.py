@@ -54,6 +54,10 @@ def test_good_spec_resolves_paths_against_the_spec_folder(tmp_path: Path) -> Non
     (("name: t", "name: 't x'"), "name: String should match pattern"),
     (("data: [data.jsonl]", "data: [nothere.jsonl]"), "stages[1].data: nothere.jsonl does not exist"),
     (("model: {init:", "model: {path: ./m, init:"), "give exactly one of model.init (a fresh model) or model.path"),
+    (("  - {name: pretrain, kind: pretrain, data: data.jsonl, packing: {block_size: 64}}\n", ""),
+     "stages[0] (sft, kind sft) needs a trained model to start from: begin with a pretrain stage, or give model.path"),
+    (("model: {init: {hidden_size: 64, layers: 2, heads: 2, max_seq_len: 128}}", "model: {path: .}"),
+     "model.path needs tokenizer.path (usually the same folder)"),
 ])
 def test_bad_spec_names_the_field_and_the_rule(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
     with pytest.raises(SpecError) as err:
