@@ -41,17 +41,6 @@ class Home:
     def cache(self, kind: str, key: str) -> Path:
         return self.root / "cache" / kind / key
 
-
-def publish(partial: Path, target: Path) -> Path:
-    """Move a folder built at `partial` to `target` in one step; if another process published it first, keep theirs."""
-    try:
-        partial.rename(target)
-    except OSError:
-        if not target.exists():
-            raise
-        shutil.rmtree(partial)
-    return target
-
     def configure(self) -> None:
         """Point MLflow and Prefect at the home unless the user pointed them elsewhere. Call before importing prefect."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -62,3 +51,14 @@ def publish(partial: Path, target: Path) -> Path:
         if user_profiles.exists():
             os.environ.setdefault("PREFECT_PROFILES_PATH", str(user_profiles))
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond this machine
+
+
+def publish(partial: Path, target: Path) -> Path:
+    """Move a folder built at `partial` to `target` in one step; if another process published it first, keep theirs."""
+    try:
+        partial.rename(target)
+    except OSError:
+        if not target.exists():
+            raise
+        shutil.rmtree(partial)
+    return target
