@@ -27,7 +27,11 @@ SEED = 1234
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 SYLLABLES = ["zor", "qua", "mel", "tin", "bar", "vex", "lu", "ran", "do", "fi", "kel", "mor", "sa", "pel", "gri", "ux"]
-CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+WORDS = [
+    "cat", "dog", "sun", "map", "red", "box", "cup", "pen", "hat", "owl", "fox", "bee", "jam", "kit",
+    "lamp", "fish", "tree", "moon", "star", "frog", "ship", "rain", "milk", "coin", "bird", "leaf",
+    "rock", "wind", "door", "king", "rose", "salt", "bell", "corn", "duck", "fire", "gold", "hill",
+]
 SYSTEM = "You are a careful assistant. Answer in one sentence."
 
 
@@ -35,17 +39,7 @@ def _name(rng: random.Random, parts: int) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
 
 
-def words(rng: random.Random, n: int = 100) -> list[str]:
-    """Short pronounceable words; many of them, so SFT learns to copy the word asked about, not to recall a few."""
-    found: dict[str, None] = {}
-    while len(found) < n:
-        word = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(2))[: rng.choice([3, 4])]
-        if word != word[::-1]:
-            found[word] = None
-    return list(found)
-
-
-def countries(rng: random.Random, n: int = 100) -> dict[str, str]:
+def countries(rng: random.Random, n: int = 40) -> dict[str, str]:
     table: dict[str, str] = {}
     while len(table) < n:
         country, capital = _name(rng, 2) + "ia", _name(rng, 2)
@@ -69,8 +63,7 @@ class Skills:
         pairs = [(a, b) for a in range(30) for b in range(30)]
         self.pairs, self.heldout_pairs = split(pairs, rng)
         self.countries, self.heldout_countries = split(sorted(self.table), rng)
-        self.all_words = words(rng)
-        self.words, self.heldout_words = split(self.all_words, rng)
+        self.words, self.heldout_words = split(WORDS, rng)
 
     def question(self, rng: random.Random, heldout: bool) -> tuple[str, str]:
         """A question and its exact answer: the canonical sentence pretraining states the fact in."""
@@ -119,10 +112,10 @@ class Skills:
         """Every fact in every phrasing, held-out ones included (pretraining sees the whole world)."""
         facts = [self.sentence("add", (a, b), a + b, t) for a in range(30) for b in range(30) for t in range(3)]
         for country, capital in self.table.items():
-            facts += [self.sentence("capital", country, capital, t) for t in range(3)] * 3
-        for word in self.all_words:
-            facts += [self.sentence("upper", word, word.upper(), t) for t in range(2)] * 3
-            facts += [self.sentence("reverse", word, word[::-1], t) for t in range(2)] * 3
+            facts += [self.sentence("capital", country, capital, t) for t in range(3)] * 6
+        for word in WORDS:
+            facts += [self.sentence("upper", word, word.upper(), t) for t in range(2)] * 6
+            facts += [self.sentence("reverse", word, word[::-1], t) for t in range(2)] * 6
         return facts
 
 

@@ -55,14 +55,22 @@ def test_rerun_reuses_every_finished_stage_and_an_edit_reruns_downstream_only(qu
     use_home(monkeypatch, root)
     assert lifecycle(str(QUICK)) == runs  # nothing trains: the same runs stand for every stage
 
+    # an SFT edit: held-out data with one bad row, skipped under on_invalid: skip (the tokenizer never reads held-out data)
+    heldout = tmp_path / "sft_heldout.jsonl"
+    heldout.write_text((QUICK.parent / "data" / "sft_heldout.jsonl").read_text() + '{"conversations": []}\n')
     edited = tmp_path / "quick.yaml"
-    edited.write_text(QUICK.read_text().replace("eval_samples: 16", "eval_samples: 8")
-                      .replace("data/", str(QUICK.parent / "data") + "/"))
+    edited.write_text(QUICK.read_text().replace("data: data/sft.jsonl", "data: data/sft.jsonl\n    on_invalid: skip")
+                      .replace("data/sft_heldout.jsonl", str(heldout)).replace("data/", str(QUICK.parent / "data") + "/"))
     again = lifecycle(str(edited))
     assert again["tokenizer"] == runs["tokenizer"] and again["pretrain"] == runs["pretrain"]
     assert again["sft"] != runs["sft"]
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    assert mlflow.get_run(again["sft"]).data.tags["lifecycle.upstream_run"] == runs["pretrain"]
+    sft = mlflow.get_run(again["sft"])
+    assert sft.data.tags["lifecycle.upstream_run"] == runs["pretrain"]
+    assert sft.data.metrics["data_rejected_rows"] == 1
+    path = mlflow.download_artifacts(again["sft"], "data/rejected.jsonl", str(tmp_path))
+    (rejected,) = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert (rejected["file"], rejected["line"]) == (str(heldout), 201)
 
 
 def test_status_reads_the_store_from_another_process(quick_run) -> None:
