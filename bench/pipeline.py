@@ -17,6 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tasks.home import Home
+from tasks.lineage import fetch_checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
 
@@ -39,6 +42,7 @@ def fresh_home() -> Path:
     os.environ["LIFECYCLE_HOME"] = str(root)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["PREFECT_HOME"] = str(root / "prefect")
+    Home(root).configure()
     return root
 
 
@@ -63,19 +67,22 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     return trainer.state.num_input_tokens_seen / output.metrics["train_runtime"]
 
 
-def throughput() -> tuple[float, float]:
+def throughput(rounds: int = 2) -> tuple[list[float], list[float]]:
+    """Rounds of the flow in a fresh home, then the plain Trainer on the same tokenizer; the best of each is compared."""
     from mlflow import MlflowClient
 
     from flows.lifecycle import lifecycle
 
-    root = fresh_home()
-    spec_path = root / "bench.yaml"
-    spec_path.write_text(THROUGHPUT_SPEC)
-    runs = lifecycle(str(spec_path))
-    mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    flow_tps = mlflow.get_run(runs["pretrain"]).data.metrics["train_tokens_per_second"]
-    tokenizer_dir = next((root / "cache" / "checkpoint").iterdir())
-    plain_tps = plain_trainer_tokens_per_second(spec_path, tokenizer_dir, root / "plain")
+    flow_tps, plain_tps = [], []
+    for _ in range(rounds):
+        root = fresh_home()
+        spec_path = root / "bench.yaml"
+        spec_path.write_text(THROUGHPUT_SPEC)
+        runs = lifecycle(str(spec_path))
+        mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+        flow_tps.append(mlflow.get_run(runs["pretrain"]).data.metrics["train_tokens_per_second"])
+        tokenizer_dir = fetch_checkpoint(mlflow, Home(root), mlflow.get_run(runs["tokenizer"]))
+        plain_tps.append(plain_trainer_tokens_per_second(spec_path, tokenizer_dir, root / "plain"))
     return flow_tps, plain_tps
 
 
@@ -112,24 +119,33 @@ def overhead() -> tuple[float, float, int]:
     return time.perf_counter() - start, direct, 3
 
 
-def rerun_seconds() -> float:
-    """`lifecycle run` on the spec the overhead measurement just finished, in a new process."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", "run", str(ROOT / "examples" / "quick.yaml")], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    return time.perf_counter() - start
+def rerun_seconds() -> tuple[float, float]:
+    """`lifecycle run` on the spec the overhead measurement just finished, in a new process, twice.
+
+    The first one in a home also creates Prefect's database there (this process's Prefect kept the
+    home it was imported with); the second is what every later re-run costs."""
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flows.cli", "run", str(ROOT / "examples" / "quick.yaml")], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        times.append(time.perf_counter() - start)
+    return times[0], times[1]
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    flow_tps, plain_tps = throughput()
+    flow_runs, plain_runs = throughput()
+    flow_tps, plain_tps = max(flow_runs), max(plain_runs)
     flow_s, direct_s, stages = overhead()
-    rerun_s = rerun_seconds()
+    first_rerun_s, rerun_s = rerun_seconds()
     rows = [
-        ("pretrain tokens/s, flow vs plain Trainer", f"{flow_tps:,.0f}", f"{plain_tps:,.0f}", f"ratio {flow_tps / plain_tps:.2f} (goal >= 1.0)"),
+        ("pretrain tokens/s, flow vs plain Trainer", f"{flow_tps:,.0f}", f"{plain_tps:,.0f}",
+         f"ratio {flow_tps / plain_tps:.3f} (goal >= 1.0); best of {len(flow_runs)}: "
+         f"flow {', '.join(f'{t:,.0f}' for t in flow_runs)} / plain {', '.join(f'{t:,.0f}' for t in plain_runs)}"),
         ("quick.yaml wall s, flow vs direct calls", f"{flow_s:.1f}", f"{direct_s:.1f}",
          f"overhead {(flow_s - direct_s) / stages:.2f} s/stage (goal <= 2)"),
-        ("re-run of a finished spec, s", f"{rerun_s:.1f}", "-", "goal <= 15"),
+        ("re-run of a finished spec, s", f"{rerun_s:.1f}", "-", f"goal <= 15 (first in a new home: {first_rerun_s:.1f})"),
     ]
     print(f"\n{'measure':<42} {'ours':>10} {'baseline':>10}  verdict")
     for name, ours, base, verdict in rows:

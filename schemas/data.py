@@ -149,7 +149,7 @@ SCHEMAS: dict[Format, pa.DataFrameSchema] = {
 
 # ---- reading --------------------------------------------------------------------------------
 
-def _lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, int]]:
+def numbered_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, int]]:
     """(number, bytes, oversize) per line; a line of more than `limit` bytes (its end of line aside)
     yields only its head and its size as `oversize` (0 for every other line), the rest read past
     in chunks so it is never held whole."""
@@ -166,7 +166,7 @@ def _lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, int]]:
         yield number, head, size - (len(raw) - len(raw.rstrip(b"\r\n")))
 
 
-def _parse(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> dict | Problem | None:
+def parse_json_line(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> dict | Problem | None:
     """One line as a JSON object, None for a blank line, or the Problem that stops it being read."""
     def problem(rule: str, excerpt: str = "") -> Problem:
         return Problem(path, number, "(line)", rule, _excerpt(excerpt.strip()))
@@ -203,8 +203,8 @@ def read_jsonl(path: Path, fmt: Format) -> tuple[pl.DataFrame, list[Problem]]:
     limit = MAX_TEXT_LINE_BYTES if fmt == "text" else MAX_LINE_BYTES
     try:
         with open(path, "rb") as handle:
-            for number, raw, oversize in _lines(handle, limit):
-                row = _parse(path, number, raw, oversize, limit)
+            for number, raw, oversize in numbered_lines(handle, limit):
+                row = parse_json_line(path, number, raw, oversize, limit)
                 if row is None:
                     continue
                 if isinstance(row, Problem):

@@ -11,19 +11,17 @@ buffer, whatever the size of the corpus.
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from schemas.data import BOM, MAX_TEXT_LINE_BYTES, SKIP_CHUNK, DataError, OnInvalid, Problem
+from schemas.data import MAX_TEXT_LINE_BYTES, DataError, OnInvalid, Problem, numbered_lines, parse_json_line
 from schemas.formats import Shape, flatten
 from stages.packing import tokenize_documents
 
@@ -76,55 +74,19 @@ def excerpt(text: str) -> str:
 def parse_line(path: Path, number: int, raw: bytes, oversize: int = 0) -> str | Problem | None:
     """The document on one line; a Problem when the line breaks the pretrain format; None when blank.
 
-    The rules and their wording are those of `schemas.data.read_file` for text rows (the row's
-    shape from `schemas.formats.flatten`), so a streamed file and a validated one fail with the
-    same sentence, and no line, however broken, gives a traceback."""
-    def problem(field: str, rule: str, shown: str = "") -> Problem:
-        return Problem(path, number, field, rule, excerpt(shown))
-
-    if oversize:
-        return problem("(line)", f"is {oversize:,} bytes, over the {MAX_TEXT_LINE_BYTES:,}-byte limit for one row", raw.decode("utf-8", "replace"))
-    raw = raw.removeprefix(BOM)  # on any line: files joined with `cat` keep each one's BOM
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return problem("(line)", f"not valid UTF-8 at byte {err.start}", raw.decode("utf-8", "replace"))
-    if not line or line.isspace():  # as `not line.strip()`, without copying the line
-        return None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        return problem("(line)", f"not valid JSON: {err.msg} at column {err.colno}", line)
-    except RecursionError:
-        return problem("(line)", "not readable: JSON nested too deeply", line)
-    except ValueError as err:  # e.g. an integer literal of more digits than Python converts
-        return problem("(line)", f"not valid JSON: {err}", line)
-    if not isinstance(row, dict):
-        return problem("(line)", "must be a JSON object", line)
+    Lines are parsed by `schemas.data.parse_json_line` and shaped by `schemas.formats.flatten`, as
+    `read_file` does for text rows, so a streamed file and a validated one fail with the same
+    sentence, and no line, however broken, gives a traceback."""
+    row = parse_json_line(path, number, raw, oversize, MAX_TEXT_LINE_BYTES)
+    if row is None or isinstance(row, Problem):
+        return row
     try:
         text = flatten("text", row)["text"]
     except Shape as err:
-        return problem(err.field, err.rule, line)
+        return Problem(path, number, err.field, err.rule, excerpt(raw.decode("utf-8", "replace")))
     if not text or text.isspace():  # the pandera rule of schemas.data, on one row
-        return problem("text", "must not be empty", line)
+        return Problem(path, number, "text", "must not be empty", excerpt(raw.decode("utf-8", "replace")))
     return text
-
-
-def numbered_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes, int]]:
-    """(number, bytes, oversize) per line; a line over MAX_TEXT_LINE_BYTES (a document may be a whole
-    book; longer is surely a broken file) yields only its head and its size as `oversize` (0 for
-    every other line), the rest read past so it is never held whole."""
-    number = 0
-    while raw := handle.readline(MAX_TEXT_LINE_BYTES + 1):
-        number += 1
-        if len(raw) <= MAX_TEXT_LINE_BYTES or raw.endswith(b"\n"):
-            yield number, raw, 0
-            continue
-        head, size = raw[:200], len(raw)
-        while raw and not raw.endswith(b"\n"):
-            raw = handle.readline(SKIP_CHUNK)
-            size += len(raw)
-        yield number, head, size
 
 
 def read_lines(files: list[Path], shard: Shard) -> Iterator[tuple[Path, int, bytes, int]]:
@@ -139,7 +101,7 @@ def read_lines(files: list[Path], shard: Shard) -> Iterator[tuple[Path, int, byt
         except OSError as err:
             raise DataError([Problem(path, 0, "(file)", f"cannot be read: {err.strerror or err}")]) from None
         with handle:
-            for number, raw, oversize in numbered_lines(handle):
+            for number, raw, oversize in numbered_lines(handle, MAX_TEXT_LINE_BYTES):
                 if not by_file:
                     mine = position % shard.count == shard.index
                     position += 1

@@ -184,7 +184,7 @@ def test_skip_policy_counts_bad_lines_and_keeps_the_rest(tok, tmp_path, monkeypa
     assert dataset.skipped == 4
     long = tmp_path / "long.jsonl"
     long.write_bytes(b'{"text": "short"}\n' + lines[8] + b"\n")
-    with pytest.raises(DataError, match=rf"{long.name}:2: \(line\): is {len(lines[8]) + 1:,} bytes, over the 1,000-byte limit"):
+    with pytest.raises(DataError, match=rf"{long.name}:2: \(line\): is {len(lines[8]):,} bytes, over the 1,000-byte limit"):
         list(StreamingTextDataset([long], tok, block_size=16))
 
 
