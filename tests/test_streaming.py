@@ -209,7 +209,7 @@ def test_the_trainer_runs_on_the_stream_and_sets_each_epoch(tok, tmp_path) -> No
     args = training_arguments(TrainSpec(max_steps=blocks_per_epoch // batch + 2, batch_size=batch, lr=1e-3, warmup=0.0,
                                         precision="fp32", save_steps=1000), tmp_path / "trainer")
     model = pretrain.build_model(LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
-    trainer = make_trainer(model, args, {"train": dataset}, DataCollatorForLanguageModeling(tok, mlm=False), ())
+    trainer = make_trainer(model, tok, args, {"train": dataset}, DataCollatorForLanguageModeling(tok, mlm=False), ())
     output = trainer.train()
     assert trainer.state.global_step == args.max_steps and output.training_loss > 0
     assert dataset.epoch == 1  # the Trainer ran out of blocks once and started epoch 1 through set_epoch
