@@ -21,6 +21,10 @@ from stages.training import make_trainer, training_arguments
 
 TEXTS = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
 
+# Spawned, not forked: earlier tests in the same session leave threads running (Prefect's test
+# server client, MLflow's sqlite pool), and a forked worker of a threaded process may die at start.
+WORKERS = "spawn"
+
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
@@ -90,7 +94,7 @@ def test_real_dataloader_workers_partition_the_shuffled_corpus_and_sum_skips(tok
     skipped = 0
     for rank in range(2):
         dataset = StreamingTextDataset(paths, tok, block_size=1, shuffle_buffer=16, seed=3, on_invalid="skip", rank=rank, world_size=2)
-        for batch in DataLoader(dataset, batch_size=256, num_workers=2):  # batched: one transfer per batch, not per token
+        for batch in DataLoader(dataset, batch_size=256, num_workers=2, multiprocessing_context=WORKERS):  # batched: one transfer per batch, not per token
             tokens.update(batch["input_ids"].flatten().tolist())
         skipped += dataset.skipped  # counted in the workers, read here through shared memory
     assert tokens == Counter(int(example["input_ids"]) for example in whole)
@@ -100,7 +104,7 @@ def test_real_dataloader_workers_partition_the_shuffled_corpus_and_sum_skips(tok
 def test_persistent_workers_see_the_epoch_set_after_they_started(tok, tmp_path) -> None:
     paths = write_corpus(tmp_path, TEXTS[:60], 2)
     dataset = StreamingTextDataset(paths, tok, block_size=8, shuffle_buffer=32, world_size=1)
-    loader = DataLoader(dataset, batch_size=16, num_workers=2, persistent_workers=True)
+    loader = DataLoader(dataset, batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context=WORKERS)
     epochs = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
@@ -108,7 +112,7 @@ def test_persistent_workers_see_the_epoch_set_after_they_started(tok, tmp_path) 
     reference = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
-        reference.append(torch.cat([batch["input_ids"] for batch in DataLoader(dataset, batch_size=16, num_workers=2)]).tolist())
+        reference.append(torch.cat([batch["input_ids"] for batch in DataLoader(dataset, batch_size=16, num_workers=2, multiprocessing_context=WORKERS)]).tolist())
     assert epochs[0] != epochs[1] and epochs == reference
 
 
