@@ -196,8 +196,8 @@ class PipelineSpec(Strict):
     def tokenizer_corpus(self) -> list[tuple[Path, str, str]]:
         """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every stage's data."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
-            return [(path, "text", "fail") for path in expand(self.tokenizer.train.data)]
-        return [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in expand(stage.data)]
+            return [(path, "text", "fail") for path in self.tokenizer.train.data]
+        return [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in stage.data]
 
     def data_contracts(self) -> list[tuple[Path, str, str]]:
         """Every data file read whole, once: (path, the format it must have, what to do with a bad row).
@@ -205,7 +205,7 @@ class PipelineSpec(Strict):
         Streamed corpora are left out: they are checked line by line at flat memory instead (`streamed`)."""
         streamed = self.streamed()
         files = [(path, stage.data_format, stage.on_invalid) for stage in self.stages
-                 for path in expand(stage.heldout) + ([] if stage in streamed else expand(stage.data))]
+                 for path in stage.heldout + ([] if stage in streamed else stage.data)]
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             files += self.tokenizer_corpus()
         return list(dict.fromkeys(files))

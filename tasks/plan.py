@@ -16,7 +16,7 @@ from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
-from schemas.spec import TOKENIZER_STAGE, PipelineSpec, Stage, TokenizerSpec, expand
+from schemas.spec import TOKENIZER_STAGE, PipelineSpec, Stage, TokenizerSpec
 
 CHUNK = 1 << 20
 
@@ -77,8 +77,8 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
                                     exclude={"data": True, "heldout": True, "train": {"save_steps", "logging_steps"}})
         payload = base | {
             "stage": resolved,
-            "data": [file_digest(p) for p in expand(stage.data)],
-            "heldout": [file_digest(p) for p in expand(stage.heldout)],
+            "data": [file_digest(p) for p in stage.data],
+            "heldout": [file_digest(p) for p in stage.heldout],
             "tokenizer": tokenizer.fingerprint,
         }
         if upstream is None:

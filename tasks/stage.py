@@ -22,7 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.data import read_file
-from schemas.spec import PipelineSpec, expand
+from schemas.spec import PipelineSpec
 from stages.contract import StageInputs, StageResult
 from tasks import lineage
 from tasks.checks import check_contracts
@@ -69,8 +69,8 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
     """Tokenized (and packed) datasets, cached by data, tokenizer, template and packing parameters."""
     key = hashlib.sha256(json.dumps({
         "kind": stage.kind,
-        "data": [file_digest(p) for p in expand(stage.spec.data)],
-        "heldout": [file_digest(p) for p in expand(stage.spec.heldout)],
+        "data": [file_digest(p) for p in stage.spec.data],
+        "heldout": [file_digest(p) for p in stage.spec.heldout],
         "tokenizer": folder_digest(tokenizer_dir),
         "versions": versions(),
         "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}),
@@ -154,7 +154,7 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
     workdir = home.work(stage.name, stage.fingerprint)
 
     def work(mlflow, run_id) -> StageResult:
-        lineage.log_data_inputs(mlflow, run_id, {"train": expand(stage.spec.data), "eval": expand(stage.spec.heldout)})
+        lineage.log_data_inputs(mlflow, run_id, {"train": stage.spec.data, "eval": stage.spec.heldout})
         _log_preparation(mlflow, run_id, datasets_dir)
         if upstream_run is not None:
             model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(upstream_run))
