@@ -78,7 +78,7 @@ class Validated:
         return len({p.line for p in self.rejected})
 
 
-def _excerpt(value: object, width: int = 60) -> str:
+def excerpt(value: object, width: int = 60) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     text = text if len(text) <= width else text[: width - 3] + "..."
     # User bytes end up on a terminal: control characters are shown escaped, never interpreted.
@@ -168,8 +168,8 @@ def numbered_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, i
 
 def parse_json_line(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> dict | Problem | None:
     """One line as a JSON object, None for a blank line, or the Problem that stops it being read."""
-    def problem(rule: str, excerpt: str = "") -> Problem:
-        return Problem(path, number, "(line)", rule, _excerpt(excerpt.strip()))
+    def problem(rule: str, shown: str = "") -> Problem:
+        return Problem(path, number, "(line)", rule, excerpt(shown.strip()))
 
     if oversize:
         return problem(f"is {oversize:,} bytes, over the {limit:,}-byte limit for one row", raw.decode("utf-8", "replace"))
@@ -213,7 +213,7 @@ def read_jsonl(path: Path, fmt: Format) -> tuple[pl.DataFrame, list[Problem]]:
                 try:
                     flat = flatten(fmt, row)
                 except Shape as err:
-                    problems.append(Problem(path, number, err.field, err.rule, _excerpt(raw.removeprefix(BOM).decode().strip())))
+                    problems.append(Problem(path, number, err.field, err.rule, excerpt(raw.removeprefix(BOM).decode().strip())))
                     continue
                 columns["line"].append(number)
                 for name, value in flat.items():
@@ -231,10 +231,10 @@ def _rule_problems(path: Path, frame: pl.DataFrame, schema: pa.DataFrameSchema) 
         for case in err.failure_cases.iter_rows(named=True):
             index, column = case.get("index"), case.get("column")
             if index is None or column not in frame.columns:
-                problems.append(Problem(path, 0, column or "(file)", case["check"], _excerpt(str(case["failure_case"]))))
+                problems.append(Problem(path, 0, column or "(file)", case["check"], excerpt(str(case["failure_case"]))))
             else:
                 row = frame.row(index, named=True)
-                problems.append(Problem(path, row["line"], column, case["check"], _excerpt(row[column])))
+                problems.append(Problem(path, row["line"], column, case["check"], excerpt(row[column])))
         return problems
     return []
 
@@ -242,7 +242,7 @@ def _rule_problems(path: Path, frame: pl.DataFrame, schema: pa.DataFrameSchema) 
 def _rank(path: Path, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[Problem]]:
     """Candidates sorted best first (ties keep the file's order), and a note for each list with ties."""
     tied = frame.filter(pl.col("scores").list.n_unique() < pl.col("scores").list.len())
-    notes = [Problem(path, line, "scores", TIE_NOTE, _excerpt(scores)) for line, scores in tied.select("line", "scores").iter_rows()]
+    notes = [Problem(path, line, "scores", TIE_NOTE, excerpt(scores)) for line, scores in tied.select("line", "scores").iter_rows()]
     best_first = pl.col("scores").list.eval(pl.int_range(pl.len()).sort_by(pl.element(), descending=True, maintain_order=True))
     return frame.with_columns(pl.col("completions").list.gather(best_first), pl.col("scores").list.gather(best_first)), notes
 

@@ -10,7 +10,6 @@ buffer, whatever the size of the corpus.
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -21,14 +20,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from schemas.data import MAX_TEXT_LINE_BYTES, DataError, OnInvalid, Problem, numbered_lines, parse_json_line
+from schemas.data import MAX_TEXT_LINE_BYTES, DataError, OnInvalid, Problem, excerpt, numbered_lines, parse_json_line
+from schemas.spec import expand as expand_patterns
 from schemas.formats import Shape, flatten
 from stages.packing import tokenize_documents
 
 DOCUMENTS_PER_CALL = 256  # one tokenizer call per batch amortises its overhead; the batch stays ~1 MB
 MAX_WORKERS = 64  # DataLoader workers one dataset can count skipped rows for (one shared slot each)
 KEPT_PROBLEMS = 1000  # a corpus check lists this many problems and counts the rest, so memory stays flat
-EXCERPT_WIDTH = 60
 
 
 @dataclass(frozen=True)
@@ -52,23 +51,15 @@ def expand(patterns: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     missing: list[Problem] = []
     for pattern in patterns:
-        text = str(pattern)
-        matches = [text] if Path(text).is_file() else sorted(m for m in glob.glob(text, recursive=True) if Path(m).is_file())
+        matches = expand_patterns([Path(pattern)])
         if not matches:
-            missing.append(Problem(Path(text), 0, "(file)", "no file has this path or matches this pattern"))
-        files += [Path(m) for m in matches]
+            missing.append(Problem(Path(pattern), 0, "(file)", "no file has this path or matches this pattern"))
+        files += matches
     if missing:
         raise DataError(missing)
     if not files:
         raise DataError([Problem(Path("."), 0, "(corpus)", "no data files were given")])
     return list(dict.fromkeys(files))
-
-
-def excerpt(text: str) -> str:
-    text = text.strip()
-    text = text if len(text) <= EXCERPT_WIDTH else text[: EXCERPT_WIDTH - 3] + "..."
-    # user bytes end up on a terminal: control characters are shown escaped, never interpreted
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_line(path: Path, number: int, raw: bytes, oversize: int = 0) -> str | Problem | None:
@@ -83,9 +74,9 @@ def parse_line(path: Path, number: int, raw: bytes, oversize: int = 0) -> str | 
     try:
         text = flatten("text", row)["text"]
     except Shape as err:
-        return Problem(path, number, err.field, err.rule, excerpt(raw.decode("utf-8", "replace")))
+        return Problem(path, number, err.field, err.rule, excerpt(raw.decode("utf-8", "replace").strip()))
     if not text or text.isspace():  # the pandera rule of schemas.data, on one row
-        return Problem(path, number, "text", "must not be empty", excerpt(raw.decode("utf-8", "replace")))
+        return Problem(path, number, "text", "must not be empty", excerpt(raw.decode("utf-8", "replace").strip()))
     return text
 
 
