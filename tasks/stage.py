@@ -116,7 +116,7 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
     return run_id
 
 
-def _texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
+def tokenizer_texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
     """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory) and every message."""
     from stages.streaming import documents
 
@@ -139,7 +139,7 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
             return tokenizer.adopt(spec.tokenizer.path, spec.template, workdir)
         files = spec.tokenizer_corpus()
         lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _, _ in files]})
-        return tokenizer.run(spec.tokenizer.train, _texts(files), spec.template, workdir)
+        return tokenizer.run(spec.tokenizer.train, tokenizer_texts(files), spec.template, workdir)
 
     return _recorded(home, experiment, stage, parent, None, None, work)
 
