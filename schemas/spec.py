@@ -15,6 +15,8 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from schemas.formats import Format
+
 TOKENIZER_STAGE = "tokenizer"
 # How conversations become text; "tokenizer" is the tokenizer's own chat template (stages/templates.py).
 TemplateName = Literal["chatml", "llama2", "deepseek", "alpaca", "tokenizer"]
@@ -109,25 +111,52 @@ def expand(patterns: list[Path]) -> list[Path]:
     return list(files)
 
 
+class LoraSpec(Strict):
+    """Low-rank adapters (PEFT) on the stage's input model: only the adapters train."""
+
+    r: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0, description="the adapter's scale is alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head")
+    merge: bool = Field(False, description="also log the input model with the adapter merged in (merge_and_unload)")
+
+
 class StageBase(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique; names the MLflow run and the work folder")
     from_: str | None = Field(None, alias="from", description="the stage whose output is this stage's input; default: the previous one")
     on_invalid: Literal["fail", "skip"] = Field(
         "fail", description="fail: a bad row stops the run before any model loads; skip: bad rows are dropped, logged and counted")
+
+    def files(self) -> dict[str, tuple[list[Path], Format]]:
+        """Every data field of the stage: its files and the format they must have."""
+        raise NotImplementedError
+
+
+class TrainingStage(StageBase):
+    """A stage that trains its input model on `data`, measured on `heldout`."""
+
+    data_format: ClassVar[Format]
+    data: Files = Field(min_length=1, description="jsonl files; glob patterns too")
+    heldout: Files = Field(default_factory=list, description="held-out data the stage is measured on")
     train: TrainSpec = TrainSpec()
+    lora: LoraSpec | None = Field(None, description="train low-rank adapters instead of every weight")
+    input: Literal["model", "adapter"] = Field(
+        "model", description="from a stage with lora.merge: its merged model, or its adapter applied to its base")
+
+    def files(self) -> dict[str, tuple[list[Path], Format]]:
+        return {"data": (self.data, self.data_format), "heldout": (self.heldout, self.data_format)}
 
 
 class Packing(Strict):
     block_size: PositiveInt = 512
 
 
-class PretrainStage(StageBase):
+class PretrainStage(TrainingStage):
     """Causal LM on raw text: documents joined with EOS and cut into blocks."""
 
     kind: Literal["pretrain"]
-    data_format: ClassVar[str] = "text"
-    data: Files = Field(min_length=1, description="jsonl files of {\"text\"}; glob patterns too")
-    heldout: Files = Field(default_factory=list, description="held-out text for eval loss")
+    data_format: ClassVar[Format] = "text"
     packing: Packing = Packing()
     streaming: bool = Field(False, description="read data as a stream at flat memory (corpora larger than memory); needs train.max_steps")
     shuffle_buffer: PositiveInt = Field(1024, description="blocks held for shuffling a stream")
@@ -139,21 +168,120 @@ class PretrainStage(StageBase):
         return self
 
 
-class SFTStage(StageBase):
-    """Supervised fine-tuning on conversations; loss on every assistant turn only."""
+class ChatStage(TrainingStage):
+    """A stage whose examples are rendered through a chat template."""
 
-    kind: Literal["sft"]
-    data_format: ClassVar[str] = "conversations"
-    data: Files = Field(min_length=1, description="jsonl files of {\"conversations\": [{role, content}]}")
-    heldout: Files = Field(default_factory=list, description="held-out conversations: eval loss and exact match")
-    max_len: PositiveInt = Field(512, description="tokens per example, and per packed row")
-    packing: bool = Field(True, description="best-fit whole conversations into rows of max_len; attention never crosses one")
-    overlong: Literal["truncate", "drop"] = Field("truncate", description="what happens to a conversation longer than max_len (counted)")
-    eval_samples: int = Field(64, ge=0, description="held-out conversations answered greedily for exact match")
+    max_len: PositiveInt = Field(512, description="tokens per example (prompt and reply); longer ones are cut and counted")
     template: TemplateName | None = Field(None, description="default: the pipeline's template")
 
 
-Stage = Annotated[PretrainStage | SFTStage, Field(discriminator="kind")]
+class SFTStage(ChatStage):
+    """Supervised fine-tuning on conversations; loss on every assistant turn only."""
+
+    kind: Literal["sft"]
+    data_format: ClassVar[Format] = "conversations"
+    packing: bool = Field(True, description="best-fit whole conversations into rows of max_len; attention never crosses one")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="what happens to a conversation longer than max_len (counted)")
+    eval_samples: int = Field(64, ge=0, description="held-out conversations answered greedily for exact match")
+
+
+class DPOStage(ChatStage):
+    """Direct preference optimisation and its variants, on {prompt, chosen, rejected} pairs."""
+
+    kind: Literal["dpo"]
+    data_format: ClassVar[Format] = "preference"
+    beta: float = Field(0.1, gt=0, description="the KL strength (sigmoid, ipo, hinge); SimPO's beta; ORPO's lambda")
+    loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: the assumed share of flipped labels (sigmoid only)")
+    gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
+    logps: Literal["sum", "mean"] | None = Field(
+        None, description="a reply's log-prob: summed or averaged over its tokens; default: sum, mean for orpo and simpo")
+    reference: Literal["auto", "frozen", "adapter-off", "precomputed"] = Field(
+        "auto", description="frozen: a copy of the input model; adapter-off: the input model under the LoRA adapter "
+        "(no second copy); precomputed: log-probs computed once and cached with the prepared data; auto: adapter-off with lora, else frozen")
+
+    @model_validator(mode="after")
+    def _variant_fits(self) -> DPOStage:
+        free = self.loss in ("orpo", "simpo")
+        if free and self.reference != "auto":
+            raise ValueError(f"loss {self.loss} is reference-free: leave reference unset")
+        if free and self.logps == "sum":
+            raise ValueError(f"loss {self.loss} is defined on length-averaged log-probs: logps must be mean")
+        if self.reference == "adapter-off" and self.lora is None:
+            raise ValueError("reference adapter-off needs a lora block: without an adapter there is nothing to switch off")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"label_smoothing is cDPO's, defined for loss sigmoid only, not {self.loss}")
+        return self
+
+    def reference_strategy(self) -> str | None:
+        """How the reference log-probs are had; None for the reference-free losses."""
+        if self.loss in ("orpo", "simpo"):
+            return None
+        if self.reference == "auto":
+            return "adapter-off" if self.lora is not None else "frozen"
+        return self.reference
+
+    def mean_logps(self) -> bool:
+        return self.logps == "mean" or (self.logps is None and self.loss in ("orpo", "simpo"))
+
+
+class PROStage(ChatStage):
+    """Preference Ranking Optimization (Song et al. 2023) on ranked lists, with a list-length curriculum."""
+
+    kind: Literal["pro"]
+    data_format: ClassVar[Format] = "ranked"
+    sft_weight: float = Field(0.05, ge=0, description="weight of the SFT term on the best candidate, times (n-1)^2")
+    reward_weighting: bool = Field(True, description="scale each comparison by the score difference, as the paper does")
+    curriculum: list[Annotated[int, Field(ge=2)]] = Field(
+        default_factory=list, description="list lengths of successive sub-stages, each a child run fed by the last "
+        "(e.g. [2, 3, 4]); default: one run on the longest lists")
+
+    @model_validator(mode="after")
+    def _curriculum_grows(self) -> PROStage:
+        if any(b <= a for a, b in zip(self.curriculum, self.curriculum[1:])):
+            raise ValueError(f"curriculum {self.curriculum} must grow strictly: each sub-stage ranks longer lists")
+        return self
+
+
+class TunaStage(ChatStage):
+    """Tuna (Li et al. 2023): a margin ranking loss over ranked lists plus MLE on every candidate."""
+
+    kind: Literal["tuna"]
+    data_format: ClassVar[Format] = "ranked"
+    margin: float = Field(0.1, ge=0, description="the score margin per rank of distance")
+    mle_weight: float = Field(1.0, ge=0, description="weight of the token-mean MLE over every candidate")
+
+
+class RewardStage(ChatStage):
+    """A reward model: a scalar head on the input model, trained on pairs with the Bradley-Terry loss."""
+
+    kind: Literal["reward"]
+    data_format: ClassVar[Format] = "preference"
+
+
+class EvalStage(StageBase):
+    """Scores checkpoints side by side on the same held-out data; trains nothing."""
+
+    kind: Literal["eval"]
+    checkpoints: list[str] = Field(default_factory=list, description="stages to score; default: every stage of the lineage")
+    text: Files = Field(default_factory=list, description="held-out text: perplexity; default: the scored stages' held-out text")
+    conversations: Files = Field(default_factory=list, description="held-out conversations: response loss and exact match")
+    prompts: Files = Field(default_factory=list, description="prompts with reference answers: task accuracy")
+    preference: Files = Field(default_factory=list, description="held-out pairs: preference accuracy and reward margin")
+    ranked: Files = Field(default_factory=list, description="held-out ranked lists: Kendall tau and top-1")
+    samples: list[str] = Field(default_factory=list, description="prompts every checkpoint answers, shown side by side; "
+                               "default: the first few held-out prompts")
+    limit: PositiveInt = Field(200, description="at most this many rows of each file are scored")
+    max_len: PositiveInt = 512
+    max_new_tokens: PositiveInt = 48
+    template: TemplateName | None = Field(None, description="default: the pipeline's template")
+
+    def files(self) -> dict[str, tuple[list[Path], Format]]:
+        return {fmt: (getattr(self, fmt), fmt) for fmt in ("text", "conversations", "prompts", "preference", "ranked")}
+
+
+Stage = Annotated[PretrainStage | SFTStage | DPOStage | PROStage | TunaStage | RewardStage | EvalStage, Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "dpo", "pro", "tuna", "reward", "eval")
 
 
 class PipelineSpec(Strict):
@@ -165,17 +293,33 @@ class PipelineSpec(Strict):
 
     @model_validator(mode="after")
     def _stages_link(self) -> PipelineSpec:
-        seen: set[str] = {TOKENIZER_STAGE}
+        seen: dict[str, Stage] = {}
         for i, stage in enumerate(self.stages):
-            if stage.name in seen:
+            if stage.name in seen or stage.name == TOKENIZER_STAGE:
                 raise ValueError(f"stages[{i}].name {stage.name!r} is used twice (or is reserved); stage names must be unique")
-            if stage.from_ is not None and stage.from_ not in seen - {TOKENIZER_STAGE}:
+            if stage.from_ is not None and stage.from_ not in seen:
                 raise ValueError(f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage")
-            seen.add(stage.name)
-        first = self.stages[0]
-        if self.model.init is not None and not isinstance(first, PretrainStage):
-            raise ValueError(f"stages[0] ({first.name}, kind {first.kind}) needs a trained model to start from: "
-                             "begin with a pretrain stage, or give model.path")
+            seen[stage.name] = stage
+            if isinstance(stage, EvalStage):
+                for name in stage.checkpoints:
+                    if not isinstance(seen.get(name), TrainingStage) or name == stage.name:
+                        raise ValueError(f"stages[{i}].checkpoints names {name!r}, which is not an earlier training stage")
+                    if isinstance(seen[name], RewardStage):
+                        raise ValueError(f"stages[{i}].checkpoints names {name!r}, a reward model: it scores text, it is not a language model")
+                continue
+            upstream = self.upstream_of(stage)
+            if upstream is None and self.model.init is not None and not isinstance(stage, PretrainStage):
+                raise ValueError(f"stages[{i}] ({stage.name}, kind {stage.kind}) needs a trained model to start from: "
+                                 "begin with a pretrain stage, or give model.path")
+            if upstream is None and self.model.init is not None and stage.lora is not None:
+                raise ValueError(f"stages[{i}].lora: adapters on freshly initialised weights learn nothing a full pretrain would not; "
+                                 "use lora on a trained model")
+            if isinstance(upstream, RewardStage):
+                raise ValueError(f"stages[{i}] ({stage.name}) would start from reward stage {upstream.name!r}, which is a scorer, "
+                                 "not a language model: give `from` the stage to continue")
+            if stage.input == "adapter" and (upstream is None or upstream.lora is None):
+                raise ValueError(f"stages[{i}].input adapter needs an upstream stage with lora, and "
+                                 f"{upstream.name if upstream else 'model'} has none")
         if self.model.path is not None and self.tokenizer.path is None:
             raise ValueError("model.path needs tokenizer.path (usually the same folder): a newly trained tokenizer "
                              "would not match the model's embeddings")
@@ -186,26 +330,36 @@ class PipelineSpec(Strict):
                                      f"{self.model.init.max_seq_len}")
         return self
 
-    def upstream_of(self, stage: Stage) -> Stage | None:
-        """The stage whose checkpoint feeds `stage`: `from` if given, else the previous one."""
-        index = self.stages.index(stage)
+    def training_stages(self) -> list[TrainingStage]:
+        return [stage for stage in self.stages if isinstance(stage, TrainingStage)]
+
+    def upstream_of(self, stage: Stage) -> TrainingStage | None:
+        """The stage whose checkpoint feeds `stage`: `from` if given, else the previous training stage."""
         if stage.from_ is not None:
             return next(s for s in self.stages if s.name == stage.from_)
-        return self.stages[index - 1] if index else None
+        earlier = [s for s in self.stages[: self.stages.index(stage)] if isinstance(s, TrainingStage)]
+        return earlier[-1] if earlier else None
+
+    def scored_by(self, stage: EvalStage) -> list[TrainingStage]:
+        """The checkpoints an eval stage scores: the ones it names, else every earlier language-model stage."""
+        earlier = self.stages[: self.stages.index(stage)]
+        names = stage.checkpoints or [s.name for s in earlier if isinstance(s, TrainingStage) and not isinstance(s, RewardStage)]
+        return [s for s in earlier if s.name in names]
 
     def tokenizer_corpus(self) -> list[tuple[Path, str, str]]:
         """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every stage's data."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             return [(path, "text", "fail") for path in self.tokenizer.train.data]
-        return [(path, stage.data_format, stage.on_invalid) for stage in self.stages for path in stage.data]
+        return [(path, stage.data_format, stage.on_invalid) for stage in self.training_stages() for path in stage.data]
 
     def data_contracts(self) -> list[tuple[Path, str, str]]:
         """Every data file read whole, once: (path, the format it must have, what to do with a bad row).
 
         Streamed corpora are left out: they are checked line by line at flat memory instead (`streamed`)."""
         streamed = self.streamed()
-        files = [(path, stage.data_format, stage.on_invalid) for stage in self.stages
-                 for path in stage.heldout + ([] if stage in streamed else stage.data)]
+        files = [(path, fmt, stage.on_invalid) for stage in self.stages
+                 for field, (paths, fmt) in stage.files().items() if not (stage in streamed and field == "data")
+                 for path in paths]
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             files += self.tokenizer_corpus()
         return list(dict.fromkeys(files))
@@ -223,7 +377,7 @@ def _location(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("pretrain", "sft") and out.endswith("]"):
+        elif part in STAGE_KINDS and out.endswith("]"):
             continue  # the tagged-union branch adds no information to the path
         else:
             out += f".{part}" if out else str(part)
@@ -237,8 +391,18 @@ def _folder(path: Path, base: Path, where: str, missing: list[str]) -> Path:
     return resolved
 
 
+def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
+    """An eval stage's unnamed checkpoints and data filled in: every scored stage, every held-out file they have."""
+    scored = spec.scored_by(stage)
+    update: dict[str, object] = {"checkpoints": [s.name for s in scored]}
+    for fmt in ("text", "conversations", "preference", "ranked"):
+        if not getattr(stage, fmt):
+            update[fmt] = list(dict.fromkeys(path for s in scored if s.data_format == fmt for path in s.heldout))
+    return stage.model_copy(update=update)
+
+
 def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
-    """Every data path made absolute against the spec's folder and expanded into the files it names; each SFT stage given its template."""
+    """Every data path made absolute against the spec's folder and expanded into the files it names; templates and eval defaults filled in."""
 
     def fix(path: Path, where: str) -> list[Path]:
         resolved = path if path.is_absolute() else (base / path).resolve()
@@ -249,13 +413,16 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
         return files
 
     missing: list[str] = []
-    stages = [
-        stage.model_copy(update={
-            "data": [f for p in stage.data for f in fix(p, f"stages[{i}].data")],
-            "heldout": [f for p in stage.heldout for f in fix(p, f"stages[{i}].heldout")],
-        } | ({"template": stage.template or spec.template} if isinstance(stage, SFTStage) else {}))
-        for i, stage in enumerate(spec.stages)
-    ]
+    stages = []
+    for i, stage in enumerate(spec.stages):
+        update = {field: [f for p in paths for f in fix(p, f"stages[{i}].{field}")] for field, (paths, _) in stage.files().items()}
+        if isinstance(stage, (ChatStage, EvalStage)):
+            update["template"] = stage.template or spec.template
+        stages.append(stage.model_copy(update=update))
+    spec = spec.model_copy(update={"stages": stages})
+    for i, stage in enumerate(stages):
+        if isinstance(stage, EvalStage):
+            stages[i] = _eval_defaults(spec, stage)
     model = spec.model
     if model.path is not None:
         model = model.model_copy(update={"path": _folder(model.path, base, "model.path", missing)})

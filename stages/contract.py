@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,10 +28,33 @@ class StageInputs:
     tokenizer: Path  # a Hugging Face tokenizer folder, chat template included
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
     callbacks: tuple[TrainerCallback, ...] = ()  # e.g. the recorder of per-step metrics
+    reference: Path | None = None  # where reference log-probs of this input model on these datasets are kept
 
 
 @dataclass(frozen=True)
 class StageResult:
-    checkpoint: Path  # a save_pretrained folder (safetensors) with its tokenizer
+    checkpoint: Path  # a save_pretrained folder (safetensors) with its tokenizer; a LoRA stage's adapter unless merged
+    adapter: Path | None = None  # a merged LoRA stage's adapter, logged beside the merged checkpoint
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int = 0  # the in-stage checkpoint training resumed from; 0 for a fresh start
+    source_run: str | None = None  # the run whose logged checkpoint this is (a curriculum's last part): not logged again
+
+
+# A LoRA stage's checkpoint is a PEFT adapter folder; this file in it names the base folder it applies to.
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).exists()
+
+
+def adapter_base(folder: Path) -> Path:
+    return Path(json.loads((Path(folder) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+
+
+def point_adapter_at(folder: Path, base: Path) -> None:
+    """Make an adapter name `base` as the folder it applies to (the folder it was trained on may be on another machine)."""
+    path = Path(folder) / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(base)
+    path.write_text(json.dumps(config, indent=2))

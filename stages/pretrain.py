@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, set_seed
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, set_seed
 
 from schemas.data import read_files
 from schemas.spec import LlamaInit, PretrainStage
+from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult
 from stages.packing import concat_chunk, tokenize_documents
 from stages.streaming import StreamingTextDataset
-from stages.training import fit, make_trainer, save, training_arguments
+from stages.training import fit, make_trainer, training_arguments
 
 
 def pack(texts: list[str], tokenizer, block_size: int) -> tuple[Dataset, int]:
@@ -69,7 +69,9 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
     if isinstance(inputs.model, LlamaInit):
         model = build_model(inputs.model, tokenizer)
     else:
-        model = AutoModelForCausalLM.from_pretrained(inputs.model, dtype=torch.float32)
+        model = load_model(inputs.model)
+    if spec.lora is not None:
+        model = with_lora(model, spec.lora)
     datasets = dict(inputs.datasets)
     if spec.streaming:
         # world_size 1: under the Trainer, accelerate has rank 0 read the stream and dispatch batches to every rank
@@ -85,4 +87,5 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
         metrics["stream_rows_skipped"] = float(datasets["train"].skipped)
     else:
         metrics["train_blocks"] = float(len(datasets["train"]))
-    return StageResult(checkpoint=save(model, tokenizer, workdir / "model"), metrics=metrics, resumed_from_step=resumed_from)
+    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
+    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

@@ -15,17 +15,17 @@ import sys
 from pathlib import Path
 
 import polars as pl
-import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 from schemas.data import read_files
 from schemas.spec import SFTStage
+from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult
 from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
 from stages.templates import IGNORE, encode_conversation, store_template
-from stages.training import fit, make_trainer, save, training_arguments
+from stages.training import fit, make_trainer, training_arguments
 
 
 def conversations(frame: pl.DataFrame) -> list[list[dict]]:
@@ -70,7 +70,9 @@ def prepare(spec: SFTStage, tokenizer) -> Prepared:
 def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
-    model = AutoModelForCausalLM.from_pretrained(inputs.model, dtype=torch.float32)
+    model = load_model(inputs.model)
+    if spec.lora is not None:
+        model = with_lora(model, spec.lora)
     datasets = inputs.datasets
     asked = [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
     collator = (PackedCollator(tokenizer.pad_token_id) if spec.packing
@@ -91,4 +93,5 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     metrics |= before | measured("")
     metrics["train_rows"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
-    return StageResult(checkpoint=save(model, tokenizer, workdir / "model"), metrics=metrics, resumed_from_step=resumed_from)
+    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
+    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

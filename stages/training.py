@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from schemas.spec import TrainSpec
@@ -62,6 +64,7 @@ def training_arguments(train: TrainSpec, output_dir: Path) -> TrainingArguments:
         data_seed=train.seed,
         report_to="none",
         include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,  # the collators pick their columns; objectives read more than the model's inputs
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -94,17 +97,34 @@ def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
     return metrics, resumed_from
 
 
+class ObjectiveTrainer(Trainer):
+    """The Trainer for an objective of our own: `compute_loss` returns the batch mean of a pure loss.
+
+    Per-step figures an objective records (rewards, margins, accuracies) are averaged over the
+    batches since the last log and logged with the loss. The loss is not normalised by the number
+    of items in the batch the way an HF model's own loss is, so the Trainer must scale it for
+    gradient accumulation itself: `model_accepts_loss_kwargs` is turned off.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self._recorded: dict[str, list[float]] = defaultdict(list)
+
+    def record(self, **figures: Tensor | float) -> None:
+        if self.model.training:
+            for name, value in figures.items():
+                self._recorded[name].append(float(value.float().mean()) if isinstance(value, Tensor) else float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log, not the end-of-training summary
+            logs |= {name: sum(values) / len(values) for name, values in self._recorded.items() if values}
+            self._recorded.clear()
+        super().log(logs, start_time)
+
+
 def make_trainer(model: PreTrainedModel, tokenizer, args: TrainingArguments, datasets: Mapping, collator,
-                 callbacks: tuple[TrainerCallback, ...]) -> Trainer:
-    return Trainer(model=model, args=args, train_dataset=datasets["train"],
+                 callbacks: tuple[TrainerCallback, ...], trainer_class: type[Trainer] = Trainer, **extra) -> Trainer:
+    return trainer_class(model=model, args=args, train_dataset=datasets["train"],
                    eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
-                   processing_class=tokenizer, data_collator=collator, callbacks=list(callbacks))
-
-
-def save(model: PreTrainedModel, tokenizer, folder: Path) -> Path:
-    """The stage's output: weights in safetensors plus the tokenizer, loadable with from_pretrained."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+                   processing_class=tokenizer, data_collator=collator, callbacks=list(callbacks), **extra)

@@ -23,11 +23,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from stages.contract import StageResult, is_adapter, point_adapter_at
 from tasks.home import Home, publish
 from tasks.plan import PlannedStage, file_digest
 
 TAG = "lifecycle."
 CHECKPOINT = "checkpoint"
+ADAPTER = "adapter"
 
 
 def client(home: Home) -> MlflowClient:
@@ -52,6 +54,10 @@ def runs_of(mlflow: MlflowClient, experiment: str, stage: PlannedStage, status: 
     if status:
         query += f" and attributes.status = '{status}'"
     return mlflow.search_runs([experiment], query, order_by=["attributes.start_time DESC"])
+
+
+def fingerprint_of(run: Run) -> str:
+    return run.data.tags[f"{TAG}fingerprint"]
 
 
 def finished_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage) -> Run | None:
@@ -171,26 +177,42 @@ def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float],
         mlflow.log_text(run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), "data/rejected.jsonl")
 
 
-def finish_stage_run(mlflow: MlflowClient, run_id: str, checkpoint: Path, metrics: dict[str, float], resumed_from_step: int) -> None:
-    """Log the checkpoint and the final metrics, then mark the run FINISHED: in that order, always."""
+def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult) -> None:
+    """Log the checkpoint (and a merged LoRA stage's adapter) and the final metrics, then mark the run FINISHED: in that order, always."""
     now = int(time.time() * 1000)
-    step = int(metrics.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
-    mlflow.log_artifacts(run_id, str(checkpoint), CHECKPOINT)
-    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-                     tags=[RunTag(f"{TAG}resumed_from_step", str(resumed_from_step))])
+    step = int(result.metrics.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
+    tags = [RunTag(f"{TAG}resumed_from_step", str(result.resumed_from_step))]
+    if result.source_run is not None:
+        tags.append(RunTag(f"{TAG}checkpoint_run", result.source_run))
+    else:
+        mlflow.log_artifacts(run_id, str(result.checkpoint), CHECKPOINT)
+    if result.adapter is not None:
+        mlflow.log_artifacts(run_id, str(result.adapter), ADAPTER)
+    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in result.metrics.items()], tags=tags)
     mlflow.set_terminated(run_id, status="FINISHED")
 
 
-def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run) -> Path:
-    """The run's checkpoint in the cache, downloaded once (keyed by run: a deleted and retrained run is a new key)."""
-    target = home.cache(CHECKPOINT, run.info.run_id)
+def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str = CHECKPOINT) -> Path:
+    """The run's checkpoint in the cache, downloaded once (keyed by run: a deleted and retrained run is a new key).
+
+    A run whose work was done by a sub-run (a curriculum's last sub-stage) points at it, and the sub-run's
+    checkpoint is fetched. An adapter is made to name the fetched checkpoint of the run it was trained on
+    as its base, so it loads on this machine. `artifact` "adapter" asks for a merged LoRA stage's adapter."""
+    tags = run.data.tags
+    if f"{TAG}checkpoint_run" in tags:
+        return fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}checkpoint_run"]), artifact)
+    if artifact == ADAPTER and not any(f.path == ADAPTER for f in mlflow.list_artifacts(run.info.run_id)):
+        artifact = CHECKPOINT  # an unmerged LoRA stage's checkpoint is its adapter
+    target = home.cache(artifact, run.info.run_id)
     if target.exists():
         return target
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    mlflow.download_artifacts(run.info.run_id, CHECKPOINT, str(partial))
-    publish(partial / CHECKPOINT, target)
+    mlflow.download_artifacts(run.info.run_id, artifact, str(partial))
+    if is_adapter(partial / artifact):
+        point_adapter_at(partial / artifact, fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}upstream_run"])))
+    publish(partial / artifact, target)
     shutil.rmtree(partial)
     return target
 

@@ -16,7 +16,7 @@ from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
-from schemas.spec import TOKENIZER_STAGE, PipelineSpec, Stage, TokenizerSpec
+from schemas.spec import TOKENIZER_STAGE, EvalStage, PipelineSpec, Stage, TokenizerSpec
 
 CHUNK = 1 << 20
 
@@ -73,18 +73,28 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
     for stage in spec.stages:
         upstream = spec.upstream_of(stage)
         # how often a stage checkpoints or logs does not change what it makes: editing them keeps reuse and resume
-        resolved = stage.model_dump(mode="json", by_alias=True,
-                                    exclude={"data": True, "heldout": True, "train": {"save_steps", "logging_steps"}})
+        resolved = stage.model_dump(mode="json", by_alias=True, exclude=dict.fromkeys(stage.files(), True) | {"train": {"save_steps", "logging_steps"}})
         payload = base | {
             "stage": resolved,
-            "data": [file_digest(p) for p in stage.data],
-            "heldout": [file_digest(p) for p in stage.heldout],
+            "data": {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.files().items()},
             "tokenizer": tokenizer.fingerprint,
         }
-        if upstream is None:
+        if isinstance(stage, EvalStage):
+            payload["scored"] = {s.name: planned[s.name].fingerprint for s in spec.scored_by(stage)}
+        elif upstream is None:
             payload["model"] = (spec.model.init.model_dump(mode="json") if spec.model.init is not None
                                 else {"path_digest": folder_digest(spec.model.path)})
         else:
             payload["upstream"] = planned[upstream.name].fingerprint
         planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, _fingerprint(payload), upstream.name if upstream else None)
     return list(planned.values())
+
+
+def parts(stage: PlannedStage) -> list[PlannedStage]:
+    """A curriculum stage's sub-stages, each training on one list length and fed by the one before; [] for other stages."""
+    lengths = getattr(stage.spec, "curriculum", [])
+    if len(lengths) < 2:
+        return []
+    return [PlannedStage(f"{stage.name}-n{n}", stage.kind, stage.spec.model_copy(update={"curriculum": [n]}),
+                         _fingerprint({"stage": stage.fingerprint, "part": n}), stage.name if i == 0 else f"{stage.name}-n{lengths[i - 1]}")
+            for i, n in enumerate(lengths)]

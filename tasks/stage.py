@@ -11,6 +11,7 @@ seconds to load, and a re-run that reuses every stage needs neither.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -27,18 +28,11 @@ from stages.contract import StageInputs, StageResult
 from tasks import lineage
 from tasks.checks import check_contracts
 from tasks.home import Home, publish
-from tasks.plan import PlannedStage, file_digest, folder_digest, versions
+from tasks.plan import PlannedStage, file_digest, folder_digest, parts, versions
 
 
 def stage_module(kind: str) -> ModuleType:
-    match kind:
-        case "pretrain":
-            from stages import pretrain
-            return pretrain
-        case "sft":
-            from stages import sft
-            return sft
-    raise ValueError(f"no stage of kind {kind!r}")
+    return importlib.import_module(f"stages.{kind}")  # kind is one of the spec's tagged-union tags
 
 
 @task(cache_policy=NO_CACHE)
@@ -69,8 +63,7 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
     """Tokenized (and packed) datasets, cached by data, tokenizer, template and packing parameters."""
     key = hashlib.sha256(json.dumps({
         "kind": stage.kind,
-        "data": [file_digest(p) for p in stage.spec.data],
-        "heldout": [file_digest(p) for p in stage.spec.heldout],
+        "data": {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.spec.files().items()},
         "tokenizer": folder_digest(tokenizer_dir),
         "versions": versions(),
         "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}),
@@ -105,7 +98,7 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
     try:
         lineage.log_stage_spec(mlflow, run_id, stage)
         result: StageResult = work(mlflow, run_id)
-        lineage.finish_stage_run(mlflow, run_id, result.checkpoint, result.metrics, result.resumed_from_step)
+        lineage.finish_stage_run(mlflow, run_id, result)
     except BaseException:
         mlflow.set_terminated(run_id, status="FAILED")
         raise
@@ -147,21 +140,43 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
 def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, parent: str,
           upstream_run: str | None, tokenizer_run: str, datasets_dir: Path) -> str:
+    """Train a stage as a child run of the pipeline run; a curriculum stage trains its parts as child runs of its own."""
     from datasets import load_from_disk
 
     from tasks.step_metrics import StepMetrics
 
-    workdir = home.work(stage.name, stage.fingerprint)
+    mlflow = lineage.client(home)
+    tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
+    datasets = load_from_disk(str(datasets_dir / "datasets"))
+
+    def trained(part: PlannedStage, parent_run: str, input_run: str | None) -> str:
+        """One training run of `part` on the input run's checkpoint: recorded, or reused when it finished before."""
+        if (found := lineage.finished_run(mlflow, experiment, part)) is not None:
+            get_run_logger().info("stage %s: reused from run %s", part.name, found.info.run_id)
+            return found.info.run_id
+
+        def work(mlflow, run_id) -> StageResult:
+            lineage.log_data_inputs(mlflow, run_id, {"train": part.spec.data, "eval": part.spec.heldout})
+            _log_preparation(mlflow, run_id, datasets_dir)
+            if input_run is not None:
+                model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(input_run), part.spec.input)
+                reference = datasets_dir / f"reference-{lineage.fingerprint_of(mlflow.get_run(input_run))[:16]}"
+            else:
+                model, reference = spec.model.init or spec.model.path, None
+            inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
+                                 callbacks=(StepMetrics(mlflow, run_id),))
+            return stage_module(part.kind).run(part.spec, inputs, home.work(part.name, part.fingerprint))
+
+        return _recorded(home, experiment, part, parent_run, input_run, tokenizer_run, work)
+
+    if not (curriculum := parts(stage)):
+        return trained(stage, parent, upstream_run)
 
     def work(mlflow, run_id) -> StageResult:
-        lineage.log_data_inputs(mlflow, run_id, {"train": stage.spec.data, "eval": stage.spec.heldout})
-        _log_preparation(mlflow, run_id, datasets_dir)
-        if upstream_run is not None:
-            model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(upstream_run))
-        else:
-            model = spec.model.init or spec.model.path
-        inputs = StageInputs(model=model, tokenizer=lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run)),
-                             datasets=load_from_disk(str(datasets_dir / "datasets")), callbacks=(StepMetrics(mlflow, run_id),))
-        return stage_module(stage.kind).run(stage.spec, inputs, workdir)
+        input_run = upstream_run
+        for part in curriculum:
+            input_run = trained(part, run_id, input_run)
+        last = mlflow.get_run(input_run)
+        return StageResult(checkpoint=lineage.fetch_checkpoint(mlflow, home, last), metrics=dict(last.data.metrics), source_run=input_run)
 
     return _recorded(home, experiment, stage, parent, upstream_run, tokenizer_run, work)

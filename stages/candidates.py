@@ -1,0 +1,129 @@
+"""Prompts with several scored replies: the shared plumbing of the preference and ranking stages.
+
+A preference pair is a ranked list of two (chosen scores 1, rejected 0), so DPO, the reward
+model, PRO and Tuna read one layout: per row, `input_ids` and `labels` for each candidate
+(prompt through the template, loss on the reply only) best first, and their `scores`. A batch
+is every candidate of every row in one right-padded forward; `candidate_logps` gives back the
+summed log-prob of each reply and its token count, shaped [rows, candidates].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+from datasets import Dataset, DatasetDict
+from torch import Tensor
+
+from schemas.data import read_files
+from schemas.spec import ChatStage
+from stages.contract import Prepared
+from stages.losses import sequence_logps
+from stages.metrics import mean_scores, preference, ranking
+from stages.templates import IGNORE, encode_completion
+
+
+def rows(frame: pl.DataFrame) -> list[tuple[list[dict], list[str], list[float]]]:
+    """(prompt messages, candidates best first, their scores) of preference or ranked rows in canonical form."""
+    prompts = [[{"role": r, "content": c} for r, c in zip(roles, contents)]
+               for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
+    if "chosen" in frame.columns:
+        return [(p, [c, r], [1.0, 0.0]) for p, c, r in zip(prompts, frame["chosen"].to_list(), frame["rejected"].to_list())]
+    return list(zip(prompts, frame["completions"].to_list(), frame["scores"].to_list()))
+
+
+def encode(listed: list[tuple[list[dict], list[str], list[float]]], tokenizer, max_len: int, template: str) -> tuple[Dataset, int]:
+    """One row per prompt with its candidates encoded; also how many candidates max_len cut."""
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "scores": []}
+    truncated = 0
+    for prompt, completions, scores in listed:
+        encoded = [encode_completion(prompt, completion, tokenizer, 1 << 30, template) for completion in completions]
+        truncated += sum(len(ids) > max_len for ids, _ in encoded)
+        columns["input_ids"].append([ids[:max_len] for ids, _ in encoded])
+        columns["labels"].append([labels[:max_len] for _, labels in encoded])
+        columns["scores"].append(scores)
+    return Dataset.from_dict(columns), truncated
+
+
+def prepare(spec: ChatStage, tokenizer) -> Prepared:
+    splits, rejected, counts = {}, [], {}
+    for split, files in (("train", spec.data), ("heldout", spec.heldout)):
+        if files:
+            read = read_files(files, spec.data_format, spec.on_invalid)
+            splits[split], counts[f"{split}_truncated"] = encode(rows(read.frame), tokenizer, spec.max_len, spec.template)
+            rejected += read.rejected
+    return Prepared(DatasetDict(splits), rejected, counts)
+
+
+def with_length(dataset: Dataset, n: int | None) -> tuple[Dataset, int, int]:
+    """Rows with at least n candidates, cut to their n best; n defaults to the longest list. Also n and the rows left out."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    n = n or max(lengths)
+    keep = [i for i, length in enumerate(lengths) if length >= n]
+    kept = dataset.select(keep).map(lambda row: {key: row[key][:n] for key in ("input_ids", "labels", "scores")})
+    return kept, n, len(lengths) - len(keep)
+
+
+@dataclass(frozen=True)
+class CandidatesCollator:
+    """Every candidate of every row as one right-padded batch, row by row, best first; scores as [rows, candidates]."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, Tensor]:
+        sequences = [ids for f in features for ids in f["input_ids"]]
+        labels = [lab for f in features for lab in f["labels"]]
+        width = max(map(len, sequences))
+        batch = {
+            "input_ids": torch.tensor([ids + [self.pad_id] * (width - len(ids)) for ids in sequences]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences]),
+            "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels]),
+            "scores": torch.tensor([f["scores"] for f in features], dtype=torch.float32),
+        }
+        if "reference_logps" in features[0]:
+            batch["reference_logps"] = torch.tensor([f["reference_logps"] for f in features], dtype=torch.float32)
+        return batch
+
+
+def candidate_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Summed log-prob of each candidate's reply and its token count, both [rows, candidates]."""
+    rows_, candidates = batch["scores"].shape
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    sums, counts = sequence_logps(logits, batch["labels"])
+    return sums.view(rows_, candidates), counts.view(rows_, candidates)
+
+
+@torch.no_grad()
+def scored(model, dataset: Dataset, pad_id: int, batch_size: int = 32, autocast: bool = False,
+           length_normalised: bool = True) -> list[list[float]]:
+    """Each row's candidates scored by the model without gradients: length-normalised log-probs (else summed); lists may differ in length."""
+    collate = CandidatesCollator(pad_id)
+    singles = [{"input_ids": [ids], "labels": [labels], "scores": [0.0]}
+               for row_ids, row_labels in zip(dataset["input_ids"], dataset["labels"]) for ids, labels in zip(row_ids, row_labels)]
+    was_training = model.training
+    model.eval()
+    flat: list[float] = []
+    for start in range(0, len(singles), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(singles[start:start + batch_size]).items()}
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+            sums, counts = candidate_logps(model, batch)
+        flat += (mean_scores(sums.float(), counts) if length_normalised else sums.float()).view(-1).tolist()
+    model.train(was_training)
+    out, at = [], 0
+    for row_ids in dataset["input_ids"]:
+        out.append(flat[at:at + len(row_ids)])
+        at += len(row_ids)
+    return out
+
+
+def heldout_metrics(model, dataset: Dataset, pad_id: int, autocast: bool = False) -> dict[str, float]:
+    """Pairs: preference accuracy and margin. Longer lists: ranking agreement (Kendall tau, top-1) as well."""
+    model_scores, reference = scored(model, dataset, pad_id, autocast=autocast), dataset["scores"]
+    best_vs_worst = [(m[max(range(len(r)), key=r.__getitem__)], m[min(range(len(r)), key=r.__getitem__)])
+                     for m, r in zip(model_scores, reference)]
+    pairs = torch.tensor(best_vs_worst)
+    found = {f"preference_{k}": v for k, v in preference(pairs[:, 0], pairs[:, 1]).items()}
+    if any(len(r) > 2 for r in reference):
+        found |= ranking(model_scores, reference)
+    return found

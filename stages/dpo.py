@@ -1,0 +1,112 @@
+"""The DPO stage: preference pairs, one loss family, three ways to have the reference.
+
+The policy is the input model (or LoRA adapters on it). The reference is the input model as
+it came in: a frozen copy (full fine-tuning), the same weights with the adapters switched off
+(LoRA: no second copy in memory), or log-probs computed once before training and kept beside
+the prepared data, keyed by the input checkpoint's fingerprint (no reference forward per step).
+ORPO and SimPO need no reference. Per step it logs the implicit rewards of chosen and rejected
+replies, their margin and accuracy, and the policy's log-probs; on held-out pairs it measures
+the model's own preference accuracy and margin before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import AutoTokenizer, set_seed
+
+from schemas.spec import DPOStage
+from stages.candidates import CandidatesCollator, candidate_logps, heldout_metrics, scored
+from stages.candidates import prepare as prepare_candidates
+from stages.checkpoint import load_model, save, with_lora
+from stages.contract import Prepared, StageInputs, StageResult
+from stages.losses import dpo_loss, orpo_loss, simpo_loss
+from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def prepare(spec: DPOStage, tokenizer) -> Prepared:
+    return prepare_candidates(spec, tokenizer)
+
+
+class DPOTrainer(ObjectiveTrainer):
+    def __init__(self, *args, spec: DPOStage, reference_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+        self.reference_model = reference_model.to(self.args.device) if reference_model is not None else None
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch: dict[str, Tensor]) -> Tensor:
+        match self.spec.reference_strategy():
+            case "precomputed":
+                return batch["reference_logps"]
+            case "frozen":
+                return candidate_logps(self.reference_model, batch)[0]
+            case "adapter-off":
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    return candidate_logps(model, batch)[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spec = self.spec
+        sums, counts = candidate_logps(model, inputs)
+        means = sums / counts.clamp(min=1)
+        if spec.loss == "orpo":
+            losses, log_odds_ratio = orpo_loss(means[:, 0], means[:, 1], -means[:, 0], spec.beta)
+            self.record(log_odds_ratio=log_odds_ratio)
+        elif spec.loss == "simpo":
+            losses = simpo_loss(means[:, 0], means[:, 1], spec.beta, spec.gamma)
+        else:
+            reference = self.reference_logps(model, inputs)
+            policy = (means, reference / counts.clamp(min=1)) if spec.mean_logps() else (sums, reference)
+            losses, chosen, rejected = dpo_loss(policy[0][:, 0], policy[0][:, 1], policy[1][:, 0], policy[1][:, 1],
+                                                spec.beta, spec.loss, spec.label_smoothing)
+            self.record(**{"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+                           "rewards/accuracy": (chosen > rejected).float()})
+        logps = means if spec.mean_logps() else sums
+        self.record(**{"logps/chosen": logps[:, 0].detach(), "logps/rejected": logps[:, 1].detach()})
+        return losses.mean()
+
+
+def precomputed_reference(model, dataset, pad_id: int, folder: Path, autocast: bool) -> list[list[float]]:
+    """The input model's summed log-probs of every training reply, computed once and kept in `folder`."""
+    path = folder / REFERENCE_FILE
+    if not path.exists():
+        sums = torch.tensor(scored(model, dataset, pad_id, autocast=autocast, length_normalised=False))
+        partial = folder.with_name(f"{folder.name}.partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        save_file({"train": sums}, str(partial / REFERENCE_FILE))
+        partial.rename(folder)
+    return load_file(str(path))["train"].tolist()
+
+
+def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
+    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
+    set_seed(spec.train.seed)
+    model = load_model(inputs.model)
+    args = training_arguments(spec.train, workdir / "trainer")
+    datasets = dict(inputs.datasets)
+    strategy = spec.reference_strategy()
+    reference_model = copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
+    if strategy == "precomputed":
+        reference = precomputed_reference(model, datasets["train"], tokenizer.pad_token_id, inputs.reference, args.bf16)
+        datasets["train"] = datasets["train"].add_column("reference_logps", reference)
+    if spec.lora is not None:
+        model = with_lora(model, spec.lora)
+
+    def measured(suffix: str) -> dict[str, float]:
+        if "heldout" not in datasets:
+            return {}
+        return {f"heldout_{k}{suffix}": v for k, v in heldout_metrics(model, datasets["heldout"], tokenizer.pad_token_id).items()}
+
+    trainer = make_trainer(model, tokenizer, args, datasets, CandidatesCollator(tokenizer.pad_token_id), inputs.callbacks,
+                           DPOTrainer, spec=spec, reference_model=reference_model)
+    before = measured("_before")
+    metrics, resumed_from = fit(trainer)
+    metrics |= before | measured("")
+    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
+    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)
