@@ -17,6 +17,10 @@ from schemas.spec import SpecError, load_spec
 from tasks.checks import check_contracts
 from tasks.home import Home
 
+class UsageError(ValueError):
+    """A command given what it cannot work with (a missing folder, clashing options): one line, exit 2."""
+
+
 KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match", "train_tokens_per_second", "vocab_size")
 
 
@@ -96,6 +100,152 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_checkpoint(spec_path: Path, name: str) -> Path:
+    """The checkpoint of the stage's finished run, fetched into the home's cache."""
+    from tasks.lineage import client, experiment_id, fetch_checkpoint, finished_run
+    from tasks.plan import plan
+
+    spec = load_spec(spec_path)
+    planned = {stage.name: stage for stage in plan(spec)}
+    if name not in planned:
+        raise SpecError(f"{spec_path}: no stage named {name!r}; the stages are {', '.join(s.name for s in spec.stages)}")
+    if planned[name].kind in ("tokenizer", "eval", "reward"):
+        raise SpecError(f"{spec_path}: stage {name!r} ({planned[name].kind}) is not a language model; name a stage that trains one")
+    home = Home.from_env()
+    mlflow = client(home)
+    experiment = experiment_id(mlflow, home, spec.name, create=False)
+    run = finished_run(mlflow, experiment, planned[name]) if experiment else None
+    if run is None:
+        raise SpecError(f"{spec_path}: stage {name!r} has no finished run; run `lifecycle run {spec_path}` first")
+    return fetch_checkpoint(mlflow, home, run)
+
+
+def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[list[dict]], list[str | None]]:
+    """The conversations to answer and their reference answers: from --input (the prompts format), or the command line."""
+    if args.input is None:
+        if not prompts:
+            raise UsageError("give prompts to answer, or --input FILE")
+        return [[{"role": "user", "content": text}] for text in prompts], [None] * len(prompts)
+    if prompts:
+        raise UsageError("give prompts on the command line or with --input, not both")
+    from schemas.data import read_files
+
+    frame = read_files([args.input], "prompts").frame
+    messages = [[{"role": r, "content": c} for r, c in zip(roles, contents)]
+                for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
+    return messages, frame["answer"].to_list()
+
+
+def answer_row(messages: list[dict], reply: str, reference: str | None) -> dict:
+    """One line of the answers file: the prompt (its text when it is a single user turn), the answer, the reference if given."""
+    prompt = messages[0]["content"] if len(messages) == 1 else messages
+    return {"prompt": prompt, "answer": reply} | ({"reference": reference} if reference is not None else {})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Replies of one checkpoint through the chat template stored with it."""
+    from transformers import set_seed
+
+    from stages.generation import ChatModel, Sampling
+
+    words = list(args.words)
+    try:
+        sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.stage is not None:
+        if not words:
+            raise UsageError("--stage needs the spec first: lifecycle generate SPEC --stage NAME \"prompt\" ...")
+        spec_path = Path(words.pop(0))
+    elif not (args.checkpoint / "config.json").exists() and not (args.checkpoint / "adapter_config.json").exists():
+        raise UsageError(f"{args.checkpoint} is not a checkpoint folder (no config.json or adapter_config.json in it)")
+    prompts, references = _prompt_rows(args, words)
+    checkpoint = _stage_checkpoint(spec_path, args.stage) if args.stage is not None else args.checkpoint
+    set_seed(args.seed)
+    replies = ChatModel.load(checkpoint).reply(prompts, sampling, args.batch_size)
+    rows = [answer_row(m, r.text, ref) for m, r, ref in zip(prompts, replies, references)]
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        print(f"{len(rows)} answers written to {args.output}")
+    elif args.input is not None:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(f"> {row['prompt']}\n{row['answer']}\n")
+    return 0
+
+
+def _cell(value: object) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"  # not measured (log_table writes nan as null)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_metrics(table: dict) -> str:
+    """A log_table JSON ({"columns": [...], "data": [[...], ...]}) as aligned text: text left, numbers right, '-' where not measured."""
+    columns, data = table["columns"], table["data"]
+    cells = [[_cell(value) for value in row] for row in data]
+    widths = [max(len(str(column)), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in data) for i in range(len(columns))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line([str(c) for c in columns]), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def format_samples(table: dict) -> str:
+    """Each sample prompt, then every checkpoint's reply beneath it under the checkpoint's name."""
+    columns, data = table["columns"], table["data"]
+    names = columns[1:]
+    width = max(map(len, names), default=0)
+    blocks = []
+    for number, (prompt, *replies) in enumerate(data, 1):
+        lines = [f"[{number}] {prompt}"]
+        for name, reply in zip(names, replies):
+            text = (reply or "").splitlines() or [""]
+            lines.append(f"    {name:<{width}} | {text[0]}")
+            lines += [f"    {'':<{width}} | {more}" for more in text[1:]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The eval stage's metrics table and sample replies, as its finished run logged them."""
+    import tempfile
+
+    from tasks.lineage import client, experiment_id, finished_run
+    from tasks.plan import plan
+
+    spec = load_spec(args.spec)
+    evals = [stage for stage in plan(spec) if stage.kind == "eval"]
+    if not evals:
+        raise SpecError(f"{args.spec}: the spec has no eval stage; add one ({{name: eval, kind: eval}}) and run it")
+    chosen = next((stage for stage in evals if stage.name == args.stage), None) if args.stage else evals[0]
+    if chosen is None:
+        raise SpecError(f"{args.spec}: no eval stage named {args.stage!r}; the eval stages are {', '.join(s.name for s in evals)}")
+    home = Home.from_env()
+    mlflow = client(home)
+    experiment = experiment_id(mlflow, home, spec.name, create=False)
+    run = finished_run(mlflow, experiment, chosen) if experiment else None
+    if run is None:
+        raise SpecError(f"{args.spec}: eval stage {chosen.name!r} has no finished run; run `lifecycle run {args.spec}` first")
+    with tempfile.TemporaryDirectory() as folder:
+        metrics = json.loads(Path(mlflow.download_artifacts(run.info.run_id, "eval/metrics.json", folder)).read_text())
+        samples = json.loads(Path(mlflow.download_artifacts(run.info.run_id, "eval/samples.json", folder)).read_text())
+    print(f"{chosen.name} (run {run.info.run_id}); plot: eval/metrics.png in that run\n")
+    print(format_metrics(metrics))
+    if samples["data"]:
+        print("\n" + format_samples(samples))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     home = Home.from_env()
     if home.tracking_uri.startswith(("http://", "https://")):
@@ -123,6 +273,27 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("-n", type=int, default=3, help="how many examples")
     inspect.add_argument("--tokenizer", type=Path, help="a tokenizer folder; default: the spec's finished tokenizer stage")
     inspect.set_defaults(func=cmd_inspect)
+    generate = commands.add_parser(
+        "generate", help="a checkpoint's replies to prompts, through the chat template stored with it",
+        description="Replies of one checkpoint: a stage's finished checkpoint (SPEC --stage NAME) or a folder (--checkpoint). "
+                    "Greedy by default, so a reply is reproducible and is the one `lifecycle report` shows; "
+                    "--temperature above 0 samples (nucleus, --top-p).")
+    generate.add_argument("words", nargs="*", metavar="[SPEC] PROMPT", help="with --stage: the spec, then the prompts; else the prompts")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--stage", help="the stage whose finished checkpoint answers (give the spec first)")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint folder (any stage's output)")
+    generate.add_argument("--input", type=Path, help="a jsonl of prompts ({prompt} or {prompt, answer}, the prompts format)")
+    generate.add_argument("--output", type=Path, help="where to write {prompt, answer, reference} lines; default: stdout")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
+    generate.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (default 0.9)")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--batch-size", type=int, default=16, help="prompts generated together, left-padded")
+    generate.add_argument("--seed", type=int, default=0, help="makes sampled replies repeatable")
+    generate.set_defaults(func=cmd_generate)
+    report = commands.add_parser("report", help="the eval stage's metrics per checkpoint and their sample replies")
+    report.add_argument("spec", type=Path)
+    report.add_argument("--stage", help="the eval stage's name; default: the first eval stage")
+    report.set_defaults(func=cmd_report)
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
@@ -130,11 +301,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra and args.command == "generate" and not any(word.startswith("--") for word in extra):
+        args.words += extra  # argparse takes one run of positionals; prompts may also follow the options
+    elif extra:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
     Home.from_env().configure()
     try:
         return args.func(args)
-    except (SpecError, DataError) as err:
+    except (SpecError, DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,7 @@ from schemas.spec import load_spec
 from tasks import lineage
 from tasks.home import Home
 from tasks.plan import plan
-from tasks.stage import check_data, fetch, prepare, reuse, train, train_tokenizer
+from tasks.stage import check_data, evaluate, fetch, prepare, reuse, train, train_tokenizer
 
 
 @flow(name="lifecycle")
@@ -29,10 +29,15 @@ def lifecycle(spec_path: str) -> dict[str, str]:
             reused = run_id is not None
             if stage is tokenizer_stage and not reused:
                 run_id = train_tokenizer(home, experiment, spec, stage, parent)
+            elif stage.kind == "eval" and not reused:
+                scored = {name: runs[name] for name in stage.spec.checkpoints}
+                run_id = evaluate(home, experiment, stage, parent, scored, runs[tokenizer_stage.name])
             elif not reused:
                 datasets = prepare(home, spec, stage, fetch(home, runs[tokenizer_stage.name]))
                 run_id = train(home, experiment, spec, stage, parent, runs.get(stage.upstream), runs[tokenizer_stage.name], datasets)
             lineage.link(mlflow, parent, stage, run_id, reused)
+            if stage.kind == "eval":
+                lineage.copy_report(mlflow, run_id, parent, stage.name)
             runs[stage.name] = run_id
     get_run_logger().info("pipeline %s: every stage finished; browse with `lifecycle ui` (%s)", spec.name, home.tracking_uri)
     return runs

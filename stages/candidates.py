@@ -9,19 +9,24 @@ summed log-prob of each reply and its token count, shaped [rows, candidates].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 import torch
 from datasets import Dataset, DatasetDict
 from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedModel, Trainer
 
 from schemas.data import read_files
 from schemas.spec import ChatStage
-from stages.contract import Prepared
+from stages.checkpoint import save, with_lora
+from stages.contract import Prepared, StageInputs, StageResult
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
 from stages.templates import IGNORE, encode_completion
+from stages.training import fit, make_trainer, training_arguments
 
 
 def rows(frame: pl.DataFrame) -> list[tuple[list[dict], list[str], list[float]]]:
@@ -127,3 +132,27 @@ def heldout_metrics(model, dataset: Dataset, pad_id: int, autocast: bool = False
     if any(len(r) > 2 for r in reference):
         found |= ranking(model_scores, reference)
     return found
+
+
+def train(spec: ChatStage, inputs: StageInputs, workdir: Path, model: PreTrainedModel, datasets: dict, trainer_class: type[Trainer],
+          measure: Callable[[PreTrainedModel, Dataset], dict[str, float]] | None = None, task_type: str = "CAUSAL_LM",
+          **extra) -> StageResult:
+    """The common run of the candidate stages: adapters if asked, held-out measures before and after, train, save.
+
+    `measure` scores the model on the held-out rows; by default its preference and ranking agreement."""
+    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
+    if spec.lora is not None:
+        model = with_lora(model, spec.lora, task_type)
+    measure = measure or (lambda m, rows: heldout_metrics(m, rows, tokenizer.pad_token_id))
+
+    def measured(suffix: str) -> dict[str, float]:
+        return {f"heldout_{k}{suffix}": v for k, v in measure(model, datasets["heldout"]).items()} if "heldout" in datasets else {}
+
+    args = training_arguments(spec.train, workdir / "trainer")
+    trainer = make_trainer(model, tokenizer, args, datasets, CandidatesCollator(tokenizer.pad_token_id), inputs.callbacks,
+                           trainer_class, spec=spec, **extra)
+    before = measured("_before")
+    metrics, resumed_from = fit(trainer)
+    metrics |= before | measured("") | {"train_rows": float(len(datasets["train"]))}
+    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
+    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

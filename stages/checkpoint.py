@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from schemas.spec import LoraSpec
 from stages.contract import adapter_base, is_adapter, point_adapter_at
 
-def load_model(folder: Path, auto_class=AutoModelForCausalLM, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(folder: Path, auto_class=AutoModelForCausalLM, dtype: torch.dtype = torch.float32, **config) -> PreTrainedModel:
     """A checkpoint as one plain model: an adapter is applied to its base (itself loaded the same way) and merged."""
     if not is_adapter(folder):
-        return auto_class.from_pretrained(folder, dtype=dtype)
-    base = load_model(adapter_base(folder), auto_class, dtype)
+        return auto_class.from_pretrained(folder, dtype=dtype, **config)
+    base = load_model(adapter_base(folder), auto_class, dtype, **config)
     return PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 

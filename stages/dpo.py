@@ -20,12 +20,12 @@ from torch import Tensor
 from transformers import AutoTokenizer, set_seed
 
 from schemas.spec import DPOStage
-from stages.candidates import CandidatesCollator, candidate_logps, heldout_metrics, scored
+from stages.candidates import candidate_logps, scored, train
 from stages.candidates import prepare as prepare_candidates
-from stages.checkpoint import load_model, save, with_lora
+from stages.checkpoint import load_model
 from stages.contract import Prepared, StageInputs, StageResult
 from stages.losses import dpo_loss, orpo_loss, simpo_loss
-from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
+from stages.training import ObjectiveTrainer, training_arguments
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -35,9 +35,8 @@ def prepare(spec: DPOStage, tokenizer) -> Prepared:
 
 
 class DPOTrainer(ObjectiveTrainer):
-    def __init__(self, *args, spec: DPOStage, reference_model=None, **kwargs):
+    def __init__(self, *args, reference_model=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.spec = spec
         self.reference_model = reference_model.to(self.args.device) if reference_model is not None else None
 
     @torch.no_grad()
@@ -88,25 +87,11 @@ def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
     model = load_model(inputs.model)
-    args = training_arguments(spec.train, workdir / "trainer")
     datasets = dict(inputs.datasets)
     strategy = spec.reference_strategy()
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
     if strategy == "precomputed":
-        reference = precomputed_reference(model, datasets["train"], tokenizer.pad_token_id, inputs.reference, args.bf16)
+        autocast = training_arguments(spec.train, workdir / "trainer").bf16  # the precision the policy trains in
+        reference = precomputed_reference(model, datasets["train"], tokenizer.pad_token_id, inputs.reference, autocast)
         datasets["train"] = datasets["train"].add_column("reference_logps", reference)
-    if spec.lora is not None:
-        model = with_lora(model, spec.lora)
-
-    def measured(suffix: str) -> dict[str, float]:
-        if "heldout" not in datasets:
-            return {}
-        return {f"heldout_{k}{suffix}": v for k, v in heldout_metrics(model, datasets["heldout"], tokenizer.pad_token_id).items()}
-
-    trainer = make_trainer(model, tokenizer, args, datasets, CandidatesCollator(tokenizer.pad_token_id), inputs.callbacks,
-                           DPOTrainer, spec=spec, reference_model=reference_model)
-    before = measured("_before")
-    metrics, resumed_from = fit(trainer)
-    metrics |= before | measured("")
-    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)
+    return train(spec, inputs, workdir, model, datasets, DPOTrainer, reference_model=reference_model)

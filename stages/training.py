@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from schemas.spec import TrainSpec
+from schemas.spec import StageBase, TrainSpec
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
 
@@ -106,8 +106,9 @@ class ObjectiveTrainer(Trainer):
     gradient accumulation itself: `model_accepts_loss_kwargs` is turned off.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, spec: StageBase, **kwargs):
         super().__init__(*args, **kwargs)
+        self.spec = spec  # the stage's settings: beta, margins, weights
         self.model_accepts_loss_kwargs = False
         self._recorded: dict[str, list[float]] = defaultdict(list)
 

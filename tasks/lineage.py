@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -184,7 +185,7 @@ def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult) -> 
     tags = [RunTag(f"{TAG}resumed_from_step", str(result.resumed_from_step))]
     if result.source_run is not None:
         tags.append(RunTag(f"{TAG}checkpoint_run", result.source_run))
-    else:
+    elif result.checkpoint is not None:
         mlflow.log_artifacts(run_id, str(result.checkpoint), CHECKPOINT)
     if result.adapter is not None:
         mlflow.log_artifacts(run_id, str(result.adapter), ADAPTER)
@@ -215,6 +216,28 @@ def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str =
     publish(partial / artifact, target)
     shutil.rmtree(partial)
     return target
+
+
+REPORT = "eval"  # the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def log_report(mlflow: MlflowClient, run_id: str, metrics: list[dict], samples: list[dict], plot: Path) -> None:
+    """An eval stage's comparison as MLflow tables (a row per checkpoint; a row per sample prompt) and a plot."""
+    mlflow.log_table(run_id, _columns(metrics), f"{REPORT}/metrics.json")
+    mlflow.log_table(run_id, _columns(samples), f"{REPORT}/samples.json")
+    mlflow.log_artifact(run_id, str(plot), REPORT)
+
+
+def copy_report(mlflow: MlflowClient, source_run: str, target_run: str, folder_name: str) -> None:
+    """An eval run's comparison, logged again in the pipeline run under `folder_name` (the eval stage's name),
+    so the pipeline's page shows it whether the eval ran now or was reused."""
+    with tempfile.TemporaryDirectory() as folder:
+        mlflow.log_artifacts(target_run, mlflow.download_artifacts(source_run, REPORT, folder), folder_name)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -180,3 +181,21 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
         return StageResult(checkpoint=lineage.fetch_checkpoint(mlflow, home, last), metrics=dict(last.data.metrics), source_run=input_run)
 
     return _recorded(home, experiment, stage, parent, upstream_run, tokenizer_run, work)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="eval-{stage.name}")
+def evaluate(home: Home, experiment: str, stage: PlannedStage, parent: str, scored_runs: dict[str, str], tokenizer_run: str) -> str:
+    """Score the checkpoints side by side; the table, plot and samples go to the eval run and to the pipeline run."""
+    from stages import eval as evaluation
+
+    def work(mlflow, run_id) -> StageResult:
+        lineage.log_data_inputs(mlflow, run_id, {fmt: paths for fmt, (paths, _) in stage.spec.files().items()})
+        checkpoints = {name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()}
+        tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
+        report = evaluation.run(stage.spec, checkpoints, tokenizer, home.work(stage.name, stage.fingerprint))
+        lineage.log_report(mlflow, run_id, report.metrics, report.samples, report.plot)
+        metrics = {f"{row['checkpoint']}/{name}": value for row in report.metrics for name, value in row.items()
+                   if name != "checkpoint" and not math.isnan(value)}
+        return StageResult(checkpoint=None, metrics=metrics)
+
+    return _recorded(home, experiment, stage, parent, None, tokenizer_run, work)

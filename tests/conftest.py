@@ -1,13 +1,59 @@
-"""Shared fixtures: a temp project home, and one real run of examples/quick.yaml for the flow tests."""
+"""Shared fixtures: a temp project home, tiny trained models, and one real run of examples/quick.yaml for the flow tests."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from examples.generate import DATA_DIR
+from schemas.spec import LlamaInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
+from stages.contract import StageResult
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "examples" / "quick.yaml"
+TINY = LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
+FAST = dict(batch_size=8, lr=3e-3, warmup=0.0, logging_steps=5, precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(tmp_path_factory) -> Path:
+    """A 512-token BPE trained on the bundled pretrain text, with the chatml template."""
+    from stages import tokenizer
+
+    texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
+    return tokenizer.run(TokenizerTrain(vocab_size=512), texts, "chatml", tmp_path_factory.mktemp("tok")).checkpoint
+
+
+@pytest.fixture(scope="session")
+def pretrained(trained_tokenizer, tmp_path_factory) -> StageResult:
+    """A 2-layer, 64-wide Llama pretrained for 40 steps on the bundled text."""
+    from transformers import AutoTokenizer
+
+    from stages import pretrain
+    from stages.contract import StageInputs
+
+    spec = PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"],
+                         heldout=[DATA_DIR / "pretrain_heldout.jsonl"], packing={"block_size": 64},
+                         train=TrainSpec(max_steps=40, save_steps=20, **FAST))
+    prepared = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
+    assert 0 < prepared.counts["train_tail_tokens_dropped"] < 64
+    return pretrain.run(spec, StageInputs(TINY, trained_tokenizer, prepared.datasets), tmp_path_factory.mktemp("pre"))
+
+
+@pytest.fixture(scope="session")
+def chat_model(trained_tokenizer, pretrained, tmp_path_factory) -> Path:
+    """The pretrained tiny model after 200 steps of SFT: the input of the alignment stages."""
+    from transformers import AutoTokenizer
+
+    from stages import sft
+    from stages.contract import StageInputs
+
+    spec = SFTStage(name="sft", kind="sft", data=[DATA_DIR / "sft.jsonl"], max_len=256, template="chatml",
+                    train=TrainSpec(max_steps=200, **FAST))
+    datasets = sft.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    return sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path_factory.mktemp("sft")).checkpoint
 
 
 def use_home(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:

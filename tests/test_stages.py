@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.generate import DATA_DIR
 from schemas.data import read_files
-from schemas.spec import LlamaInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
-from stages import pretrain, sft, tokenizer
+from schemas.spec import LlamaInit, PretrainStage, SFTStage, TrainSpec
+from stages import pretrain, sft
 from stages.contract import StageInputs
 from stages.templates import IGNORE, encode_conversation, encode_prompt
 from stages.training import last_checkpoint
-
-TINY = LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
-FAST = dict(batch_size=8, lr=3e-3, warmup=0.0, logging_steps=5, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def trained_tokenizer(tmp_path_factory) -> Path:
-    texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
-    return tokenizer.run(TokenizerTrain(vocab_size=512), texts, "chatml", tmp_path_factory.mktemp("tok")).checkpoint
-
-
-@pytest.fixture(scope="module")
-def pretrained(trained_tokenizer, tmp_path_factory) -> Path:
-    spec = PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"],
-                         heldout=[DATA_DIR / "pretrain_heldout.jsonl"], packing={"block_size": 64},
-                         train=TrainSpec(max_steps=40, save_steps=20, **FAST))
-    prepared = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
-    assert 0 < prepared.counts["train_tail_tokens_dropped"] < 64
-    result = pretrain.run(spec, StageInputs(TINY, trained_tokenizer, prepared.datasets), tmp_path_factory.mktemp("pre"))
-    return result
+from tests.conftest import FAST, TINY
 
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},

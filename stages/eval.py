@@ -1,0 +1,340 @@
+"""The eval stage: every checkpoint of the lineage scored side by side on the same held-out data.
+
+Nothing trains. The data is read and encoded once (the first `limit` rows of each file), then
+each checkpoint is loaded in turn (float32, eval mode, no gradients), measured, and freed
+before the next loads. A metric is measured only where its data exists; every row has the
+same columns, nan where a checkpoint was not measured.
+
+The metrics (columns):
+    perplexity           text: the documents tokenized, EOS after each, the stream cut into blocks of
+                         max_len (the last, shorter block included, so a short file still counts);
+                         exp(−Σ log p / N) over every predicted token of every block (token-weighted).
+    response_loss        conversations through the template: −Σ log p / N over the assistant tokens
+                         (each reply and its end-of-turn marker), N counted over all conversations.
+    exact_match          conversations: share whose last assistant turn the greedy reply to the turns
+                         before it reproduces exactly (`generation.exact_match`).
+    task_accuracy        prompts with a reference answer: share of greedy replies that contain the
+                         answer, by `answer_matches`.
+    preference_accuracy  preference pairs: share where the chosen reply scores higher than the rejected,
+    preference_margin    and the mean score difference chosen − rejected. A reply's score is its
+                         length-normalised log-prob (mean over its tokens): reference-free, so every
+                         checkpoint is scored alone and replies of different lengths compare fairly.
+    reward_margin        preference pairs: the mean DPO implicit-reward margin (β = 1),
+                             (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)),
+                         log-probs summed over the reply, with the first scored checkpoint as π_ref
+                         for every row: one common reference, so the rows compare with each other.
+                         nan on the reference's own row (it would be 0 by definition).
+    kendall_tau, top1    ranked lists: mean Kendall tau-b between the checkpoint's scores (as above)
+                         and the reference scores, and the share of lists whose best-scored candidate
+                         is one the reference ranks first (`stages.metrics.ranking`).
+
+Samples: every checkpoint answers the same prompts greedily (spec.samples, else the first four
+held-out prompts, else the first four held-out conversations up to their last reply).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+from datasets import Dataset
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from transformers import AutoTokenizer
+
+from schemas.data import read_files
+from schemas.formats import Format
+from schemas.spec import EvalStage
+from stages.candidates import encode, rows, scored
+from stages.checkpoint import load_model
+from stages.generation import answer, exact_match
+from stages.losses import sequence_logps
+from stages.metrics import mean_scores, perplexity, preference, ranking
+from stages.packing import concat_chunk, tokenize_documents
+from stages.sft import conversations
+from stages.templates import IGNORE, encode_conversation
+
+SAMPLES = 4  # held-out prompts answered side by side when the spec names none
+BATCH = 8  # sequences per forward when scoring: bounds the float32 logits ([batch, max_len, vocab]) in memory
+
+# the columns each kind of held-out data gives, in table order
+METRICS: dict[Format, tuple[str, ...]] = {
+    "text": ("perplexity",),
+    "conversations": ("response_loss", "exact_match"),
+    "prompts": ("task_accuracy",),
+    "preference": ("preference_accuracy", "preference_margin", "reward_margin"),
+    "ranked": ("kendall_tau", "top1"),
+}
+
+
+@dataclass(frozen=True)
+class Report:
+    metrics: list[dict[str, str | float]]  # one row per checkpoint: {"checkpoint": name, "<metric>": value, ...}; nan where not measured
+    samples: list[dict[str, str]]  # one row per sample prompt: {"prompt": text, "<checkpoint name>": reply, ...}
+    plot: Path  # a PNG: one panel per metric, a bar per checkpoint in lineage order
+
+    def metrics_table(self) -> dict[str, list]:
+        """The metrics as columns, the shape `MlflowClient.log_table` takes."""
+        return columns_of(self.metrics)
+
+    def samples_table(self) -> dict[str, list]:
+        return columns_of(self.samples)
+
+
+def columns_of(rows: list[dict]) -> dict[str, list]:
+    """Rows that share their keys, as one list per key (in the first row's key order)."""
+    return {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
+
+
+# ---------------------------------------------------------------- answer matching
+
+# a number as written in a reply: optional minus, thousands groups or plain digits, optional decimals;
+# not part of a longer word or number (so "31" is not read out of "310", "x31" or "3.31")
+NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w]|\.\d)")
+
+
+def normalise(text: str) -> str:
+    """NFKC (full-width digits and the like become plain), runs of whitespace as one space, ends trimmed."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def _number(text: str) -> float | None:
+    return float(text.replace(",", "")) if NUMBER.fullmatch(text) else None
+
+
+def answer_matches(reply: str, reference: str) -> bool:
+    """Whether `reply` contains the reference answer as a whole word or number.
+
+    Both are normalised (`normalise`); the reference also loses trailing sentence punctuation.
+    A numeric reference matches a number in the reply of equal value: "31" matches
+    "7 plus 24 equals 31." and "31.0", not "310", "3.31", "31.5" or "-31". Any other reference
+    matches where it appears with no letter, digit or underscore on either side: "eert" matches
+    "The word tree reversed is eert." but not "eerth". Case is kept: some tasks are about case
+    ("Write rain in capital letters": RAIN), and a case-folded match would credit a reply that
+    merely repeats the question's word. A reply that mentions the answer anywhere is credited,
+    even beside a wrong one: this measures whether the answer is produced, not whether it is final.
+    """
+    target = normalise(reference).rstrip(".!?;:")
+    if not target:
+        return False
+    text = normalise(reply)
+    value = _number(target)
+    if value is not None:
+        return any(_number(found) == value for found in NUMBER.findall(text))
+    return re.search(rf"(?<!\w){re.escape(target)}(?!\w)", text) is not None
+
+
+def task_accuracy(replies: list[str], references: list[str]) -> float:
+    return sum(map(answer_matches, replies, references)) / len(references) if references else math.nan
+
+
+def implicit_reward_margin(policy: Tensor, reference: Tensor, beta: float = 1.0) -> float:
+    """Mean DPO implicit-reward margin of pairs: β·[(π_w − ref_w) − (π_l − ref_l)].
+
+    policy, reference: [pairs, 2] summed reply log-probs, chosen in column 0, rejected in column 1."""
+    ratio = policy - reference
+    return (beta * (ratio[:, 0] - ratio[:, 1])).mean().item()
+
+
+# ---------------------------------------------------------------- the data, read and encoded once
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The eval data as every checkpoint is scored on it."""
+
+    text_blocks: list[list[int]]
+    chats: list[list[dict]]
+    encoded_chats: list[tuple[list[int], list[int]]]
+    tasks: list[tuple[list[dict], str]]  # (prompt messages, reference answer)
+    pairs: Dataset | None  # preference pairs as candidates, chosen first
+    pair_tokens: Tensor | None  # [pairs, 2]: reply tokens of each candidate, to length-normalise the summed log-probs
+    ranked: Dataset | None
+    samples: list[tuple[str, list[dict]]]  # (the prompt as shown, the messages answered)
+
+    def columns(self) -> list[str]:
+        """The metrics this data measures, in table order."""
+        present = {"text": self.text_blocks, "conversations": self.chats, "prompts": self.tasks,
+                   "preference": self.pairs is not None, "ranked": self.ranked is not None}
+        return [column for fmt, names in METRICS.items() if present[fmt] for column in names]
+
+
+def _read(paths: list[Path], fmt: Format, limit: int, on_invalid: str) -> pl.DataFrame | None:
+    """The first `limit` valid rows of each file, files in order; None without files."""
+    if not paths:
+        return None
+    return pl.concat([read_files([path], fmt, on_invalid).frame.head(limit) for path in paths])
+
+
+def _messages(frame: pl.DataFrame) -> list[list[dict]]:
+    return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
+            for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
+
+
+def text_blocks(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
+    """The documents with EOS after each, as one stream cut into max_len blocks; the shorter tail is a block too."""
+    documents = tokenize_documents(texts, tokenizer)
+    blocks = concat_chunk(documents, tokenizer.eos_token_id, max_len)
+    full = blocks.input_ids.tolist()
+    if not blocks.dropped_tokens:
+        return full
+    stream_tail = [t for ids in documents for t in (*ids, tokenizer.eos_token_id)][-blocks.dropped_tokens:]
+    return [*full, stream_tail]
+
+
+def _reply_tokens(labels: list[int]) -> int:
+    """Tokens a candidate's score averages over: its labelled tokens after the first position, as `sequence_logps` counts."""
+    return sum(label != IGNORE for label in labels[1:])
+
+
+def _samples(spec: EvalStage, tasks: list[list[dict]], chats: list[list[dict]]) -> list[tuple[str, list[dict]]]:
+    if spec.samples:
+        return [(text, [{"role": "user", "content": text}]) for text in spec.samples]
+    asked = tasks[:SAMPLES] or [chat[:-1] for chat in chats[:SAMPLES]]
+    return [(messages[-1]["content"], messages) for messages in asked]
+
+
+def held_out(spec: EvalStage, tokenizer) -> HeldOut:
+    """Every held-out file of the spec read (first `limit` rows of each) and encoded for scoring."""
+    read = {fmt: _read(paths, fmt, spec.limit, spec.on_invalid) for fmt, (paths, _) in spec.files().items()}
+    texts = read["text"]["text"].to_list() if read["text"] is not None else []
+    chats = conversations(read["conversations"]) if read["conversations"] is not None else []
+    prompts = read["prompts"]
+    asked = _messages(prompts) if prompts is not None else []
+    references = prompts["answer"].to_list() if prompts is not None else []
+    pairs = ranked = pair_tokens = None
+    if read["preference"] is not None:
+        pairs, _ = encode(rows(read["preference"]), tokenizer, spec.max_len, spec.template)
+        pair_tokens = torch.tensor([[_reply_tokens(labels) for labels in row] for row in pairs["labels"]], dtype=torch.float32)
+    if read["ranked"] is not None:
+        ranked, _ = encode(rows(read["ranked"]), tokenizer, spec.max_len, spec.template)
+    return HeldOut(
+        text_blocks=text_blocks(texts, tokenizer, spec.max_len) if texts else [],
+        chats=chats,
+        encoded_chats=[encode_conversation(chat, tokenizer, spec.max_len, spec.template) for chat in chats],
+        tasks=[(messages, reference) for messages, reference in zip(asked, references) if reference is not None],
+        pairs=pairs, pair_tokens=pair_tokens, ranked=ranked,
+        samples=_samples(spec, asked, chats),
+    )
+
+
+# ---------------------------------------------------------------- one checkpoint measured
+
+@torch.no_grad()
+def labelled_logp(model, sequences: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[float, float]:
+    """Σ log p of every labelled token (after the first position) over all sequences, and how many tokens that is."""
+    total = tokens = 0.0
+    for start in range(0, len(sequences), BATCH):
+        batch = sequences[start:start + BATCH]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=model.device)
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
+        labels = torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in batch], device=model.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        sums, counts = sequence_logps(logits, labels)
+        total += sums.sum().item()
+        tokens += counts.sum().item()
+    return total, tokens
+
+
+def _preference(model, data: HeldOut, pad_id: int) -> tuple[dict[str, float], Tensor]:
+    """Accuracy and margin of the length-normalised scores, and the summed log-probs the implicit reward needs (one forward)."""
+    summed = torch.tensor(scored(model, data.pairs, pad_id, length_normalised=False))
+    normalised = mean_scores(summed, data.pair_tokens)
+    found = preference(normalised[:, 0], normalised[:, 1])
+    return {"preference_accuracy": found["accuracy"], "preference_margin": found["margin"]}, summed
+
+
+def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None]:
+    """This model's metrics on the data it has (reward_margin aside), and its summed log-probs of the preference pairs."""
+    pad_id = tokenizer.pad_token_id
+    found: dict[str, float] = {}
+    if data.text_blocks:
+        total, tokens = labelled_logp(model, [(ids, ids) for ids in data.text_blocks], pad_id)
+        found["perplexity"] = perplexity(total, tokens)
+    if data.chats:
+        total, tokens = labelled_logp(model, data.encoded_chats, pad_id)
+        found["response_loss"] = -total / tokens if tokens else math.nan
+        found["exact_match"] = exact_match(model, tokenizer, data.chats, spec.template, spec.max_new_tokens)
+    if data.tasks:
+        replies = answer(model, tokenizer, [messages for messages, _ in data.tasks], spec.template, spec.max_new_tokens)
+        found["task_accuracy"] = task_accuracy(replies, [reference for _, reference in data.tasks])
+    pair_logps = None
+    if data.pairs is not None:
+        pair_found, pair_logps = _preference(model, data, pad_id)
+        found |= pair_found
+    if data.ranked is not None:
+        found |= ranking(scored(model, data.ranked, pad_id), data.ranked["scores"])
+    return found, pair_logps
+
+
+def _scored_checkpoint(folder: Path, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None, list[str]]:
+    """One checkpoint loaded, measured and asked the samples; its model is unreferenced when this returns."""
+    model = load_model(folder).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    found, pair_logps = measure(model, tokenizer, data, spec)
+    replies = answer(model, tokenizer, [messages for _, messages in data.samples], spec.template, spec.max_new_tokens)
+    return found, pair_logps, replies
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the plot
+
+def plot(metrics: list[dict[str, str | float]], columns: list[str], path: Path) -> Path:
+    """One panel per metric, a bar per checkpoint in lineage order; a checkpoint not measured has no bar.
+
+    A bare Figure on the Agg canvas: no display is needed and pyplot's global figure registry is never touched."""
+    names = [str(row["checkpoint"]) for row in metrics]
+    across = max(1, min(4, len(columns)))
+    down = max(1, math.ceil(len(columns) / across))
+    figure = Figure(figsize=(3.2 * across, 2.8 * down), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(down, across, squeeze=False).ravel()
+    for ax, column in zip(axes, columns):
+        values = [float(row[column]) for row in metrics]
+        bars = ax.bar(range(len(names)), [v if math.isfinite(v) else 0.0 for v in values],
+                      color=[f"C{i % 10}" for i in range(len(names))])
+        ax.bar_label(bars, labels=[f"{v:.3g}" if math.isfinite(v) else "n/a" for v in values], fontsize=7)
+        ax.set_title(column, fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes[len(columns):]:
+        ax.set_axis_off()
+    if not columns:
+        axes[0].text(0.5, 0.5, "no held-out data to score", ha="center", va="center")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(spec: EvalStage, checkpoints: dict[str, Path], tokenizer: Path, workdir: Path) -> Report:
+    """Score each checkpoint (in the given lineage order) on the spec's held-out data; the report and its plot in workdir."""
+    if not checkpoints:
+        raise ValueError(f"eval stage {spec.name!r} has no checkpoints to score")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    data = held_out(spec, tok)
+    columns = data.columns()
+    metrics: list[dict[str, str | float]] = []
+    replies: dict[str, list[str]] = {}
+    reference: Tensor | None = None  # the first checkpoint's summed pair log-probs: π_ref of every reward margin
+    for name, folder in checkpoints.items():
+        found, pair_logps, replies[name] = _scored_checkpoint(folder, tok, data, spec)
+        _release_memory()
+        if pair_logps is not None:
+            found["reward_margin"] = math.nan if reference is None else implicit_reward_margin(pair_logps, reference)
+            reference = pair_logps if reference is None else reference
+        metrics.append({"checkpoint": name} | {column: found.get(column, math.nan) for column in columns})
+    samples = [{"prompt": shown} | {name: replies[name][i] for name in checkpoints} for i, (shown, _) in enumerate(data.samples)]
+    return Report(metrics=metrics, samples=samples, plot=plot(metrics, columns, workdir / "metrics.png"))

@@ -1,0 +1,51 @@
+"""The PRO stage: Preference Ranking Optimization (Song et al. 2023) on ranked lists.
+
+Each prompt's candidates, sorted best first by score, are scored by the policy with their
+length-normalised log-probs. The loss is PRO's listwise one, summed over k = 1..n−1 (the
+best of the remaining candidates against all below it, each comparison weighted by the score
+difference), plus an SFT term on the best candidate weighted by sft_weight·(n−1)², as in the
+paper's released code (stages/losses.py).
+
+A stage with `curriculum: [2, 3, 4]` is run as successive sub-stages, each a child run on
+lists cut to their n best candidates and fed the previous one's checkpoint. The paper trains
+one list length per run; growing it from run to run is ours. Each sub-stage here is one run
+on one n: rows with fewer than n candidates are left out of it, and counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import set_seed
+
+from schemas.spec import PROStage
+from stages.candidates import candidate_logps, train, with_length
+from stages.candidates import prepare as prepare_candidates
+from stages.checkpoint import load_model
+from stages.contract import Prepared, StageInputs, StageResult
+from stages.losses import pro_loss, pro_sft_weight
+from stages.training import ObjectiveTrainer
+
+
+def prepare(spec: PROStage, tokenizer) -> Prepared:
+    return prepare_candidates(spec, tokenizer)
+
+
+class PROTrainer(ObjectiveTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sums, counts = candidate_logps(model, inputs)
+        scores = sums / counts.clamp(min=1)
+        ranking = pro_loss(scores, inputs["scores"], self.spec.reward_weighting).mean()
+        sft = -sums[:, 0].mean()  # the best candidate's summed NLL, as the released code has it
+        self.record(ranking_loss=ranking.detach(), sft_loss=sft.detach(),
+                    score_best=scores[:, 0].detach(), score_rest=scores[:, 1:].detach())
+        return ranking + pro_sft_weight(self.spec.sft_weight, scores.shape[1]) * sft
+
+
+def run(spec: PROStage, inputs: StageInputs, workdir: Path) -> StageResult:
+    set_seed(spec.train.seed)
+    datasets = dict(inputs.datasets)
+    datasets["train"], n, short = with_length(datasets["train"], spec.curriculum[-1] if spec.curriculum else None)
+    result = train(spec, inputs, workdir, load_model(inputs.model), datasets, PROTrainer)
+    result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
+    return result

@@ -1,0 +1,43 @@
+"""The Tuna stage (Li et al. 2023): a margin ranking loss over ranked lists, plus MLE on every candidate.
+
+Candidates are sorted best first and scored by their length-normalised log-probs. Every pair
+at rank distance i must keep the better one ahead by margin·i (stages/losses.py), and the
+token-mean NLL over all candidates, weighted by mle_weight, keeps the model fluent on all
+of them, as in the paper's released code. Lists shorter than the longest are left out, and counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import set_seed
+
+from schemas.spec import TunaStage
+from stages.candidates import candidate_logps, train, with_length
+from stages.candidates import prepare as prepare_candidates
+from stages.checkpoint import load_model
+from stages.contract import Prepared, StageInputs, StageResult
+from stages.losses import tuna_loss
+from stages.training import ObjectiveTrainer
+
+
+def prepare(spec: TunaStage, tokenizer) -> Prepared:
+    return prepare_candidates(spec, tokenizer)
+
+
+class TunaTrainer(ObjectiveTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sums, counts = candidate_logps(model, inputs)
+        ranking = tuna_loss(sums / counts.clamp(min=1), self.spec.margin)
+        mle = -sums.sum() / counts.sum()
+        self.record(ranking_loss=ranking.detach(), mle_loss=mle.detach())
+        return ranking + self.spec.mle_weight * mle
+
+
+def run(spec: TunaStage, inputs: StageInputs, workdir: Path) -> StageResult:
+    set_seed(spec.train.seed)
+    datasets = dict(inputs.datasets)
+    datasets["train"], n, short = with_length(datasets["train"], None)
+    result = train(spec, inputs, workdir, load_model(inputs.model), datasets, TunaTrainer)
+    result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
+    return result

@@ -1,0 +1,143 @@
+"""The alignment stages on a tiny chat model: LoRA merges exactly, DPO's invariants hold, preferences move.
+
+The invariants are TRL's kind: at step 0 the policy is the reference, so every DPO reference
+strategy must give loss log 2 with equal rewards; merged adapters must give the adapter's
+logits. The behaviour tests train for a few seconds and check the held-out preference
+accuracy rises.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+from examples.generate import DATA_DIR
+from schemas.spec import DPOStage, LoraSpec, PROStage, RewardStage, SFTStage, TrainSpec, TunaStage
+from stages import candidates, dpo, pro, reward, sft, tuna
+from stages.checkpoint import load_model
+from stages.contract import StageInputs, adapter_base, is_adapter
+
+QUICK = dict(batch_size=8, warmup=0.0, logging_steps=1, precision="fp32")
+
+
+class Logs(TrainerCallback):
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def pairs(tokenizer: Path, n: int = 200):
+    """The held-out preference pairs, encoded as the stages encode them."""
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    spec = DPOStage(name="p", kind="dpo", data=[DATA_DIR / "preference_heldout.jsonl"], max_len=128, template="chatml")
+    return candidates.prepare(spec, tok).datasets["train"].select(range(n)), tok.pad_token_id
+
+
+def preference_accuracy(model_dir: Path, tokenizer: Path) -> float:
+    dataset, pad = pairs(tokenizer)
+    return candidates.heldout_metrics(load_model(model_dir), dataset, pad)["preference_accuracy"]
+
+
+def test_merged_lora_gives_the_adapters_logits(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+    spec = SFTStage(name="sft-lora", kind="sft", data=[DATA_DIR / "sft.jsonl"], max_len=256, template="chatml",
+                    lora=LoraSpec(r=4, alpha=8, targets="all-linear", merge=True), train=TrainSpec(max_steps=15, lr=3e-3, **QUICK))
+    datasets = sft.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    result = sft.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
+    assert is_adapter(result.adapter) and adapter_base(result.adapter) == chat_model
+    assert (result.adapter / "adapter_model.safetensors").stat().st_size < (result.checkpoint / "model.safetensors").stat().st_size / 5
+
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    adapted = PeftModel.from_pretrained(base, result.adapter).eval()  # unmerged: base weights plus the low-rank path
+    merged = AutoModelForCausalLM.from_pretrained(result.checkpoint).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(trained_tokenizer)("The capital of Samoria is Uxkel.")["input_ids"]])
+    with torch.no_grad():
+        with adapted.disable_adapter():
+            plain = adapted(ids).logits
+        assert not torch.allclose(adapted(ids).logits, plain, atol=1e-3)  # the adapter learned something
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("reference, lora", [("frozen", None), ("adapter-off", LoraSpec(r=4)), ("precomputed", None)])
+def test_dpo_at_step_zero_gives_log_2_and_equal_rewards(reference, lora, trained_tokenizer: Path, chat_model: Path,
+                                                       tmp_path: Path) -> None:
+    spec = DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=128, template="chatml",
+                    reference=reference, lora=lora, train=TrainSpec(max_steps=1, lr=1e-3, **QUICK))
+    datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    logs = Logs()
+    dpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,), reference=tmp_path / "ref"), tmp_path / "w")
+    step = next(log for log in logs.logs if "loss" in log)  # logged at step 1: the loss of the first batch, before any update
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert step["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and step["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert step["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+    if reference == "precomputed":
+        assert (tmp_path / "ref" / dpo.REFERENCE_FILE).exists()  # kept for the next run on this input model
+
+
+def test_short_dpo_raises_heldout_preference_accuracy(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+    spec = DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], heldout=[DATA_DIR / "preference_heldout.jsonl"],
+                    max_len=128, template="chatml", beta=0.1, train=TrainSpec(max_steps=30, lr=5e-4, **(QUICK | {"logging_steps": 5})))
+    datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    logs = Logs()
+    result = dpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path)
+    metrics = result.metrics
+    assert metrics["heldout_preference_accuracy"] >= metrics["heldout_preference_accuracy_before"] + 0.05
+    assert metrics["heldout_preference_margin"] > metrics["heldout_preference_margin_before"]
+    margins = [log["rewards/margin"] for log in logs.logs if "rewards/margin" in log]
+    assert sum(margins[-3:]) / 3 > 0.2 and all(f"logps/{side}" in logs.logs[0] for side in ("chosen", "rejected"))
+
+
+def test_short_pro_raises_heldout_preference_accuracy(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+    spec = PROStage(name="pro", kind="pro", data=[DATA_DIR / "ranked.jsonl"], heldout=[DATA_DIR / "ranked_heldout.jsonl"],
+                    max_len=128, template="chatml", curriculum=[4], sft_weight=0.0,
+                    train=TrainSpec(max_steps=100, lr=3e-3, **(QUICK | {"logging_steps": 10})))
+    datasets = pro.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    result = pro.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
+    metrics = result.metrics
+    assert metrics["list_length"] == 4 and metrics["short_lists_left_out"] == 0
+    assert metrics["heldout_kendall_tau"] > metrics["heldout_kendall_tau_before"] + 0.05
+    assert preference_accuracy(result.checkpoint, trained_tokenizer) > preference_accuracy(chat_model, trained_tokenizer)
+
+
+def test_pro_sub_stage_cuts_lists_to_its_length(trained_tokenizer: Path) -> None:
+    spec = PROStage(name="pro", kind="pro", data=[DATA_DIR / "ranked_heldout.jsonl"], max_len=128, template="chatml")
+    dataset = pro.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets["train"]
+    uneven = dataset.map(lambda row, i: {k: row[k][: 2 + i % 3] for k in ("input_ids", "labels", "scores")}, with_indices=True)
+    kept, n, left_out = candidates.with_length(uneven, 3)
+    assert n == 3 and left_out == sum(1 for i in range(len(uneven)) if i % 3 == 0)
+    assert all(len(ids) == 3 for ids in kept["input_ids"]) and all(s == sorted(s, reverse=True) for s in kept["scores"])
+
+
+def test_tuna_trains_its_ranking_and_mle_terms(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+    spec = TunaStage(name="tuna", kind="tuna", data=[DATA_DIR / "ranked.jsonl"], heldout=[DATA_DIR / "ranked_heldout.jsonl"],
+                     max_len=128, template="chatml", train=TrainSpec(max_steps=20, lr=1e-3, **(QUICK | {"logging_steps": 10})))
+    datasets = tuna.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    logs = Logs()
+    result = tuna.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path)
+    steps = [log for log in logs.logs if "ranking_loss" in log]
+    assert steps[-1]["ranking_loss"] < steps[0]["ranking_loss"]
+    assert steps[0]["loss"] == pytest.approx(steps[0]["ranking_loss"] + steps[0]["mle_loss"], rel=0.2)  # averaged over 10 steps each
+    assert result.metrics["list_length"] == 4 and AutoModelForCausalLM.from_pretrained(result.checkpoint) is not None
+
+
+def test_reward_model_learns_pairs_and_scores_replies(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+    spec = RewardStage(name="reward", kind="reward", data=[DATA_DIR / "preference.jsonl"], heldout=[DATA_DIR / "preference_heldout.jsonl"],
+                       max_len=128, template="chatml", train=TrainSpec(max_steps=40, lr=1e-3, **(QUICK | {"logging_steps": 10})))
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    logs = Logs()
+    result = reward.run(spec, StageInputs(chat_model, trained_tokenizer, reward.prepare(spec, tok).datasets, (logs,)), tmp_path)
+    metrics = result.metrics
+    trained = [log["rewards/accuracy"] for log in logs.logs if "rewards/accuracy" in log]
+    assert trained[-1] > max(0.7, trained[0])  # the training pairs are learned
+    assert metrics["heldout_reward_accuracy"] > metrics["heldout_reward_accuracy_before"]
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(result.checkpoint)
+    prompt = [{"role": "user", "content": "Compute 6 plus 14."}]
+    good, bad = reward.rewards(scorer, tok, [prompt, prompt], ["6 plus 14 equals 20.", "6 plus 14 equals 21."], "chatml")
+    assert math.isfinite(good) and math.isfinite(bad) and good != bad
