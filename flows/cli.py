@@ -21,7 +21,8 @@ class UsageError(ValueError):
     """A command given what it cannot work with (a missing folder, clashing options): one line, exit 2."""
 
 
-KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match", "train_tokens_per_second", "vocab_size")
+KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match", "heldout_preference_accuracy_before",
+               "heldout_preference_accuracy", "heldout_kendall_tau", "heldout_reward_accuracy", "train_tokens_per_second", "vocab_size")
 
 
 def _check(spec_path: Path) -> None:
@@ -80,6 +81,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stage = next((s for s in spec.stages if s.name == args.stage), None)
     if stage is None:
         raise SpecError(f"{args.spec}: no stage named {args.stage!r}; the stages are {', '.join(s.name for s in spec.stages)}")
+    if stage.kind == "eval":
+        raise SpecError(f"{args.spec}: stage {stage.name!r} trains nothing; `lifecycle report {args.spec}` shows what it measured")
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
         home = Home.from_env()
@@ -220,6 +223,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """The eval stage's metrics table and sample replies, as its finished run logged them."""
     import tempfile
 
+    from mlflow.exceptions import MlflowException
+
     from tasks.lineage import client, experiment_id, finished_run
     from tasks.plan import plan
 
@@ -237,8 +242,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if run is None:
         raise SpecError(f"{args.spec}: eval stage {chosen.name!r} has no finished run; run `lifecycle run {args.spec}` first")
     with tempfile.TemporaryDirectory() as folder:
-        metrics = json.loads(Path(mlflow.download_artifacts(run.info.run_id, "eval/metrics.json", folder)).read_text())
-        samples = json.loads(Path(mlflow.download_artifacts(run.info.run_id, "eval/samples.json", folder)).read_text())
+        try:
+            metrics, samples = (json.loads(Path(mlflow.download_artifacts(run.info.run_id, f"eval/{name}.json", folder)).read_text())
+                                for name in ("metrics", "samples"))
+        except MlflowException as err:
+            raise SpecError(f"{args.spec}: eval stage {chosen.name!r} (run {run.info.run_id}) holds no readable "
+                            f"eval/metrics.json and eval/samples.json: {err.message}") from None
     print(f"{chosen.name} (run {run.info.run_id}); plot: eval/metrics.png in that run\n")
     print(format_metrics(metrics))
     if samples["data"]:

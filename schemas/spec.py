@@ -18,6 +18,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt,
 from schemas.formats import Format
 
 TOKENIZER_STAGE = "tokenizer"
+# names the eval report's tables use for their own columns, and the tokenizer's stage
+RESERVED_NAMES = (TOKENIZER_STAGE, "checkpoint", "prompt")
 # How conversations become text; "tokenizer" is the tokenizer's own chat template (stages/templates.py).
 TemplateName = Literal["chatml", "llama2", "deepseek", "alpaca", "tokenizer"]
 
@@ -295,7 +297,7 @@ class PipelineSpec(Strict):
     def _stages_link(self) -> PipelineSpec:
         seen: dict[str, Stage] = {}
         for i, stage in enumerate(self.stages):
-            if stage.name in seen or stage.name == TOKENIZER_STAGE:
+            if stage.name in seen or stage.name in RESERVED_NAMES:
                 raise ValueError(f"stages[{i}].name {stage.name!r} is used twice (or is reserved); stage names must be unique")
             if stage.from_ is not None and stage.from_ not in seen:
                 raise ValueError(f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage")

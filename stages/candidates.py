@@ -9,6 +9,7 @@ summed log-prob of each reply and its token count, shaped [rows, candidates].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,13 @@ def prepare(spec: ChatStage, tokenizer) -> Prepared:
             splits[split], counts[f"{split}_truncated"] = encode(rows(read.frame), tokenizer, spec.max_len, spec.template)
             rejected += read.rejected
     return Prepared(DatasetDict(splits), rejected, counts)
+
+
+def examples(spec: ChatStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    """Every candidate of the first n rows as the stage encodes it: (input_ids, labels), best first."""
+    listed = rows(read_files(spec.data, spec.data_format, spec.on_invalid).frame.head(n))
+    dataset, _ = encode(listed, tokenizer, spec.max_len, spec.template)
+    return [pair for row in dataset for pair in zip(row["input_ids"], row["labels"])]
 
 
 def with_length(dataset: Dataset, n: int | None) -> tuple[Dataset, int, int]:
@@ -125,6 +133,9 @@ def scored(model, dataset: Dataset, pad_id: int, batch_size: int = 32, autocast:
 def heldout_metrics(model, dataset: Dataset, pad_id: int, autocast: bool = False) -> dict[str, float]:
     """Pairs: preference accuracy and margin. Longer lists: ranking agreement (Kendall tau, top-1) as well."""
     model_scores, reference = scored(model, dataset, pad_id, autocast=autocast), dataset["scores"]
+    # a candidate that max_len cut to no reply tokens has no score (-inf): its row cannot be compared
+    kept = [i for i, scores in enumerate(model_scores) if all(math.isfinite(s) for s in scores)]
+    model_scores, reference = [model_scores[i] for i in kept], [reference[i] for i in kept]
     best_vs_worst = [(m[max(range(len(r)), key=r.__getitem__)], m[min(range(len(r)), key=r.__getitem__)])
                      for m, r in zip(model_scores, reference)]
     pairs = torch.tensor(best_vs_worst)

@@ -23,7 +23,8 @@ def load_model(folder: Path, auto_class=AutoModelForCausalLM, dtype: torch.dtype
     if not is_adapter(folder):
         return auto_class.from_pretrained(folder, dtype=dtype, **config)
     base = load_model(adapter_base(folder), auto_class, dtype, **config)
-    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+    # PEFT loads an adapter for inference, freezing every weight; a merged checkpoint trains like any other
+    return PeftModel.from_pretrained(base, folder).merge_and_unload().requires_grad_(True)
 
 
 def with_lora(model: PreTrainedModel, lora: LoraSpec, task_type: str = "CAUSAL_LM") -> PeftModel:

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, set_seed
 
 from schemas.spec import DPOStage
 from stages.candidates import candidate_logps, scored, train
+from stages.candidates import examples as candidate_examples
 from stages.candidates import prepare as prepare_candidates
 from stages.checkpoint import load_model
 from stages.contract import Prepared, StageInputs, StageResult
@@ -32,6 +33,10 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 def prepare(spec: DPOStage, tokenizer) -> Prepared:
     return prepare_candidates(spec, tokenizer)
+
+
+def examples(spec: DPOStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    return candidate_examples(spec, tokenizer, n)
 
 
 class DPOTrainer(ObjectiveTrainer):

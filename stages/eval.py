@@ -28,6 +28,8 @@ The metrics (columns):
                          and the reference scores, and the share of lists whose best-scored candidate
                          is one the reference ranks first (`stages.metrics.ranking`).
 
+Pairs and lists in which max_len leaves some candidate no reply token are left out: such a reply has no score.
+
 Samples: every checkpoint answers the same prompts greedily (spec.samples, else the first four
 held-out prompts, else the first four held-out conversations up to their last reply).
 """
@@ -58,8 +60,7 @@ from stages.generation import answer, exact_match
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, perplexity, preference, ranking
 from stages.packing import concat_chunk, tokenize_documents
-from stages.sft import conversations
-from stages.templates import IGNORE, encode_conversation
+from stages.templates import IGNORE, conversations, encode_conversation
 
 SAMPLES = 4  # held-out prompts answered side by side when the spec names none
 BATCH = 8  # sequences per forward when scoring: bounds the float32 logits ([batch, max_len, vocab]) in memory
@@ -193,6 +194,13 @@ def _reply_tokens(labels: list[int]) -> int:
     return sum(label != IGNORE for label in labels[1:])
 
 
+def _scorable(dataset: Dataset) -> Dataset | None:
+    """The rows every candidate of which keeps a reply token within max_len: a reply cut away entirely has no score
+    (its length-normalised log-prob is −inf, and one −inf makes a mean margin nan). None when no row is left."""
+    keep = [i for i, row in enumerate(dataset["labels"]) if all(_reply_tokens(labels) for labels in row)]
+    return dataset.select(keep) if keep else None
+
+
 def _samples(spec: EvalStage, tasks: list[list[dict]], chats: list[list[dict]]) -> list[tuple[str, list[dict]]]:
     if spec.samples:
         return [(text, [{"role": "user", "content": text}]) for text in spec.samples]
@@ -210,10 +218,11 @@ def held_out(spec: EvalStage, tokenizer) -> HeldOut:
     references = prompts["answer"].to_list() if prompts is not None else []
     pairs = ranked = pair_tokens = None
     if read["preference"] is not None:
-        pairs, _ = encode(rows(read["preference"]), tokenizer, spec.max_len, spec.template)
+        pairs = _scorable(encode(rows(read["preference"]), tokenizer, spec.max_len, spec.template)[0])
+    if pairs is not None:
         pair_tokens = torch.tensor([[_reply_tokens(labels) for labels in row] for row in pairs["labels"]], dtype=torch.float32)
     if read["ranked"] is not None:
-        ranked, _ = encode(rows(read["ranked"]), tokenizer, spec.max_len, spec.template)
+        ranked = _scorable(encode(rows(read["ranked"]), tokenizer, spec.max_len, spec.template)[0])
     return HeldOut(
         text_blocks=text_blocks(texts, tokenizer, spec.max_len) if texts else [],
         chats=chats,

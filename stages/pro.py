@@ -20,6 +20,7 @@ from transformers import set_seed
 
 from schemas.spec import PROStage
 from stages.candidates import candidate_logps, train, with_length
+from stages.candidates import examples as candidate_examples
 from stages.candidates import prepare as prepare_candidates
 from stages.checkpoint import load_model
 from stages.contract import Prepared, StageInputs, StageResult
@@ -29,6 +30,10 @@ from stages.training import ObjectiveTrainer
 
 def prepare(spec: PROStage, tokenizer) -> Prepared:
     return prepare_candidates(spec, tokenizer)
+
+
+def examples(spec: PROStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    return candidate_examples(spec, tokenizer, n)
 
 
 class PROTrainer(ObjectiveTrainer):

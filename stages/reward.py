@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 
 from schemas.spec import RewardStage
 from stages.candidates import CandidatesCollator, encode, train
+from stages.candidates import examples as candidate_examples
 from stages.candidates import prepare as prepare_candidates
 from stages.checkpoint import load_model
 from stages.contract import Prepared, StageInputs, StageResult
@@ -28,6 +29,10 @@ from stages.training import ObjectiveTrainer
 
 def prepare(spec: RewardStage, tokenizer) -> Prepared:
     return prepare_candidates(spec, tokenizer)
+
+
+def examples(spec: RewardStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    return candidate_examples(spec, tokenizer, n)
 
 
 def pair_rewards(model, batch: dict[str, Tensor]) -> Tensor:

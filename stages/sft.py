@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import polars as pl
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
@@ -24,14 +23,8 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult
 from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
-from stages.templates import IGNORE, encode_conversation, store_template
+from stages.templates import IGNORE, conversations, encode_conversation, store_template
 from stages.training import fit, make_trainer, training_arguments
-
-
-def conversations(frame: pl.DataFrame) -> list[list[dict]]:
-    """Canonical rows (parallel roles and contents) as message lists."""
-    return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
-            for roles, contents in zip(frame["roles"].to_list(), frame["contents"].to_list())]
 
 
 def encode(messages_list: list[list[dict]], tokenizer, spec: SFTStage) -> tuple[Dataset, dict[str, float]]:

@@ -18,6 +18,8 @@ import json
 import re
 from dataclasses import dataclass
 
+import polars as pl
+
 IGNORE = -100  # label of a token that carries no loss
 
 BOS, EOS, PAD = "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"
@@ -290,3 +292,9 @@ def store_template(tokenizer, template: str) -> None:
 
 
 CHATML = jinja("chatml")
+
+
+def conversations(frame: pl.DataFrame) -> list[list[dict]]:
+    """Canonical rows (parallel roles and contents) as message lists."""
+    return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
+            for roles, contents in zip(frame["roles"].to_list(), frame["contents"].to_list())]

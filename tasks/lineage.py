@@ -221,15 +221,10 @@ def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str =
 REPORT = "eval"  # the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png
 
 
-def _columns(rows: list[dict]) -> dict[str, list]:
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    return {name: [row.get(name) for row in rows] for name in names}
-
-
-def log_report(mlflow: MlflowClient, run_id: str, metrics: list[dict], samples: list[dict], plot: Path) -> None:
+def log_report(mlflow: MlflowClient, run_id: str, metrics: dict[str, list], samples: dict[str, list], plot: Path) -> None:
     """An eval stage's comparison as MLflow tables (a row per checkpoint; a row per sample prompt) and a plot."""
-    mlflow.log_table(run_id, _columns(metrics), f"{REPORT}/metrics.json")
-    mlflow.log_table(run_id, _columns(samples), f"{REPORT}/samples.json")
+    mlflow.log_table(run_id, metrics, f"{REPORT}/metrics.json")
+    mlflow.log_table(run_id, samples, f"{REPORT}/samples.json")
     mlflow.log_artifact(run_id, str(plot), REPORT)
 
 

@@ -86,7 +86,8 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
                                 else {"path_digest": folder_digest(spec.model.path)})
         else:
             payload["upstream"] = planned[upstream.name].fingerprint
-        planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, _fingerprint(payload), upstream.name if upstream else None)
+        source = upstream.name if upstream is not None and not isinstance(stage, EvalStage) else None
+        planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, _fingerprint(payload), source)
     return list(planned.values())
 
 
@@ -96,5 +97,5 @@ def parts(stage: PlannedStage) -> list[PlannedStage]:
     if len(lengths) < 2:
         return []
     return [PlannedStage(f"{stage.name}-n{n}", stage.kind, stage.spec.model_copy(update={"curriculum": [n]}),
-                         _fingerprint({"stage": stage.fingerprint, "part": n}), stage.name if i == 0 else f"{stage.name}-n{lengths[i - 1]}")
+                         _fingerprint({"stage": stage.fingerprint, "part": n}), stage.upstream if i == 0 else f"{stage.name}-n{lengths[i - 1]}")
             for i, n in enumerate(lengths)]

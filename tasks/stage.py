@@ -111,15 +111,21 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
 
 
 def tokenizer_texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
-    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory) and every message."""
+    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message and every reply."""
     from stages.streaming import documents
 
     for path, fmt, on_invalid in files:
         if fmt == "text":
             yield from documents([path], on_invalid)
-        else:
-            for contents in read_file(path, fmt, on_invalid).frame["contents"]:
-                yield from contents
+            continue
+        frame = read_file(path, fmt, on_invalid).frame
+        for column in ("contents", "prompt_contents", "completions"):
+            if column in frame.columns:
+                for texts in frame[column]:
+                    yield from texts
+        for column in ("chosen", "rejected"):
+            if column in frame.columns:
+                yield from frame[column]
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
@@ -160,7 +166,8 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
             lineage.log_data_inputs(mlflow, run_id, {"train": part.spec.data, "eval": part.spec.heldout})
             _log_preparation(mlflow, run_id, datasets_dir)
             if input_run is not None:
-                model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(input_run), part.spec.input)
+                artifact = lineage.ADAPTER if part.spec.input == "adapter" else lineage.CHECKPOINT
+                model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(input_run), artifact)
                 reference = datasets_dir / f"reference-{lineage.fingerprint_of(mlflow.get_run(input_run))[:16]}"
             else:
                 model, reference = spec.model.init or spec.model.path, None
@@ -193,7 +200,7 @@ def evaluate(home: Home, experiment: str, stage: PlannedStage, parent: str, scor
         checkpoints = {name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()}
         tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
         report = evaluation.run(stage.spec, checkpoints, tokenizer, home.work(stage.name, stage.fingerprint))
-        lineage.log_report(mlflow, run_id, report.metrics, report.samples, report.plot)
+        lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
         metrics = {f"{row['checkpoint']}/{name}": value for row in report.metrics for name, value in row.items()
                    if name != "checkpoint" and not math.isnan(value)}
         return StageResult(checkpoint=None, metrics=metrics)

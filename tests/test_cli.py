@@ -22,7 +22,7 @@ def lifecycle(*args: str, home: Path) -> subprocess.CompletedProcess:
 def test_validate_checks_spec_and_data_without_training(tmp_path: Path) -> None:
     done = lifecycle("validate", str(QUICK), home=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "spec valid; 3 stages; 4 data files, 10400 rows, all valid" in done.stdout
+    assert "spec valid; 9 stages; 9 data files, 14500 rows, all valid" in done.stdout
     assert not (tmp_path / "work").exists()
 
 
@@ -52,8 +52,8 @@ def test_bad_spec_is_one_clear_message(tmp_path: Path) -> None:
 
 def test_status_of_a_spec_never_run_is_pending(tmp_path: Path) -> None:
     done = lifecycle("status", str(QUICK), "--json", home=tmp_path)
-    assert [(row["name"], row["state"], row["run_id"]) for row in json.loads(done.stdout)] == [
-        ("tokenizer", "pending", None), ("pretrain", "pending", None), ("sft", "pending", None)]
+    names = ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "eval"]
+    assert [(row["name"], row["state"], row["run_id"]) for row in json.loads(done.stdout)] == [(name, "pending", None) for name in names]
 
 
 def free_port() -> int:
@@ -93,5 +93,7 @@ def test_inspect_marks_what_each_stage_trains(quick_run) -> None:
     assert "<|im_start|>assistant\n⟦The word fire in capital letters is FIRE.<|im_end|>⟧" in done.stdout
     pretrain = lifecycle("inspect", str(QUICK), "--stage", "pretrain", "-n", "1", home=root).stdout
     assert pretrain.startswith("--- pretrain example 1") and pretrain.rstrip().endswith("<|endoftext|>⟧")
+    pair = lifecycle("inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root).stdout  # a row's chosen, then rejected
+    assert pair.count("--- dpo example") == 2 and "assistant\n⟦The word rose reversed is esor.<|im_end|>⟧" in pair
     missing = lifecycle("inspect", str(QUICK), "--stage", "nope", home=root)
     assert missing.returncode == 2 and "no stage named 'nope'; the stages are pretrain, sft" in missing.stderr

@@ -14,9 +14,9 @@ from transformers import AutoTokenizer, set_seed
 
 from examples.generate import DATA_DIR
 from flows.cli import format_metrics, format_samples, main
-from schemas.spec import EvalStage, LlamaInit, load_spec, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
+from schemas.spec import EvalStage, PretrainStage, SFTStage, TrainSpec, load_spec
 from stages import eval as eval_stage
-from stages import pretrain, sft, tokenizer
+from stages import pretrain, sft
 from stages.checkpoint import load_model
 from stages.contract import StageInputs
 from stages.eval import answer_matches, implicit_reward_margin, labelled_logp, text_blocks
@@ -27,10 +27,9 @@ from tasks.home import Home
 from tasks.lineage import TAG, client, experiment_id
 from tasks.plan import plan
 
-from .conftest import use_home
+from .conftest import TINY, use_home
 
-TINY = LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
-FAST = dict(batch_size=4, lr=3e-3, warmup=0.0, logging_steps=10, save_steps=20, precision="fp32")
+FAST = dict(batch_size=4, lr=3e-3, warmup=0.0, logging_steps=10, save_steps=20, precision="fp32")  # fewer rows than conftest's
 ASKED = [[{"role": "user", "content": "Compute 26 plus 4."}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write rain in capital letters."}],
          [{"role": "user", "content": "What is the capital of Uxrania?"}]]
@@ -115,14 +114,10 @@ def test_answer_matching_rule(reply: str, reference: str, expected: bool) -> Non
 # ---------------------------------------------------------------- tiny checkpoints
 
 @pytest.fixture(scope="module")
-def trained_tokenizer(tmp_path_factory) -> Path:
-    texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
-    return tokenizer.run(TokenizerTrain(vocab_size=512), texts, "chatml", tmp_path_factory.mktemp("tok")).checkpoint
-
-
-@pytest.fixture(scope="module")
 def checkpoints(trained_tokenizer: Path, tmp_path_factory) -> dict[str, Path]:
-    """A 2-layer 64-wide pretrain of 20 steps, and a 20-step SFT on it (chatml): lineage order."""
+    """A 2-layer 64-wide pretrain of 20 steps, and a 20-step SFT on it (chatml): lineage order.
+
+    Smaller than conftest's shared `pretrained` (40 steps of 8 rows), so this file alone stays well under a minute."""
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     pre_spec = PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"], packing={"block_size": 64},
                              train=TrainSpec(max_steps=20, **FAST))
@@ -179,6 +174,15 @@ def test_short_text_still_counts_its_tail_block(trained_tokenizer: Path) -> None
     blocks = text_blocks(["one two three", "four"], tok, max_len=4)
     stream = [t for text in ("one two three", "four") for t in (*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
     assert sum(blocks, []) == stream and all(len(b) == 4 for b in blocks[:-1]) and len(blocks[-1]) <= 4
+
+
+def test_pairs_whose_replies_max_len_cuts_away_are_left_out(trained_tokenizer: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    spec = EvalStage(name="eval", kind="eval", preference=[DATA_DIR / "preference_heldout.jsonl"], limit=4, max_len=128, template="chatml")
+    kept = eval_stage.held_out(spec, tok)
+    assert kept.pairs.num_rows == 4 and kept.pair_tokens.shape == (4, 2) and bool((kept.pair_tokens > 0).all())
+    cut = eval_stage.held_out(spec.model_copy(update={"max_len": 8}), tok)  # every prompt is longer than 8 tokens
+    assert cut.pairs is None and cut.columns() == []
 
 
 # ---------------------------------------------------------------- generation through the stored template

@@ -19,7 +19,7 @@ from .conftest import QUICK, use_home
 def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_run) -> None:
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    assert list(runs) == ["tokenizer", "pretrain", "sft"]
+    assert list(runs) == ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "eval"]
     planned = {stage.name: stage for stage in plan(load_spec(QUICK))}
     parents = set()
     for name, run_id in runs.items():
@@ -28,7 +28,9 @@ def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_
         assert run.info.status == "FINISHED" and run.info.run_name == name
         assert tags["lifecycle.stage"] == name and tags["lifecycle.fingerprint"] == planned[name].fingerprint
         parents.add(tags["mlflow.parentRunId"])
-        assert [a.path for a in mlflow.list_artifacts(run_id)] == ["checkpoint", "stage_spec.json"]
+    for name in ("tokenizer", "pretrain", "sft", "dpo", "tuna", "reward"):
+        assert [a.path for a in mlflow.list_artifacts(runs[name])] == ["checkpoint", "stage_spec.json"]
+    tags = mlflow.get_run(runs["sft"]).data.tags
     assert tags["lifecycle.upstream_run"] == runs["pretrain"] and tags["lifecycle.tokenizer_run"] == runs["tokenizer"]
     (parent,) = parents
     parent_run = mlflow.get_run(parent)
@@ -59,9 +61,11 @@ def test_rerun_reuses_every_finished_stage_and_an_edit_reruns_downstream_only(qu
     heldout = tmp_path / "sft_heldout.jsonl"
     heldout.write_text((QUICK.parent / "data" / "sft_heldout.jsonl").read_text() + '{"conversations": []}\n')
     edited = tmp_path / "quick.yaml"
-    edited.write_text(QUICK.read_text().replace("data: data/sft.jsonl", "data: data/sft.jsonl\n    on_invalid: skip")
+    spine = QUICK.read_text().split("  # ---- alignment")[0]  # the stages after SFT would only re-run too, at length
+    edited.write_text(spine.replace("data: data/sft.jsonl", "data: data/sft.jsonl\n    on_invalid: skip")
                       .replace("data/sft_heldout.jsonl", str(heldout)).replace("data/", str(QUICK.parent / "data") + "/"))
     again = lifecycle(str(edited))
+    assert list(again) == ["tokenizer", "pretrain", "sft"]
     assert again["tokenizer"] == runs["tokenizer"] and again["pretrain"] == runs["pretrain"]
     assert again["sft"] != runs["sft"]
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -81,3 +85,53 @@ def test_status_reads_the_store_from_another_process(quick_run) -> None:
     rows = json.loads(out)
     assert [(r["name"], r["state"], r["run_id"]) for r in rows] == [(name, "finished", run) for name, run in runs.items()]
     assert rows[2]["kind"] == "sft" and "train_loss" in rows[2]["metrics"]
+
+
+def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_path) -> None:
+    from stages.checkpoint import load_model
+    from stages.contract import adapter_base, is_adapter
+    from tasks.home import Home
+    from tasks.lineage import fetch_checkpoint
+
+    root, runs = quick_run
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    home = Home(root)
+
+    # LoRA with merge: the merged model is the checkpoint, the adapter is logged beside it
+    assert [a.path for a in mlflow.list_artifacts(runs["sft-lora"])] == ["adapter", "checkpoint", "stage_spec.json"]
+    # LoRA without merge: the checkpoint is the adapter; fetched, it names the fetched checkpoint of its input as its base
+    dpo = fetch_checkpoint(mlflow, home, mlflow.get_run(runs["dpo"]))
+    assert is_adapter(dpo) and adapter_base(dpo) == fetch_checkpoint(mlflow, home, mlflow.get_run(runs["sft-lora"]))
+    assert load_model(dpo).config.hidden_size == 64  # applied to its base and merged on load
+    dpo_run = mlflow.get_run(runs["dpo"])
+    assert {"rewards/margin", "rewards/accuracy", "logps/chosen", "heldout_preference_accuracy"} <= set(dpo_run.data.metrics)
+
+    # the PRO curriculum: one child run per list length under the PRO run, each fed by the one before
+    pro = mlflow.get_run(runs["pro"])
+    parts = mlflow.search_runs([pro.info.experiment_id], f"tags.`mlflow.parentRunId` = '{runs['pro']}'", order_by=["attributes.start_time ASC"])
+    assert [p.info.run_name for p in parts] == ["pro-n2", "pro-n3"] and all(p.info.status == "FINISHED" for p in parts)
+    assert parts[0].data.tags["lifecycle.upstream_run"] == runs["dpo"]
+    assert parts[1].data.tags["lifecycle.upstream_run"] == parts[0].info.run_id
+    assert [p.data.metrics["list_length"] for p in parts] == [2, 3]
+    assert pro.data.tags["lifecycle.checkpoint_run"] == parts[1].info.run_id
+    assert mlflow.get_run(runs["tuna"]).data.tags["lifecycle.upstream_run"] == runs["pro"]
+    assert fetch_checkpoint(mlflow, home, pro) == fetch_checkpoint(mlflow, home, parts[1])
+
+    reward = mlflow.get_run(runs["reward"])
+    assert reward.data.tags["lifecycle.upstream_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
+
+
+def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_run, tmp_path) -> None:
+    root, runs = quick_run
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    scored = ["pretrain", "sft", "sft-lora", "dpo", "pro", "tuna"]
+    parent = mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"]
+    for run_id, folder in ((runs["eval"], "eval"), (parent, "eval")):
+        assert {a.path for a in mlflow.list_artifacts(run_id, folder)} == {f"{folder}/metrics.json", f"{folder}/samples.json", f"{folder}/metrics.png"}
+        table = json.loads(open(mlflow.download_artifacts(run_id, f"{folder}/metrics.json", str(tmp_path / run_id))).read())
+        assert [row[table["columns"].index("checkpoint")] for row in table["data"]] == scored
+        assert {"perplexity", "response_loss", "exact_match", "task_accuracy", "preference_accuracy", "kendall_tau"} <= set(table["columns"])
+        samples = json.loads(open(mlflow.download_artifacts(run_id, f"{folder}/samples.json", str(tmp_path / run_id))).read())
+        assert set(scored) <= set(samples["columns"]) and samples["data"]
+    metrics = mlflow.get_run(runs["eval"]).data.metrics
+    assert "sft/exact_match" in metrics and "dpo/preference_accuracy" in metrics and "pretrain/perplexity" in metrics
