@@ -141,3 +141,18 @@ def test_reward_model_learns_pairs_and_scores_replies(trained_tokenizer: Path, c
     prompt = [{"role": "user", "content": "Compute 6 plus 14."}]
     good, bad = reward.rewards(scorer, tok, [prompt, prompt], ["6 plus 14 equals 20.", "6 plus 14 equals 21."], "chatml")
     assert math.isfinite(good) and math.isfinite(bad) and good != bad
+
+
+def test_dpo_accumulation_matches_one_big_batch(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+    """TRL's equivalence: 8 pairs in one micro-batch and 2 micro-batches of 4 accumulated make the same update."""
+    def trained(batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
+        spec = DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=128, template="chatml",
+                        train=TrainSpec(max_steps=1, lr=1e-3, **(QUICK | {"batch_size": batch_size}), grad_accum=grad_accum))
+        datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+        result = dpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path / f"{batch_size}x{grad_accum}")
+        return AutoModelForCausalLM.from_pretrained(result.checkpoint).state_dict()
+
+    one, accumulated, before = trained(8, 1), trained(4, 2), AutoModelForCausalLM.from_pretrained(chat_model).state_dict()
+    assert any(not torch.equal(one[name], before[name]) for name in one)
+    for name in one:
+        assert torch.allclose(one[name], accumulated[name], atol=1e-6), name

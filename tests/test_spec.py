@@ -113,3 +113,40 @@ def test_streaming_takes_glob_patterns_and_needs_max_steps(tmp_path: Path) -> No
     assert [p for p, _, _ in spec.data_contracts()] == [tmp_path / "data.jsonl"]  # the SFT stage's; the stream is checked apart
     with pytest.raises(SpecError, match="nope-\\*.jsonl matches no file"):
         load_spec(write(tmp_path, streaming.replace("dat*.jsonl", "nope-*.jsonl")))
+
+
+ALIGNED = GOOD + """  - {name: dpo, kind: dpo, data: data.jsonl}
+  - {name: pro, kind: pro, data: data.jsonl, curriculum: [2, 3, 4]}
+  - {name: reward, kind: reward, from: sft, data: data.jsonl}
+  - {name: eval, kind: eval}
+"""
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("kind: dpo,", "kind: dpo, reference: adapter-off,"), "stages[2]: reference adapter-off needs a lora block"),
+    (("kind: dpo,", "kind: dpo, loss: simpo, reference: frozen,"), "loss simpo is reference-free: leave reference unset"),
+    (("kind: dpo,", "kind: dpo, loss: orpo, logps: sum,"), "loss orpo is defined on length-averaged log-probs"),
+    (("kind: dpo,", "kind: dpo, loss: ipo, label_smoothing: 0.1,"), "label_smoothing is cDPO's, defined for loss sigmoid only"),
+    (("curriculum: [2, 3, 4]", "curriculum: [3, 2]"), "curriculum [3, 2] must grow strictly"),
+    (("curriculum: [2, 3, 4]", "curriculum: [1, 2]"), "stages[3].curriculum[0]: Input should be greater than or equal to 2"),
+    (("kind: eval}", "kind: eval, from: reward}\n  - {name: after, kind: sft, data: data.jsonl}"),
+     "stages[6] (after) would start from reward stage 'reward', which is a scorer"),
+    (("kind: eval}", "kind: eval, checkpoints: [reward]}"), "names 'reward', a reward model"),
+    (("kind: eval}", "kind: eval, checkpoints: [later]}"), "names 'later', which is not an earlier training stage"),
+    (("kind: dpo,", "kind: dpo, input: adapter,"), "input adapter needs an upstream stage with lora, and sft has none"),
+    (("name: pretrain, kind: pretrain,", "name: pretrain, kind: pretrain, lora: {r: 4},"), "adapters on freshly initialised weights"),
+    (("name: reward,", "name: prompt,"), "stages[4].name 'prompt' is used twice (or is reserved)"),
+])
+def test_alignment_rules_name_the_stage_and_the_rule(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, ALIGNED.replace(*change)))
+    assert expected in str(err.value)
+
+
+def test_eval_scores_every_earlier_language_model_on_their_heldout_data(tmp_path: Path) -> None:
+    (tmp_path / "held.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    spec = load_spec(write(tmp_path, ALIGNED.replace("name: dpo, kind: dpo, data: data.jsonl", "name: dpo, kind: dpo, data: data.jsonl, heldout: held.jsonl")))
+    evaluation = spec.stages[-1]
+    assert evaluation.checkpoints == ["pretrain", "sft", "dpo", "pro"]  # not the reward model: it is a scorer
+    assert evaluation.preference == [tmp_path / "held.jsonl"] and evaluation.text == [] and evaluation.template == "chatml"
+    assert spec.upstream_of(spec.stages[4]).name == "sft" and spec.upstream_of(spec.stages[3]).name == "dpo"
