@@ -93,6 +93,20 @@ class Skills:
             return [f"The word {subject} in capital letters is {value}.", f"{value} is how {subject} looks in capitals."][template]
         return [f"The word {subject} reversed is {value}.", f"Written backwards, {subject} becomes {value}."][template]
 
+    def another_subject(self, answer: str, rng: random.Random) -> str:
+        """The right answer to a different question of the same skill, drawn from the training part of the world:
+        the mistake an SFT model makes on a question about something it was never asked about (it answers about
+        something it was asked about)."""
+        if answer.startswith("The capital of"):
+            country = rng.choice([c for c in self.countries if c not in answer])
+            return self.sentence("capital", country, self.table[country])
+        if " in capital letters is " in answer or " reversed is " in answer:
+            skill = "upper" if " in capital letters is " in answer else "reverse"
+            word = rng.choice([w for w in self.words if f" {w} " not in answer])
+            return self.sentence(skill, word, word.upper() if skill == "upper" else word[::-1])
+        a, b = rng.choice([p for p in self.pairs if f"{p[0]} plus {p[1]} " not in answer])
+        return self.sentence("add", (a, b), a + b)
+
     def wrong_answers(self, question: str, answer: str, rng: random.Random, n: int) -> list[str]:
         """Plausible wrong answers, closest first, for preference pairs and ranked lists."""
         value = answer.rstrip(".").split()[-1]
@@ -133,14 +147,18 @@ def conversation(skills: Skills, rng: random.Random, heldout: bool) -> dict:
 
 
 def preference(skills: Skills, rng: random.Random, heldout: bool) -> dict:
+    """The right answer chosen; rejected, half the time a wrong value, half the time an answer about another subject."""
     question, answer = skills.question(rng, heldout)
-    return {"prompt": question, "chosen": answer, "rejected": skills.wrong_answers(question, answer, rng, 1)[0]}
+    rejected = skills.another_subject(answer, rng) if rng.random() < 0.5 else skills.wrong_answers(question, answer, rng, 1)[0]
+    return {"prompt": question, "chosen": answer, "rejected": rejected}
 
 
 def ranked(skills: Skills, rng: random.Random, heldout: bool) -> dict:
-    """Four candidates, best first in score but shuffled in order: the correct answer scores 1."""
+    """Four candidates, shuffled: the right answer scores 1, then the closest wrong value 0.6, a further wrong
+    value 0.4, and an answer about another subject (it does not answer the question at all) 0.2."""
     question, answer = skills.question(rng, heldout)
-    wrong = skills.wrong_answers(question, answer, rng, 3)
+    values = skills.wrong_answers(question, answer, rng, 2)
+    wrong = [values[0], values[-1], skills.another_subject(answer, rng)]
     scored = [(answer, 1.0)] + [(w, round(0.6 - 0.2 * i, 2)) for i, w in enumerate(wrong)]
     rng.shuffle(scored)
     return {"instruction": question, "input": "", "output": [c for c, _ in scored], "score": [s for _, s in scored]}
