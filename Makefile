@@ -27,6 +27,8 @@ test: install
 
 bench: install
 	$(PY) -m bench.pipeline
+	$(PY) -m bench.alignment
+	$(PY) -m bench.generate
 
 clean:
 	rm -rf .lifecycle
