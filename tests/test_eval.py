@@ -156,8 +156,8 @@ def test_eval_report_has_a_row_per_checkpoint_and_a_plot(checkpoints: dict[str, 
     assert 1 < tuned["perplexity"] < 512 and tuned["response_loss"] < pre["response_loss"]
     assert all(0 <= row[c] <= 1 for row in report.metrics for c in ("exact_match", "task_accuracy", "preference_accuracy", "top1"))
     # four held-out prompts, each answered by both checkpoints
-    assert [row["prompt"] for row in report.samples] == ["Write rain in capital letters.", "What is the capital of Uxrania?",
-                                                         "Write jam in capital letters.", "Reverse the letters of tree."]
+    first_prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "rl_prompts_heldout.jsonl").read_text().splitlines()[:4]]
+    assert [row["prompt"] for row in report.samples] == first_prompts  # no samples named: the first held-out prompts
     assert all(set(row) == {"prompt", "pretrain", "sft"} for row in report.samples)
     assert report.plot == tmp_path / "metrics.png" and report.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.metrics_table()["checkpoint"] == ["pretrain", "sft"]
