@@ -9,7 +9,6 @@ summed log-prob of each reply and its token count, shaped [rows, candidates].
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +38,26 @@ def rows(frame: pl.DataFrame) -> list[tuple[list[dict], list[str], list[float]]]
     return list(zip(prompts, frame["completions"].to_list(), frame["scores"].to_list()))
 
 
-def encode(listed: list[tuple[list[dict], list[str], list[float]]], tokenizer, max_len: int, template: str) -> tuple[Dataset, int]:
-    """One row per prompt with its candidates encoded; also how many candidates max_len cut."""
+def encode(listed: list[tuple[list[dict], list[str], list[float]]], tokenizer, max_len: int,
+           template: str) -> tuple[Dataset, dict[str, int]]:
+    """One row per prompt with its candidates encoded, cut to max_len; also what the cut did.
+
+    A candidate cut to max_len keeps its prompt and the start of its reply (counted as `truncated`). A row
+    in which the cut leaves some candidate no reply token at all is dropped (counted as `dropped`): that
+    candidate would score a log-prob of 0, the best there is, whatever its text."""
     columns: dict[str, list] = {"input_ids": [], "labels": [], "scores": []}
-    truncated = 0
+    truncated = dropped = 0
     for prompt, completions, scores in listed:
         encoded = [encode_completion(prompt, completion, tokenizer, 1 << 30, template) for completion in completions]
+        cut = [(ids[:max_len], labels[:max_len]) for ids, labels in encoded]
+        if any(all(label == IGNORE for label in labels) for _, labels in cut):
+            dropped += 1
+            continue
         truncated += sum(len(ids) > max_len for ids, _ in encoded)
-        columns["input_ids"].append([ids[:max_len] for ids, _ in encoded])
-        columns["labels"].append([labels[:max_len] for _, labels in encoded])
+        columns["input_ids"].append([ids for ids, _ in cut])
+        columns["labels"].append([labels for _, labels in cut])
         columns["scores"].append(scores)
-    return Dataset.from_dict(columns), truncated
+    return Dataset.from_dict(columns), {"truncated": truncated, "dropped": dropped}
 
 
 def prepare(spec: ChatStage, tokenizer) -> Prepared:
@@ -57,7 +65,8 @@ def prepare(spec: ChatStage, tokenizer) -> Prepared:
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if files:
             read = read_files(files, spec.data_format, spec.on_invalid)
-            splits[split], counts[f"{split}_truncated"] = encode(rows(read.frame), tokenizer, spec.max_len, spec.template)
+            splits[split], cut = encode(rows(read.frame), tokenizer, spec.max_len, spec.template)
+            counts |= {f"{split}_{name}": float(value) for name, value in cut.items()}
             rejected += read.rejected
     return Prepared(DatasetDict(splits), rejected, counts)
 
@@ -133,9 +142,6 @@ def scored(model, dataset: Dataset, pad_id: int, batch_size: int = 32, autocast:
 def heldout_metrics(model, dataset: Dataset, pad_id: int, autocast: bool = False) -> dict[str, float]:
     """Pairs: preference accuracy and margin. Longer lists: ranking agreement (Kendall tau, top-1) as well."""
     model_scores, reference = scored(model, dataset, pad_id, autocast=autocast), dataset["scores"]
-    # a candidate that max_len cut to no reply tokens has no score (-inf): its row cannot be compared
-    kept = [i for i, scores in enumerate(model_scores) if all(math.isfinite(s) for s in scores)]
-    model_scores, reference = [model_scores[i] for i in kept], [reference[i] for i in kept]
     best_vs_worst = [(m[max(range(len(r)), key=r.__getitem__)], m[min(range(len(r)), key=r.__getitem__)])
                      for m, r in zip(model_scores, reference)]
     pairs = torch.tensor(best_vs_worst)

@@ -195,10 +195,9 @@ def _reply_tokens(labels: list[int]) -> int:
 
 
 def _scorable(dataset: Dataset) -> Dataset | None:
-    """The rows every candidate of which keeps a reply token within max_len: a reply cut away entirely has no score
-    (its length-normalised log-prob is −inf, and one −inf makes a mean margin nan). None when no row is left."""
-    keep = [i for i, row in enumerate(dataset["labels"]) if all(_reply_tokens(labels) for labels in row)]
-    return dataset.select(keep) if keep else None
+    """The encoded rows, None when there are none: `candidates.encode` leaves out a row whose cut to max_len leaves
+    some candidate no reply token (it would have no score)."""
+    return dataset if len(dataset) else None
 
 
 def _samples(spec: EvalStage, tasks: list[list[dict]], chats: list[list[dict]]) -> list[tuple[str, list[dict]]]:

@@ -20,6 +20,7 @@ from examples.generate import DATA_DIR
 from schemas.spec import DPOStage, LoraSpec, PROStage, RewardStage, SFTStage, TrainSpec, TunaStage
 from stages import candidates, dpo, pro, reward, sft, tuna
 from stages.contract import StageInputs, adapter_base, is_adapter
+from stages.templates import encode_completion, encode_prompt
 
 QUICK = dict(batch_size=8, warmup=0.0, logging_steps=1, precision="fp32")
 
@@ -147,3 +148,19 @@ def test_dpo_accumulation_matches_one_big_batch(trained_tokenizer: Path, chat_mo
     one, accumulated = first_step(8, 1), first_step(4, 2)
     assert one["loss"] == pytest.approx(math.log(2), abs=1e-5) == accumulated["loss"]
     assert one["grad_norm"] > 0 and accumulated["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def test_a_row_cut_to_no_reply_is_dropped_and_counted(trained_tokenizer: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    short = [{"role": "user", "content": "Add 2 and 3."}]
+    long = [{"role": "user", "content": "Add 2 and 3. " * 20}]
+    listed = [(short, ["2 plus 3 equals 5.", "2 plus 3 equals 6."], [1.0, 0.0]),
+              (long, ["2 plus 3 equals 5.", "2 plus 3 equals 6."], [1.0, 0.0])]
+    whole = max(len(encode_completion(short, reply, tok, 1 << 30)[0]) for reply in listed[0][1])
+    prompt = len(encode_prompt(short, tok))
+    assert len(encode_prompt(long, tok)) > whole
+    dataset, cut = candidates.encode(listed, tok, max_len=whole, template="chatml")
+    # the long prompt alone fills max_len: its replies would score log p = 0, the best there is
+    assert len(dataset) == 1 and cut == {"truncated": 0, "dropped": 1}
+    dataset, cut = candidates.encode(listed[:1], tok, max_len=prompt + 2, template="chatml")
+    assert cut == {"truncated": 2, "dropped": 0} and all(len(ids) == prompt + 2 for ids in dataset[0]["input_ids"])
