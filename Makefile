@@ -20,6 +20,7 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/lifecycle run examples/toy.yaml
 	$(VENV)/bin/lifecycle status examples/toy.yaml
+	$(VENV)/bin/lifecycle report examples/toy.yaml
 	@echo "Browse every run, metric and checkpoint: $(VENV)/bin/lifecycle ui  (http://127.0.0.1:5000)"
 
 test: install
