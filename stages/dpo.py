@@ -20,23 +20,17 @@ from torch import Tensor
 from transformers import AutoTokenizer, set_seed
 
 from schemas.spec import DPOStage
+from stages import candidates
 from stages.candidates import candidate_logps, scored, train
-from stages.candidates import examples as candidate_examples
-from stages.candidates import prepare as prepare_candidates
 from stages.checkpoint import load_model
-from stages.contract import Prepared, StageInputs, StageResult
+from stages.contract import StageInputs, StageResult
 from stages.losses import dpo_loss, orpo_loss, simpo_loss
 from stages.training import ObjectiveTrainer, training_arguments
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
-
-def prepare(spec: DPOStage, tokenizer) -> Prepared:
-    return prepare_candidates(spec, tokenizer)
-
-
-def examples(spec: DPOStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
-    return candidate_examples(spec, tokenizer, n)
+# every candidate stage prepares its data, and shows it to `lifecycle inspect`, the shared way
+prepare, examples = candidates.prepare, candidates.examples
 
 
 class DPOTrainer(ObjectiveTrainer):

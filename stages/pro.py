@@ -19,21 +19,15 @@ from pathlib import Path
 from transformers import set_seed
 
 from schemas.spec import PROStage
+from stages import candidates
 from stages.candidates import candidate_logps, train, with_length
-from stages.candidates import examples as candidate_examples
-from stages.candidates import prepare as prepare_candidates
 from stages.checkpoint import load_model
-from stages.contract import Prepared, StageInputs, StageResult
+from stages.contract import StageInputs, StageResult
 from stages.losses import pro_loss, pro_sft_weight
 from stages.training import ObjectiveTrainer
 
-
-def prepare(spec: PROStage, tokenizer) -> Prepared:
-    return prepare_candidates(spec, tokenizer)
-
-
-def examples(spec: PROStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
-    return candidate_examples(spec, tokenizer, n)
+# every candidate stage prepares its data, and shows it to `lifecycle inspect`, the shared way
+prepare, examples = candidates.prepare, candidates.examples
 
 
 class PROTrainer(ObjectiveTrainer):

@@ -17,22 +17,16 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, set_seed
 
 from schemas.spec import RewardStage
+from stages import candidates
 from stages.candidates import CandidatesCollator, encode, train
-from stages.candidates import examples as candidate_examples
-from stages.candidates import prepare as prepare_candidates
 from stages.checkpoint import load_model
-from stages.contract import Prepared, StageInputs, StageResult
+from stages.contract import StageInputs, StageResult
 from stages.losses import bradley_terry_loss
 from stages.metrics import preference
 from stages.training import ObjectiveTrainer
 
-
-def prepare(spec: RewardStage, tokenizer) -> Prepared:
-    return prepare_candidates(spec, tokenizer)
-
-
-def examples(spec: RewardStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
-    return candidate_examples(spec, tokenizer, n)
+# every candidate stage prepares its data, and shows it to `lifecycle inspect`, the shared way
+prepare, examples = candidates.prepare, candidates.examples
 
 
 def pair_rewards(model, batch: dict[str, Tensor]) -> Tensor:
