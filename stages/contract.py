@@ -33,7 +33,8 @@ class StageInputs:
 
 @dataclass(frozen=True)
 class StageResult:
-    checkpoint: Path | None  # a save_pretrained folder (safetensors) with its tokenizer; a LoRA stage's adapter unless merged; None: eval
+    checkpoint: Path | None  # a save_pretrained folder (safetensors) with its tokenizer; a LoRA stage's adapter unless merged;
+    # None: an eval stage's (nothing to log), or a stage whose checkpoint is source_run's
     adapter: Path | None = None  # a merged LoRA stage's adapter, logged beside the merged checkpoint
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int = 0  # the in-stage checkpoint training resumed from; 0 for a fresh start

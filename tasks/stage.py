@@ -166,9 +166,10 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
             lineage.log_data_inputs(mlflow, run_id, {"train": part.spec.data, "eval": part.spec.heldout})
             _log_preparation(mlflow, run_id, datasets_dir)
             if input_run is not None:
+                source = mlflow.get_run(input_run)
                 artifact = lineage.ADAPTER if part.spec.input == "adapter" else lineage.CHECKPOINT
-                model = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(input_run), artifact)
-                reference = datasets_dir / f"reference-{lineage.fingerprint_of(mlflow.get_run(input_run))[:16]}"
+                model = lineage.fetch_checkpoint(mlflow, home, source, artifact)
+                reference = datasets_dir / f"reference-{lineage.fingerprint_of(source)[:16]}"
             else:
                 model, reference = spec.model.init or spec.model.path, None
             inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
@@ -184,8 +185,8 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
         input_run = upstream_run
         for part in curriculum:
             input_run = trained(part, run_id, input_run)
-        last = mlflow.get_run(input_run)
-        return StageResult(checkpoint=lineage.fetch_checkpoint(mlflow, home, last), metrics=dict(last.data.metrics), source_run=input_run)
+        # the last part's logged checkpoint stands for the stage: pointed at, not downloaded or logged again
+        return StageResult(checkpoint=None, metrics=dict(mlflow.get_run(input_run).data.metrics), source_run=input_run)
 
     return _recorded(home, experiment, stage, parent, upstream_run, tokenizer_run, work)
 
