@@ -197,7 +197,9 @@ class DPOStage(ChatStage):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: the assumed share of flipped labels (sigmoid only)")
     gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
     logps: Literal["sum", "mean"] | None = Field(
-        None, description="a reply's log-prob: summed or averaged over its tokens; default: sum, mean for orpo and simpo")
+        None, description="a reply's log-prob: summed or averaged over its tokens; default: sum for sigmoid and hinge; "
+        "mean for ipo (as TRL uses it: on summed log-probs its squared loss grows with the reply's length; sum may "
+        "still be chosen); mean for orpo and simpo, which are defined on means only")
     reference: Literal["auto", "frozen", "adapter-off", "precomputed"] = Field(
         "auto", description="frozen: a copy of the input model; adapter-off: the input model under the LoRA adapter "
         "(no second copy); precomputed: log-probs computed once and cached with the prepared data; auto: adapter-off with lora, else frozen")
@@ -224,7 +226,7 @@ class DPOStage(ChatStage):
         return self.reference
 
     def mean_logps(self) -> bool:
-        return self.logps == "mean" or (self.logps is None and self.loss in ("orpo", "simpo"))
+        return self.logps == "mean" or (self.logps is None and self.loss in ("ipo", "orpo", "simpo"))
 
 
 class PROStage(ChatStage):

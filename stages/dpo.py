@@ -54,8 +54,8 @@ class DPOTrainer(ObjectiveTrainer):
         sums, counts = candidate_logps(model, inputs)
         means = sums / counts.clamp(min=1)
         if spec.loss == "orpo":
-            losses, log_odds_ratio = orpo_loss(means[:, 0], means[:, 1], -means[:, 0], spec.beta)
-            self.record(log_odds_ratio=log_odds_ratio)
+            losses, nll, log_odds_ratio = orpo_loss(sums[:, 0], counts[:, 0], sums[:, 1], counts[:, 1], spec.beta)
+            self.record(nll_loss=nll, log_odds_ratio=log_odds_ratio)
         elif spec.loss == "simpo":
             losses = simpo_loss(means[:, 0], means[:, 1], spec.beta, spec.gamma)
         else:
@@ -67,7 +67,7 @@ class DPOTrainer(ObjectiveTrainer):
                            "rewards/accuracy": (chosen > rejected).float()})
         logps = means if spec.mean_logps() else sums
         self.record(**{"logps/chosen": logps[:, 0].detach(), "logps/rejected": logps[:, 1].detach()})
-        return losses.mean()
+        return losses.mean()  # ORPO's is already a scalar: its NLL is a token-mean over the batch
 
 
 def precomputed_reference(model, dataset, pad_id: int, folder: Path, autocast: bool) -> list[list[float]]:

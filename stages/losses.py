@@ -2,7 +2,9 @@
 
 Every function takes per-sequence log-probabilities (from `sequence_logps`) or rewards and
 returns per-example losses, so the caller chooses the reduction and the stage's `Trainer`
-subclass stays a few lines. Nothing here knows about models, tokenizers or adapters.
+subclass stays a few lines; where the objective itself fixes a reduction over the batch
+(Tuna's pair means, ORPO's token-mean NLL) the function returns the scalar. Nothing here
+knows about models, tokenizers or adapters.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: T
         ipo      (Azar et al. 2023):                L = (h − 1/(2β))²
         hinge    (SLiC, Zhao et al. 2023):          L = max(0, 1 − β·h)
 
+    log π here is whatever the caller passes: the DPO stage gives summed log-probs to sigmoid
+    and hinge and length-averaged ones (log π(y) / |y|) to ipo by default, as TRL does for IPO:
+    with sums, h and so the squared loss grow with the reply's length, and the fixed target
+    1/(2β) means something different for a 5-token and a 50-token reply.
+
     Returns (per-example losses, chosen rewards, rejected rewards), the rewards being the
     implicit β·(log π − log π_ref), detached: they are for logging, not for gradients.
     """
@@ -78,20 +85,28 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, chosen_nll: Tensor,
-              lam: float) -> tuple[Tensor, Tensor]:
-    """Odds-ratio preference optimisation (Hong et al. 2024, eqs. 6-7).
+def orpo_loss(chosen_logps: Tensor, chosen_counts: Tensor, rejected_logps: Tensor, rejected_counts: Tensor,
+              lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Odds-ratio preference optimisation (Hong et al. 2024, eqs. 6-7), a scalar over the batch.
 
-        odds(y) = p / (1 − p),  p = exp(mean log-prob of y)
-        L = NLL(y_w) + λ · (−log σ(log odds(y_w) − log odds(y_l)))
+        odds(y) = p / (1 − p),  p = exp(log π(y) / |y|)   (the length-averaged log-prob)
+        L_OR    = mean_b −log σ(log odds(y_w,b) − log odds(y_l,b))
+        L_SFT   = −Σ_b log π(y_w,b) / Σ_b |y_w,b|
+        L       = L_SFT + λ · L_OR
 
-    log odds(y) = log p − log(1 − p) is computed from log p directly, never from p.
-    Returns (per-example losses, the log odds ratio, detached for logging).
+    chosen_logps, rejected_logps [B] are summed log-probs (from `sequence_logps`), the counts
+    [B] their reply lengths. L_SFT is the token-mean NLL of all chosen reply tokens in the batch,
+    as an HF causal-LM loss on the chosen replies is and as TRL's ORPOTrainer computes it: each
+    token weighs the same, so a long reply counts by its length, unlike in a mean of per-reply
+    means. log odds(y) = log p − log(1 − p) is computed from log p, never from p.
+    Returns (the loss, L_SFT and the per-example log odds ratios, both detached for logging).
     """
-    log_odds_ratio = ((chosen_mean_logps - _log1mexp(chosen_mean_logps))
-                      - (rejected_mean_logps - _log1mexp(rejected_mean_logps)))
-    losses = chosen_nll - lam * F.logsigmoid(log_odds_ratio)
-    return losses, log_odds_ratio.detach()
+    chosen_means = chosen_logps / chosen_counts.clamp(min=1)
+    rejected_means = rejected_logps / rejected_counts.clamp(min=1)
+    log_odds_ratio = ((chosen_means - _log1mexp(chosen_means)) - (rejected_means - _log1mexp(rejected_means)))
+    nll = -chosen_logps.sum() / chosen_counts.sum().clamp(min=1)
+    loss = nll - lam * F.logsigmoid(log_odds_ratio).mean()
+    return loss, nll.detach(), log_odds_ratio.detach()
 
 
 def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float,

@@ -68,6 +68,57 @@ def test_dpo_at_step_zero_gives_log_2_and_equal_rewards(reference, lora, trained
         assert (tmp_path / "ref" / dpo.REFERENCE_FILE).exists()  # kept for the next run on this input model
 
 
+def test_dpo_logps_default_to_mean_for_ipo_and_sum_stays_a_choice() -> None:
+    # IPO's squared loss on summed log-probs grows with the reply's length: length-averaged by default, as in TRL
+    def stage(**fields) -> DPOStage:
+        return DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], **fields)
+
+    assert stage(loss="ipo").logps is None and stage(loss="ipo").mean_logps()
+    assert not stage(loss="ipo", logps="sum").mean_logps()
+    assert not stage(loss="sigmoid").mean_logps() and not stage(loss="hinge").mean_logps()
+    assert stage(loss="orpo").mean_logps() and stage(loss="simpo").mean_logps()
+    assert stage(loss="sigmoid", logps="mean").mean_logps()
+
+
+def test_dpo_stage_gives_orpo_the_token_mean_nll_and_ipo_mean_logps(trained_tokenizer: Path, chat_model: Path) -> None:
+    """The stage's wiring of the losses on a real batch: expectations recomputed in float64 from the summed log-probs."""
+    def spec(**fields) -> DPOStage:
+        return DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=128, template="chatml", **fields)
+
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    rows = dpo.prepare(spec(), tok).datasets["train"].select(range(8))
+    batch = candidates.CandidatesCollator(tok.pad_token_id)(list(rows))
+    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
+    with torch.no_grad():
+        sums, counts = (x.double() for x in candidates.candidate_logps(model, batch))
+    means = sums / counts
+    assert len(set(counts[:, 0].tolist())) > 1  # chosen replies of different lengths: token-mean ≠ mean of row means
+
+    def stage_loss(stage: DPOStage, batch: dict) -> tuple[float, dict]:
+        trainer = object.__new__(dpo.DPOTrainer)  # compute_loss alone: no Trainer set-up needed
+        recorded: dict = {}
+        trainer.spec, trainer.record = stage, lambda **figures: recorded.update(figures)
+        with torch.no_grad():
+            return float(trainer.compute_loss(model, batch)), recorded
+
+    beta = 0.25
+    loss, recorded = stage_loss(spec(loss="orpo", beta=beta), batch)
+    nll = -sums[:, 0].sum() / counts[:, 0].sum()
+    log_odds = (means - torch.log(-torch.expm1(means))) @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+    assert float(recorded["nll_loss"]) == pytest.approx(float(nll), rel=1e-5)
+    assert float(nll) != pytest.approx(float(-means[:, 0].mean()), rel=1e-3)
+    assert loss == pytest.approx(float(nll + beta * torch.nn.functional.softplus(-log_odds).mean()), rel=1e-5)
+
+    # IPO by default on length-averaged log-probs, the reference's sums divided by the same counts
+    reference = torch.tensor([[-20.0, -30.0]] * len(rows), dtype=torch.float64)
+    loss, _ = stage_loss(spec(loss="ipo", beta=beta, reference="precomputed"), batch | {"reference_logps": reference.float()})
+    h = (means[:, 0] - reference[:, 0] / counts[:, 0]) - (means[:, 1] - reference[:, 1] / counts[:, 1])
+    assert loss == pytest.approx(float(((h - 1 / (2 * beta)) ** 2).mean()), rel=1e-5)
+    loss, _ = stage_loss(spec(loss="ipo", beta=beta, reference="precomputed", logps="sum"), batch | {"reference_logps": reference.float()})
+    h = (sums[:, 0] - reference[:, 0]) - (sums[:, 1] - reference[:, 1])
+    assert loss == pytest.approx(float(((h - 1 / (2 * beta)) ** 2).mean()), rel=1e-5)
+
+
 def test_short_dpo_raises_heldout_preference_accuracy(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
     spec = DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], heldout=[DATA_DIR / "preference_heldout.jsonl"],
                     max_len=128, template="chatml", beta=0.1, train=TrainSpec(max_steps=30, lr=5e-4, **(QUICK | {"logging_steps": 5})))

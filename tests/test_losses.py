@@ -122,16 +122,38 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected(variant):
 
 
 def test_orpo_by_hand():
-    # p_c = 0.5: odds 1, log odds 0. p_r = 0.2: odds 0.2/0.8 = 1/4, log odds −log 4.
+    # Chosen: 2 tokens summing to 2·log 0.5, so p_c = exp(mean) = 0.5: odds 1, log odds 0.
+    # Rejected: 3 tokens summing to 3·log 0.2, so p_r = 0.2: odds 0.2/0.8 = 1/4, log odds −log 4.
     # Log odds ratio = 0 − (−log 4) = log 4; σ(log 4) = 4/(4 + 1) = 0.8.
-    losses, ratio = orpo_loss(t(math.log(0.5)), t(math.log(0.2)), chosen_nll=t(2.0), lam=0.1)
+    # NLL = −(2·log 0.5) / 2 = log 2.
+    loss, nll, ratio = orpo_loss(t(2 * math.log(0.5)), t(2.0), t(3 * math.log(0.2)), t(3.0), lam=0.1)
     assert ratio.item() == pytest.approx(math.log(4), rel=1e-12)
-    assert losses.item() == pytest.approx(2.0 + 0.1 * -math.log(0.8), rel=1e-12)
+    assert nll.item() == pytest.approx(math.log(2), rel=1e-12)
+    assert loss.item() == pytest.approx(math.log(2) + 0.1 * -math.log(0.8), rel=1e-12)
+
+
+def test_orpo_nll_is_the_token_mean_over_the_batchs_chosen_replies():
+    # Row 1: a 1-token chosen reply with log π = −3 (mean −3); row 2: a 3-token one with log π = −3 (mean −1).
+    # Token-mean NLL: (3 + 3) / (1 + 3) = 6/4 = 1.5. (A mean of per-row means would be (3 + 1)/2 = 2.)
+    # Rejected replies with the same means (−6 over 2 tokens = −3; −1 over 1 token = −1) make each
+    # log odds ratio 0, so each odds term is −log σ(0) = log 2, and their batch mean is log 2.
+    chosen, rejected = t(-3.0, -3.0).requires_grad_(), t(-6.0, -1.0)
+    loss, nll, ratio = orpo_loss(chosen, t(1.0, 3.0), rejected, t(2.0, 1.0), lam=0.5)
+    assert ratio.tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert nll.item() == pytest.approx(1.5, rel=1e-12) and nll.item() != pytest.approx(2.0)
+    assert loss.item() == pytest.approx(1.5 + 0.5 * math.log(2), rel=1e-12)
+
+    # Every chosen token weighs the same: with λ = 0, ∂L/∂log π(y_w,b) = −1 / Σ|y_w| = −1/4 for both rows
+    # (per-row means would give −1/(2·1) = −0.5 and −1/(2·3) = −1/6).
+    loss, _, _ = orpo_loss(chosen, t(1.0, 3.0), rejected, t(2.0, 1.0), lam=0.0)
+    loss.backward()
+    assert chosen.grad.tolist() == pytest.approx([-0.25, -0.25], rel=1e-12)
 
 
 def test_orpo_log_odds_stay_finite_near_certainty():
     # In float32 exp(−1e-9) rounds to 1, so log1p(−exp(x)) would be −inf; log odds ≈ −log(1e-9).
-    _, ratio = orpo_loss(torch.tensor([-1e-9]), torch.tensor([math.log(0.5)]), torch.tensor([0.0]), lam=1.0)
+    one = torch.tensor([1.0])
+    _, _, ratio = orpo_loss(torch.tensor([-1e-9]), one, torch.tensor([math.log(0.5)]), one, lam=1.0)
     assert ratio.item() == pytest.approx(-math.log(1e-9), rel=1e-4)
 
 
