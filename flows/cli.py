@@ -12,12 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from schemas.data import DataError
+from flows import server
+from schemas.errors import LifecycleError
 from schemas.spec import SpecError, load_spec
 from tasks.checks import check_contracts
 from tasks.home import Home
 
-class UsageError(ValueError):
+
+class UsageError(LifecycleError, ValueError):
     """A command given what it cannot work with (a missing folder, clashing options): one line, exit 2."""
 
 
@@ -45,9 +47,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _check(args.spec)
-    from flows.lifecycle import lifecycle  # after Home.configure: Prefect reads its home on import
+    home = Home.from_env()
+    from tasks.lineage import open_store
 
-    lifecycle(str(args.spec.resolve()))
+    open_store(home)
+    os.environ["PREFECT_API_URL"] = server.ensure(home)
+    from flows.lifecycle import lifecycle  # after the above: Prefect reads its settings on import
+
+    lifecycle(str(args.spec.resolve()), checked=True)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    stopped = server.stop(Home.from_env())
+    print("the home's Prefect server stopped" if stopped else "no Prefect server was running for this home")
     return 0
 
 
@@ -306,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+    stop = commands.add_parser("stop", help="stop the home's Prefect server (the first `run` starts it and leaves it for the next)")
+    stop.set_defaults(func=cmd_stop)
     return top
 
 
@@ -319,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     Home.from_env().configure()
     try:
         return args.func(args)
-    except (SpecError, DataError, UsageError) as err:
+    except LifecycleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

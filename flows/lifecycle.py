@@ -14,14 +14,17 @@ from tasks.stage import check_data, evaluate, fetch, prepare, reuse, train, trai
 
 
 @flow(name="lifecycle")
-def lifecycle(spec_path: str) -> dict[str, str]:
-    """Run a spec end to end; return the MLflow run id of every stage."""
+def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
+    """Run a spec end to end; return the MLflow run id of every stage. `checked`: the caller has checked the data."""
     home = Home.from_env()
     spec = load_spec(Path(spec_path))
     tokenizer_stage, *model_stages = plan(spec)
-    check_data(spec)
-    mlflow = lineage.client(home)
+    if not checked:
+        check_data(spec)
+    mlflow = lineage.open_store(home)
     experiment = lineage.experiment_id(mlflow, home, spec.name)
+    if closed := lineage.close_dead(mlflow, experiment):
+        get_run_logger().info("%d runs left RUNNING by processes that died are marked KILLED", len(closed))
     runs: dict[str, str] = {}
     with lineage.pipeline_run(mlflow, experiment, spec.name, Path(spec_path).resolve()) as parent:
         for stage in [tokenizer_stage, *model_stages]:

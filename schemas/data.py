@@ -24,6 +24,7 @@ import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaErrors
 
+from schemas.errors import LifecycleError
 from schemas.formats import Format, Shape, flatten
 
 OnInvalid = Literal["fail", "skip"]
@@ -55,7 +56,7 @@ class Problem:
         return {"file": str(self.file), "line": self.line, "field": self.field, "rule": self.rule, "excerpt": self.excerpt}
 
 
-class DataError(ValueError):
+class DataError(LifecycleError, ValueError):
     def __init__(self, problems: list[Problem]):
         self.problems = problems
         shown = [str(p) for p in problems[:SHOWN]]

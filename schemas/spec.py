@@ -15,6 +15,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from schemas.errors import LifecycleError
 from schemas.formats import Format
 
 TOKENIZER_STAGE = "tokenizer"
@@ -372,7 +373,7 @@ class PipelineSpec(Strict):
         return [stage for stage in self.stages if isinstance(stage, PretrainStage) and stage.streaming]
 
 
-class SpecError(ValueError):
+class SpecError(LifecycleError, ValueError):
     """A spec that cannot run, with one line per problem."""
 
 

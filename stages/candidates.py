@@ -165,7 +165,7 @@ def train(spec: ChatStage, inputs: StageInputs, workdir: Path, model: PreTrained
     def measured(suffix: str) -> dict[str, float]:
         return {f"heldout_{k}{suffix}": v for k, v in measure(model, datasets["heldout"]).items()} if "heldout" in datasets else {}
 
-    args = training_arguments(spec.train, workdir / "trainer")
+    args = training_arguments(spec.train, workdir / "trainer", spec.name)
     trainer = make_trainer(model, tokenizer, args, datasets, CandidatesCollator(tokenizer.pad_token_id), inputs.callbacks,
                            trainer_class, spec=spec, **extra)
     before = measured("_before")

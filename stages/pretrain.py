@@ -77,7 +77,7 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
         # world_size 1: under the Trainer, accelerate has rank 0 read the stream and dispatch batches to every rank
         datasets["train"] = StreamingTextDataset(spec.data, tokenizer, spec.packing.block_size, shuffle_buffer=spec.shuffle_buffer,
                                                  seed=spec.train.seed, on_invalid=spec.on_invalid, rank=0, world_size=1)
-    args = training_arguments(spec.train, workdir / "trainer")
+    args = training_arguments(spec.train, workdir / "trainer", spec.name)
     trainer = make_trainer(model, tokenizer, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks)
     metrics, resumed_from = fit(trainer)
     if "heldout" in inputs.datasets:

@@ -8,6 +8,7 @@ killed mid-training continues where it stopped instead of starting again.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections import defaultdict
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
+from schemas.errors import LifecycleError
 from schemas.spec import StageBase, TrainSpec
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
@@ -39,9 +41,10 @@ def use_bf16(precision: str) -> bool:
     return cpu_has_bf16()
 
 
-def training_arguments(train: TrainSpec, output_dir: Path) -> TrainingArguments:
+def training_arguments(train: TrainSpec, output_dir: Path, stage: str = "") -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
+        run_name=stage or None,  # named in the messages of a stage that diverges
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
@@ -56,6 +59,7 @@ def training_arguments(train: TrainSpec, output_dir: Path) -> TrainingArguments:
         bf16=use_bf16(train.precision),
         use_cpu=not torch.cuda.is_available(),
         logging_steps=train.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the stage), not hidden behind the mean so far
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=2,
@@ -70,11 +74,19 @@ def training_arguments(train: TrainSpec, output_dir: Path) -> TrainingArguments:
     )
 
 
+def _complete(folder: Path) -> bool:
+    """The Trainer writes its state file last, and not atomically: a checkpoint is complete when that file parses."""
+    try:
+        return "global_step" in json.loads((folder / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def last_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete in-stage checkpoint; incomplete ones (killed mid-save) are removed."""
     complete = []
     for folder in output_dir.glob("checkpoint-*"):
-        if (folder / TRAINER_STATE).exists():
+        if _complete(folder):
             complete.append(folder)
         else:
             shutil.rmtree(folder)
@@ -97,7 +109,43 @@ def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
     return metrics, resumed_from
 
 
-class ObjectiveTrainer(Trainer):
+class Diverged(LifecycleError):
+    """A training step whose loss or gradient norm is not finite: the stage stops there, before the optimizer step."""
+
+
+class StageTrainer(Trainer):
+    """The HF Trainer, stopped at the first step whose loss is not finite (or, at a save, whose weights are not).
+
+    A diverged stage must never be recorded as a success: the Trainer would go on and log `loss: 0` or NaN
+    while the weights fill with NaN, and every later stage would train on them. The check costs one
+    host sync per micro-step, as the Trainer's own NaN filter does."""
+
+    last_finite: tuple[int, float] | None = None  # (step, loss) of the last finite training loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = float(loss)
+        if not math.isfinite(value):
+            self.diverged(f"the loss is {value}")
+        self.last_finite = (self.state.global_step + 1, value)
+        return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # the weights a save would keep must be finite: a NaN gradient with a finite loss fills them with NaN
+        if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+            self.diverged("the weights are not finite (a gradient was)")
+        super()._save_checkpoint(model, trial)
+
+    def diverged(self, what: str) -> None:
+        step, loss = self.last_finite or (0, float("nan"))
+        saved = last_checkpoint(Path(self.args.output_dir))
+        raise Diverged(f"stage {self.args.run_name} diverged at step {self.state.global_step + 1}: {what}"
+                       + (f" (last finite loss {loss:.4g} at step {step})" if self.last_finite else "")
+                       + (f"; the last good in-stage checkpoint is {saved}" if saved else "; no in-stage checkpoint was saved")
+                       + ". Nothing was marked finished: lower train.lr (or raise train.warmup), then run again.")
+
+
+class ObjectiveTrainer(StageTrainer):
     """The Trainer for an objective of our own: `compute_loss` returns the batch mean of a pure loss.
 
     Per-step figures an objective records (rewards, margins, accuracies) are averaged over the
@@ -125,7 +173,7 @@ class ObjectiveTrainer(Trainer):
 
 
 def make_trainer(model: PreTrainedModel, tokenizer, args: TrainingArguments, datasets: Mapping, collator,
-                 callbacks: tuple[TrainerCallback, ...], trainer_class: type[Trainer] = Trainer, **extra) -> Trainer:
+                 callbacks: tuple[TrainerCallback, ...], trainer_class: type[StageTrainer] = StageTrainer, **extra) -> StageTrainer:
     return trainer_class(model=model, args=args, train_dataset=datasets["train"],
                    eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
                    processing_class=tokenizer, data_collator=collator, callbacks=list(callbacks), **extra)

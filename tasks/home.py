@@ -11,6 +11,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.plan import PlannedStage
 
 
 @dataclass(frozen=True)
@@ -34,9 +38,13 @@ class Home:
         """Artifacts of new experiments go under the home with a local store; a tracking server decides its own."""
         return None if self.tracking_uri.startswith(("http://", "https://", "databricks")) else (self.root / "artifacts").as_uri()
 
-    def work(self, stage: str, fingerprint: str) -> Path:
+    def work(self, stage: PlannedStage) -> Path:
         """A stage's working folder: in-stage Trainer checkpoints survive here for a resume."""
-        return self.root / "work" / f"{stage}-{fingerprint[:16]}"
+        return self.root / "work" / stage.folder
+
+    def claim_file(self, stage: PlannedStage) -> Path:
+        """The file a process holds locked while it runs the stage (the kernel lets go of it when the process dies)."""
+        return self.root / "claims" / f"{stage.folder}.lock"
 
     def cache(self, kind: str, key: str) -> Path:
         return self.root / "cache" / kind / key

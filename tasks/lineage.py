@@ -9,6 +9,7 @@ FINISHED run always has a complete checkpoint to reuse.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from schemas.errors import LifecycleError
 from stages.contract import StageResult, is_adapter, point_adapter_at
 from tasks.home import Home, publish
 from tasks.plan import PlannedStage, file_digest
@@ -33,8 +35,31 @@ CHECKPOINT = "checkpoint"
 ADAPTER = "adapter"
 
 
+class StoreError(LifecycleError):
+    """The MLflow store cannot be opened or created: the message names it and the cause."""
+
+
+class StageBusy(LifecycleError):
+    """Another live process is running this stage right now."""
+
+
 def client(home: Home) -> MlflowClient:
     return MlflowClient(tracking_uri=home.tracking_uri)
+
+
+def open_store(home: Home) -> MlflowClient:
+    """The MLflow store, created (its database migrated) by one process at a time the first time a home is used."""
+    home.root.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(home.root / "store.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            mlflow = client(home)
+            mlflow.search_experiments(max_results=1)
+    except Exception as err:  # any failure to open the store ends here, named, whatever MLflow raised
+        raise StoreError(f"could not open the MLflow store at {home.tracking_uri}: {type(err).__name__}: {err}; "
+                         "check that the location is writable (or that the tracking server answers), "
+                         "or point MLFLOW_TRACKING_URI elsewhere") from None
+    return mlflow
 
 
 def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = True) -> str | None:
@@ -66,21 +91,40 @@ def finished_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage) -> 
     return runs[0] if runs else None
 
 
-def _alive_here(run: Run) -> bool:
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot), so a pid the system has handed to a new process is not
+    mistaken for the old one; "" where /proc is not there to say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """What identifies this process as a run's owner."""
+    return {f"{TAG}host": socket.gethostname(), f"{TAG}pid": str(os.getpid()), f"{TAG}pid_started": _started(os.getpid())}
+
+
+def alive(run: Run) -> bool:
     """Whether the process that opened a RUNNING run still runs; a run from another host is trusted."""
     tags = run.data.tags
     if tags.get(f"{TAG}host") != socket.gethostname():
         return True
     pid = int(tags.get(f"{TAG}pid", "0"))
-    if pid <= 0 or pid == os.getpid():  # a restarted container may hand this process the dead one's pid
+    if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return tags.get(f"{TAG}pid_started", "") == _started(pid)
+
+
+def owner(run: Run) -> str:
+    tags = run.data.tags
+    return f"pid {tags.get(TAG + 'pid', '?')} on {tags.get(TAG + 'host', '?')} (MLflow run {run.info.run_id})"
 
 
 def state(run: Run | None) -> str:
@@ -90,33 +134,67 @@ def state(run: Run | None) -> str:
     status = run.info.status
     if status == "FINISHED":
         return "finished"
-    if status == "RUNNING" and _alive_here(run):
+    if status == "RUNNING" and alive(run):
         return "running"
     return "failed"
 
 
-def close_abandoned(mlflow: MlflowClient, experiment: str, stage: PlannedStage) -> None:
-    """Mark runs of this stage left RUNNING by a dead process as KILLED; refuse if one is alive."""
-    for run in runs_of(mlflow, experiment, stage, "RUNNING"):
-        if _alive_here(run):
-            raise RuntimeError(f"stage {stage.name} is being run right now by pid {run.data.tags.get(TAG + 'pid')} "
-                               f"(MLflow run {run.info.run_id}); wait for it or stop it first")
-        mlflow.set_terminated(run.info.run_id, status="KILLED")
+def close_dead(mlflow: MlflowClient, experiment: str) -> list[str]:
+    """Mark every run of the experiment left RUNNING by a process that died (kill -9, a lost machine) as KILLED,
+    with a tag that says why, so the UI shows what `status` shows; the ids of the runs closed."""
+    closed = []
+    for run in mlflow.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000):
+        if not alive(run):
+            mlflow.set_tag(run.info.run_id, f"{TAG}killed", f"its process ({owner(run)}) was found dead "
+                           f"at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()}")
+            mlflow.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+@contextmanager
+def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> Iterator[None]:
+    """Run a stage as its only runner: a second process of this home (or a live run elsewhere) is refused with a
+    message naming who has it. The claim is a lock on a file, so a process that dies (kill -9) lets go of it at once;
+    runs it left RUNNING are then closed as KILLED."""
+    path = home.claim_file(stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            live = [run for run in runs_of(mlflow, experiment, stage, "RUNNING") if alive(run)]
+            raise StageBusy(f"stage {stage.name} is being run right now by {owner(live[0]) if live else 'another process'}; "
+                            "wait for it to finish (`lifecycle status SPEC` shows it) or stop that process, "
+                            "then run again") from None
+        for run in runs_of(mlflow, experiment, stage, "RUNNING"):
+            if alive(run):  # on another host that shares the store
+                raise StageBusy(f"stage {stage.name} is being run right now by {owner(run)}; wait for it to finish "
+                                "or stop that process, then run again")
+        close_dead(mlflow, experiment)
+        yield
 
 
 @contextmanager
 def pipeline_run(mlflow: MlflowClient, experiment: str, spec_name: str, spec_path: Path) -> Iterator[str]:
     """The parent run of one pipeline run: FINISHED when every stage is, FAILED otherwise."""
     run_id = mlflow.create_run(experiment, run_name=spec_name, tags={
-        f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path), f"{TAG}host": socket.gethostname(),
-        f"{TAG}pid": str(os.getpid())}).info.run_id
+        f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path)} | process_tags()).info.run_id
     try:
         mlflow.log_artifact(run_id, str(spec_path), "spec")
         yield run_id
-    except BaseException:
-        mlflow.set_terminated(run_id, status="FAILED")
+    except BaseException as err:
+        fail(mlflow, run_id, err)
         raise
     mlflow.set_terminated(run_id, status="FINISHED")
+
+
+def fail(mlflow: MlflowClient, run_id: str, err: BaseException) -> None:
+    """Close a run that did not finish: KILLED when interrupted, FAILED otherwise, with the reason as a tag."""
+    interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+    reason = "interrupted" if interrupted else f"{type(err).__name__}: {err}"
+    mlflow.set_tag(run_id, f"{TAG}error", reason[:5000])
+    mlflow.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
 
 
 def link(mlflow: MlflowClient, parent: str, stage: PlannedStage, run_id: str, reused: bool) -> None:
@@ -131,9 +209,7 @@ def start_stage_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage, 
         f"{TAG}stage": stage.name,
         f"{TAG}kind": stage.kind,
         f"{TAG}fingerprint": stage.fingerprint,
-        f"{TAG}host": socket.gethostname(),
-        f"{TAG}pid": str(os.getpid()),
-    }
+    } | process_tags()
     if upstream_run:
         tags[f"{TAG}upstream_run"] = upstream_run
     if tokenizer_run:
@@ -246,7 +322,10 @@ class StageStatus:
 
 
 def stage_statuses(mlflow: MlflowClient, home: Home, spec_name: str, stages: list[PlannedStage]) -> list[StageStatus]:
+    """One row per stage, as the store has it; runs left RUNNING by dead processes are closed first, as a run would."""
     experiment = experiment_id(mlflow, home, spec_name, create=False)
+    if experiment:
+        close_dead(mlflow, experiment)
     rows = []
     for stage in stages:
         runs = runs_of(mlflow, experiment, stage) if experiment else []

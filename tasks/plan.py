@@ -54,6 +54,12 @@ class PlannedStage:
     spec: Stage | TokenizerSpec
     fingerprint: str
     upstream: str | None  # the stage whose checkpoint is this stage's input; None: built from the spec
+    pipeline: str  # the spec's name: two pipelines in one home never share a stage's work folder or claim
+
+    @property
+    def folder(self) -> str:
+        """Where this stage's work and claim live inside the home: `<pipeline>/<stage>-<fingerprint>`."""
+        return f"{self.pipeline}/{self.name}-{self.fingerprint[:16]}"
 
 
 def _fingerprint(payload: dict) -> str:
@@ -68,7 +74,7 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
     else:
         source = {"train": spec.tokenizer.train.model_dump(mode="json", exclude={"data"}),
                   "data": [file_digest(p) for p, _, _ in spec.tokenizer_corpus()]}
-    tokenizer = PlannedStage(TOKENIZER_STAGE, TOKENIZER_STAGE, spec.tokenizer, _fingerprint(base | {"tokenizer": source}), None)
+    tokenizer = PlannedStage(TOKENIZER_STAGE, TOKENIZER_STAGE, spec.tokenizer, _fingerprint(base | {"tokenizer": source}), None, spec.name)
     planned = {TOKENIZER_STAGE: tokenizer}
     for stage in spec.stages:
         upstream = spec.upstream_of(stage)
@@ -87,7 +93,7 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
         else:
             payload["upstream"] = planned[upstream.name].fingerprint
         source = upstream.name if upstream is not None and not isinstance(stage, EvalStage) else None
-        planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, _fingerprint(payload), source)
+        planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, _fingerprint(payload), source, spec.name)
     return list(planned.values())
 
 
@@ -97,5 +103,6 @@ def parts(stage: PlannedStage) -> list[PlannedStage]:
     if len(lengths) < 2:
         return []
     return [PlannedStage(f"{stage.name}-n{n}", stage.kind, stage.spec.model_copy(update={"curriculum": [n]}),
-                         _fingerprint({"stage": stage.fingerprint, "part": n}), stage.upstream if i == 0 else f"{stage.name}-n{lengths[i - 1]}")
+                         _fingerprint({"stage": stage.fingerprint, "part": n}),
+                         stage.upstream if i == 0 else f"{stage.name}-n{lengths[i - 1]}", stage.pipeline)
             for i, n in enumerate(lengths)]

@@ -92,19 +92,24 @@ def _log_preparation(mlflow, run_id: str, prepared_dir: Path) -> None:
 
 def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, upstream_run: str | None,
               tokenizer_run: str | None, work) -> str:
-    """Open the stage's child run, do the work, log the checkpoint; FAILED on any error."""
+    """Claim the stage, open its child run, do the work, log the checkpoint; FAILED on any error.
+
+    A run that finished while this process waited to claim the stage is reused, never trained twice."""
     mlflow = lineage.client(home)
-    lineage.close_abandoned(mlflow, experiment, stage)
-    run_id = lineage.start_stage_run(mlflow, experiment, stage, parent, upstream_run, tokenizer_run)
-    try:
-        lineage.log_stage_spec(mlflow, run_id, stage)
-        result: StageResult = work(mlflow, run_id)
-        lineage.finish_stage_run(mlflow, run_id, result)
-    except BaseException:
-        mlflow.set_terminated(run_id, status="FAILED")
-        raise
+    with lineage.claim(mlflow, home, experiment, stage):
+        if (found := lineage.finished_run(mlflow, experiment, stage)) is not None:
+            get_run_logger().info("stage %s: reused from run %s, finished meanwhile", stage.name, found.info.run_id)
+            return found.info.run_id
+        run_id = lineage.start_stage_run(mlflow, experiment, stage, parent, upstream_run, tokenizer_run)
+        try:
+            lineage.log_stage_spec(mlflow, run_id, stage)
+            result: StageResult = work(mlflow, run_id)
+            lineage.finish_stage_run(mlflow, run_id, result)
+        except BaseException as err:
+            lineage.fail(mlflow, run_id, err)
+            raise
     # the in-stage checkpoints (optimizer state included) have served: the run's artifact is the record now
-    shutil.rmtree(home.work(stage.name, stage.fingerprint) / "trainer", ignore_errors=True)
+    shutil.rmtree(home.work(stage) / "trainer", ignore_errors=True)
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     get_run_logger().info("stage %s: finished as run %s%s", stage.name, run_id, resumed)
     return run_id
@@ -132,7 +137,7 @@ def tokenizer_texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
 def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, parent: str) -> str:
     from stages import tokenizer
 
-    workdir = home.work(stage.name, stage.fingerprint)
+    workdir = home.work(stage)
 
     def work(mlflow, run_id) -> StageResult:
         if spec.tokenizer.path is not None:
@@ -158,9 +163,6 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
 
     def trained(part: PlannedStage, parent_run: str, input_run: str | None) -> str:
         """One training run of `part` on the input run's checkpoint: recorded, or reused when it finished before."""
-        if (found := lineage.finished_run(mlflow, experiment, part)) is not None:
-            get_run_logger().info("stage %s: reused from run %s", part.name, found.info.run_id)
-            return found.info.run_id
 
         def work(mlflow, run_id) -> StageResult:
             lineage.log_data_inputs(mlflow, run_id, {"train": part.spec.data, "eval": part.spec.heldout})
@@ -174,7 +176,7 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
                 model, reference = spec.model.init or spec.model.path, None
             inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
                                  callbacks=(StepMetrics(mlflow, run_id),))
-            return stage_module(part.kind).run(part.spec, inputs, home.work(part.name, part.fingerprint))
+            return stage_module(part.kind).run(part.spec, inputs, home.work(part))
 
         return _recorded(home, experiment, part, parent_run, input_run, tokenizer_run, work)
 
@@ -200,7 +202,7 @@ def evaluate(home: Home, experiment: str, stage: PlannedStage, parent: str, scor
         lineage.log_data_inputs(mlflow, run_id, {fmt: paths for fmt, (paths, _) in stage.spec.files().items()})
         checkpoints = {name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()}
         tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
-        report = evaluation.run(stage.spec, checkpoints, tokenizer, home.work(stage.name, stage.fingerprint))
+        report = evaluation.run(stage.spec, checkpoints, tokenizer, home.work(stage))
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
         metrics = {f"{row['checkpoint']}/{name}": value for row in report.metrics for name, value in row.items()
                    if name != "checkpoint" and not math.isnan(value)}

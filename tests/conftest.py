@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,30 @@ def use_home(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
 
 
+def cli_env(root: Path, prefect_api: str | None = None) -> dict[str, str]:
+    """The environment of a `lifecycle` command in the home `root`, with its own MLflow store; with `prefect_api`,
+    on that Prefect server (the harness's) instead of starting one for the home."""
+    env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    return env | ({"PREFECT_API_URL": prefect_api} if prefect_api else {})
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    from flows.server import START_TIMEOUT
+
+    with prefect_test_harness(server_startup_timeout=int(START_TIMEOUT)):  # a busy machine starts it slowly
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_harness) -> str:
+    """The harness's Prefect API, for `lifecycle` commands run as processes."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from tasks.home import Home
 from tasks.lineage import client, runs_of, stage_statuses
 from tasks.plan import plan
 
-from .conftest import QUICK, use_home
+from .conftest import QUICK, cli_env, use_home
 
 
 # quick.yaml with an SFT stage long enough to be killed after its first checkpoint
@@ -37,7 +37,7 @@ stages:
 def wait_for_checkpoint(work: Path, process: subprocess.Popen, timeout: float = 240) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = list(work.glob("sft-*/trainer/checkpoint-*/trainer_state.json"))
+        found = list(work.glob("*/sft-*/trainer/checkpoint-*/trainer_state.json"))
         if found:
             return found[0].parent
         assert process.poll() is None, process.stdout.read()
@@ -45,13 +45,11 @@ def wait_for_checkpoint(work: Path, process: subprocess.Popen, timeout: float = 
     raise AssertionError("no SFT checkpoint appeared in time")
 
 
-def test_killed_sft_resumes_from_its_checkpoint_and_reuses_finished_stages(prefect_harness, tmp_path, monkeypatch) -> None:
+def test_killed_sft_resumes_from_its_checkpoint_and_reuses_finished_stages(prefect_api, tmp_path, monkeypatch) -> None:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(SPEC.format(data=QUICK.parent / "data"))
     root = tmp_path / "home"
-    env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec_path)], env=env, start_new_session=True,
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec_path)], env=cli_env(root, prefect_api), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         checkpoint = wait_for_checkpoint(root / "work", process)
