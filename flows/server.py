@@ -22,6 +22,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 
 from schemas.errors import LifecycleError
@@ -59,7 +60,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its new parent) answers kill(0) but is gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _recorded(folder: Path) -> dict | None:
@@ -96,11 +100,11 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _start(folder: Path, timeout: float) -> dict:
-    import prefect
-
+    # found, not imported: Prefect reads its settings once, on import, and this process has yet to set PREFECT_API_URL
+    packages = Path(find_spec("prefect").origin).parent.parent
     log = folder / "server.log"
     port = _free_port()
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(packages), "--factory",
                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
     with open(log, "w") as output:  # detached: a kill of the command's process group leaves the server to the next command

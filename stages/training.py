@@ -126,21 +126,20 @@ class StageTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         value = float(loss)
         if not math.isfinite(value):
-            self.diverged(f"the loss is {value}")
+            self.diverged(self.state.global_step + 1, f"the loss is {value}")
         self.last_finite = (self.state.global_step + 1, value)
         return loss
 
     def _save_checkpoint(self, model, trial) -> None:
         # the weights a save would keep must be finite: a NaN gradient with a finite loss fills them with NaN
         if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-            self.diverged("the weights are not finite (a gradient was)")
+            self.diverged(self.state.global_step, "its weights are not finite (a gradient was not)")
         super()._save_checkpoint(model, trial)
 
-    def diverged(self, what: str) -> None:
-        step, loss = self.last_finite or (0, float("nan"))
+    def diverged(self, step: int, what: str) -> None:
         saved = last_checkpoint(Path(self.args.output_dir))
-        raise Diverged(f"stage {self.args.run_name} diverged at step {self.state.global_step + 1}: {what}"
-                       + (f" (last finite loss {loss:.4g} at step {step})" if self.last_finite else "")
+        raise Diverged(f"stage {self.args.run_name} diverged at step {step}: {what}"
+                       + (f" (last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]})" if self.last_finite else "")
                        + (f"; the last good in-stage checkpoint is {saved}" if saved else "; no in-stage checkpoint was saved")
                        + ". Nothing was marked finished: lower train.lr (or raise train.warmup), then run again.")
 

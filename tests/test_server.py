@@ -1,0 +1,77 @@
+"""The home's Prefect server: the first `lifecycle run` starts it, the next one reuses it, `lifecycle stop` stops it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows import server
+from tasks.home import Home
+
+from .conftest import QUICK, cli_env
+
+# the tokenizer and two pretrain steps: enough for a flow run that records a finished stage
+SPEC = """
+name: tiny
+model: {{init: {{hidden_size: 32, layers: 1, heads: 2, max_seq_len: 64}}}}
+tokenizer: {{train: {{vocab_size: 300}}}}
+stages:
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain_heldout.jsonl, packing: {{block_size: 32}}, train: {{max_steps: 2, batch_size: 2}}}}
+"""
+
+
+def lifecycle(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(tmp_path: Path) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(SPEC.format(data=QUICK.parent / "data"))
+    env = cli_env(tmp_path / "home")  # no PREFECT_API_URL: the home's own server
+    try:
+        first = lifecycle("run", str(spec), env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert "starting this home's Prefect server" in first.stderr
+        state = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())
+        with urllib.request.urlopen(f"{state['url']}/health", timeout=10) as response:
+            assert response.status == 200
+
+        second = lifecycle("run", str(spec), env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "starting this home's Prefect server" not in second.stderr and "Starting temporary server" not in second.stderr
+        assert second.stderr.count("reused from run") == 2  # tokenizer and pretrain
+        assert json.loads((tmp_path / "home" / "prefect" / "server.json").read_text()) == state
+    finally:
+        stopped = lifecycle("stop", env=env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert gone(state["pid"]) and not (tmp_path / "home" / "prefect" / "server.json").exists()
+    assert "no Prefect server was running" in lifecycle("stop", env=env).stdout
+
+
+def test_a_server_that_cannot_start_is_one_message_naming_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    # a database the server cannot create: its start fails, and says so in its log
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/folder/prefect.db")
+    with pytest.raises(server.ServerError, match=r"exited with code \d+ while starting; its log \(.*server\.log\) ends with:\n"):
+        server.ensure(Home(tmp_path))
+    assert not (tmp_path / "prefect" / "server.json").exists()
+
+
+def test_the_users_prefect_api_is_used_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert server.ensure(Home(tmp_path)) == "http://127.0.0.1:4200/api"
+    assert not (tmp_path / "prefect").exists() and os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
