@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,15 +28,14 @@ KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match"
                "heldout_preference_accuracy", "heldout_kendall_tau", "heldout_reward_accuracy", "train_tokens_per_second", "vocab_size")
 
 
-def _check(spec_path: Path) -> None:
-    """Spec and data, everything a run checks before any model loads."""
+def _check(spec_path: Path, home: Home | None = None) -> None:
+    """Spec and data, everything a run checks before any model loads; with `home`, data that passed before is not read again."""
     spec = load_spec(spec_path)
-    results, corpora = check_contracts(spec)
-    rows = sum(len(r.frame) for r in results.values()) + sum(c.rows for c in corpora)
-    rejected = sum(r.rejected_rows for r in results.values()) + sum(c.invalid for c in corpora)
+    checked = check_contracts(spec, home)
+    rows, rejected = sum(c.rows for c in checked), sum(c.rejected for c in checked)
     verdict = f"{rejected} invalid rows will be skipped (on_invalid: skip)" if rejected else "all valid"
-    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {len(results) + sum(c.files for c in corpora)} data files, {rows} rows, {verdict}")
-    for result in results.values():
+    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {sum(c.files for c in checked)} data files, {rows} rows, {verdict}")
+    for result in checked:
         for note in result.notes[:5]:
             print(f"note: {note}")
 
@@ -46,16 +46,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _check(args.spec)
     home = Home.from_env()
+    _check(args.spec, home)
     from tasks.lineage import open_store
 
     open_store(home)
     os.environ["PREFECT_API_URL"] = server.ensure(home)
     from flows.lifecycle import lifecycle  # after the above: Prefect reads its settings on import
 
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_no_traceback_for_messages)
     lifecycle(str(args.spec.resolve()), checked=True)
     return 0
+
+
+def _no_traceback_for_messages(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed task or flow with its traceback; a LifecycleError's message says all there is (and the
+    command prints it last), so its traceback is left out. Any other failure keeps its traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], LifecycleError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
     spec = load_spec(Path(spec_path))
     tokenizer_stage, *model_stages = plan(spec)
     if not checked:
-        check_data(spec)
+        check_data(home, spec)
     mlflow = lineage.open_store(home)
     experiment = lineage.experiment_id(mlflow, home, spec.name)
     if closed := lineage.close_dead(mlflow, experiment):

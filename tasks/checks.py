@@ -1,36 +1,98 @@
-"""The data checks a run makes before any model loads, shared by `lifecycle validate` and the flow.
+"""The data checks a run makes before any model loads, shared by `lifecycle validate`, `lifecycle run` and the flow.
 
-Files read whole are validated by their pandera contracts; streamed corpora are checked line
-by line at flat memory. Every problem of every file is gathered into one DataError.
+Files read whole are validated by their pandera contracts; streamed corpora are checked line by line at flat memory.
+Every problem of every file is gathered into one DataError. A file that passed is remembered in the home by its
+content digest, format and policy (and the project's version), so a re-run does not read unchanged data again.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
 
-from schemas.data import DataError, Problem, Validated, check_files
+from schemas.data import DataError, Problem, check_files
 from schemas.spec import PipelineSpec
+from tasks.home import Home, publish
+from tasks.plan import file_digest
 
-if TYPE_CHECKING:
-    from stages.streaming import CorpusCheck
+
+@dataclass(frozen=True)
+class Checked:
+    """What the check of one file (or one streamed corpus) found."""
+
+    files: int
+    rows: int
+    rejected: int  # rows set aside under on_invalid: skip
+    notes: list[str]  # not errors: e.g. tied scores in a ranked list
 
 
-def check_contracts(spec: PipelineSpec) -> tuple[dict[str, Validated], list[CorpusCheck]]:
-    """Every data file of the spec against its contract, streamed corpora line by line; all problems at once."""
-    problems: list[Problem] = []
+def _key(paths: list[Path], fmt: str, on_invalid: str) -> str:
+    return hashlib.sha256(json.dumps([[file_digest(p) for p in paths], fmt, on_invalid, version("llm-lifecycle"),
+                                      version("pandera")]).encode()).hexdigest()
+
+
+def _remembered(home: Home | None, key: str) -> Checked | None:
+    if home is None:
+        return None
     try:
-        results = check_files(spec.data_contracts())
+        return Checked(**json.loads((home.cache("checked", key) / "checked.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _remember(home: Home | None, key: str, checked: Checked) -> None:
+    if home is None:
+        return
+    target = home.cache("checked", key)
+    partial = target.with_name(f"{key}.partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "checked.json").write_text(json.dumps(asdict(checked)))
+    publish(partial, target)
+
+
+def check_contracts(spec: PipelineSpec, home: Home | None = None) -> list[Checked]:
+    """Every data file of the spec against its contract, streamed corpora line by line; all problems at once.
+
+    With `home`, files that passed before (same content, format and policy) are not read again."""
+    problems: list[Problem] = []
+    checked: list[Checked] = []
+    pending = []
+    for path, fmt, on_invalid in spec.data_contracts():
+        key = _key([path], fmt, on_invalid)
+        if (found := _remembered(home, key)) is not None:
+            checked.append(found)
+        else:
+            pending.append((key, (path, fmt, on_invalid)))
+    try:
+        results = check_files([file for _, file in pending])
     except DataError as err:
         results, problems = {}, err.problems
-    corpora = []
+    for key, (path, _, _) in pending:
+        if str(path) in results:
+            result = results[str(path)]
+            found = Checked(1, len(result.frame), result.rejected_rows, [str(note) for note in result.notes])
+            _remember(home, key, found)
+            checked.append(found)
     if spec.streamed():
         from stages.streaming import check_corpus  # loads torch: only specs that stream pay for it
 
         for stage in spec.streamed():
+            key = _key(stage.data, "text", stage.on_invalid)  # the spec expanded its patterns into files
+            if (found := _remembered(home, key)) is not None:
+                checked.append(found)
+                continue
             try:
-                corpora.append(check_corpus(stage.data, stage.on_invalid))
+                corpus = check_corpus(stage.data, stage.on_invalid)
             except DataError as err:
                 problems += err.problems
+                continue
+            found = Checked(corpus.files, corpus.rows, corpus.invalid, [])
+            _remember(home, key, found)
+            checked.append(found)
     if problems:
         raise DataError(problems)
-    return results, corpora
+    return checked

@@ -37,10 +37,9 @@ def stage_module(kind: str) -> ModuleType:
 
 
 @task(cache_policy=NO_CACHE)
-def check_data(spec: PipelineSpec) -> int:
+def check_data(home: Home, spec: PipelineSpec) -> int:
     """The data checks as the flow's first step, before any model loads; the number of valid rows."""
-    results, corpora = check_contracts(spec)
-    return sum(len(r.frame) for r in results.values()) + sum(c.rows for c in corpora)
+    return sum(checked.rows for checked in check_contracts(spec, home))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="reuse-{stage.name}")

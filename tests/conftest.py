@@ -12,6 +12,9 @@ from examples.generate import DATA_DIR
 from schemas.spec import LlamaInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
 from stages.contract import StageResult
 
+# as `lifecycle` sets for its own server: the harness's server must not try to reach the network
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "examples" / "quick.yaml"
 TINY = LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
