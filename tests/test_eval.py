@@ -153,7 +153,10 @@ def test_eval_report_has_a_row_per_checkpoint_and_a_plot(checkpoints: dict[str, 
     pre, tuned = report.metrics
     assert math.isnan(pre["reward_margin"]) and math.isfinite(tuned["reward_margin"])  # the first checkpoint is the reference
     assert all(math.isfinite(row[c]) for row in report.metrics for c in columns[1:] if c != "reward_margin")
-    assert 1 < tuned["perplexity"] < 512 and tuned["response_loss"] < pre["response_loss"]
+    # measured with seed 0 (CPU, fp32): perplexity 184, inside (1, 512) by 183 and 328; response loss 5.42 → 4.37,
+    # a fall of 1.05 clearing 0.5 by 0.55 (seeds 1, 2: 174 and 192; falls of 0.95 and 0.87)
+    assert 1 < float(tuned["perplexity"]) < 512
+    assert float(tuned["response_loss"]) < float(pre["response_loss"]) - 0.5
     assert all(0 <= row[c] <= 1 for row in report.metrics for c in ("exact_match", "task_accuracy", "preference_accuracy", "top1"))
     # four held-out prompts, each answered by both checkpoints
     first_prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "rl_prompts_heldout.jsonl").read_text().splitlines()[:4]]
