@@ -47,12 +47,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     home = Home.from_env()
-    _check(args.spec, home)
+    _check(args.spec, home)  # bad input starts nothing
+    # a new server starts while this process opens the store and loads the flow
+    os.environ["PREFECT_API_URL"], answering = server.start(home)
     from tasks.lineage import open_store
 
     open_store(home)
-    os.environ["PREFECT_API_URL"] = server.ensure(home)
-    from flows.lifecycle import lifecycle  # after the above: Prefect reads its settings on import
+    from flows.lifecycle import lifecycle  # after PREFECT_API_URL is set: Prefect reads its settings on import
+
+    answering()
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_messages)

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from schemas.spec import load_spec
 from tasks import lineage
-from tasks.home import Home
+from tasks.home import Home, sweep_partials
 from tasks.plan import plan
 from tasks.stage import check_data, evaluate, fetch, prepare, reuse, train, train_tokenizer
 
@@ -25,6 +25,8 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
     experiment = lineage.experiment_id(mlflow, home, spec.name)
     if closed := lineage.close_dead(mlflow, experiment):
         get_run_logger().info("%d runs left RUNNING by processes that died are marked KILLED", len(closed))
+    if swept := sweep_partials(home):
+        get_run_logger().info("%d cache entries left half-written by processes that died are removed", swept)
     runs: dict[str, str] = {}
     with lineage.pipeline_run(mlflow, experiment, spec.name, Path(spec_path).resolve()) as parent:
         for stage in [tokenizer_stage, *model_stages]:

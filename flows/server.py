@@ -18,16 +18,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from collections.abc import Callable
 from importlib.metadata import version
-from importlib.util import find_spec
 from pathlib import Path
 
 from schemas.errors import LifecycleError
-from tasks.home import Home
+from tasks.home import Home, running
 
+WATCH_SECONDS = 15.0  # how often the server checks that its home still records it
 START_TIMEOUT = 300.0  # seconds; a first start migrates a new database: 34 s seen on an idle slow machine, more under load
 EPHEMERAL = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
@@ -54,42 +55,24 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass  # not our child: started by an earlier command
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its new parent) answers kill(0) but is gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return running(pid)
 
 
 def _recorded(folder: Path) -> dict | None:
-    """The running server this home recorded, if it still answers and runs this Prefect version."""
+    """The server this home recorded, if its process still runs this Prefect version (it may still be starting)."""
     try:
         state = json.loads((folder / "server.json").read_text())
     except (OSError, ValueError):
         return None
-    if state.get("prefect") != version("prefect") or not _alive(state["pid"]) or not _healthy(state["url"]):
-        return None
-    return state
+    return state if state.get("prefect") == version("prefect") and _alive(state["pid"]) else None
 
 
-@contextmanager
-def _locked(folder: Path):
-    """One process at a time starts or stops the home's server."""
+def _lock(folder: Path):
+    """An open file holding the lock under which one process at a time starts or stops the home's server."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "server.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    handle = open(folder / "server.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -99,51 +82,94 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _start(folder: Path, timeout: float) -> dict:
-    # found, not imported: Prefect reads its settings once, on import, and this process has yet to set PREFECT_API_URL
-    packages = Path(find_spec("prefect").origin).parent.parent
-    log = folder / "server.log"
-    port = _free_port()
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(packages), "--factory",
-               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "error", "--lifespan", "on"]
-    with open(log, "w") as output:  # detached: a kill of the command's process group leaves the server to the next command
+def _spawn(folder: Path) -> tuple[int, str]:
+    """Start the server detached (a kill of this command's process group leaves it running) on a socket bound here,
+    so its port is known at once and no other process can take it while the server loads."""
+    with socket.socket() as sock, open(folder / "server.log", "w") as output:
+        sock.bind(("127.0.0.1", 0))
+        command = [sys.executable, "-m", "flows.server", str(folder / "server.json"), str(sock.fileno())]
         process = subprocess.Popen(command, env=os.environ | EPHEMERAL, stdin=subprocess.DEVNULL, stdout=output,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + timeout
-    while not _healthy(url):
-        if process.poll() is not None:
-            raise ServerError(f"the Prefect server for this home exited with code {process.returncode} while starting; "
-                              f"its log ({log}) ends with:\n{_tail(log)}")
+                                   stderr=subprocess.STDOUT, start_new_session=True, pass_fds=[sock.fileno()])
+        return process.pid, f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+
+
+def serve(record: Path, fd: int) -> None:
+    """Prefect's API app under uvicorn, as Prefect runs its own ephemeral server, on the socket `fd`, for as long as the
+    home records this process as its server: removing the home (`make clean`), `lifecycle stop` or a newer server
+    ends it."""
+    import uvicorn
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_SECONDS)
+            try:
+                recorded = json.loads(record.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                recorded = None
+            if recorded != os.getpid():
+                os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down cleanly on it
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, log_level="error", lifespan="on")
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+
+
+def _answering(state: dict, log: Path, deadline: float, timeout: float) -> None:
+    while not _healthy(state["url"]):
+        if not _alive(state["pid"]):
+            raise ServerError(f"the Prefect server for this home exited while starting; its log ({log}) ends with:\n{_tail(log)}")
         if time.monotonic() > deadline:
-            process.kill()
+            os.killpg(state["pid"], signal.SIGKILL)
             raise ServerError(f"the Prefect server for this home did not answer within {timeout:.0f} s (log: {log}); "
                               "the machine may be very busy: try again, or start one yourself (`prefect server start`) "
                               "and set PREFECT_API_URL")
         time.sleep(0.2)
-    return {"pid": process.pid, "url": url, "prefect": version("prefect")}
 
 
-def ensure(home: Home, timeout: float = START_TIMEOUT) -> str:
-    """The API URL of the home's Prefect server, started if none answers; the user's PREFECT_API_URL if set."""
+def start(home: Home, timeout: float = START_TIMEOUT) -> tuple[str, Callable[[], str]]:
+    """The API URL of the home's Prefect server, and a function that waits until the server answers.
+
+    The user's PREFECT_API_URL if set; else the home's server, started if none runs. The URL is known at once, so a
+    command does its own start-up work (data checks, imports) while a new server starts. A server is recorded as
+    soon as it is started, so one whose command stopped before it answered is found, not started twice."""
     if url := os.environ.get("PREFECT_API_URL"):
-        return url
+        return url, lambda: url
     folder = _folder(home)
-    if state := _recorded(folder):
-        return state["url"]
-    with _locked(folder):
-        if state := _recorded(folder):  # another command started it while this one waited
-            return state["url"]
-        _stop_recorded(folder)
-        print("starting this home's Prefect server (once: later commands reuse it; `lifecycle stop` stops it) ...",
-              file=sys.stderr, flush=True)
-        began = time.monotonic()
-        state = _start(folder, timeout)
-        (folder / "server.json").write_text(json.dumps(state))
+    if (state := _recorded(folder)) and _healthy(state["url"]):
+        return state["url"], lambda: state["url"]
+    lock = _lock(folder)
+    began = time.monotonic()
+    try:
+        if (state := _recorded(folder)) is None:
+            _stop_recorded(folder)
+            print("starting this home's Prefect server (once: later commands reuse it; `lifecycle stop` stops it) ...",
+                  file=sys.stderr, flush=True)
+            pid, url = _spawn(folder)
+            state = {"pid": pid, "url": url, "prefect": version("prefect")}
+            (folder / "server.json").write_text(json.dumps(state))
+    except BaseException:
+        lock.close()
+        raise
+
+    def answering() -> str:
+        try:
+            _answering(state, folder / "server.log", began + timeout, timeout)
+        except ServerError:
+            (folder / "server.json").unlink(missing_ok=True)  # it records a server that is gone
+            raise
+        finally:
+            lock.close()
         print(f"Prefect server on {state['url'].removesuffix('/api')} ({time.monotonic() - began:.0f} s to start)",
               file=sys.stderr, flush=True)
         return state["url"]
+
+    return state["url"], answering
+
+
+def ensure(home: Home, timeout: float = START_TIMEOUT) -> str:
+    """The API URL of the home's Prefect server once it answers (see `start`)."""
+    return start(home, timeout)[1]()
 
 
 def _stop_recorded(folder: Path) -> bool:
@@ -168,5 +194,9 @@ def _stop_recorded(folder: Path) -> bool:
 def stop(home: Home) -> bool:
     """Stop the home's Prefect server; False if none was running."""
     folder = _folder(home)
-    with _locked(folder):
+    with _lock(folder):
         return _stop_recorded(folder)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]), int(sys.argv[2]))

@@ -61,6 +61,33 @@ class Home:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond this machine
 
 
+def sweep_partials(home: Home) -> int:
+    """Remove cache entries left half-written by a process that died (`<key>.partial-<pid>`); how many were removed.
+
+    Nothing ever reads a partial entry, so this only gives the space back."""
+    removed = 0
+    for partial in (home.root / "cache").glob("*/*.partial-*"):
+        pid = partial.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not running(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def running(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc to ask: kill(0) answered
+
+
 def publish(partial: Path, target: Path) -> Path:
     """Move a folder built at `partial` to `target` in one step; if another process published it first, keep theirs."""
     try:

@@ -27,7 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from schemas.errors import LifecycleError
 from stages.contract import StageResult, is_adapter, point_adapter_at
-from tasks.home import Home, publish
+from tasks.home import Home, publish, running
 from tasks.plan import PlannedStage, file_digest
 
 TAG = "lifecycle."
@@ -111,15 +111,7 @@ def alive(run: Run) -> bool:
     if tags.get(f"{TAG}host") != socket.gethostname():
         return True
     pid = int(tags.get(f"{TAG}pid", "0"))
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return tags.get(f"{TAG}pid_started", "") == _started(pid)
+    return pid > 0 and running(pid) and tags.get(f"{TAG}pid_started", "") == _started(pid)
 
 
 def owner(run: Run) -> str:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flows import server
-from tasks.home import Home
+from tasks.home import Home, running
 
 from .conftest import QUICK, cli_env
 
@@ -28,13 +30,6 @@ stages:
 
 def lifecycle(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=900)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(tmp_path: Path) -> None:
@@ -57,7 +52,7 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
     finally:
         stopped = lifecycle("stop", env=env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    assert gone(state["pid"]) and not (tmp_path / "home" / "prefect" / "server.json").exists()
+    assert not running(state["pid"]) and not (tmp_path / "home" / "prefect" / "server.json").exists()
     assert "no Prefect server was running" in lifecycle("stop", env=env).stdout
 
 
@@ -66,7 +61,7 @@ def test_a_server_that_cannot_start_is_one_message_naming_its_log(tmp_path: Path
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     # a database the server cannot create: its start fails, and says so in its log
     monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/folder/prefect.db")
-    with pytest.raises(server.ServerError, match=r"exited with code \d+ while starting; its log \(.*server\.log\) ends with:\n"):
+    with pytest.raises(server.ServerError, match=r"exited while starting; its log \(.*server\.log\) ends with:\n"):
         server.ensure(Home(tmp_path))
     assert not (tmp_path / "prefect" / "server.json").exists()
 
@@ -75,3 +70,20 @@ def test_the_users_prefect_api_is_used_as_it_is(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert server.ensure(Home(tmp_path)) == "http://127.0.0.1:4200/api"
     assert not (tmp_path / "prefect").exists() and os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+
+
+def test_a_server_whose_home_is_removed_stops_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home" / "prefect"))
+    url = server.ensure(Home(tmp_path / "home"))
+    pid = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())["pid"]
+    assert url.startswith("http://127.0.0.1:") and running(pid)
+    shutil.rmtree(tmp_path / "home")  # `make clean` while the server runs
+    deadline = time.monotonic() + 4 * server.WATCH_SECONDS
+    while running(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # started by this process: reap it once it exits
+        except ChildProcessError:
+            pass
+        time.sleep(0.5)
+    assert not running(pid)
