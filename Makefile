@@ -22,11 +22,13 @@ demo: install
 	$(VENV)/bin/lifecycle status examples/toy.yaml
 	$(VENV)/bin/lifecycle report examples/toy.yaml
 	@echo "Browse every run, metric and checkpoint: $(VENV)/bin/lifecycle ui  (http://127.0.0.1:5000)"
+	@echo "The home's Prefect server stays up for the next commands; $(VENV)/bin/lifecycle stop stops it."
 
 test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PY) -m bench.startup
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.alignment
 	$(PY) -m bench.generate
