@@ -32,8 +32,8 @@ name: {name}
 model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 256}}}}
 tokenizer: {{train: {{vocab_size: 512, data: [{data}/pretrain.jsonl]}}}}
 stages:
-  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}}, train: {{max_steps: 20, batch_size: 8, save_steps: 10}}}}
-  - {{name: sft, kind: sft, data: {data}/sft.jsonl, train: {{max_steps: 2000, batch_size: 8, save_steps: 10}}}}
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}}, train: {{max_steps: 4, batch_size: 4}}}}
+  - {{name: sft, kind: sft, data: {data}/sft.jsonl, max_len: 128, train: {{max_steps: 2000, batch_size: 4, save_steps: 3}}}}
 """
 
 
