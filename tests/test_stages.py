@@ -88,11 +88,13 @@ def test_sft_lowers_response_loss_and_resumes_from_its_checkpoint(trained_tokeni
 
 
 def test_incomplete_checkpoints_are_discarded(tmp_path: Path) -> None:
-    (tmp_path / "checkpoint-10").mkdir()
-    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-20").mkdir()  # killed mid-save: no trainer_state.json
+    for step in (10, 20, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{\n  "global_step": 10\n}\n')
+    (tmp_path / "checkpoint-20" / "trainer_state.json").write_text('{\n  "global_st')  # killed while writing it
+    # checkpoint-30 was killed before its state was written at all
     assert last_checkpoint(tmp_path).name == "checkpoint-10"
-    assert not (tmp_path / "checkpoint-20").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]
 
 
 def test_fresh_model_follows_the_init_spec(trained_tokenizer: Path) -> None:
