@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,15 +62,20 @@ def until_first_step(command: list[str], env: dict[str, str], cwd: Path) -> floa
         for line in process.stdout:
             if "'loss'" in line:
                 return time.perf_counter() - start
-        raise RuntimeError(f"{' '.join(command)} ended (code {process.wait()}) before any training step")
+        print(f"failed ({' '.join(command[-2:])}): ended with code {process.wait()} before any training step", flush=True)
+        return float("nan")
     finally:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # with Prefect's temporary server, if it started one
         process.wait()
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
+    """Seconds the command took; NaN if it failed (Prefect's ephemeral server can miss its 20 s on a busy machine)."""
     start = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        print(f"failed ({' '.join(command[-2:])}): {done.stderr.strip().splitlines()[-1][:300]}", flush=True)
+        return float("nan")
     return time.perf_counter() - start
 
 
@@ -119,6 +125,7 @@ def main() -> None:
             ours_rerun, theirs_rerun = rerun(spec, home)
         rows.append((f"first run, s to step {steps} ({load_name})", ours_first, theirs_first))
         rows.append((f"re-run of finished {spec.name}, s ({load_name})", ours_rerun, theirs_rerun))
+        print(*rows[-2:], sep="\n", flush=True)
     subprocess.run(lifecycle("stop"), env=env_for(home), stdout=subprocess.DEVNULL)
     print(f"\n{cpu_model()}, {os.cpu_count()} cores; spec {spec.name}")
     print(f"{'measure':<52} {'ours':>8} {'ephemeral':>10}  ratio")
