@@ -70,15 +70,28 @@ def wait_for_stage_run(mlflow: MlflowClient, root: Path, since_ms: int, process:
 
 def test_random_kills_never_redo_finished_work_nor_use_partial_files(prefect_api, tmp_path) -> None:
     rng = random.Random(SEED)
-    root = tmp_path / "home"
+    landed, stages = 0, Counter()
+    for home in range(3):  # a fast machine can finish the pipeline between kills: then a new home, until a dozen landed
+        kills, hit = kill_series(tmp_path / f"home-{home}", rng, KILLS - landed, prefect_api)
+        landed, stages = landed + kills, stages + hit
+        if landed >= KILLS:
+            break
+    print(f"{landed} kills; stage runs caught running: {dict(stages)}")
+    assert landed >= KILLS and len(stages) >= 3  # the kills landed, and inside several stages
+
+
+def kill_series(root: Path, rng: random.Random, wanted: int, prefect_api: str) -> tuple[int, Counter]:
+    """Up to `wanted` kills of runs of quick.yaml in the home `root`, then a final run; every check after each kill
+    and at the end. The number of kills that landed and the stage runs they caught."""
+    root.mkdir(parents=True)
     env = cli_env(root, prefect_api)
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     finished: dict[str, str] = {}  # fingerprint -> the run that finished it
     kills: list[tuple[float, dict[str, int]]] = []  # (time of the kill, newest complete checkpoint per work folder)
     hit = Counter()
-    for number in range(KILLS):
+    for number in range(wanted):
         started_ms = int(time.time() * 1000)
-        log = tmp_path / f"run-{number}.log"
+        log = root / f"run-{number}.log"
         with open(log, "w") as output:
             process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(QUICK)], env=env, start_new_session=True,
                                        stdout=output, stderr=subprocess.STDOUT)
@@ -86,7 +99,7 @@ def test_random_kills_never_redo_finished_work_nor_use_partial_files(prefect_api
             time.sleep(rng.uniform(1.0, 12.0))
         else:  # inside a stage (its preparation, training, a save, the upload, the next one's download): mostly one
             # not killed before, so the kills walk through the pipeline; sometimes the same one again, mid-resume
-            skip = set() if rng.random() < 0.25 else set(hit)
+            skip = set() if rng.random() < 0.5 else set(hit)
             wait_for_stage_run(mlflow, root, started_ms, process, skip, timeout=600)
             time.sleep(rng.uniform(0.0, 8.0))
         if process.poll() is not None:
@@ -110,14 +123,12 @@ def test_random_kills_never_redo_finished_work_nor_use_partial_files(prefect_api
 
     final = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(QUICK)], env=env, capture_output=True, text=True, timeout=1800)
     assert final.returncode == 0, final.stderr[-3000:]
-    print(f"{len(kills)} kills; stage runs caught running: {dict(hit)}")
-    assert len(kills) >= KILLS - 2 and len(hit) >= 3  # the kills landed, and inside several stages
 
     experiment = mlflow.get_experiment_by_name("quick").experiment_id
     everything = mlflow.search_runs([experiment], max_results=1000)
     assert not [r.info.run_name for r in everything if r.info.status == "RUNNING"]
     pipelines = [r for r in everything if r.data.tags.get("lifecycle.kind") == "pipeline"]
-    assert sorted(r.info.status for r in pipelines).count("FINISHED") == 1
+    assert pipelines[0].info.status == "FINISHED"  # the final run's (newest first); an earlier cycle may have finished too
     for run in pipelines:  # the killed pipelines' parent runs say they are dead, and why
         if run.info.status != "FINISHED":
             assert run.info.status == "KILLED" and "found dead" in run.data.tags["lifecycle.killed"]
@@ -137,3 +148,4 @@ def test_random_kills_never_redo_finished_work_nor_use_partial_files(prefect_api
             assert run.info.status in ("KILLED", "FAILED")
     check_cache(root)
     assert not list((root / "cache").glob("*/*.partial-*"))  # what killed writers left is swept by the next run
+    return len(kills), hit
