@@ -137,18 +137,22 @@ def close_dead(mlflow: MlflowClient, experiment: str) -> list[str]:
     closed = []
     for run in mlflow.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000):
         if not alive(run):
-            mlflow.set_tag(run.info.run_id, f"{TAG}killed", f"its process ({owner(run)}) was found dead "
-                           f"at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()}")
-            mlflow.set_terminated(run.info.run_id, status="KILLED")
+            _close_dead_run(mlflow, run)
             closed.append(run.info.run_id)
     return closed
+
+
+def _close_dead_run(mlflow: MlflowClient, run: Run) -> None:
+    mlflow.set_tag(run.info.run_id, f"{TAG}killed", f"its process ({owner(run)}) was found dead "
+                   f"at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()}")
+    mlflow.set_terminated(run.info.run_id, status="KILLED")
 
 
 @contextmanager
 def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> Iterator[None]:
     """Run a stage as its only runner: a second process of this home (or a live run elsewhere) is refused with a
     message naming who has it. The claim is a lock on a file, so a process that dies (kill -9) lets go of it at once;
-    runs it left RUNNING are then closed as KILLED."""
+    the runs of this stage it left RUNNING are then closed as KILLED."""
     path = home.claim_file(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
@@ -163,7 +167,7 @@ def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage
             if alive(run):  # on another host that shares the store
                 raise StageBusy(f"stage {stage.name} is being run right now by {owner(run)}; wait for it to finish "
                                 "or stop that process, then run again")
-        close_dead(mlflow, experiment)
+            _close_dead_run(mlflow, run)
         yield
 
 

@@ -93,11 +93,11 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
               tokenizer_run: str | None, work) -> str:
     """Claim the stage, open its child run, do the work, log the checkpoint; FAILED on any error.
 
-    A run that finished while this process waited to claim the stage is reused, never trained twice."""
+    A run that another process finished after this one looked for it (and before the claim) is reused, never trained twice."""
     mlflow = lineage.client(home)
     with lineage.claim(mlflow, home, experiment, stage):
         if (found := lineage.finished_run(mlflow, experiment, stage)) is not None:
-            get_run_logger().info("stage %s: reused from run %s, finished meanwhile", stage.name, found.info.run_id)
+            get_run_logger().info("stage %s: reused from run %s, finished meanwhile by another process", stage.name, found.info.run_id)
             return found.info.run_id
         run_id = lineage.start_stage_run(mlflow, experiment, stage, parent, upstream_run, tokenizer_run)
         try:
