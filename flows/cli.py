@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
     Home.from_env().configure()
+    # OpenMP threads that wait by spinning lose their core to any busy process beside them: training beside two
+    # was 1.3x-2.9x faster with passive waiting, and idle within noise (bench/threads.py). Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return args.func(args)
     except LifecycleError as err:

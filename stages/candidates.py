@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedModel, Trainer
 from schemas.data import read_files
 from schemas.spec import ChatStage
 from stages.checkpoint import save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult
+from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
 from stages.templates import IGNORE, encode_completion
@@ -159,7 +159,7 @@ def train(spec: ChatStage, inputs: StageInputs, workdir: Path, model: PreTrained
     `measure` scores the model on the held-out rows; by default its preference and ranking agreement."""
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     if spec.lora is not None:
-        model = with_lora(model, spec.lora, task_type)
+        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer), task_type)
     measure = measure or (lambda m, rows: heldout_metrics(m, rows, tokenizer.pad_token_id))
 
     def measured(suffix: str) -> dict[str, float]:

@@ -4,34 +4,102 @@ A stage's output is a Hugging Face folder in safetensors with its tokenizer. A L
 output is its adapter (`adapter_config.json` naming the base folder it applies to), plus,
 with `merge: true`, the base with the adapter merged in. Whoever loads a checkpoint gets one
 plain model either way: an adapter is applied to its base and merged on load.
+
+A model always loads fitted to the pipeline's tokenizer: where the tokenizer stage added tokens
+a user's checkpoint lacks (a template's turn markers, a pad), the embeddings grow, each new row
+the mean of the trained ones, and the model's pad id is the tokenizer's. LoRA trains those rows
+too (PEFT's trainable tokens), so an adapter carries what its base never had: it loads on its
+base resized to the tokenizer (`resize_token_embeddings(len(tokenizer))`), then the adapter.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from schemas.spec import LoraSpec
-from stages.contract import adapter_base, is_adapter, point_adapter_at
+from stages.contract import ModelError, adapter_base, is_adapter, point_adapter_at
 
-def load_model(folder: Path, auto_class=AutoModelForCausalLM, dtype: torch.dtype = torch.float32, **config) -> PreTrainedModel:
-    """A checkpoint as one plain model: an adapter is applied to its base (itself loaded the same way) and merged."""
+
+def fit_vocabulary(model: PreTrainedModel, tokenizer) -> int:
+    """Grow the embeddings to the tokenizer's length, each new row the mean of the old ones; the number of rows added.
+
+    The model's pad id becomes the tokenizer's (a sequence classifier finds each row's last token by it)."""
+    rows = model.get_input_embeddings().num_embeddings
+    added = len(tokenizer) - rows
+    if added > 0:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if layer is not None:
+                    layer.weight[rows:] = layer.weight[:rows].mean(dim=0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return max(added, 0)
+
+
+def load_model(folder: Path, tokenizer, auto_class=AutoModelForCausalLM, dtype: torch.dtype = torch.float32, **config) -> PreTrainedModel:
+    """A checkpoint as one plain model fitted to `tokenizer`: an adapter is applied to its base (itself loaded the same way) and merged."""
     if not is_adapter(folder):
-        return auto_class.from_pretrained(folder, dtype=dtype, **config)
-    base = load_model(adapter_base(folder), auto_class, dtype, **config)
+        model = auto_class.from_pretrained(folder, dtype=dtype, **config)
+        fit_vocabulary(model, tokenizer)
+        return model
+    base_folder = adapter_base(folder)
+    if not base_folder.is_dir():
+        raise ModelError(f"the adapter in {folder} applies to the base model {base_folder}, which is not there: "
+                         f"put that checkpoint back (or a copy of it) at that path")
+    base = load_model(base_folder, tokenizer, auto_class, dtype, **config)
     # PEFT loads an adapter for inference, freezing every weight; a merged checkpoint trains like any other
     return PeftModel.from_pretrained(base, folder).merge_and_unload().requires_grad_(True)
 
 
-def with_lora(model: PreTrainedModel, lora: LoraSpec, task_type: str = "CAUSAL_LM") -> PeftModel:
-    """The model wrapped with fresh LoRA adapters; only they (and a sequence classifier's head) train."""
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
-                        target_modules=lora.targets if isinstance(lora.targets, str) else list(lora.targets))
-    return get_peft_model(model, config)
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def lora_targets(model: PreTrainedModel, lora: LoraSpec) -> tuple[list[str] | str, bool]:
+    """PEFT's target_modules for the spec's targets, and whether they are Conv1D layers (GPT-2's, stored transposed).
+
+    A named target that matches no module fails here, naming the layers the model has."""
+    output = model.get_output_embeddings()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output}
+    if lora.targets == "all-linear":
+        targeted = list(layers.values())
+    else:
+        suffixes = {name.rsplit(".", 1)[-1] for name in layers}
+        unknown = [t for t in lora.targets if not any(name == t or name.endswith(f".{t}") for name in layers)]
+        if unknown:
+            raise ModelError(f"lora.targets {unknown} match no layer of this {model.config.model_type} model; "
+                             f"its adaptable layers are {sorted(suffixes)} (or use targets: all-linear)")
+        targeted = [m for name, m in layers.items() if any(name == t or name.endswith(f".{t}") for t in lora.targets)]
+    return (lora.targets if isinstance(lora.targets, str) else list(lora.targets)), any(isinstance(m, Conv1D) for m in targeted)
+
+
+def with_lora(model: PreTrainedModel, lora: LoraSpec, new_tokens: list[int] = (), task_type: str = "CAUSAL_LM") -> PeftModel:
+    """The model wrapped with fresh LoRA adapters; only they, the rows of `new_tokens` (tokens the pipeline added,
+    in the input and, when untied, the output embeddings) and a sequence classifier's head train."""
+    targets, conv1d = lora_targets(model, lora)
+    trainable = None
+    if new_tokens:
+        embeddings = [model.get_input_embeddings()]
+        if task_type == "CAUSAL_LM" and not model.config.get_text_config().tie_word_embeddings:
+            embeddings.append(model.get_output_embeddings())
+        trainable = {_module_name(model, layer).rsplit(".", 1)[-1]: list(new_tokens) for layer in embeddings}
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type, target_modules=targets,
+                        fan_in_fan_out=conv1d, trainable_token_indices=trainable)
+    wrapped = get_peft_model(model, config)
+    if new_tokens:
+        # every save (the Trainer's in-stage checkpoints too) keeps the added rows as trainable tokens; PEFT would
+        # otherwise copy both whole embedding matrices into each one, as it does for any resized vocabulary
+        wrapped.save_pretrained = functools.partial(wrapped.save_pretrained, save_embedding_layers=False)
+    return wrapped
 
 
 def save(model: PreTrainedModel | PeftModel, tokenizer, workdir: Path, lora: LoraSpec | None = None,

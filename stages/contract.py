@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from schemas.data import Problem
+from schemas.errors import LifecycleError
 from schemas.spec import LlamaInit
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ class StageResult:
     source_run: str | None = None  # the run whose logged checkpoint this is (a curriculum's last part): not logged again
 
 
+class ModelError(LifecycleError, ValueError):
+    """A stage's model cannot do what the spec asks of it (a LoRA target it lacks, a base that is gone or changed)."""
+
+
 # A LoRA stage's checkpoint is a PEFT adapter folder; this file in it names the base folder it applies to.
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -51,6 +56,15 @@ def is_adapter(folder: Path) -> bool:
 
 def adapter_base(folder: Path) -> Path:
     return Path(json.loads((Path(folder) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+
+
+# In the tokenizer stage's folder: the tokens it added to a user's tokenizer ({token: id}); their rows are new in the model.
+ADDED_TOKENS = "lifecycle_added_tokens.json"
+
+
+def added_token_ids(tokenizer_folder: Path) -> list[int]:
+    path = Path(tokenizer_folder) / ADDED_TOKENS
+    return sorted(json.loads(path.read_text()).values()) if path.exists() else []
 
 
 def point_adapter_at(folder: Path, base: Path) -> None:

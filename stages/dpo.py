@@ -85,7 +85,7 @@ def precomputed_reference(model, dataset, pad_id: int, folder: Path, autocast: b
 def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
-    model = load_model(inputs.model)
+    model = load_model(inputs.model, tokenizer)
     datasets = dict(inputs.datasets)
     strategy = spec.reference_strategy()
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None

@@ -284,7 +284,7 @@ def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str,
 
 def _scored_checkpoint(folder: Path, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None, list[str]]:
     """One checkpoint loaded, measured and asked the samples; its model is unreferenced when this returns."""
-    model = load_model(folder).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model = load_model(folder, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     found, pair_logps = measure(model, tokenizer, data, spec)
     replies = answer(model, tokenizer, [messages for _, messages in data.samples], spec.template, spec.max_new_tokens)
     return found, pair_logps, replies

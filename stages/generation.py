@@ -157,7 +157,7 @@ class ChatModel:
         """Any stage's output folder (an adapter is merged into its base), in float32, on the GPU where there is one."""
         tokenizer = AutoTokenizer.from_pretrained(folder)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(Path(folder)).to(device).eval()
+        model = load_model(Path(folder), tokenizer).to(device).eval()
         return cls(model, tokenizer, stop_ids(tokenizer, turn_end_id(tokenizer)))
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:

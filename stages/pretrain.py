@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, LlamaCo
 from schemas.data import read_files
 from schemas.spec import LlamaInit, PretrainStage
 from stages.checkpoint import load_model, save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult
+from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.packing import concat_chunk, tokenize_documents
 from stages.streaming import StreamingTextDataset
 from stages.training import fit, make_trainer, training_arguments
@@ -69,9 +69,9 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
     if isinstance(inputs.model, LlamaInit):
         model = build_model(inputs.model, tokenizer)
     else:
-        model = load_model(inputs.model)
+        model = load_model(inputs.model, tokenizer)
     if spec.lora is not None:
-        model = with_lora(model, spec.lora)
+        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
     datasets = dict(inputs.datasets)
     if spec.streaming:
         # world_size 1: under the Trainer, accelerate has rank 0 read the stream and dispatch batches to every rank

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import set_seed
+from transformers import AutoTokenizer, set_seed
 
 from schemas.spec import PROStage
 from stages import candidates
@@ -45,6 +45,6 @@ def run(spec: PROStage, inputs: StageInputs, workdir: Path) -> StageResult:
     set_seed(spec.train.seed)
     datasets = dict(inputs.datasets)
     datasets["train"], n, short = with_length(datasets["train"], spec.curriculum[-1] if spec.curriculum else None)
-    result = train(spec, inputs, workdir, load_model(inputs.model), datasets, PROTrainer)
+    result = train(spec, inputs, workdir, load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer)), datasets, PROTrainer)
     result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
     return result

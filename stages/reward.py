@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
 from schemas.spec import RewardStage
 from stages import candidates
@@ -65,7 +65,7 @@ def rewards(model, tokenizer, prompts: list[list[dict]], replies: list[str], tem
 
 def run(spec: RewardStage, inputs: StageInputs, workdir: Path) -> StageResult:
     set_seed(spec.train.seed)
-    model = load_model(inputs.model, AutoModelForSequenceClassification, num_labels=1)
+    model = load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer), AutoModelForSequenceClassification, num_labels=1)
 
     def measure(model, rows: Dataset) -> dict[str, float]:
         pairs = candidate_rewards(model, rows, model.config.pad_token_id)

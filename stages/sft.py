@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 from schemas.data import read_files
 from schemas.spec import SFTStage
 from stages.checkpoint import load_model, save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult
+from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
 from stages.templates import IGNORE, conversations, encode_conversation, store_template
@@ -63,9 +63,9 @@ def prepare(spec: SFTStage, tokenizer) -> Prepared:
 def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
-    model = load_model(inputs.model)
+    model = load_model(inputs.model, tokenizer)
     if spec.lora is not None:
-        model = with_lora(model, spec.lora)
+        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
     datasets = inputs.datasets
     asked = [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
     collator = (PackedCollator(tokenizer.pad_token_id) if spec.packing

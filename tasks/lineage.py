@@ -26,9 +26,9 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run,
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from schemas.errors import LifecycleError
-from stages.contract import StageResult, is_adapter, point_adapter_at
+from stages.contract import ModelError, StageResult, is_adapter, point_adapter_at
 from tasks.home import Home, publish, running
-from tasks.plan import PlannedStage, file_digest
+from tasks.plan import PlannedStage, file_digest, folder_digest
 
 TAG = "lifecycle."
 CHECKPOINT = "checkpoint"
@@ -284,10 +284,30 @@ def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str =
     partial.mkdir(parents=True)
     mlflow.download_artifacts(run.info.run_id, artifact, str(partial))
     if is_adapter(partial / artifact):
-        point_adapter_at(partial / artifact, fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}upstream_run"])))
+        point_adapter_at(partial / artifact, _base_of(mlflow, home, run))
     publish(partial / artifact, target)
     shutil.rmtree(partial)
     return target
+
+
+def record_base_model(mlflow: MlflowClient, run_id: str, path: Path) -> None:
+    """Name the spec's model.path, and its content digest, as the base of a first stage (its adapter applies to it)."""
+    mlflow.log_batch(run_id, tags=[RunTag(f"{TAG}base_model", str(path)), RunTag(f"{TAG}base_model_digest", folder_digest(path))])
+
+
+def _base_of(mlflow: MlflowClient, home: Home, run: Run) -> Path:
+    """The folder an adapter logged by `run` applies to: its upstream run's checkpoint, or the user's base model, unchanged."""
+    tags = run.data.tags
+    if f"{TAG}upstream_run" in tags:
+        return fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}upstream_run"]))
+    stage, base, digest = tags.get(f"{TAG}stage"), Path(tags[f"{TAG}base_model"]), tags[f"{TAG}base_model_digest"]
+    if not (base / "config.json").exists():
+        raise ModelError(f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} "
+                         f"(sha256 {digest[:12]}), which is not on this machine: copy that checkpoint to {base}")
+    if folder_digest(base) != digest:
+        raise ModelError(f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} as it was "
+                         f"(sha256 {digest[:12]}), and that folder has changed since: restore it, or run the spec again to train on it as it is")
+    return base
 
 
 REPORT = "eval"  # the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png

@@ -173,6 +173,8 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
                 reference = datasets_dir / f"reference-{lineage.fingerprint_of(source)[:16]}"
             else:
                 model, reference = spec.model.init or spec.model.path, None
+                if spec.model.path is not None:
+                    lineage.record_base_model(mlflow, run_id, spec.model.path)
             inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
                                  callbacks=(StepMetrics(mlflow, run_id),))
             return stage_module(part.kind).run(part.spec, inputs, home.work(part))

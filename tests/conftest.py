@@ -14,6 +14,8 @@ from stages.contract import StageResult
 
 # as `lifecycle` sets for its own server: the harness's server must not try to reach the network
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# as `lifecycle` sets before torch loads: stages trained in the test process wait passively too (a busy CI machine)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "examples" / "quick.yaml"

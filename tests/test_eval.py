@@ -261,7 +261,7 @@ def test_generate_cli_answers_a_file_in_order(checkpoints: dict[str, Path], tmp_
     assert [set(row) for row in rows] == [{"prompt", "answer", "reference"}, {"prompt", "answer"}, {"prompt", "answer"}]
     assert rows[0]["reference"] == "30" and all(isinstance(row["answer"], str) for row in rows)
     # greedy by default: the file holds what the template-named path answers
-    model, tok = load_model(checkpoints["sft"]), AutoTokenizer.from_pretrained(checkpoints["sft"])
+    model, tok = load_model(checkpoints["sft"], tok := AutoTokenizer.from_pretrained(checkpoints["sft"])), tok
     asked = [[{"role": "user", "content": "Compute 26 plus 4."}], [{"role": "user", "content": "Write jam in capital letters."}]]
     assert [row["answer"] for row in rows[:2]] == answer(model, tok, asked, "chatml", max_new_tokens=8)
 

@@ -88,6 +88,8 @@ def test_status_reads_the_store_from_another_process(quick_run) -> None:
 
 
 def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
     from stages.checkpoint import load_model
     from stages.contract import adapter_base, is_adapter
     from tasks.home import Home
@@ -102,7 +104,7 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     # LoRA without merge: the checkpoint is the adapter; fetched, it names the fetched checkpoint of its input as its base
     dpo = fetch_checkpoint(mlflow, home, mlflow.get_run(runs["dpo"]))
     assert is_adapter(dpo) and adapter_base(dpo) == fetch_checkpoint(mlflow, home, mlflow.get_run(runs["sft-lora"]))
-    assert load_model(dpo).config.hidden_size == 64  # applied to its base and merged on load
+    assert load_model(dpo, AutoTokenizer.from_pretrained(dpo)).config.hidden_size == 64  # applied to its base and merged on load
     dpo_run = mlflow.get_run(runs["dpo"])
     assert {"rewards/margin", "rewards/accuracy", "logps/chosen", "heldout_preference_accuracy"} <= set(dpo_run.data.metrics)
 

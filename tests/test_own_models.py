@@ -1,0 +1,127 @@
+"""Your own model: a local checkpoint of each common architecture, with its own tokenizer and template, through
+LoRA-SFT (unmerged) -> DPO with LoRA on that adapter -> eval -> generate, under the real flow and MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from examples.generate import DATA_DIR
+from tests.checkpoints import build
+from tests.conftest import ROOT, cli_env, use_home
+
+# family: the pipeline template it runs with (its own where it has one) and the tokens the pipeline must add
+FAMILIES = {
+    "llama": ("tokenizer", ["<|pad|>"]),  # no pad token; EOS is not the end-of-turn token
+    "qwen2": ("tokenizer", []),  # ChatML of its own, a pad token, tied embeddings
+    "mistral": ("llama2", []),  # no template: a pipeline one, with the tokenizer's <s> and </s>; pad: <unk>
+    "phi3": ("tokenizer", []),  # pad is EOS, and <|end|> ends a turn: EOS stays a safe pad
+    "gpt2": ("chatml", ["<|im_start|>", "<|im_end|>", "<|pad|>"]),  # one special token for everything
+}
+
+SPEC = """
+name: own-{family}
+model: {{path: {model}}}
+tokenizer: {{path: {model}}}
+template: {template}
+stages:
+  - name: sft
+    kind: sft
+    data: {data}/sft.jsonl
+    heldout: {data}/sft_heldout.jsonl
+    max_len: 192
+    eval_samples: 4
+    lora: {{r: 8, alpha: 16, targets: all-linear}}
+    train: {{max_steps: 12, batch_size: 8, lr: 0.003, logging_steps: 4, save_steps: 6, precision: fp32}}
+  - name: dpo
+    kind: dpo
+    data: {data}/preference.jsonl
+    heldout: {data}/preference_heldout.jsonl
+    max_len: 128
+    lora: {{r: 4, alpha: 8}}
+    train: {{max_steps: 6, batch_size: 4, lr: 0.001, logging_steps: 3, save_steps: 6, precision: fp32}}
+  - name: eval
+    kind: eval
+    checkpoints: [sft, dpo]
+    limit: 8
+    max_new_tokens: 8
+"""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(family, prefect_harness, prefect_api, tmp_path, monkeypatch) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.lifecycle import lifecycle
+    from stages.contract import ADDED_TOKENS, adapter_base
+    from tasks.home import Home
+    from tasks.lineage import fetch_checkpoint
+    from tasks.plan import folder_digest
+
+    template, added = FAMILIES[family]
+    model_dir = build(family, tmp_path / family)
+    original = AutoTokenizer.from_pretrained(model_dir)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(family=family, model=model_dir, template=template, data=DATA_DIR))
+    root = tmp_path / "home"
+    use_home(monkeypatch, root)
+    runs = lifecycle(str(spec))
+
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    home = Home(root)
+    tokenizer_dir = fetch_checkpoint(mlflow, home, mlflow.get_run(runs["tokenizer"]))
+    assert list(json.loads((tokenizer_dir / ADDED_TOKENS).read_text())) == added
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert len(tokenizer) == len(original) + len(added)
+    # the pad is a token no reply ends with: padding never hides the end of a turn
+    assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+                                          tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+    # the SFT adapter names the user's folder, and its digest, as its base; fetched, it still does
+    sft_run = mlflow.get_run(runs["sft"])
+    assert sft_run.data.tags["lifecycle.base_model"] == str(model_dir)
+    assert sft_run.data.tags["lifecycle.base_model_digest"] == folder_digest(model_dir)
+    sft = fetch_checkpoint(mlflow, home, sft_run)
+    assert adapter_base(sft) == model_dir
+    assert sft_run.data.metrics["heldout_loss"] < sft_run.data.metrics["heldout_loss_before"]
+
+    # as the ecosystem loads it: the base resized to the tokenizer, then PEFT; the same model the pipeline loads
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(base, sft).merge_and_unload()
+    from stages.checkpoint import load_model
+
+    ours = load_model(sft, tokenizer)
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "Where is Mira?"}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+    assert (merged(**probe).logits - ours(**probe).logits).abs().max() < 1e-4
+    assert AutoTokenizer.from_pretrained(sft).chat_template == tokenizer.chat_template  # served elsewhere, it renders the same
+
+    dpo = mlflow.get_run(runs["dpo"])
+    assert dpo.info.status == "FINISHED" and "rewards/accuracy" in dpo.data.metrics
+    assert adapter_base(fetch_checkpoint(mlflow, home, dpo)) == sft  # an adapter on the SFT adapter on the user's model
+    evaluated = mlflow.get_run(runs["eval"]).data.metrics
+    assert {"sft/response_loss", "dpo/response_loss"} <= set(evaluated)
+
+    answered = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(spec), "--stage", "dpo", "--max-new-tokens", "6",
+                               "Where is Mira?"], cwd=ROOT, env=cli_env(root, prefect_api), capture_output=True, text=True, timeout=600)
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.startswith("> Where is Mira?\n")
+
+
+def test_lora_target_that_matches_nothing_names_the_layers_that_exist(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from schemas.spec import LoraSpec
+    from stages.checkpoint import ModelError, with_lora
+
+    model = AutoModelForCausalLM.from_pretrained(build("phi3", tmp_path / "phi3"))
+    with pytest.raises(ModelError, match=r"lora.targets \['q_proj'\] match no layer of this phi3 model; its adaptable layers are "
+                                         r"\['down_proj', 'gate_up_proj', 'o_proj', 'qkv_proj'\]"):
+        with_lora(model, LoraSpec(targets=["q_proj", "qkv_proj"]))
