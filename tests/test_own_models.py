@@ -20,7 +20,7 @@ FAMILIES = {
     "llama": ("tokenizer", ["<|pad|>"]),  # no pad token; EOS is not the end-of-turn token
     "qwen2": ("tokenizer", []),  # ChatML of its own, a pad token, tied embeddings
     "mistral": ("llama2", []),  # no template: a pipeline one, with the tokenizer's <s> and </s>; pad: <unk>
-    "phi3": ("tokenizer", []),  # pad is EOS, and <|end|> ends a turn: EOS stays a safe pad
+    "phi3": ("tokenizer", ["<|pad|>"]),  # pad is EOS (<|end|> ends a turn): pretraining would mask EOS, so a pad is added
     "gpt2": ("chatml", ["<|im_start|>", "<|im_end|>", "<|pad|>"]),  # one special token for everything
 }
 
@@ -79,9 +79,10 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(family, pref
     assert list(json.loads((tokenizer_dir / ADDED_TOKENS).read_text())) == added
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert len(tokenizer) == len(original) + len(added)
-    # the pad is a token no reply ends with: padding never hides the end of a turn
-    assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>"),
-                                          tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    # the pad is none of the tokens a text begins or ends with, nor the end of a turn: padding never hides them
+    vocab = tokenizer.get_vocab()
+    ends = {tokenizer.bos_token_id, tokenizer.eos_token_id} | {vocab[t] for t in ("<|eot_id|>", "<|im_end|>", "<|end|>") if t in vocab}
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends
 
     # the SFT adapter names the user's folder, and its digest, as its base; fetched, it still does
     sft_run = mlflow.get_run(runs["sft"])
