@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, TrainerCallback
 
-from schemas.spec import DPOStage, LlamaInit, LoraSpec, SFTStage, TokenizerTrain, TrainSpec
+from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TokenizerTrain, TrainSpec
 from stages import dpo, sft
 from stages import tokenizer as tokenizer_stage
 from stages.contract import StageInputs
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
 
 
-def setup(workdir: Path, init: LlamaInit) -> tuple[Path, Path]:
+def setup(workdir: Path, init: ModelInit) -> tuple[Path, Path]:
     """A tokenizer trained on the bundled text and a fresh model of `init`, saved: (tokenizer, model)."""
     texts = [json.loads(line)["text"] for line in (DATA / "pretrain.jsonl").read_text().splitlines()]
     tokenizer = tokenizer_stage.run(TokenizerTrain(vocab_size=1024), texts, "chatml", workdir / "tok").checkpoint
@@ -55,7 +55,7 @@ def dpo_spec(reference: str, steps: int, batch: int, lora: LoraSpec | None = Non
 
 
 def step_time(args: argparse.Namespace) -> None:
-    init = LlamaInit(hidden_size=256, layers=4, heads=4, max_seq_len=256)  # the demo's model
+    init = ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=256)  # the demo's model
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         tokenizer, model = setup(workdir, init)
@@ -90,7 +90,7 @@ class PeakRSS(TrainerCallback):
 
 
 def memory_one(variant: str, steps: int, batch: int) -> None:
-    init = LlamaInit(hidden_size=512, layers=8, heads=8, max_seq_len=256)
+    init = ModelInit(hidden_size=512, layers=8, heads=8, max_seq_len=256)
     lora = LoraSpec(r=16, alpha=32)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from schemas.spec import LlamaInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
+from schemas.spec import ModelInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
 from stages import pretrain, sft
 from stages import tokenizer as tokenizer_stage
 from stages.contract import StageInputs
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
 
 # the toy model at its real size (as bench/pipeline.py), trained just long enough to answer and end its turns
-MODEL = LlamaInit(hidden_size=256, layers=4, heads=4, max_seq_len=256)
+MODEL = ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=256)
 TRAIN = dict(batch_size=16, lr=1e-3, warmup=0.0, logging_steps=20, save_steps=10**6)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from schemas.data import Problem
 from schemas.errors import LifecycleError
-from schemas.spec import LlamaInit
+from schemas.spec import ModelInit
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -25,7 +25,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class StageInputs:
-    model: Path | LlamaInit  # the upstream checkpoint folder, or a config to build fresh weights from
+    model: Path | ModelInit  # the upstream checkpoint folder, or a config to build fresh weights from
     tokenizer: Path  # a Hugging Face tokenizer folder, chat template included
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
     callbacks: tuple[TrainerCallback, ...] = ()  # e.g. the recorder of per-step metrics

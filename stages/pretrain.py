@@ -1,8 +1,9 @@
 """The pretrain stage: next-token prediction on raw text.
 
 Documents are joined with EOS between them and cut into blocks of `block_size` tokens
-(the tail shorter than a block is dropped and counted). The model is a fresh Llama built
-from `model.init`, or the upstream checkpoint when pretraining continues.
+(the tail shorter than a block is dropped and counted). The model is built fresh from
+`model.init` (any architecture transformers has a causal LM for), or is the upstream
+checkpoint when pretraining continues.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedModel, set_seed
 
 from schemas.data import read_files
-from schemas.spec import LlamaInit, PretrainStage
+from schemas.spec import ModelInit, PretrainStage, init_config
 from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.packing import concat_chunk, tokenize_documents
@@ -45,28 +46,16 @@ def prepare(spec: PretrainStage, tokenizer) -> Prepared:
     return Prepared(DatasetDict(splits), rejected, counts)
 
 
-def build_model(init: LlamaInit, tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=init.hidden_size,
-        intermediate_size=init.intermediate_size or -(-init.hidden_size * 8 // 3 // 64) * 64,
-        num_hidden_layers=init.layers,
-        num_attention_heads=init.heads,
-        num_key_value_heads=init.kv_heads or init.heads,
-        max_position_embeddings=init.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": init.rope_theta},
-        tie_word_embeddings=init.tie_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
+def build_model(init: ModelInit, tokenizer) -> PreTrainedModel:
+    config = init_config(init, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
-    if isinstance(inputs.model, LlamaInit):
+    if isinstance(inputs.model, ModelInit):
         model = build_model(inputs.model, tokenizer)
     else:
         model = load_model(inputs.model, tokenizer)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from examples.generate import DATA_DIR
-from schemas.spec import LlamaInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
+from schemas.spec import ModelInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
 from stages.contract import StageResult
 
 # as `lifecycle` sets for its own server: the harness's server must not try to reach the network
@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "examples" / "quick.yaml"
-TINY = LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
+TINY = ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
 FAST = dict(batch_size=8, lr=3e-3, warmup=0.0, logging_steps=5, precision="fp32")
 
 

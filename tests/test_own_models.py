@@ -12,12 +12,12 @@ import pytest
 from mlflow import MlflowClient
 
 from examples.generate import DATA_DIR
-from tests.checkpoints import build
+from examples.checkpoints import build
 from tests.conftest import ROOT, cli_env, use_home
 
-# family: the pipeline template it runs with (its own where it has one) and the tokens the pipeline must add
+# family: the pipeline template it runs with (its own where it has one) and the tokens the pipeline must add;
+# llama (no pad token, EOS is not the end-of-turn token) runs as a user runs it: examples/own/llama3.yaml, by the CLI
 FAMILIES = {
-    "llama": ("tokenizer", ["<|pad|>"]),  # no pad token; EOS is not the end-of-turn token
     "qwen2": ("tokenizer", []),  # ChatML of its own, a pad token, tied embeddings
     "mistral": ("llama2", []),  # no template: a pipeline one, with the tokenizer's <s> and </s>; pad: <unk>
     "phi3": ("tokenizer", ["<|pad|>"]),  # pad is EOS (<|end|> ends a turn): pretraining would mask EOS, so a pad is added
@@ -114,6 +114,44 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(family, pref
                                "Where is Mira?"], cwd=ROOT, env=cli_env(root, prefect_api), capture_output=True, text=True, timeout=600)
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.startswith("> Where is Mira?\n")
+
+
+def test_shipped_own_model_spec_runs_from_the_command_line_and_answers(prefect_api, tmp_path) -> None:
+    """examples/own/llama3.yaml as the README gives it: a Llama-3-style checkpoint, LoRA-SFT, DPO on the adapter, eval, generate."""
+    from tasks.plan import folder_digest
+
+    own = tmp_path / "examples" / "own"
+    own.mkdir(parents=True)
+    (tmp_path / "examples" / "data").symlink_to(DATA_DIR)
+    spec = own / "llama3.yaml"
+    spec.write_text((ROOT / "examples" / "own" / "llama3.yaml").read_text())
+    model_dir = build("llama", own / "my-llama")
+    root = tmp_path / "home"
+    env = cli_env(root, prefect_api)
+
+    def lifecycle(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+    ran = lifecycle("run", str(spec))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("own-llama3").experiment_id])}
+    assert {name: r.info.status for name, r in runs.items()} == dict.fromkeys(["own-llama3", "tokenizer", "sft", "dpo", "eval"], "FINISHED")
+    assert runs["tokenizer"].data.metrics["added_tokens"] == 1  # a pad: Llama 3 has none, and EOS must stay EOS
+    assert runs["sft"].data.tags["lifecycle.base_model"] == str(model_dir)
+    assert runs["sft"].data.tags["lifecycle.base_model_digest"] == folder_digest(model_dir)
+    assert runs["sft"].data.metrics["heldout_loss"] < runs["sft"].data.metrics["heldout_loss_before"]
+    answered = lifecycle("generate", str(spec), "--stage", "dpo", "--max-new-tokens", "8", "Where is Mira?")
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    assert answered.stdout.startswith("> Where is Mira?\n") and len(answered.stdout.splitlines()) >= 2
+
+    # the base moved away: the spec says so before anything loads, and the adapter names the folder it needs
+    model_dir.rename(own / "elsewhere")
+    again = lifecycle("generate", str(spec), "--stage", "sft", "Where is Mira?")
+    assert again.returncode == 2 and f"model.path: my-llama is not a folder (looked for {model_dir})" in again.stderr
+    adapter = next((root / "cache" / "checkpoint").glob("*/adapter_config.json")).parent
+    direct = lifecycle("generate", "--checkpoint", str(adapter), "Where is Mira?")
+    assert direct.returncode == 2 and f"applies to the base model {model_dir}, which is not there" in direct.stderr
 
 
 def test_lora_target_that_matches_nothing_names_the_layers_that_exist(tmp_path) -> None:

@@ -150,3 +150,40 @@ def test_eval_scores_every_earlier_language_model_on_their_heldout_data(tmp_path
     assert evaluation.checkpoints == ["pretrain", "sft", "dpo", "pro"]  # not the reward model: it is a scorer
     assert evaluation.preference == [tmp_path / "held.jsonl"] and evaluation.text == [] and evaluation.template == "chatml"
     assert spec.upstream_of(spec.stages[4]).name == "sft" and spec.upstream_of(spec.stages[3]).name == "dpo"
+
+
+OWN = """
+name: t
+model: {path: ./m}
+tokenizer: {path: ./m}
+template: tokenizer
+stages:
+  - {name: sft, kind: sft, data: data.jsonl, max_len: 512}
+  - {name: eval, kind: eval, checkpoints: [sft], max_len: 1024}
+"""
+
+
+def test_own_checkpoint_problems_are_found_from_its_config_files_before_anything_runs(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"], "max_position_embeddings": 256}))
+    (tmp_path / "m" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, OWN))
+    lines = str(caught.value).splitlines()
+    assert lines[0].endswith("spec.yaml: 4 problem(s) with the model or tokenizer it names")
+    assert "holds a LlamaForSequenceClassification, a scorer with a classification head, not a language model" in lines[1]
+    assert lines[2].strip() == f"stages[0].max_len 512 exceeds the 256 positions of the model in {tmp_path / 'm'} (config.json): lower it to 256 at most"
+    assert lines[3].strip().startswith("stages[1].max_len 1024 exceeds the 256 positions")
+    assert "the one in" in lines[4] and "has none (no chat_template in tokenizer_config.json" in lines[4]
+
+    # GPT-2's config names its positions n_positions; a template in the tokenizer's config counts
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_positions": 1024}))
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert load_spec(write(tmp_path, OWN)).model.path == tmp_path / "m"
+
+
+def test_own_template_of_a_trained_tokenizer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="a tokenizer trained by the pipeline has none"):
+        load_spec(write(tmp_path, GOOD + "template: tokenizer\n"))

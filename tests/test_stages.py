@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.generate import DATA_DIR
 from schemas.data import read_files
-from schemas.spec import LlamaInit, PretrainStage, SFTStage, TrainSpec
+from schemas.spec import ModelInit, PretrainStage, SFTStage, TrainSpec
 from stages import pretrain, sft
 from stages.contract import StageInputs
 from stages.templates import IGNORE, encode_conversation, encode_prompt
@@ -98,12 +99,33 @@ def test_incomplete_checkpoints_are_discarded(tmp_path: Path) -> None:
 
 
 def test_fresh_model_follows_the_init_spec(trained_tokenizer: Path) -> None:
-    model = pretrain.build_model(LlamaInit(hidden_size=64, layers=3, heads=4, kv_heads=2, max_seq_len=96),
+    model = pretrain.build_model(ModelInit(hidden_size=64, layers=3, heads=4, kv_heads=2, max_seq_len=96),
                                  AutoTokenizer.from_pretrained(trained_tokenizer))
     assert (model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.intermediate_size) == (3, 2, 192)
     assert model.config.vocab_size == 512
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("arch, extra", [("qwen2", {"config": {"rms_norm_eps": 1e-5}}), ("gpt2", {}), ("phi3", {})])
+def test_fresh_model_of_any_architecture(trained_tokenizer: Path, arch: str, extra: dict) -> None:
+    init = ModelInit(arch=arch, hidden_size=64, layers=2, heads=4, max_seq_len=96, tie_embeddings=False, **extra)
+    model = pretrain.build_model(init, AutoTokenizer.from_pretrained(trained_tokenizer))
+    assert model.config.model_type == arch and model.config.num_hidden_layers == 2 and model.config.vocab_size == 512
+    assert model.config.max_position_embeddings == 96 and model.config.hidden_size == 64
+    assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert all(model.config.to_dict()[k] == v for k, v in extra.get("config", {}).items())
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("init, expected", [
+    ({"arch": "t5"}, "arch 't5' is not a transformers architecture with a causal LM head"),
+    ({"arch": "gpt2", "kv_heads": 2}, "kv_heads: a gpt2 config has no num_key_value_heads"),
+    ({"arch": "qwen2", "config": {"slidng_window": 32}}, r"config: \['slidng_window'\] are not fields of a qwen2 config"),
+])
+def test_fresh_model_of_an_unknown_architecture_or_field_is_refused(init: dict, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        ModelInit(hidden_size=64, heads=4, **init)
 
 
 def test_pretrain_streams_a_globbed_corpus(trained_tokenizer: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
 from examples.generate import DATA_DIR
 from schemas.data import DataError
-from schemas.spec import LlamaInit, TokenizerTrain, TrainSpec
+from schemas.spec import ModelInit, TokenizerTrain, TrainSpec
 from stages import pretrain, streaming, tokenizer
 from stages.streaming import StreamingTextDataset, check_corpus
 from stages.training import make_trainer, training_arguments
@@ -212,7 +212,7 @@ def test_the_trainer_runs_on_the_stream_and_sets_each_epoch(tok, tmp_path) -> No
     batch = 8
     args = training_arguments(TrainSpec(max_steps=blocks_per_epoch // batch + 2, batch_size=batch, lr=1e-3, warmup=0.0,
                                         precision="fp32", save_steps=1000), tmp_path / "trainer")
-    model = pretrain.build_model(LlamaInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
+    model = pretrain.build_model(ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
     trainer = make_trainer(model, tok, args, {"train": dataset}, DataCollatorForLanguageModeling(tok, mlm=False), ())
     output = trainer.train()
     assert trainer.state.global_step == args.max_steps and output.training_loss > 0

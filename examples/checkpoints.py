@@ -1,5 +1,7 @@
 """Tiny local checkpoints as users bring them: five architectures, each with its own tokenizer and template.
 
+    python -m examples.checkpoints llama examples/own/my-llama    # what examples/own/llama3.yaml trains
+
 Nothing is downloaded: each tokenizer is a byte-level BPE trained on the bundled text with its
 family's special tokens and chat template, and each model is built from a config with fresh
 weights. What differs between them is what a pipeline must cope with:
@@ -14,6 +16,7 @@ weights. What differs between them is what a pipeline must cope with:
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -90,3 +93,15 @@ def build(family: str, folder: Path, vocab_size: int = 384) -> Path:
     model_config = AutoConfig.for_model(config["model_type"], vocab_size=len(tokenizer), **(settings | ids))
     AutoModelForCausalLM.from_config(model_config).save_pretrained(folder)
     return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny local checkpoint of one architecture, with its tokenizer.")
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args()
+    print(f"{args.family} checkpoint written to {build(args.family, args.folder)}")
+
+
+if __name__ == "__main__":
+    main()
