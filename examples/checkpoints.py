@@ -6,8 +6,8 @@ Nothing is downloaded: each tokenizer is a byte-level BPE trained on the bundled
 family's special tokens and chat template, and each model is built from a config with fresh
 weights. What differs between them is what a pipeline must cope with:
 
-- llama: untied embeddings, no pad token, EOS (`<|end_of_text|>`) is not the end-of-turn token
-  (`<|eot_id|>`), a Llama-3-style template without `{% generation %}` markers;
+- llama: untied embeddings, no pad token, BOS added to every encoding, EOS (`<|end_of_text|>`) is
+  not the end-of-turn token (`<|eot_id|>`), a Llama-3-style template without `{% generation %}` markers;
 - qwen2: tied embeddings, grouped-query attention, a ChatML template of its own, a pad token;
 - mistral: `<s>`/`</s>`/`<unk>`, no pad, no chat template (pipelines pick one of theirs);
 - phi3: fused qkv and gate_up projections, `<|end|>` ends a turn, pad is EOS;
@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from examples.generate import DATA_DIR
@@ -83,6 +83,10 @@ def build(family: str, folder: Path, vocab_size: int = 384) -> Path:
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if family == "llama":  # as Llama 3's does: BOS before every encoding
+        bos = named["bos_token"]
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bpe.token_to_id(bos))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=config.get("max_position_embeddings", 256), **named)
     if template is not None:
         tokenizer.chat_template = template

@@ -370,6 +370,8 @@ class PipelineSpec(Strict):
                 if isinstance(stage, PretrainStage) and stage.packing.block_size > self.model.init.max_seq_len:
                     raise ValueError(f"stages[{i}].packing.block_size {stage.packing.block_size} exceeds model.init.max_seq_len "
                                      f"{self.model.init.max_seq_len}")
+                if "max_len" in stage.model_fields_set and stage.max_len > self.model.init.max_seq_len:
+                    raise ValueError(f"stages[{i}].max_len {stage.max_len} exceeds model.init.max_seq_len {self.model.init.max_seq_len}")
         return self
 
     def training_stages(self) -> list[TrainingStage]:

@@ -40,7 +40,7 @@ def fit_vocabulary(model: PreTrainedModel, tokenizer) -> int:
                 if layer is not None:
                     layer.weight[rows:] = layer.weight[:rows].mean(dim=0)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:  # a sequence classifier has none
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return max(added, 0)
 

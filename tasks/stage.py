@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.data import read_file
 from schemas.spec import PipelineSpec
-from stages.contract import StageInputs, StageResult
+from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult
 from tasks import lineage
 from tasks.checks import check_contracts
 from tasks.home import Home, publish
@@ -140,7 +140,13 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
 
     def work(mlflow, run_id) -> StageResult:
         if spec.tokenizer.path is not None:
-            return tokenizer.adopt(spec.tokenizer.path, spec.template, workdir)
+            result = tokenizer.adopt(spec.tokenizer.path, spec.template, workdir)
+            if added := list(json.loads((result.checkpoint / ADDED_TOKENS).read_text())):
+                get_run_logger().info("tokenizer: added %s to the tokenizer of %s; the model's embeddings grow by as many rows "
+                                      "(each the mean of its trained rows) when it loads, and LoRA stages train them",
+                                      ", ".join(added), spec.tokenizer.path)
+                mlflow.set_tag(run_id, f"{lineage.TAG}added_tokens", " ".join(added))
+            return result
         files = spec.tokenizer_corpus()
         lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _, _ in files]})
         return tokenizer.run(spec.tokenizer.train, tokenizer_texts(files), spec.template, workdir)
@@ -177,7 +183,10 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
                     lineage.record_base_model(mlflow, run_id, spec.model.path)
             inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
                                  callbacks=(StepMetrics(mlflow, run_id),))
-            return stage_module(part.kind).run(part.spec, inputs, home.work(part))
+            try:
+                return stage_module(part.kind).run(part.spec, inputs, home.work(part))
+            except ModelError as err:
+                raise ModelError(f"stage {part.name}: {err}") from None
 
         return _recorded(home, experiment, part, parent_run, input_run, tokenizer_run, work)
 

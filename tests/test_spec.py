@@ -48,6 +48,7 @@ def test_good_spec_resolves_paths_against_the_spec_folder(tmp_path: Path) -> Non
     (("lr: 0.001", "learning_rate: 0.1"), "stages[1].train.learning_rate: Extra inputs are not permitted"),
     (("kind: sft", "kind: sfx"), "stages[1]: Input tag 'sfx' found using 'kind' does not match any of the expected tags: 'pretrain', 'sft'"),
     (("heads: 2", "heads: 3"), "hidden_size 64 must be divisible by heads 3"),
+    (("lr: 0.001}", "lr: 0.001}, max_len: 256"), "stages[1].max_len 256 exceeds model.init.max_seq_len 128"),
     (("block_size: 64", "block_size: 4096"), "stages[0].packing.block_size 4096 exceeds model.init.max_seq_len 128"),
     (("name: sft,", "name: pretrain,"), "stages[1].name 'pretrain' is used twice"),
     (("name: sft,", "name: sft, from: later,"), "stages[1].from names 'later', which is not an earlier stage"),
