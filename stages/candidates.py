@@ -25,7 +25,7 @@ from stages.checkpoint import save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
-from stages.templates import IGNORE, encode_completion
+from stages.templates import IGNORE, encode_completion, store_template
 from stages.training import fit, make_trainer, training_arguments
 
 
@@ -171,5 +171,6 @@ def train(spec: ChatStage, inputs: StageInputs, workdir: Path, model: PreTrained
     before = measured("_before")
     metrics, resumed_from = fit(trainer)
     metrics |= before | measured("") | {"train_rows": float(len(datasets["train"]))}
+    store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
     checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
     return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

@@ -12,6 +12,8 @@ the model's own preference accuracy and margin before and after.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,10 +77,17 @@ def precomputed_reference(model, dataset, pad_id: int, folder: Path, autocast: b
     path = folder / REFERENCE_FILE
     if not path.exists():
         sums = torch.tensor(scored(model, dataset, pad_id, autocast=autocast, length_normalised=False))
-        partial = folder.with_name(f"{folder.name}.partial")
+        # written aside under this process's id, published by one rename: a kill never leaves a half-written
+        # reference where the next run would read it, and two processes never write into the same folder
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         partial.mkdir(parents=True, exist_ok=True)
         save_file({"train": sums}, str(partial / REFERENCE_FILE))
-        partial.rename(folder)
+        try:
+            partial.rename(folder)
+        except OSError:  # another process published the same reference first: the same numbers, keep theirs
+            if not path.exists():
+                raise
+            shutil.rmtree(partial)
     return load_file(str(path))["train"].tolist()
 
 

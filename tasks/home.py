@@ -62,11 +62,11 @@ class Home:
 
 
 def sweep_partials(home: Home) -> int:
-    """Remove cache entries left half-written by a process that died (`<key>.partial-<pid>`); how many were removed.
-
-    Nothing ever reads a partial entry, so this only gives the space back."""
+    """Remove cache entries left half-written by a process that died (`<key>.partial-<pid>`, and a DPO reference
+    inside a datasets entry); how many were removed. Nothing ever reads a partial entry, so this only gives the space back."""
     removed = 0
-    for partial in (home.root / "cache").glob("*/*.partial-*"):
+    cache = home.root / "cache"
+    for partial in [*cache.glob("*/*.partial-*"), *cache.glob("datasets/*/*.partial-*")]:
         pid = partial.name.rsplit("-", 1)[1]
         if pid.isdigit() and not running(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)

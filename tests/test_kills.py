@@ -45,6 +45,8 @@ def check_cache(root: Path) -> None:
     for entry in (cache / "datasets").glob("*"):
         if ".partial-" not in entry.name:
             assert (entry / "prepare_report.json").exists() and (entry / "datasets" / "dataset_dict.json").exists(), entry
+            for reference in entry.glob("reference-*"):  # DPO's precomputed reference log-probs, published whole
+                assert ".partial-" in reference.name or (reference / "reference_logps.safetensors").exists(), reference
 
 
 def saved_steps(root: Path) -> dict[str, int]:
@@ -147,5 +149,6 @@ def kill_series(root: Path, rng: random.Random, wanted: int, prefect_api: str) -
         else:
             assert run.info.status in ("KILLED", "FAILED")
     check_cache(root)
-    assert not list((root / "cache").glob("*/*.partial-*"))  # what killed writers left is swept by the next run
+    # what killed writers left is swept by the next run
+    assert not list((root / "cache").glob("*/*.partial-*")) and not list((root / "cache").glob("datasets/*/*.partial-*"))
     return len(kills), hit
