@@ -291,9 +291,6 @@ def store_template(tokenizer, template: str) -> None:
     tokenizer.chat_template = jinja(template)
 
 
-CHATML = jinja("chatml")
-
-
 def conversations(frame: pl.DataFrame) -> list[list[dict]]:
     """Canonical rows (parallel roles and contents) as message lists."""
     return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
