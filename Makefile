@@ -32,6 +32,7 @@ bench: install
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.alignment
 	$(PY) -m bench.generate
+	$(PY) -m bench.threads
 
 clean:
 	rm -rf .lifecycle
