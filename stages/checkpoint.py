@@ -27,8 +27,8 @@ from schemas.spec import LoraSpec
 from stages.contract import ModelError, adapter_base, is_adapter, point_adapter_at
 
 
-def fit_vocabulary(model: PreTrainedModel, tokenizer) -> int:
-    """Grow the embeddings to the tokenizer's length, each new row the mean of the old ones; the number of rows added.
+def fit_vocabulary(model: PreTrainedModel, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer's length, each new row the mean of the old ones.
 
     The model's pad id becomes the tokenizer's (a sequence classifier finds each row's last token by it)."""
     rows = model.get_input_embeddings().num_embeddings
@@ -42,7 +42,6 @@ def fit_vocabulary(model: PreTrainedModel, tokenizer) -> int:
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:  # a sequence classifier has none
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return max(added, 0)
 
 
 def load_model(folder: Path, tokenizer, auto_class=AutoModelForCausalLM, dtype: torch.dtype = torch.float32, **config) -> PreTrainedModel:

@@ -14,7 +14,8 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedModel, set_seed
 
 from schemas.data import read_files
-from schemas.spec import ModelInit, PretrainStage, init_config
+from schemas.models import init_config
+from schemas.spec import ModelInit, PretrainStage
 from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.packing import concat_chunk, tokenize_documents
