@@ -3,8 +3,8 @@
 Every function takes per-sequence log-probabilities (from `sequence_logps`) or rewards and
 returns per-example losses, so the caller chooses the reduction and the stage's `Trainer`
 subclass stays a few lines; where the objective itself fixes a reduction over the batch
-(Tuna's pair means, ORPO's token-mean NLL) the function returns the scalar. Nothing here
-knows about models, tokenizers or adapters.
+(Tuna's pair means, ORPO's token-mean NLL, GRPO's aggregations over per-token log-probs) the
+function returns the scalar. Nothing here knows about models, tokenizers or adapters.
 """
 
 from __future__ import annotations
@@ -187,3 +187,164 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
         L = −log σ(r(x, y_w) − r(x, y_l))
     """
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def group_advantages(rewards: Tensor, scale: Literal["group", "batch", "none"] = "group",
+                     eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantages (Shao et al. 2024, §4.1.2), one per completion.
+
+        Â_{i} = (r_i − mean_g(r)) / (std + ε)
+
+    rewards [prompts, group]: the group of completions sampled for each prompt. The mean is
+    always the prompt's own group's; the std is the group's (scale="group", as DeepSeekMath),
+    the whole batch's (scale="batch": one scale for every prompt, so a nearly solved prompt's
+    small reward differences are not blown up to unit size), or there is none (scale="none",
+    as Dr. GRPO, Liu et al. 2025, who show the division biases updates toward prompts that are
+    too easy or too hard). Every std is the unbiased one (Bessel's n − 1), as `torch.std` gives
+    and TRL's GRPOTrainer and verl use, so advantages here match theirs number for number;
+    for a fixed group size the choice only rescales all advantages by √(G/(G − 1)).
+
+    A group whose rewards are all equal carries no signal: its advantages are exactly zero
+    (not a rounding residue divided by ε, and never NaN, whatever ε).
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown advantage scale {scale!r}; expected 'group', 'batch' or 'none'")
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [prompts, group] with at least two completions per group "
+                         f"(a lone completion has nothing to be relative to), got shape {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (rewards.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.std() + eps)
+    flat = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
+    # where, not multiply: with ε = 0 a flat group's 0/0 is NaN, and NaN · 0 is NaN.
+    return torch.where(flat, torch.zeros_like(centered), centered)
+
+
+def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
+              epsilon_low: float, epsilon_high: float, beta: float = 0.0,
+              ref_logps: Tensor | None = None,
+              aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo",
+              max_tokens: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Group Relative Policy Optimisation (Shao et al. 2024, DeepSeekMath, eq. 3), a scalar.
+
+        ρ_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θold(o_{i,t} | q, o_{i,<t})
+        ℓ_{i,t} = min(ρ_{i,t} Â_i, clip(ρ_{i,t}, 1 − ε_low, 1 + ε_high) Â_i) − β · D_{i,t}
+        D_{i,t} = π_ref/π_θ − log(π_ref/π_θ) − 1     (Schulman's k3 estimator of KL[π_θ ‖ π_ref])
+
+    and L = −ℓ aggregated over the N = prompts × group completions o_i, |o_i| their lengths:
+
+        grpo     (DeepSeekMath eq. 3):   L = −1/N Σ_i 1/|o_i| Σ_t ℓ_{i,t}
+        dapo     (Yu et al. 2025, §3.3): L = −1/Σ_i|o_i| Σ_i Σ_t ℓ_{i,t}
+        dr_grpo  (Liu et al. 2025):      L = −1/(N · max_tokens) Σ_i Σ_t ℓ_{i,t}
+
+    The per-sequence mean of grpo gives a short completion's tokens more weight than a long
+    one's, so wrong long answers are penalised less per token (Dr. GRPO's length bias); dapo
+    weighs every token of the call the same; dr_grpo divides by a constant, max_tokens being
+    the generation limit. dapo's denominator is this call's token count: under gradient
+    accumulation the caller rescales to the whole batch's count if it wants DAPO exactly.
+    ε_high > ε_low is DAPO's clip-higher; ε_low = ε_high is the symmetric PPO clip.
+
+    logps, old_logps, ref_logps [N, T] are per-token log-probs of the completion tokens; mask
+    [N, T] is 1 on completion tokens, and what lies under mask = 0 (even NaN) never reaches the
+    loss or its gradient. advantages [N] (from `group_advantages`, flattened prompt-major) are
+    shared by a completion's tokens. old_logps and ref_logps are constants and are detached
+    here, so on the first update of a batch (μ = 1) `old_logps=logps` gives ρ = 1 and the plain
+    policy gradient. With beta = 0 the reference model is not needed and ref_logps may be None.
+
+    Returns (the loss, metrics detached for logging):
+        clip_fraction  share of completion tokens whose surrogate is clipped, i.e. the min picks
+                       the clipped term and the token's gradient is zero: ρ > 1 + ε_high with
+                       Â > 0, or ρ < 1 − ε_low with Â < 0 (TRL's clip_ratio/region_mean).
+                       A ratio outside the range on the other side of Â is not counted: there
+                       the unclipped term is the min and the gradient flows.
+        kl             mean of D_{i,t} over all completion tokens; only when ref_logps is given.
+    """
+    if aggregation not in ("grpo", "dr_grpo", "dapo"):
+        raise ValueError(f"unknown GRPO aggregation {aggregation!r}; expected 'grpo', 'dr_grpo' or 'dapo'")
+    if beta and ref_logps is None:
+        raise ValueError(f"beta = {beta} weighs a KL penalty to the reference model, but no ref_logps were given")
+    if aggregation == "dr_grpo" and (max_tokens is None or max_tokens < 1):
+        raise ValueError("the dr_grpo aggregation divides by a constant: pass max_tokens, "
+                         f"the maximum completion length (got {max_tokens!r})")
+    if old_logps.shape != logps.shape or mask.shape != logps.shape or (
+            ref_logps is not None and ref_logps.shape != logps.shape):
+        raise ValueError(f"logps, old_logps, mask and ref_logps must share one [N, T] shape; got logps "
+                         f"{tuple(logps.shape)}, old_logps {tuple(old_logps.shape)}, mask {tuple(mask.shape)}"
+                         + (f", ref_logps {tuple(ref_logps.shape)}" if ref_logps is not None else ""))
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages must be [N] = {tuple(logps.shape[:1])}, got {tuple(advantages.shape)}")
+
+    mask = mask.bool()
+    zeros = torch.zeros_like(logps)
+    # Padding is zeroed before exp, not after: exp(NaN) · 0 would still be NaN in the backward.
+    log_ratio = torch.where(mask, logps - old_logps.detach(), zeros)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach().unsqueeze(1).to(ratio.dtype)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
+    per_token = torch.minimum(unclipped, clipped)
+
+    metrics: dict[str, Tensor] = {}
+    tokens = mask.sum().clamp(min=1)
+    if ref_logps is not None:
+        ref_gap = torch.where(mask, ref_logps.detach() - logps, zeros)
+        kl = torch.exp(ref_gap) - ref_gap - 1
+        if beta:
+            per_token = per_token - beta * kl
+        metrics["kl"] = (kl * mask).sum().detach() / tokens
+
+    per_token = per_token * mask
+    if aggregation == "grpo":
+        loss = -(per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif aggregation == "dapo":
+        loss = -per_token.sum() / tokens
+    else:
+        loss = -per_token.sum() / (logps.shape[0] * max_tokens)
+
+    is_clipped = ((ratio > 1 + epsilon_high) & (adv > 0)) | ((ratio < 1 - epsilon_low) & (adv < 0))
+    metrics["clip_fraction"] = (is_clipped & mask).sum().detach().to(logps.dtype) / tokens
+    return loss, metrics
+
+
+def kto_reference_point(mismatched_policy_logps: Tensor, mismatched_reference_logps: Tensor) -> Tensor:
+    """KTO's reference point z₀ (Ethayarajh et al. 2024, §4), a detached scalar.
+
+        z₀ = max(0, 1/m Σ_j log π_θ(y'_j | x_j) / π_ref(y'_j | x_j))
+
+    an estimate of KL(π_θ ‖ π_ref) from m mismatched pairs: each prompt x_j of the batch with
+    another example's completion y'_j, so the estimate is not biased toward this batch's own
+    labelled completions. The clamp keeps a noisy negative estimate (a KL is never negative)
+    from turning into a bonus. No gradient flows through z₀, as in the paper: it is a baseline
+    the policy cannot move to lower its loss.
+    """
+    logratio = mismatched_policy_logps.detach() - mismatched_reference_logps.detach()
+    return logratio.mean().clamp(min=0)
+
+
+def kto_loss(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, kl_reference_point: Tensor,
+             beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Kahneman-Tversky Optimisation (Ethayarajh et al. 2024, §4), per example.
+
+        r_θ(x, y) = log π_θ(y|x) / π_ref(y|x)
+        v(x, y)   = λ_D · σ(β · (r_θ(x, y) − z₀))   if y is desirable
+                    λ_U · σ(β · (z₀ − r_θ(x, y)))   if y is undesirable
+        L         = λ_y − v(x, y)
+
+    so each loss lies in [0, λ_y]. policy_logps, reference_logps [B] are summed log-probs of
+    each completion (from `sequence_logps`); desirable [B] is bool; z₀ comes from
+    `kto_reference_point` and is detached here too, so no gradient reaches it. The paper
+    advises choosing λ_D, λ_U so that λ_D·n_D / (λ_U·n_U) lies in [1, 4/3] for n_D desirable
+    and n_U undesirable examples. The batch mean of these losses is the paper's L_KTO.
+
+    Returns (per-example losses, rewards β · r_θ detached for logging, as `dpo_loss` does).
+    """
+    logratio = policy_logps - reference_logps
+    z0 = kl_reference_point.detach()
+    gain = desirable_weight * torch.sigmoid(beta * (logratio - z0))
+    loss_averse = undesirable_weight * torch.sigmoid(beta * (z0 - logratio))
+    weight = torch.where(desirable, logratio.new_tensor(desirable_weight), logratio.new_tensor(undesirable_weight))
+    losses = weight - torch.where(desirable, gain, loss_averse)
+    return losses, beta * logratio.detach()

@@ -10,6 +10,10 @@ import torch
 from stages.losses import (
     bradley_terry_loss,
     dpo_loss,
+    group_advantages,
+    grpo_loss,
+    kto_loss,
+    kto_reference_point,
     orpo_loss,
     pro_loss,
     pro_sft_weight,
@@ -209,3 +213,242 @@ def test_bradley_terry_by_hand():
     # −log σ(0.3 − (−0.2)) = log(1 + e^−0.5); a tie costs log 2.
     losses = bradley_terry_loss(t(0.3, 1.0), t(-0.2, 1.0))
     assert losses.tolist() == pytest.approx([softplus(-0.5), math.log(2)], rel=1e-12)
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def ratio_rows(*rows: list[float], old: float = -1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps, old_logps) whose per-token ratios π/π_old are the given numbers."""
+    logps = torch.tensor([[old + math.log(r) for r in row] for row in rows], dtype=torch.float64)
+    return logps, torch.full_like(logps, old)
+
+
+def lengths_mask(lengths: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths], dtype=torch.float64)
+
+
+def test_group_advantages_each_scale_by_hand():
+    rewards = t(0.0, 0.0, 3.0, 1.0, 2.0, 3.0).reshape(2, 3)
+    # Group means 1 and 2: centred rewards (−1, −1, 2) and (−1, 0, 1).
+    # Unbiased group stds: √((1 + 1 + 4)/2) = √3 and √((1 + 0 + 1)/2) = 1.
+    group = group_advantages(rewards, "group", eps=0.0)
+    s3 = math.sqrt(3)
+    assert group.flatten().tolist() == pytest.approx([-1 / s3, -1 / s3, 2 / s3, -1, 0, 1], rel=1e-12)
+    # Batch std: the six rewards' mean is 9/6 = 1.5; squared deviations 2.25·4 + 0.25·2 = 9.5;
+    # unbiased variance 9.5/5 = 1.9. The centring stays per group.
+    batch = group_advantages(rewards, "batch", eps=0.0)
+    s19 = math.sqrt(1.9)
+    assert batch.flatten().tolist() == pytest.approx([-1 / s19, -1 / s19, 2 / s19, -1 / s19, 0, 1 / s19], rel=1e-12)
+    # Dr. GRPO: centred only.
+    none = group_advantages(rewards, "none")
+    assert none.flatten().tolist() == pytest.approx([-1, -1, 2, -1, 0, 1], rel=1e-12)
+    # The default ε = 1e-4 sits beside the std: the second group's (−1, 0, 1) / (1 + 1e-4).
+    default = group_advantages(rewards, "group")
+    assert default[1].tolist() == pytest.approx([-1 / 1.0001, 0, 1 / 1.0001], rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+def test_group_advantages_flat_group_is_exactly_zero(scale, eps):
+    # In float64 the mean of (0.1, 0.1, 0.1) is 0.1 + 1.4e-17: without the rule a flat group would
+    # get a residue / ε ≈ 1e-13, or 0/0 = NaN with ε = 0.
+    rewards = t(0.1, 0.1, 0.1, 0.0, 1.0, 0.5).reshape(2, 3)
+    advantages = group_advantages(rewards, scale, eps=eps)
+    assert advantages[0].tolist() == [0.0, 0.0, 0.0]
+    assert torch.isfinite(advantages).all()
+    assert advantages[1].tolist() != [0.0, 0.0, 0.0]
+    # The same when the whole batch is flat (batch std 0).
+    assert group_advantages(t(1.0, 1.0, 1.0, 1.0).reshape(2, 2), scale, eps=eps).tolist() == [[0.0, 0.0]] * 2
+
+
+def test_group_advantages_rejects_unknown_scale_and_lone_completions():
+    with pytest.raises(ValueError, match="unknown advantage scale"):
+        group_advantages(t(1.0, 0.0).reshape(1, 2), "rank")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least two completions"):
+        group_advantages(t(1.0, 0.0).reshape(2, 1), "group")
+
+
+# Two prompts × a group of two, rewards (1, 0) and (0, 2), scale "none":
+# group means 0.5 and 1, so Â = (0.5, −0.5, −1, 1). ε_low = ε_high = 0.2: ratios clip to [0.8, 1.2].
+# Per-token ratios (· is padding, ratio 10 there, which would show if it leaked):
+#   o_1 (Â =  0.5): 1.1, 1.5, 0.9      ℓ = 0.55, min(0.75, 1.2·0.5 = 0.6) = 0.6 [clipped], 0.45   Σ =  1.6
+#   o_2 (Â = −0.5): 0.5                ℓ = min(−0.25, 0.8·−0.5 = −0.4) = −0.4 [clipped]            Σ = −0.4
+#   o_3 (Â = −1):   1.5, 1.0           ℓ = min(−1.5, −1.2) = −1.5 [unclipped is the min], −1       Σ = −2.5
+#   o_4 (Â =  1):   1.0, 0.5           ℓ = 1, min(0.5, 0.8) = 0.5 [unclipped is the min]           Σ =  1.5
+# 8 completion tokens, 2 of them clipped.
+GRPO_REWARDS = t(1.0, 0.0, 0.0, 2.0).reshape(2, 2)
+GRPO_RATIOS = ([1.1, 1.5, 0.9, 10], [0.5, 10, 10, 10], [1.5, 1.0, 10, 10], [1.0, 0.5, 10, 10])
+GRPO_LENGTHS = [3, 1, 2, 2]
+
+
+@pytest.mark.parametrize("aggregation, expected", [
+    # Mean over the 4 completions of each one's token mean: −(1.6/3 − 0.4/1 − 2.5/2 + 1.5/2) / 4
+    ("grpo", -(1.6 / 3 - 0.4 / 1 - 2.5 / 2 + 1.5 / 2) / 4),
+    # Token mean over the batch: −(1.6 − 0.4 − 2.5 + 1.5) / 8 = −0.2/8
+    ("dapo", -0.2 / 8),
+    # Over N · max_tokens = 4 · 4, whatever the lengths: −0.2/16
+    ("dr_grpo", -0.2 / 16),
+])
+def test_grpo_aggregations_by_hand(aggregation, expected):
+    advantages = group_advantages(GRPO_REWARDS, "none").flatten()
+    assert advantages.tolist() == [0.5, -0.5, -1.0, 1.0]
+    logps, old = ratio_rows(*GRPO_RATIOS)
+    loss, metrics = grpo_loss(logps, old, advantages, lengths_mask(GRPO_LENGTHS, 4), epsilon_low=0.2,
+                              epsilon_high=0.2, aggregation=aggregation, max_tokens=4)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["clip_fraction"].item() == pytest.approx(2 / 8)
+    assert "kl" not in metrics  # no reference model, nothing to measure
+
+
+def test_grpo_first_pass_has_unit_ratio_and_the_plain_policy_gradient():
+    # μ = 1: the sampling policy is the current one, so the caller may pass logps as old_logps.
+    # ρ = 1 everywhere, nothing is clipped, and ℓ_{i,t} = Â_i: with Â = (1, −2), lengths (2, 1),
+    # L = −(2·1/2 + 1·(−2)/1) / 2 = 0.5, and ∂L/∂log π_{i,t} = −Â_i / (N·|o_i|):
+    # −1/(2·2) = −0.25 on o_1's two tokens, 2/(2·1) = 1 on o_2's one, 0 on padding.
+    # Were old_logps not detached, ρ = exp(logps − logps) would carry no gradient at all.
+    logps = t(-0.7, -1.3, -0.2, -2.0).reshape(2, 2).requires_grad_()
+    loss, metrics = grpo_loss(logps, logps, t(1.0, -2.0), lengths_mask([2, 1], 2), epsilon_low=0.2,
+                              epsilon_high=0.2)
+    assert loss.item() == pytest.approx(0.5, rel=1e-12)
+    assert metrics["clip_fraction"].item() == 0.0
+    loss.backward()
+    assert logps.grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 1.0, 0.0], rel=1e-12)
+
+
+def test_grpo_zero_variance_group_gives_zero_advantage_and_finite_loss():
+    # Prompt 1's group all scored 1: Â = 0, so its completions add nothing, not NaN.
+    advantages = group_advantages(t(1.0, 1.0, 0.0, 1.0).reshape(2, 2), "group").flatten()
+    assert advantages[:2].tolist() == [0.0, 0.0]
+    logps = t(-0.5, -1.5, -0.25, -3.0).reshape(4, 1).requires_grad_()
+    old = logps.detach() + 0.1
+    loss, _ = grpo_loss(logps, old, advantages, torch.ones(4, 1), epsilon_low=0.2, epsilon_high=0.2)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert logps.grad[:2].flatten().tolist() == [0.0, 0.0]
+    assert (logps.grad[2:] != 0).all()
+
+
+def test_grpo_clipped_tokens_get_no_gradient():
+    # ε = 0.2, grpo aggregation over N = 2 completions of 2 tokens: ∂L/∂log π = −ρ·Â / (2·2) where the
+    # unclipped term is the min, 0 where the clipped constant is.
+    #   o_1, Â = +1: ρ = 1.5 > 1.2 → clipped, 0;    ρ = 1.1 → −1.1/4 = −0.275
+    #   o_2, Â = −1: ρ = 1.5 → −1.5 < −1.2, so the unclipped term is the min: +1.5/4 = 0.375
+    #                ρ = 0.5 < 0.8 → clipped, 0
+    logps, old = ratio_rows([1.5, 1.1], [1.5, 0.5])
+    logps.requires_grad_()
+    loss, metrics = grpo_loss(logps, old, t(1.0, -1.0), torch.ones(2, 2), epsilon_low=0.2, epsilon_high=0.2)
+    loss.backward()
+    assert logps.grad.flatten().tolist() == pytest.approx([0.0, -0.275, 0.375, 0.0], rel=1e-12)
+    assert metrics["clip_fraction"].item() == pytest.approx(2 / 4)
+
+
+def test_grpo_clip_higher_widens_only_the_upper_bound():
+    # ρ = 1.25, Â = 1: clipped at 1 + 0.2 (ℓ = 1.2), not at DAPO's 1 + 0.28 (ℓ = 1.25).
+    logps, old = ratio_rows([1.25])
+    symmetric, clipped = grpo_loss(logps, old, t(1.0), torch.ones(1, 1), epsilon_low=0.2, epsilon_high=0.2)
+    higher, free = grpo_loss(logps, old, t(1.0), torch.ones(1, 1), epsilon_low=0.2, epsilon_high=0.28)
+    assert symmetric.item() == pytest.approx(-1.2, rel=1e-12) and clipped["clip_fraction"].item() == 1.0
+    assert higher.item() == pytest.approx(-1.25, rel=1e-12) and free["clip_fraction"].item() == 0.0
+
+
+def test_grpo_kl_penalty_by_hand():
+    # Â = 0 and ρ = 1, so ℓ = −β·D only. log π_ref − log π = log 2 on both tokens:
+    # D = e^{log 2} − log 2 − 1 = 1 − log 2, and L = −(1/2)·Σ_t(−β·D) = β·(1 − log 2).
+    # ∂L/∂log π = (β/2)·(1 − e^{log 2}) = −β/2: the penalty pulls π up toward the likelier reference.
+    logps = t(-2.0, -1.0).reshape(1, 2).requires_grad_()
+    ref = logps.detach() + math.log(2)
+    loss, metrics = grpo_loss(logps, logps, t(0.0), torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.2,
+                              beta=0.1, ref_logps=ref)
+    assert loss.item() == pytest.approx(0.1 * (1 - math.log(2)), rel=1e-12)
+    assert metrics["kl"].item() == pytest.approx(1 - math.log(2), rel=1e-12)
+    loss.backward()
+    assert logps.grad.flatten().tolist() == pytest.approx([-0.05, -0.05], rel=1e-12)
+
+
+def test_grpo_kl_is_zero_when_the_reference_is_the_policy():
+    logps, old = ratio_rows(*GRPO_RATIOS)
+    advantages = group_advantages(GRPO_REWARDS, "none").flatten()
+    mask = lengths_mask(GRPO_LENGTHS, 4)
+    penalised, metrics = grpo_loss(logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2,
+                                   beta=0.5, ref_logps=logps.clone())
+    plain, _ = grpo_loss(logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2)
+    assert metrics["kl"].item() == 0.0
+    assert penalised.item() == pytest.approx(plain.item(), rel=1e-12)
+
+
+def test_grpo_padding_never_leaks_nan_into_loss_or_gradient():
+    nan = float("nan")
+    logps = t(-1.0, nan, -0.5, -0.25).reshape(2, 2).requires_grad_()
+    old = t(-1.0, nan, -0.5, nan).reshape(2, 2)
+    ref = t(-1.5, nan, -0.5, nan).reshape(2, 2)
+    mask = lengths_mask([1, 1], 2)
+    loss, metrics = grpo_loss(logps, old, t(1.0, -1.0), mask, epsilon_low=0.2, epsilon_high=0.2,
+                              beta=0.1, ref_logps=ref, aggregation="dapo")
+    assert torch.isfinite(loss) and torch.isfinite(metrics["kl"])
+    loss.backward()
+    assert torch.isfinite(logps.grad).all()
+    assert logps.grad[:, 1].tolist() == [0.0, 0.0]
+
+
+def test_grpo_rejects_bad_arguments():
+    logps, old = ratio_rows([1.0, 1.0])
+    mask, advantages = torch.ones(1, 2), t(1.0)
+    common = dict(epsilon_low=0.2, epsilon_high=0.2)
+    with pytest.raises(ValueError, match="unknown GRPO aggregation"):
+        grpo_loss(logps, old, advantages, mask, aggregation="seq_sum", **common)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no ref_logps"):
+        grpo_loss(logps, old, advantages, mask, beta=0.04, **common)
+    with pytest.raises(ValueError, match="pass max_tokens"):
+        grpo_loss(logps, old, advantages, mask, aggregation="dr_grpo", **common)
+    with pytest.raises(ValueError, match=r"advantages must be \[N\]"):
+        grpo_loss(logps, old, t(1.0, 2.0), mask, **common)
+    with pytest.raises(ValueError, match="share one"):
+        grpo_loss(logps, old, advantages, torch.ones(1, 3), **common)
+
+
+# β = 0.5, z₀ = 0.2.
+#   desirable:   log π = −1, log π_ref = −1.4: log ratio 0.4,  v = σ(0.5·(0.4 − 0.2)) = σ(0.1)
+#   undesirable: log π = −2, log π_ref = −1.6: log ratio −0.4, v = σ(0.5·(0.2 + 0.4)) = σ(0.3)
+KTO_INPUTS = (t(-1.0, -2.0), t(-1.4, -1.6), torch.tensor([True, False]), t(0.2))
+
+
+def test_kto_desirable_and_undesirable_by_hand():
+    losses, rewards = kto_loss(*KTO_INPUTS, beta=0.5)
+    # L = λ_y − v with λ = 1; rewards β·(log π − log π_ref) = 0.5·±0.4.
+    assert losses.tolist() == pytest.approx([1 - sigmoid(0.1), 1 - sigmoid(0.3)], rel=1e-12)
+    assert rewards.tolist() == pytest.approx([0.2, -0.2], rel=1e-12)
+    assert not rewards.requires_grad
+
+
+def test_kto_weights_scale_each_side():
+    losses, _ = kto_loss(*KTO_INPUTS, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)
+    # λ_D·(1 − σ(0.1)) and λ_U·(1 − σ(0.3))
+    assert losses.tolist() == pytest.approx([2 * (1 - sigmoid(0.1)), 0.5 * (1 - sigmoid(0.3))], rel=1e-12)
+    # Losses lie in [0, λ_y]: a desirable completion far above z₀ costs ≈ 0, an undesirable one ≈ λ_U.
+    extreme, _ = kto_loss(t(50.0, 50.0), t(0.0, 0.0), torch.tensor([True, False]), t(0.0), beta=1.0,
+                          desirable_weight=2.0, undesirable_weight=0.5)
+    assert extreme.tolist() == pytest.approx([0.0, 0.5], abs=1e-12)
+
+
+def test_kto_gradient_raises_desirable_lowers_undesirable_and_skips_z0():
+    policy = t(-1.0, -2.0).requires_grad_()
+    z0 = t(0.2).requires_grad_()
+    losses, _ = kto_loss(policy, t(-1.4, -1.6), torch.tensor([True, False]), z0, beta=0.5)
+    losses.sum().backward()
+    # ∂/∂log π of 1 − σ(β(r − z₀)) is −β·σ'(0.1) and of 1 − σ(β(z₀ − r)) is +β·σ'(0.3), σ' = σ(1 − σ).
+    assert policy.grad.tolist() == pytest.approx(
+        [-0.5 * sigmoid(0.1) * (1 - sigmoid(0.1)), 0.5 * sigmoid(0.3) * (1 - sigmoid(0.3))], rel=1e-12)
+    assert z0.grad is None
+
+
+def test_kto_reference_point_is_a_clamped_detached_mean():
+    reference = t(-1.5, -1.5)
+    # Log ratios 0.5 and −0.3: mean 0.1.
+    policy = t(-1.0, -1.8).requires_grad_()
+    z0 = kto_reference_point(policy, reference)
+    assert z0.shape == () and z0.item() == pytest.approx(0.1, rel=1e-12)
+    assert not z0.requires_grad
+    # Log ratios −0.5 and −0.3: mean −0.4, clamped to 0 (a KL is never negative).
+    assert kto_reference_point(t(-2.0, -1.8), reference).item() == 0.0
