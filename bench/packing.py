@@ -25,7 +25,7 @@ import datasets
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, set_seed
 
-from schemas.spec import ModelInit, TokenizerTrain, TrainSpec
+from schemas.spec import ModelInit, SFTStage, TokenizerTrain, TrainSpec
 from stages import tokenizer as tokenizer_stage
 from stages.packing import PackedCollator, concat_chunk, pack_examples, tokenize_documents
 from stages.pretrain import build_model
@@ -128,8 +128,9 @@ def train_throughput(tokenizer, dataset: datasets.Dataset, collator, batch_size:
     """Useful tokens/s over `steps` optimizer steps after `warmup` (one batch per step, no accumulation)."""
     set_seed(0)
     model = build_model(ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=512), tokenizer)
-    spec = TrainSpec(batch_size=batch_size, precision="bf16", max_steps=warmup + steps, lr=1e-3, warmup=0.0,
-                     save_steps=10**6, logging_steps=10**6)
+    spec = SFTStage(name="packing", kind="sft", data=["unused.jsonl"],
+                    train=TrainSpec(batch_size=batch_size, precision="bf16", max_steps=warmup + steps, lr=1e-3, warmup=0.0,
+                                    save_steps=10**6, logging_steps=10**6))
     counter, clock = TokenCounter(collator), StepClock()
     trainer = Trainer(model=model, args=training_arguments(spec, workdir), train_dataset=dataset, data_collator=counter,
                       processing_class=tokenizer, callbacks=[clock])  # the tokenizer tells the Trainer which id is padding

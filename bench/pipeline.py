@@ -61,7 +61,7 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     dataset, _ = pretrain.pack(read_files(stage.data, "text").frame["text"].to_list(), tokenizer, stage.packing.block_size)
     set_seed(stage.train.seed)
     model = pretrain.build_model(spec.model.init, tokenizer)
-    trainer = Trainer(model=model, args=training_arguments(stage.train, workdir), train_dataset=dataset,
+    trainer = Trainer(model=model, args=training_arguments(stage, workdir), train_dataset=dataset,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     output = trainer.train()
     return trainer.state.num_input_tokens_seen / output.metrics["train_runtime"]

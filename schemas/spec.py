@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt,
 from schemas.models import init_config, own_model_problems
 from schemas.errors import LifecycleError
 from schemas.formats import Format
+from schemas.launch import Launch
 
 TOKENIZER_STAGE = "tokenizer"
 # names the eval report's tables use for their own columns, and the tokenizer's stage
@@ -151,6 +152,8 @@ class TrainingStage(StageBase):
     lora: LoraSpec | None = Field(None, description="train low-rank adapters instead of every weight")
     input: Literal["model", "adapter"] = Field(
         "model", description="from a stage with lora.merge: its merged model, or its adapter applied to its base")
+    launch: Launch | None = Field(None, description="run under torchrun (DDP) or DeepSpeed ZeRO; default: the pipeline's launch, "
+                                  "else one process. Not part of the fingerprint")
 
     def files(self) -> dict[str, tuple[list[Path], Format]]:
         return {"data": (self.data, self.data_format), "heldout": (self.heldout, self.data_format)}
@@ -299,6 +302,7 @@ class PipelineSpec(Strict):
     model: ModelSpec
     tokenizer: TokenizerSpec = TokenizerSpec(train=TokenizerTrain())
     template: TemplateName = "chatml"
+    launch: Launch | None = Field(None, description="every training stage's launch unless the stage gives its own")
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -430,6 +434,11 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
         update = {field: [f for p in paths for f in fix(p, f"stages[{i}].{field}")] for field, (paths, _) in stage.files().items()}
         if isinstance(stage, (ChatStage, EvalStage)):
             update["template"] = stage.template or spec.template
+        if isinstance(stage, TrainingStage):
+            update["launch"] = launch = stage.launch or spec.launch
+            if launch is not None and isinstance(launch.deepspeed, Path):
+                config = fix(launch.deepspeed, f"stages[{i}].launch.deepspeed")
+                update["launch"] = launch.model_copy(update={"deepspeed": config[0] if config else launch.deepspeed})
         stages.append(stage.model_copy(update=update))
     spec = spec.model_copy(update={"stages": stages})
     for i, stage in enumerate(stages):
@@ -447,6 +456,28 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
     if missing:
         raise SpecError("\n".join(missing))
     return spec.model_copy(update={"stages": stages, "model": model, "tokenizer": tokenizer})
+
+
+def _launch_problems(spec: PipelineSpec) -> list[str]:
+    """A launch the stage cannot run under: a batch the ranks cannot share evenly, a config that is not one, a frozen reference under ZeRO-3."""
+    problems = []
+    for i, stage in enumerate(spec.stages):
+        launch = getattr(stage, "launch", None)
+        if launch is None:
+            continue
+        where = f"stages[{i}] ({stage.name})"
+        if stage.train.batch_size % launch.world_size:
+            problems.append(f"{where}: train.batch_size {stage.train.batch_size} is the batch of all {launch.world_size} processes "
+                            f"together and must divide evenly among them")
+        try:
+            zero = launch.zero_stage()
+        except ValueError as err:
+            problems.append(f"{where}.launch.deepspeed: {launch.deepspeed} is not a DeepSpeed JSON config ({err})")
+            continue
+        if zero == 3 and isinstance(stage, DPOStage) and stage.reference_strategy() == "frozen":
+            problems.append(f"{where}: a frozen reference copy is not sharded under ZeRO-3 (every rank would hold the whole "
+                            "model again); use reference: precomputed, or lora with reference: adapter-off")
+    return problems
 
 
 def load_spec(path: Path) -> PipelineSpec:
@@ -473,4 +504,6 @@ def load_spec(path: Path) -> PipelineSpec:
         raise SpecError(f"{path}: missing files\n  " + str(err).replace("\n", "\n  ")) from None
     if problems := own_model_problems(spec):
         raise SpecError(f"{path}: {len(problems)} problem(s) with the model or tokenizer it names\n  " + "\n  ".join(problems))
+    if problems := _launch_problems(spec):
+        raise SpecError(f"{path}: {len(problems)} problem(s) with how stages are launched\n  " + "\n  ".join(problems))
     return spec

@@ -165,12 +165,12 @@ def train(spec: ChatStage, inputs: StageInputs, workdir: Path, model: PreTrained
     def measured(suffix: str) -> dict[str, float]:
         return {f"heldout_{k}{suffix}": v for k, v in measure(model, datasets["heldout"]).items()} if "heldout" in datasets else {}
 
-    args = training_arguments(spec.train, workdir / "trainer", spec.name)
+    args = training_arguments(spec, workdir / "trainer")
     trainer = make_trainer(model, tokenizer, args, datasets, CandidatesCollator(tokenizer.pad_token_id), inputs.callbacks,
                            trainer_class, spec=spec, **extra)
     before = measured("_before")
     metrics, resumed_from = fit(trainer)
     metrics |= before | measured("") | {"train_rows": float(len(datasets["train"]))}
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
-    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
+    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
     return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

@@ -14,17 +14,21 @@ base resized to the tokenizer (`resize_token_embeddings(len(tokenizer))`), then 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.pytorch_utils import Conv1D
 
 from schemas.spec import LoraSpec
 from stages.contract import ModelError, adapter_base, is_adapter, point_adapter_at
+from stages.training import main_process
 
 
 def fit_vocabulary(model: PreTrainedModel, tokenizer) -> None:
@@ -101,29 +105,48 @@ def with_lora(model: PreTrainedModel, lora: LoraSpec, new_tokens: list[int] = ()
     return wrapped
 
 
-def save(model: PreTrainedModel | PeftModel, tokenizer, workdir: Path, lora: LoraSpec | None = None,
-         base: Path | None = None) -> tuple[Path, Path | None]:
+@contextlib.contextmanager
+def whole_weights(model) -> Iterator[None]:
+    """Under ZeRO-3 every rank holds a shard of each weight: gather them whole on every rank for the length of the block
+    (each rank must enter it); elsewhere the weights are whole already."""
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
+def save(trainer: Trainer, tokenizer, workdir: Path, lora: LoraSpec | None = None, base: Path | None = None) -> tuple[Path, Path | None]:
     """The stage's output folders: (the checkpoint the next stage takes, the adapter logged beside it).
 
     Without lora: the model, and no adapter. With lora: the adapter, naming `base` (the stage's input
     checkpoint) as what it applies to, is the checkpoint, unless `merge` asks for the merged model
-    as the checkpoint, and then the adapter is logged beside it."""
+    as the checkpoint, and then the adapter is logged beside it. Every rank of a launched stage calls
+    this; rank 0 alone writes. Under ZeRO-3 a full model is gathered into rank 0 one layer at a time
+    by DeepSpeed (the consolidated state dict); an adapter, which needs its base to merge, gathers the model whole."""
+    model = trainer.model
+    checkpoint = workdir / ("adapter" if lora is not None and not lora.merge else "model")
+    adapter = workdir / "adapter" if lora is not None and lora.merge else None
+
     def fresh(folder: Path) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         return folder
 
     if lora is None:
-        model.save_pretrained(fresh(workdir / "model"))
-        tokenizer.save_pretrained(workdir / "model")
-        return workdir / "model", None
-    adapter = fresh(workdir / "adapter")
-    model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    # PEFT records the folder the base weights loaded from, which for an input that was itself an adapter is its base's base
-    point_adapter_at(adapter, base)
-    if not lora.merge:
-        return adapter, None
-    merged = model.merge_and_unload()
-    merged.save_pretrained(fresh(workdir / "model"))
-    tokenizer.save_pretrained(workdir / "model")
-    return workdir / "model", adapter
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if is_deepspeed_zero3_enabled() else None
+        if main_process():
+            model.save_pretrained(fresh(checkpoint), state_dict=state)
+            tokenizer.save_pretrained(checkpoint)
+        return checkpoint, None
+    with whole_weights(model):
+        if main_process():
+            model.save_pretrained(fresh(workdir / "adapter"))
+            tokenizer.save_pretrained(workdir / "adapter")
+            # PEFT records the folder the base weights loaded from, which for an input that was itself an adapter is its base's base
+            point_adapter_at(workdir / "adapter", base)
+            if lora.merge:
+                model.merge_and_unload().save_pretrained(fresh(workdir / "model"))
+                tokenizer.save_pretrained(workdir / "model")
+    return checkpoint, adapter

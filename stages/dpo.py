@@ -99,7 +99,7 @@ def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     strategy = spec.reference_strategy()
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
     if strategy == "precomputed":
-        autocast = training_arguments(spec.train, workdir / "trainer").bf16  # the precision the policy trains in
+        autocast = training_arguments(spec, workdir / "trainer").bf16  # the precision the policy trains in
         reference = precomputed_reference(model, datasets["train"], tokenizer.pad_token_id, inputs.reference, autocast)
         datasets["train"] = datasets["train"].add_column("reference_logps", reference)
     return train(spec, inputs, workdir, model, datasets, DPOTrainer, reference_model=reference_model)

@@ -67,7 +67,7 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
         # world_size 1: under the Trainer, accelerate has rank 0 read the stream and dispatch batches to every rank
         datasets["train"] = StreamingTextDataset(spec.data, tokenizer, spec.packing.block_size, shuffle_buffer=spec.shuffle_buffer,
                                                  seed=spec.train.seed, on_invalid=spec.on_invalid, rank=0, world_size=1)
-    args = training_arguments(spec.train, workdir / "trainer", spec.name)
+    args = training_arguments(spec, workdir / "trainer")
     trainer = make_trainer(model, tokenizer, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks)
     metrics, resumed_from = fit(trainer)
     if "heldout" in inputs.datasets:
@@ -77,5 +77,5 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
         metrics["stream_rows_skipped"] = float(datasets["train"].skipped)
     else:
         metrics["train_blocks"] = float(len(datasets["train"]))
-    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
+    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
     return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

@@ -70,7 +70,7 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     asked = [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
     collator = (PackedCollator(tokenizer.pad_token_id) if spec.packing
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
-    trainer = make_trainer(model, tokenizer, training_arguments(spec.train, workdir / "trainer", spec.name), datasets, collator, inputs.callbacks)
+    trainer = make_trainer(model, tokenizer, training_arguments(spec, workdir / "trainer"), datasets, collator, inputs.callbacks)
 
     def measured(suffix: str) -> dict[str, float]:
         """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of them."""
@@ -86,5 +86,5 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     metrics |= before | measured("")
     metrics["train_rows"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
-    checkpoint, adapter = save(model, tokenizer, workdir, spec.lora, inputs.model)
+    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
     return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import defaultdict
 from collections.abc import Mapping
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from schemas.errors import LifecycleError
-from schemas.spec import StageBase, TrainSpec
+from schemas.spec import StageBase, TrainingStage
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
 
@@ -41,12 +43,29 @@ def use_bf16(precision: str) -> bool:
     return cpu_has_bf16()
 
 
-def training_arguments(train: TrainSpec, output_dir: Path, stage: str = "") -> TrainingArguments:
+def world_size() -> int:
+    """The number of ranks this stage runs as: torchrun says so in the environment; 1 in the flow's own process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main_process() -> bool:
+    """Rank 0, the one that saves and records (every process when not launched)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArguments:
+    """The Trainer's settings from the stage's `train`; under torchrun, `batch_size` is shared among the ranks and
+    `launch.deepspeed` is handed to the Trainer, so one optimizer step sees the same rows however the stage runs."""
+    train, launch = spec.train, spec.launch
+    launched = "LOCAL_RANK" in os.environ
+    per_rank = train.batch_size // world_size()
     return TrainingArguments(
         output_dir=str(output_dir),
-        run_name=stage or None,  # named in the messages of a stage that diverges
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
+        run_name=spec.name,  # named in the messages of a stage that diverges
+        per_device_train_batch_size=per_rank,
+        per_device_eval_batch_size=per_rank,
+        deepspeed=str(launch.deepspeed_config()) if launched and launch is not None and launch.deepspeed is not None else None,
+        ddp_backend="gloo" if launched and not torch.cuda.is_available() else None,
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.lr,
         weight_decay=train.weight_decay,
@@ -83,13 +102,13 @@ def _complete(folder: Path) -> bool:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete in-stage checkpoint; incomplete ones (killed mid-save) are removed."""
+    """The newest complete in-stage checkpoint; incomplete ones (killed mid-save) are removed, by rank 0 alone."""
     complete = []
     for folder in output_dir.glob("checkpoint-*"):
         if _complete(folder):
             complete.append(folder)
-        else:
-            shutil.rmtree(folder)
+        elif main_process():
+            shutil.rmtree(folder, ignore_errors=True)
     return max(complete, key=lambda f: int(f.name.split("-")[1]), default=None)
 
 
@@ -135,6 +154,17 @@ class StageTrainer(Trainer):
         if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
             self.diverged(self.state.global_step, "its weights are not finite (a gradient was not)")
         super()._save_checkpoint(model, trial)
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        if self.is_deepspeed_enabled and self.deepspeed is None and not is_deepspeed_zero3_enabled():
+            # before training, DeepSpeed below ZeRO-3 has no engine to evaluate with (it refuses to build an inference
+            # one), and needs none: the weights are whole on every rank, so they are evaluated as they are
+            self.is_deepspeed_enabled = False
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.is_deepspeed_enabled = True
+        return super().evaluate(*args, **kwargs)
 
     def diverged(self, step: int, what: str) -> None:
         saved = last_checkpoint(Path(self.args.output_dir))

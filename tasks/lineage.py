@@ -26,6 +26,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run,
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from schemas.errors import LifecycleError
+from schemas.launch import Launch
 from stages.contract import ModelError, StageResult, is_adapter, point_adapter_at
 from tasks.home import Home, publish, running
 from tasks.plan import PlannedStage, file_digest, folder_digest
@@ -218,6 +219,13 @@ def log_stage_spec(mlflow: MlflowClient, run_id: str, stage: PlannedStage) -> No
     resolved = stage.spec.model_dump(mode="json", by_alias=True)
     mlflow.log_dict(run_id, resolved, "stage_spec.json")
     mlflow.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in _flatten(resolved).items()])
+
+
+def log_launch(mlflow: MlflowClient, run_id: str, launch: Launch) -> None:
+    """How a launched stage ran: its world size as a param, its DeepSpeed config as an artifact."""
+    mlflow.log_param(run_id, "world_size", launch.world_size)
+    if (config := launch.deepspeed_config()) is not None:
+        mlflow.log_artifact(run_id, str(config), "launch")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

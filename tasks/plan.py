@@ -78,8 +78,10 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
     planned = {TOKENIZER_STAGE: tokenizer}
     for stage in spec.stages:
         upstream = spec.upstream_of(stage)
-        # how often a stage checkpoints or logs does not change what it makes: editing them keeps reuse and resume
-        resolved = stage.model_dump(mode="json", by_alias=True, exclude=dict.fromkeys(stage.files(), True) | {"train": {"save_steps", "logging_steps"}})
+        # how often a stage checkpoints or logs, and how many processes share its batch, do not change what it makes
+        # (beyond numerical noise): editing them keeps reuse and resume
+        resolved = stage.model_dump(mode="json", by_alias=True, exclude=dict.fromkeys(stage.files(), True)
+                                    | {"train": {"save_steps", "logging_steps"}, "launch": True})
         payload = base | {
             "stage": resolved,
             "data": {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.files().items()},

@@ -29,6 +29,7 @@ from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult
 from tasks import lineage
 from tasks.checks import check_contracts
 from tasks.home import Home, publish
+from tasks.launch import launch_stage
 from tasks.plan import PlannedStage, file_digest, folder_digest, parts, versions
 
 
@@ -184,6 +185,9 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
             inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
                                  callbacks=(StepMetrics(mlflow, run_id),))
             try:
+                if part.spec.launch is not None:
+                    lineage.log_launch(mlflow, run_id, part.spec.launch)
+                    return launch_stage(part.spec, inputs, datasets_dir / "datasets", home.work(part), home.root, run_id)
                 return stage_module(part.kind).run(part.spec, inputs, home.work(part))
             except ModelError as err:
                 raise ModelError(f"stage {part.name}: {err}") from None

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
 from examples.generate import DATA_DIR
 from schemas.data import DataError
-from schemas.spec import ModelInit, TokenizerTrain, TrainSpec
+from schemas.spec import ModelInit, PretrainStage, TokenizerTrain, TrainSpec
 from stages import pretrain, streaming, tokenizer
 from stages.streaming import StreamingTextDataset, check_corpus
 from stages.training import make_trainer, training_arguments
@@ -210,8 +210,8 @@ def test_the_trainer_runs_on_the_stream_and_sets_each_epoch(tok, tmp_path) -> No
     dataset = StreamingTextDataset(paths, tok, block_size=32, shuffle_buffer=16, world_size=1)
     blocks_per_epoch = sum(1 for _ in dataset)
     batch = 8
-    args = training_arguments(TrainSpec(max_steps=blocks_per_epoch // batch + 2, batch_size=batch, lr=1e-3, warmup=0.0,
-                                        precision="fp32", save_steps=1000), tmp_path / "trainer")
+    train = TrainSpec(max_steps=blocks_per_epoch // batch + 2, batch_size=batch, lr=1e-3, warmup=0.0, precision="fp32", save_steps=1000)
+    args = training_arguments(PretrainStage(name="stream", kind="pretrain", data=paths, train=train), tmp_path / "trainer")
     model = pretrain.build_model(ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
     trainer = make_trainer(model, tok, args, {"train": dataset}, DataCollatorForLanguageModeling(tok, mlm=False), ())
     output = trainer.train()

@@ -1,0 +1,62 @@
+"""How many processes a training stage runs in, and under which engine.
+
+A stage with `launch` runs under `torchrun` as `processes` ranks on each of `nodes` machines:
+plain DDP, or DeepSpeed ZeRO-2/3 through the HF Trainer's integration. `train.batch_size` is
+the batch of one optimizer micro-step across every rank, so each rank takes
+`batch_size / world_size` rows and the result does not depend on the launch: `launch` is not
+part of a stage's fingerprint, and a stage finished on 8 processes is reused by a run on 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+# The DeepSpeed configs the `{zero, offload}` form names; every size in them is "auto", filled by the HF Trainer from `train`.
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "deepspeed"
+
+
+class DeepSpeed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    zero: Literal[2, 3] = Field(2, description="2: optimizer state and gradients sharded; 3: the parameters too")
+    offload: bool = Field(False, description="keep the optimizer state (and with zero 3 the parameters) in CPU memory")
+
+    def config(self) -> Path:
+        return DEEPSPEED_CONFIGS / f"zero{self.zero}{'_offload' if self.offload else ''}.json"
+
+
+class Launch(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    processes: PositiveInt = Field(1, description="ranks on each node (one per GPU on a GPU machine)")
+    nodes: PositiveInt = Field(1, description="machines; every node but the first runs `lifecycle join` (README: many machines)")
+    master: str = Field("127.0.0.1:29500", pattern=r"^[^:\s]+:\d+$",
+                        description="host:port of the first node, where the other nodes meet it (torchrun's static rendezvous)")
+    deepspeed: DeepSpeed | Path | None = Field(
+        None, description="{zero: 2|3, offload: bool} for a shipped config, or the path of a DeepSpeed JSON config of your own")
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.nodes
+
+    def deepspeed_config(self) -> Path | None:
+        """The DeepSpeed JSON config the Trainer gets; None for plain DDP."""
+        return self.deepspeed.config() if isinstance(self.deepspeed, DeepSpeed) else self.deepspeed
+
+    def zero_stage(self) -> int:
+        """0 for DDP; else the ZeRO stage (a config of one's own is read for it)."""
+        if self.deepspeed is None:
+            return 0
+        if isinstance(self.deepspeed, DeepSpeed):
+            return self.deepspeed.zero
+        return int(json.loads(self.deepspeed.read_text()).get("zero_optimization", {}).get("stage", 0))
+
+    @model_validator(mode="after")
+    def _launched(self) -> Launch:
+        if self.world_size == 1 and self.deepspeed is None:
+            raise ValueError("launch with one process and no deepspeed changes nothing: leave launch out")
+        return self
