@@ -33,6 +33,7 @@ bench: install
 	$(PY) -m bench.alignment
 	$(PY) -m bench.generate
 	$(PY) -m bench.threads
+	$(PY) -m bench.distributed
 
 clean:
 	rm -rf .lifecycle

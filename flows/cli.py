@@ -291,6 +291,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
                                "--host", "127.0.0.1", "--port", str(args.port)])
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    """Another node's ranks of a stage launched on `nodes` machines: they meet the first node's flow at `launch.master`."""
+    spec = load_spec(args.spec)
+    stage = next((s for s in spec.training_stages() if s.name == args.stage), None)
+    if stage is None or stage.launch is None or stage.launch.nodes < 2:
+        raise UsageError(f"{args.spec}: no training stage {args.stage!r} launched on more than one node")
+    if not 0 < args.node_rank < stage.launch.nodes:
+        raise UsageError(f"--node-rank must be 1 to {stage.launch.nodes - 1}: node 0 is the one running `lifecycle run`")
+    from tasks.launch import join
+
+    join(stage.launch, args.node_rank)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lifecycle", description="Make a language model from a spec, stage by stage.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -332,6 +346,14 @@ def parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+    join = commands.add_parser("join", help="run another node's ranks of a stage launched on several machines",
+                               description="On every node but the first, while the first runs `lifecycle run SPEC`: this node's "
+                               "ranks of the stage meet it at the stage's launch.master and take their work from it. The home "
+                               "must be on a filesystem every node shares.")
+    join.add_argument("spec", type=Path)
+    join.add_argument("--stage", required=True, help="the stage's name")
+    join.add_argument("--node-rank", type=int, required=True, help="this node's number, 1 to launch.nodes - 1")
+    join.set_defaults(func=cmd_join)
     stop = commands.add_parser("stop", help="stop the home's Prefect server (the first `run` starts it and leaves it for the next)")
     stop.set_defaults(func=cmd_stop)
     return top

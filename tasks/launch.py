@@ -127,6 +127,18 @@ def join(launch: Launch, node_rank: int) -> None:
     print(f"node {node_rank}: the stage's ranks here finished after {time.time() - started:.0f} s")
 
 
+def peak_memory() -> dict[str, float]:
+    """This rank's peak resident memory (and GPU memory), in MiB: what ZeRO's sharding saves shows here."""
+    import resource
+
+    import torch
+
+    peaks = {"rank_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.cuda.is_available():
+        peaks["rank_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
+
+
 def _received_plan(plan_path: str | None) -> dict:
     """Rank 0 reads the plan; every rank gets it over the process group, which the Trainer then uses as it is."""
     import torch
@@ -165,11 +177,14 @@ def worker(plan_path: str | None) -> None:
             reference=Path(plan["reference"]) if plan["reference"] else None,
             callbacks=(StepMetrics(lineage.client(Home(Path(plan["home"]))), plan["run_id"]),))
         result = stage_module(spec.kind).run(spec, inputs, Path(plan["workdir"]))
+        peaks = [None] * world_size
+        dist.all_gather_object(peaks, peak_memory())
         if rank == 0:
             partial = folder / f"{RESULT}.partial"
             partial.write_text(json.dumps({"checkpoint": str(result.checkpoint) if result.checkpoint else None,
                                            "adapter": str(result.adapter) if result.adapter else None,
-                                           "metrics": result.metrics | {"world_size": float(world_size)},
+                                           "metrics": result.metrics | {"world_size": float(world_size)}
+                                           | {name: max(p[name] for p in peaks) for name in peaks[0]},
                                            "resumed_from_step": result.resumed_from_step}))
             partial.rename(folder / RESULT)
     except BaseException as err:

@@ -1,0 +1,220 @@
+"""Launched stages: 2 ranks under torchrun (DDP, DeepSpeed ZeRO-2/3) on this CPU, against one process.
+
+The equivalence tests run one tiny pretrain stage four ways from the same weights and data and compare
+the loss of every optimizer step. One optimizer step sees the same 8 rows however they are split, and
+the gradient all-reduce sums the two halves' gradients: the same numbers added in another order. In
+fp32 that differs in the last bits (~1e-7 relative), and AdamW's update carries such a difference on
+without amplifying it over a few steps; 1e-4 relative is far below any real difference (a wrong
+batch split or a skipped all-reduce changes the loss at the second step by ~1e-2).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from examples.generate import DATA_DIR
+from schemas.launch import DEEPSPEED_CONFIGS, DeepSpeed, Launch
+from schemas.spec import PretrainStage, SpecError, TrainSpec, load_spec
+from stages.contract import StageInputs
+from tasks.launch import LaunchError, launch_stage
+from tasks.plan import plan
+
+from .conftest import FAST, ROOT, TINY, cli_env
+
+STEPS = 6
+
+
+def pretrain_stage(launch: Launch | None, steps: int = STEPS) -> PretrainStage:
+    return PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"], packing={"block_size": 64},
+                         train=TrainSpec(max_steps=steps, save_steps=1000, **FAST | {"logging_steps": 1}), launch=launch)
+
+
+@pytest.fixture(scope="module")
+def prepared(trained_tokenizer, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    from stages import pretrain
+
+    folder = tmp_path_factory.mktemp("prepared") / "datasets"
+    pretrain.prepare(pretrain_stage(None), AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(str(folder))
+    return folder
+
+
+def losses(mlflow: MlflowClient, run_id: str) -> list[float]:
+    return [m.value for m in sorted(mlflow.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+@pytest.fixture(scope="module")
+def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict[str, list[float]]:
+    """The per-step losses of the same stage in one process, and as 2 ranks under DDP, ZeRO-2 and ZeRO-3."""
+    from datasets import load_from_disk
+
+    from stages import pretrain
+    from tasks.step_metrics import StepMetrics
+
+    root = tmp_path_factory.mktemp("launch-home")
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("launch", artifact_location=(root / "artifacts").as_uri())
+    found = {}
+    for name, launch in [("one", None), ("ddp", Launch(processes=2)), ("zero2", Launch(processes=2, deepspeed=DeepSpeed(zero=2))),
+                         ("zero3", Launch(processes=2, deepspeed=DeepSpeed(zero=3)))]:
+        run_id = mlflow.create_run(experiment, run_name=name).info.run_id
+        spec, workdir = pretrain_stage(launch), root / name
+        if launch is None:
+            inputs = StageInputs(TINY, trained_tokenizer, load_from_disk(str(prepared)), callbacks=(StepMetrics(mlflow, run_id),))
+            result = pretrain.run(spec, inputs, workdir)
+        else:
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("MLFLOW_TRACKING_URI", mlflow.tracking_uri)
+                result = launch_stage(spec, StageInputs(TINY, trained_tokenizer, None), prepared, workdir, root, run_id)
+            assert result.metrics["world_size"] == 2
+        assert (result.checkpoint / "model.safetensors").exists()
+        found[name] = losses(mlflow, run_id)
+        assert len(found[name]) == STEPS, (name, found[name])
+    return found
+
+
+def test_ddp_with_half_the_rows_per_rank_follows_the_one_process_trajectory(trajectories) -> None:
+    assert trajectories["ddp"] == pytest.approx(trajectories["one"], rel=1e-4)
+    assert trajectories["one"][-1] < trajectories["one"][0]  # it trained
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_starts_at_the_same_loss_and_ends_within_tolerance_of_ddp(trajectories, zero) -> None:
+    assert trajectories[zero][0] == pytest.approx(trajectories["ddp"][0], rel=1e-6)  # same weights, same rows
+    assert trajectories[zero] == pytest.approx(trajectories["ddp"], rel=1e-4)
+
+
+def test_a_failing_rank_fails_the_stage_with_its_own_error(trained_tokenizer, prepared, tmp_path) -> None:
+    spec = pretrain_stage(Launch(processes=2)).model_copy(update={"lora": {"targets": ["no_such_layer"]}})
+    with pytest.raises(LaunchError, match=r"stage pretrain: rank \d of 2 failed first: .*no_such_layer"):
+        launch_stage(spec, StageInputs(TINY, trained_tokenizer, None), prepared, tmp_path, tmp_path, "no-run")
+    assert not (tmp_path / "model").exists()
+
+
+def test_launch_is_checked_with_the_spec_and_is_not_in_the_fingerprint(tmp_path) -> None:
+    raw = yaml.safe_load((ROOT / "examples" / "distributed.yaml").read_text())
+    for stage in raw["stages"]:
+        for field in ("data", "heldout", "prompts"):
+            if field in stage:
+                stage[field] = str(ROOT / "examples" / stage[field])
+    (tmp_path / "launched.yaml").write_text(yaml.safe_dump(raw))
+    launched = load_spec(tmp_path / "launched.yaml")
+    assert [s.launch.zero_stage() for s in launched.training_stages()] == [0, 2, 3]
+    assert all(s.launch.world_size == 2 for s in launched.training_stages())
+    plain = dict(raw, launch=None, stages=[{k: v for k, v in s.items() if k != "launch"} for s in raw["stages"]])
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    assert [p.fingerprint for p in plan(launched)] == [p.fingerprint for p in plan(load_spec(tmp_path / "plain.yaml"))]
+
+    bad = dict(raw, launch={"processes": 3})
+    bad["stages"][2] = dict(raw["stages"][2], reference="frozen")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(SpecError) as err:
+        load_spec(tmp_path / "bad.yaml")
+    assert "stages[0] (pretrain): train.batch_size 16 is the batch of all 3 processes together and must divide evenly" in str(err.value)
+    assert "stages[2] (dpo): a frozen reference copy is not sharded under ZeRO-3" in str(err.value)
+    assert {p.name for p in DEEPSPEED_CONFIGS.glob("*.json")} == {"zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_meet_at_the_master(prefect_api, tmp_path) -> None:
+    """Node 0 is `lifecycle run`; node 1 is `lifecycle join` on the same spec (here on the same machine and home)."""
+    spec = {"name": "nodes", "model": {"init": TINY.model_dump()}, "tokenizer": {"train": {"vocab_size": 512, "data": [str(DATA_DIR / "pretrain.jsonl")]}},
+            "stages": [{"name": "pretrain", "kind": "pretrain", "data": str(DATA_DIR / "pretrain.jsonl"), "packing": {"block_size": 64},
+                        "launch": {"processes": 1, "nodes": 2, "master": f"127.0.0.1:{free_port()}"},
+                        "train": {"max_steps": 4, "save_steps": 1000, **FAST}}]}
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(spec))
+    env = cli_env(tmp_path / "home", prefect_api)
+    lifecycle = [sys.executable, "-m", "flows.cli"]
+    node0 = subprocess.Popen([*lifecycle, "run", "nodes.yaml"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node1 = subprocess.run([*lifecycle, "join", "nodes.yaml", "--stage", "pretrain", "--node-rank", "1"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    out0, _ = node0.communicate(timeout=600)
+    assert node0.returncode == 0, out0[-3000:]
+    assert node1.returncode == 0 and "node 1: the stage's ranks here finished" in node1.stdout, node1.stdout[-2000:] + node1.stderr[-2000:]
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = next(r for r in mlflow.search_runs([mlflow.get_experiment_by_name("nodes").experiment_id]) if r.info.run_name == "pretrain")
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2" and run.data.metrics["world_size"] == 2
+
+
+def quick_distributed(folder: Path) -> Path:
+    """examples/distributed.yaml in its quick form: the same stages and launches, a few steps each, a tiny model."""
+    raw = yaml.safe_load((ROOT / "examples" / "distributed.yaml").read_text())
+    raw["model"]["init"] = TINY.model_dump()
+    raw["tokenizer"]["train"] = {"vocab_size": 512, "data": [str(DATA_DIR / "pretrain.jsonl")]}
+    steps = {"pretrain": 6, "sft": 12, "dpo": 4}
+    for stage in raw["stages"]:
+        for field in ("data", "heldout", "prompts"):
+            if field in stage:
+                stage[field] = str(ROOT / "examples" / stage[field])
+        if stage["name"] in steps:
+            stage["train"] |= {"max_steps": steps[stage["name"]], "save_steps": 2, "logging_steps": 2, "batch_size": 8}
+        stage |= {"max_len": 128, "eval_samples": 4} if stage["name"] == "sft" else {}
+        stage |= {"limit": 8, "max_new_tokens": 8} if stage["kind"] == "eval" else {}
+    raw["stages"][0]["packing"] = {"block_size": 64}
+    (folder / "distributed.yaml").write_text(yaml.safe_dump(raw))
+    return folder / "distributed.yaml"
+
+
+def ranks_of(home: Path) -> list[int]:
+    """Pids of the processes still running a launched stage of this home."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "tasks.launch" in cmdline and str(home) in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ranks die with the flow through Linux's parent-death signal")
+def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_it(prefect_api, tmp_path) -> None:
+    """kill -9 of `lifecycle run` while SFT's ranks train under ZeRO-2: no rank outlives it, and a plain re-run resumes SFT
+    from its last in-stage checkpoint (DeepSpeed's sharded optimizer state included) and finishes every stage."""
+    spec = quick_distributed(tmp_path)
+    home = tmp_path / "home"
+    env = cli_env(home, prefect_api)
+    command = [sys.executable, "-m", "flows.cli", "run", str(spec)]
+    flow = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(home.glob("work/distributed/sft-*/trainer/checkpoint-*/trainer_state.json")):
+        assert flow.poll() is None, "the run ended before SFT saved a checkpoint"
+        assert time.time() < deadline, "SFT saved no in-stage checkpoint in 10 minutes"
+        time.sleep(0.5)
+    assert ranks_of(home), "SFT's ranks should be running"
+    os.kill(flow.pid, signal.SIGKILL)
+    flow.wait()
+    deadline = time.time() + 30
+    while ranks_of(home):
+        assert time.time() < deadline, f"ranks outlived the flow: {ranks_of(home)}"
+        time.sleep(0.5)
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_name: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("distributed").experiment_id])
+            if r.info.status == "FINISHED"}
+    assert int(runs["sft"].data.tags["lifecycle.resumed_from_step"]) >= 2
+    for name, config in (("pretrain", None), ("sft", "zero2.json"), ("dpo", "zero3.json")):
+        assert runs[name].data.params["world_size"] == "2" and runs[name].data.metrics["world_size"] == 2
+        logged = [a.path for a in mlflow.list_artifacts(runs[name].info.run_id, "launch")]
+        assert logged == ([f"launch/{config}"] if config else [])
+    assert runs["sft"].data.metrics["heldout_loss"] < runs["sft"].data.metrics["heldout_loss_before"]
+    assert "eval" in runs
