@@ -25,7 +25,7 @@ class UsageError(LifecycleError, ValueError):
 
 
 KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match", "heldout_preference_accuracy_before",
-               "heldout_preference_accuracy", "heldout_kendall_tau", "heldout_reward_accuracy", "train_tokens_per_second", "vocab_size")
+               "heldout_preference_accuracy", "heldout_kendall_tau", "heldout_reward_accuracy", "train_tokens_per_second", "world_size", "vocab_size")
 
 
 def _check(spec_path: Path, home: Home | None = None) -> None:

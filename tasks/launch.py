@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,17 +47,18 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     expected = os.environ.get(PARENT_PID)
     if expected is not None and os.getppid() != int(expected):
-        os._exit(1)  # the parent died before the request was in place
+        raise LaunchError(f"the process that started this one ({expected}) is gone (its parent is now {os.getppid()})")
 
 
-def torchrun(launch: Launch, node_rank: int, worker_args: list[str]) -> list[str]:
+def torchrun(launch: Launch, node_rank: int, worker_args: list[str], log_dir: Path | None = None) -> list[str]:
     """The command line of one node's torchrun: standalone on one node, else the static rendezvous at `master`."""
     if launch.nodes == 1:
         where = ["--standalone"]  # a free port of its own: concurrent stages never collide
     else:
         host, port = launch.master.rsplit(":", 1)
         where = [f"--nnodes={launch.nodes}", f"--node-rank={node_rank}", f"--master-addr={host}", f"--master-port={port}"]
-    return [sys.executable, "-m", "tasks.launch", "torchrun", *where, f"--nproc-per-node={launch.processes}",
+    logs = ["--log-dir", str(log_dir), "--tee", "3"] if log_dir is not None else []  # each rank's output to the console and a file
+    return [sys.executable, "-m", "tasks.launch", "torchrun", *where, f"--nproc-per-node={launch.processes}", *logs,
             "-m", "tasks.launch", "worker", *worker_args]
 
 
@@ -89,7 +91,10 @@ def run_launched(command: list[str], env: dict[str, str], folder: Path | None, w
     if code != 0:
         errors = [] if folder is None else sorted((folder / ERRORS).glob("rank-*.json"), key=lambda p: p.stat().st_mtime)
         if not errors:
-            raise LaunchError(f"{what}: torchrun exited with status {code} before any rank reported an error (see its output above)")
+            tails = [f"{log.parent.name}: " + " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+                     for log in sorted(folder.glob("logs/**/stderr.log")) if log.stat().st_size] if folder is not None else []
+            raise LaunchError(f"{what}: torchrun exited with status {code} before any rank reported an error"
+                              + (f"; the ranks' last words: {'; '.join(tails)}" if tails else " (see its output above)"))
         first = json.loads(errors[0].read_text())
         raise LaunchError(f"{what}: rank {first['rank']} of {first['world_size']} failed first: {first['error']}"
                           + (f" ({len(errors) - 1} more rank(s) failed after it)" if len(errors) > 1 else ""))
@@ -100,6 +105,7 @@ def launch_stage(spec: TrainingStage, inputs: StageInputs, datasets_dir: Path, w
     folder = workdir / "launch"
     for stale in (folder / RESULT, *(folder / ERRORS).glob("*")):
         stale.unlink(missing_ok=True)
+    shutil.rmtree(folder / "logs", ignore_errors=True)
     (folder / ERRORS).mkdir(parents=True, exist_ok=True)
     plan = {
         "stage": spec.model_dump(mode="json", by_alias=True),
@@ -113,7 +119,7 @@ def launch_stage(spec: TrainingStage, inputs: StageInputs, datasets_dir: Path, w
     }
     (folder / PLAN).write_text(json.dumps(plan, indent=2))
     launch = spec.launch
-    run_launched(torchrun(launch, 0, [str(folder / PLAN)]), environment(launch), folder, f"stage {spec.name}")
+    run_launched(torchrun(launch, 0, [str(folder / PLAN)], folder / "logs"), environment(launch), folder, f"stage {spec.name}")
     result = json.loads((folder / RESULT).read_text())
     return StageResult(checkpoint=Path(result["checkpoint"]) if result["checkpoint"] else None,
                        adapter=Path(result["adapter"]) if result["adapter"] else None,
@@ -164,18 +170,20 @@ def worker(plan_path: str | None) -> None:
     from tasks.stage import stage_module
     from tasks.step_metrics import StepMetrics
 
-    die_with_parent()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    plan = _received_plan(plan_path)
-    folder = Path(plan["workdir"]) / "launch"
+    folder = Path(plan_path).parent if plan_path else None  # a rank of another node learns it with the plan
     try:
+        die_with_parent()
+        plan = _received_plan(plan_path)
+        folder = Path(plan["workdir"]) / "launch"
         spec = TypeAdapter(Stage).validate_python(plan["stage"])
         model = plan["model"]
         inputs = StageInputs(
             model=ModelInit.model_validate(model) if isinstance(model, dict) else Path(model),
             tokenizer=Path(plan["tokenizer"]), datasets=load_from_disk(plan["datasets"]),
             reference=Path(plan["reference"]) if plan["reference"] else None,
-            callbacks=(StepMetrics(lineage.client(Home(Path(plan["home"]))), plan["run_id"]),))
+            # rank 0 alone records: the other ranks (on other nodes too) never open the MLflow store
+            callbacks=(StepMetrics(lineage.client(Home(Path(plan["home"]))), plan["run_id"]),) if rank == 0 else ())
         result = stage_module(spec.kind).run(spec, inputs, Path(plan["workdir"]))
         peaks = [None] * world_size
         dist.all_gather_object(peaks, peak_memory())
@@ -188,6 +196,8 @@ def worker(plan_path: str | None) -> None:
                                            "resumed_from_step": result.resumed_from_step}))
             partial.rename(folder / RESULT)
     except BaseException as err:
+        if folder is None:
+            raise
         report = folder / ERRORS / f"rank-{rank}.json"
         error = str(err) if isinstance(err, LifecycleError) else f"{type(err).__name__}: {err} (traceback in {report})"
         report.write_text(json.dumps({"rank": rank, "world_size": world_size, "error": error, "traceback": traceback.format_exc()}))
