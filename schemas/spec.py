@@ -9,6 +9,7 @@ path (`stages[1].train.lr`) and says what is allowed.
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -272,6 +273,101 @@ class RewardStage(ChatStage):
     data_format: ClassVar[Format] = "preference"
 
 
+class AnswerReward(Strict):
+    """1 where the reply gives the prompt's reference `answer`, else 0.
+
+    contains: the answer appears as a whole word or number (as the eval stage's task accuracy counts it);
+    exact: the whole reply is the answer (both normalised: NFKC, whitespace runs as one space, ends trimmed);
+    numeric: some number in the reply is within `tolerance` of the answer's (relative to max(1, |answer|))."""
+
+    kind: Literal["answer"]
+    match: Literal["contains", "exact", "numeric"] = "contains"
+    tolerance: float = Field(1e-6, ge=0)
+    weight: float = 1.0
+
+
+class RegexReward(Strict):
+    """1 where the reply matches `pattern` (Python `re.search`), else 0: a format reward."""
+
+    kind: Literal["regex"]
+    pattern: str
+    weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RegexReward:
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}") from None
+        return self
+
+
+class LengthReward(Strict):
+    """DAPO's soft overlong penalty on the reply's tokens: 0 up to `limit - soft`, falling linearly to -1 at `limit`, -1 beyond."""
+
+    kind: Literal["length"]
+    limit: PositiveInt
+    soft: PositiveInt = 16
+    weight: float = 1.0
+
+
+class PythonReward(Strict):
+    """Your own function, `module:name` (importable where the pipeline runs), called once per batch as
+    `fn(prompts: list[str], completions: list[str], answers: list[str | None]) -> list[float]`: one value per
+    completion, where prompts[i] and answers[i] are those of the prompt completions[i] answers."""
+
+    kind: Literal["python"]
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    weight: float = 1.0
+
+
+Reward = Annotated[AnswerReward | RegexReward | LengthReward | PythonReward, Field(discriminator="kind")]
+
+
+class GRPOStage(ChatStage):
+    """Group Relative Policy Optimization (Shao et al. 2024) on prompts, with rewards computed from each completion.
+
+    Each step takes `train.batch_size` prompts, samples `group_size` completions of each from the current policy,
+    scores them, and trains on the group-normalised advantages with a clipped importance ratio."""
+
+    kind: Literal["grpo"]
+    data_format: ClassVar[Format] = "prompts"
+    rewards: list[Reward] = Field(default_factory=lambda: [AnswerReward(kind="answer")], min_length=1,
+                                  description="summed with their weights; default: the reference answer appears in the reply")
+    group_size: int = Field(8, ge=2, description="completions sampled per prompt")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: PositiveInt = 48
+    scale: Literal["group", "batch", "none"] = Field(
+        "group", description="advantages: reward minus the group's mean, divided by the group's std, the batch's, or nothing (Dr. GRPO)")
+    epsilon_low: float = Field(0.2, gt=0, lt=1, description="the ratio is clipped below at 1 - epsilon_low")
+    epsilon_high: float = Field(0.2, gt=0, description="and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)")
+    iterations: PositiveInt = Field(1, description="updates on the same samples (mu); above 1 the importance ratio moves away from 1")
+    beta: float = Field(0.0, ge=0, description="weight of the k3 KL estimate to the reference; 0: no reference at all")
+    reference: Literal["auto", "frozen", "adapter-off"] = Field(
+        "auto", description="with beta > 0: a frozen copy of the input model, or (lora) the adapters switched off; auto picks")
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="grpo: mean over each completion's tokens, then over completions; dapo: mean over every token "
+        "of the batch; dr_grpo: sum over tokens divided by completions x max_new_tokens")
+    eval_samples: int = Field(64, ge=0, description="held-out prompts answered greedily, before and after, for accuracy and reward")
+    log_samples: PositiveInt = Field(10, description="every this many steps, a batch's completions and their rewards are kept")
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> GRPOStage:
+        if self.reference == "adapter-off" and self.lora is None:
+            raise ValueError("reference adapter-off needs a lora block: without an adapter there is nothing to switch off")
+        if self.reference != "auto" and self.beta == 0:
+            raise ValueError(f"reference {self.reference} is used only with beta > 0 (the KL term); beta is 0")
+        return self
+
+    def reference_strategy(self) -> str | None:
+        if self.beta == 0:
+            return None
+        if self.reference == "auto":
+            return "adapter-off" if self.lora is not None else "frozen"
+        return self.reference
+
+
 class EvalStage(StageBase):
     """Scores checkpoints side by side on the same held-out data; trains nothing."""
 
@@ -293,8 +389,9 @@ class EvalStage(StageBase):
         return {fmt: (getattr(self, fmt), fmt) for fmt in ("text", "conversations", "prompts", "preference", "ranked")}
 
 
-Stage = Annotated[PretrainStage | SFTStage | DPOStage | PROStage | TunaStage | RewardStage | EvalStage, Field(discriminator="kind")]
-STAGE_KINDS = ("pretrain", "sft", "dpo", "pro", "tuna", "reward", "eval")
+Stage = Annotated[PretrainStage | SFTStage | DPOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
+                  Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "dpo", "pro", "tuna", "reward", "grpo", "eval")
 
 
 class PipelineSpec(Strict):
@@ -302,7 +399,7 @@ class PipelineSpec(Strict):
     model: ModelSpec
     tokenizer: TokenizerSpec = TokenizerSpec(train=TokenizerTrain())
     template: TemplateName = "chatml"
-    launch: Launch | None = Field(None, description="every training stage's launch unless the stage gives its own")
+    launch: Launch | None = Field(None, description="every training stage's launch (but grpo's) unless the stage gives its own")
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -435,7 +532,8 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
         if isinstance(stage, (ChatStage, EvalStage)):
             update["template"] = stage.template or spec.template
         if isinstance(stage, TrainingStage):
-            update["launch"] = launch = stage.launch or spec.launch
+            # the pipeline's launch is every training stage's but grpo's, which runs in one process for now
+            update["launch"] = launch = stage.launch or (spec.launch if not isinstance(stage, GRPOStage) else None)
             if launch is not None and isinstance(launch.deepspeed, Path):
                 config = fix(launch.deepspeed, f"stages[{i}].launch.deepspeed")
                 update["launch"] = launch.model_copy(update={"deepspeed": config[0] if config else launch.deepspeed})
@@ -474,6 +572,9 @@ def _launch_problems(spec: PipelineSpec) -> list[str]:
         except ValueError as err:
             problems.append(f"{where}.launch.deepspeed: {launch.deepspeed} is not a DeepSpeed JSON config ({err})")
             continue
+        if isinstance(stage, GRPOStage):
+            problems.append(f"{where}: a grpo stage runs in one process for now (its sampling is not sharded among ranks): "
+                            "leave launch out of it")
         if zero == 3 and isinstance(stage, DPOStage) and stage.reference_strategy() == "frozen":
             problems.append(f"{where}: a frozen reference copy is not sharded under ZeRO-3 (every rank would hold the whole "
                             "model again); use reference: precomputed, or lora with reference: adapter-off")

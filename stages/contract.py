@@ -40,6 +40,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int = 0  # the in-stage checkpoint training resumed from; 0 for a fresh start
     source_run: str | None = None  # the run whose logged checkpoint this is (a curriculum's last part): not logged again
+    files: tuple[Path, ...] = ()  # more to keep with the run (e.g. sampled completions), logged at its top level
 
 
 class ModelError(LifecycleError, ValueError):

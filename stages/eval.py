@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import gc
 import math
-import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +58,7 @@ from stages.generation import answer, exact_match
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, perplexity, preference, ranking
 from stages.packing import concat_chunk, tokenize_documents
+from stages.rewards import task_accuracy
 from stages.templates import IGNORE, conversations, encode_conversation
 
 SAMPLES = 4  # held-out prompts answered side by side when the spec names none
@@ -97,45 +96,6 @@ def columns_of(rows: list[dict]) -> dict[str, list]:
 # ---------------------------------------------------------------- answer matching
 
 # a number as written in a reply: optional minus, thousands groups or plain digits, optional decimals;
-# not part of a longer word or number (so "31" is not read out of "310", "x31" or "3.31")
-NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w]|\.\d)")
-
-
-def normalise(text: str) -> str:
-    """NFKC (full-width digits and the like become plain), runs of whitespace as one space, ends trimmed."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
-
-
-def _number(text: str) -> float | None:
-    return float(text.replace(",", "")) if NUMBER.fullmatch(text) else None
-
-
-def answer_matches(reply: str, reference: str) -> bool:
-    """Whether `reply` contains the reference answer as a whole word or number.
-
-    Both are normalised (`normalise`); the reference also loses trailing sentence punctuation.
-    A numeric reference matches a number in the reply of equal value: "31" matches
-    "7 plus 24 equals 31." and "31.0", not "310", "3.31", "31.5" or "-31". Any other reference
-    matches where it appears with no letter, digit or underscore on either side: "eert" matches
-    "The word tree reversed is eert." but not "eerth". Case is kept: some tasks are about case
-    ("Write rain in capital letters": RAIN), and a case-folded match would credit a reply that
-    merely repeats the question's word. A reply that mentions the answer anywhere is credited,
-    even beside a wrong one: this measures whether the answer is produced, not whether it is final.
-    """
-    target = normalise(reference).rstrip(".!?;:")
-    if not target:
-        return False
-    text = normalise(reply)
-    value = _number(target)
-    if value is not None:
-        return any(_number(found) == value for found in NUMBER.findall(text))
-    return re.search(rf"(?<!\w){re.escape(target)}(?!\w)", text) is not None
-
-
-def task_accuracy(replies: list[str], references: list[str]) -> float:
-    return sum(map(answer_matches, replies, references)) / len(references) if references else math.nan
-
-
 def implicit_reward_margin(policy: Tensor, reference: Tensor, beta: float = 1.0) -> float:
     """Mean DPO implicit-reward margin of pairs: β·[(π_w − ref_w) − (π_l − ref_l)].
 

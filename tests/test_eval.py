@@ -19,7 +19,8 @@ from stages import eval as eval_stage
 from stages import pretrain, sft
 from stages.checkpoint import load_model
 from stages.contract import StageInputs
-from stages.eval import answer_matches, implicit_reward_margin, labelled_logp, text_blocks
+from stages.eval import implicit_reward_margin, labelled_logp, text_blocks
+from stages.rewards import answer_matches
 from stages.generation import ChatModel, Sampling, answer, generate, stop_ids, turn_end_id
 from stages.metrics import kendall_tau, perplexity, preference, ranking
 from stages.templates import encode_prompt, end_of_turn_id, store_template

@@ -1,0 +1,262 @@
+"""The GRPO stage: sample a group of completions per prompt, score them, train on group-relative advantages.
+
+Each optimizer step takes `train.batch_size` prompts and, for each, samples `group_size`
+completions from the current policy through the stage's chat template (temperature, top-p,
+max_new_tokens; a completion ends at the end of its turn). The rewards declared in the spec
+score every completion (stages/rewards.py); a completion's advantage is its reward against its
+group's (stages/losses.group_advantages), and the loss is GRPO's clipped surrogate with an
+optional k3 KL to the reference (stages/losses.grpo_loss). With `iterations` μ > 1 the same
+samples are trained on μ times: the sampler hands the same prompts back μ times in a row, and
+the importance ratio is taken against the log-probs the policy gave when it sampled them.
+
+Three small steps in the Trainer's `compute_loss`: sample (or take the buffered samples), score,
+update. Per step the run logs the reward (overall and per function), its spread, the clip
+fraction, the KL, completion lengths and the share of groups whose rewards were all equal (they
+teach nothing); every `log_samples` steps a batch's completions and rewards are kept, and logged
+with the run as `grpo_samples.jsonl`. On held-out prompts the stage answers greedily before and
+after training: task accuracy (the reference answer in the reply) and the mean reward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict
+from torch import Tensor
+from torch.utils.data import Sampler
+from transformers import AutoTokenizer, set_seed
+
+from schemas.data import read_files
+from schemas.spec import AnswerReward, GRPOStage
+from stages.checkpoint import load_model, save, with_lora
+from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
+from stages.generation import Sampling, decode, generate, stop_ids
+from stages.losses import group_advantages, grpo_loss
+from stages.rewards import RewardError, RewardFunction, answer_matches, checked_rewards, reward_functions
+from stages.templates import encode_prompt, end_of_turn_id, store_template
+from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
+
+SAMPLES_FILE = "grpo_samples.jsonl"
+
+
+def _messages(frame) -> list[list[dict]]:
+    return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
+            for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
+
+
+def prepare(spec: GRPOStage, tokenizer) -> Prepared:
+    """Prompts through the template (the assistant header included), at most max_len - max_new_tokens tokens (longer ones dropped, counted)."""
+    splits, rejected, counts = {}, [], {}
+    needs_answer = any(isinstance(r, AnswerReward) for r in spec.rewards)
+    for split, files in (("train", spec.data), ("heldout", spec.heldout)):
+        if not files:
+            continue
+        read = read_files(files, "prompts", spec.on_invalid)
+        messages, answers = _messages(read.frame), read.frame["answer"].to_list()
+        if needs_answer and (missing := next((m for m, a in zip(messages, answers) if a is None), None)):
+            raise RewardError(f"stage {spec.name}: the answer reward needs an `answer` on every prompt, and "
+                              f"{', '.join(map(str, files))} has none for {missing[-1]['content']!r}")
+        encoded = [encode_prompt(m, tokenizer, spec.template) for m in messages]
+        keep = [i for i, ids in enumerate(encoded) if len(ids) + spec.max_new_tokens <= spec.max_len]
+        counts[f"{split}_dropped"] = float(len(encoded) - len(keep))
+        splits[split] = Dataset.from_dict({"prompt_ids": [encoded[i] for i in keep],
+                                           "prompt": [messages[i][-1]["content"] for i in keep],
+                                           "answer": [answers[i] for i in keep], "row": list(range(len(keep)))})
+        rejected += read.rejected
+    return Prepared(DatasetDict(splits), rejected, counts)
+
+
+def examples(spec: GRPOStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    """The first n prompts as the policy sees them; nothing in them is trained (the completions are sampled)."""
+    read = read_files(spec.data, "prompts", spec.on_invalid)
+    return [(ids, [-100] * len(ids)) for ids in (encode_prompt(m, tokenizer, spec.template) for m in _messages(read.frame.head(n)))]
+
+
+class RepeatedBatches(Sampler[int]):
+    """A seeded permutation of the prompts in blocks of one optimizer step's prompts, each block given `times` times in a row
+    (GRPO's μ updates on the same samples). A last block short of a full step is left out of that epoch."""
+
+    def __init__(self, rows: int, block: int, times: int, seed: int):
+        self.rows, self.block, self.times, self.seed, self.epoch = rows, block, times, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for start in range(0, self.rows - self.block + 1, self.block):
+            for _ in range(self.times):
+                yield from order[start:start + self.block]
+
+    def __len__(self) -> int:
+        return self.rows // self.block * self.block * self.times
+
+
+@dataclass(frozen=True)
+class PromptCollator:
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["prompt_ids"]) for f in features)
+        return {"input_ids": torch.tensor([[self.pad_id] * (width - len(f["prompt_ids"])) + f["prompt_ids"] for f in features]),
+                "attention_mask": torch.tensor([[0] * (width - len(f["prompt_ids"])) + [1] * len(f["prompt_ids"]) for f in features]),
+                "row": torch.tensor([f["row"] for f in features]),
+                "prompt": [f["prompt"] for f in features], "answer": [f["answer"] for f in features]}
+
+
+@dataclass
+class Samples:
+    """One batch's sampled completions, scored: what μ updates train on."""
+
+    sequences: Tensor  # [N, W + T]: left-padded prompt, completion, right padding
+    attention_mask: Tensor  # [N, W + T]
+    completion_mask: Tensor  # [N, T]: 1 on the completion's tokens, its stop token included
+    advantages: Tensor  # [N]
+    old_logps: Tensor | None  # [N, T]: the sampling policy's, for μ > 1
+    uses_left: int
+
+
+def completion_logps(model, samples: Samples) -> Tensor:
+    """log π(o_t | q, o_<t) of every completion token, [N, T]; positions count from each prompt's first real token."""
+    width = samples.sequences.shape[1] - samples.completion_mask.shape[1]
+    positions = (samples.attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=samples.sequences, attention_mask=samples.attention_mask, position_ids=positions,
+                   use_cache=False).logits[:, width - 1:-1].float()
+    targets = samples.sequences[:, width:]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class GRPOTrainer(ObjectiveTrainer):
+    def __init__(self, *args, rewards: list[RewardFunction], reference_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rewards = rewards
+        self.reference_model = reference_model.to(self.args.device) if reference_model is not None else None
+        self.stops = stop_ids(self.processing_class, end_of_turn_id(self.processing_class, self.spec.template))
+        self.buffer: dict[tuple[int, ...], Samples] = {}
+        self.kept: list[dict] = []  # completions and rewards every log_samples steps
+
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        block = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return RepeatedBatches(len(dataset), block, self.spec.iterations, self.args.seed)
+
+    @torch.no_grad()
+    def sample(self, model, inputs: dict) -> Samples:
+        spec, tokenizer, group = self.spec, self.processing_class, self.spec.group_size
+        policy = self.accelerator.unwrap_model(model)
+        started = time.perf_counter()
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        sampled = generate(policy, [p for p in prompts for _ in range(group)], self.stops, tokenizer.pad_token_id,
+                           Sampling(spec.temperature, spec.top_p, spec.max_new_tokens), batch_size=len(prompts) * group)
+        policy.train()
+        generating = time.perf_counter() - started
+        width = max(map(len, sampled))
+        completions = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in sampled], device=self.args.device)
+        completion_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sampled], device=self.args.device)
+        texts = [decode(tokenizer, ids, self.stops).text for ids in sampled]
+        prompt_texts = [p for p in inputs["prompt"] for _ in range(group)]
+        answers = [a for a in inputs["answer"] for _ in range(group)]
+        scores = torch.tensor(checked_rewards(self.rewards, prompt_texts, texts, answers, [len(ids) for ids in sampled]))
+        weights = torch.tensor([function.weight for function in self.rewards])
+        total = (weights[:, None] * scores).sum(0)
+        grouped = total.view(len(prompts), group)
+        samples = Samples(
+            sequences=torch.cat([inputs["input_ids"].repeat_interleave(group, 0), completions], 1),
+            attention_mask=torch.cat([inputs["attention_mask"].repeat_interleave(group, 0), completion_mask], 1),
+            completion_mask=completion_mask, advantages=group_advantages(grouped, spec.scale).view(-1).to(self.args.device),
+            old_logps=None, uses_left=spec.iterations - 1)
+        if spec.iterations > 1:
+            samples.old_logps = completion_logps(model, samples)
+        lengths = completion_mask.sum(1).float()
+        self.record(reward=total.mean(), reward_std=total.std(), advantage_abs=samples.advantages.abs().mean(),
+                    completion_length=lengths.mean(), completions_stopped=torch.tensor([ids[-1] in self.stops for ids in sampled]).float(),
+                    zero_variance_groups=(grouped.std(1) == 0).float(), generation_seconds=generating,
+                    **{f"reward/{f.name}": s.mean() for f, s in zip(self.rewards, scores)})
+        if self.state.global_step % spec.log_samples == 0:
+            self.kept += [{"step": self.state.global_step, "prompt": p, "completion": t, "reward": float(r),
+                           **{f.name: float(s[i]) for f, s in zip(self.rewards, scores)}}
+                          for i, (p, t, r) in enumerate(zip(prompt_texts, texts, total))]
+        return samples
+
+    def samples_for(self, model, inputs: dict) -> Samples:
+        """New samples for new prompts; the buffered ones while they have updates left (μ > 1)."""
+        key = tuple(inputs["row"].tolist())
+        samples = self.buffer.pop(key, None) or self.sample(model, inputs)
+        if samples.uses_left:
+            self.buffer[key] = Samples(**{**samples.__dict__, "uses_left": samples.uses_left - 1})
+        return samples
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spec = self.spec
+        samples = self.samples_for(model, inputs)
+        logps = completion_logps(model, samples)
+        reference = None
+        if spec.beta > 0:
+            with torch.no_grad():
+                if self.reference_model is not None:
+                    reference = completion_logps(self.reference_model, samples)
+                else:
+                    with self.accelerator.unwrap_model(model).disable_adapter():
+                        reference = completion_logps(model, samples)
+        old = samples.old_logps if samples.old_logps is not None else logps.detach()
+        loss, figures = grpo_loss(logps, old, samples.advantages, samples.completion_mask, spec.epsilon_low, spec.epsilon_high,
+                                  spec.beta, reference, spec.aggregation, spec.max_new_tokens)
+        self.record(**figures)
+        return loss
+
+
+def heldout_metrics(model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: list[RewardFunction]) -> dict[str, float]:
+    """Greedy replies to the first eval_samples held-out prompts: the share giving the reference answer, and the mean reward."""
+    rows = rows.select(range(min(spec.eval_samples, len(rows))))
+    if not len(rows):
+        return {}
+    stops = stop_ids(tokenizer, end_of_turn_id(tokenizer, spec.template))
+    was_training = model.training
+    replies = generate(model, rows["prompt_ids"], stops, tokenizer.pad_token_id, Sampling(max_new_tokens=spec.max_new_tokens))
+    model.train(was_training)
+    texts = [decode(tokenizer, ids, stops).text for ids in replies]
+    scores = torch.tensor(checked_rewards(rewards, rows["prompt"], texts, rows["answer"], [len(ids) for ids in replies]))
+    found = {"reward": float((torch.tensor([f.weight for f in rewards])[:, None] * scores).sum(0).mean())}
+    answered = [(t, a) for t, a in zip(texts, rows["answer"]) if a is not None]
+    if answered:
+        found["task_accuracy"] = sum(answer_matches(t, a) for t, a in answered) / len(answered)
+    return found
+
+
+def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
+    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
+    set_seed(spec.train.seed)
+    model = load_model(inputs.model, tokenizer)
+    reference_model = copy.deepcopy(model).eval().requires_grad_(False) if spec.reference_strategy() == "frozen" else None
+    if spec.lora is not None:
+        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
+    rewards = reward_functions(spec.rewards)
+    datasets = dict(inputs.datasets)
+    # a dry run of every reward function on the first prompts, before any model time is spent
+    first = datasets["train"].select(range(min(len(datasets["train"]), spec.train.batch_size)))
+    checked_rewards(rewards, first["prompt"], [""] * len(first), first["answer"], [0] * len(first))
+
+    heldout = datasets.pop("heldout", None)  # measured by generation here, never by the Trainer's evaluate
+
+    def measured(suffix: str) -> dict[str, float]:
+        if heldout is None or not spec.eval_samples:
+            return {}
+        return {f"heldout_{k}{suffix}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards).items()}
+
+    trainer = make_trainer(model, tokenizer, training_arguments(spec, workdir / "trainer"), datasets,
+                           PromptCollator(tokenizer.pad_token_id), inputs.callbacks, GRPOTrainer, spec=spec, rewards=rewards,
+                           reference_model=reference_model)
+    before = measured("_before")
+    metrics, resumed_from = fit(trainer)
+    metrics |= before | measured("") | {"train_prompts": float(len(datasets["train"]))}
+    samples = workdir / SAMPLES_FILE
+    samples.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in trainer.kept))
+    store_template(tokenizer, spec.template)
+    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
+    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, files=(samples,))
