@@ -19,7 +19,7 @@ from .conftest import QUICK, use_home
 def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_run) -> None:
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    assert list(runs) == ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "eval"]
+    assert list(runs) == ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "grpo", "eval"]
     planned = {stage.name: stage for stage in plan(load_spec(QUICK))}
     parents = set()
     for name, run_id in runs.items():
@@ -121,12 +121,16 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
 
     reward = mlflow.get_run(runs["reward"])
     assert reward.data.tags["lifecycle.upstream_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
+    grpo = mlflow.get_run(runs["grpo"])
+    assert grpo.data.tags["lifecycle.upstream_run"] == runs["sft-lora"]
+    assert {"reward", "reward/answer", "clip_fraction", "heldout_task_accuracy_before", "heldout_task_accuracy"} <= set(grpo.data.metrics)
+    assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == ["checkpoint", "grpo_samples.jsonl", "stage_spec.json"]
 
 
 def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_run, tmp_path) -> None:
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    scored = ["pretrain", "sft", "sft-lora", "dpo", "pro", "tuna"]
+    scored = ["pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "grpo"]
     parent = mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"]
     for run_id, folder in ((runs["eval"], "eval"), (parent, "eval")):
         assert {a.path for a in mlflow.list_artifacts(run_id, folder)} == {f"{folder}/metrics.json", f"{folder}/samples.json", f"{folder}/metrics.png"}
