@@ -4,7 +4,7 @@ One pretrain stage on the bundled text, the same weights, data and global batch 
 the same launch path a spec's `launch:` takes (torchrun, rank 0 records). Printed per way: tokens/s of
 the whole stage's training (all ranks' tokens), the ratio to one process, and the largest rank's peak
 resident memory, where ZeRO's sharding of the optimizer state (ZeRO-2) and the weights (ZeRO-3) shows.
-A model of ~30M parameters by default, so the optimizer state (2 x 4 bytes per parameter) is large
+A model of 26M parameters by default, so the optimizer state (2 x 4 bytes per parameter) is large
 against the ~0.5 GiB every Python process with torch holds anyway.
 
     python -m bench.distributed                       # hidden 512, 8 layers, 12 steps
