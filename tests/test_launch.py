@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from examples.generate import DATA_DIR
 from schemas.launch import DEEPSPEED_CONFIGS, DeepSpeed, Launch
-from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, SpecError, TrainSpec, TunaStage, load_spec
+from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, SpecError, TrainSpec, load_spec
 from stages.contract import StageInputs
 from tasks.launch import LaunchError, launch_stage
 from tasks.plan import plan
@@ -38,7 +38,7 @@ STEPS = 6
 
 def pretrain_stage(launch: Launch | None, steps: int = STEPS) -> PretrainStage:
     return PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"], packing={"block_size": 64},
-                         train=TrainSpec(max_steps=steps, save_steps=1000, **FAST | {"logging_steps": 1}), launch=launch)
+                         train=TrainSpec(max_steps=steps, save_steps=STEPS // 2, **FAST | {"logging_steps": 1}), launch=launch)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def losses(mlflow: MlflowClient, run_id: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict[str, list[float]]:
-    """The per-step losses of the same stage in one process, and as 2 ranks under DDP, ZeRO-2 and ZeRO-3."""
+def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict:
+    """The per-step losses of the same stage in one process, and as 2 ranks under DDP, ZeRO-2 and ZeRO-3 (work folders under "root")."""
     from datasets import load_from_disk
 
     from stages import pretrain
@@ -83,7 +83,7 @@ def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict[str, lis
         assert (result.checkpoint / "model.safetensors").exists()
         found[name] = losses(mlflow, run_id)
         assert len(found[name]) == STEPS, (name, found[name])
-    return found
+    return found | {"root": root}
 
 
 def test_ddp_with_half_the_rows_per_rank_follows_the_one_process_trajectory(trajectories) -> None:
@@ -95,6 +95,25 @@ def test_ddp_with_half_the_rows_per_rank_follows_the_one_process_trajectory(traj
 def test_zero_starts_at_the_same_loss_and_ends_within_tolerance_of_ddp(trajectories, zero) -> None:
     assert trajectories[zero][0] == pytest.approx(trajectories["ddp"][0], rel=1e-6)  # same weights, same rows
     assert trajectories[zero] == pytest.approx(trajectories["ddp"], rel=1e-4)
+
+
+def test_a_launched_stage_resumed_from_its_in_stage_checkpoint_equals_the_uninterrupted_run(
+        trajectories, trained_tokenizer, prepared, tmp_path) -> None:
+    """ZeRO-2: the checkpoint at the half holds each rank's optimizer shard; a run that starts from it ends as the one that went on."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    uninterrupted = trajectories["root"] / "zero2"
+    shutil.copytree(uninterrupted / "trainer" / f"checkpoint-{STEPS // 2}", tmp_path / "trainer" / f"checkpoint-{STEPS // 2}")
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = mlflow.create_run(mlflow.create_experiment("resume", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    result = launch_stage(pretrain_stage(Launch(processes=2, deepspeed=DeepSpeed(zero=2))), StageInputs(TINY, trained_tokenizer, None),
+                          prepared, tmp_path, tmp_path, run_id)
+    assert result.resumed_from_step == STEPS // 2
+    assert losses(mlflow, run_id) == pytest.approx(trajectories["zero2"][STEPS // 2:], rel=1e-5)
+    resumed, whole = load_file(str(result.checkpoint / "model.safetensors")), load_file(str(uninterrupted / "model" / "model.safetensors"))
+    assert resumed.keys() == whole.keys() and all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)
 
 
 def test_a_failing_rank_fails_the_stage_with_its_own_error(trained_tokenizer, prepared, tmp_path) -> None:
@@ -159,7 +178,7 @@ def quick_distributed(folder: Path) -> Path:
     raw = yaml.safe_load((ROOT / "examples" / "distributed.yaml").read_text())
     raw["model"]["init"] = TINY.model_dump()
     raw["tokenizer"]["train"] = {"vocab_size": 512, "data": [str(DATA_DIR / "pretrain.jsonl")]}
-    steps = {"pretrain": 6, "sft": 12, "dpo": 4}
+    steps = {"pretrain": 6, "sft": 8, "dpo": 4}
     for stage in raw["stages"]:
         for field in ("data", "heldout", "prompts"):
             if field in stage:
@@ -228,7 +247,6 @@ KINDS = {
     "sft-lora-merged": SFTStage(name="s", kind="sft", data=[DATA_DIR / "sft.jsonl"], lora={"r": 4, "merge": True}, eval_samples=0, **CHAT),
     "dpo-adapter-off": DPOStage(name="s", kind="dpo", data=[DATA_DIR / "preference.jsonl"], lora={"r": 4}, reference="adapter-off", **CHAT),
     "pro": PROStage(name="s", kind="pro", data=[DATA_DIR / "ranked.jsonl"], **CHAT),
-    "tuna": TunaStage(name="s", kind="tuna", data=[DATA_DIR / "ranked.jsonl"], **CHAT),
     "reward": RewardStage(name="s", kind="reward", data=[DATA_DIR / "preference.jsonl"], **CHAT),
 }
 
@@ -236,7 +254,8 @@ KINDS = {
 @pytest.mark.parametrize("name", KINDS)
 def test_every_training_kind_trains_and_saves_under_zero3(name, chat_model, trained_tokenizer, tmp_path) -> None:
     """Two steps of each kind as 2 ZeRO-3 ranks: the weights are sharded, and what rank 0 saves is whole and loads.
-    (DPO with a precomputed reference under ZeRO-3, and DDP and ZeRO-2, run in the distributed example's test.)"""
+    (DPO with a precomputed reference under ZeRO-3, and DDP and ZeRO-2, run in the distributed example's test; Tuna trains
+    through the same candidates path and Trainer as PRO, with another pure loss.)"""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
