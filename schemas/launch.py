@@ -13,15 +13,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
+
+from schemas.base import Strict
 
 # The DeepSpeed configs the `{zero, offload}` form names; every size in them is "auto", filled by the HF Trainer from `train`.
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "deepspeed"
 
 
-class DeepSpeed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class DeepSpeed(Strict):
     zero: Literal[2, 3] = Field(2, description="2: optimizer state and gradients sharded; 3: the parameters too")
     offload: bool = Field(False, description="keep the optimizer state (and with zero 3 the parameters) in CPU memory")
 
@@ -29,9 +29,7 @@ class DeepSpeed(BaseModel):
         return DEEPSPEED_CONFIGS / f"zero{self.zero}{'_offload' if self.offload else ''}.json"
 
 
-class Launch(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Launch(Strict):
     processes: PositiveInt = Field(1, description="ranks on each node (one per GPU on a GPU machine)")
     nodes: PositiveInt = Field(1, description="machines; every node but the first runs `lifecycle join` (README: many machines)")
     master: str = Field("127.0.0.1:29500", pattern=r"^[^:\s]+:\d+$",

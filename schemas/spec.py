@@ -9,17 +9,18 @@ path (`stages[1].train.lr`) and says what is allowed.
 from __future__ import annotations
 
 import glob
-import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, PositiveInt, ValidationError, model_validator
 
 from schemas.models import init_config, own_model_problems
+from schemas.base import Strict
 from schemas.errors import LifecycleError
 from schemas.formats import Format
 from schemas.launch import Launch
+from schemas.rewards import AnswerReward, Reward
 
 TOKENIZER_STAGE = "tokenizer"
 # names the eval report's tables use for their own columns, and the tokenizer's stage
@@ -30,10 +31,6 @@ TemplateName = Literal["chatml", "llama2", "deepseek", "alpaca", "tokenizer"]
 
 # A single path is accepted where a list of files is expected.
 Files = Annotated[list[Path], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class ModelInit(Strict):
@@ -271,57 +268,6 @@ class RewardStage(ChatStage):
 
     kind: Literal["reward"]
     data_format: ClassVar[Format] = "preference"
-
-
-class AnswerReward(Strict):
-    """1 where the reply gives the prompt's reference `answer`, else 0.
-
-    contains: the answer appears as a whole word or number (as the eval stage's task accuracy counts it);
-    exact: the whole reply is the answer (both normalised: NFKC, whitespace runs as one space, ends trimmed);
-    numeric: some number in the reply is within `tolerance` of the answer's (relative to max(1, |answer|))."""
-
-    kind: Literal["answer"]
-    match: Literal["contains", "exact", "numeric"] = "contains"
-    tolerance: float = Field(1e-6, ge=0)
-    weight: float = 1.0
-
-
-class RegexReward(Strict):
-    """1 where the reply matches `pattern` (Python `re.search`), else 0: a format reward."""
-
-    kind: Literal["regex"]
-    pattern: str
-    weight: float = 1.0
-
-    @model_validator(mode="after")
-    def _compiles(self) -> RegexReward:
-        try:
-            re.compile(self.pattern)
-        except re.error as err:
-            raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}") from None
-        return self
-
-
-class LengthReward(Strict):
-    """DAPO's soft overlong penalty on the reply's tokens: 0 up to `limit - soft`, falling linearly to -1 at `limit`, -1 beyond."""
-
-    kind: Literal["length"]
-    limit: PositiveInt
-    soft: PositiveInt = 16
-    weight: float = 1.0
-
-
-class PythonReward(Strict):
-    """Your own function, `module:name` (importable where the pipeline runs), called once per batch as
-    `fn(prompts: list[str], completions: list[str], answers: list[str | None]) -> list[float]`: one value per
-    completion, where prompts[i] and answers[i] are those of the prompt completions[i] answers."""
-
-    kind: Literal["python"]
-    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    weight: float = 1.0
-
-
-Reward = Annotated[AnswerReward | RegexReward | LengthReward | PythonReward, Field(discriminator="kind")]
 
 
 class GRPOStage(ChatStage):

@@ -25,14 +25,13 @@ from stages.checkpoint import save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
-from stages.templates import IGNORE, encode_completion, store_template
+from stages.templates import IGNORE, conversations, encode_completion, store_template
 from stages.training import fit, make_trainer, training_arguments
 
 
 def rows(frame: pl.DataFrame) -> list[tuple[list[dict], list[str], list[float]]]:
     """(prompt messages, candidates best first, their scores) of preference or ranked rows in canonical form."""
-    prompts = [[{"role": r, "content": c} for r, c in zip(roles, contents)]
-               for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
+    prompts = conversations(frame, "prompt_")
     if "chosen" in frame.columns:
         return [(p, [c, r], [1.0, 0.0]) for p, c, r in zip(prompts, frame["chosen"].to_list(), frame["rejected"].to_list())]
     return list(zip(prompts, frame["completions"].to_list(), frame["scores"].to_list()))

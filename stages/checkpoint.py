@@ -140,13 +140,14 @@ def save(trainer: Trainer, tokenizer, workdir: Path, lora: LoraSpec | None = Non
             model.save_pretrained(fresh(checkpoint), state_dict=state)
             tokenizer.save_pretrained(checkpoint)
         return checkpoint, None
+    trained = adapter or checkpoint  # the adapter's folder
     with whole_weights(model):
         if main_process():
-            model.save_pretrained(fresh(workdir / "adapter"))
-            tokenizer.save_pretrained(workdir / "adapter")
+            model.save_pretrained(fresh(trained))
+            tokenizer.save_pretrained(trained)
             # PEFT records the folder the base weights loaded from, which for an input that was itself an adapter is its base's base
-            point_adapter_at(workdir / "adapter", base)
+            point_adapter_at(trained, base)
             if lora.merge:
-                model.merge_and_unload().save_pretrained(fresh(workdir / "model"))
-                tokenizer.save_pretrained(workdir / "model")
+                model.merge_and_unload().save_pretrained(fresh(checkpoint))
+                tokenizer.save_pretrained(checkpoint)
     return checkpoint, adapter

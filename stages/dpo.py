@@ -27,7 +27,7 @@ from stages.candidates import candidate_logps, scored, train
 from stages.checkpoint import load_model
 from stages.contract import StageInputs, StageResult
 from stages.losses import dpo_loss, orpo_loss, simpo_loss
-from stages.training import ObjectiveTrainer, training_arguments
+from stages.training import ObjectiveTrainer, use_bf16
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -99,7 +99,7 @@ def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     strategy = spec.reference_strategy()
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
     if strategy == "precomputed":
-        autocast = training_arguments(spec, workdir / "trainer").bf16  # the precision the policy trains in
+        autocast = use_bf16(spec.train.precision)  # the precision the policy trains in
         reference = precomputed_reference(model, datasets["train"], tokenizer.pad_token_id, inputs.reference, autocast)
         datasets["train"] = datasets["train"].add_column("reference_logps", reference)
     return train(spec, inputs, workdir, model, datasets, DPOTrainer, reference_model=reference_model)

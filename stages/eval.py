@@ -133,11 +133,6 @@ def _read(paths: list[Path], fmt: Format, limit: int, on_invalid: str) -> pl.Dat
     return pl.concat([read_files([path], fmt, on_invalid).frame.head(limit) for path in paths])
 
 
-def _messages(frame: pl.DataFrame) -> list[list[dict]]:
-    return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
-            for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
-
-
 def text_blocks(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
     """The documents with EOS after each, as one stream cut into max_len blocks; the shorter tail is a block too."""
     documents = tokenize_documents(texts, tokenizer)
@@ -173,7 +168,7 @@ def held_out(spec: EvalStage, tokenizer) -> HeldOut:
     texts = read["text"]["text"].to_list() if read["text"] is not None else []
     chats = conversations(read["conversations"]) if read["conversations"] is not None else []
     prompts = read["prompts"]
-    asked = _messages(prompts) if prompts is not None else []
+    asked = conversations(prompts, "prompt_") if prompts is not None else []
     references = prompts["answer"].to_list() if prompts is not None else []
     pairs = ranked = pair_tokens = None
     if read["preference"] is not None:

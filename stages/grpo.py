@@ -33,21 +33,17 @@ from torch.utils.data import Sampler
 from transformers import AutoTokenizer, set_seed
 
 from schemas.data import read_files
-from schemas.spec import AnswerReward, GRPOStage
+from schemas.rewards import AnswerReward
+from schemas.spec import GRPOStage
 from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.generation import Sampling, decode, generate, stop_ids
 from stages.losses import group_advantages, grpo_loss
-from stages.rewards import RewardError, RewardFunction, answer_matches, checked_rewards, reward_functions
-from stages.templates import encode_prompt, end_of_turn_id, store_template
+from stages.rewards import RewardError, RewardFunction, answer_matches, checked_rewards, reward_functions, weighted_total
+from stages.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
 from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
 
 SAMPLES_FILE = "grpo_samples.jsonl"
-
-
-def _messages(frame) -> list[list[dict]]:
-    return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
-            for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
 
 
 def prepare(spec: GRPOStage, tokenizer) -> Prepared:
@@ -58,7 +54,7 @@ def prepare(spec: GRPOStage, tokenizer) -> Prepared:
         if not files:
             continue
         read = read_files(files, "prompts", spec.on_invalid)
-        messages, answers = _messages(read.frame), read.frame["answer"].to_list()
+        messages, answers = conversations(read.frame, "prompt_"), read.frame["answer"].to_list()
         if needs_answer and (missing := next((m for m, a in zip(messages, answers) if a is None), None)):
             raise RewardError(f"stage {spec.name}: the answer reward needs an `answer` on every prompt, and "
                               f"{', '.join(map(str, files))} has none for {missing[-1]['content']!r}")
@@ -75,7 +71,7 @@ def prepare(spec: GRPOStage, tokenizer) -> Prepared:
 def examples(spec: GRPOStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
     """The first n prompts as the policy sees them; nothing in them is trained (the completions are sampled)."""
     read = read_files(spec.data, "prompts", spec.on_invalid)
-    return [(ids, [-100] * len(ids)) for ids in (encode_prompt(m, tokenizer, spec.template) for m in _messages(read.frame.head(n)))]
+    return [(ids, [IGNORE] * len(ids)) for ids in (encode_prompt(m, tokenizer, spec.template) for m in conversations(read.frame.head(n), "prompt_"))]
 
 
 class RepeatedBatches(Sampler[int]):
@@ -163,8 +159,7 @@ class GRPOTrainer(ObjectiveTrainer):
         prompt_texts = [p for p in inputs["prompt"] for _ in range(group)]
         answers = [a for a in inputs["answer"] for _ in range(group)]
         scores = torch.tensor(checked_rewards(self.rewards, prompt_texts, texts, answers, [len(ids) for ids in sampled]))
-        weights = torch.tensor([function.weight for function in self.rewards])
-        total = (weights[:, None] * scores).sum(0)
+        total = weighted_total(self.rewards, scores)
         grouped = total.view(len(prompts), group)
         samples = Samples(
             sequences=torch.cat([inputs["input_ids"].repeat_interleave(group, 0), completions], 1),
@@ -222,7 +217,7 @@ def heldout_metrics(model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: l
     model.train(was_training)
     texts = [decode(tokenizer, ids, stops).text for ids in replies]
     scores = torch.tensor(checked_rewards(rewards, rows["prompt"], texts, rows["answer"], [len(ids) for ids in replies]))
-    found = {"reward": float((torch.tensor([f.weight for f in rewards])[:, None] * scores).sum(0).mean())}
+    found = {"reward": float(weighted_total(rewards, scores).mean())}
     answered = [(t, a) for t, a in zip(texts, rows["answer"]) if a is not None]
     if answered:
         found["task_accuracy"] = sum(answer_matches(t, a) for t, a in answered) / len(answered)

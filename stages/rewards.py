@@ -15,8 +15,11 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from schemas.errors import LifecycleError
-from schemas.spec import AnswerReward, LengthReward, PythonReward, RegexReward, Reward
+from schemas.rewards import AnswerReward, LengthReward, PythonReward, RegexReward, Reward
 
 # not part of a longer word or number (so "31" is not read out of "310", "x31" or "3.31")
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w]|\.\d)")
@@ -130,3 +133,8 @@ def checked_rewards(functions: list[RewardFunction], prompts: list[str], complet
                               "rewards must be finite numbers")
         scored.append(values)
     return scored
+
+
+def weighted_total(functions: list[RewardFunction], scores: Tensor) -> Tensor:
+    """Each completion's reward: the functions' scores [functions, completions] summed with their weights."""
+    return (torch.tensor([function.weight for function in functions])[:, None] * scores).sum(0)

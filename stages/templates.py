@@ -291,7 +291,7 @@ def store_template(tokenizer, template: str) -> None:
     tokenizer.chat_template = jinja(template)
 
 
-def conversations(frame: pl.DataFrame) -> list[list[dict]]:
-    """Canonical rows (parallel roles and contents) as message lists."""
+def conversations(frame: pl.DataFrame, prefix: str = "") -> list[list[dict]]:
+    """Canonical rows (parallel roles and contents) as message lists; prefix "prompt_" reads a prompt's columns."""
     return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
-            for roles, contents in zip(frame["roles"].to_list(), frame["contents"].to_list())]
+            for roles, contents in zip(frame[f"{prefix}roles"].to_list(), frame[f"{prefix}contents"].to_list())]

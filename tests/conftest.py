@@ -62,6 +62,16 @@ def chat_model(trained_tokenizer, pretrained, tmp_path_factory) -> Path:
     return sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path_factory.mktemp("sft")).checkpoint
 
 
+def stage_run(folder: Path, name: str = "stage"):
+    """A real MLflow store in `folder` and a run in it, for a stage run outside the flow: (client, run id)."""
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=(folder / "artifacts").as_uri())
+    return mlflow, mlflow.create_run(experiment_id, run_name=name).info.run_id
+
+
 def use_home(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     """Point the project home, and with it MLflow, at `root` for the duration of a test."""
     monkeypatch.setenv("LIFECYCLE_HOME", str(root))

@@ -9,12 +9,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from examples.generate import DATA_DIR
-from schemas.spec import AnswerReward, GRPOStage, LengthReward, PythonReward, RegexReward, TrainSpec
+from schemas.rewards import AnswerReward, LengthReward, PythonReward, RegexReward
+from schemas.spec import GRPOStage, TrainSpec
 from stages import grpo
 from stages.contract import StageInputs
 from stages.rewards import RewardError, checked_rewards, reward_functions
 
-from .conftest import FAST
+from .conftest import FAST, stage_run
 
 
 def grpo_stage(**fields) -> GRPOStage:
@@ -42,14 +43,11 @@ def test_grpo_raises_the_heldout_reward_of_an_easy_verifiable_task(chat_model, t
 
 
 def test_more_updates_per_sample_and_a_kl_to_a_frozen_reference_train_and_are_logged(chat_model, trained_tokenizer, tmp_path) -> None:
-    from mlflow import MlflowClient
-
     from tasks.step_metrics import StepMetrics
 
     spec = grpo_stage(iterations=2, beta=0.05, aggregation="dapo", epsilon_high=0.28, eval_samples=0,
                       train={"max_steps": 6, "logging_steps": 1})
-    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = mlflow.create_run(mlflow.create_experiment("g", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    mlflow, run_id = stage_run(tmp_path, "g")
     datasets = grpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     grpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, callbacks=(StepMetrics(mlflow, run_id),)), tmp_path / "w")
     history = {name: [m.value for m in sorted(mlflow.get_metric_history(run_id, name), key=lambda m: m.step)]

@@ -31,7 +31,7 @@ from stages.contract import StageInputs
 from tasks.launch import LaunchError, launch_stage
 from tasks.plan import plan
 
-from .conftest import FAST, ROOT, TINY, cli_env
+from .conftest import FAST, ROOT, TINY, cli_env, stage_run
 
 STEPS = 6
 
@@ -65,12 +65,10 @@ def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict:
     from tasks.step_metrics import StepMetrics
 
     root = tmp_path_factory.mktemp("launch-home")
-    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    experiment = mlflow.create_experiment("launch", artifact_location=(root / "artifacts").as_uri())
     found = {}
     for name, launch in [("one", None), ("ddp", Launch(processes=2)), ("zero2", Launch(processes=2, deepspeed=DeepSpeed(zero=2))),
                          ("zero3", Launch(processes=2, deepspeed=DeepSpeed(zero=3)))]:
-        run_id = mlflow.create_run(experiment, run_name=name).info.run_id
+        mlflow, run_id = stage_run(root, name)
         spec, workdir = pretrain_stage(launch), root / name
         if launch is None:
             inputs = StageInputs(TINY, trained_tokenizer, load_from_disk(str(prepared)), callbacks=(StepMetrics(mlflow, run_id),))
@@ -106,8 +104,7 @@ def test_a_launched_stage_resumed_from_its_in_stage_checkpoint_equals_the_uninte
 
     uninterrupted = trajectories["root"] / "zero2"
     shutil.copytree(uninterrupted / "trainer" / f"checkpoint-{STEPS // 2}", tmp_path / "trainer" / f"checkpoint-{STEPS // 2}")
-    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = mlflow.create_run(mlflow.create_experiment("resume", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    mlflow, run_id = stage_run(tmp_path, "resume")
     result = launch_stage(pretrain_stage(Launch(processes=2, deepspeed=DeepSpeed(zero=2))), StageInputs(TINY, trained_tokenizer, None),
                           prepared, tmp_path, tmp_path, run_id)
     assert result.resumed_from_step == STEPS // 2
@@ -123,12 +120,18 @@ def test_a_failing_rank_fails_the_stage_with_its_own_error(trained_tokenizer, pr
     assert not (tmp_path / "model").exists()
 
 
-def test_launch_is_checked_with_the_spec_and_is_not_in_the_fingerprint(tmp_path) -> None:
+def distributed_spec() -> dict:
+    """examples/distributed.yaml as a mapping, its data paths made absolute so a copy anywhere reads the same files."""
     raw = yaml.safe_load((ROOT / "examples" / "distributed.yaml").read_text())
     for stage in raw["stages"]:
         for field in ("data", "heldout", "prompts"):
             if field in stage:
                 stage[field] = str(ROOT / "examples" / stage[field])
+    return raw
+
+
+def test_launch_is_checked_with_the_spec_and_is_not_in_the_fingerprint(tmp_path) -> None:
+    raw = distributed_spec()
     (tmp_path / "launched.yaml").write_text(yaml.safe_dump(raw))
     launched = load_spec(tmp_path / "launched.yaml")
     assert [s.launch.zero_stage() for s in launched.training_stages()] == [0, 2, 3]
@@ -175,14 +178,11 @@ def test_two_nodes_of_one_process_meet_at_the_master(prefect_api, tmp_path) -> N
 
 def quick_distributed(folder: Path) -> Path:
     """examples/distributed.yaml in its quick form: the same stages and launches, a few steps each, a tiny model."""
-    raw = yaml.safe_load((ROOT / "examples" / "distributed.yaml").read_text())
+    raw = distributed_spec()
     raw["model"]["init"] = TINY.model_dump()
     raw["tokenizer"]["train"] = {"vocab_size": 512, "data": [str(DATA_DIR / "pretrain.jsonl")]}
     steps = {"pretrain": 6, "sft": 8, "dpo": 4}
     for stage in raw["stages"]:
-        for field in ("data", "heldout", "prompts"):
-            if field in stage:
-                stage[field] = str(ROOT / "examples" / stage[field])
         if stage["name"] in steps:
             stage["train"] |= {"max_steps": steps[stage["name"]], "save_steps": 2, "logging_steps": 2, "batch_size": 8}
         stage |= {"max_len": 128, "eval_samples": 4} if stage["name"] == "sft" else {}
@@ -264,8 +264,7 @@ def test_every_training_kind_trains_and_saves_under_zero3(name, chat_model, trai
     spec = KINDS[name].model_copy(update={"train": TrainSpec(max_steps=2, **FAST | {"batch_size": 4, "logging_steps": 1}),
                                           "launch": Launch(processes=2, deepspeed=DeepSpeed(zero=3))})
     stage_module(spec.kind).prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(str(tmp_path / "datasets"))
-    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = mlflow.create_run(mlflow.create_experiment("kinds", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    mlflow, run_id = stage_run(tmp_path, "kinds")
     result = launch_stage(spec, StageInputs(chat_model, trained_tokenizer, None, reference=tmp_path / "reference"),
                           tmp_path / "datasets", tmp_path / "work", tmp_path, run_id)
     assert len(losses(mlflow, run_id)) == 2 and all(math.isfinite(v) for v in losses(mlflow, run_id))

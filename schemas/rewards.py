@@ -1,0 +1,63 @@
+"""The rewards a GRPO stage scores its completions with, declared in the spec: a tagged union on `kind`.
+
+Each has a weight; the stage sums them. What they compute is in stages/rewards.py.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from schemas.base import Strict
+
+class AnswerReward(Strict):
+    """1 where the reply gives the prompt's reference `answer`, else 0.
+
+    contains: the answer appears as a whole word or number (as the eval stage's task accuracy counts it);
+    exact: the whole reply is the answer (both normalised: NFKC, whitespace runs as one space, ends trimmed);
+    numeric: some number in the reply is within `tolerance` of the answer's (relative to max(1, |answer|))."""
+
+    kind: Literal["answer"]
+    match: Literal["contains", "exact", "numeric"] = "contains"
+    tolerance: float = Field(1e-6, ge=0)
+    weight: float = 1.0
+
+
+class RegexReward(Strict):
+    """1 where the reply matches `pattern` (Python `re.search`), else 0: a format reward."""
+
+    kind: Literal["regex"]
+    pattern: str
+    weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RegexReward:
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}") from None
+        return self
+
+
+class LengthReward(Strict):
+    """DAPO's soft overlong penalty on the reply's tokens: 0 up to `limit - soft`, falling linearly to -1 at `limit`, -1 beyond."""
+
+    kind: Literal["length"]
+    limit: PositiveInt
+    soft: PositiveInt = 16
+    weight: float = 1.0
+
+
+class PythonReward(Strict):
+    """Your own function, `module:name` (importable where the pipeline runs), called once per batch as
+    `fn(prompts: list[str], completions: list[str], answers: list[str | None]) -> list[float]`: one value per
+    completion, where prompts[i] and answers[i] are those of the prompt completions[i] answers."""
+
+    kind: Literal["python"]
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    weight: float = 1.0
+
+
+Reward = Annotated[AnswerReward | RegexReward | LengthReward | PythonReward, Field(discriminator="kind")]
