@@ -195,6 +195,7 @@ def worker(plan_path: str | None) -> None:
                                            | {name: max(p[name] for p in peaks) for name in peaks[0]},
                                            "resumed_from_step": result.resumed_from_step, "files": [str(p) for p in result.files]}))
             partial.rename(folder / RESULT)
+        dist.barrier()  # every rank done before any tears the process group down: a rank leaving early aborted another's exit
     except BaseException as err:
         if folder is None:
             raise
