@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from schemas.errors import LifecycleError
 from schemas.spec import StageBase, TrainingStage
@@ -156,9 +155,10 @@ class StageTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        if self.is_deepspeed_enabled and self.deepspeed is None and not is_deepspeed_zero3_enabled():
-            # before training, DeepSpeed below ZeRO-3 has no engine to evaluate with (it refuses to build an inference
-            # one), and needs none: the weights are whole on every rank, so they are evaluated as they are
+        if self.is_deepspeed_enabled and self.deepspeed is None:
+            # before training the weights are still whole on every rank (the engine that shards them is built by `train`),
+            # so they are evaluated as they are: DeepSpeed below ZeRO-3 refuses to build an inference engine, and under
+            # ZeRO-3 the one it builds leaves the training engine unset
             self.is_deepspeed_enabled = False
             try:
                 return super().evaluate(*args, **kwargs)
