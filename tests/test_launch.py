@@ -244,7 +244,9 @@ def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_
 
 CHAT = dict(max_len=96, template="chatml")
 KINDS = {
-    "sft-lora-merged": SFTStage(name="s", kind="sft", data=[DATA_DIR / "sft.jsonl"], lora={"r": 4, "merge": True}, eval_samples=0, **CHAT),
+    # held-out data: the loss before training is evaluated before DeepSpeed has built its engine
+    "sft-lora-merged": SFTStage(name="s", kind="sft", data=[DATA_DIR / "sft.jsonl"], heldout=[DATA_DIR / "sft_heldout.jsonl"],
+                                lora={"r": 4, "merge": True}, eval_samples=0, **CHAT),
     "dpo-adapter-off": DPOStage(name="s", kind="dpo", data=[DATA_DIR / "preference.jsonl"], lora={"r": 4}, reference="adapter-off", **CHAT),
     "pro": PROStage(name="s", kind="pro", data=[DATA_DIR / "ranked.jsonl"], **CHAT),
     "reward": RewardStage(name="s", kind="reward", data=[DATA_DIR / "preference.jsonl"], **CHAT),
