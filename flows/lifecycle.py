@@ -9,8 +9,13 @@ from prefect import flow, get_run_logger
 from schemas.spec import load_spec
 from tasks import lineage
 from tasks.home import Home, sweep_partials
-from tasks.plan import plan
+from tasks.plan import PlannedStage, plan
 from tasks.stage import check_data, evaluate, fetch, prepare, reuse, train, train_tokenizer
+
+
+def scorers(stage: PlannedStage, runs: dict[str, str]) -> dict[str, str]:
+    """The runs of the reward stages whose models the stage scores replies with."""
+    return {name: runs[name] for name in stage.spec.reward_stages()}
 
 
 @flow(name="lifecycle")
@@ -36,10 +41,11 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
                 run_id = train_tokenizer(home, experiment, spec, stage, parent)
             elif stage.kind == "eval" and not reused:
                 scored = {name: runs[name] for name in stage.spec.checkpoints}
-                run_id = evaluate(home, experiment, stage, parent, scored, runs[tokenizer_stage.name])
+                run_id = evaluate(home, experiment, stage, parent, scored, runs[tokenizer_stage.name], scorers(stage, runs))
             elif not reused:
                 datasets = prepare(home, spec, stage, fetch(home, runs[tokenizer_stage.name]))
-                run_id = train(home, experiment, spec, stage, parent, runs.get(stage.upstream), runs[tokenizer_stage.name], datasets)
+                run_id = train(home, experiment, spec, stage, parent, runs.get(stage.upstream), runs[tokenizer_stage.name], datasets,
+                               scorers(stage, runs))
             lineage.link(mlflow, parent, stage, run_id, reused)
             if stage.kind == "eval":
                 lineage.copy_report(mlflow, run_id, parent, stage.name)

@@ -12,6 +12,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from schemas.base import Strict
 
+
 class AnswerReward(Strict):
     """1 where the reply gives the prompt's reference `answer`, else 0.
 
@@ -60,4 +61,15 @@ class PythonReward(Strict):
     weight: float = 1.0
 
 
-Reward = Annotated[AnswerReward | RegexReward | LengthReward | PythonReward, Field(discriminator="kind")]
+class ModelReward(Strict):
+    """The score of the reward model that an earlier `reward` stage of this pipeline trained: its head's value at the
+    reply's last token, the prompt and reply rendered through the template that stage trained with. The values are
+    unbounded logits, not 0/1: weigh them against the other rewards (group-normalised advantages make the scale matter
+    only between rewards)."""
+
+    kind: Literal["reward_model"]
+    stage: str = Field(description="the name of the reward stage whose model scores the completions")
+    weight: float = 1.0
+
+
+Reward = Annotated[AnswerReward | RegexReward | LengthReward | PythonReward | ModelReward, Field(discriminator="kind")]

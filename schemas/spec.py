@@ -20,7 +20,7 @@ from schemas.base import Strict
 from schemas.errors import LifecycleError
 from schemas.formats import Format
 from schemas.launch import Launch
-from schemas.rewards import AnswerReward, Reward
+from schemas.rewards import AnswerReward, ModelReward, Reward
 
 TOKENIZER_STAGE = "tokenizer"
 # names the eval report's tables use for their own columns, and the tokenizer's stage
@@ -138,6 +138,10 @@ class StageBase(Strict):
     def files(self) -> dict[str, tuple[list[Path], Format]]:
         """Every data field of the stage: its files and the format they must have."""
         raise NotImplementedError
+
+    def reward_stages(self) -> list[str]:
+        """The reward stages whose models this stage scores replies with (their checkpoints are among its inputs)."""
+        return []
 
 
 class TrainingStage(StageBase):
@@ -313,6 +317,9 @@ class GRPOStage(ChatStage):
             return "adapter-off" if self.lora is not None else "frozen"
         return self.reference
 
+    def reward_stages(self) -> list[str]:
+        return list(dict.fromkeys(r.stage for r in self.rewards if isinstance(r, ModelReward)))
+
 
 class EvalStage(StageBase):
     """Scores checkpoints side by side on the same held-out data; trains nothing."""
@@ -330,9 +337,17 @@ class EvalStage(StageBase):
     max_len: PositiveInt = 512
     max_new_tokens: PositiveInt = 48
     template: TemplateName | None = Field(None, description="default: the pipeline's template")
+    reward_model: str | None = Field(None, description="the reward stage whose model scores every checkpoint's greedy replies to "
+                                     "the held-out prompts (column reward_model); default: the last reward stage before this one")
+    rewards: list[Reward] = Field(default_factory=list, description="rewards of the greedy replies to the held-out prompts "
+                                  "(column reward, their weighted sum); default: those of the last grpo stage it scores")
 
     def files(self) -> dict[str, tuple[list[Path], Format]]:
         return {fmt: (getattr(self, fmt), fmt) for fmt in ("text", "conversations", "prompts", "preference", "ranked")}
+
+    def reward_stages(self) -> list[str]:
+        named = [self.reward_model] if self.reward_model else []
+        return list(dict.fromkeys(named + [r.stage for r in self.rewards if isinstance(r, ModelReward)]))
 
 
 Stage = Annotated[PretrainStage | SFTStage | DPOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
@@ -356,6 +371,10 @@ class PipelineSpec(Strict):
                 raise ValueError(f"stages[{i}].name {stage.name!r} is used twice (or is reserved); stage names must be unique")
             if stage.from_ is not None and stage.from_ not in seen:
                 raise ValueError(f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage")
+            for name in stage.reward_stages():
+                if not isinstance(seen.get(name), RewardStage):
+                    raise ValueError(f"stages[{i}] ({stage.name}) scores with the reward model of {name!r}, which is not an earlier "
+                                     "reward stage")
             seen[stage.name] = stage
             if isinstance(stage, EvalStage):
                 for name in stage.checkpoints:
@@ -451,12 +470,18 @@ def _folder(path: Path, base: Path, where: str, missing: list[str]) -> Path:
 
 
 def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
-    """An eval stage's unnamed checkpoints and data filled in: every scored stage, every held-out file they have."""
+    """An eval stage's unnamed checkpoints, data and rewards filled in: every scored stage, every held-out file they have,
+    the last earlier reward stage's model, the last scored grpo stage's rewards."""
     scored = spec.scored_by(stage)
     update: dict[str, object] = {"checkpoints": [s.name for s in scored]}
-    for fmt in ("text", "conversations", "preference", "ranked"):
+    for fmt in ("text", "conversations", "prompts", "preference", "ranked"):
         if not getattr(stage, fmt):
             update[fmt] = list(dict.fromkeys(path for s in scored if s.data_format == fmt for path in s.heldout))
+    earlier = spec.stages[: spec.stages.index(stage)]
+    if stage.reward_model is None and (reward := [s for s in earlier if isinstance(s, RewardStage)]):
+        update["reward_model"] = reward[-1].name
+    if not stage.rewards and (grpo := [s for s in scored if isinstance(s, GRPOStage)]):
+        update["rewards"] = grpo[-1].rewards
     return stage.model_copy(update=update)
 
 

@@ -30,6 +30,7 @@ class StageInputs:
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
     callbacks: tuple[TrainerCallback, ...] = ()  # e.g. the recorder of per-step metrics
     reference: Path | None = None  # where reference log-probs of this input model on these datasets are kept
+    reward_models: dict[str, Path] = field(default_factory=dict)  # reward stage name -> its checkpoint, for the rewards that name one
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ The metrics (columns):
                          before it reproduces exactly (`generation.exact_match`).
     task_accuracy        prompts with a reference answer: share of greedy replies that contain the
                          answer, by `answer_matches`.
+    reward               prompts: the mean over greedy replies of the spec's rewards, summed with their
+                         weights (by default the last scored grpo stage's: its verifiable reward).
+                         With an `answer` reward, only prompts with a reference answer are scored.
+    reward_model         prompts: the mean score the lineage's reward model gives the greedy replies.
     preference_accuracy  preference pairs: share where the chosen reply scores higher than the rejected,
     preference_margin    and the mean score difference chosen − rejected. A reply's score is its
                          length-normalised log-prob (mean over its tokens): reference-free, so every
@@ -51,6 +55,7 @@ from transformers import AutoTokenizer
 
 from schemas.data import read_files
 from schemas.formats import Format
+from schemas.rewards import AnswerReward, ModelReward
 from schemas.spec import EvalStage
 from stages.candidates import encode, rows, scored
 from stages.checkpoint import load_model
@@ -58,7 +63,7 @@ from stages.generation import answer, exact_match
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, perplexity, preference, ranking
 from stages.packing import concat_chunk, tokenize_documents
-from stages.rewards import task_accuracy
+from stages.rewards import checked_rewards, reward_functions, task_accuracy, weighted_total
 from stages.templates import IGNORE, conversations, encode_conversation
 
 SAMPLES = 4  # held-out prompts answered side by side when the spec names none
@@ -68,7 +73,7 @@ BATCH = 8  # sequences per forward when scoring: bounds the float32 logits ([bat
 METRICS: dict[Format, tuple[str, ...]] = {
     "text": ("perplexity",),
     "conversations": ("response_loss", "exact_match"),
-    "prompts": ("task_accuracy",),
+    "prompts": ("task_accuracy", "reward", "reward_model"),
     "preference": ("preference_accuracy", "preference_margin", "reward_margin"),
     "ranked": ("kendall_tau", "top1"),
 }
@@ -93,9 +98,8 @@ def columns_of(rows: list[dict]) -> dict[str, list]:
     return {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
 
 
-# ---------------------------------------------------------------- answer matching
+# ---------------------------------------------------------------- reward margins and rewards
 
-# a number as written in a reply: optional minus, thousands groups or plain digits, optional decimals;
 def implicit_reward_margin(policy: Tensor, reference: Tensor, beta: float = 1.0) -> float:
     """Mean DPO implicit-reward margin of pairs: β·[(π_w − ref_w) − (π_l − ref_l)].
 
@@ -113,17 +117,19 @@ class HeldOut:
     text_blocks: list[list[int]]
     chats: list[list[dict]]
     encoded_chats: list[tuple[list[int], list[int]]]
-    tasks: list[tuple[list[dict], str]]  # (prompt messages, reference answer)
+    tasks: list[tuple[list[dict], str | None]]  # (prompt messages, reference answer or None)
     pairs: Dataset | None  # preference pairs as candidates, chosen first
     pair_tokens: Tensor | None  # [pairs, 2]: reply tokens of each candidate, to length-normalise the summed log-probs
     ranked: Dataset | None
     samples: list[tuple[str, list[dict]]]  # (the prompt as shown, the messages answered)
 
-    def columns(self) -> list[str]:
+    def columns(self, spec: EvalStage) -> list[str]:
         """The metrics this data measures, in table order."""
         present = {"text": self.text_blocks, "conversations": self.chats, "prompts": self.tasks,
                    "preference": self.pairs is not None, "ranked": self.ranked is not None}
-        return [column for fmt, names in METRICS.items() if present[fmt] for column in names]
+        asked = {"task_accuracy": any(reference is not None for _, reference in self.tasks),
+                 "reward": bool(spec.rewards), "reward_model": spec.reward_model is not None}
+        return [column for fmt, names in METRICS.items() if present[fmt] for column in names if asked.get(column, True)]
 
 
 def _read(paths: list[Path], fmt: Format, limit: int, on_invalid: str) -> pl.DataFrame | None:
@@ -181,7 +187,7 @@ def held_out(spec: EvalStage, tokenizer) -> HeldOut:
         text_blocks=text_blocks(texts, tokenizer, spec.max_len) if texts else [],
         chats=chats,
         encoded_chats=[encode_conversation(chat, tokenizer, spec.max_len, spec.template) for chat in chats],
-        tasks=[(messages, reference) for messages, reference in zip(asked, references) if reference is not None],
+        tasks=list(zip(asked, references)),
         pairs=pairs, pair_tokens=pair_tokens, ranked=ranked,
         samples=_samples(spec, asked, chats),
     )
@@ -214,8 +220,9 @@ def _preference(model, data: HeldOut, pad_id: int) -> tuple[dict[str, float], Te
     return {"preference_accuracy": found["accuracy"], "preference_margin": found["margin"]}, summed
 
 
-def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None]:
-    """This model's metrics on the data it has (reward_margin aside), and its summed log-probs of the preference pairs."""
+def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None, list[str]]:
+    """This model's metrics on the data it has (reward_margin and the rewards aside), its summed log-probs of the
+    preference pairs, and its greedy replies to the held-out prompts."""
     pad_id = tokenizer.pad_token_id
     found: dict[str, float] = {}
     if data.text_blocks:
@@ -225,24 +232,46 @@ def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str,
         total, tokens = labelled_logp(model, data.encoded_chats, pad_id)
         found["response_loss"] = -total / tokens if tokens else math.nan
         found["exact_match"] = exact_match(model, tokenizer, data.chats, spec.template, spec.max_new_tokens)
-    if data.tasks:
-        replies = answer(model, tokenizer, [messages for messages, _ in data.tasks], spec.template, spec.max_new_tokens)
-        found["task_accuracy"] = task_accuracy(replies, [reference for _, reference in data.tasks])
+    replies = answer(model, tokenizer, [messages for messages, _ in data.tasks], spec.template, spec.max_new_tokens) if data.tasks else []
+    if answered := [(reply, reference) for reply, (_, reference) in zip(replies, data.tasks) if reference is not None]:
+        found["task_accuracy"] = task_accuracy(*map(list, zip(*answered)))
     pair_logps = None
     if data.pairs is not None:
         pair_found, pair_logps = _preference(model, data, pad_id)
         found |= pair_found
     if data.ranked is not None:
         found |= ranking(scored(model, data.ranked, pad_id), data.ranked["scores"])
-    return found, pair_logps
+    return found, pair_logps, replies
 
 
-def _scored_checkpoint(folder: Path, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None, list[str]]:
+def _scored_checkpoint(folder: Path, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None, list[str], list[str]]:
     """One checkpoint loaded, measured and asked the samples; its model is unreferenced when this returns."""
     model = load_model(folder, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    found, pair_logps = measure(model, tokenizer, data, spec)
-    replies = answer(model, tokenizer, [messages for _, messages in data.samples], spec.template, spec.max_new_tokens)
-    return found, pair_logps, replies
+    found, pair_logps, replies = measure(model, tokenizer, data, spec)
+    samples = answer(model, tokenizer, [messages for _, messages in data.samples], spec.template, spec.max_new_tokens)
+    return found, pair_logps, replies, samples
+
+
+def rewarded(spec: EvalStage, data: HeldOut, tokenizer, replies: dict[str, list[str]],
+             reward_models: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Per checkpoint, the mean reward of its greedy replies to the held-out prompts (spec.rewards, weighted) and the
+    reward model's mean score of them; the reward model loads once, after every checkpoint has been freed."""
+    found: dict[str, dict[str, float]] = {name: {} for name in replies}
+    prompts, references = [messages for messages, _ in data.tasks], [reference for _, reference in data.tasks]
+    if spec.rewards:
+        functions = reward_functions(spec.rewards, reward_models)
+        needs_answer = any(isinstance(r, AnswerReward) for r in spec.rewards)
+        rows = [i for i, reference in enumerate(references) if reference is not None or not needs_answer]
+        for name, texts in replies.items():
+            picked = [texts[i] for i in rows]
+            lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in picked]
+            scores = checked_rewards(functions, [prompts[i] for i in rows], picked, [references[i] for i in rows], lengths)
+            found[name]["reward"] = weighted_total(functions, torch.tensor(scores)).mean().item() if rows else math.nan
+    if spec.reward_model is not None:
+        (model,) = reward_functions([ModelReward(kind="reward_model", stage=spec.reward_model)], reward_models)
+        for name, texts in replies.items():
+            found[name]["reward_model"] = sum(model.score(prompts, texts, references, [])) / len(texts)
+    return found
 
 
 def _release_memory() -> None:
@@ -282,22 +311,29 @@ def plot(metrics: list[dict[str, str | float]], columns: list[str], path: Path) 
 
 # ---------------------------------------------------------------- the stage
 
-def run(spec: EvalStage, checkpoints: dict[str, Path], tokenizer: Path, workdir: Path) -> Report:
-    """Score each checkpoint (in the given lineage order) on the spec's held-out data; the report and its plot in workdir."""
+def run(spec: EvalStage, checkpoints: dict[str, Path], tokenizer: Path, workdir: Path,
+        reward_models: dict[str, Path] | None = None) -> Report:
+    """Score each checkpoint (in the given lineage order) on the spec's held-out data; the report and its plot in workdir.
+    `reward_models`: the checkpoint of every reward stage the spec's reward model and rewards name."""
     if not checkpoints:
         raise ValueError(f"eval stage {spec.name!r} has no checkpoints to score")
     tok = AutoTokenizer.from_pretrained(tokenizer)
     data = held_out(spec, tok)
-    columns = data.columns()
+    columns = data.columns(spec)
     metrics: list[dict[str, str | float]] = []
     replies: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
     reference: Tensor | None = None  # the first checkpoint's summed pair log-probs: π_ref of every reward margin
     for name, folder in checkpoints.items():
-        found, pair_logps, replies[name] = _scored_checkpoint(folder, tok, data, spec)
+        found, pair_logps, replies[name], samples[name] = _scored_checkpoint(folder, tok, data, spec)
         _release_memory()
         if pair_logps is not None:
             found["reward_margin"] = math.nan if reference is None else implicit_reward_margin(pair_logps, reference)
             reference = pair_logps if reference is None else reference
-        metrics.append({"checkpoint": name} | {column: found.get(column, math.nan) for column in columns})
-    samples = [{"prompt": shown} | {name: replies[name][i] for name in checkpoints} for i, (shown, _) in enumerate(data.samples)]
-    return Report(metrics=metrics, samples=samples, plot=plot(metrics, columns, workdir / "metrics.png"))
+        metrics.append({"checkpoint": name} | found)
+    if data.tasks and (spec.rewards or spec.reward_model):
+        for row, found in zip(metrics, rewarded(spec, data, tok, replies, reward_models or {}).values()):
+            row |= found
+    metrics = [{"checkpoint": row["checkpoint"]} | {column: row.get(column, math.nan) for column in columns} for row in metrics]
+    shown = [{"prompt": prompt} | {name: samples[name][i] for name in checkpoints} for i, (prompt, _) in enumerate(data.samples)]
+    return Report(metrics=metrics, samples=shown, plot=plot(metrics, columns, workdir / "metrics.png"))

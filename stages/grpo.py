@@ -62,7 +62,7 @@ def prepare(spec: GRPOStage, tokenizer) -> Prepared:
         keep = [i for i, ids in enumerate(encoded) if len(ids) + spec.max_new_tokens <= spec.max_len]
         counts[f"{split}_dropped"] = float(len(encoded) - len(keep))
         splits[split] = Dataset.from_dict({"prompt_ids": [encoded[i] for i in keep],
-                                           "prompt": [messages[i][-1]["content"] for i in keep],
+                                           "messages": [messages[i] for i in keep],
                                            "answer": [answers[i] for i in keep], "row": list(range(len(keep)))})
         rejected += read.rejected
     return Prepared(DatasetDict(splits), rejected, counts)
@@ -103,7 +103,7 @@ class PromptCollator:
         return {"input_ids": torch.tensor([[self.pad_id] * (width - len(f["prompt_ids"])) + f["prompt_ids"] for f in features]),
                 "attention_mask": torch.tensor([[0] * (width - len(f["prompt_ids"])) + [1] * len(f["prompt_ids"]) for f in features]),
                 "row": torch.tensor([f["row"] for f in features]),
-                "prompt": [f["prompt"] for f in features], "answer": [f["answer"] for f in features]}
+                "messages": [f["messages"] for f in features], "answer": [f["answer"] for f in features]}
 
 
 @dataclass
@@ -156,9 +156,9 @@ class GRPOTrainer(ObjectiveTrainer):
         completions = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in sampled], device=self.args.device)
         completion_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sampled], device=self.args.device)
         texts = [decode(tokenizer, ids, self.stops).text for ids in sampled]
-        prompt_texts = [p for p in inputs["prompt"] for _ in range(group)]
+        asked = [m for m in inputs["messages"] for _ in range(group)]
         answers = [a for a in inputs["answer"] for _ in range(group)]
-        scores = torch.tensor(checked_rewards(self.rewards, prompt_texts, texts, answers, [len(ids) for ids in sampled]))
+        scores = torch.tensor(checked_rewards(self.rewards, asked, texts, answers, [len(ids) for ids in sampled]))
         total = weighted_total(self.rewards, scores)
         grouped = total.view(len(prompts), group)
         samples = Samples(
@@ -174,9 +174,9 @@ class GRPOTrainer(ObjectiveTrainer):
                     zero_variance_groups=(grouped.std(1) == 0).float(), generation_seconds=generating,
                     **{f"reward/{f.name}": s.mean() for f, s in zip(self.rewards, scores)})
         if self.state.global_step % spec.log_samples == 0:
-            self.kept += [{"step": self.state.global_step, "prompt": p, "completion": t, "reward": float(r),
+            self.kept += [{"step": self.state.global_step, "prompt": m[-1]["content"], "completion": t, "reward": float(r),
                            **{f.name: float(s[i]) for f, s in zip(self.rewards, scores)}}
-                          for i, (p, t, r) in enumerate(zip(prompt_texts, texts, total))]
+                          for i, (m, t, r) in enumerate(zip(asked, texts, total))]
         return samples
 
     def samples_for(self, model, inputs: dict) -> Samples:
@@ -216,7 +216,7 @@ def heldout_metrics(model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: l
     replies = generate(model, rows["prompt_ids"], stops, tokenizer.pad_token_id, Sampling(max_new_tokens=spec.max_new_tokens))
     model.train(was_training)
     texts = [decode(tokenizer, ids, stops).text for ids in replies]
-    scores = torch.tensor(checked_rewards(rewards, rows["prompt"], texts, rows["answer"], [len(ids) for ids in replies]))
+    scores = torch.tensor(checked_rewards(rewards, rows["messages"], texts, rows["answer"], [len(ids) for ids in replies]))
     found = {"reward": float(weighted_total(rewards, scores).mean())}
     answered = [(t, a) for t, a in zip(texts, rows["answer"]) if a is not None]
     if answered:
@@ -231,11 +231,11 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if spec.reference_strategy() == "frozen" else None
     if spec.lora is not None:
         model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
-    rewards = reward_functions(spec.rewards)
+    rewards = reward_functions(spec.rewards, inputs.reward_models)
     datasets = dict(inputs.datasets)
     # a dry run of every reward function on the first prompts, before any model time is spent
     first = datasets["train"].select(range(min(len(datasets["train"]), spec.train.batch_size)))
-    checked_rewards(rewards, first["prompt"], [""] * len(first), first["answer"], [0] * len(first))
+    checked_rewards(rewards, first["messages"], [""] * len(first), first["answer"], [0] * len(first))
 
     heldout = datasets.pop("heldout", None)  # measured by generation here, never by the Trainer's evaluate
 

@@ -1,9 +1,10 @@
 """Rewards of completions: the answer checks the eval stage counts task accuracy with, and GRPO's reward functions.
 
-Every reward function takes a batch, `(prompts, completions, answers, lengths)`, and returns one float per
-completion; `reward_functions` builds them from the spec, a user's own function (`python`) wrapped so that a
-failure names it and the prompt. `checked_rewards` runs them all and refuses what cannot train: a function
-that raises, returns NaN, or returns the wrong number of values.
+Every reward function takes a batch, `(prompts, completions, answers, lengths)` (a prompt is its message list),
+and returns one float per completion; `reward_functions` builds them from the spec: a user's own function
+(`python`) is handed each prompt's last message, and a reward model (`reward_model`) scores the whole prompt and
+reply. `checked_rewards` runs them all and refuses what cannot train: a function that raises, returns NaN, or
+returns the wrong number of values; its message names the function and the prompt.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from schemas.errors import LifecycleError
-from schemas.rewards import AnswerReward, LengthReward, PythonReward, RegexReward, Reward
+from schemas.rewards import AnswerReward, LengthReward, ModelReward, PythonReward, RegexReward, Reward
+from stages.checkpoint import load_model
+from stages.reward import rewards as reward_model_scores
+from stages.templates import OWN_TEMPLATE
 
 # not part of a longer word or number (so "31" is not read out of "310", "x31" or "3.31")
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w]|\.\d)")
@@ -98,7 +104,15 @@ def _python(spec: PythonReward) -> Callable[..., list[float]]:
         function = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise RewardError(f"reward {spec.function}: cannot import it ({err})") from None
-    return lambda prompts, completions, answers, lengths: function(prompts, completions, answers)
+    return lambda prompts, completions, answers, lengths: function([p[-1]["content"] for p in prompts], completions, answers)
+
+
+def _reward_model(folder: Path) -> Callable[..., list[float]]:
+    """The reward model in `folder` (a reward stage's checkpoint, its tokenizer and template stored with it), in eval mode."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(folder, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval().requires_grad_(False)
+    return lambda prompts, completions, answers, lengths: reward_model_scores(model, tokenizer, prompts, completions, OWN_TEMPLATE)
 
 
 @dataclass(frozen=True)
@@ -108,28 +122,36 @@ class RewardFunction:
     score: Callable[[list[str], list[str], list[str | None], list[int]], list[float]]
 
 
-def reward_functions(specs: list[Reward]) -> list[RewardFunction]:
-    build = {"answer": _answer, "regex": _regex, "length": _length, "python": _python}
+def reward_functions(specs: list[Reward], reward_models: dict[str, Path] | None = None) -> list[RewardFunction]:
+    """The spec's rewards as functions; `reward_models`: the checkpoint folder of every reward stage a `reward_model` names."""
+    def built(spec: Reward) -> Callable[..., list[float]]:
+        if isinstance(spec, ModelReward):
+            if spec.stage not in (reward_models or {}):
+                raise RewardError(f"reward reward_model: the checkpoint of reward stage {spec.stage!r} was not handed to this stage")
+            return _reward_model(reward_models[spec.stage])
+        return {"answer": _answer, "regex": _regex, "length": _length, "python": _python}[spec.kind](spec)
+
     names = [spec.function if isinstance(spec, PythonReward) else spec.kind for spec in specs]
-    return [RewardFunction(name if names.count(name) == 1 else f"{name}{i}", spec.weight, build[spec.kind](spec))
+    return [RewardFunction(name if names.count(name) == 1 else f"{name}{i}", spec.weight, built(spec))
             for i, (name, spec) in enumerate(zip(names, specs))]
 
 
-def checked_rewards(functions: list[RewardFunction], prompts: list[str], completions: list[str], answers: list[str | None],
-                    lengths: list[int]) -> list[list[float]]:
+def checked_rewards(functions: list[RewardFunction], prompts: list[list[dict]], completions: list[str],
+                    answers: list[str | None], lengths: list[int]) -> list[list[float]]:
     """Each function's rewards of the batch, [functions][completions]; a failure names the function and the prompt."""
+    shown = [p[-1]["content"] for p in prompts]
     scored = []
     for function in functions:
         try:
             values = [float(v) for v in function.score(prompts, completions, answers, lengths)]
         except Exception as err:
-            raise RewardError(f"reward {function.name} failed on the batch whose first prompt is {prompts[0]!r}: "
+            raise RewardError(f"reward {function.name} failed on the batch whose first prompt is {shown[0]!r}: "
                               f"{type(err).__name__}: {err}") from err
         if len(values) != len(completions):
             raise RewardError(f"reward {function.name} returned {len(values)} values for {len(completions)} completions "
-                              f"(the batch whose first prompt is {prompts[0]!r}): it must return one per completion")
+                              f"(the batch whose first prompt is {shown[0]!r}): it must return one per completion")
         if (bad := next((i for i, v in enumerate(values) if not math.isfinite(v)), None)) is not None:
-            raise RewardError(f"reward {function.name} returned {values[bad]} for a completion of the prompt {prompts[bad]!r}: "
+            raise RewardError(f"reward {function.name} returned {values[bad]} for a completion of the prompt {shown[bad]!r}: "
                               "rewards must be finite numbers")
         scored.append(values)
     return scored

@@ -2,9 +2,10 @@
 
 A stage's fingerprint is the sha256 of what decides its output: its resolved spec (data
 files by content digest, not by path), the upstream stage's fingerprint, the tokenizer's
-fingerprint, the project version and the versions of torch, transformers and peft. It is
-computed from the spec and the data alone, before anything runs, so `status` can show it
-and a re-run can find the stage's finished run in MLflow.
+fingerprint, the fingerprints of the reward stages whose models it scores with, the project
+version and the versions of torch, transformers and peft. It is computed from the spec and
+the data alone, before anything runs, so `status` can show it and a re-run can find the
+stage's finished run in MLflow.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
                                 else {"path_digest": folder_digest(spec.model.path)})
         else:
             payload["upstream"] = planned[upstream.name].fingerprint
+        if scorers := stage.reward_stages():
+            payload["reward_models"] = {name: planned[name].fingerprint for name in scorers}
         source = upstream.name if upstream is not None and not isinstance(stage, EvalStage) else None
         planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, _fingerprint(payload), source, spec.name)
     return list(planned.values())

@@ -157,8 +157,9 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
 def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, parent: str,
-          upstream_run: str | None, tokenizer_run: str, datasets_dir: Path) -> str:
-    """Train a stage as a child run of the pipeline run; a curriculum stage trains its parts as child runs of its own."""
+          upstream_run: str | None, tokenizer_run: str, datasets_dir: Path, reward_runs: dict[str, str]) -> str:
+    """Train a stage as a child run of the pipeline run; a curriculum stage trains its parts as child runs of its own.
+    `reward_runs`: the runs of the reward stages whose models the stage scores with."""
     from datasets import load_from_disk
 
     from tasks.step_metrics import StepMetrics
@@ -183,7 +184,7 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
                 if spec.model.path is not None:
                     lineage.record_base_model(mlflow, run_id, spec.model.path)
             inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
-                                 callbacks=(StepMetrics(mlflow, run_id),))
+                                 callbacks=(StepMetrics(mlflow, run_id),), reward_models=reward_models(mlflow, home, reward_runs))
             try:
                 if part.spec.launch is not None:
                     lineage.log_launch(mlflow, run_id, part.spec.launch)
@@ -207,8 +208,14 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
     return _recorded(home, experiment, stage, parent, upstream_run, tokenizer_run, work)
 
 
+def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, Path]:
+    """Each reward stage's logged checkpoint, fetched: what a `reward_model` reward loads."""
+    return {name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in reward_runs.items()}
+
+
 @task(cache_policy=NO_CACHE, task_run_name="eval-{stage.name}")
-def evaluate(home: Home, experiment: str, stage: PlannedStage, parent: str, scored_runs: dict[str, str], tokenizer_run: str) -> str:
+def evaluate(home: Home, experiment: str, stage: PlannedStage, parent: str, scored_runs: dict[str, str], tokenizer_run: str,
+             reward_runs: dict[str, str]) -> str:
     """Score the checkpoints side by side; the table, plot and samples go to the eval run and to the pipeline run."""
     from stages import eval as evaluation
 
@@ -216,7 +223,7 @@ def evaluate(home: Home, experiment: str, stage: PlannedStage, parent: str, scor
         lineage.log_data_inputs(mlflow, run_id, {fmt: paths for fmt, (paths, _) in stage.spec.files().items()})
         checkpoints = {name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()}
         tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
-        report = evaluation.run(stage.spec, checkpoints, tokenizer, home.work(stage))
+        report = evaluation.run(stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs))
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
         metrics = {f"{row['checkpoint']}/{name}": value for row in report.metrics for name, value in row.items()
                    if name != "checkpoint" and not math.isnan(value)}

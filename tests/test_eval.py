@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
 from examples.generate import DATA_DIR
 from flows.cli import format_metrics, format_samples, main
 from schemas.spec import EvalStage, PretrainStage, SFTStage, TrainSpec, load_spec
 from stages import eval as eval_stage
-from stages import pretrain, sft
+from stages import pretrain, reward, sft
 from stages.checkpoint import load_model
 from stages.contract import StageInputs
 from stages.eval import implicit_reward_margin, labelled_logp, text_blocks
@@ -180,13 +180,38 @@ def test_short_text_still_counts_its_tail_block(trained_tokenizer: Path) -> None
     assert sum(blocks, []) == stream and all(len(b) == 4 for b in blocks[:-1]) and len(blocks[-1]) <= 4
 
 
+def test_eval_scores_the_greedy_replies_with_the_rewards_and_the_reward_model(checkpoints: dict[str, Path], trained_tokenizer: Path,
+                                                                              tmp_path: Path) -> None:
+    # a reward model as a reward stage saves it: the SFT checkpoint with a one-output head and its template stored
+    scorer_folder = tmp_path / "reward"
+    tok = AutoTokenizer.from_pretrained(checkpoints["sft"])
+    torch.manual_seed(0)
+    load_model(checkpoints["sft"], tok, AutoModelForSequenceClassification, num_labels=1).save_pretrained(scorer_folder)
+    tok.save_pretrained(scorer_folder)
+    spec = EvalStage(name="eval", kind="eval", prompts=[DATA_DIR / "rl_prompts_heldout.jsonl"], limit=6, max_new_tokens=8,
+                     template="chatml", reward_model="reward", rewards=[{"kind": "answer"}, {"kind": "regex", "pattern": "^The ", "weight": 0.5}])
+    report = eval_stage.run(spec, checkpoints, trained_tokenizer, tmp_path / "eval", {"reward": scorer_folder})
+    assert [list(row) for row in report.metrics] == [["checkpoint", "task_accuracy", "reward", "reward_model"]] * 2
+    # scored independently: the same greedy replies, the reward stage's scoring function, the same rules
+    rows = [json.loads(line) for line in (DATA_DIR / "rl_prompts_heldout.jsonl").read_text().splitlines()[:6]]
+    prompts = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+    scorer = AutoModelForSequenceClassification.from_pretrained(scorer_folder).eval()
+    for row in report.metrics:
+        model = load_model(checkpoints[row["checkpoint"]], tok).eval()
+        replies = answer(model, tok, prompts, "chatml", 8)
+        right = [answer_matches(reply, r["answer"]) for reply, r in zip(replies, rows)]
+        assert row["task_accuracy"] == pytest.approx(sum(right) / 6)
+        assert row["reward"] == pytest.approx(sum(right) / 6 + 0.5 * sum(reply.startswith("The ") for reply in replies) / 6)
+        assert row["reward_model"] == pytest.approx(sum(reward.rewards(scorer, tok, prompts, replies, "chatml")) / 6, rel=1e-4)
+
+
 def test_pairs_whose_replies_max_len_cuts_away_are_left_out(trained_tokenizer: Path) -> None:
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     spec = EvalStage(name="eval", kind="eval", preference=[DATA_DIR / "preference_heldout.jsonl"], limit=4, max_len=128, template="chatml")
     kept = eval_stage.held_out(spec, tok)
     assert kept.pairs.num_rows == 4 and kept.pair_tokens.shape == (4, 2) and bool((kept.pair_tokens > 0).all())
     cut = eval_stage.held_out(spec.model_copy(update={"max_len": 8}), tok)  # every prompt is longer than 8 tokens
-    assert cut.pairs is None and cut.columns() == []
+    assert cut.pairs is None and cut.columns(spec) == []
 
 
 # ---------------------------------------------------------------- generation through the stored template

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -123,7 +124,9 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     assert reward.data.tags["lifecycle.upstream_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
     grpo = mlflow.get_run(runs["grpo"])
     assert grpo.data.tags["lifecycle.upstream_run"] == runs["sft-lora"]
-    assert {"reward", "reward/answer", "clip_fraction", "heldout_task_accuracy_before", "heldout_task_accuracy"} <= set(grpo.data.metrics)
+    assert {"reward", "reward/answer", "reward/reward_model", "clip_fraction", "heldout_task_accuracy_before",
+            "heldout_task_accuracy"} <= set(grpo.data.metrics)
+    assert math.isfinite(grpo.data.metrics["reward/reward_model"])  # the reward stage's logged model, in the loop
     assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == ["checkpoint", "grpo_samples.jsonl", "stage_spec.json"]
 
 
@@ -136,7 +139,11 @@ def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_ru
         assert {a.path for a in mlflow.list_artifacts(run_id, folder)} == {f"{folder}/metrics.json", f"{folder}/samples.json", f"{folder}/metrics.png"}
         table = json.loads(open(mlflow.download_artifacts(run_id, f"{folder}/metrics.json", str(tmp_path / run_id))).read())
         assert [row[table["columns"].index("checkpoint")] for row in table["data"]] == scored
-        assert {"perplexity", "response_loss", "exact_match", "task_accuracy", "preference_accuracy", "kendall_tau"} <= set(table["columns"])
+        assert {"perplexity", "response_loss", "exact_match", "task_accuracy", "preference_accuracy", "kendall_tau",
+                "reward", "reward_model"} <= set(table["columns"])
+        # every checkpoint's greedy replies scored by grpo's rewards and by the reward stage's model
+        for column in ("reward", "reward_model"):
+            assert all(math.isfinite(row[table["columns"].index(column)]) for row in table["data"])
         samples = json.loads(open(mlflow.download_artifacts(run_id, f"{folder}/samples.json", str(tmp_path / run_id))).read())
         assert set(scored) <= set(samples["columns"]) and samples["data"]
     metrics = mlflow.get_run(runs["eval"]).data.metrics

@@ -117,4 +117,4 @@ def test_reward_functions_refuse_what_cannot_be_imported_and_the_spec_what_canno
         grpo_stage(beta=0.1, reference="adapter-off")
     with pytest.raises(ValueError, match="used only with beta > 0"):
         grpo_stage(reference="frozen")
-    assert checked_rewards(reward_functions([AnswerReward(kind="answer")]), ["q"], ["the answer is 4"], ["4"], [5]) == [[1.0]]
+    assert checked_rewards(reward_functions([AnswerReward(kind="answer")]), [[{"role": "user", "content": "q"}]], ["the answer is 4"], ["4"], [5]) == [[1.0]]
