@@ -28,12 +28,14 @@ test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(PY) -m bench.startup
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.alignment
 	$(PY) -m bench.generate
 	$(PY) -m bench.threads
 	$(PY) -m bench.distributed
+	$(PY) -m bench.grpo
 
 clean:
 	rm -rf .lifecycle
