@@ -198,7 +198,27 @@ class SFTStage(ChatStage):
     eval_samples: int = Field(64, ge=0, description="held-out conversations answered greedily for exact match")
 
 
-class DPOStage(ChatStage):
+class ReferenceStage(ChatStage):
+    """A stage whose objective compares the policy with a reference: the input model as it came in."""
+
+    reference: Literal["auto", "frozen", "adapter-off", "precomputed"] = Field(
+        "auto", description="frozen: a copy of the input model; adapter-off: the input model under the LoRA adapter "
+        "(no second copy); precomputed: log-probs computed once and cached with the prepared data; auto: adapter-off with lora, else frozen")
+
+    @model_validator(mode="after")
+    def _reference_has_adapter(self) -> ReferenceStage:
+        if self.reference == "adapter-off" and self.lora is None:
+            raise ValueError("reference adapter-off needs a lora block: without an adapter there is nothing to switch off")
+        return self
+
+    def reference_strategy(self) -> str | None:
+        """How the reference log-probs are had."""
+        if self.reference == "auto":
+            return "adapter-off" if self.lora is not None else "frozen"
+        return self.reference
+
+
+class DPOStage(ReferenceStage):
     """Direct preference optimisation and its variants, on {prompt, chosen, rejected} pairs."""
 
     kind: Literal["dpo"]
@@ -211,9 +231,6 @@ class DPOStage(ChatStage):
         None, description="a reply's log-prob: summed or averaged over its tokens; default: sum for sigmoid and hinge; "
         "mean for ipo (as TRL uses it: on summed log-probs its squared loss grows with the reply's length; sum may "
         "still be chosen); mean for orpo and simpo, which are defined on means only")
-    reference: Literal["auto", "frozen", "adapter-off", "precomputed"] = Field(
-        "auto", description="frozen: a copy of the input model; adapter-off: the input model under the LoRA adapter "
-        "(no second copy); precomputed: log-probs computed once and cached with the prepared data; auto: adapter-off with lora, else frozen")
 
     @model_validator(mode="after")
     def _variant_fits(self) -> DPOStage:
@@ -222,19 +239,13 @@ class DPOStage(ChatStage):
             raise ValueError(f"loss {self.loss} is reference-free: leave reference unset")
         if free and self.logps == "sum":
             raise ValueError(f"loss {self.loss} is defined on length-averaged log-probs: logps must be mean")
-        if self.reference == "adapter-off" and self.lora is None:
-            raise ValueError("reference adapter-off needs a lora block: without an adapter there is nothing to switch off")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError(f"label_smoothing is cDPO's, defined for loss sigmoid only, not {self.loss}")
         return self
 
     def reference_strategy(self) -> str | None:
         """How the reference log-probs are had; None for the reference-free losses."""
-        if self.loss in ("orpo", "simpo"):
-            return None
-        if self.reference == "auto":
-            return "adapter-off" if self.lora is not None else "frozen"
-        return self.reference
+        return None if self.loss in ("orpo", "simpo") else super().reference_strategy()
 
     def mean_logps(self) -> bool:
         return self.logps == "mean" or (self.logps is None and self.loss in ("ipo", "orpo", "simpo"))
@@ -546,7 +557,7 @@ def _launch_problems(spec: PipelineSpec) -> list[str]:
         if isinstance(stage, GRPOStage):
             problems.append(f"{where}: a grpo stage runs in one process for now (its sampling is not sharded among ranks): "
                             "leave launch out of it")
-        if zero == 3 and isinstance(stage, DPOStage) and stage.reference_strategy() == "frozen":
+        if zero == 3 and isinstance(stage, ReferenceStage) and stage.reference_strategy() == "frozen":
             problems.append(f"{where}: a frozen reference copy is not sharded under ZeRO-3 (every rank would hold the whole "
                             "model again); use reference: precomputed, or lora with reference: adapter-off")
     return problems

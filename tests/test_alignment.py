@@ -25,6 +25,7 @@ from examples.generate import DATA_DIR
 from schemas.spec import DPOStage, LoraSpec, PROStage, RewardStage, SFTStage, TrainSpec, TunaStage
 from stages import candidates, dpo, pro, reward, sft, tuna
 from stages.contract import StageInputs, adapter_base, is_adapter
+from stages.reference import REFERENCE_FILE
 from stages.templates import encode_completion, encode_prompt
 
 QUICK = dict(batch_size=8, warmup=0.0, logging_steps=1, precision="fp32")
@@ -76,7 +77,7 @@ def test_dpo_at_step_zero_gives_log_2_and_equal_rewards(reference, lora, trained
     assert step["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and step["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
     assert step["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
     if reference == "precomputed":
-        assert (tmp_path / "ref" / dpo.REFERENCE_FILE).exists()  # kept for the next run on this input model
+        assert (tmp_path / "ref" / REFERENCE_FILE).exists()  # kept for the next run on this input model
 
 
 def test_dpo_logps_default_to_mean_for_ipo_and_sum_stays_a_choice() -> None:

@@ -1,0 +1,78 @@
+"""The reference of the DPO family: the input model as it came in, had one of three ways.
+
+A frozen copy (full fine-tuning); the same weights with the LoRA adapters switched off (no second
+copy in memory); or the reference's log-probs of every training candidate, computed once before
+training and kept beside the prepared data, keyed by the input checkpoint's fingerprint (no
+reference forward per step). DPO and KTO score the same candidate layout (stages/candidates.py),
+so one trainer base serves both: `reference_logps` gives the reference's summed log-prob of every
+candidate of a batch, [rows, candidates], whichever way the stage has it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from schemas.spec import ReferenceStage
+from stages.candidates import candidate_logps, scored
+from stages.training import ObjectiveTrainer, use_bf16
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+class ReferenceTrainer(ObjectiveTrainer):
+    """An objective that compares the policy with the reference (the stage's spec says how it is had)."""
+
+    def __init__(self, *args, reference_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference_model = reference_model.to(self.args.device) if reference_model is not None else None
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch: dict[str, Tensor]) -> Tensor:
+        match self.spec.reference_strategy():
+            case "precomputed":
+                return batch["reference_logps"]
+            case "frozen":
+                return candidate_logps(self.reference_model, batch)[0]
+            case "adapter-off":
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    return candidate_logps(model, batch)[0]
+
+
+def precomputed_reference(model, dataset: Dataset, pad_id: int, folder: Path, autocast: bool) -> list[list[float]]:
+    """The input model's summed log-probs of every training candidate, computed once and kept in `folder`."""
+    path = folder / REFERENCE_FILE
+    if not path.exists():
+        sums = torch.tensor(scored(model, dataset, pad_id, autocast=autocast, length_normalised=False))
+        # written aside under this process's id, published by one rename: a kill never leaves a half-written
+        # reference where the next run would read it, and two processes never write into the same folder
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        partial.mkdir(parents=True, exist_ok=True)
+        save_file({"train": sums}, str(partial / REFERENCE_FILE))
+        try:
+            partial.rename(folder)
+        except OSError:  # another process published the same reference first: the same numbers, keep theirs
+            if not path.exists():
+                raise
+            shutil.rmtree(partial)
+    return load_file(str(path))["train"].tolist()
+
+
+def attach_reference(spec: ReferenceStage, model: PreTrainedModel, datasets: dict, folder: Path | None,
+                     pad_id: int) -> tuple[dict, PreTrainedModel | None]:
+    """The datasets and the reference model a ReferenceTrainer reads: a frozen copy of `model` when the reference is
+    frozen (else None); when it is precomputed, the reference's log-probs as a column of the training rows."""
+    strategy = spec.reference_strategy()
+    if strategy == "precomputed":
+        autocast = use_bf16(spec.train.precision)  # the precision the policy trains in
+        reference = precomputed_reference(model, datasets["train"], pad_id, folder, autocast)
+        datasets = datasets | {"train": datasets["train"].add_column("reference_logps", reference)}
+    return datasets, copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
