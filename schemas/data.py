@@ -145,6 +145,12 @@ SCHEMAS: dict[Format, pa.DataFrameSchema] = {
         **PROMPT_COLUMNS,
         "answer": pa.Column(TEXT, nullable=True, checks=[_rule("must not be empty when given", lambda a: a.is_null() | _nonempty(a))]),
     }, name="prompts"),
+    "unpaired": pa.DataFrameSchema({
+        **PROMPT_COLUMNS,
+        "completions": pa.Column(TEXTS, checks=[_rule("no completion may be empty", _each_nonempty), _rule(
+            "a pair's rejected must differ from its chosen", lambda c: c.list.eval(pl.element().str.strip_chars()).list.n_unique() == c.list.len())]),
+        "labels": pa.Column(pl.List(pl.Boolean)),
+    }, name="unpaired"),
 }
 
 

@@ -12,6 +12,8 @@ Canonical rows, per format:
     preference     prompt_roles, prompt_contents, chosen, rejected
     ranked         prompt_roles, prompt_contents, completions, scores   (unsorted here)
     prompts        prompt_roles, prompt_contents, answer (None when not given)
+    unpaired       prompt_roles, prompt_contents, completions, labels   (a line's labelled completions: TRL's
+                   unpaired row gives one; a preference pair gives two, chosen true and rejected false)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 import re
 from typing import Literal
 
-Format = Literal["text", "conversations", "preference", "ranked", "prompts"]
+Format = Literal["text", "conversations", "preference", "ranked", "prompts", "unpaired"]
 
 # sharegpt names its speakers; any other name is kept, so the role rule reports it by name.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -274,7 +276,28 @@ def _prompts(row: dict) -> dict:
     return {"prompt_roles": roles, "prompt_contents": contents, "answer": _answer(row.get("answer"))}
 
 
-FLATTEN = {"text": _text, "conversations": _conversation, "preference": _preference, "ranked": _ranked, "prompts": _prompts}
+def _label(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise Shape("label", f"must be true (desirable) or false (undesirable), not {_kind(value)}")
+    return value
+
+
+def _unpaired(row: dict) -> dict:
+    """TRL's unpaired {prompt, completion, label}; a preference pair, in any of its shapes, as its two labelled completions."""
+    if "completion" not in row and "label" not in row and ("chosen" in row or "rejected" in row):
+        pair = _preference(row)
+        return {"prompt_roles": pair["prompt_roles"], "prompt_contents": pair["prompt_contents"],
+                "completions": [pair["chosen"], pair["rejected"]], "labels": [True, False]}
+    if "prompt" not in row:
+        raise Shape("prompt", "required: an unpaired row is {prompt, completion, label: true|false} "
+                    "(or give a preference pair {prompt, chosen, rejected})")
+    roles, contents = _prompt(row, "prompt")
+    return {"prompt_roles": roles, "prompt_contents": contents,
+            "completions": [_completion(_get(row, "completion"), "completion")], "labels": [_label(_get(row, "label"))]}
+
+
+FLATTEN = {"text": _text, "conversations": _conversation, "preference": _preference, "ranked": _ranked, "prompts": _prompts,
+           "unpaired": _unpaired}
 
 
 def flatten(fmt: Format, row: dict) -> dict:

@@ -251,6 +251,20 @@ class DPOStage(ReferenceStage):
         return self.logps == "mean" or (self.logps is None and self.loss in ("ipo", "orpo", "simpo"))
 
 
+class KTOStage(ReferenceStage):
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on completions labelled desirable or undesirable.
+
+    Data: unpaired rows {prompt, completion, label: true|false} (TRL's), or preference pairs, each split into two
+    rows (chosen desirable, rejected undesirable). The shape is recognised line by line, so a file may mix both."""
+
+    kind: Literal["kto"]
+    data_format: ClassVar[Format] = "unpaired"
+    beta: float = Field(0.1, gt=0, description="the KL strength: the implied reward is beta · log π/π_ref")
+    desirable_weight: float = Field(1.0, gt=0, description="lambda_D, the weight of a desirable completion's loss; the paper "
+                                    "advises lambda_D·n_D / (lambda_U·n_U) in [1, 4/3]: the stage logs that ratio and warns outside it")
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U, the weight of an undesirable completion's loss")
+
+
 class PROStage(ChatStage):
     """Preference Ranking Optimization (Song et al. 2023) on ranked lists, with a list-length curriculum."""
 
@@ -361,9 +375,9 @@ class EvalStage(StageBase):
         return list(dict.fromkeys(named + [r.stage for r in self.rewards if isinstance(r, ModelReward)]))
 
 
-Stage = Annotated[PretrainStage | SFTStage | DPOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
+Stage = Annotated[PretrainStage | SFTStage | DPOStage | KTOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
                   Field(discriminator="kind")]
-STAGE_KINDS = ("pretrain", "sft", "dpo", "pro", "tuna", "reward", "grpo", "eval")
+STAGE_KINDS = ("pretrain", "sft", "dpo", "kto", "pro", "tuna", "reward", "grpo", "eval")
 
 
 class PipelineSpec(Strict):

@@ -4,7 +4,9 @@ A preference pair is a ranked list of two (chosen scores 1, rejected 0), so DPO,
 model, PRO and Tuna read one layout: per row, `input_ids` and `labels` for each candidate
 (prompt through the template, loss on the reply only) best first, and their `scores`. A batch
 is every candidate of every row in one right-padded forward; `candidate_logps` gives back the
-summed log-prob of each reply and its token count, shaped [rows, candidates].
+summed log-prob of each reply and its token count, shaped [rows, candidates]. KTO reads it too:
+its row is a labelled completion and, as a second candidate, a completion of another prompt
+(stages/kto.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from stages.templates import IGNORE, conversations, encode_completion, store_tem
 from stages.training import fit, make_trainer, training_arguments
 
 
-def rows(frame: pl.DataFrame) -> list[tuple[list[dict], list[str], list[float]]]:
+Listed = list[tuple[list[dict], list[str], list[float]]]  # per row: prompt messages, candidates best first, their scores
+
+
+def rows(frame: pl.DataFrame) -> Listed:
     """(prompt messages, candidates best first, their scores) of preference or ranked rows in canonical form."""
     prompts = conversations(frame, "prompt_")
     if "chosen" in frame.columns:
@@ -37,7 +42,7 @@ def rows(frame: pl.DataFrame) -> list[tuple[list[dict], list[str], list[float]]]
     return list(zip(prompts, frame["completions"].to_list(), frame["scores"].to_list()))
 
 
-def encode(listed: list[tuple[list[dict], list[str], list[float]]], tokenizer, max_len: int,
+def encode(listed: Listed, tokenizer, max_len: int,
            template: str) -> tuple[Dataset, dict[str, int]]:
     """One row per prompt with its candidates encoded, cut to max_len; also what the cut did.
 
@@ -59,12 +64,13 @@ def encode(listed: list[tuple[list[dict], list[str], list[float]]], tokenizer, m
     return Dataset.from_dict(columns), {"truncated": truncated, "dropped": dropped}
 
 
-def prepare(spec: ChatStage, tokenizer) -> Prepared:
+def prepare(spec: ChatStage, tokenizer, listing: Callable[[pl.DataFrame, str], Listed] = lambda frame, split: rows(frame)) -> Prepared:
+    """Each split's rows encoded; `listing` lists a split's canonical rows as the stage scores them (default: `rows`)."""
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if files:
             read = read_files(files, spec.data_format, spec.on_invalid)
-            splits[split], cut = encode(rows(read.frame), tokenizer, spec.max_len, spec.template)
+            splits[split], cut = encode(listing(read.frame, split), tokenizer, spec.max_len, spec.template)
             counts |= {f"{split}_{name}": float(value) for name, value in cut.items()}
             rejected += read.rejected
     return Prepared(DatasetDict(splits), rejected, counts)
@@ -105,6 +111,14 @@ class CandidatesCollator:
         if "reference_logps" in features[0]:
             batch["reference_logps"] = torch.tensor([f["reference_logps"] for f in features], dtype=torch.float32)
         return batch
+
+
+def nth_candidate(batch: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    """The k-th candidate of every row alone, as the collator would batch it: scores [rows, 1], padding cut to the longest."""
+    rows_, candidates = batch["scores"].shape
+    picked = {key: batch[key].view(rows_, candidates, -1)[:, k] for key in ("input_ids", "attention_mask", "labels")}
+    width = int(picked["attention_mask"].sum(1).max())
+    return {key: value[:, :width] for key, value in picked.items()} | {"scores": batch["scores"][:, k:k + 1]}
 
 
 def candidate_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
