@@ -22,7 +22,7 @@ def lifecycle(*args: str, home: Path) -> subprocess.CompletedProcess:
 def test_validate_checks_spec_and_data_without_training(tmp_path: Path) -> None:
     done = lifecycle("validate", str(QUICK), home=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "spec valid; 10 stages; 10 data files, 15500 rows, all valid" in done.stdout
+    assert "spec valid; 11 stages; 12 data files, 17700 rows, all valid" in done.stdout
     assert not (tmp_path / "work").exists()
 
 
@@ -52,7 +52,7 @@ def test_bad_spec_is_one_clear_message(tmp_path: Path) -> None:
 
 def test_status_of_a_spec_never_run_is_pending(tmp_path: Path) -> None:
     done = lifecycle("status", str(QUICK), "--json", home=tmp_path)
-    names = ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "grpo", "eval"]
+    names = ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "kto", "grpo", "eval"]
     assert [(row["name"], row["state"], row["run_id"]) for row in json.loads(done.stdout)] == [(name, "pending", None) for name in names]
 
 

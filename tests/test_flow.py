@@ -20,7 +20,7 @@ from .conftest import QUICK, use_home
 def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_run) -> None:
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    assert list(runs) == ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "grpo", "eval"]
+    assert list(runs) == ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "kto", "grpo", "eval"]
     planned = {stage.name: stage for stage in plan(load_spec(QUICK))}
     parents = set()
     for name, run_id in runs.items():
@@ -120,6 +120,13 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     assert mlflow.get_run(runs["tuna"]).data.tags["lifecycle.upstream_run"] == runs["pro"]
     assert fetch_checkpoint(mlflow, home, pro) == fetch_checkpoint(mlflow, home, parts[1])
 
+    # KTO on the pairs split into unpaired rows, an adapter on sft-lora's merged model (its reference: the adapter switched off)
+    kto = mlflow.get_run(runs["kto"])
+    assert kto.data.tags["lifecycle.upstream_run"] == runs["sft-lora"] and is_adapter(fetch_checkpoint(mlflow, home, kto))
+    assert kto.data.metrics["train_rows"] == 2 * kto.data.metrics["train_desirable_rows"] and kto.data.metrics["desirable_weight_ratio"] == 1
+    assert {"rewards/desirable", "rewards/undesirable", "rewards/margin", "reference_point", "heldout_desirable_margin_before",
+            "heldout_desirable_margin"} <= set(kto.data.metrics)
+
     reward = mlflow.get_run(runs["reward"])
     assert reward.data.tags["lifecycle.upstream_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
     grpo = mlflow.get_run(runs["grpo"])
@@ -133,7 +140,7 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
 def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_run, tmp_path) -> None:
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    scored = ["pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "grpo"]
+    scored = ["pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "kto", "grpo"]
     parent = mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"]
     for run_id, folder in ((runs["eval"], "eval"), (parent, "eval")):
         assert {a.path for a in mlflow.list_artifacts(run_id, folder)} == {f"{folder}/metrics.json", f"{folder}/samples.json", f"{folder}/metrics.png"}
