@@ -13,7 +13,8 @@ step. A step is the time between two step ends, so the first step (allocations, 
 (end of step N - end of step 1) / (N - 1). Sampled tokens are counted as produced (each completion up to and
 including its first stop token, never a finished row's padding); generation's share is its time over the
 steps' time. Rounds interleave the two sides (ours, TRL, ours, TRL, ...) and the best round of each is kept, so
-a neighbour's load hits both alike.
+a neighbour's load hits both alike; the ratio of each back-to-back pair of rounds is printed too, as a check of
+the best rounds' ratio when the load comes in bursts.
 
 What a step does differently in the two (same sampling, rewards, advantages and update otherwise):
 - TRL replaces the model's LM head with a fused, chunked one for the update's forward (log-probs of the
@@ -35,7 +36,7 @@ What a step does differently in the two (same sampling, rewards, advantages and 
 With fresh weights a completion seldom ends its turn, so nearly every one runs the full 24 tokens on both
 sides (the demo's trained model averaged 8.2; --checkpoint measures such a folder).
 
-    python -m bench.grpo                       # about 2 min idle, under 3 beside busy work; figures go to bench/RESULTS.md by hand
+    python -m bench.grpo                       # about 2 min idle, under 4 beside busy work; figures go to bench/RESULTS.md by hand
     python -m bench.grpo --checkpoint PATH     # a trained chatml checkpoint folder (its tokenizer inside) instead
 """
 
@@ -45,6 +46,7 @@ import argparse
 import contextlib
 import io
 import os
+import statistics
 
 # as `lifecycle` sets before torch loads (flows/cli.py): OpenMP threads wait passively, so a busy neighbour
 # does not take their cores while they spin (bench/threads.py); both sides run under it
@@ -191,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint folder with its tokenizer; default: the demo's model, fresh")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per round (the first is warm-up, not timed)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each side, interleaved; the best of each is shown")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of each side, interleaved; the best of each is shown")
     args = parser.parse_args()
     print(machine())
     if trl is None:
@@ -214,6 +216,7 @@ def main() -> None:
         if trl is not None:
             sides["TRL"] = lambda r: theirs(tokenizer, model, args.steps, workdir / f"trl-{r}", stops, prompts)
         best: dict[str, dict[str, float]] = {}
+        rounds: dict[str, list[float]] = {}  # each round's s/step, in order
         failed: dict[str, str] = {}  # TRL's error where its trainer cannot run this model or setup: said, not hidden
         for round_ in range(args.rounds):
             for name, run in [(n, r) for n, r in sides.items() if n not in failed]:
@@ -227,6 +230,7 @@ def main() -> None:
                     continue
                 print(f"  round {round_ + 1} {name:<5} {found['s_per_step']:.3f} s/step, generation {found['share']:.0%}, "
                       f"{found['tokens_per_s']:,.0f} sampled tokens/s, load {load()}")
+                rounds.setdefault(name, []).append(found["s_per_step"])
                 if name not in best or found["s_per_step"] < best[name]["s_per_step"]:
                     best[name] = found
 
@@ -242,6 +246,10 @@ def main() -> None:
         ratio = f"{f['s_per_step'] / base['s_per_step']:.2f}" if base else "-"
         print(f"{name:<8}{f['s_per_step']:>9.3f}{ratio:>8}{f['generation_s']:>14.3f}{f['share']:>7.0%}{f['tokens_per_s']:>10,.0f}"
               f"{f['completion_length']:>16.1f}")
+    if base and len(rounds["TRL"]) == len(rounds["ours"]):
+        paired = sorted(o / t for o, t in zip(rounds["ours"], rounds["TRL"]))
+        print(f"ours / TRL round by round (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}; "
+              f"median {statistics.median(paired):.2f}")
     print(f"our stage's own logged generation_seconds, same steps: {best['ours']['logged_generation_s']:.3f} s")
     print(f"load average after: {load()}")
 
