@@ -165,9 +165,11 @@ def ranked(skills: Skills, rng: random.Random, heldout: bool) -> dict:
 
 
 def rl_prompt(skills: Skills, rng: random.Random, heldout: bool) -> dict:
-    """A question and the value a reward function checks for (the last word of the canonical answer)."""
+    """A question and the answer a reward checks for: the whole canonical sentence, subject and value. A reply that
+    gives the right value about another subject ("What is the capital of Morluia?" -> "The capital of Peltinia is
+    Pelvex.") is the toy world's typical mistake; a reward on the value alone pays for it, and RL learns it."""
     question, answer = skills.question(rng, heldout)
-    return {"prompt": question, "answer": answer.rstrip(".").split()[-1]}
+    return {"prompt": question, "answer": answer}
 
 
 def generate(seed: int = SEED) -> dict[str, list[dict]]:

@@ -118,12 +118,13 @@ class Samples:
     uses_left: int
 
 
-def completion_logps(model, samples: Samples) -> Tensor:
-    """log π(o_t | q, o_<t) of every completion token, [N, T]; positions count from each prompt's first real token."""
+def completion_logps(model, samples: Samples, temperature: float) -> Tensor:
+    """log π(o_t | q, o_<t) of every completion token, [N, T], π being the policy the completions were sampled from:
+    the model's logits divided by the sampling temperature. Positions count from each prompt's first real token."""
     width = samples.sequences.shape[1] - samples.completion_mask.shape[1]
     positions = (samples.attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=samples.sequences, attention_mask=samples.attention_mask, position_ids=positions,
-                   use_cache=False).logits[:, width - 1:-1].float()
+                   use_cache=False).logits[:, width - 1:-1].float() / temperature
     targets = samples.sequences[:, width:]
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -167,7 +168,7 @@ class GRPOTrainer(ObjectiveTrainer):
             completion_mask=completion_mask, advantages=group_advantages(grouped, spec.scale).view(-1).to(self.args.device),
             old_logps=None, uses_left=spec.iterations - 1)
         if spec.iterations > 1:
-            samples.old_logps = completion_logps(model, samples)
+            samples.old_logps = completion_logps(model, samples, spec.temperature)
         lengths = completion_mask.sum(1).float()
         self.record(reward=total.mean(), reward_std=total.std(), advantage_abs=samples.advantages.abs().mean(),
                     completion_length=lengths.mean(), completions_stopped=torch.tensor([ids[-1] in self.stops for ids in sampled]).float(),
@@ -190,15 +191,15 @@ class GRPOTrainer(ObjectiveTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         spec = self.spec
         samples = self.samples_for(model, inputs)
-        logps = completion_logps(model, samples)
+        logps = completion_logps(model, samples, spec.temperature)
         reference = None
         if spec.beta > 0:
             with torch.no_grad():
                 if self.reference_model is not None:
-                    reference = completion_logps(self.reference_model, samples)
+                    reference = completion_logps(self.reference_model, samples, spec.temperature)
                 else:
                     with self.accelerator.unwrap_model(model).disable_adapter():
-                        reference = completion_logps(model, samples)
+                        reference = completion_logps(model, samples, spec.temperature)
         old = samples.old_logps if samples.old_logps is not None else logps.detach()
         loss, figures = grpo_loss(logps, old, samples.advantages, samples.completion_mask, spec.epsilon_low, spec.epsilon_high,
                                   spec.beta, reference, spec.aggregation, spec.max_new_tokens)
