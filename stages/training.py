@@ -124,6 +124,7 @@ def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
     if tokens and metrics.get("train_runtime"):
         metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
     metrics["global_step"] = float(trainer.state.global_step)
+    metrics["bf16"] = float(trainer.args.bf16)  # what `precision` chose on this machine: 1 bf16 autocast, 0 fp32
     return metrics, resumed_from
 
 

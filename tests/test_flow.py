@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.lifecycle import lifecycle
 from schemas.spec import load_spec
+from stages.training import use_bf16
 from tasks.plan import plan
 
 from .conftest import QUICK, use_home
@@ -39,6 +40,7 @@ def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_
     sft = mlflow.get_run(runs["sft"])
     assert sft.data.params["train.max_steps"] == "40"
     assert sft.data.metrics["global_step"] == 40 and "exact_match" in sft.data.metrics
+    assert sft.data.metrics["bf16"] == float(use_bf16("auto"))  # the precision `auto` chose on this machine, recorded
     assert len(mlflow.get_metric_history(runs["sft"], "loss")) == 4  # per-step metrics, every 10 of 40 steps
     assert {d.dataset.name for d in sft.inputs.dataset_inputs} == {"sft.jsonl", "sft_heldout.jsonl"}
 
