@@ -41,7 +41,13 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int = 0  # the in-stage checkpoint training resumed from; 0 for a fresh start
     source_run: str | None = None  # the run whose logged checkpoint this is (a curriculum's last part): not logged again
-    files: tuple[Path, ...] = ()  # more to keep with the run (e.g. sampled completions), logged at its top level
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # file name -> columns, logged with the run as
+    # MLflow tables (the UI shows them as tables), e.g. sampled completions and their rewards
+
+
+def columns_of(rows: list[dict]) -> dict[str, list]:
+    """Rows that share their keys, as one list per key (in the first row's key order): the shape `MlflowClient.log_table` takes."""
+    return {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
 
 
 class ModelError(LifecycleError, ValueError):

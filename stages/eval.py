@@ -59,6 +59,7 @@ from schemas.rewards import AnswerReward, ModelReward
 from schemas.spec import EvalStage
 from stages.candidates import encode, rows, scored
 from stages.checkpoint import load_model
+from stages.contract import columns_of
 from stages.generation import answer, exact_match
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, perplexity, preference, ranking
@@ -91,11 +92,6 @@ class Report:
 
     def samples_table(self) -> dict[str, list]:
         return columns_of(self.samples)
-
-
-def columns_of(rows: list[dict]) -> dict[str, list]:
-    """Rows that share their keys, as one list per key (in the first row's key order)."""
-    return {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
 
 
 # ---------------------------------------------------------------- reward margins and rewards

@@ -13,14 +13,13 @@ Three small steps in the Trainer's `compute_loss`: sample (or take the buffered 
 update. Per step the run logs the reward (overall and per function), its spread, the clip
 fraction, the KL, completion lengths and the share of groups whose rewards were all equal (they
 teach nothing); every `log_samples` steps a batch's completions and rewards are kept, and logged
-with the run as `grpo_samples.jsonl`. On held-out prompts the stage answers greedily before and
+with the run as the table `grpo_samples.json`. On held-out prompts the stage answers greedily before and
 after training: task accuracy (the reference answer in the reply) and the mean reward.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,14 +35,14 @@ from schemas.data import read_files
 from schemas.rewards import AnswerReward
 from schemas.spec import GRPOStage
 from stages.checkpoint import load_model, save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
+from stages.contract import Prepared, StageInputs, StageResult, added_token_ids, columns_of
 from stages.generation import Sampling, decode, generate, stop_ids
 from stages.losses import group_advantages, grpo_loss
 from stages.rewards import RewardError, RewardFunction, answer_matches, checked_rewards, reward_functions, weighted_total
 from stages.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
 from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
 
-SAMPLES_FILE = "grpo_samples.jsonl"
+SAMPLES_TABLE = "grpo_samples.json"
 
 
 def prepare(spec: GRPOStage, tokenizer) -> Prepared:
@@ -251,8 +250,7 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     before = measured("_before")
     metrics, resumed_from = fit(trainer)
     metrics |= before | measured("") | {"train_prompts": float(len(datasets["train"]))}
-    samples = workdir / SAMPLES_FILE
-    samples.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in trainer.kept))
     store_template(tokenizer, spec.template)
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, files=(samples,))
+    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from,
+                       tables={SAMPLES_TABLE: columns_of(trainer.kept)})

@@ -123,7 +123,7 @@ def launch_stage(spec: TrainingStage, inputs: StageInputs, datasets_dir: Path, w
     result = json.loads((folder / RESULT).read_text())
     return StageResult(checkpoint=Path(result["checkpoint"]) if result["checkpoint"] else None,
                        adapter=Path(result["adapter"]) if result["adapter"] else None,
-                       metrics=result["metrics"], resumed_from_step=result["resumed_from_step"], files=tuple(map(Path, result["files"])))
+                       metrics=result["metrics"], resumed_from_step=result["resumed_from_step"], tables=result["tables"])
 
 
 def join(launch: Launch, node_rank: int) -> None:
@@ -193,7 +193,7 @@ def worker(plan_path: str | None) -> None:
                                            "adapter": str(result.adapter) if result.adapter else None,
                                            "metrics": result.metrics | {"world_size": float(world_size)}
                                            | {name: max(p[name] for p in peaks) for name in peaks[0]},
-                                           "resumed_from_step": result.resumed_from_step, "files": [str(p) for p in result.files]}))
+                                           "resumed_from_step": result.resumed_from_step, "tables": result.tables}))
             partial.rename(folder / RESULT)
         dist.barrier()  # every rank done before any tears the process group down: a rank leaving early aborted another's exit
     except BaseException as err:

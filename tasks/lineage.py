@@ -269,8 +269,8 @@ def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult) -> 
         mlflow.log_artifacts(run_id, str(result.checkpoint), CHECKPOINT)
     if result.adapter is not None:
         mlflow.log_artifacts(run_id, str(result.adapter), ADAPTER)
-    for path in result.files:
-        mlflow.log_artifact(run_id, str(path))
+    for name, columns in result.tables.items():
+        mlflow.log_table(run_id, columns, name)
     mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in result.metrics.items()], tags=tags)
     mlflow.set_terminated(run_id, status="FINISHED")
 

@@ -136,7 +136,7 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     assert {"reward", "reward/answer", "reward/reward_model", "clip_fraction", "heldout_task_accuracy_before",
             "heldout_task_accuracy"} <= set(grpo.data.metrics)
     assert math.isfinite(grpo.data.metrics["reward/reward_model"])  # the reward stage's logged model, in the loop
-    assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == ["checkpoint", "grpo_samples.jsonl", "stage_spec.json"]
+    assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == ["checkpoint", "grpo_samples.json", "stage_spec.json"]
 
 
 def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_run, tmp_path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -37,8 +36,9 @@ def test_grpo_raises_the_heldout_reward_of_an_easy_verifiable_task(chat_model, t
     metrics = result.metrics
     print({k: round(v, 3) for k, v in metrics.items() if k.startswith("heldout")})
     assert metrics["heldout_reward"] > metrics["heldout_reward_before"] + 0.1
-    kept = [json.loads(line) for line in (tmp_path / grpo.SAMPLES_FILE).read_text().splitlines()]
-    assert kept and {"step", "prompt", "completion", "reward", "regex"} <= set(kept[0])
+    kept = result.tables[grpo.SAMPLES_TABLE]  # every log_samples steps, a batch's completions with their rewards
+    assert {"step", "prompt", "completion", "reward", "regex"} <= set(kept) and kept["step"][0] == 0
+    assert len(set(map(len, kept.values()))) == 1 and len(kept["step"]) == 2 * 4 * 4  # steps 0 and 10: 4 prompts x 4
     assert (result.checkpoint / "model.safetensors").exists()
 
 
