@@ -51,7 +51,7 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, set_seed
 
     from schemas.data import read_files
-    from schemas.spec import load_spec
+    from schemas.load import load_spec
     from stages import pretrain
     from stages.training import training_arguments
 
@@ -91,7 +91,7 @@ def direct_stage_seconds(spec_path: Path, workdir: Path) -> float:
     from transformers import AutoTokenizer
 
     from schemas.data import check_files
-    from schemas.spec import load_spec
+    from schemas.load import load_spec
     from stages import pretrain, sft, tokenizer
     from stages.contract import StageInputs
     from tasks.stage import tokenizer_texts

@@ -47,7 +47,8 @@ from mlflow import MlflowClient
 
 from examples.generate import SEED, generate, render
 from flows.cli import format_metrics
-from schemas.spec import PipelineSpec, load_spec
+from schemas.load import load_spec
+from schemas.spec import PipelineSpec
 from stages.training import cpu_has_bf16, use_bf16
 from tasks.home import Home
 from tasks.lineage import REPORT, experiment_id, finished_run

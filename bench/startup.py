@@ -96,7 +96,7 @@ def first_step(spec: Path) -> tuple[float, float, int]:
 
 
 def load(spec: Path):
-    from schemas.spec import load_spec
+    from schemas.load import load_spec
 
     return load_spec(spec)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flows import server
 from schemas.errors import LifecycleError
-from schemas.spec import SpecError, load_spec
+from schemas.load import SpecError, load_spec
 from tasks.checks import check_contracts
 from tasks.home import Home
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from schemas.spec import load_spec
+from schemas.load import load_spec
 from tasks import lineage
 from tasks.home import Home, sweep_partials
 from tasks.plan import PlannedStage, plan

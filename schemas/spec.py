@@ -1,9 +1,8 @@
-"""The pipeline spec: one YAML file, loaded into this model tree and validated whole.
+"""The pipeline spec: the model tree one YAML file is validated into, whole.
 
 Every field has the default a user would pick. Variants are tagged unions on `kind`.
 Paths in a spec are relative to the spec file, so a run never depends on the working
-directory. `load_spec` raises `SpecError`, whose message names each bad field by its
-path (`stages[1].train.lr`) and says what is allowed.
+directory; `schemas/load.py` reads a file into this tree and resolves them.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ import glob
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
-from pydantic import BeforeValidator, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, PositiveInt, model_validator
 
-from schemas.models import init_config, own_model_problems
 from schemas.base import Strict
-from schemas.errors import LifecycleError
+from schemas.models import init_config
 from schemas.formats import Format
 from schemas.launch import Launch
 from schemas.rewards import AnswerReward, ModelReward, Reward
@@ -469,138 +466,3 @@ class PipelineSpec(Strict):
 
     def streamed(self) -> list[PretrainStage]:
         return [stage for stage in self.stages if isinstance(stage, PretrainStage) and stage.streaming]
-
-
-class SpecError(LifecycleError, ValueError):
-    """A spec that cannot run, with one line per problem."""
-
-
-def _location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in STAGE_KINDS and out.endswith("]"):
-            continue  # the tagged-union branch adds no information to the path
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _folder(path: Path, base: Path, where: str, missing: list[str]) -> Path:
-    resolved = path if path.is_absolute() else (base / path).resolve()
-    if not resolved.is_dir():
-        missing.append(f"{where}: {path} is not a folder (looked for {resolved})")
-    return resolved
-
-
-def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
-    """An eval stage's unnamed checkpoints, data and rewards filled in: every scored stage, every held-out file they have,
-    the last earlier reward stage's model, the last scored grpo stage's rewards."""
-    scored = spec.scored_by(stage)
-    update: dict[str, object] = {"checkpoints": [s.name for s in scored]}
-    for fmt in ("text", "conversations", "prompts", "preference", "ranked"):
-        if not getattr(stage, fmt):
-            update[fmt] = list(dict.fromkeys(path for s in scored if s.data_format == fmt for path in s.heldout))
-    earlier = spec.stages[: spec.stages.index(stage)]
-    if stage.reward_model is None and (reward := [s for s in earlier if isinstance(s, RewardStage)]):
-        update["reward_model"] = reward[-1].name
-    if not stage.rewards and (grpo := [s for s in scored if isinstance(s, GRPOStage)]):
-        update["rewards"] = grpo[-1].rewards
-    return stage.model_copy(update=update)
-
-
-def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
-    """Every data path made absolute against the spec's folder and expanded into the files it names; templates and eval defaults filled in."""
-
-    def fix(path: Path, where: str) -> list[Path]:
-        resolved = path if path.is_absolute() else (base / path).resolve()
-        files = expand([resolved])
-        if not files:
-            missing.append(f"{where}: {path} does not exist (looked for {resolved})" if glob.escape(str(path)) == str(path)
-                           else f"{where}: {path} matches no file (looked for {resolved})")
-        return files
-
-    missing: list[str] = []
-    stages = []
-    for i, stage in enumerate(spec.stages):
-        update = {field: [f for p in paths for f in fix(p, f"stages[{i}].{field}")] for field, (paths, _) in stage.files().items()}
-        if isinstance(stage, (ChatStage, EvalStage)):
-            update["template"] = stage.template or spec.template
-        if isinstance(stage, TrainingStage):
-            # the pipeline's launch is every training stage's but grpo's, which runs in one process for now
-            update["launch"] = launch = stage.launch or (spec.launch if not isinstance(stage, GRPOStage) else None)
-            if launch is not None and isinstance(launch.deepspeed, Path):
-                config = fix(launch.deepspeed, f"stages[{i}].launch.deepspeed")
-                update["launch"] = launch.model_copy(update={"deepspeed": config[0] if config else launch.deepspeed})
-        stages.append(stage.model_copy(update=update))
-    spec = spec.model_copy(update={"stages": stages})
-    for i, stage in enumerate(stages):
-        if isinstance(stage, EvalStage):
-            stages[i] = _eval_defaults(spec, stage)
-    model = spec.model
-    if model.path is not None:
-        model = model.model_copy(update={"path": _folder(model.path, base, "model.path", missing)})
-    tokenizer = spec.tokenizer
-    if tokenizer.path is not None:
-        tokenizer = tokenizer.model_copy(update={"path": _folder(tokenizer.path, base, "tokenizer.path", missing)})
-    elif tokenizer.train is not None and tokenizer.train.data:
-        train = tokenizer.train.model_copy(update={"data": [f for p in tokenizer.train.data for f in fix(p, "tokenizer.train.data")]})
-        tokenizer = tokenizer.model_copy(update={"train": train})
-    if missing:
-        raise SpecError("\n".join(missing))
-    return spec.model_copy(update={"stages": stages, "model": model, "tokenizer": tokenizer})
-
-
-def _launch_problems(spec: PipelineSpec) -> list[str]:
-    """A launch the stage cannot run under: a batch the ranks cannot share evenly, a config that is not one, a frozen reference under ZeRO-3."""
-    problems = []
-    for i, stage in enumerate(spec.stages):
-        launch = getattr(stage, "launch", None)
-        if launch is None:
-            continue
-        where = f"stages[{i}] ({stage.name})"
-        if stage.train.batch_size % launch.world_size:
-            problems.append(f"{where}: train.batch_size {stage.train.batch_size} is the batch of all {launch.world_size} processes "
-                            f"together and must divide evenly among them")
-        try:
-            zero = launch.zero_stage()
-        except ValueError as err:
-            problems.append(f"{where}.launch.deepspeed: {launch.deepspeed} is not a DeepSpeed JSON config ({err})")
-            continue
-        if isinstance(stage, GRPOStage):
-            problems.append(f"{where}: a grpo stage runs in one process for now (its sampling is not sharded among ranks): "
-                            "leave launch out of it")
-        if zero == 3 and isinstance(stage, ReferenceStage) and stage.reference_strategy() == "frozen":
-            problems.append(f"{where}: a frozen reference copy is not sharded under ZeRO-3 (every rank would hold the whole "
-                            "model again); use reference: precomputed, or lora with reference: adapter-off")
-    return problems
-
-
-def load_spec(path: Path) -> PipelineSpec:
-    """Read, validate and resolve a spec file; raise SpecError with every problem found."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise SpecError(f"{path}: cannot read the spec ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: the spec must be a mapping with name, model and stages")
-    try:
-        spec = PipelineSpec.model_validate(raw)
-    except ValidationError as err:
-        lines = [f"{path}: {len(err.errors())} problem(s) in the spec"]
-        for e in err.errors():
-            lines.append(f"  {_location(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
-        raise SpecError("\n".join(lines)) from None
-    try:
-        spec = _resolve(spec, path.resolve().parent)
-    except SpecError as err:
-        raise SpecError(f"{path}: missing files\n  " + str(err).replace("\n", "\n  ")) from None
-    if problems := own_model_problems(spec):
-        raise SpecError(f"{path}: {len(problems)} problem(s) with the model or tokenizer it names\n  " + "\n  ".join(problems))
-    if problems := _launch_problems(spec):
-        raise SpecError(f"{path}: {len(problems)} problem(s) with how stages are launched\n  " + "\n  ".join(problems))
-    return spec

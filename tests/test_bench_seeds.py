@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.seeds import Spread, changes, spread, table_of, upstreams
-from schemas.spec import load_spec
+from schemas.load import load_spec
 from tests.conftest import QUICK
 
 NAN = math.nan

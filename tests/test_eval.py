@@ -14,7 +14,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 
 from examples.generate import DATA_DIR
 from flows.cli import format_metrics, format_samples, main
-from schemas.spec import EvalStage, PretrainStage, SFTStage, TrainSpec, load_spec
+from schemas.load import load_spec
+from schemas.spec import EvalStage, PretrainStage, SFTStage, TrainSpec
 from stages import eval as eval_stage
 from stages import pretrain, reward, sft
 from stages.checkpoint import load_model

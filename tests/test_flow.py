@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.lifecycle import lifecycle
-from schemas.spec import load_spec
+from schemas.load import load_spec
 from stages.training import use_bf16
 from tasks.plan import plan
 

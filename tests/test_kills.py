@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from schemas.spec import load_spec
+from schemas.load import load_spec
 from tasks.plan import plan
 
 from .conftest import QUICK, cli_env

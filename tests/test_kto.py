@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 
 from examples.generate import DATA_DIR
 from schemas.data import DataError, validate_file
-from schemas.spec import KTOStage, LoraSpec, SpecError, TrainSpec, load_spec
+from schemas.load import SpecError, load_spec
+from schemas.spec import KTOStage, LoraSpec, TrainSpec
 from stages import kto
 from stages.contract import StageInputs
 from stages.reference import REFERENCE_FILE

@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 
 from examples.generate import DATA_DIR
 from schemas.launch import DEEPSPEED_CONFIGS, DeepSpeed, Launch
-from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, SpecError, TrainSpec, load_spec
+from schemas.load import SpecError, load_spec
+from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, TrainSpec
 from stages.contract import StageInputs
 from tasks.launch import LaunchError, launch_stage
 from tasks.plan import plan

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from examples.generate import DATA_DIR
-from schemas.spec import load_spec
+from schemas.load import load_spec
 from tasks.plan import plan
 
 SPEC = """

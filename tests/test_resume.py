@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from flows.lifecycle import lifecycle
-from schemas.spec import load_spec
+from schemas.load import load_spec
 from tasks.home import Home
 from tasks.lineage import client, runs_of, stage_statuses
 from tasks.plan import plan

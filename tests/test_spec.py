@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.spec import PipelineSpec, SFTStage, SpecError, load_spec
+from schemas.load import SpecError, load_spec
+from schemas.spec import PipelineSpec, SFTStage
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "examples").glob("*.yaml"))
