@@ -254,8 +254,12 @@ def rewarded(spec: EvalStage, data: HeldOut, tokenizer, replies: dict[str, list[
     reward model's mean score of them; the reward model loads once, after every checkpoint has been freed."""
     found: dict[str, dict[str, float]] = {name: {} for name in replies}
     prompts, references = [messages for messages, _ in data.tasks], [reference for _, reference in data.tasks]
+    # one call, so a reward model that is both one of the rewards and the reward_model column is loaded once
+    scorer = [ModelReward(kind="reward_model", stage=spec.reward_model)] if spec.reward_model is not None else []
+    functions = reward_functions([*spec.rewards, *scorer], reward_models)
+    if scorer:
+        *functions, scorer_function = functions
     if spec.rewards:
-        functions = reward_functions(spec.rewards, reward_models)
         needs_answer = any(isinstance(r, AnswerReward) for r in spec.rewards)
         rows = [i for i, reference in enumerate(references) if reference is not None or not needs_answer]
         for name, texts in replies.items():
@@ -263,10 +267,9 @@ def rewarded(spec: EvalStage, data: HeldOut, tokenizer, replies: dict[str, list[
             lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in picked]
             scores = checked_rewards(functions, [prompts[i] for i in rows], picked, [references[i] for i in rows], lengths)
             found[name]["reward"] = weighted_total(functions, torch.tensor(scores)).mean().item() if rows else math.nan
-    if spec.reward_model is not None:
-        (model,) = reward_functions([ModelReward(kind="reward_model", stage=spec.reward_model)], reward_models)
+    if scorer:
         for name, texts in replies.items():
-            found[name]["reward_model"] = sum(model.score(prompts, texts, references, [])) / len(texts)
+            found[name]["reward_model"] = sum(scorer_function.score(prompts, texts, references, [])) / len(texts)
     return found
 
 

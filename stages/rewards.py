@@ -123,12 +123,17 @@ class RewardFunction:
 
 
 def reward_functions(specs: list[Reward], reward_models: dict[str, Path] | None = None) -> list[RewardFunction]:
-    """The spec's rewards as functions; `reward_models`: the checkpoint folder of every reward stage a `reward_model` names."""
+    """The spec's rewards as functions; `reward_models`: the checkpoint folder of every reward stage a `reward_model` names.
+    A reward model named more than once is loaded once."""
+    loaded: dict[str, Callable[..., list[float]]] = {}
+
     def built(spec: Reward) -> Callable[..., list[float]]:
         if isinstance(spec, ModelReward):
             if spec.stage not in (reward_models or {}):
                 raise RewardError(f"reward reward_model: the checkpoint of reward stage {spec.stage!r} was not handed to this stage")
-            return _reward_model(reward_models[spec.stage])
+            if spec.stage not in loaded:
+                loaded[spec.stage] = _reward_model(reward_models[spec.stage])
+            return loaded[spec.stage]
         return {"answer": _answer, "regex": _regex, "length": _length, "python": _python}[spec.kind](spec)
 
     names = [spec.function if isinstance(spec, PythonReward) else spec.kind for spec in specs]
