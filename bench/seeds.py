@@ -49,7 +49,7 @@ from examples.generate import SEED, generate, render
 from flows.cli import format_metrics
 from schemas.load import load_spec
 from schemas.spec import PipelineSpec
-from stages.training import cpu_has_bf16, use_bf16
+from stages.training import cpu_has_bf16
 from tasks.home import Home
 from tasks.lineage import REPORT, experiment_id, finished_run
 from tasks.plan import plan
@@ -169,10 +169,8 @@ def run(seed_run: SeedRun, threads: str | None) -> None:
 
 
 def read_results(seed_run: SeedRun) -> None:
-    """The eval stage's table (the first eval stage, as `lifecycle report` picks it) and each training stage's precision.
-
-    The runs record the spec's `train.precision` (auto, bf16 or fp32), not what auto chose: that is `use_bf16` on this
-    machine, the same call the stage made."""
+    """The eval stage's table (the first eval stage, as `lifecycle report` picks it) and each training stage's precision,
+    as its run recorded what `precision` chose (the metric bf16)."""
     spec = load_spec(seed_run.spec)
     home = Home(seed_run.home)
     mlflow = MlflowClient(home.embedded_tracking_uri)
@@ -185,8 +183,7 @@ def read_results(seed_run: SeedRun) -> None:
                 path = Path(mlflow.download_artifacts(run.info.run_id, f"{REPORT}/metrics.json", folder))
                 seed_run.logged = json.loads(path.read_text())
         elif stage.name in trained:
-            asked = run.data.params["train.precision"]
-            seed_run.precision[stage.name] = "bf16" if use_bf16(asked) else "fp32"
+            seed_run.precision[stage.name] = "bf16" if run.data.metrics["bf16"] else "fp32"
     if not seed_run.logged:
         raise SystemExit(f"{seed_run.spec}: the spec has no eval stage; stage effects need one ({{name: eval, kind: eval}})")
 
