@@ -25,6 +25,8 @@ demo: install
 	@echo "The home's Prefect server stays up for the next commands; $(VENV)/bin/lifecycle stop stops it."
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 bench: install

@@ -49,9 +49,16 @@ def setup(workdir: Path, init: ModelInit) -> tuple[Path, Path]:
 
 
 def dpo_spec(reference: str, steps: int, batch: int, lora: LoraSpec | None = None) -> DPOStage:
-    return DPOStage(name="dpo", kind="dpo", data=[DATA / "preference.jsonl"], max_len=128, template="chatml", reference=reference,
-                    lora=lora, train=TrainSpec(max_steps=steps, batch_size=batch, lr=1e-5, warmup=0.0, logging_steps=steps,
-                                               save_steps=10_000))
+    return DPOStage(
+        name="dpo",
+        kind="dpo",
+        data=[DATA / "preference.jsonl"],
+        max_len=128,
+        template="chatml",
+        reference=reference,
+        lora=lora,
+        train=TrainSpec(max_steps=steps, batch_size=batch, lr=1e-5, warmup=0.0, logging_steps=steps, save_steps=10_000),
+    )
 
 
 def step_time(args: argparse.Namespace) -> None:
@@ -66,20 +73,30 @@ def step_time(args: argparse.Namespace) -> None:
             for reference in times:
                 spec = dpo_spec(reference, args.steps, args.batch)
                 started = time.perf_counter()
-                result = dpo.run(spec, StageInputs(model, tokenizer, datasets, reference=workdir / f"ref-{round_}"),
-                                 workdir / f"{reference}-{round_}")
+                result = dpo.run(
+                    spec,
+                    StageInputs(model, tokenizer, datasets, reference=workdir / f"ref-{round_}"),
+                    workdir / f"{reference}-{round_}",
+                )
                 if reference == "precomputed":
                     precompute = time.perf_counter() - started - result.metrics["train_runtime"]
                 times[reference].append(result.metrics["train_runtime"] / args.steps)
         live, pre = min(times["frozen"]), min(times["precomputed"])
     bf16 = "bf16 autocast" if use_bf16("auto") else "fp32"
-    print(f"DPO step time, 3.5M Llama (256 wide, 4 layers), {args.batch} pairs per step, max_len 128, {bf16}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.rounds} rounds of {args.steps} steps")
+    print(
+        f"DPO step time, 3.5M Llama (256 wide, 4 layers), {args.batch} pairs per step, max_len 128, {bf16}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.rounds} rounds of {args.steps} "
+        "steps"
+    )
     print(f"{'reference':<26}{'s/step':>10}{'ratio':>8}")
     print(f"{'live (frozen copy)':<26}{live:>10.4f}{1.0:>8.2f}")
     print(f"{'precomputed':<26}{pre:>10.4f}{pre / live:>8.2f}")
-    print(f"precomputing the reference log-probs of {len(datasets['train'])} pairs, once: {precompute:.1f} s "
-          f"(= {precompute / (live - pre):.0f} steps of savings)" if live > pre else "")
+    print(
+        f"precomputing the reference log-probs of {len(datasets['train'])} pairs, once: {precompute:.1f} s "
+        f"(= {precompute / (live - pre):.0f} steps of savings)"
+        if live > pre
+        else ""
+    )
 
 
 class PeakRSS(TrainerCallback):
@@ -97,36 +114,75 @@ def memory_one(variant: str, steps: int, batch: int) -> None:
         tokenizer, model = setup(workdir, init)
         tok = AutoTokenizer.from_pretrained(tokenizer)
         peak = PeakRSS()
-        train = TrainSpec(max_steps=steps, batch_size=batch, lr=1e-5, warmup=0.0, logging_steps=steps, save_steps=10_000)
+        train = TrainSpec(
+            max_steps=steps, batch_size=batch, lr=1e-5, warmup=0.0, logging_steps=steps, save_steps=10_000
+        )
         if variant == "dpo":
             spec = dpo_spec("adapter-off", steps, batch, lora)
             dpo.run(spec, StageInputs(model, tokenizer, dpo.prepare(spec, tok).datasets, (peak,)), workdir / "run")
         else:  # the same replies as single sequences: prompt + chosen, and prompt + rejected
             rows = [json.loads(line) for line in (DATA / "preference.jsonl").read_text().splitlines()]
-            chats = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[side]}]
-                     for r in rows for side in ("chosen", "rejected")]
+            chats = [
+                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[side]}]
+                for r in rows
+                for side in ("chosen", "rejected")
+            ]
             path = workdir / "sft.jsonl"
             path.write_text("".join(json.dumps({"conversations": c}) + "\n" for c in chats))
-            spec = SFTStage(name="sft", kind="sft", data=[path], max_len=128, packing=False, template="chatml", lora=lora, train=train)
+            spec = SFTStage(
+                name="sft",
+                kind="sft",
+                data=[path],
+                max_len=128,
+                packing=False,
+                template="chatml",
+                lora=lora,
+                train=train,
+            )
             sft.run(spec, StageInputs(model, tokenizer, sft.prepare(spec, tok).datasets, (peak,)), workdir / "run")
         end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_mb": end / 1024, "rise_mb": (end - peak.start) / 1024}))
 
 
 def memory(args: argparse.Namespace) -> None:
-    cases = [("LoRA-SFT, same rows", "sft", args.batch), ("LoRA-SFT, same sequences", "sft", 2 * args.batch),
-             ("LoRA-DPO, adapter-off ref", "dpo", args.batch)]
+    cases = [
+        ("LoRA-SFT, same rows", "sft", args.batch),
+        ("LoRA-SFT, same sequences", "sft", 2 * args.batch),
+        ("LoRA-DPO, adapter-off ref", "dpo", args.batch),
+    ]
     found = {}
     for label, variant, batch in cases:
-        out = subprocess.run([sys.executable, "-m", "bench.alignment", "memory-one", "--variant", variant, "--batch", str(batch),
-                              "--steps", str(args.steps)], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.alignment",
+                "memory-one",
+                "--variant",
+                variant,
+                "--batch",
+                str(batch),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
         found[label] = json.loads(out.strip().splitlines()[-1])
     base = found["LoRA-SFT, same sequences"]
-    print(f"Peak memory, 25M Llama (512 wide, 8 layers), LoRA r=16 on every linear layer, max_len 128, {args.steps} steps, "
-          f"one fresh process each (peak RSS; rise = peak − RSS when training starts)")
+    print(
+        f"Peak memory, 25M Llama (512 wide, 8 layers), LoRA r=16 on every linear layer, max_len 128, {args.steps} "
+        "steps, "
+        f"one fresh process each (peak RSS; rise = peak − RSS when training starts)"
+    )
     print(f"{'run':<28}{'rows/step':>10}{'peak MB':>10}{'rise MB':>10}{'peak vs SFT same seqs':>24}")
-    for (label, variant, batch), figures in zip(cases, found.values()):
-        print(f"{label:<28}{batch:>10}{figures['peak_mb']:>10.0f}{figures['rise_mb']:>10.0f}{figures['peak_mb'] / base['peak_mb']:>24.2f}")
+    for (label, _variant, batch), figures in zip(cases, found.values()):
+        print(
+            f"{label:<28}{batch:>10}{figures['peak_mb']:>10.0f}{figures['rise_mb']:>10.0f}"
+            f"{figures['peak_mb'] / base['peak_mb']:>24.2f}"
+        )
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ What a step does differently in the two (same sampling, rewards, advantages and 
 With fresh weights a completion seldom ends its turn, so nearly every one runs the full 24 tokens on both
 sides (the demo's trained model averaged 8.2; --checkpoint measures such a folder).
 
-    python -m bench.grpo                       # about 2 min idle, under 4 beside busy work; figures go to bench/RESULTS.md by hand
+    python -m bench.grpo                       # about 2 min idle, under 4 beside busy work; figures go to
+    bench/RESULTS.md by hand
     python -m bench.grpo --checkpoint PATH     # a trained chatml checkpoint folder (its tokenizer inside) instead
 """
 
@@ -100,7 +101,9 @@ class StepClock(TrainerCallback):
             output = original(*a, **k)
             seconds = time.perf_counter() - started
             width = k["input_ids"].shape[1]
-            self.generations.append((len(self.ends), seconds, sum(len(cut_at_stop(row, self.stops)) for row in output[:, width:].tolist())))
+            self.generations.append(
+                (len(self.ends), seconds, sum(len(cut_at_stop(row, self.stops)) for row in output[:, width:].tolist()))
+            )
             return output
 
         model.generate = timed  # on this instance only: both trainers generate through the very object they train
@@ -115,19 +118,39 @@ class StepClock(TrainerCallback):
         """Steps 2..N: seconds per step, generation's seconds and share, sampled tokens and tokens/s."""
         steps = len(self.ends) - 1
         if steps < 1 or len(self.generations) != len(self.ends):
-            raise RuntimeError(f"{len(self.ends)} steps ran {len(self.generations)} generations: each step should generate once")
+            raise RuntimeError(
+                f"{len(self.ends)} steps ran {len(self.generations)} generations: each step should generate once"
+            )
         elapsed = self.ends[-1] - self.ends[0]
         generating = sum(s for step, s, _ in self.generations if step >= 1)
         tokens = sum(n for step, _, n in self.generations if step >= 1)
-        return {"s_per_step": elapsed / steps, "generation_s": generating / steps, "share": generating / elapsed,
-                "tokens_per_s": tokens / generating, "completion_length": tokens / steps / (PROMPTS * GROUP)}
+        return {
+            "s_per_step": elapsed / steps,
+            "generation_s": generating / steps,
+            "share": generating / elapsed,
+            "tokens_per_s": tokens / generating,
+            "completion_length": tokens / steps / (PROMPTS * GROUP),
+        }
 
 
 def stage(steps: int) -> GRPOStage:
-    return GRPOStage(name="grpo", kind="grpo", data=[DATA / "rl_prompts.jsonl"], template="chatml", max_len=128, rewards=[ANSWER],
-                     group_size=GROUP, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, beta=0.0, iterations=1, eval_samples=0,
-                     train=TrainSpec(max_steps=steps, batch_size=PROMPTS, lr=LR, warmup=0.0, logging_steps=1, save_steps=10**6,
-                                     precision="fp32"))
+    return GRPOStage(
+        name="grpo",
+        kind="grpo",
+        data=[DATA / "rl_prompts.jsonl"],
+        template="chatml",
+        max_len=128,
+        rewards=[ANSWER],
+        group_size=GROUP,
+        max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE,
+        beta=0.0,
+        iterations=1,
+        eval_samples=0,
+        train=TrainSpec(
+            max_steps=steps, batch_size=PROMPTS, lr=LR, warmup=0.0, logging_steps=1, save_steps=10**6, precision="fp32"
+        ),
+    )
 
 
 def ours(tokenizer: Path, model: Path, steps: int, workdir: Path, stops: list[int]) -> dict[str, float]:
@@ -144,45 +167,90 @@ def answer_reward():
 
     def answer(prompts, completions, completion_ids, answer, **_) -> list[float]:
         return score(prompts, [c[-1]["content"] for c in completions], answer, list(map(len, completion_ids)))
+
     return answer
 
 
-def theirs(tokenizer_dir: Path, model_dir: Path, steps: int, workdir: Path, stops: list[int], prompts: Dataset) -> dict[str, float]:
+def theirs(
+    tokenizer_dir: Path, model_dir: Path, steps: int, workdir: Path, stops: list[int], prompts: Dataset
+) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = load_model(model_dir, tokenizer)
-    model.generation_config.eos_token_id = stops  # TRL stops at these and the tokenizer's EOS (one of them): as ours does
+    model.generation_config.eos_token_id = (
+        stops  # TRL stops at these and the tokenizer's EOS (one of them): as ours does
+    )
     config = trl.GRPOConfig(
-        output_dir=str(workdir), max_steps=steps, per_device_train_batch_size=PROMPTS * GROUP,  # counted in completions
-        gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=MAX_NEW, temperature=TEMPERATURE,
-        top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-        learning_rate=LR, weight_decay=0.01, max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="cosine_with_min_lr",
+        output_dir=str(workdir),
+        max_steps=steps,
+        per_device_train_batch_size=PROMPTS * GROUP,  # counted in completions
+        gradient_accumulation_steps=1,
+        num_generations=GROUP,
+        max_completion_length=MAX_NEW,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        learning_rate=LR,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        warmup_steps=0,
+        lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1},  # our TrainSpec's defaults
-        bf16=False, activation_checkpointing=False, use_cpu=True, use_vllm=False,  # GRPOConfig turns on bf16 and checkpointing
-        report_to="none", logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        bf16=False,
+        activation_checkpointing=False,
+        use_cpu=True,
+        use_vllm=False,  # GRPOConfig turns on bf16 and checkpointing
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     if config.bf16 or config.gradient_checkpointing:
-        raise RuntimeError("GRPOConfig kept bf16 or activation checkpointing on: the two sides would not do the same work")
+        raise RuntimeError(
+            "GRPOConfig kept bf16 or activation checkpointing on: the two sides would not do the same work"
+        )
     clock = StepClock(stops)
-    trl.GRPOTrainer(model=model, reward_funcs=answer_reward(), args=config, train_dataset=prompts, processing_class=tokenizer,
-                    callbacks=[clock]).train()
+    trl.GRPOTrainer(
+        model=model,
+        reward_funcs=answer_reward(),
+        args=config,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    ).train()
     return clock.figures()
 
 
 def conversational(tokenizer_dir: Path) -> tuple[Dataset, int, int]:
-    """The prompts as TRL takes them (messages and answers), and how many render to the ids our stage prepares for them."""
+    """The prompts as TRL takes them (messages and answers), and how many render to the ids our stage prepares for
+    them."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     read = read_files([DATA / "rl_prompts.jsonl"], "prompts", "fail")
     messages, answers = conversations(read.frame, "prompt_"), read.frame["answer"].to_list()
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     same = sum(list(ids) == encode_prompt(m, tokenizer, "chatml") for ids, m in zip(rendered, messages))
     return Dataset.from_dict({"prompt": messages, "answer": answers}), same, len(messages)
 
 
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown CPU"
+    )
     bf16 = "with" if "avx512_bf16" in cpuinfo else "without"
-    return (f"{model} ({os.cpu_count()} cores, {bf16} avx512_bf16), torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, TRL {trl.__version__ if trl else 'not installed'}")
+    return (
+        f"{model} ({os.cpu_count()} cores, {bf16} avx512_bf16), torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, TRL {trl.__version__ if trl else 'not installed'}"
+    )
 
 
 def load() -> str:
@@ -191,14 +259,24 @@ def load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint folder with its tokenizer; default: the demo's model, fresh")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per round (the first is warm-up, not timed)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds of each side, interleaved; the best of each is shown")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a trained checkpoint folder with its tokenizer; default: the demo's model, fresh",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=10, help="optimizer steps per round (the first is warm-up, not timed)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="rounds of each side, interleaved; the best of each is shown"
+    )
     args = parser.parse_args()
     print(machine())
     if trl is None:
-        print(f"TRL is not installed ({TRL_MISSING}), so only our step is measured: "
-              f".venv/bin/pip install -c constraints.txt -e '.[bench]' installs it without touching torch")
+        print(
+            f"TRL is not installed ({TRL_MISSING}), so only our step is measured: "
+            f".venv/bin/pip install -c constraints.txt -e '.[bench]' installs it without touching torch"
+        )
     print(f"load average before: {load()}")
 
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
@@ -206,12 +284,17 @@ def main() -> None:
         if args.checkpoint:
             tokenizer, model = args.checkpoint, args.checkpoint
         else:
-            tokenizer, model = setup(workdir, ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=256))  # the demo's model
+            tokenizer, model = setup(
+                workdir, ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=256)
+            )  # the demo's model
         tok = AutoTokenizer.from_pretrained(tokenizer)
         stops = stop_ids(tok, end_of_turn_id(tok, "chatml"))
         params = sum(p.numel() for p in load_model(model, tok).parameters())
         prompts, same, total = conversational(tokenizer)
-        print(f"prompts: {total}, of which {same} render to the same token ids through TRL's apply_chat_template as through ours")
+        print(
+            f"prompts: {total}, of which {same} render to the same token ids through TRL's apply_chat_template as "
+            "through ours"
+        )
         sides = {"ours": lambda r: ours(tokenizer, model, args.steps, workdir / f"ours-{r}", stops)}
         if trl is not None:
             sides["TRL"] = lambda r: theirs(tokenizer, model, args.steps, workdir / f"trl-{r}", stops, prompts)
@@ -221,35 +304,51 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, run in [(n, r) for n, r in sides.items() if n not in failed]:
                 try:
-                    with contextlib.redirect_stdout(io.StringIO()):  # the Trainers print every step's log; the clock keeps them
+                    with contextlib.redirect_stdout(
+                        io.StringIO()
+                    ):  # the Trainers print every step's log; the clock keeps them
                         found = run(round_)
                 except Exception as err:
                     if name == "ours":
                         raise
                     failed[name] = f"{type(err).__name__}: {err}"
                     continue
-                print(f"  round {round_ + 1} {name:<5} {found['s_per_step']:.3f} s/step, generation {found['share']:.0%}, "
-                      f"{found['tokens_per_s']:,.0f} sampled tokens/s, load {load()}")
+                print(
+                    f"  round {round_ + 1} {name:<5} {found['s_per_step']:.3f} s/step, generation "
+                    f"{found['share']:.0%}, "
+                    f"{found['tokens_per_s']:,.0f} sampled tokens/s, load {load()}"
+                )
                 rounds.setdefault(name, []).append(found["s_per_step"])
                 if name not in best or found["s_per_step"] < best[name]["s_per_step"]:
                     best[name] = found
 
-    print(f"\nGRPO step, {'the checkpoint ' + str(args.checkpoint) if args.checkpoint else 'the demo 3.5M Llama, fresh weights'} "
-          f"({params / 1e6:.2f}M parameters), "
-          f"{PROMPTS} prompts x {GROUP} completions, max_new_tokens {MAX_NEW}, temperature {TEMPERATURE}, beta 0, mu 1, fp32; "
-          f"steps 2..{args.steps} of the best of {args.rounds} rounds")
+    print(
+        "\nGRPO step, "
+        f"{'the checkpoint ' + str(args.checkpoint) if args.checkpoint else 'the demo 3.5M Llama, fresh weights'} "
+        f"({params / 1e6:.2f}M parameters), "
+        f"{PROMPTS} prompts x {GROUP} completions, max_new_tokens {MAX_NEW}, temperature {TEMPERATURE}, beta 0, mu 1, "
+        "fp32; "
+        f"steps 2..{args.steps} of the best of {args.rounds} rounds"
+    )
     for name, why in failed.items():
         print(f"{name}'s GRPOTrainer could not run here, so there is no baseline: {why}")
     base = best.get("TRL")
-    print(f"{'trainer':<8}{'s/step':>9}{'vs TRL':>8}{'generation s':>14}{'share':>7}{'tokens/s':>10}{'completion len':>16}")
+    print(
+        f"{'trainer':<8}{'s/step':>9}{'vs TRL':>8}{'generation s':>14}{'share':>7}"
+        f"{'tokens/s':>10}{'completion len':>16}"
+    )
     for name, f in best.items():
         ratio = f"{f['s_per_step'] / base['s_per_step']:.2f}" if base else "-"
-        print(f"{name:<8}{f['s_per_step']:>9.3f}{ratio:>8}{f['generation_s']:>14.3f}{f['share']:>7.0%}{f['tokens_per_s']:>10,.0f}"
-              f"{f['completion_length']:>16.1f}")
+        print(
+            f"{name:<8}{f['s_per_step']:>9.3f}{ratio:>8}{f['generation_s']:>14.3f}{f['share']:>7.0%}{f['tokens_per_s']:>10,.0f}"
+            f"{f['completion_length']:>16.1f}"
+        )
     if base and len(rounds["TRL"]) == len(rounds["ours"]):
         paired = sorted(o / t for o, t in zip(rounds["ours"], rounds["TRL"]))
-        print(f"ours / TRL round by round (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}; "
-              f"median {statistics.median(paired):.2f}")
+        print(
+            f"ours / TRL round by round (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}; "
+            f"median {statistics.median(paired):.2f}"
+        )
     print(f"our stage's own logged generation_seconds, same steps: {best['ours']['logged_generation_s']:.3f} s")
     print(f"load average after: {load()}")
 

@@ -42,10 +42,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train_tokenizer(workdir: Path):
     texts = [row["text"] for row in read_jsonl(DATA / "pretrain.jsonl")]
-    return AutoTokenizer.from_pretrained(tokenizer_stage.run(TokenizerTrain(vocab_size=1024), texts, "chatml", workdir).checkpoint)
+    return AutoTokenizer.from_pretrained(
+        tokenizer_stage.run(TokenizerTrain(vocab_size=1024), texts, "chatml", workdir).checkpoint
+    )
 
 
 # ---------------------------------------------------------------- 1. tokenize + pack
+
 
 def classic_recipe(corpus: datasets.Dataset, tokenizer, block_size: int) -> datasets.Dataset:
     """run_clm.py's recipe, writing the same training data as ours (EOS after each document, input_ids only)."""
@@ -57,7 +60,7 @@ def classic_recipe(corpus: datasets.Dataset, tokenizer, block_size: int) -> data
     def group_texts(batch: dict) -> dict:
         stream = list(chain(*batch["input_ids"]))
         usable = len(stream) // block_size * block_size  # per map batch of 1,000 documents, as in run_clm.py
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
+        return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
 
     return corpus.map(tokenize, batched=True, remove_columns=["text"]).map(group_texts, batched=True)
 
@@ -67,7 +70,9 @@ def bench_tokenize(tokenizer, megabytes: float, block_size: int) -> dict[str, fl
     size = sum(len(t.encode()) for t in texts) / 1e6
     corpus = texts * max(1, round(megabytes / size))
     size = sum(len(t.encode()) for t in corpus) / 1e6
-    corpus_dataset = datasets.Dataset.from_dict({"text": corpus})  # both start from text in memory; reading is not timed
+    corpus_dataset = datasets.Dataset.from_dict(
+        {"text": corpus}
+    )  # both start from text in memory; reading is not timed
 
     started = time.perf_counter()
     ours = concat_chunk(tokenize_documents(corpus, tokenizer), tokenizer.eos_token_id, block_size)
@@ -79,11 +84,17 @@ def bench_tokenize(tokenizer, megabytes: float, block_size: int) -> dict[str, fl
     classic_s = time.perf_counter() - started
 
     assert ours_dataset[0]["input_ids"] == classic[0]["input_ids"]  # the same stream, cut the same way
-    return {"corpus_mb": size, "ours_mb_s": size / ours_s, "classic_mb_s": size / classic_s,
-            "ours_blocks": len(ours_dataset), "classic_blocks": len(classic)}
+    return {
+        "corpus_mb": size,
+        "ours_mb_s": size / ours_s,
+        "classic_mb_s": size / classic_s,
+        "ours_blocks": len(ours_dataset),
+        "classic_blocks": len(classic),
+    }
 
 
 # ---------------------------------------------------------------- 2. packed vs padded SFT
+
 
 def mixed_length_chats(count: int, seed: int) -> list[list[dict]]:
     """Chats of 1 to 8 bundled conversations (geometric, mostly short): the long tail that makes padding expensive."""
@@ -123,22 +134,44 @@ class StepClock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def train_throughput(tokenizer, dataset: datasets.Dataset, collator, batch_size: int, warmup: int, steps: int,
-                     workdir: Path) -> dict[str, float]:
+def train_throughput(
+    tokenizer, dataset: datasets.Dataset, collator, batch_size: int, warmup: int, steps: int, workdir: Path
+) -> dict[str, float]:
     """Useful tokens/s over `steps` optimizer steps after `warmup` (one batch per step, no accumulation)."""
     set_seed(0)
     model = build_model(ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=512), tokenizer)
-    spec = SFTStage(name="packing", kind="sft", data=["unused.jsonl"],
-                    train=TrainSpec(batch_size=batch_size, precision="bf16", max_steps=warmup + steps, lr=1e-3, warmup=0.0,
-                                    save_steps=10**6, logging_steps=10**6))
+    spec = SFTStage(
+        name="packing",
+        kind="sft",
+        data=["unused.jsonl"],
+        train=TrainSpec(
+            batch_size=batch_size,
+            precision="bf16",
+            max_steps=warmup + steps,
+            lr=1e-3,
+            warmup=0.0,
+            save_steps=10**6,
+            logging_steps=10**6,
+        ),
+    )
     counter, clock = TokenCounter(collator), StepClock()
-    trainer = Trainer(model=model, args=training_arguments(spec, workdir), train_dataset=dataset, data_collator=counter,
-                      processing_class=tokenizer, callbacks=[clock])  # the tokenizer tells the Trainer which id is padding
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(spec, workdir),
+        train_dataset=dataset,
+        data_collator=counter,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )  # the tokenizer tells the Trainer which id is padding
     trainer.train()
     seconds = clock.ends[-1] - clock.ends[warmup - 1]
-    measured = counter.batches[warmup:warmup + steps]  # batch i is step i + 1's, whatever the loader prefetched
-    return {"real_tokens_s": sum(r for r, _ in measured) / seconds, "trained_tokens_s": sum(t for _, t in measured) / seconds,
-            "step_s": seconds / steps, "parameters": model.num_parameters()}
+    measured = counter.batches[warmup : warmup + steps]  # batch i is step i + 1's, whatever the loader prefetched
+    return {
+        "real_tokens_s": sum(r for r, _ in measured) / seconds,
+        "trained_tokens_s": sum(t for _, t in measured) / seconds,
+        "step_s": seconds / steps,
+        "parameters": model.num_parameters(),
+    }
 
 
 def bench_sft(tokenizer, max_len: int, batch_rows: int, warmup: int, steps: int, workdir: Path) -> dict:
@@ -148,16 +181,35 @@ def bench_sft(tokenizer, max_len: int, batch_rows: int, warmup: int, steps: int,
     lengths = [len(ids) for ids in input_ids]
 
     packed = pack_examples(input_ids, labels, max_len=max_len, overlong="truncate")
-    padded = datasets.Dataset.from_dict({"input_ids": [ids[:max_len] for ids in input_ids],
-                                         "labels": [lab[:max_len] for lab in labels]})
+    padded = datasets.Dataset.from_dict(
+        {"input_ids": [ids[:max_len] for ids in input_ids], "labels": [lab[:max_len] for lab in labels]}
+    )
     # the same budget: at most batch_rows × max_len tokens a step either way (padded batches pad to their longest)
     return {
-        "examples": len(chats), "mean_len": sum(lengths) / len(lengths), "max_len_seen": max(lengths),
-        "truncated": packed.truncated, "rows": len(packed.dataset), "fill": packed.fill,
-        "packed": train_throughput(tokenizer, packed.dataset, PackedCollator(pad_id=tokenizer.pad_token_id),
-                                   batch_rows, warmup, steps, workdir / "packed"),
-        "padded": train_throughput(tokenizer, padded, DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
-                                   batch_rows, warmup, steps, workdir / "padded"),
+        "examples": len(chats),
+        "mean_len": sum(lengths) / len(lengths),
+        "max_len_seen": max(lengths),
+        "truncated": packed.truncated,
+        "rows": len(packed.dataset),
+        "fill": packed.fill,
+        "packed": train_throughput(
+            tokenizer,
+            packed.dataset,
+            PackedCollator(pad_id=tokenizer.pad_token_id),
+            batch_rows,
+            warmup,
+            steps,
+            workdir / "packed",
+        ),
+        "padded": train_throughput(
+            tokenizer,
+            padded,
+            DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),
+            batch_rows,
+            warmup,
+            steps,
+            workdir / "padded",
+        ),
     }
 
 
@@ -180,20 +232,32 @@ def main() -> None:
         r = bench_tokenize(tokenizer, args.megabytes, args.block_size)
         print(f"\n1. tokenize + pack, {r['corpus_mb']:.1f} MB, block {args.block_size}")
         print(f"   concat_chunk (tokenize_documents)      {r['ours_mb_s']:7.2f} MB/s   {r['ours_blocks']:>7} blocks")
-        print(f"   datasets.map + group_texts             {r['classic_mb_s']:7.2f} MB/s   {r['classic_blocks']:>7} blocks")
+        print(
+            f"   datasets.map + group_texts             {r['classic_mb_s']:7.2f} MB/s   {r['classic_blocks']:>7} blocks"
+        )
         print(f"   ratio                                  {r['ours_mb_s'] / r['classic_mb_s']:7.2f}x")
     if args.which in ("sft", "both"):
         r = bench_sft(tokenizer, args.max_len, args.batch_rows, args.warmup, args.steps, workdir)
         packed, padded = r["packed"], r["padded"]
-        print(f"\n2. SFT, Llama {packed['parameters'] / 1e6:.2f}M params, bf16 autocast, "
-              f"{args.batch_rows} × {args.max_len} tokens a step at most, {args.steps} steps after {args.warmup}")
-        print(f"   {r['examples']} chats, mean {r['mean_len']:.0f} tokens, longest {r['max_len_seen']}, {r['truncated']} truncated; "
-              f"{r['rows']} packed rows, fill {r['fill']:.3f}")
+        print(
+            f"\n2. SFT, Llama {packed['parameters'] / 1e6:.2f}M params, bf16 autocast, "
+            f"{args.batch_rows} × {args.max_len} tokens a step at most, {args.steps} steps after {args.warmup}"
+        )
+        print(
+            f"   {r['examples']} chats, mean {r['mean_len']:.0f} tokens, longest {r['max_len_seen']}, "
+            f"{r['truncated']} truncated; "
+            f"{r['rows']} packed rows, fill {r['fill']:.3f}"
+        )
         print(f"   {'':28} {'tokens/s':>10} {'trained tok/s':>14} {'s/step':>8}")
         for name, figures in (("packed (best fit)", packed), ("padded (dynamic)", padded)):
-            print(f"   {name:28} {figures['real_tokens_s']:10.0f} {figures['trained_tokens_s']:14.0f} {figures['step_s']:8.2f}")
-        print(f"   {'ratio':28} {packed['real_tokens_s'] / padded['real_tokens_s']:9.2f}x "
-              f"{packed['trained_tokens_s'] / padded['trained_tokens_s']:13.2f}x")
+            print(
+                f"   {name:28} {figures['real_tokens_s']:10.0f} {figures['trained_tokens_s']:14.0f} "
+                f"{figures['step_s']:8.2f}"
+            )
+        print(
+            f"   {'ratio':28} {packed['real_tokens_s'] / padded['real_tokens_s']:9.2f}x "
+            f"{packed['trained_tokens_s'] / padded['trained_tokens_s']:13.2f}x"
+        )
 
 
 if __name__ == "__main__":

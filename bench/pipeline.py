@@ -58,17 +58,24 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     spec = load_spec(spec_path)
     stage = spec.stages[0]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    dataset, _ = pretrain.pack(read_files(stage.data, "text").frame["text"].to_list(), tokenizer, stage.packing.block_size)
+    dataset, _ = pretrain.pack(
+        read_files(stage.data, "text").frame["text"].to_list(), tokenizer, stage.packing.block_size
+    )
     set_seed(stage.train.seed)
     model = pretrain.build_model(spec.model.init, tokenizer)
-    trainer = Trainer(model=model, args=training_arguments(stage, workdir), train_dataset=dataset,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(stage, workdir),
+        train_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     output = trainer.train()
     return trainer.state.num_input_tokens_seen / output.metrics["train_runtime"]
 
 
 def throughput(rounds: int = 2) -> tuple[list[float], list[float]]:
-    """Rounds of the flow in a fresh home, then the plain Trainer on the same tokenizer; the best of each is compared."""
+    """Rounds of the flow in a fresh home, then the plain Trainer on the same tokenizer; the best of each is
+    compared."""
     from mlflow import MlflowClient
 
     from flows.lifecycle import lifecycle
@@ -99,11 +106,15 @@ def direct_stage_seconds(spec_path: Path, workdir: Path) -> float:
     start = time.perf_counter()
     spec = load_spec(spec_path)
     check_files(spec.data_contracts())
-    tok_dir = tokenizer.run(spec.tokenizer.train, tokenizer_texts(spec.tokenizer_corpus()), spec.template, workdir / "tokenizer").checkpoint
+    tok_dir = tokenizer.run(
+        spec.tokenizer.train, tokenizer_texts(spec.tokenizer_corpus()), spec.template, workdir / "tokenizer"
+    ).checkpoint
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = spec.model.init
     for stage, module in zip(spec.stages, (pretrain, sft)):
-        result = module.run(stage, StageInputs(model, tok_dir, module.prepare(stage, tok).datasets), workdir / stage.name)
+        result = module.run(
+            stage, StageInputs(model, tok_dir, module.prepare(stage, tok).datasets), workdir / stage.name
+        )
         model = result.checkpoint
     return time.perf_counter() - start
 
@@ -127,10 +138,17 @@ def rerun_seconds() -> tuple[float, float]:
     times = []
     for _ in range(2):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flows.cli", "run", str(ROOT / "examples" / "quick.yaml")], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", str(ROOT / "examples" / "quick.yaml")],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=os.environ.copy(),
+        )
         times.append(time.perf_counter() - start)
-    subprocess.run([sys.executable, "-m", "flows.cli", "stop"], check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stop"], check=True, stdout=subprocess.DEVNULL, env=os.environ.copy()
+    )
     return times[0], times[1]
 
 
@@ -141,12 +159,25 @@ def main() -> None:
     flow_s, direct_s, stages = overhead()
     first_rerun_s, rerun_s = rerun_seconds()
     rows = [
-        ("pretrain tokens/s, flow vs plain Trainer", f"{flow_tps:,.0f}", f"{plain_tps:,.0f}",
-         f"ratio {flow_tps / plain_tps:.3f} (goal >= 1.0); best of {len(flow_runs)}: "
-         f"flow {', '.join(f'{t:,.0f}' for t in flow_runs)} / plain {', '.join(f'{t:,.0f}' for t in plain_runs)}"),
-        ("quick.yaml wall s, flow vs direct calls", f"{flow_s:.1f}", f"{direct_s:.1f}",
-         f"overhead {(flow_s - direct_s) / stages:.2f} s/stage (goal <= 2)"),
-        ("re-run of a finished spec, s", f"{rerun_s:.1f}", "-", f"goal <= 15 (first in a new home: {first_rerun_s:.1f})"),
+        (
+            "pretrain tokens/s, flow vs plain Trainer",
+            f"{flow_tps:,.0f}",
+            f"{plain_tps:,.0f}",
+            f"ratio {flow_tps / plain_tps:.3f} (goal >= 1.0); best of {len(flow_runs)}: "
+            f"flow {', '.join(f'{t:,.0f}' for t in flow_runs)} / plain {', '.join(f'{t:,.0f}' for t in plain_runs)}",
+        ),
+        (
+            "quick.yaml wall s, flow vs direct calls",
+            f"{flow_s:.1f}",
+            f"{direct_s:.1f}",
+            f"overhead {(flow_s - direct_s) / stages:.2f} s/stage (goal <= 2)",
+        ),
+        (
+            "re-run of a finished spec, s",
+            f"{rerun_s:.1f}",
+            "-",
+            f"goal <= 15 (first in a new home: {first_rerun_s:.1f})",
+        ),
     ]
     print(f"\n{'measure':<42} {'ours':>10} {'baseline':>10}  verdict")
     for name, ours, base, verdict in rows:

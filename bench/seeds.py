@@ -88,21 +88,28 @@ class Spread:
 def table_of(logged: dict) -> Table:
     """An eval metrics table as MLflow's log_table wrote it ({"columns", "data"}, nan as null) by checkpoint."""
     columns = logged["columns"][1:]
-    return {row[0]: {c: math.nan if v is None else float(v) for c, v in zip(columns, row[1:])} for row in logged["data"]}
+    return {
+        row[0]: {c: math.nan if v is None else float(v) for c, v in zip(columns, row[1:])} for row in logged["data"]
+    }
 
 
 def changes(table: Table, upstream: dict[str, str | None]) -> Table:
     """Each checkpoint's metrics minus its input stage's, for the checkpoints whose input the same table scores."""
-    return {stage: {metric: value - table[up].get(metric, math.nan) for metric, value in row.items()}
-            for stage, row in table.items() if (up := upstream.get(stage)) in table}
+    return {
+        stage: {metric: value - table[up].get(metric, math.nan) for metric, value in row.items()}
+        for stage, row in table.items()
+        if (up := upstream.get(stage)) in table
+    }
 
 
 def spread(tables: list[Table]) -> dict[str, dict[str, Spread]]:
     """Every (checkpoint, metric) of the tables, its Spread over the tables (the seeds)."""
     stages = list(dict.fromkeys(stage for table in tables for stage in table))
     metrics = list(dict.fromkeys(metric for table in tables for row in table.values() for metric in row))
-    return {stage: {metric: Spread.of([t[stage].get(metric, math.nan) for t in tables if stage in t]) for metric in metrics}
-            for stage in stages}
+    return {
+        stage: {metric: Spread.of([t[stage].get(metric, math.nan) for t in tables if stage in t]) for metric in metrics}
+        for stage in stages
+    }
 
 
 def upstreams(spec: PipelineSpec) -> dict[str, str | None]:
@@ -140,8 +147,10 @@ def prepare(spec_path: Path, seed: int, precision: str | None, out: Path) -> See
     copy.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     outside = [str(path) for path, _, _ in load_spec(copy).data_contracts() if (folder / "data") not in path.parents]
     if outside:
-        raise SystemExit(f"{spec_path}: names data outside the toy world's files (data/<name>.jsonl beside the spec), "
-                         f"which a seed cannot regenerate: {', '.join(outside)}")
+        raise SystemExit(
+            f"{spec_path}: names data outside the toy world's files (data/<name>.jsonl beside the spec), "
+            f"which a seed cannot regenerate: {', '.join(outside)}"
+        )
     return SeedRun(seed, folder, copy, resumed=(folder / "home" / "mlflow.db").exists())
 
 
@@ -156,12 +165,19 @@ def run(seed_run: SeedRun, threads: str | None) -> None:
         seed_run.load["start"] = list(os.getloadavg())
         started = time.perf_counter()
         try:
-            code = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(seed_run.spec)], stdout=out,
-                                  stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+            code = subprocess.run(
+                [sys.executable, "-m", "flows.cli", "run", str(seed_run.spec)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            ).returncode
             seed_run.wall_s = time.perf_counter() - started
             seed_run.load["end"] = list(os.getloadavg())
         finally:
-            subprocess.run([sys.executable, "-m", "flows.cli", "stop"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            subprocess.run(
+                [sys.executable, "-m", "flows.cli", "stop"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         raise SystemExit(f"seed {seed_run.seed}: lifecycle run failed (exit {code}); the end of {log}:\n{tail}")
@@ -169,7 +185,8 @@ def run(seed_run: SeedRun, threads: str | None) -> None:
 
 
 def read_results(seed_run: SeedRun) -> None:
-    """The eval stage's table (the first eval stage, as `lifecycle report` picks it) and each training stage's precision,
+    """The eval stage's table (the first eval stage, as `lifecycle report` picks it) and each training stage's
+    precision,
     as its run recorded what `precision` chose (the metric bf16)."""
     spec = load_spec(seed_run.spec)
     home = Home(seed_run.home)
@@ -185,7 +202,9 @@ def read_results(seed_run: SeedRun) -> None:
         elif stage.name in trained:
             seed_run.precision[stage.name] = "bf16" if run.data.metrics["bf16"] else "fp32"
     if not seed_run.logged:
-        raise SystemExit(f"{seed_run.spec}: the spec has no eval stage; stage effects need one ({{name: eval, kind: eval}})")
+        raise SystemExit(
+            f"{seed_run.spec}: the spec has no eval stage; stage effects need one ({{name: eval, kind: eval}})"
+        )
 
 
 def machine(threads: str | None) -> dict:
@@ -193,13 +212,23 @@ def machine(threads: str | None) -> dict:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown CPU")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown CPU"
+    )
     # the toy world is whatever examples/generate.py makes at this commit (-dirty: with changes not committed)
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": commit or "unknown", "cpu": cpu, "cores": os.cpu_count(), "native_bf16_cpu": cpu_has_bf16(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "threads": int(threads) if threads else torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (set by lifecycle)")}
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    return {
+        "commit": commit or "unknown",
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "native_bf16_cpu": cpu_has_bf16(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "threads": int(threads) if threads else torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (set by lifecycle)"),
+    }
 
 
 def cell(figure: Spread, seeds: int, change: bool) -> str:
@@ -241,30 +270,46 @@ class Outcome:
 
     def rows(self, change: bool) -> list[list[str]]:
         figures = self.changes if change else self.levels
-        return [[f"{stage} − {self.upstream[stage]}" if change else stage, *(cell(row[m], len(self.runs), change) for m in self.metrics)]
-                for stage, row in figures.items()]
+        return [
+            [
+                f"{stage} − {self.upstream[stage]}" if change else stage,
+                *(cell(row[m], len(self.runs), change) for m in self.metrics),
+            ]
+            for stage, row in figures.items()
+        ]
 
     def machine_line(self) -> str:
         host = self.host
-        return (f"commit {host['commit']}; {host['cpu']}, {host['cores']} cores, native bf16 on the CPU: {host['native_bf16_cpu']}, "
-                f"GPU: {host['gpu'] or 'none'}; torch {host['torch']}, threads per run: {host['threads']}, "
-                f"OMP_WAIT_POLICY {host['omp_wait_policy']}")
+        return (
+            f"commit {host['commit']}; {host['cpu']}, {host['cores']} cores, native bf16 on the CPU: "
+            f"{host['native_bf16_cpu']}, "
+            f"GPU: {host['gpu'] or 'none'}; torch {host['torch']}, threads per run: {host['threads']}, "
+            f"OMP_WAIT_POLICY {host['omp_wait_policy']}"
+        )
 
     def text(self) -> str:
         n = len(self.runs)
         parts = [self.machine_line()]
         for seed_run in self.runs:
-            parts.append(f"seed {seed_run.seed} (data seed {SEED + seed_run.seed}): {seed_run.wall_s:.0f} s wall"
-                         + (" (a resume: finished stages reused)" if seed_run.resumed else "")
-                         + f"; training precision {' and '.join(sorted(set(seed_run.precision.values())))} "
-                         + f"({', '.join(f'{k} {v}' for k, v in seed_run.precision.items())}); load average 1/5/15 min "
-                         + f"{loads(seed_run.load['start'])} at the start, {loads(seed_run.load['end'])} at the end\n"
-                         + format_metrics(seed_run.logged))
-        parts.append(f"Each checkpoint over {n} seeds: mean ± sample std (eval scores in float32)\n"
-                     + format_metrics({"columns": ["checkpoint", *self.metrics], "data": self.rows(change=False)}))
-        parts.append(f"Each stage's change over its input stage, per seed, then mean ± sample std over {n} seeds; * the 95 % "
-                     "t-interval of the mean change leaves out 0" + ("" if n >= 3 else " (nothing is marked with fewer than 3 seeds)")
-                     + "\n" + format_metrics({"columns": ["stage − input", *self.metrics], "data": self.rows(change=True)}))
+            parts.append(
+                f"seed {seed_run.seed} (data seed {SEED + seed_run.seed}): {seed_run.wall_s:.0f} s wall"
+                + (" (a resume: finished stages reused)" if seed_run.resumed else "")
+                + f"; training precision {' and '.join(sorted(set(seed_run.precision.values())))} "
+                + f"({', '.join(f'{k} {v}' for k, v in seed_run.precision.items())}); load average 1/5/15 min "
+                + f"{loads(seed_run.load['start'])} at the start, {loads(seed_run.load['end'])} at the end\n"
+                + format_metrics(seed_run.logged)
+            )
+        parts.append(
+            f"Each checkpoint over {n} seeds: mean ± sample std (eval scores in float32)\n"
+            + format_metrics({"columns": ["checkpoint", *self.metrics], "data": self.rows(change=False)})
+        )
+        parts.append(
+            f"Each stage's change over its input stage, per seed, then mean ± sample std over {n} seeds; * the 95 % "
+            "t-interval of the mean change leaves out 0"
+            + ("" if n >= 3 else " (nothing is marked with fewer than 3 seeds)")
+            + "\n"
+            + format_metrics({"columns": ["stage − input", *self.metrics], "data": self.rows(change=True)})
+        )
         if without := [name for name in self.levels if name not in self.changes]:
             parts[-1] += f"\nno change row (no input stage, or its input is not scored): {', '.join(without)}"
         return "\n\n".join(parts)
@@ -272,48 +317,95 @@ class Outcome:
     def markdown(self) -> str:
         precisions = " and ".join(sorted({p for seed_run in self.runs for p in seed_run.precision.values()}))
         walls = ", ".join(f"seed {r.seed} {r.wall_s:.0f} s" + (" (a resume)" if r.resumed else "") for r in self.runs)
-        return (f"`{self.spec}`, seeds {', '.join(str(r.seed) for r in self.runs)} (data seed {SEED} + s, train seed s), training in "
-                f"{precisions}; {self.machine_line()}; wall {walls}.\n\n"
-                f"Each checkpoint, mean ± sample std over {len(self.runs)} seeds:\n\n"
-                f"{markdown(['checkpoint', *self.metrics], self.rows(change=False))}\n\n"
-                "Each stage's change over its input stage, mean ± sample std of the per-seed differences; "
-                "* where the 95 % t-interval of the mean leaves out 0 (from 3 seeds on):\n\n"
-                f"{markdown(['stage − input', *self.metrics], self.rows(change=True))}\n")
+        return (
+            f"`{self.spec}`, seeds {', '.join(str(r.seed) for r in self.runs)} (data seed {SEED} + s, train seed s), "
+            "training in "
+            f"{precisions}; {self.machine_line()}; wall {walls}.\n\n"
+            f"Each checkpoint, mean ± sample std over {len(self.runs)} seeds:\n\n"
+            f"{markdown(['checkpoint', *self.metrics], self.rows(change=False))}\n\n"
+            "Each stage's change over its input stage, mean ± sample std of the per-seed differences; "
+            "* where the 95 % t-interval of the mean leaves out 0 (from 3 seeds on):\n\n"
+            f"{markdown(['stage − input', *self.metrics], self.rows(change=True))}\n"
+        )
 
     def record(self) -> dict:
         def number(value: float) -> float | None:
             return None if math.isnan(value) else value
 
-        return {"spec": self.spec, "machine": self.host, "upstream": self.upstream,
-                "runs": [{"seed": r.seed, "data_seed": SEED + r.seed, "wall_s": r.wall_s, "resumed": r.resumed, "load_average": r.load,
-                          "precision": r.precision, "table": {k: {m: number(v) for m, v in row.items()} for k, row in table.items()}}
-                         for r, table in zip(self.runs, self.tables)],
-                **{name: {stage: {m: {"mean": number(f.mean), "std": number(f.std), "n": f.n} | ({"clear": f.clear} if name == "changes" else {})
-                                  for m, f in row.items()} for stage, row in figures.items()}
-                   for name, figures in (("levels", self.levels), ("changes", self.changes))}}
+        return {
+            "spec": self.spec,
+            "machine": self.host,
+            "upstream": self.upstream,
+            "runs": [
+                {
+                    "seed": r.seed,
+                    "data_seed": SEED + r.seed,
+                    "wall_s": r.wall_s,
+                    "resumed": r.resumed,
+                    "load_average": r.load,
+                    "precision": r.precision,
+                    "table": {k: {m: number(v) for m, v in row.items()} for k, row in table.items()},
+                }
+                for r, table in zip(self.runs, self.tables)
+            ],
+            **{
+                name: {
+                    stage: {
+                        m: {"mean": number(f.mean), "std": number(f.std), "n": f.n}
+                        | ({"clear": f.clear} if name == "changes" else {})
+                        for m, f in row.items()
+                    }
+                    for stage, row in figures.items()
+                }
+                for name, figures in (("levels", self.levels), ("changes", self.changes))
+            },
+        }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, default=ROOT / "examples" / "toy.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help=f"at least 2 (3 for a verdict); data seed {SEED} + s, train seed s")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="every training stage's; default: the spec's own")
-    parser.add_argument("--out", type=Path, help="where each seed's data, spec, home and the tables go; default: a new temp folder")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help=f"at least 2 (3 for a verdict); data seed {SEED} + s, train seed s",
+    )
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], help="every training stage's; default: the spec's own"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where each seed's data, spec, home and the tables go; default: a new temp folder"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each with cores / jobs threads")
     args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per table read, in the middle of the output
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # a bar per table read, in the middle of the output
     seeds = list(dict.fromkeys(args.seeds))
     if len(seeds) < 2 or min(seeds) < 0:
         parser.error("give at least 2 distinct seeds, none negative: a spread needs them")
     out = (args.out or Path(tempfile.mkdtemp(prefix="lifecycle-seeds-"))).resolve()
-    threads = os.environ.get("OMP_NUM_THREADS") or (str(max(1, (os.cpu_count() or 1) // args.jobs)) if args.jobs > 1 else None)
+    threads = os.environ.get("OMP_NUM_THREADS") or (
+        str(max(1, (os.cpu_count() or 1) // args.jobs)) if args.jobs > 1 else None
+    )
     host = machine(threads)
-    if args.precision == "bf16" and not (host["native_bf16_cpu"] or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())):
-        print("note: this machine has no native bf16 (no avx512_bf16/amx_bf16, no bf16 GPU): bf16 autocast is emulated and slow")
+    if args.precision == "bf16" and not (
+        host["native_bf16_cpu"] or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    ):
+        print(
+            "note: this machine has no native bf16 (no avx512_bf16/amx_bf16, no bf16 GPU): bf16 autocast is emulated "
+            "and slow"
+        )
 
     runs = [prepare(args.spec.resolve(), seed, args.precision, out) for seed in seeds]
-    print(f"{args.spec}, seeds {seeds} (data seeds {[SEED + s for s in seeds]}), precision {args.precision or 'as the spec says'}, "
-          f"{args.jobs} at a time; out: {out}", flush=True)
+    print(
+        f"{args.spec}, seeds {seeds} (data seeds {[SEED + s for s in seeds]}), precision "
+        f"{args.precision or 'as the spec says'}, "
+        f"{args.jobs} at a time; out: {out}",
+        flush=True,
+    )
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda seed_run: run(seed_run, threads), runs))
     for seed_run in runs:

@@ -35,8 +35,12 @@ def cpu_model() -> str:
 
 
 def env_for(home: Path) -> dict[str, str]:
-    env = os.environ | {"LIFECYCLE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-                        "PREFECT_HOME": str(home / "prefect"), "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {
+        "LIFECYCLE_HOME": str(home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "PREFECT_HOME": str(home / "prefect"),
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("PREFECT_API_URL", None)
     return env
 
@@ -56,13 +60,16 @@ def busy(processes: int):
 def until_first_step(command: list[str], env: dict[str, str], cwd: Path) -> float:
     """Seconds from the command's start to its first training log line; the command is stopped there."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         for line in process.stdout:
             if "'loss'" in line:
                 return time.perf_counter() - start
-        print(f"failed ({' '.join(command[-2:])}): ended with code {process.wait()} before any training step", flush=True)
+        print(
+            f"failed ({' '.join(command[-2:])}): ended with code {process.wait()} before any training step", flush=True
+        )
         return float("nan")
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # with Prefect's temporary server, if it started one
@@ -111,7 +118,9 @@ def rerun(spec: Path, home: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, default=ROOT / "examples" / "quick.yaml")
-    parser.add_argument("--home", type=Path, help="a home where the spec has finished; default: finish it in a fresh one")
+    parser.add_argument(
+        "--home", type=Path, help="a home where the spec has finished; default: finish it in a fresh one"
+    )
     parser.add_argument("--busy", type=int, default=2, help="CPU-bound processes beside the second round (default 2)")
     args = parser.parse_args()
     spec = args.spec.resolve()

@@ -46,9 +46,28 @@ GROWTH_POINTS = 5  # RSS reported at 20/40/60/80/100% of a measurement's run
 
 # ---- the corpus --------------------------------------------------------------------------------
 
+
 def word_pool(rng: random.Random, size: int) -> list[str]:
     """Pseudo-words from syllables (some accented, so the corpus is real UTF-8), with digits and punctuation."""
-    syllables = ["ka", "lo", "mi", "ter", "vos", "an", "dre", "qui", "su", "pel", "nor", "ix", "zé", "bü", "ça", "th", "ou"]
+    syllables = [
+        "ka",
+        "lo",
+        "mi",
+        "ter",
+        "vos",
+        "an",
+        "dre",
+        "qui",
+        "su",
+        "pel",
+        "nor",
+        "ix",
+        "zé",
+        "bü",
+        "ça",
+        "th",
+        "ou",
+    ]
     words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(size)]
     return words + [str(n) for n in range(200)] + [",", ".", ";", "—"]
 
@@ -65,8 +84,12 @@ def generate(folder: Path, total_bytes: int, files: int, seed: int) -> list[Path
     the repeats cost the reader and the tokenizer what new documents would (no whole-document cache)."""
     rng = random.Random(seed)
     sentences = sentence_pool(rng, 100_000)
-    pool = [(json.dumps({"text": " ".join(rng.choices(sentences, k=rng.randint(2, 40)))}, ensure_ascii=False) + "\n").encode()
-            for _ in range(POOL_DOCUMENTS)]
+    pool = [
+        (
+            json.dumps({"text": " ".join(rng.choices(sentences, k=rng.randint(2, 40)))}, ensure_ascii=False) + "\n"
+        ).encode()
+        for _ in range(POOL_DOCUMENTS)
+    ]
     paths = []
     for i in range(files):
         path = folder / f"part-{i:03d}.jsonl"
@@ -96,6 +119,7 @@ def head(sources: list[Path], target: Path, size: int) -> Path:
 
 # ---- one measurement, in its own process ------------------------------------------------------
 
+
 class RssSampler:
     """RSS sampled every SAMPLE_EVERY_S in a thread, for the growth pattern; the peak also from getrusage."""
 
@@ -120,9 +144,18 @@ class RssSampler:
         self.samples.append(self.process.memory_info().rss)
 
     def report(self) -> dict:
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *self.samples)  # ru_maxrss is in KiB on Linux
-        picks = [self.samples[min(len(self.samples) - 1, len(self.samples) * k // GROWTH_POINTS)] for k in range(1, GROWTH_POINTS + 1)]
-        return {"start_rss_mb": self.start_rss / MB, "peak_rss_mb": peak / MB, "growth_mb": [round(r / MB) for r in picks]}
+        peak = max(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *self.samples
+        )  # ru_maxrss is in KiB on Linux
+        picks = [
+            self.samples[min(len(self.samples) - 1, len(self.samples) * k // GROWTH_POINTS)]
+            for k in range(1, GROWTH_POINTS + 1)
+        ]
+        return {
+            "start_rss_mb": self.start_rss / MB,
+            "peak_rss_mb": peak / MB,
+            "growth_mb": [round(r / MB) for r in picks],
+        }
 
 
 def measure_scan(files: list[str]) -> dict:
@@ -141,15 +174,22 @@ def measure_stream(files: list[str], tokenizer_dir: str, readers: int) -> dict:
     from stages.streaming import Shard, StreamingTextDataset, read_lines
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    dataset = StreamingTextDataset(files, tokenizer, BLOCK_SIZE, shuffle_buffer=SHUFFLE_BUFFER, rank=0, world_size=readers)
+    dataset = StreamingTextDataset(
+        files, tokenizer, BLOCK_SIZE, shuffle_buffer=SHUFFLE_BUFFER, rank=0, world_size=readers
+    )
     with RssSampler() as rss:
         start = time.perf_counter()
         blocks = sum(1 for _ in dataset)
         seconds = time.perf_counter() - start
     # the bytes of this reader's own lines, counted after the timed run by the reader's own sharding rule
     share = sum(len(raw) for _, _, raw, _ in read_lines(dataset.files, Shard(0, readers)))
-    return {"seconds": seconds, "read_mb": sum(os.path.getsize(f) for f in files) / MB, "tokenised_mb": share / MB,
-            "blocks": blocks, **rss.report()}
+    return {
+        "seconds": seconds,
+        "read_mb": sum(os.path.getsize(f) for f in files) / MB,
+        "tokenised_mb": share / MB,
+        "blocks": blocks,
+        **rss.report(),
+    }
 
 
 def measure_pack(files: list[str], tokenizer_dir: str) -> dict:
@@ -175,12 +215,17 @@ def measure_datasets(files: list[str], tokenizer_dir: str, cache: str, tokenise:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def tokenize(batch: dict) -> dict:
-        return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]}
+        return {
+            "input_ids": [
+                ids + [tokenizer.eos_token_id]
+                for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            ]
+        }
 
     def group_texts(batch: dict) -> dict:
         stream = [token for ids in batch["input_ids"] for token in ids]
         usable = len(stream) // BLOCK_SIZE * BLOCK_SIZE
-        return {"input_ids": [stream[i:i + BLOCK_SIZE] for i in range(0, usable, BLOCK_SIZE)]}
+        return {"input_ids": [stream[i : i + BLOCK_SIZE] for i in range(0, usable, BLOCK_SIZE)]}
 
     with RssSampler() as rss:
         start = time.perf_counter()
@@ -191,7 +236,13 @@ def measure_datasets(files: list[str], tokenizer_dir: str, cache: str, tokenise:
             blocks = len(data.map(group_texts, batched=True, batch_size=1000))
         seconds = time.perf_counter() - start
     size = sum(os.path.getsize(f) for f in files)
-    return {"seconds": seconds, "read_mb": size / MB, "tokenised_mb": size / MB if tokenise else 0.0, "blocks": blocks, **rss.report()}
+    return {
+        "seconds": seconds,
+        "read_mb": size / MB,
+        "tokenised_mb": size / MB if tokenise else 0.0,
+        "blocks": blocks,
+        **rss.report(),
+    }
 
 
 MEASURES = {"scan": measure_scan, "stream": measure_stream, "pack": measure_pack, "datasets": measure_datasets}
@@ -199,14 +250,19 @@ MEASURES = {"scan": measure_scan, "stream": measure_stream, "pack": measure_pack
 
 def run_measure(name: str, **kwargs) -> dict:
     """One measurement in a fresh interpreter, so that peak RSS is the measurement's alone."""
-    output = subprocess.run([sys.executable, "-m", "bench.streaming", "--measure", name, json.dumps(kwargs)],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.streaming", "--measure", name, json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if output.returncode:
         sys.exit(f"measurement {name} failed:\n{output.stderr}")
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 # ---- the run ----------------------------------------------------------------------------------
+
 
 def train_tokenizer(files: list[Path], folder: Path) -> Path:
     from schemas.spec import TokenizerTrain
@@ -221,8 +277,11 @@ def row(name: str, result: dict) -> str:
     tokenised = result.get("tokenised_mb", 0.0)
     rate = f"{tokenised / result['seconds']:6.2f}" if tokenised else "     -"
     blocks = f"{result['blocks'] / result['seconds']:7.0f}" if result.get("blocks") else "      -"
-    return (f"{name:<46} {result['read_mb']:8.0f} {result['read_mb'] / result['seconds']:7.1f} {tokenised:7.0f} {rate} {blocks} "
-            f"{result['seconds']:6.1f} {result['start_rss_mb']:6.0f} {result['peak_rss_mb']:6.0f}  {result['growth_mb']}")
+    return (
+        f"{name:<46} {result['read_mb']:8.0f} {result['read_mb'] / result['seconds']:7.1f} {tokenised:7.0f} {rate} "
+        f"{blocks} "
+        f"{result['seconds']:6.1f} {result['start_rss_mb']:6.0f} {result['peak_rss_mb']:6.0f}  {result['growth_mb']}"
+    )
 
 
 def main() -> None:
@@ -250,7 +309,10 @@ def main() -> None:
         (root / "corpus").mkdir()
         files = generate(root / "corpus", int(args.gb * 1024 * MB), args.files, args.seed)
         corpus_mb = sum(f.stat().st_size for f in files) / MB
-        print(f"generated {corpus_mb:,.0f} MB in {len(files)} files in {time.perf_counter() - start:.0f} s ({root})", flush=True)
+        print(
+            f"generated {corpus_mb:,.0f} MB in {len(files)} files in {time.perf_counter() - start:.0f} s ({root})",
+            flush=True,
+        )
         tokenizer_dir = str(train_tokenizer(files, root / "tokenizer"))
         slice_file = str(head(files, root / "slice.jsonl", args.slice_mb * MB))
         load_file = str(head(files, root / "load.jsonl", args.load_mb * MB))
@@ -259,22 +321,55 @@ def main() -> None:
         results = []
         for name, measure, kwargs in [
             ("scan: check every line of the corpus", "scan", {"files": corpus}),
-            (f"stream: 1 reader of {args.readers}, whole corpus", "stream", {"files": corpus, "tokenizer_dir": tokenizer_dir, "readers": args.readers}),
-            (f"stream: 1 reader, first {args.slice_mb} MB", "stream", {"files": [slice_file], "tokenizer_dir": tokenizer_dir, "readers": 1}),
-            (f"in memory: read_files+pack, first {args.slice_mb} MB", "pack", {"files": [slice_file], "tokenizer_dir": tokenizer_dir}),
-            (f"load_dataset+map+group_texts, first {args.slice_mb} MB", "datasets",
-             {"files": [slice_file], "tokenizer_dir": tokenizer_dir, "cache": str(root / "hf-cache-1"), "tokenise": True}),
-            (f"load_dataset alone, first {args.load_mb} MB", "datasets",
-             {"files": [load_file], "tokenizer_dir": tokenizer_dir, "cache": str(root / "hf-cache-2"), "tokenise": False}),
+            (
+                f"stream: 1 reader of {args.readers}, whole corpus",
+                "stream",
+                {"files": corpus, "tokenizer_dir": tokenizer_dir, "readers": args.readers},
+            ),
+            (
+                f"stream: 1 reader, first {args.slice_mb} MB",
+                "stream",
+                {"files": [slice_file], "tokenizer_dir": tokenizer_dir, "readers": 1},
+            ),
+            (
+                f"in memory: read_files+pack, first {args.slice_mb} MB",
+                "pack",
+                {"files": [slice_file], "tokenizer_dir": tokenizer_dir},
+            ),
+            (
+                f"load_dataset+map+group_texts, first {args.slice_mb} MB",
+                "datasets",
+                {
+                    "files": [slice_file],
+                    "tokenizer_dir": tokenizer_dir,
+                    "cache": str(root / "hf-cache-1"),
+                    "tokenise": True,
+                },
+            ),
+            (
+                f"load_dataset alone, first {args.load_mb} MB",
+                "datasets",
+                {
+                    "files": [load_file],
+                    "tokenizer_dir": tokenizer_dir,
+                    "cache": str(root / "hf-cache-2"),
+                    "tokenise": False,
+                },
+            ),
         ]:
             results.append((name, run_measure(measure, **kwargs)))
             print(row(*results[-1]), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\ncorpus {corpus_mb:,.0f} MB in {args.files} files; block {BLOCK_SIZE}, shuffle buffer {SHUFFLE_BUFFER}, vocab {VOCAB_SIZE}")
-    print(f"{'measure':<46} {'read MB':>8} {'MB/s':>7} {'tok MB':>7} {'tok MB/s':>6} {'blocks/s':>7} {'s':>6} "
-          f"{'RSS0':>6} {'peak':>6}  RSS MB at 20..100% of the run")
+    print(
+        f"\ncorpus {corpus_mb:,.0f} MB in {args.files} files; block {BLOCK_SIZE}, shuffle buffer {SHUFFLE_BUFFER}, "
+        f"vocab {VOCAB_SIZE}"
+    )
+    print(
+        f"{'measure':<46} {'read MB':>8} {'MB/s':>7} {'tok MB':>7} {'tok MB/s':>6} {'blocks/s':>7} {'s':>6} "
+        f"{'RSS0':>6} {'peak':>6}  RSS MB at 20..100% of the run"
+    )
     for name, result in results:
         print(row(name, result))
     print("\nRSS0: resident MB after imports and tokenizer load, before the measured work; peak: high-water mark.")

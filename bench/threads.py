@@ -32,8 +32,14 @@ def steps(n: int, bf16: bool) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = torch.randint(0, 1024, (16, 256))
@@ -65,8 +71,13 @@ def cpu_model() -> str:
 
 def measure(env: dict[str, str], n: int, bf16: bool) -> float:
     child = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
-    out = subprocess.run([sys.executable, "-m", "bench.threads", "--child", str(n)] + (["--bf16"] if bf16 else []), env={**child, **env},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.threads", "--child", str(n)] + (["--bf16"] if bf16 else []),
+        env={**child, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -80,7 +91,10 @@ def main() -> None:
     if args.child:
         print(steps(args.child, args.bf16))
         return
-    print(f"{cpu_model()}, {os.cpu_count()} CPUs, {args.steps} steps of 16 x 256 tokens, {'bf16' if args.bf16 else 'fp32'}")
+    print(
+        f"{cpu_model()}, {os.cpu_count()} CPUs, {args.steps} steps of 16 x 256 tokens, "
+        f"{'bf16' if args.bf16 else 'fp32'}"
+    )
     loads = [0] + ([args.busy] if args.busy else [])
     results: dict[tuple[str, int], float] = {}
     for busy in loads:

@@ -28,12 +28,14 @@ from examples.generate import DATA_DIR
 LLAMA3_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' "
+    "-}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
 )
 QWEN2_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' -%}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}{%- endif -%}"
+    "{%- if messages[0]['role'] != 'system' -%}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' "
+    "-}}{%- endif -%}"
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
     "{%- endfor -%}"
@@ -48,23 +50,74 @@ PHI3_TEMPLATE = (
 
 # family: (config, special tokens, tokenizer's named tokens, chat template)
 FAMILIES: dict[str, tuple[dict, list[str], dict[str, str], str | None]] = {
-    "llama": (dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False),
-              ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-              {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, LLAMA3_TEMPLATE),
-    "qwen2": (dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
-              ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-              {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, QWEN2_TEMPLATE),
-    "mistral": (dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, sliding_window=None),
-                ["<unk>", "<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, None),
-    "phi3": (dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=None),
-             ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
-             {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, PHI3_TEMPLATE),
-    "gpt2": (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
-             ["<|endoftext|>"], {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, None),
+    "llama": (
+        dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        ),
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        LLAMA3_TEMPLATE,
+    ),
+    "qwen2": (
+        dict(
+            model_type="qwen2",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        ),
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        QWEN2_TEMPLATE,
+    ),
+    "mistral": (
+        dict(
+            model_type="mistral",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            sliding_window=None,
+        ),
+        ["<unk>", "<s>", "</s>"],
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        None,
+    ),
+    "phi3": (
+        dict(
+            model_type="phi3",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=None,
+        ),
+        ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        PHI3_TEMPLATE,
+    ),
+    "gpt2": (
+        dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+        ["<|endoftext|>"],
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+        None,
+    ),
 }
 
 
@@ -81,18 +134,31 @@ def build(family: str, folder: Path, vocab_size: int = 384) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        corpus(),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     if family == "llama":  # as Llama 3's does: BOS before every encoding
         bos = named["bos_token"]
-        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, bpe.token_to_id(bos))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=config.get("max_position_embeddings", 256), **named)
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, model_max_length=config.get("max_position_embeddings", 256), **named
+    )
     if template is not None:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(folder)
-    ids = {f"{role}_token_id": tokenizer.convert_tokens_to_ids(named[f"{role}_token"])
-           for role in ("bos", "eos", "pad") if f"{role}_token" in named}
+    ids = {
+        f"{role}_token_id": tokenizer.convert_tokens_to_ids(named[f"{role}_token"])
+        for role in ("bos", "eos", "pad")
+        if f"{role}_token" in named
+    }
     settings = {k: v for k, v in config.items() if k != "model_type"}
     model_config = AutoConfig.for_model(config["model_type"], vocab_size=len(tokenizer), **(settings | ids))
     AutoModelForCausalLM.from_config(model_config).save_pretrained(folder)
@@ -100,7 +166,9 @@ def build(family: str, folder: Path, vocab_size: int = 384) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny local checkpoint of one architecture, with its tokenizer.")
+    parser = argparse.ArgumentParser(
+        description="Build a tiny local checkpoint of one architecture, with its tokenizer."
+    )
     parser.add_argument("family", choices=sorted(FAMILIES))
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()

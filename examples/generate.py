@@ -11,7 +11,8 @@ Three skills with exact answers, each split into a training part and a held-out 
 Pretrain text states every fact in prose, in every phrasing, and never uses the chat format,
 so a pretrain-only model continues text while an SFT model answers. An answer is the fact's
 canonical sentence ("The capital of Zorbia is Quellon."): SFT teaches the format and the model
-completes it from what pretraining taught, which is what lets it answer held-out questions. The generator is seeded and writes the same bytes
+completes it from what pretraining taught, which is what lets it answer held-out questions. The generator is seeded and
+writes the same bytes
 every time: `python -m examples.generate` rewrites `examples/data/`, and a test checks that the
 bundled files are exactly what it writes.
 """
@@ -28,9 +29,44 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 SYLLABLES = ["zor", "qua", "mel", "tin", "bar", "vex", "lu", "ran", "do", "fi", "kel", "mor", "sa", "pel", "gri", "ux"]
 WORDS = [
-    "cat", "dog", "sun", "map", "red", "box", "cup", "pen", "hat", "owl", "fox", "bee", "jam", "kit",
-    "lamp", "fish", "tree", "moon", "star", "frog", "ship", "rain", "milk", "coin", "bird", "leaf",
-    "rock", "wind", "door", "king", "rose", "salt", "bell", "corn", "duck", "fire", "gold", "hill",
+    "cat",
+    "dog",
+    "sun",
+    "map",
+    "red",
+    "box",
+    "cup",
+    "pen",
+    "hat",
+    "owl",
+    "fox",
+    "bee",
+    "jam",
+    "kit",
+    "lamp",
+    "fish",
+    "tree",
+    "moon",
+    "star",
+    "frog",
+    "ship",
+    "rain",
+    "milk",
+    "coin",
+    "bird",
+    "leaf",
+    "rock",
+    "wind",
+    "door",
+    "king",
+    "rose",
+    "salt",
+    "bell",
+    "corn",
+    "duck",
+    "fire",
+    "gold",
+    "hill",
 ]
 SYSTEM = "You are a careful assistant. Answer in one sentence."
 
@@ -70,7 +106,9 @@ class Skills:
         skill = rng.choice(["add", "capital", "upper", "reverse"])
         if skill == "add":
             a, b = rng.choice(self.heldout_pairs if heldout else self.pairs)
-            return rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}."]), self.sentence(skill, (a, b), a + b)
+            return rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}."]), self.sentence(
+                skill, (a, b), a + b
+            )
         if skill == "capital":
             country = rng.choice(self.heldout_countries if heldout else self.countries)
             question = rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}."])
@@ -85,12 +123,22 @@ class Skills:
         """Fact sentences; template 0 is the canonical one, which SFT answers use."""
         if skill == "add":
             a, b = subject
-            return [f"{a} plus {b} equals {value}.", f"The sum of {a} and {b} is {value}.", f"Adding {a} to {b} gives {value}."][template]
+            return [
+                f"{a} plus {b} equals {value}.",
+                f"The sum of {a} and {b} is {value}.",
+                f"Adding {a} to {b} gives {value}.",
+            ][template]
         if skill == "capital":
-            return [f"The capital of {subject} is {value}.", f"{value} is the capital city of {subject}.",
-                    f"In {subject}, the government sits in {value}."][template]
+            return [
+                f"The capital of {subject} is {value}.",
+                f"{value} is the capital city of {subject}.",
+                f"In {subject}, the government sits in {value}.",
+            ][template]
         if skill == "upper":
-            return [f"The word {subject} in capital letters is {value}.", f"{value} is how {subject} looks in capitals."][template]
+            return [
+                f"The word {subject} in capital letters is {value}.",
+                f"{value} is how {subject} looks in capitals.",
+            ][template]
         return [f"The word {subject} reversed is {value}.", f"Written backwards, {subject} becomes {value}."][template]
 
     def another_subject(self, answer: str, rng: random.Random) -> str:
@@ -118,8 +166,13 @@ class Skills:
             wrong = rng.sample([c for c in self.table.values() if c != value], n)
         else:  # upper / reverse: the word unchanged, then other transforms of it
             word = question.split()[-1].rstrip(".") if question.startswith("Reverse") else question.split()[1]
-            wrong = [c for c in dict.fromkeys([word, word.upper()[::-1], word.capitalize(), word[::-1].upper(), word[1:] + word[0]])
-                     if c != value]
+            wrong = [
+                c
+                for c in dict.fromkeys(
+                    [word, word.upper()[::-1], word.capitalize(), word[::-1].upper(), word[1:] + word[0]]
+                )
+                if c != value
+            ]
         return [subject_and_value + w + "." for w in wrong[:n]]
 
     def fact_sentences(self) -> list[str]:
@@ -149,7 +202,9 @@ def conversation(skills: Skills, rng: random.Random, heldout: bool) -> dict:
 def preference(skills: Skills, rng: random.Random, heldout: bool) -> dict:
     """The right answer chosen; rejected, half the time a wrong value, half the time an answer about another subject."""
     question, answer = skills.question(rng, heldout)
-    rejected = skills.another_subject(answer, rng) if rng.random() < 0.5 else skills.wrong_answers(question, answer, rng, 1)[0]
+    rejected = (
+        skills.another_subject(answer, rng) if rng.random() < 0.5 else skills.wrong_answers(question, answer, rng, 1)[0]
+    )
     return {"prompt": question, "chosen": answer, "rejected": rejected}
 
 
@@ -179,8 +234,12 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
         "pretrain.jsonl": pretrain_docs(skills, rng, 6000),
         "pretrain_heldout.jsonl": pretrain_docs(skills, rng, 200),
     }
-    for stem, make, n_train, n_heldout in [("sft", conversation, 4000, 200), ("preference", preference, 2000, 200),
-                                           ("ranked", ranked, 1500, 200), ("rl_prompts", rl_prompt, 1000, 200)]:
+    for stem, make, n_train, n_heldout in [
+        ("sft", conversation, 4000, 200),
+        ("preference", preference, 2000, 200),
+        ("ranked", ranked, 1500, 200),
+        ("rl_prompts", rl_prompt, 1000, 200),
+    ]:
         files[f"{stem}.jsonl"] = [make(skills, rng, False) for _ in range(n_train)]
         files[f"{stem}_heldout.jsonl"] = [make(skills, rng, True) for _ in range(n_heldout)]
     return files

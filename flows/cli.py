@@ -24,17 +24,32 @@ class UsageError(LifecycleError, ValueError):
     """A command given what it cannot work with (a missing folder, clashing options): one line, exit 2."""
 
 
-KEY_METRICS = ("train_loss", "heldout_loss", "exact_match_before", "exact_match", "heldout_preference_accuracy_before",
-               "heldout_preference_accuracy", "heldout_kendall_tau", "heldout_reward_accuracy", "train_tokens_per_second", "world_size", "vocab_size")
+KEY_METRICS = (
+    "train_loss",
+    "heldout_loss",
+    "exact_match_before",
+    "exact_match",
+    "heldout_preference_accuracy_before",
+    "heldout_preference_accuracy",
+    "heldout_kendall_tau",
+    "heldout_reward_accuracy",
+    "train_tokens_per_second",
+    "world_size",
+    "vocab_size",
+)
 
 
 def _check(spec_path: Path, home: Home | None = None) -> None:
-    """Spec and data, everything a run checks before any model loads; with `home`, data that passed before is not read again."""
+    """Spec and data, everything a run checks before any model loads; with `home`, data that passed before is not
+    read again."""
     spec = load_spec(spec_path)
     checked = check_contracts(spec, home)
     rows, rejected = sum(c.rows for c in checked), sum(c.rejected for c in checked)
     verdict = f"{rejected} invalid rows will be skipped (on_invalid: skip)" if rejected else "all valid"
-    print(f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {sum(c.files for c in checked)} data files, {rows} rows, {verdict}")
+    print(
+        f"{spec_path}: spec valid; {len(spec.stages) + 1} stages; {sum(c.files for c in checked)} data files, {rows} "
+        f"rows, {verdict}"
+    )
     for result in checked:
         for note in result.notes[:5]:
             print(f"note: {note}")
@@ -90,7 +105,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'stage':<14} {'kind':<10} {'fingerprint':<14} {'state':<9} {'run id':<34} metrics")
     for row in rows:
         metrics = "  ".join(f"{k}={row.metrics[k]:.4g}" for k in KEY_METRICS if k in row.metrics)
-        print(f"{row.name:<14} {row.kind:<10} {row.fingerprint[:12]:<14} {row.state:<9} {row.run_id or '-':<34} {metrics}")
+        print(
+            f"{row.name:<14} {row.kind:<10} {row.fingerprint[:12]:<14} {row.state:<9} {row.run_id or '-':<34} {metrics}"
+        )
     return 0
 
 
@@ -106,9 +123,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     stage = next((s for s in spec.stages if s.name == args.stage), None)
     if stage is None:
-        raise SpecError(f"{args.spec}: no stage named {args.stage!r}; the stages are {', '.join(s.name for s in spec.stages)}")
+        raise SpecError(
+            f"{args.spec}: no stage named {args.stage!r}; the stages are {', '.join(s.name for s in spec.stages)}"
+        )
     if stage.kind == "eval":
-        raise SpecError(f"{args.spec}: stage {stage.name!r} trains nothing; `lifecycle report {args.spec}` shows what it measured")
+        raise SpecError(
+            f"{args.spec}: stage {stage.name!r} trains nothing; `lifecycle report {args.spec}` shows what it measured"
+        )
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
         home = Home.from_env()
@@ -116,15 +137,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         experiment = experiment_id(mlflow, home, spec.name, create=False)
         run = finished_run(mlflow, experiment, plan(spec)[0]) if experiment else None
         if run is None:
-            raise SpecError(f"{args.spec}: the tokenizer stage has not finished yet; run `lifecycle run {args.spec}` "
-                            "(or pass --tokenizer PATH)")
+            raise SpecError(
+                f"{args.spec}: the tokenizer stage has not finished yet; run `lifecycle run {args.spec}` "
+                "(or pass --tokenizer PATH)"
+            )
         tokenizer_dir = fetch_checkpoint(mlflow, home, run)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     colour = sys.stdout.isatty()
     for i, (input_ids, labels) in enumerate(stage_module(stage.kind).examples(stage, tokenizer, args.n)):
         trained = sum(label != -100 for label in labels)
-        print(f"--- {stage.name} example {i + 1}: {len(input_ids)} tokens, {trained} trained"
-              + ("" if colour else " (trained spans in ⟦ ⟧)"))
+        print(
+            f"--- {stage.name} example {i + 1}: {len(input_ids)} tokens, {trained} trained"
+            + ("" if colour else " (trained spans in ⟦ ⟧)")
+        )
         print(render_marked(input_ids, labels, tokenizer, colour))
     return 0
 
@@ -137,9 +162,13 @@ def _stage_checkpoint(spec_path: Path, name: str) -> Path:
     spec = load_spec(spec_path)
     planned = {stage.name: stage for stage in plan(spec)}
     if name not in planned:
-        raise SpecError(f"{spec_path}: no stage named {name!r}; the stages are {', '.join(s.name for s in spec.stages)}")
+        raise SpecError(
+            f"{spec_path}: no stage named {name!r}; the stages are {', '.join(s.name for s in spec.stages)}"
+        )
     if planned[name].kind in ("tokenizer", "eval", "reward"):
-        raise SpecError(f"{spec_path}: stage {name!r} ({planned[name].kind}) is not a language model; name a stage that trains one")
+        raise SpecError(
+            f"{spec_path}: stage {name!r} ({planned[name].kind}) is not a language model; name a stage that trains one"
+        )
     home = Home.from_env()
     mlflow = client(home)
     experiment = experiment_id(mlflow, home, spec.name, create=False)
@@ -150,7 +179,8 @@ def _stage_checkpoint(spec_path: Path, name: str) -> Path:
 
 
 def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[list[dict]], list[str | None]]:
-    """The conversations to answer and their reference answers: from --input (the prompts format), or the command line."""
+    """The conversations to answer and their reference answers: from --input (the prompts format), or the command
+    line."""
     if args.input is None:
         if not prompts:
             raise UsageError("give prompts to answer, or --input FILE")
@@ -160,13 +190,16 @@ def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[lis
     from schemas.data import read_files
 
     frame = read_files([args.input], "prompts").frame
-    messages = [[{"role": r, "content": c} for r, c in zip(roles, contents)]
-                for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())]
+    messages = [
+        [{"role": r, "content": c} for r, c in zip(roles, contents)]
+        for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())
+    ]
     return messages, frame["answer"].to_list()
 
 
 def answer_row(messages: list[dict], reply: str, reference: str | None) -> dict:
-    """One line of the answers file: the prompt (its text when it is a single user turn), the answer, the reference if given."""
+    """One line of the answers file: the prompt (its text when it is a single user turn), the answer, the reference
+    if given."""
     prompt = messages[0]["content"] if len(messages) == 1 else messages
     return {"prompt": prompt, "answer": reply} | ({"reference": reference} if reference is not None else {})
 
@@ -186,7 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.stage is not None:
         if not words:
-            raise UsageError("--stage needs the spec first: lifecycle generate SPEC --stage NAME \"prompt\" ...")
+            raise UsageError('--stage needs the spec first: lifecycle generate SPEC --stage NAME "prompt" ...')
         spec_path = Path(words.pop(0))
     elif not (args.checkpoint / "config.json").exists() and not (args.checkpoint / "adapter_config.json").exists():
         raise UsageError(f"{args.checkpoint} is not a checkpoint folder (no config.json or adapter_config.json in it)")
@@ -217,7 +250,8 @@ def _cell(value: object) -> str:
 
 
 def format_metrics(table: dict) -> str:
-    """A log_table JSON ({"columns": [...], "data": [[...], ...]}) as aligned text: text left, numbers right, '-' where not measured."""
+    """A log_table JSON ({"columns": [...], "data": [[...], ...]}) as aligned text: text left, numbers right, '-'
+    where not measured."""
     columns, data = table["columns"], table["data"]
     cells = [[_cell(value) for value in row] for row in data]
     widths = [max(len(str(column)), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
@@ -260,20 +294,28 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SpecError(f"{args.spec}: the spec has no eval stage; add one ({{name: eval, kind: eval}}) and run it")
     chosen = next((stage for stage in evals if stage.name == args.stage), None) if args.stage else evals[0]
     if chosen is None:
-        raise SpecError(f"{args.spec}: no eval stage named {args.stage!r}; the eval stages are {', '.join(s.name for s in evals)}")
+        raise SpecError(
+            f"{args.spec}: no eval stage named {args.stage!r}; the eval stages are {', '.join(s.name for s in evals)}"
+        )
     home = Home.from_env()
     mlflow = client(home)
     experiment = experiment_id(mlflow, home, spec.name, create=False)
     run = finished_run(mlflow, experiment, chosen) if experiment else None
     if run is None:
-        raise SpecError(f"{args.spec}: eval stage {chosen.name!r} has no finished run; run `lifecycle run {args.spec}` first")
+        raise SpecError(
+            f"{args.spec}: eval stage {chosen.name!r} has no finished run; run `lifecycle run {args.spec}` first"
+        )
     with tempfile.TemporaryDirectory() as folder:
         try:
-            metrics, samples = (json.loads(Path(mlflow.download_artifacts(run.info.run_id, f"eval/{name}.json", folder)).read_text())
-                                for name in ("metrics", "samples"))
+            metrics, samples = (
+                json.loads(Path(mlflow.download_artifacts(run.info.run_id, f"eval/{name}.json", folder)).read_text())
+                for name in ("metrics", "samples")
+            )
         except MlflowException as err:
-            raise SpecError(f"{args.spec}: eval stage {chosen.name!r} (run {run.info.run_id}) holds no readable "
-                            f"eval/metrics.json and eval/samples.json: {err.message}") from None
+            raise SpecError(
+                f"{args.spec}: eval stage {chosen.name!r} (run {run.info.run_id}) holds no readable "
+                f"eval/metrics.json and eval/samples.json: {err.message}"
+            ) from None
     print(f"{chosen.name} (run {run.info.run_id}); plot: eval/metrics.png in that run\n")
     print(format_metrics(metrics))
     if samples["data"]:
@@ -287,18 +329,34 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"the runs are on the tracking server: browse {home.tracking_uri}")
         return 0
     print(f"MLflow UI on http://127.0.0.1:{args.port} for {home.tracking_uri}")
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", home.tracking_uri,
-                               "--host", "127.0.0.1", "--port", str(args.port)])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            home.tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+        ],
+    )
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    """Another node's ranks of a stage launched on `nodes` machines: they meet the first node's flow at `launch.master`."""
+    """Another node's ranks of a stage launched on `nodes` machines: they meet the first node's flow at
+    `launch.master`."""
     spec = load_spec(args.spec)
     stage = next((s for s in spec.training_stages() if s.name == args.stage), None)
     if stage is None or stage.launch is None or stage.launch.nodes < 2:
         raise UsageError(f"{args.spec}: no training stage {args.stage!r} launched on more than one node")
     if not 0 < args.node_rank < stage.launch.nodes:
-        raise UsageError(f"--node-rank must be 1 to {stage.launch.nodes - 1}: node 0 is the one running `lifecycle run`")
+        raise UsageError(
+            f"--node-rank must be 1 to {stage.launch.nodes - 1}: node 0 is the one running `lifecycle run`"
+        )
     from tasks.launch import join
 
     join(stage.launch, args.node_rank)
@@ -308,9 +366,11 @@ def cmd_join(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lifecycle", description="Make a language model from a spec, stage by stage.")
     commands = top.add_subparsers(dest="command", required=True)
-    for name, func, text in [("run", cmd_run, "run every stage; a re-run reuses what finished and resumes the rest"),
-                             ("status", cmd_status, "one row per stage: name, kind, fingerprint, state, run id, key metrics"),
-                             ("validate", cmd_validate, "check the spec and every data file; nothing trains")]:
+    for name, func, text in [
+        ("run", cmd_run, "run every stage; a re-run reuses what finished and resumes the rest"),
+        ("status", cmd_status, "one row per stage: name, kind, fingerprint, state, run id, key metrics"),
+        ("validate", cmd_validate, "check the spec and every data file; nothing trains"),
+    ]:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("spec", type=Path)
         sub.set_defaults(func=func)
@@ -320,19 +380,30 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("spec", type=Path)
     inspect.add_argument("--stage", required=True, help="the stage's name")
     inspect.add_argument("-n", type=int, default=3, help="how many examples")
-    inspect.add_argument("--tokenizer", type=Path, help="a tokenizer folder; default: the spec's finished tokenizer stage")
+    inspect.add_argument(
+        "--tokenizer", type=Path, help="a tokenizer folder; default: the spec's finished tokenizer stage"
+    )
     inspect.set_defaults(func=cmd_inspect)
     generate = commands.add_parser(
-        "generate", help="a checkpoint's replies to prompts, through the chat template stored with it",
-        description="Replies of one checkpoint: a stage's finished checkpoint (SPEC --stage NAME) or a folder (--checkpoint). "
-                    "Greedy by default, so a reply is reproducible and is the one `lifecycle report` shows; "
-                    "--temperature above 0 samples (nucleus, --top-p).")
-    generate.add_argument("words", nargs="*", metavar="[SPEC] PROMPT", help="with --stage: the spec, then the prompts; else the prompts")
+        "generate",
+        help="a checkpoint's replies to prompts, through the chat template stored with it",
+        description="Replies of one checkpoint: a stage's finished checkpoint (SPEC --stage NAME) or a folder "
+        "(--checkpoint). "
+        "Greedy by default, so a reply is reproducible and is the one `lifecycle report` shows; "
+        "--temperature above 0 samples (nucleus, --top-p).",
+    )
+    generate.add_argument(
+        "words", nargs="*", metavar="[SPEC] PROMPT", help="with --stage: the spec, then the prompts; else the prompts"
+    )
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--stage", help="the stage whose finished checkpoint answers (give the spec first)")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint folder (any stage's output)")
-    generate.add_argument("--input", type=Path, help="a jsonl of prompts ({prompt} or {prompt, answer}, the prompts format)")
-    generate.add_argument("--output", type=Path, help="where to write {prompt, answer, reference} lines; default: stdout")
+    generate.add_argument(
+        "--input", type=Path, help="a jsonl of prompts ({prompt} or {prompt, answer}, the prompts format)"
+    )
+    generate.add_argument(
+        "--output", type=Path, help="where to write {prompt, answer, reference} lines; default: stdout"
+    )
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
     generate.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (default 0.9)")
     generate.add_argument("--max-new-tokens", type=int, default=128)
@@ -346,15 +417,20 @@ def parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
-    join = commands.add_parser("join", help="run another node's ranks of a stage launched on several machines",
-                               description="On every node but the first, while the first runs `lifecycle run SPEC`: this node's "
-                               "ranks of the stage meet it at the stage's launch.master and take their work from it. The home "
-                               "must be on a filesystem every node shares.")
+    join = commands.add_parser(
+        "join",
+        help="run another node's ranks of a stage launched on several machines",
+        description="On every node but the first, while the first runs `lifecycle run SPEC`: this node's "
+        "ranks of the stage meet it at the stage's launch.master and take their work from it. The home "
+        "must be on a filesystem every node shares.",
+    )
     join.add_argument("spec", type=Path)
     join.add_argument("--stage", required=True, help="the stage's name")
     join.add_argument("--node-rank", type=int, required=True, help="this node's number, 1 to launch.nodes - 1")
     join.set_defaults(func=cmd_join)
-    stop = commands.add_parser("stop", help="stop the home's Prefect server (the first `run` starts it and leaves it for the next)")
+    stop = commands.add_parser(
+        "stop", help="stop the home's Prefect server (the first `run` starts it and leaves it for the next)"
+    )
     stop.set_defaults(func=cmd_stop)
     return top
 

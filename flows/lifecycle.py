@@ -41,14 +41,27 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
                 run_id = train_tokenizer(home, experiment, spec, stage, parent)
             elif stage.kind == "eval" and not reused:
                 scored = {name: runs[name] for name in stage.spec.checkpoints}
-                run_id = evaluate(home, experiment, stage, parent, scored, runs[tokenizer_stage.name], scorers(stage, runs))
+                run_id = evaluate(
+                    home, experiment, stage, parent, scored, runs[tokenizer_stage.name], scorers(stage, runs)
+                )
             elif not reused:
                 datasets = prepare(home, spec, stage, fetch(home, runs[tokenizer_stage.name]))
-                run_id = train(home, experiment, spec, stage, parent, runs.get(stage.upstream), runs[tokenizer_stage.name], datasets,
-                               scorers(stage, runs))
+                run_id = train(
+                    home,
+                    experiment,
+                    spec,
+                    stage,
+                    parent,
+                    runs.get(stage.upstream),
+                    runs[tokenizer_stage.name],
+                    datasets,
+                    scorers(stage, runs),
+                )
             lineage.link(mlflow, parent, stage, run_id, reused)
             if stage.kind == "eval":
                 lineage.copy_report(mlflow, run_id, parent, stage.name)
             runs[stage.name] = run_id
-    get_run_logger().info("pipeline %s: every stage finished; browse with `lifecycle ui` (%s)", spec.name, home.tracking_uri)
+    get_run_logger().info(
+        "pipeline %s: every stage finished; browse with `lifecycle ui` (%s)", spec.name, home.tracking_uri
+    )
     return runs

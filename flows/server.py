@@ -29,7 +29,9 @@ from schemas.errors import LifecycleError
 from tasks.home import Home, running
 
 WATCH_SECONDS = 15.0  # how often the server checks that its home still records it
-START_TIMEOUT = 300.0  # seconds; a first start migrates a new database: 34 s seen on an idle slow machine, more under load
+START_TIMEOUT = (
+    300.0  # seconds; a first start migrates a new database: 34 s seen on an idle slow machine, more under load
+)
 EPHEMERAL = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
 
@@ -88,8 +90,15 @@ def _spawn(folder: Path) -> tuple[int, str]:
     with socket.socket() as sock, open(folder / "server.log", "w") as output:
         sock.bind(("127.0.0.1", 0))
         command = [sys.executable, "-m", "flows.server", str(folder / "server.json"), str(sock.fileno())]
-        process = subprocess.Popen(command, env=os.environ | EPHEMERAL, stdin=subprocess.DEVNULL, stdout=output,
-                                   stderr=subprocess.STDOUT, start_new_session=True, pass_fds=[sock.fileno()])
+        process = subprocess.Popen(
+            command,
+            env=os.environ | EPHEMERAL,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=[sock.fileno()],
+        )
         return process.pid, f"http://127.0.0.1:{sock.getsockname()[1]}/api"
 
 
@@ -118,12 +127,16 @@ def serve(record: Path, fd: int) -> None:
 def _answering(state: dict, log: Path, deadline: float, timeout: float) -> None:
     while not _healthy(state["url"]):
         if not _alive(state["pid"]):
-            raise ServerError(f"the Prefect server for this home exited while starting; its log ({log}) ends with:\n{_tail(log)}")
+            raise ServerError(
+                f"the Prefect server for this home exited while starting; its log ({log}) ends with:\n{_tail(log)}"
+            )
         if time.monotonic() > deadline:
             os.killpg(state["pid"], signal.SIGKILL)
-            raise ServerError(f"the Prefect server for this home did not answer within {timeout:.0f} s (log: {log}); "
-                              "the machine may be very busy: try again, or start one yourself (`prefect server start`) "
-                              "and set PREFECT_API_URL")
+            raise ServerError(
+                f"the Prefect server for this home did not answer within {timeout:.0f} s (log: {log}); "
+                "the machine may be very busy: try again, or start one yourself (`prefect server start`) "
+                "and set PREFECT_API_URL"
+            )
         time.sleep(0.2)
 
 
@@ -143,8 +156,11 @@ def start(home: Home, timeout: float = START_TIMEOUT) -> tuple[str, Callable[[],
     try:
         if (state := _recorded(folder)) is None:
             _stop_recorded(folder)
-            print("starting this home's Prefect server (once: later commands reuse it; `lifecycle stop` stops it) ...",
-                  file=sys.stderr, flush=True)
+            print(
+                "starting this home's Prefect server (once: later commands reuse it; `lifecycle stop` stops it) ...",
+                file=sys.stderr,
+                flush=True,
+            )
             pid, url = _spawn(folder)
             state = {"pid": pid, "url": url, "prefect": version("prefect")}
             (folder / "server.json").write_text(json.dumps(state))
@@ -160,8 +176,11 @@ def start(home: Home, timeout: float = START_TIMEOUT) -> tuple[str, Callable[[],
             raise
         finally:
             lock.close()
-        print(f"Prefect server on {state['url'].removesuffix('/api')} ({time.monotonic() - began:.0f} s to start)",
-              file=sys.stderr, flush=True)
+        print(
+            f"Prefect server on {state['url'].removesuffix('/api')} ({time.monotonic() - began:.0f} s to start)",
+            file=sys.stderr,
+            flush=True,
+        )
         return state["url"]
 
     return state["url"], answering

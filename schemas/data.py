@@ -53,7 +53,13 @@ class Problem:
 
     def record(self) -> dict[str, str | int]:
         """The problem as a JSON-ready mapping, for the rejected-rows artifact."""
-        return {"file": str(self.file), "line": self.line, "field": self.field, "rule": self.rule, "excerpt": self.excerpt}
+        return {
+            "file": str(self.file),
+            "line": self.line,
+            "field": self.field,
+            "rule": self.rule,
+            "excerpt": self.excerpt,
+        }
 
 
 class DataError(LifecycleError, ValueError):
@@ -88,6 +94,7 @@ def excerpt(value: object, width: int = 60) -> str:
 
 # ---- the rules, as pandera checks on canonical columns --------------------------------------
 
+
 def _rule(name: str, test: Callable[[pl.Expr], pl.Expr]) -> pa.Check:
     """A check of `test` on the column; a missing result (an empty list's last turn) counts as failed."""
     return pa.Check(lambda data: data.lazyframe.select(test(pl.col(data.key)).fill_null(False)), name=name)
@@ -96,7 +103,9 @@ def _rule(name: str, test: Callable[[pl.Expr], pl.Expr]) -> pa.Check:
 def _alternating(roles: pl.Expr) -> pl.Expr:
     """An optional system turn, then user and assistant in turn from user: any other role fails it too."""
     body = pl.when(roles.list.first() == "system").then(roles.list.slice(1)).otherwise(roles)
-    expected = body.list.eval(pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("user")).otherwise(pl.lit("assistant")))
+    expected = body.list.eval(
+        pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("user")).otherwise(pl.lit("assistant"))
+    )
     return (body.list.len() >= 1) & (body == expected)
 
 
@@ -110,51 +119,112 @@ def _each_nonempty(texts: pl.Expr) -> pl.Expr:
 
 TEXT = pl.Utf8
 TEXTS = pl.List(pl.Utf8)
-ROLE_ORDER = f"roles must be {'/'.join(ROLES)}: an optional system turn, then user and assistant alternating, user first"
+ROLE_ORDER = (
+    f"roles must be {'/'.join(ROLES)}: an optional system turn, then user and assistant alternating, user first"
+)
 NONEMPTY = _rule("must not be empty", _nonempty)
 NONEMPTY_MESSAGES = _rule("no message may have empty content", _each_nonempty)
 PROMPT_COLUMNS = {
-    "prompt_roles": pa.Column(TEXTS, checks=[_rule(ROLE_ORDER, _alternating),
-                                            _rule("the prompt's last turn must be the user's", lambda roles: roles.list.last() == "user")]),
+    "prompt_roles": pa.Column(
+        TEXTS,
+        checks=[
+            _rule(ROLE_ORDER, _alternating),
+            _rule("the prompt's last turn must be the user's", lambda roles: roles.list.last() == "user"),
+        ],
+    ),
     "prompt_contents": pa.Column(TEXTS, checks=[NONEMPTY_MESSAGES]),
 }
 
 SCHEMAS: dict[Format, pa.DataFrameSchema] = {
     "text": pa.DataFrameSchema({"text": pa.Column(TEXT, checks=[NONEMPTY])}, name="text"),
-    "conversations": pa.DataFrameSchema({
-        "roles": pa.Column(TEXTS, checks=[_rule(ROLE_ORDER, _alternating),
-                                          _rule("the last turn must be the assistant's", lambda roles: roles.list.last() == "assistant")]),
-        "contents": pa.Column(TEXTS, checks=[NONEMPTY_MESSAGES]),
-    }, name="conversations"),
-    "preference": pa.DataFrameSchema({
-        **PROMPT_COLUMNS,
-        "chosen": pa.Column(TEXT, checks=[NONEMPTY]),
-        "rejected": pa.Column(TEXT, checks=[NONEMPTY, _rule("must differ from chosen", lambda rejected: (
-            rejected.str.strip_chars() != pl.col("chosen").str.strip_chars()))]),
-    }, name="preference"),
-    "ranked": pa.DataFrameSchema({
-        **PROMPT_COLUMNS,
-        "completions": pa.Column(TEXTS, checks=[_rule("at least 2 candidates are needed to rank", lambda c: c.list.len() >= 2),
-                                                _rule("no candidate may be empty", _each_nonempty)]),
-        "scores": pa.Column(pl.List(pl.Float64), checks=[
-            _rule("one score per candidate", lambda scores: scores.list.len() == pl.col("completions").list.len()),
-            _rule("scores must be finite numbers", lambda scores: scores.list.eval(pl.element().is_finite()).list.all()),
-        ]),
-    }, name="ranked"),
-    "prompts": pa.DataFrameSchema({
-        **PROMPT_COLUMNS,
-        "answer": pa.Column(TEXT, nullable=True, checks=[_rule("must not be empty when given", lambda a: a.is_null() | _nonempty(a))]),
-    }, name="prompts"),
-    "unpaired": pa.DataFrameSchema({
-        **PROMPT_COLUMNS,
-        "completions": pa.Column(TEXTS, checks=[_rule("no completion may be empty", _each_nonempty), _rule(
-            "a pair's rejected must differ from its chosen", lambda c: c.list.eval(pl.element().str.strip_chars()).list.n_unique() == c.list.len())]),
-        "labels": pa.Column(pl.List(pl.Boolean)),
-    }, name="unpaired"),
+    "conversations": pa.DataFrameSchema(
+        {
+            "roles": pa.Column(
+                TEXTS,
+                checks=[
+                    _rule(ROLE_ORDER, _alternating),
+                    _rule("the last turn must be the assistant's", lambda roles: roles.list.last() == "assistant"),
+                ],
+            ),
+            "contents": pa.Column(TEXTS, checks=[NONEMPTY_MESSAGES]),
+        },
+        name="conversations",
+    ),
+    "preference": pa.DataFrameSchema(
+        {
+            **PROMPT_COLUMNS,
+            "chosen": pa.Column(TEXT, checks=[NONEMPTY]),
+            "rejected": pa.Column(
+                TEXT,
+                checks=[
+                    NONEMPTY,
+                    _rule(
+                        "must differ from chosen",
+                        lambda rejected: rejected.str.strip_chars() != pl.col("chosen").str.strip_chars(),
+                    ),
+                ],
+            ),
+        },
+        name="preference",
+    ),
+    "ranked": pa.DataFrameSchema(
+        {
+            **PROMPT_COLUMNS,
+            "completions": pa.Column(
+                TEXTS,
+                checks=[
+                    _rule("at least 2 candidates are needed to rank", lambda c: c.list.len() >= 2),
+                    _rule("no candidate may be empty", _each_nonempty),
+                ],
+            ),
+            "scores": pa.Column(
+                pl.List(pl.Float64),
+                checks=[
+                    _rule(
+                        "one score per candidate", lambda scores: scores.list.len() == pl.col("completions").list.len()
+                    ),
+                    _rule(
+                        "scores must be finite numbers",
+                        lambda scores: scores.list.eval(pl.element().is_finite()).list.all(),
+                    ),
+                ],
+            ),
+        },
+        name="ranked",
+    ),
+    "prompts": pa.DataFrameSchema(
+        {
+            **PROMPT_COLUMNS,
+            "answer": pa.Column(
+                TEXT,
+                nullable=True,
+                checks=[_rule("must not be empty when given", lambda a: a.is_null() | _nonempty(a))],
+            ),
+        },
+        name="prompts",
+    ),
+    "unpaired": pa.DataFrameSchema(
+        {
+            **PROMPT_COLUMNS,
+            "completions": pa.Column(
+                TEXTS,
+                checks=[
+                    _rule("no completion may be empty", _each_nonempty),
+                    _rule(
+                        "a pair's rejected must differ from its chosen",
+                        lambda c: c.list.eval(pl.element().str.strip_chars()).list.n_unique() == c.list.len(),
+                    ),
+                ],
+            ),
+            "labels": pa.Column(pl.List(pl.Boolean)),
+        },
+        name="unpaired",
+    ),
 }
 
 
 # ---- reading --------------------------------------------------------------------------------
+
 
 def numbered_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, int]]:
     """(number, bytes, oversize) per line; a line of more than `limit` bytes (its end of line aside)
@@ -175,11 +245,14 @@ def numbered_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, i
 
 def parse_json_line(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> dict | Problem | None:
     """One line as a JSON object, None for a blank line, or the Problem that stops it being read."""
+
     def problem(rule: str, shown: str = "") -> Problem:
         return Problem(path, number, "(line)", rule, excerpt(shown.strip()))
 
     if oversize:
-        return problem(f"is {oversize:,} bytes, over the {limit:,}-byte limit for one row", raw.decode("utf-8", "replace"))
+        return problem(
+            f"is {oversize:,} bytes, over the {limit:,}-byte limit for one row", raw.decode("utf-8", "replace")
+        )
     raw = raw.removeprefix(BOM)  # anywhere: files joined with `cat` keep each one's BOM
     try:
         text = raw.decode("utf-8").rstrip("\r\n")  # so JSON errors point at columns of the line itself
@@ -220,7 +293,9 @@ def read_jsonl(path: Path, fmt: Format) -> tuple[pl.DataFrame, list[Problem]]:
                 try:
                     flat = flatten(fmt, row)
                 except Shape as err:
-                    problems.append(Problem(path, number, err.field, err.rule, excerpt(raw.removeprefix(BOM).decode().strip())))
+                    problems.append(
+                        Problem(path, number, err.field, err.rule, excerpt(raw.removeprefix(BOM).decode().strip()))
+                    )
                     continue
                 columns["line"].append(number)
                 for name, value in flat.items():
@@ -249,9 +324,16 @@ def _rule_problems(path: Path, frame: pl.DataFrame, schema: pa.DataFrameSchema) 
 def _rank(path: Path, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[Problem]]:
     """Candidates sorted best first (ties keep the file's order), and a note for each list with ties."""
     tied = frame.filter(pl.col("scores").list.n_unique() < pl.col("scores").list.len())
-    notes = [Problem(path, line, "scores", TIE_NOTE, excerpt(scores)) for line, scores in tied.select("line", "scores").iter_rows()]
-    best_first = pl.col("scores").list.eval(pl.int_range(pl.len()).sort_by(pl.element(), descending=True, maintain_order=True))
-    return frame.with_columns(pl.col("completions").list.gather(best_first), pl.col("scores").list.gather(best_first)), notes
+    notes = [
+        Problem(path, line, "scores", TIE_NOTE, excerpt(scores))
+        for line, scores in tied.select("line", "scores").iter_rows()
+    ]
+    best_first = pl.col("scores").list.eval(
+        pl.int_range(pl.len()).sort_by(pl.element(), descending=True, maintain_order=True)
+    )
+    return frame.with_columns(
+        pl.col("completions").list.gather(best_first), pl.col("scores").list.gather(best_first)
+    ), notes
 
 
 def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail") -> Validated:
@@ -274,7 +356,9 @@ def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail") -> Valida
         if not problems:
             problems.append(Problem(path, 0, "(file)", "holds no rows"))
         elif on_invalid == "skip":
-            problems.insert(0, Problem(path, 0, "(file)", f"holds no valid rows: all {len(rejected_lines)} were rejected"))
+            problems.insert(
+                0, Problem(path, 0, "(file)", f"holds no valid rows: all {len(rejected_lines)} were rejected")
+            )
     if problems and (on_invalid == "fail" or problems[0].line == 0):
         raise DataError(problems)
     return Validated(frame=valid, rejected=problems, notes=notes)
@@ -290,8 +374,11 @@ def read_files(paths: list[Path], fmt: Format, on_invalid: OnInvalid = "fail") -
             problems += err.problems
     if problems:
         raise DataError(problems)
-    return Validated(frame=pl.concat([p.frame for p in parts]), rejected=[r for p in parts for r in p.rejected],
-                     notes=[n for p in parts for n in p.notes])
+    return Validated(
+        frame=pl.concat([p.frame for p in parts]),
+        rejected=[r for p in parts for r in p.rejected],
+        notes=[n for p in parts for n in p.notes],
+    )
 
 
 def validate_file(path: Path, fmt: Format) -> pl.DataFrame:

@@ -49,7 +49,9 @@ def _kind(value: object) -> str:
         return "true/false"
     if value == [] or value == {}:
         return f"an empty {'list' if isinstance(value, list) else 'object'}"
-    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _get(row: dict, key: str, field: str | None = None) -> object:
@@ -66,7 +68,9 @@ def _string(value: object, field: str) -> str:
             value.encode("utf-8")
         except UnicodeEncodeError:
             # JSON's \ud800-style escapes can name half a surrogate pair, which no UTF-8 text can hold.
-            raise Shape(field, "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not valid Unicode") from None
+            raise Shape(
+                field, "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not valid Unicode"
+            ) from None
     return value
 
 
@@ -106,7 +110,9 @@ def _content(value: object, field: str) -> str:
 def _messages(value: object, field: str) -> Turns:
     """OpenAI/TRL {role, content} or sharegpt {from, value} messages, per message."""
     if not isinstance(value, list) or not value:
-        raise Shape(field, f"must be a non-empty list of messages {{role, content}} or {{from, value}}, not {_kind(value)}")
+        raise Shape(
+            field, f"must be a non-empty list of messages {{role, content}} or {{from, value}}, not {_kind(value)}"
+        )
     roles, contents = [], []
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
@@ -118,7 +124,9 @@ def _messages(value: object, field: str) -> Turns:
             roles.append(SHAREGPT_ROLES.get(speaker, speaker))
             contents.append(_string(_get(message, "value", f"{where}.value"), f"{where}.value"))
         else:
-            raise Shape(where, f"must be an object with string role and content (or from and value), not {_kind(message)}")
+            raise Shape(
+                where, f"must be an object with string role and content (or from and value), not {_kind(message)}"
+            )
     return roles, contents
 
 
@@ -198,8 +206,11 @@ def _conversation(row: dict) -> dict:
         roles, contents = _alpaca_prompt(row)
         return {"roles": [*roles, "assistant"], "contents": [*contents, _string(_get(row, "output"), "output")]}
     if key is None:
-        raise Shape("conversations", "required: a list of messages {role, content} (or messages, sharegpt {from, value}, "
-                    "or alpaca instruction/input/output)")
+        raise Shape(
+            "conversations",
+            "required: a list of messages {role, content} (or messages, sharegpt {from, value}, "
+            "or alpaca instruction/input/output)",
+        )
     roles, contents = _with_system(row, _messages(row[key], key))
     return {"roles": roles, "contents": contents}
 
@@ -209,8 +220,12 @@ def _preference(row: dict) -> dict:
     prompt_key = next((k for k in ("prompt", "question") if k in row), None)
     if prompt_key is not None and not (isinstance(chosen, list) and len(chosen) > 1):
         roles, contents = _prompt(row, prompt_key)
-        return {"prompt_roles": roles, "prompt_contents": contents,
-                "chosen": _completion(chosen, "chosen"), "rejected": _completion(rejected, "rejected")}
+        return {
+            "prompt_roles": roles,
+            "prompt_contents": contents,
+            "chosen": _completion(chosen, "chosen"),
+            "rejected": _completion(rejected, "rejected"),
+        }
     # Whole conversations (a redundant prompt key beside them, as UltraFeedback has, adds nothing):
     # the turns they share are the prompt, their final assistant turns the two replies.
     if not isinstance(chosen, list):
@@ -224,19 +239,30 @@ def _preference(row: dict) -> dict:
     for field, roles in (("chosen", chosen_roles), ("rejected", rejected_roles)):
         if roles[-1] != "assistant":
             raise Shape(field, f"the last turn must be the assistant's, not {roles[-1]!r}")
-    return {"prompt_roles": chosen_roles[:-1], "prompt_contents": chosen_contents[:-1],
-            "chosen": chosen_contents[-1], "rejected": rejected_contents[-1]}
+    return {
+        "prompt_roles": chosen_roles[:-1],
+        "prompt_contents": chosen_contents[:-1],
+        "chosen": chosen_contents[-1],
+        "rejected": rejected_contents[-1],
+    }
 
 
 def _ranked(row: dict) -> dict:
     if "prefix" in row or "suffix" in row:
         return _pro_ranked(row)
     if "instruction" not in row:
-        raise Shape("instruction", "required: a ranked list is {instruction, input, output: [...], score: [...]} "
-                    "or PRO's {prefix, suffix, reward}")
+        raise Shape(
+            "instruction",
+            "required: a ranked list is {instruction, input, output: [...], score: [...]} "
+            "or PRO's {prefix, suffix, reward}",
+        )
     roles, contents = _alpaca_prompt(row)
-    return {"prompt_roles": roles, "prompt_contents": contents,
-            "completions": _strings(_get(row, "output"), "output"), "scores": _numbers(_get(row, "score"), "score")}
+    return {
+        "prompt_roles": roles,
+        "prompt_contents": contents,
+        "completions": _strings(_get(row, "output"), "output"),
+        "scores": _numbers(_get(row, "score"), "score"),
+    }
 
 
 def _pro_ranked(row: dict) -> dict:
@@ -247,7 +273,11 @@ def _pro_ranked(row: dict) -> dict:
     if not isinstance(prefixes, list) or not prefixes:
         raise Shape("prefix", f"must be a list holding the prompt once per suffix, not {_kind(prefixes)}")
     if len(prefixes) != len(completions):
-        raise Shape("prefix", f"holds {len(prefixes)} prompt(s) for {len(completions)} suffix(es); PRO repeats the prompt once per suffix")
+        raise Shape(
+            "prefix",
+            f"holds {len(prefixes)} prompt(s) for {len(completions)} suffix(es); PRO repeats the prompt once per "
+            "suffix",
+        )
     prompts = [_pro_prompt(prefix, f"prefix[{i}]") for i, prefix in enumerate(prefixes)]
     if any(prompt != prompts[0] for prompt in prompts[1:]):
         raise Shape("prefix", "every candidate must share one prompt")
@@ -283,21 +313,39 @@ def _label(value: object) -> bool:
 
 
 def _unpaired(row: dict) -> dict:
-    """TRL's unpaired {prompt, completion, label}; a preference pair, in any of its shapes, as its two labelled completions."""
+    """TRL's unpaired {prompt, completion, label}; a preference pair, in any of its shapes, as its two labelled
+    completions."""
     if "completion" not in row and "label" not in row and ("chosen" in row or "rejected" in row):
         pair = _preference(row)
-        return {"prompt_roles": pair["prompt_roles"], "prompt_contents": pair["prompt_contents"],
-                "completions": [pair["chosen"], pair["rejected"]], "labels": [True, False]}
+        return {
+            "prompt_roles": pair["prompt_roles"],
+            "prompt_contents": pair["prompt_contents"],
+            "completions": [pair["chosen"], pair["rejected"]],
+            "labels": [True, False],
+        }
     if "prompt" not in row:
-        raise Shape("prompt", "required: an unpaired row is {prompt, completion, label: true|false} "
-                    "(or give a preference pair {prompt, chosen, rejected})")
+        raise Shape(
+            "prompt",
+            "required: an unpaired row is {prompt, completion, label: true|false} "
+            "(or give a preference pair {prompt, chosen, rejected})",
+        )
     roles, contents = _prompt(row, "prompt")
-    return {"prompt_roles": roles, "prompt_contents": contents,
-            "completions": [_completion(_get(row, "completion"), "completion")], "labels": [_label(_get(row, "label"))]}
+    return {
+        "prompt_roles": roles,
+        "prompt_contents": contents,
+        "completions": [_completion(_get(row, "completion"), "completion")],
+        "labels": [_label(_get(row, "label"))],
+    }
 
 
-FLATTEN = {"text": _text, "conversations": _conversation, "preference": _preference, "ranked": _ranked, "prompts": _prompts,
-           "unpaired": _unpaired}
+FLATTEN = {
+    "text": _text,
+    "conversations": _conversation,
+    "preference": _preference,
+    "ranked": _ranked,
+    "prompts": _prompts,
+    "unpaired": _unpaired,
+}
 
 
 def flatten(fmt: Format, row: dict) -> dict:

@@ -17,7 +17,8 @@ from pydantic import Field, PositiveInt, model_validator
 
 from schemas.base import Strict
 
-# The DeepSpeed configs the `{zero, offload}` form names; every size in them is "auto", filled by the HF Trainer from `train`.
+# The DeepSpeed configs the `{zero, offload}` form names; every size in them is "auto", filled by the HF Trainer from
+# `train`.
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "deepspeed"
 
 
@@ -31,11 +32,20 @@ class DeepSpeed(Strict):
 
 class Launch(Strict):
     processes: PositiveInt = Field(1, description="ranks on each node (one per GPU on a GPU machine)")
-    nodes: PositiveInt = Field(1, description="machines; every node but the first runs `lifecycle join` (README: many machines)")
-    master: str = Field("127.0.0.1:29500", pattern=r"^[^:\s]+:\d+$",
-                        description="host:port of the first node, where the other nodes meet it (torchrun's static rendezvous)")
+    nodes: PositiveInt = Field(
+        1, description="machines; every node but the first runs `lifecycle join` (README: many machines)"
+    )
+    master: str = Field(
+        "127.0.0.1:29500",
+        pattern=r"^[^:\s]+:\d+$",
+        description="host:port of the first node, where the other nodes meet it (torchrun's static rendezvous)",
+    )
     deepspeed: DeepSpeed | Path | None = Field(
-        None, description="{zero: 2|3, offload: bool} for a shipped config, or the path of a DeepSpeed JSON config of your own")
+        None,
+        description=(
+            "{zero: 2|3, offload: bool} for a shipped config, or the path of a DeepSpeed JSON config of your own"
+        ),
+    )
 
     @property
     def world_size(self) -> int:

@@ -14,8 +14,17 @@ from pydantic import ValidationError
 
 from schemas.errors import LifecycleError
 from schemas.models import own_model_problems
-from schemas.spec import (STAGE_KINDS, ChatStage, EvalStage, GRPOStage, PipelineSpec, ReferenceStage, RewardStage, TrainingStage,
-                          expand)
+from schemas.spec import (
+    STAGE_KINDS,
+    ChatStage,
+    EvalStage,
+    GRPOStage,
+    PipelineSpec,
+    ReferenceStage,
+    RewardStage,
+    TrainingStage,
+    expand,
+)
 
 
 class SpecError(LifecycleError, ValueError):
@@ -42,7 +51,8 @@ def _folder(path: Path, base: Path, where: str, missing: list[str]) -> Path:
 
 
 def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
-    """An eval stage's unnamed checkpoints, data and rewards filled in: every scored stage, every held-out file they have,
+    """An eval stage's unnamed checkpoints, data and rewards filled in: every scored stage, every held-out file they
+    have,
     the last earlier reward stage's model, the last scored grpo stage's rewards."""
     scored = spec.scored_by(stage)
     update: dict[str, object] = {"checkpoints": [s.name for s in scored]}
@@ -58,20 +68,27 @@ def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
 
 
 def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
-    """Every data path made absolute against the spec's folder and expanded into the files it names; templates and eval defaults filled in."""
+    """Every data path made absolute against the spec's folder and expanded into the files it names; templates and
+    eval defaults filled in."""
 
     def fix(path: Path, where: str) -> list[Path]:
         resolved = path if path.is_absolute() else (base / path).resolve()
         files = expand([resolved])
         if not files:
-            missing.append(f"{where}: {path} does not exist (looked for {resolved})" if glob.escape(str(path)) == str(path)
-                           else f"{where}: {path} matches no file (looked for {resolved})")
+            missing.append(
+                f"{where}: {path} does not exist (looked for {resolved})"
+                if glob.escape(str(path)) == str(path)
+                else f"{where}: {path} matches no file (looked for {resolved})"
+            )
         return files
 
     missing: list[str] = []
     stages = []
     for i, stage in enumerate(spec.stages):
-        update = {field: [f for p in paths for f in fix(p, f"stages[{i}].{field}")] for field, (paths, _) in stage.files().items()}
+        update = {
+            field: [f for p in paths for f in fix(p, f"stages[{i}].{field}")]
+            for field, (paths, _) in stage.files().items()
+        }
         if isinstance(stage, (ChatStage, EvalStage)):
             update["template"] = stage.template or spec.template
         if isinstance(stage, TrainingStage):
@@ -92,7 +109,9 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
     if tokenizer.path is not None:
         tokenizer = tokenizer.model_copy(update={"path": _folder(tokenizer.path, base, "tokenizer.path", missing)})
     elif tokenizer.train is not None and tokenizer.train.data:
-        train = tokenizer.train.model_copy(update={"data": [f for p in tokenizer.train.data for f in fix(p, "tokenizer.train.data")]})
+        train = tokenizer.train.model_copy(
+            update={"data": [f for p in tokenizer.train.data for f in fix(p, "tokenizer.train.data")]}
+        )
         tokenizer = tokenizer.model_copy(update={"train": train})
     if missing:
         raise SpecError("\n".join(missing))
@@ -100,7 +119,8 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
 
 
 def _launch_problems(spec: PipelineSpec) -> list[str]:
-    """A launch the stage cannot run under: a batch the ranks cannot share evenly, a config that is not one, a frozen reference under ZeRO-3."""
+    """A launch the stage cannot run under: a batch the ranks cannot share evenly, a config that is not one, a frozen
+    reference under ZeRO-3."""
     problems = []
     for i, stage in enumerate(spec.stages):
         launch = getattr(stage, "launch", None)
@@ -108,19 +128,25 @@ def _launch_problems(spec: PipelineSpec) -> list[str]:
             continue
         where = f"stages[{i}] ({stage.name})"
         if stage.train.batch_size % launch.world_size:
-            problems.append(f"{where}: train.batch_size {stage.train.batch_size} is the batch of all {launch.world_size} processes "
-                            f"together and must divide evenly among them")
+            problems.append(
+                f"{where}: train.batch_size {stage.train.batch_size} is the batch of all {launch.world_size} processes "
+                f"together and must divide evenly among them"
+            )
         try:
             zero = launch.zero_stage()
         except ValueError as err:
             problems.append(f"{where}.launch.deepspeed: {launch.deepspeed} is not a DeepSpeed JSON config ({err})")
             continue
         if isinstance(stage, GRPOStage):
-            problems.append(f"{where}: a grpo stage runs in one process for now (its sampling is not sharded among ranks): "
-                            "leave launch out of it")
+            problems.append(
+                f"{where}: a grpo stage runs in one process for now (its sampling is not sharded among ranks): "
+                "leave launch out of it"
+            )
         if zero == 3 and isinstance(stage, ReferenceStage) and stage.reference_strategy() == "frozen":
-            problems.append(f"{where}: a frozen reference copy is not sharded under ZeRO-3 (every rank would hold the whole "
-                            "model again); use reference: precomputed, or lora with reference: adapter-off")
+            problems.append(
+                f"{where}: a frozen reference copy is not sharded under ZeRO-3 (every rank would hold the whole "
+                "model again); use reference: precomputed, or lora with reference: adapter-off"
+            )
     return problems
 
 
@@ -140,14 +166,19 @@ def load_spec(path: Path) -> PipelineSpec:
     except ValidationError as err:
         lines = [f"{path}: {len(err.errors())} problem(s) in the spec"]
         for e in err.errors():
-            lines.append(f"  {_location(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""))
+            lines.append(
+                f"  {_location(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else "")
+            )
         raise SpecError("\n".join(lines)) from None
     try:
         spec = _resolve(spec, path.resolve().parent)
     except SpecError as err:
         raise SpecError(f"{path}: missing files\n  " + str(err).replace("\n", "\n  ")) from None
     if problems := own_model_problems(spec):
-        raise SpecError(f"{path}: {len(problems)} problem(s) with the model or tokenizer it names\n  " + "\n  ".join(problems))
+        raise SpecError(
+            f"{path}: {len(problems)} problem(s) with the model or tokenizer it names\n  " + "\n  ".join(problems)
+        )
     if problems := _launch_problems(spec):
         raise SpecError(f"{path}: {len(problems)} problem(s) with how stages are launched\n  " + "\n  ".join(problems))
     return spec

@@ -43,7 +43,8 @@ class RegexReward(Strict):
 
 
 class LengthReward(Strict):
-    """DAPO's soft overlong penalty on the reply's tokens: 0 up to `limit - soft`, falling linearly to -1 at `limit`, -1 beyond."""
+    """DAPO's soft overlong penalty on the reply's tokens: 0 up to `limit - soft`, falling linearly to -1 at `limit`,
+    -1 beyond."""
 
     kind: Literal["length"]
     limit: PositiveInt

@@ -14,9 +14,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, Field, PositiveInt, model_validator
 
 from schemas.base import Strict
-from schemas.models import init_config
 from schemas.formats import Format
 from schemas.launch import Launch
+from schemas.models import init_config
 from schemas.rewards import AnswerReward, ModelReward, Reward
 
 TOKENIZER_STAGE = "tokenizer"
@@ -42,8 +42,11 @@ class ModelInit(Strict):
     max_seq_len: PositiveInt = 512
     rope_theta: float = Field(10000.0, gt=0)
     tie_embeddings: bool = True
-    config: dict[str, Any] = Field(default_factory=dict, description="any other field of the architecture's config, "
-                                   "named as transformers names it (e.g. {rms_norm_eps: 1.0e-5})")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="any other field of the architecture's config, "
+        "named as transformers names it (e.g. {rms_norm_eps: 1.0e-5})",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelInit:
@@ -100,7 +103,9 @@ class TrainSpec(Strict):
     grad_accum: PositiveInt = 1
     epochs: float = Field(1.0, gt=0)
     max_steps: PositiveInt | None = Field(None, description="overrides epochs when set")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the device multiplies bf16 natively")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the device multiplies bf16 natively"
+    )
     save_steps: PositiveInt = Field(100, description="in-stage checkpoint interval; a re-run resumes from the last one")
     logging_steps: PositiveInt = 10
     seed: int = 0
@@ -110,7 +115,11 @@ def expand(patterns: list[Path]) -> list[Path]:
     """Paths and glob patterns (`**` included) as the files they name: a path as itself, a pattern's matches sorted."""
     files: dict[Path, None] = {}
     for pattern in patterns:
-        matches = [Path(pattern)] if Path(pattern).is_file() else sorted(Path(m) for m in glob.glob(str(pattern), recursive=True))
+        matches = (
+            [Path(pattern)]
+            if Path(pattern).is_file()
+            else sorted(Path(m) for m in glob.glob(str(pattern), recursive=True))
+        )
         files |= dict.fromkeys(m for m in matches if m.is_file())
     return list(files)
 
@@ -122,15 +131,23 @@ class LoraSpec(Strict):
     alpha: float = Field(16.0, gt=0, description="the adapter's scale is alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head")
+        "all-linear",
+        description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head",
+    )
     merge: bool = Field(False, description="also log the input model with the adapter merged in (merge_and_unload)")
 
 
 class StageBase(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique; names the MLflow run and the work folder")
-    from_: str | None = Field(None, alias="from", description="the stage whose output is this stage's input; default: the previous one")
+    from_: str | None = Field(
+        None, alias="from", description="the stage whose output is this stage's input; default: the previous one"
+    )
     on_invalid: Literal["fail", "skip"] = Field(
-        "fail", description="fail: a bad row stops the run before any model loads; skip: bad rows are dropped, logged and counted")
+        "fail",
+        description=(
+            "fail: a bad row stops the run before any model loads; skip: bad rows are dropped, logged and counted"
+        ),
+    )
 
     def files(self) -> dict[str, tuple[list[Path], Format]]:
         """Every data field of the stage: its files and the format they must have."""
@@ -150,9 +167,13 @@ class TrainingStage(StageBase):
     train: TrainSpec = TrainSpec()
     lora: LoraSpec | None = Field(None, description="train low-rank adapters instead of every weight")
     input: Literal["model", "adapter"] = Field(
-        "model", description="from a stage with lora.merge: its merged model, or its adapter applied to its base")
-    launch: Launch | None = Field(None, description="run under torchrun (DDP) or DeepSpeed ZeRO; default: the pipeline's launch, "
-                                  "else one process. Not part of the fingerprint")
+        "model", description="from a stage with lora.merge: its merged model, or its adapter applied to its base"
+    )
+    launch: Launch | None = Field(
+        None,
+        description="run under torchrun (DDP) or DeepSpeed ZeRO; default: the pipeline's launch, "
+        "else one process. Not part of the fingerprint",
+    )
 
     def files(self) -> dict[str, tuple[list[Path], Format]]:
         return {"data": (self.data, self.data_format), "heldout": (self.heldout, self.data_format)}
@@ -168,7 +189,9 @@ class PretrainStage(TrainingStage):
     kind: Literal["pretrain"]
     data_format: ClassVar[Format] = "text"
     packing: Packing = Packing()
-    streaming: bool = Field(False, description="read data as a stream at flat memory (corpora larger than memory); needs train.max_steps")
+    streaming: bool = Field(
+        False, description="read data as a stream at flat memory (corpora larger than memory); needs train.max_steps"
+    )
     shuffle_buffer: PositiveInt = Field(1024, description="blocks held for shuffling a stream")
 
     @model_validator(mode="after")
@@ -181,7 +204,9 @@ class PretrainStage(TrainingStage):
 class ChatStage(TrainingStage):
     """A stage whose examples are rendered through a chat template."""
 
-    max_len: PositiveInt = Field(512, description="tokens per example (prompt and reply); longer ones are cut and counted")
+    max_len: PositiveInt = Field(
+        512, description="tokens per example (prompt and reply); longer ones are cut and counted"
+    )
     template: TemplateName | None = Field(None, description="default: the pipeline's template")
 
 
@@ -190,8 +215,12 @@ class SFTStage(ChatStage):
 
     kind: Literal["sft"]
     data_format: ClassVar[Format] = "conversations"
-    packing: bool = Field(True, description="best-fit whole conversations into rows of max_len; attention never crosses one")
-    overlong: Literal["truncate", "drop"] = Field("truncate", description="what happens to a conversation longer than max_len (counted)")
+    packing: bool = Field(
+        True, description="best-fit whole conversations into rows of max_len; attention never crosses one"
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="what happens to a conversation longer than max_len (counted)"
+    )
     eval_samples: int = Field(64, ge=0, description="held-out conversations answered greedily for exact match")
 
 
@@ -199,13 +228,18 @@ class ReferenceStage(ChatStage):
     """A stage whose objective compares the policy with a reference: the input model as it came in."""
 
     reference: Literal["auto", "frozen", "adapter-off", "precomputed"] = Field(
-        "auto", description="frozen: a copy of the input model; adapter-off: the input model under the LoRA adapter "
-        "(no second copy); precomputed: log-probs computed once and cached with the prepared data; auto: adapter-off with lora, else frozen")
+        "auto",
+        description="frozen: a copy of the input model; adapter-off: the input model under the LoRA adapter "
+        "(no second copy); precomputed: log-probs computed once and cached with the prepared data; auto: adapter-off "
+        "with lora, else frozen",
+    )
 
     @model_validator(mode="after")
     def _reference_has_adapter(self) -> ReferenceStage:
         if self.reference == "adapter-off" and self.lora is None:
-            raise ValueError("reference adapter-off needs a lora block: without an adapter there is nothing to switch off")
+            raise ValueError(
+                "reference adapter-off needs a lora block: without an adapter there is nothing to switch off"
+            )
         return self
 
     def reference_strategy(self) -> str | None:
@@ -222,12 +256,16 @@ class DPOStage(ReferenceStage):
     data_format: ClassVar[Format] = "preference"
     beta: float = Field(0.1, gt=0, description="the KL strength (sigmoid, ipo, hinge); SimPO's beta; ORPO's lambda")
     loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: the assumed share of flipped labels (sigmoid only)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="cDPO: the assumed share of flipped labels (sigmoid only)"
+    )
     gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
     logps: Literal["sum", "mean"] | None = Field(
-        None, description="a reply's log-prob: summed or averaged over its tokens; default: sum for sigmoid and hinge; "
+        None,
+        description="a reply's log-prob: summed or averaged over its tokens; default: sum for sigmoid and hinge; "
         "mean for ipo (as TRL uses it: on summed log-probs its squared loss grows with the reply's length; sum may "
-        "still be chosen); mean for orpo and simpo, which are defined on means only")
+        "still be chosen); mean for orpo and simpo, which are defined on means only",
+    )
 
     @model_validator(mode="after")
     def _variant_fits(self) -> DPOStage:
@@ -257,8 +295,12 @@ class KTOStage(ReferenceStage):
     kind: Literal["kto"]
     data_format: ClassVar[Format] = "unpaired"
     beta: float = Field(0.1, gt=0, description="the KL strength: the implied reward is beta · log π/π_ref")
-    desirable_weight: float = Field(1.0, gt=0, description="lambda_D, the weight of a desirable completion's loss; the paper "
-                                    "advises lambda_D·n_D / (lambda_U·n_U) in [1, 4/3]: the stage logs that ratio and warns outside it")
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="lambda_D, the weight of a desirable completion's loss; the paper "
+        "advises lambda_D·n_D / (lambda_U·n_U) in [1, 4/3]: the stage logs that ratio and warns outside it",
+    )
     undesirable_weight: float = Field(1.0, gt=0, description="lambda_U, the weight of an undesirable completion's loss")
 
 
@@ -270,8 +312,10 @@ class PROStage(ChatStage):
     sft_weight: float = Field(0.05, ge=0, description="weight of the SFT term on the best candidate, times (n-1)^2")
     reward_weighting: bool = Field(True, description="scale each comparison by the score difference, as the paper does")
     curriculum: list[Annotated[int, Field(ge=2)]] = Field(
-        default_factory=list, description="list lengths of successive sub-stages, each a child run fed by the last "
-        "(e.g. [2, 3, 4]); default: one run on the longest lists")
+        default_factory=list,
+        description="list lengths of successive sub-stages, each a child run fed by the last "
+        "(e.g. [2, 3, 4]); default: one run on the longest lists",
+    )
 
     @model_validator(mode="after")
     def _curriculum_grows(self) -> PROStage:
@@ -304,30 +348,49 @@ class GRPOStage(ChatStage):
 
     kind: Literal["grpo"]
     data_format: ClassVar[Format] = "prompts"
-    rewards: list[Reward] = Field(default_factory=lambda: [AnswerReward(kind="answer")], min_length=1,
-                                  description="summed with their weights; default: the reference answer appears in the reply")
+    rewards: list[Reward] = Field(
+        default_factory=lambda: [AnswerReward(kind="answer")],
+        min_length=1,
+        description="summed with their weights; default: the reference answer appears in the reply",
+    )
     group_size: int = Field(8, ge=2, description="completions sampled per prompt")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: PositiveInt = 48
     scale: Literal["group", "batch", "none"] = Field(
-        "group", description="advantages: reward minus the group's mean, divided by the group's std, the batch's, or nothing (Dr. GRPO)")
+        "group",
+        description=(
+            "advantages: reward minus the group's mean, divided by the group's std, the batch's, or nothing (Dr. GRPO)"
+        ),
+    )
     epsilon_low: float = Field(0.2, gt=0, lt=1, description="the ratio is clipped below at 1 - epsilon_low")
     epsilon_high: float = Field(0.2, gt=0, description="and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)")
-    iterations: PositiveInt = Field(1, description="updates on the same samples (mu); above 1 the importance ratio moves away from 1")
+    iterations: PositiveInt = Field(
+        1, description="updates on the same samples (mu); above 1 the importance ratio moves away from 1"
+    )
     beta: float = Field(0.0, ge=0, description="weight of the k3 KL estimate to the reference; 0: no reference at all")
     reference: Literal["auto", "frozen", "adapter-off"] = Field(
-        "auto", description="with beta > 0: a frozen copy of the input model, or (lora) the adapters switched off; auto picks")
+        "auto",
+        description="with beta > 0: a frozen copy of the input model, or (lora) the adapters switched off; auto picks",
+    )
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="grpo: mean over each completion's tokens, then over completions; dapo: mean over every token "
-        "of the batch; dr_grpo: sum over tokens divided by completions x max_new_tokens")
-    eval_samples: int = Field(64, ge=0, description="held-out prompts answered greedily, before and after, for accuracy and reward")
-    log_samples: PositiveInt = Field(10, description="every this many steps, a batch's completions and their rewards are kept")
+        "grpo",
+        description="grpo: mean over each completion's tokens, then over completions; dapo: mean over every token "
+        "of the batch; dr_grpo: sum over tokens divided by completions x max_new_tokens",
+    )
+    eval_samples: int = Field(
+        64, ge=0, description="held-out prompts answered greedily, before and after, for accuracy and reward"
+    )
+    log_samples: PositiveInt = Field(
+        10, description="every this many steps, a batch's completions and their rewards are kept"
+    )
 
     @model_validator(mode="after")
     def _reference_fits(self) -> GRPOStage:
         if self.reference == "adapter-off" and self.lora is None:
-            raise ValueError("reference adapter-off needs a lora block: without an adapter there is nothing to switch off")
+            raise ValueError(
+                "reference adapter-off needs a lora block: without an adapter there is nothing to switch off"
+            )
         if self.reference != "auto" and self.beta == 0:
             raise ValueError(f"reference {self.reference} is used only with beta > 0 (the KL term); beta is 0")
         return self
@@ -347,22 +410,36 @@ class EvalStage(StageBase):
     """Scores checkpoints side by side on the same held-out data; trains nothing."""
 
     kind: Literal["eval"]
-    checkpoints: list[str] = Field(default_factory=list, description="stages to score; default: every stage of the lineage")
-    text: Files = Field(default_factory=list, description="held-out text: perplexity; default: the scored stages' held-out text")
-    conversations: Files = Field(default_factory=list, description="held-out conversations: response loss and exact match")
+    checkpoints: list[str] = Field(
+        default_factory=list, description="stages to score; default: every stage of the lineage"
+    )
+    text: Files = Field(
+        default_factory=list, description="held-out text: perplexity; default: the scored stages' held-out text"
+    )
+    conversations: Files = Field(
+        default_factory=list, description="held-out conversations: response loss and exact match"
+    )
     prompts: Files = Field(default_factory=list, description="prompts with reference answers: task accuracy")
     preference: Files = Field(default_factory=list, description="held-out pairs: preference accuracy and reward margin")
     ranked: Files = Field(default_factory=list, description="held-out ranked lists: Kendall tau and top-1")
-    samples: list[str] = Field(default_factory=list, description="prompts every checkpoint answers, shown side by side; "
-                               "default: the first few held-out prompts")
+    samples: list[str] = Field(
+        default_factory=list,
+        description="prompts every checkpoint answers, shown side by side; default: the first few held-out prompts",
+    )
     limit: PositiveInt = Field(200, description="at most this many rows of each file are scored")
     max_len: PositiveInt = 512
     max_new_tokens: PositiveInt = 48
     template: TemplateName | None = Field(None, description="default: the pipeline's template")
-    reward_model: str | None = Field(None, description="the reward stage whose model scores every checkpoint's greedy replies to "
-                                     "the held-out prompts (column reward_model); default: the last reward stage before this one")
-    rewards: list[Reward] = Field(default_factory=list, description="rewards of the greedy replies to the held-out prompts "
-                                  "(column reward, their weighted sum); default: those of the last grpo stage it scores")
+    reward_model: str | None = Field(
+        None,
+        description="the reward stage whose model scores every checkpoint's greedy replies to "
+        "the held-out prompts (column reward_model); default: the last reward stage before this one",
+    )
+    rewards: list[Reward] = Field(
+        default_factory=list,
+        description="rewards of the greedy replies to the held-out prompts "
+        "(column reward, their weighted sum); default: those of the last grpo stage it scores",
+    )
 
     def files(self) -> dict[str, tuple[list[Path], Format]]:
         return {fmt: (getattr(self, fmt), fmt) for fmt in ("text", "conversations", "prompts", "preference", "ranked")}
@@ -372,8 +449,10 @@ class EvalStage(StageBase):
         return list(dict.fromkeys(named + [r.stage for r in self.rewards if isinstance(r, ModelReward)]))
 
 
-Stage = Annotated[PretrainStage | SFTStage | DPOStage | KTOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
-                  Field(discriminator="kind")]
+Stage = Annotated[
+    PretrainStage | SFTStage | DPOStage | KTOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
+    Field(discriminator="kind"),
+]
 STAGE_KINDS = ("pretrain", "sft", "dpo", "kto", "pro", "tuna", "reward", "grpo", "eval")
 
 
@@ -382,7 +461,9 @@ class PipelineSpec(Strict):
     model: ModelSpec
     tokenizer: TokenizerSpec = TokenizerSpec(train=TokenizerTrain())
     template: TemplateName = "chatml"
-    launch: Launch | None = Field(None, description="every training stage's launch (but grpo's) unless the stage gives its own")
+    launch: Launch | None = Field(
+        None, description="every training stage's launch (but grpo's) unless the stage gives its own"
+    )
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -390,44 +471,69 @@ class PipelineSpec(Strict):
         seen: dict[str, Stage] = {}
         for i, stage in enumerate(self.stages):
             if stage.name in seen or stage.name in RESERVED_NAMES:
-                raise ValueError(f"stages[{i}].name {stage.name!r} is used twice (or is reserved); stage names must be unique")
+                raise ValueError(
+                    f"stages[{i}].name {stage.name!r} is used twice (or is reserved); stage names must be unique"
+                )
             if stage.from_ is not None and stage.from_ not in seen:
                 raise ValueError(f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage")
             for name in stage.reward_stages():
                 if not isinstance(seen.get(name), RewardStage):
-                    raise ValueError(f"stages[{i}] ({stage.name}) scores with the reward model of {name!r}, which is not an earlier "
-                                     "reward stage")
+                    raise ValueError(
+                        f"stages[{i}] ({stage.name}) scores with the reward model of {name!r}, which is not an earlier "
+                        "reward stage"
+                    )
             seen[stage.name] = stage
             if isinstance(stage, EvalStage):
                 for name in stage.checkpoints:
                     if not isinstance(seen.get(name), TrainingStage) or name == stage.name:
-                        raise ValueError(f"stages[{i}].checkpoints names {name!r}, which is not an earlier training stage")
+                        raise ValueError(
+                            f"stages[{i}].checkpoints names {name!r}, which is not an earlier training stage"
+                        )
                     if isinstance(seen[name], RewardStage):
-                        raise ValueError(f"stages[{i}].checkpoints names {name!r}, a reward model: it scores text, it is not a language model")
+                        raise ValueError(
+                            f"stages[{i}].checkpoints names {name!r}, a reward model: it scores text, it is not a "
+                            "language model"
+                        )
                 continue
             upstream = self.upstream_of(stage)
             if upstream is None and self.model.init is not None and not isinstance(stage, PretrainStage):
-                raise ValueError(f"stages[{i}] ({stage.name}, kind {stage.kind}) needs a trained model to start from: "
-                                 "begin with a pretrain stage, or give model.path")
+                raise ValueError(
+                    f"stages[{i}] ({stage.name}, kind {stage.kind}) needs a trained model to start from: "
+                    "begin with a pretrain stage, or give model.path"
+                )
             if upstream is None and self.model.init is not None and stage.lora is not None:
-                raise ValueError(f"stages[{i}].lora: adapters on freshly initialised weights learn nothing a full pretrain would not; "
-                                 "use lora on a trained model")
+                raise ValueError(
+                    f"stages[{i}].lora: adapters on freshly initialised weights learn nothing a full pretrain would "
+                    "not; "
+                    "use lora on a trained model"
+                )
             if isinstance(upstream, RewardStage):
-                raise ValueError(f"stages[{i}] ({stage.name}) would start from reward stage {upstream.name!r}, which is a scorer, "
-                                 "not a language model: give `from` the stage to continue")
+                raise ValueError(
+                    f"stages[{i}] ({stage.name}) would start from reward stage {upstream.name!r}, which is a scorer, "
+                    "not a language model: give `from` the stage to continue"
+                )
             if stage.input == "adapter" and (upstream is None or upstream.lora is None):
-                raise ValueError(f"stages[{i}].input adapter needs an upstream stage with lora, and "
-                                 f"{upstream.name if upstream else 'model'} has none")
+                raise ValueError(
+                    f"stages[{i}].input adapter needs an upstream stage with lora, and "
+                    f"{upstream.name if upstream else 'model'} has none"
+                )
         if self.model.path is not None and self.tokenizer.path is None:
-            raise ValueError("model.path needs tokenizer.path (usually the same folder): a newly trained tokenizer "
-                             "would not match the model's embeddings")
+            raise ValueError(
+                "model.path needs tokenizer.path (usually the same folder): a newly trained tokenizer "
+                "would not match the model's embeddings"
+            )
         if self.model.init is not None:
             for i, stage in enumerate(self.stages):
                 if isinstance(stage, PretrainStage) and stage.packing.block_size > self.model.init.max_seq_len:
-                    raise ValueError(f"stages[{i}].packing.block_size {stage.packing.block_size} exceeds model.init.max_seq_len "
-                                     f"{self.model.init.max_seq_len}")
+                    raise ValueError(
+                        f"stages[{i}].packing.block_size {stage.packing.block_size} exceeds model.init.max_seq_len "
+                        f"{self.model.init.max_seq_len}"
+                    )
                 if "max_len" in stage.model_fields_set and stage.max_len > self.model.init.max_seq_len:
-                    raise ValueError(f"stages[{i}].max_len {stage.max_len} exceeds model.init.max_seq_len {self.model.init.max_seq_len}")
+                    raise ValueError(
+                        f"stages[{i}].max_len {stage.max_len} exceeds model.init.max_seq_len "
+                        f"{self.model.init.max_seq_len}"
+                    )
         return self
 
     def training_stages(self) -> list[TrainingStage]:
@@ -443,11 +549,14 @@ class PipelineSpec(Strict):
     def scored_by(self, stage: EvalStage) -> list[TrainingStage]:
         """The checkpoints an eval stage scores: the ones it names, else every earlier language-model stage."""
         earlier = self.stages[: self.stages.index(stage)]
-        names = stage.checkpoints or [s.name for s in earlier if isinstance(s, TrainingStage) and not isinstance(s, RewardStage)]
+        names = stage.checkpoints or [
+            s.name for s in earlier if isinstance(s, TrainingStage) and not isinstance(s, RewardStage)
+        ]
         return [s for s in earlier if s.name in names]
 
     def tokenizer_corpus(self) -> list[tuple[Path, str, str]]:
-        """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every stage's data."""
+        """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every
+        stage's data."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             return [(path, "text", "fail") for path in self.tokenizer.train.data]
         return [(path, stage.data_format, stage.on_invalid) for stage in self.training_stages() for path in stage.data]
@@ -457,9 +566,13 @@ class PipelineSpec(Strict):
 
         Streamed corpora are left out: they are checked line by line at flat memory instead (`streamed`)."""
         streamed = self.streamed()
-        files = [(path, fmt, stage.on_invalid) for stage in self.stages
-                 for field, (paths, fmt) in stage.files().items() if not (stage in streamed and field == "data")
-                 for path in paths]
+        files = [
+            (path, fmt, stage.on_invalid)
+            for stage in self.stages
+            for field, (paths, fmt) in stage.files().items()
+            if not (stage in streamed and field == "data")
+            for path in paths
+        ]
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             files += self.tokenizer_corpus()
         return list(dict.fromkeys(files))

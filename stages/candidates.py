@@ -30,20 +30,22 @@ from stages.metrics import mean_scores, preference, ranking
 from stages.templates import IGNORE, conversations, encode_completion, store_template
 from stages.training import fit, make_trainer, training_arguments
 
-
-Listed = list[tuple[list[dict], list[str], list[float]]]  # per row: prompt messages, candidates best first, their scores
+Listed = list[
+    tuple[list[dict], list[str], list[float]]
+]  # per row: prompt messages, candidates best first, their scores
 
 
 def rows(frame: pl.DataFrame) -> Listed:
     """(prompt messages, candidates best first, their scores) of preference or ranked rows in canonical form."""
     prompts = conversations(frame, "prompt_")
     if "chosen" in frame.columns:
-        return [(p, [c, r], [1.0, 0.0]) for p, c, r in zip(prompts, frame["chosen"].to_list(), frame["rejected"].to_list())]
+        return [
+            (p, [c, r], [1.0, 0.0]) for p, c, r in zip(prompts, frame["chosen"].to_list(), frame["rejected"].to_list())
+        ]
     return list(zip(prompts, frame["completions"].to_list(), frame["scores"].to_list()))
 
 
-def encode(listed: Listed, tokenizer, max_len: int,
-           template: str) -> tuple[Dataset, dict[str, int]]:
+def encode(listed: Listed, tokenizer, max_len: int, template: str) -> tuple[Dataset, dict[str, int]]:
     """One row per prompt with its candidates encoded, cut to max_len; also what the cut did.
 
     A candidate cut to max_len keeps its prompt and the start of its reply (counted as `truncated`). A row
@@ -64,8 +66,11 @@ def encode(listed: Listed, tokenizer, max_len: int,
     return Dataset.from_dict(columns), {"truncated": truncated, "dropped": dropped}
 
 
-def prepare(spec: ChatStage, tokenizer, listing: Callable[[pl.DataFrame, str], Listed] = lambda frame, split: rows(frame)) -> Prepared:
-    """Each split's rows encoded; `listing` lists a split's canonical rows as the stage scores them (default: `rows`)."""
+def prepare(
+    spec: ChatStage, tokenizer, listing: Callable[[pl.DataFrame, str], Listed] = lambda frame, split: rows(frame)
+) -> Prepared:
+    """Each split's rows encoded; `listing` lists a split's canonical rows as the stage scores them (default:
+    `rows`)."""
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if files:
@@ -84,7 +89,8 @@ def examples(spec: ChatStage, tokenizer, n: int) -> list[tuple[list[int], list[i
 
 
 def with_length(dataset: Dataset, n: int | None) -> tuple[Dataset, int, int]:
-    """Rows with at least n candidates, cut to their n best; n defaults to the longest list. Also n and the rows left out."""
+    """Rows with at least n candidates, cut to their n best; n defaults to the longest list. Also n and the rows left
+    out."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     n = n or max(lengths)
     keep = [i for i, length in enumerate(lengths) if length >= n]
@@ -114,11 +120,12 @@ class CandidatesCollator:
 
 
 def nth_candidate(batch: dict[str, Tensor], k: int) -> dict[str, Tensor]:
-    """The k-th candidate of every row alone, as the collator would batch it: scores [rows, 1], padding cut to the longest."""
+    """The k-th candidate of every row alone, as the collator would batch it: scores [rows, 1], padding cut to the
+    longest."""
     rows_, candidates = batch["scores"].shape
     picked = {key: batch[key].view(rows_, candidates, -1)[:, k] for key in ("input_ids", "attention_mask", "labels")}
     width = int(picked["attention_mask"].sum(1).max())
-    return {key: value[:, :width] for key, value in picked.items()} | {"scores": batch["scores"][:, k:k + 1]}
+    return {key: value[:, :width] for key, value in picked.items()} | {"scores": batch["scores"][:, k : k + 1]}
 
 
 def candidate_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -130,24 +137,29 @@ def candidate_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def scored(model, dataset: Dataset, pad_id: int, batch_size: int = 32, autocast: bool = False,
-           length_normalised: bool = True) -> list[list[float]]:
-    """Each row's candidates scored by the model without gradients: length-normalised log-probs (else summed); lists may differ in length."""
+def scored(
+    model, dataset: Dataset, pad_id: int, batch_size: int = 32, autocast: bool = False, length_normalised: bool = True
+) -> list[list[float]]:
+    """Each row's candidates scored by the model without gradients: length-normalised log-probs (else summed); lists
+    may differ in length."""
     collate = CandidatesCollator(pad_id)
-    singles = [{"input_ids": [ids], "labels": [labels], "scores": [0.0]}
-               for row_ids, row_labels in zip(dataset["input_ids"], dataset["labels"]) for ids, labels in zip(row_ids, row_labels)]
+    singles = [
+        {"input_ids": [ids], "labels": [labels], "scores": [0.0]}
+        for row_ids, row_labels in zip(dataset["input_ids"], dataset["labels"])
+        for ids, labels in zip(row_ids, row_labels)
+    ]
     was_training = model.training
     model.eval()
     flat: list[float] = []
     for start in range(0, len(singles), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(singles[start:start + batch_size]).items()}
+        batch = {k: v.to(model.device) for k, v in collate(singles[start : start + batch_size]).items()}
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
             sums, counts = candidate_logps(model, batch)
         flat += (mean_scores(sums.float(), counts) if length_normalised else sums.float()).view(-1).tolist()
     model.train(was_training)
     out, at = [], 0
     for row_ids in dataset["input_ids"]:
-        out.append(flat[at:at + len(row_ids)])
+        out.append(flat[at : at + len(row_ids)])
         at += len(row_ids)
     return out
 
@@ -155,8 +167,10 @@ def scored(model, dataset: Dataset, pad_id: int, batch_size: int = 32, autocast:
 def heldout_metrics(model, dataset: Dataset, pad_id: int, autocast: bool = False) -> dict[str, float]:
     """Pairs: preference accuracy and margin. Longer lists: ranking agreement (Kendall tau, top-1) as well."""
     model_scores, reference = scored(model, dataset, pad_id, autocast=autocast), dataset["scores"]
-    best_vs_worst = [(m[max(range(len(r)), key=r.__getitem__)], m[min(range(len(r)), key=r.__getitem__)])
-                     for m, r in zip(model_scores, reference)]
+    best_vs_worst = [
+        (m[max(range(len(r)), key=r.__getitem__)], m[min(range(len(r)), key=r.__getitem__)])
+        for m, r in zip(model_scores, reference)
+    ]
     pairs = torch.tensor(best_vs_worst)
     found = {f"preference_{k}": v for k, v in preference(pairs[:, 0], pairs[:, 1]).items()}
     if any(len(r) > 2 for r in reference):
@@ -164,9 +178,17 @@ def heldout_metrics(model, dataset: Dataset, pad_id: int, autocast: bool = False
     return found
 
 
-def train(spec: ChatStage, inputs: StageInputs, workdir: Path, model: PreTrainedModel, datasets: dict, trainer_class: type[Trainer],
-          measure: Callable[[PreTrainedModel, Dataset], dict[str, float]] | None = None, task_type: str = "CAUSAL_LM",
-          **extra) -> StageResult:
+def train(
+    spec: ChatStage,
+    inputs: StageInputs,
+    workdir: Path,
+    model: PreTrainedModel,
+    datasets: dict,
+    trainer_class: type[Trainer],
+    measure: Callable[[PreTrainedModel, Dataset], dict[str, float]] | None = None,
+    task_type: str = "CAUSAL_LM",
+    **extra,
+) -> StageResult:
     """The common run of the candidate stages: adapters if asked, held-out measures before and after, train, save.
 
     `measure` scores the model on the held-out rows; by default its preference and ranking agreement."""
@@ -176,11 +198,24 @@ def train(spec: ChatStage, inputs: StageInputs, workdir: Path, model: PreTrained
     measure = measure or (lambda m, rows: heldout_metrics(m, rows, tokenizer.pad_token_id))
 
     def measured(suffix: str) -> dict[str, float]:
-        return {f"heldout_{k}{suffix}": v for k, v in measure(model, datasets["heldout"]).items()} if "heldout" in datasets else {}
+        return (
+            {f"heldout_{k}{suffix}": v for k, v in measure(model, datasets["heldout"]).items()}
+            if "heldout" in datasets
+            else {}
+        )
 
     args = training_arguments(spec, workdir / "trainer")
-    trainer = make_trainer(model, tokenizer, args, datasets, CandidatesCollator(tokenizer.pad_token_id), inputs.callbacks,
-                           trainer_class, spec=spec, **extra)
+    trainer = make_trainer(
+        model,
+        tokenizer,
+        args,
+        datasets,
+        CandidatesCollator(tokenizer.pad_token_id),
+        inputs.callbacks,
+        trainer_class,
+        spec=spec,
+        **extra,
+    )
     before = measured("_before")
     metrics, resumed_from = fit(trainer)
     metrics |= before | measured("") | {"train_rows": float(len(datasets["train"]))}

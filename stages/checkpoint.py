@@ -48,16 +48,21 @@ def fit_vocabulary(model: PreTrainedModel, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_model(folder: Path, tokenizer, auto_class=AutoModelForCausalLM, dtype: torch.dtype = torch.float32, **config) -> PreTrainedModel:
-    """A checkpoint as one plain model fitted to `tokenizer`: an adapter is applied to its base (itself loaded the same way) and merged."""
+def load_model(
+    folder: Path, tokenizer, auto_class=AutoModelForCausalLM, dtype: torch.dtype = torch.float32, **config
+) -> PreTrainedModel:
+    """A checkpoint as one plain model fitted to `tokenizer`: an adapter is applied to its base (itself loaded the
+    same way) and merged."""
     if not is_adapter(folder):
         model = auto_class.from_pretrained(folder, dtype=dtype, **config)
         fit_vocabulary(model, tokenizer)
         return model
     base_folder = adapter_base(folder)
     if not base_folder.is_dir():
-        raise ModelError(f"the adapter in {folder} applies to the base model {base_folder}, which is not there: "
-                         f"put that checkpoint back (or a copy of it) at that path")
+        raise ModelError(
+            f"the adapter in {folder} applies to the base model {base_folder}, which is not there: "
+            f"put that checkpoint back (or a copy of it) at that path"
+        )
     base = load_model(base_folder, tokenizer, auto_class, dtype, **config)
     # PEFT loads an adapter for inference, freezing every weight; a merged checkpoint trains like any other
     return PeftModel.from_pretrained(base, folder).merge_and_unload().requires_grad_(True)
@@ -72,20 +77,28 @@ def lora_targets(model: PreTrainedModel, lora: LoraSpec) -> tuple[list[str] | st
 
     A named target that matches no module fails here, naming the layers the model has."""
     output = model.get_output_embeddings()
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output}
+    layers = {
+        name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output
+    }
     if lora.targets == "all-linear":
         targeted = list(layers.values())
     else:
         suffixes = {name.rsplit(".", 1)[-1] for name in layers}
         unknown = [t for t in lora.targets if not any(name == t or name.endswith(f".{t}") for name in layers)]
         if unknown:
-            raise ModelError(f"lora.targets {unknown} match no layer of this {model.config.model_type} model; "
-                             f"its adaptable layers are {sorted(suffixes)} (or use targets: all-linear)")
+            raise ModelError(
+                f"lora.targets {unknown} match no layer of this {model.config.model_type} model; "
+                f"its adaptable layers are {sorted(suffixes)} (or use targets: all-linear)"
+            )
         targeted = [m for name, m in layers.items() if any(name == t or name.endswith(f".{t}") for t in lora.targets)]
-    return (lora.targets if isinstance(lora.targets, str) else list(lora.targets)), any(isinstance(m, Conv1D) for m in targeted)
+    return (lora.targets if isinstance(lora.targets, str) else list(lora.targets)), any(
+        isinstance(m, Conv1D) for m in targeted
+    )
 
 
-def with_lora(model: PreTrainedModel, lora: LoraSpec, new_tokens: list[int] = (), task_type: str = "CAUSAL_LM") -> PeftModel:
+def with_lora(
+    model: PreTrainedModel, lora: LoraSpec, new_tokens: list[int] = (), task_type: str = "CAUSAL_LM"
+) -> PeftModel:
     """The model wrapped with fresh LoRA adapters; only they, the rows of `new_tokens` (tokens the pipeline added,
     in the input and, when untied, the output embeddings) and a sequence classifier's head train."""
     targets, conv1d = lora_targets(model, lora)
@@ -95,8 +108,15 @@ def with_lora(model: PreTrainedModel, lora: LoraSpec, new_tokens: list[int] = ()
         if task_type == "CAUSAL_LM" and not model.config.get_text_config().tie_word_embeddings:
             embeddings.append(model.get_output_embeddings())
         trainable = {_module_name(model, layer).rsplit(".", 1)[-1]: list(new_tokens) for layer in embeddings}
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type, target_modules=targets,
-                        fan_in_fan_out=conv1d, trainable_token_indices=trainable)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        task_type=task_type,
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
+        trainable_token_indices=trainable,
+    )
     wrapped = get_peft_model(model, config)
     if new_tokens:
         # every save (the Trainer's in-stage checkpoints too) keeps the added rows as trainable tokens; PEFT would
@@ -118,7 +138,9 @@ def whole_weights(model) -> Iterator[None]:
         yield
 
 
-def save(trainer: Trainer, tokenizer, workdir: Path, lora: LoraSpec | None = None, base: Path | None = None) -> tuple[Path, Path | None]:
+def save(
+    trainer: Trainer, tokenizer, workdir: Path, lora: LoraSpec | None = None, base: Path | None = None
+) -> tuple[Path, Path | None]:
     """The stage's output folders: (the checkpoint the next stage takes, the adapter logged beside it).
 
     Without lora: the model, and no adapter. With lora: the adapter, naming `base` (the stage's input
@@ -145,7 +167,8 @@ def save(trainer: Trainer, tokenizer, workdir: Path, lora: LoraSpec | None = Non
         if main_process():
             model.save_pretrained(fresh(trained))
             tokenizer.save_pretrained(trained)
-            # PEFT records the folder the base weights loaded from, which for an input that was itself an adapter is its base's base
+            # PEFT records the folder the base weights loaded from, which for an input that was itself an adapter is its
+            # base's base
             point_adapter_at(trained, base)
             if lora.merge:
                 model.merge_and_unload().save_pretrained(fresh(checkpoint))

@@ -30,23 +30,30 @@ class StageInputs:
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
     callbacks: tuple[TrainerCallback, ...] = ()  # e.g. the recorder of per-step metrics
     reference: Path | None = None  # where reference log-probs of this input model on these datasets are kept
-    reward_models: dict[str, Path] = field(default_factory=dict)  # reward stage name -> its checkpoint, for the rewards that name one
+    reward_models: dict[str, Path] = field(
+        default_factory=dict
+    )  # reward stage name -> its checkpoint, for the rewards that name one
 
 
 @dataclass(frozen=True)
 class StageResult:
-    checkpoint: Path | None  # a save_pretrained folder (safetensors) with its tokenizer; a LoRA stage's adapter unless merged;
+    checkpoint: (
+        Path | None
+    )  # a save_pretrained folder (safetensors) with its tokenizer; a LoRA stage's adapter unless merged;
     # None: an eval stage's (nothing to log), or a stage whose checkpoint is source_run's
     adapter: Path | None = None  # a merged LoRA stage's adapter, logged beside the merged checkpoint
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int = 0  # the in-stage checkpoint training resumed from; 0 for a fresh start
-    source_run: str | None = None  # the run whose logged checkpoint this is (a curriculum's last part): not logged again
+    source_run: str | None = (
+        None  # the run whose logged checkpoint this is (a curriculum's last part): not logged again
+    )
     tables: dict[str, dict[str, list]] = field(default_factory=dict)  # file name -> columns, logged with the run as
     # MLflow tables (the UI shows them as tables), e.g. sampled completions and their rewards
 
 
 def columns_of(rows: list[dict]) -> dict[str, list]:
-    """Rows that share their keys, as one list per key (in the first row's key order): the shape `MlflowClient.log_table` takes."""
+    """Rows that share their keys, as one list per key (in the first row's key order): the shape
+    `MlflowClient.log_table` takes."""
     return {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
 
 
@@ -66,7 +73,8 @@ def adapter_base(folder: Path) -> Path:
     return Path(json.loads((Path(folder) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
 
 
-# In the tokenizer stage's folder: the tokens it added to a user's tokenizer ({token: id}); their rows are new in the model.
+# In the tokenizer stage's folder: the tokens it added to a user's tokenizer ({token: id}); their rows are new in the
+# model.
 ADDED_TOKENS = "lifecycle_added_tokens.json"
 
 
@@ -76,7 +84,8 @@ def added_token_ids(tokenizer_folder: Path) -> list[int]:
 
 
 def point_adapter_at(folder: Path, base: Path) -> None:
-    """Make an adapter name `base` as the folder it applies to (the folder it was trained on may be on another machine)."""
+    """Make an adapter name `base` as the folder it applies to (the folder it was trained on may be on another
+    machine)."""
     path = Path(folder) / ADAPTER_CONFIG
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = str(base)

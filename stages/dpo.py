@@ -41,10 +41,23 @@ class DPOTrainer(ReferenceTrainer):
         else:
             reference = self.reference_logps(model, inputs)
             policy = (means, reference / counts.clamp(min=1)) if spec.mean_logps() else (sums, reference)
-            losses, chosen, rejected = dpo_loss(policy[0][:, 0], policy[0][:, 1], policy[1][:, 0], policy[1][:, 1],
-                                                spec.beta, spec.loss, spec.label_smoothing)
-            self.record(**{"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
-                           "rewards/accuracy": (chosen > rejected).float()})
+            losses, chosen, rejected = dpo_loss(
+                policy[0][:, 0],
+                policy[0][:, 1],
+                policy[1][:, 0],
+                policy[1][:, 1],
+                spec.beta,
+                spec.loss,
+                spec.label_smoothing,
+            )
+            self.record(
+                **{
+                    "rewards/chosen": chosen,
+                    "rewards/rejected": rejected,
+                    "rewards/margin": chosen - rejected,
+                    "rewards/accuracy": (chosen > rejected).float(),
+                }
+            )
         logps = means if spec.mean_logps() else sums
         self.record(**{"logps/chosen": logps[:, 0].detach(), "logps/rejected": logps[:, 1].detach()})
         return losses.mean()  # ORPO's is already a scalar: its NLL is a token-mean over the batch
@@ -54,5 +67,7 @@ def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
     model = load_model(inputs.model, tokenizer)
-    datasets, reference_model = attach_reference(spec, model, dict(inputs.datasets), inputs.reference, tokenizer.pad_token_id)
+    datasets, reference_model = attach_reference(
+        spec, model, dict(inputs.datasets), inputs.reference, tokenizer.pad_token_id
+    )
     return train(spec, inputs, workdir, model, datasets, DPOTrainer, reference_model=reference_model)

@@ -82,7 +82,9 @@ METRICS: dict[Format, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Report:
-    metrics: list[dict[str, str | float]]  # one row per checkpoint: {"checkpoint": name, "<metric>": value, ...}; nan where not measured
+    metrics: list[
+        dict[str, str | float]
+    ]  # one row per checkpoint: {"checkpoint": name, "<metric>": value, ...}; nan where not measured
     samples: list[dict[str, str]]  # one row per sample prompt: {"prompt": text, "<checkpoint name>": reply, ...}
     plot: Path  # a PNG: one panel per metric, a bar per checkpoint in lineage order
 
@@ -96,6 +98,7 @@ class Report:
 
 # ---------------------------------------------------------------- reward margins and rewards
 
+
 def implicit_reward_margin(policy: Tensor, reference: Tensor, beta: float = 1.0) -> float:
     """Mean DPO implicit-reward margin of pairs: β·[(π_w − ref_w) − (π_l − ref_l)].
 
@@ -105,6 +108,7 @@ def implicit_reward_margin(policy: Tensor, reference: Tensor, beta: float = 1.0)
 
 
 # ---------------------------------------------------------------- the data, read and encoded once
+
 
 @dataclass(frozen=True)
 class HeldOut:
@@ -121,10 +125,18 @@ class HeldOut:
 
     def columns(self, spec: EvalStage) -> list[str]:
         """The metrics this data measures, in table order."""
-        present = {"text": self.text_blocks, "conversations": self.chats, "prompts": self.tasks,
-                   "preference": self.pairs is not None, "ranked": self.ranked is not None}
-        asked = {"task_accuracy": any(reference is not None for _, reference in self.tasks),
-                 "reward": bool(spec.rewards), "reward_model": spec.reward_model is not None}
+        present = {
+            "text": self.text_blocks,
+            "conversations": self.chats,
+            "prompts": self.tasks,
+            "preference": self.pairs is not None,
+            "ranked": self.ranked is not None,
+        }
+        asked = {
+            "task_accuracy": any(reference is not None for _, reference in self.tasks),
+            "reward": bool(spec.rewards),
+            "reward_model": spec.reward_model is not None,
+        }
         return [column for fmt, names in METRICS.items() if present[fmt] for column in names if asked.get(column, True)]
 
 
@@ -142,12 +154,13 @@ def text_blocks(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
     full = blocks.input_ids.tolist()
     if not blocks.dropped_tokens:
         return full
-    stream_tail = [t for ids in documents for t in (*ids, tokenizer.eos_token_id)][-blocks.dropped_tokens:]
+    stream_tail = [t for ids in documents for t in (*ids, tokenizer.eos_token_id)][-blocks.dropped_tokens :]
     return [*full, stream_tail]
 
 
 def _reply_tokens(labels: list[int]) -> int:
-    """Tokens a candidate's score averages over: its labelled tokens after the first position, as `sequence_logps` counts."""
+    """Tokens a candidate's score averages over: its labelled tokens after the first position, as `sequence_logps`
+    counts."""
     return sum(label != IGNORE for label in labels[1:])
 
 
@@ -176,7 +189,9 @@ def held_out(spec: EvalStage, tokenizer) -> HeldOut:
     if read["preference"] is not None:
         pairs = _scorable(encode(rows(read["preference"]), tokenizer, spec.max_len, spec.template)[0])
     if pairs is not None:
-        pair_tokens = torch.tensor([[_reply_tokens(labels) for labels in row] for row in pairs["labels"]], dtype=torch.float32)
+        pair_tokens = torch.tensor(
+            [[_reply_tokens(labels) for labels in row] for row in pairs["labels"]], dtype=torch.float32
+        )
     if read["ranked"] is not None:
         ranked = _scorable(encode(rows(read["ranked"]), tokenizer, spec.max_len, spec.template)[0])
     return HeldOut(
@@ -184,22 +199,27 @@ def held_out(spec: EvalStage, tokenizer) -> HeldOut:
         chats=chats,
         encoded_chats=[encode_conversation(chat, tokenizer, spec.max_len, spec.template) for chat in chats],
         tasks=list(zip(asked, references)),
-        pairs=pairs, pair_tokens=pair_tokens, ranked=ranked,
+        pairs=pairs,
+        pair_tokens=pair_tokens,
+        ranked=ranked,
         samples=_samples(spec, asked, chats),
     )
 
 
 # ---------------------------------------------------------------- one checkpoint measured
 
+
 @torch.no_grad()
 def labelled_logp(model, sequences: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[float, float]:
     """Σ log p of every labelled token (after the first position) over all sequences, and how many tokens that is."""
     total = tokens = 0.0
     for start in range(0, len(sequences), BATCH):
-        batch = sequences[start:start + BATCH]
+        batch = sequences[start : start + BATCH]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=model.device)
-        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
+        attention_mask = torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device
+        )
         labels = torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in batch], device=model.device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         sums, counts = sequence_logps(logits, labels)
@@ -209,7 +229,8 @@ def labelled_logp(model, sequences: list[tuple[list[int], list[int]]], pad_id: i
 
 
 def _preference(model, data: HeldOut, pad_id: int) -> tuple[dict[str, float], Tensor]:
-    """Accuracy and margin of the length-normalised scores, and the summed log-probs the implicit reward needs (one forward)."""
+    """Accuracy and margin of the length-normalised scores, and the summed log-probs the implicit reward needs (one
+    forward)."""
     summed = torch.tensor(scored(model, data.pairs, pad_id, length_normalised=False))
     normalised = mean_scores(summed, data.pair_tokens)
     found = preference(normalised[:, 0], normalised[:, 1])
@@ -228,7 +249,11 @@ def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str,
         total, tokens = labelled_logp(model, data.encoded_chats, pad_id)
         found["response_loss"] = -total / tokens if tokens else math.nan
         found["exact_match"] = exact_match(model, tokenizer, data.chats, spec.template, spec.max_new_tokens)
-    replies = answer(model, tokenizer, [messages for messages, _ in data.tasks], spec.template, spec.max_new_tokens) if data.tasks else []
+    replies = (
+        answer(model, tokenizer, [messages for messages, _ in data.tasks], spec.template, spec.max_new_tokens)
+        if data.tasks
+        else []
+    )
     if answered := [(reply, reference) for reply, (_, reference) in zip(replies, data.tasks) if reference is not None]:
         found["task_accuracy"] = task_accuracy(*map(list, zip(*answered)))
     pair_logps = None
@@ -240,7 +265,9 @@ def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str,
     return found, pair_logps, replies
 
 
-def _scored_checkpoint(folder: Path, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str, float], Tensor | None, list[str], list[str]]:
+def _scored_checkpoint(
+    folder: Path, tokenizer, data: HeldOut, spec: EvalStage
+) -> tuple[dict[str, float], Tensor | None, list[str], list[str]]:
     """One checkpoint loaded, measured and asked the samples; its model is unreferenced when this returns."""
     model = load_model(folder, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     found, pair_logps, replies = measure(model, tokenizer, data, spec)
@@ -248,8 +275,9 @@ def _scored_checkpoint(folder: Path, tokenizer, data: HeldOut, spec: EvalStage) 
     return found, pair_logps, replies, samples
 
 
-def rewarded(spec: EvalStage, data: HeldOut, tokenizer, replies: dict[str, list[str]],
-             reward_models: dict[str, Path]) -> dict[str, dict[str, float]]:
+def rewarded(
+    spec: EvalStage, data: HeldOut, tokenizer, replies: dict[str, list[str]], reward_models: dict[str, Path]
+) -> dict[str, dict[str, float]]:
     """Per checkpoint, the mean reward of its greedy replies to the held-out prompts (spec.rewards, weighted) and the
     reward model's mean score of them; the reward model loads once, after every checkpoint has been freed."""
     found: dict[str, dict[str, float]] = {name: {} for name in replies}
@@ -265,7 +293,9 @@ def rewarded(spec: EvalStage, data: HeldOut, tokenizer, replies: dict[str, list[
         for name, texts in replies.items():
             picked = [texts[i] for i in rows]
             lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in picked]
-            scores = checked_rewards(functions, [prompts[i] for i in rows], picked, [references[i] for i in rows], lengths)
+            scores = checked_rewards(
+                functions, [prompts[i] for i in rows], picked, [references[i] for i in rows], lengths
+            )
             found[name]["reward"] = weighted_total(functions, torch.tensor(scores)).mean().item() if rows else math.nan
     if scorer:
         for name, texts in replies.items():
@@ -281,6 +311,7 @@ def _release_memory() -> None:
 
 # ---------------------------------------------------------------- the plot
 
+
 def plot(metrics: list[dict[str, str | float]], columns: list[str], path: Path) -> Path:
     """One panel per metric, a bar per checkpoint in lineage order; a checkpoint not measured has no bar.
 
@@ -293,13 +324,16 @@ def plot(metrics: list[dict[str, str | float]], columns: list[str], path: Path) 
     axes = figure.subplots(down, across, squeeze=False).ravel()
     for ax, column in zip(axes, columns):
         values = [float(row[column]) for row in metrics]
-        bars = ax.bar(range(len(names)), [v if math.isfinite(v) else 0.0 for v in values],
-                      color=[f"C{i % 10}" for i in range(len(names))])
+        bars = ax.bar(
+            range(len(names)),
+            [v if math.isfinite(v) else 0.0 for v in values],
+            color=[f"C{i % 10}" for i in range(len(names))],
+        )
         ax.bar_label(bars, labels=[f"{v:.3g}" if math.isfinite(v) else "n/a" for v in values], fontsize=7)
         ax.set_title(column, fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
-    for ax in axes[len(columns):]:
+    for ax in axes[len(columns) :]:
         ax.set_axis_off()
     if not columns:
         axes[0].text(0.5, 0.5, "no held-out data to score", ha="center", va="center")
@@ -310,9 +344,16 @@ def plot(metrics: list[dict[str, str | float]], columns: list[str], path: Path) 
 
 # ---------------------------------------------------------------- the stage
 
-def run(spec: EvalStage, checkpoints: dict[str, Path], tokenizer: Path, workdir: Path,
-        reward_models: dict[str, Path] | None = None) -> Report:
-    """Score each checkpoint (in the given lineage order) on the spec's held-out data; the report and its plot in workdir.
+
+def run(
+    spec: EvalStage,
+    checkpoints: dict[str, Path],
+    tokenizer: Path,
+    workdir: Path,
+    reward_models: dict[str, Path] | None = None,
+) -> Report:
+    """Score each checkpoint (in the given lineage order) on the spec's held-out data; the report and its plot in
+    workdir.
     `reward_models`: the checkpoint of every reward stage the spec's reward model and rewards name."""
     if not checkpoints:
         raise ValueError(f"eval stage {spec.name!r} has no checkpoints to score")
@@ -333,6 +374,11 @@ def run(spec: EvalStage, checkpoints: dict[str, Path], tokenizer: Path, workdir:
     if data.tasks and (spec.rewards or spec.reward_model):
         for row, found in zip(metrics, rewarded(spec, data, tok, replies, reward_models or {}).values()):
             row |= found
-    metrics = [{"checkpoint": row["checkpoint"]} | {column: row.get(column, math.nan) for column in columns} for row in metrics]
-    shown = [{"prompt": prompt} | {name: samples[name][i] for name in checkpoints} for i, (prompt, _) in enumerate(data.samples)]
+    metrics = [
+        {"checkpoint": row["checkpoint"]} | {column: row.get(column, math.nan) for column in columns} for row in metrics
+    ]
+    shown = [
+        {"prompt": prompt} | {name: samples[name][i] for name in checkpoints}
+        for i, (prompt, _) in enumerate(data.samples)
+    ]
     return Report(metrics=metrics, samples=shown, plot=plot(metrics, columns, workdir / "metrics.png"))

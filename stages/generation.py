@@ -42,8 +42,14 @@ class Sampling:
 
     def config(self, stop_ids: list[int], pad_id: int) -> GenerationConfig:
         """A complete generation config, so nothing is inherited from a checkpoint's own generation_config.json."""
-        chosen = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0) if self.temperature > 0 else dict(do_sample=False)
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id, **chosen)
+        chosen = (
+            dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+            if self.temperature > 0
+            else dict(do_sample=False)
+        )
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id, **chosen
+        )
 
 
 GREEDY = Sampling()
@@ -52,7 +58,8 @@ GREEDY = Sampling()
 @dataclass(frozen=True)
 class Reply:
     text: str
-    tokens: int  # tokens the model generated, the stop token included; the padding of a finished row in a batch is not counted
+    # tokens the model generated, the stop token included; the padding of a finished row in a batch is not counted
+    tokens: int
     stopped: bool  # whether the model ended its turn within max_new_tokens
 
 
@@ -71,8 +78,9 @@ def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], stops: list[int], pad_id: int, sampling: Sampling = GREEDY,
-             batch_size: int = 32) -> list[list[int]]:
+def generate(
+    model, prompts: list[list[int]], stops: list[int], pad_id: int, sampling: Sampling = GREEDY, batch_size: int = 32
+) -> list[list[int]]:
     """Each prompt's continuation up to and including its first stop token (all max_new_tokens where none came).
 
     Prompts are left-padded, so every row's last prompt token sits in the same column and generation
@@ -82,7 +90,7 @@ def generate(model, prompts: list[list[int]], stops: list[int], pad_id: int, sam
     config = sampling.config(stops, pad_id)
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         width = max(map(len, batch))
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=model.device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
@@ -97,13 +105,25 @@ def decode(tokenizer, ids: list[int], stops: list[int]) -> Reply:
     return Reply(text=text.strip(), tokens=len(ids), stopped=stopped)
 
 
-def answer(model, tokenizer, prompts: list[list[dict]], template: str, max_new_tokens: int = 32, batch_size: int = 32,
-           temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """The model's reply to each conversation-so-far, rendered as in training, stopping at the end of its turn (greedy by default)."""
+def answer(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    template: str,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[str]:
+    """The model's reply to each conversation-so-far, rendered as in training, stopping at the end of its turn
+    (greedy by default)."""
     stops = stop_ids(tokenizer, end_of_turn_id(tokenizer, template))
     encoded = [encode_prompt(messages, tokenizer, template) for messages in prompts]
     sampling = Sampling(temperature, top_p, max_new_tokens)
-    return [decode(tokenizer, ids, stops).text for ids in generate(model, encoded, stops, tokenizer.pad_token_id, sampling, batch_size)]
+    return [
+        decode(tokenizer, ids, stops).text
+        for ids in generate(model, encoded, stops, tokenizer.pad_token_id, sampling, batch_size)
+    ]
 
 
 def exact_match(model, tokenizer, conversations: list[list[dict]], template: str, max_new_tokens: int = 32) -> float:
@@ -130,17 +150,22 @@ def turn_end_id(tokenizer) -> int:
     prompt = tokenizer.apply_chat_template(PROBE[:1], tokenize=False, add_generation_prompt=True)
     whole = tokenizer.apply_chat_template(PROBE, tokenize=False)
     reply = PROBE[1]["content"]
-    if not whole.startswith(prompt) or reply not in whole[len(prompt):]:
-        raise ValueError("the tokenizer's chat template does not render a reply after its generation prompt, "
-                         "so where a turn ends cannot be found from it")
-    turn = whole[len(prompt):]
-    markup = turn[turn.index(reply) + len(reply):]
+    if not whole.startswith(prompt) or reply not in whole[len(prompt) :]:
+        raise ValueError(
+            "the tokenizer's chat template does not render a reply after its generation prompt, "
+            "so where a turn ends cannot be found from it"
+        )
+    turn = whole[len(prompt) :]
+    markup = turn[turn.index(reply) + len(reply) :]
     special = _special_ids(tokenizer)
     found = next((i for i in tokenizer(markup, add_special_tokens=False)["input_ids"] if i in special), None)
     if found is not None:
         return found
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer's chat template ends a turn with no special token, and the tokenizer has no EOS token to stop at")
+        raise ValueError(
+            "the tokenizer's chat template ends a turn with no special token, and the tokenizer has no EOS token to "
+            "stop at"
+        )
     return tokenizer.eos_token_id
 
 
@@ -162,7 +187,9 @@ class ChatModel:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The conversation so far and the assistant header, rendered by the tokenizer's stored template."""
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True
+        )
         return list(rendered["input_ids"])
 
     def reply(self, prompts: list[list[dict]], sampling: Sampling = GREEDY, batch_size: int = 32) -> list[Reply]:
@@ -174,4 +201,3 @@ class ChatModel:
     def pad_id(self) -> int:
         # a tokenizer without a pad token pads with EOS: the attention mask hides padding whatever its id
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[-1]
-

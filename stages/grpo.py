@@ -38,7 +38,14 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids, columns_of
 from stages.generation import Sampling, decode, generate, stop_ids
 from stages.losses import group_advantages, grpo_loss
-from stages.rewards import RewardError, RewardFunction, answer_matches, checked_rewards, reward_functions, weighted_total
+from stages.rewards import (
+    RewardError,
+    RewardFunction,
+    answer_matches,
+    checked_rewards,
+    reward_functions,
+    weighted_total,
+)
 from stages.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
 from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
 
@@ -46,7 +53,8 @@ SAMPLES_TABLE = "grpo_samples.json"
 
 
 def prepare(spec: GRPOStage, tokenizer) -> Prepared:
-    """Prompts through the template (the assistant header included), at most max_len - max_new_tokens tokens (longer ones dropped, counted)."""
+    """Prompts through the template (the assistant header included), at most max_len - max_new_tokens tokens (longer
+    ones dropped, counted)."""
     splits, rejected, counts = {}, [], {}
     needs_answer = any(isinstance(r, AnswerReward) for r in spec.rewards)
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
@@ -55,14 +63,21 @@ def prepare(spec: GRPOStage, tokenizer) -> Prepared:
         read = read_files(files, "prompts", spec.on_invalid)
         messages, answers = conversations(read.frame, "prompt_"), read.frame["answer"].to_list()
         if needs_answer and (missing := next((m for m, a in zip(messages, answers) if a is None), None)):
-            raise RewardError(f"stage {spec.name}: the answer reward needs an `answer` on every prompt, and "
-                              f"{', '.join(map(str, files))} has none for {missing[-1]['content']!r}")
+            raise RewardError(
+                f"stage {spec.name}: the answer reward needs an `answer` on every prompt, and "
+                f"{', '.join(map(str, files))} has none for {missing[-1]['content']!r}"
+            )
         encoded = [encode_prompt(m, tokenizer, spec.template) for m in messages]
         keep = [i for i, ids in enumerate(encoded) if len(ids) + spec.max_new_tokens <= spec.max_len]
         counts[f"{split}_dropped"] = float(len(encoded) - len(keep))
-        splits[split] = Dataset.from_dict({"prompt_ids": [encoded[i] for i in keep],
-                                           "messages": [messages[i] for i in keep],
-                                           "answer": [answers[i] for i in keep], "row": list(range(len(keep)))})
+        splits[split] = Dataset.from_dict(
+            {
+                "prompt_ids": [encoded[i] for i in keep],
+                "messages": [messages[i] for i in keep],
+                "answer": [answers[i] for i in keep],
+                "row": list(range(len(keep))),
+            }
+        )
         rejected += read.rejected
     return Prepared(DatasetDict(splits), rejected, counts)
 
@@ -70,11 +85,15 @@ def prepare(spec: GRPOStage, tokenizer) -> Prepared:
 def examples(spec: GRPOStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
     """The first n prompts as the policy sees them; nothing in them is trained (the completions are sampled)."""
     read = read_files(spec.data, "prompts", spec.on_invalid)
-    return [(ids, [IGNORE] * len(ids)) for ids in (encode_prompt(m, tokenizer, spec.template) for m in conversations(read.frame.head(n), "prompt_"))]
+    return [
+        (ids, [IGNORE] * len(ids))
+        for ids in (encode_prompt(m, tokenizer, spec.template) for m in conversations(read.frame.head(n), "prompt_"))
+    ]
 
 
 class RepeatedBatches(Sampler[int]):
-    """A seeded permutation of the prompts in blocks of one optimizer step's prompts, each block given `times` times in a row
+    """A seeded permutation of the prompts in blocks of one optimizer step's prompts, each block given `times` times in
+    a row
     (GRPO's μ updates on the same samples). A last block short of a full step is left out of that epoch."""
 
     def __init__(self, rows: int, block: int, times: int, seed: int):
@@ -87,7 +106,7 @@ class RepeatedBatches(Sampler[int]):
         order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         for start in range(0, self.rows - self.block + 1, self.block):
             for _ in range(self.times):
-                yield from order[start:start + self.block]
+                yield from order[start : start + self.block]
 
     def __len__(self) -> int:
         return self.rows // self.block * self.block * self.times
@@ -99,10 +118,17 @@ class PromptCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         width = max(len(f["prompt_ids"]) for f in features)
-        return {"input_ids": torch.tensor([[self.pad_id] * (width - len(f["prompt_ids"])) + f["prompt_ids"] for f in features]),
-                "attention_mask": torch.tensor([[0] * (width - len(f["prompt_ids"])) + [1] * len(f["prompt_ids"]) for f in features]),
-                "row": torch.tensor([f["row"] for f in features]),
-                "messages": [f["messages"] for f in features], "answer": [f["answer"] for f in features]}
+        return {
+            "input_ids": torch.tensor(
+                [[self.pad_id] * (width - len(f["prompt_ids"])) + f["prompt_ids"] for f in features]
+            ),
+            "attention_mask": torch.tensor(
+                [[0] * (width - len(f["prompt_ids"])) + [1] * len(f["prompt_ids"]) for f in features]
+            ),
+            "row": torch.tensor([f["row"] for f in features]),
+            "messages": [f["messages"] for f in features],
+            "answer": [f["answer"] for f in features],
+        }
 
 
 @dataclass
@@ -122,8 +148,14 @@ def completion_logps(model, samples: Samples, temperature: float) -> Tensor:
     the model's logits divided by the sampling temperature. Positions count from each prompt's first real token."""
     width = samples.sequences.shape[1] - samples.completion_mask.shape[1]
     positions = (samples.attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=samples.sequences, attention_mask=samples.attention_mask, position_ids=positions,
-                   use_cache=False).logits[:, width - 1:-1].float() / temperature
+    logits = (
+        model(
+            input_ids=samples.sequences, attention_mask=samples.attention_mask, position_ids=positions, use_cache=False
+        )
+        .logits[:, width - 1 : -1]
+        .float()
+        / temperature
+    )
     targets = samples.sequences[:, width:]
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -148,13 +180,23 @@ class GRPOTrainer(ObjectiveTrainer):
         policy = self.accelerator.unwrap_model(model)
         started = time.perf_counter()
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-        sampled = generate(policy, [p for p in prompts for _ in range(group)], self.stops, tokenizer.pad_token_id,
-                           Sampling(spec.temperature, spec.top_p, spec.max_new_tokens), batch_size=len(prompts) * group)
+        sampled = generate(
+            policy,
+            [p for p in prompts for _ in range(group)],
+            self.stops,
+            tokenizer.pad_token_id,
+            Sampling(spec.temperature, spec.top_p, spec.max_new_tokens),
+            batch_size=len(prompts) * group,
+        )
         policy.train()
         generating = time.perf_counter() - started
         width = max(map(len, sampled))
-        completions = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in sampled], device=self.args.device)
-        completion_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sampled], device=self.args.device)
+        completions = torch.tensor(
+            [ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in sampled], device=self.args.device
+        )
+        completion_mask = torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids in sampled], device=self.args.device
+        )
         texts = [decode(tokenizer, ids, self.stops).text for ids in sampled]
         asked = [m for m in inputs["messages"] for _ in range(group)]
         answers = [a for a in inputs["answer"] for _ in range(group)]
@@ -164,19 +206,35 @@ class GRPOTrainer(ObjectiveTrainer):
         samples = Samples(
             sequences=torch.cat([inputs["input_ids"].repeat_interleave(group, 0), completions], 1),
             attention_mask=torch.cat([inputs["attention_mask"].repeat_interleave(group, 0), completion_mask], 1),
-            completion_mask=completion_mask, advantages=group_advantages(grouped, spec.scale).view(-1).to(self.args.device),
-            old_logps=None, uses_left=spec.iterations - 1)
+            completion_mask=completion_mask,
+            advantages=group_advantages(grouped, spec.scale).view(-1).to(self.args.device),
+            old_logps=None,
+            uses_left=spec.iterations - 1,
+        )
         if spec.iterations > 1:
             samples.old_logps = completion_logps(model, samples, spec.temperature)
         lengths = completion_mask.sum(1).float()
-        self.record(reward=total.mean(), reward_std=total.std(), advantage_abs=samples.advantages.abs().mean(),
-                    completion_length=lengths.mean(), completions_stopped=torch.tensor([ids[-1] in self.stops for ids in sampled]).float(),
-                    zero_variance_groups=(grouped.std(1) == 0).float(), generation_seconds=generating,
-                    **{f"reward/{f.name}": s.mean() for f, s in zip(self.rewards, scores)})
+        self.record(
+            reward=total.mean(),
+            reward_std=total.std(),
+            advantage_abs=samples.advantages.abs().mean(),
+            completion_length=lengths.mean(),
+            completions_stopped=torch.tensor([ids[-1] in self.stops for ids in sampled]).float(),
+            zero_variance_groups=(grouped.std(1) == 0).float(),
+            generation_seconds=generating,
+            **{f"reward/{f.name}": s.mean() for f, s in zip(self.rewards, scores)},
+        )
         if self.state.global_step % spec.log_samples == 0:
-            self.kept += [{"step": self.state.global_step, "prompt": m[-1]["content"], "completion": t, "reward": float(r),
-                           **{f.name: float(s[i]) for f, s in zip(self.rewards, scores)}}
-                          for i, (m, t, r) in enumerate(zip(asked, texts, total))]
+            self.kept += [
+                {
+                    "step": self.state.global_step,
+                    "prompt": m[-1]["content"],
+                    "completion": t,
+                    "reward": float(r),
+                    **{f.name: float(s[i]) for f, s in zip(self.rewards, scores)},
+                }
+                for i, (m, t, r) in enumerate(zip(asked, texts, total))
+            ]
         return samples
 
     def samples_for(self, model, inputs: dict) -> Samples:
@@ -200,23 +258,40 @@ class GRPOTrainer(ObjectiveTrainer):
                     with self.accelerator.unwrap_model(model).disable_adapter():
                         reference = completion_logps(model, samples, spec.temperature)
         old = samples.old_logps if samples.old_logps is not None else logps.detach()
-        loss, figures = grpo_loss(logps, old, samples.advantages, samples.completion_mask, spec.epsilon_low, spec.epsilon_high,
-                                  spec.beta, reference, spec.aggregation, spec.max_new_tokens)
+        loss, figures = grpo_loss(
+            logps,
+            old,
+            samples.advantages,
+            samples.completion_mask,
+            spec.epsilon_low,
+            spec.epsilon_high,
+            spec.beta,
+            reference,
+            spec.aggregation,
+            spec.max_new_tokens,
+        )
         self.record(**figures)
         return loss
 
 
-def heldout_metrics(model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: list[RewardFunction]) -> dict[str, float]:
-    """Greedy replies to the first eval_samples held-out prompts: the share giving the reference answer, and the mean reward."""
+def heldout_metrics(
+    model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: list[RewardFunction]
+) -> dict[str, float]:
+    """Greedy replies to the first eval_samples held-out prompts: the share giving the reference answer, and the mean
+    reward."""
     rows = rows.select(range(min(spec.eval_samples, len(rows))))
     if not len(rows):
         return {}
     stops = stop_ids(tokenizer, end_of_turn_id(tokenizer, spec.template))
     was_training = model.training
-    replies = generate(model, rows["prompt_ids"], stops, tokenizer.pad_token_id, Sampling(max_new_tokens=spec.max_new_tokens))
+    replies = generate(
+        model, rows["prompt_ids"], stops, tokenizer.pad_token_id, Sampling(max_new_tokens=spec.max_new_tokens)
+    )
     model.train(was_training)
     texts = [decode(tokenizer, ids, stops).text for ids in replies]
-    scores = torch.tensor(checked_rewards(rewards, rows["messages"], texts, rows["answer"], [len(ids) for ids in replies]))
+    scores = torch.tensor(
+        checked_rewards(rewards, rows["messages"], texts, rows["answer"], [len(ids) for ids in replies])
+    )
     found = {"reward": float(weighted_total(rewards, scores).mean())}
     answered = [(t, a) for t, a in zip(texts, rows["answer"]) if a is not None]
     if answered:
@@ -228,7 +303,9 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
     model = load_model(inputs.model, tokenizer)
-    reference_model = copy.deepcopy(model).eval().requires_grad_(False) if spec.reference_strategy() == "frozen" else None
+    reference_model = (
+        copy.deepcopy(model).eval().requires_grad_(False) if spec.reference_strategy() == "frozen" else None
+    )
     if spec.lora is not None:
         model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
     rewards = reward_functions(spec.rewards, inputs.reward_models)
@@ -244,13 +321,27 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
             return {}
         return {f"heldout_{k}{suffix}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards).items()}
 
-    trainer = make_trainer(model, tokenizer, training_arguments(spec, workdir / "trainer"), datasets,
-                           PromptCollator(tokenizer.pad_token_id), inputs.callbacks, GRPOTrainer, spec=spec, rewards=rewards,
-                           reference_model=reference_model)
+    trainer = make_trainer(
+        model,
+        tokenizer,
+        training_arguments(spec, workdir / "trainer"),
+        datasets,
+        PromptCollator(tokenizer.pad_token_id),
+        inputs.callbacks,
+        GRPOTrainer,
+        spec=spec,
+        rewards=rewards,
+        reference_model=reference_model,
+    )
     before = measured("_before")
     metrics, resumed_from = fit(trainer)
     metrics |= before | measured("") | {"train_prompts": float(len(datasets["train"]))}
     store_template(tokenizer, spec.template)
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from,
-                       tables={SAMPLES_TABLE: columns_of(trainer.kept)})
+    return StageResult(
+        checkpoint=checkpoint,
+        adapter=adapter,
+        metrics=metrics,
+        resumed_from_step=resumed_from,
+        tables={SAMPLES_TABLE: columns_of(trainer.kept)},
+    )

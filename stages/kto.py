@@ -46,10 +46,15 @@ ADVISED_RATIO = (1.0, 4 / 3)  # the paper's range for λ_D·n_D / (λ_U·n_U)
 
 
 def labelled(frame: pl.DataFrame) -> Listed:
-    """One row per labelled completion, as (prompt messages, [completion], [1 if desirable else 0]): a pair's line gives two."""
-    return [(prompt, [completion], [float(label)])
-            for prompt, completions, labels in zip(conversations(frame, "prompt_"), frame["completions"].to_list(), frame["labels"].to_list())
-            for completion, label in zip(completions, labels)]
+    """One row per labelled completion, as (prompt messages, [completion], [1 if desirable else 0]): a pair's line gives
+    two."""
+    return [
+        (prompt, [completion], [float(label)])
+        for prompt, completions, labels in zip(
+            conversations(frame, "prompt_"), frame["completions"].to_list(), frame["labels"].to_list()
+        )
+        for completion, label in zip(completions, labels)
+    ]
 
 
 def mismatched(prompts: list[list[dict]]) -> list[int]:
@@ -72,7 +77,10 @@ def mismatched(prompts: list[list[dict]]) -> list[int]:
 def with_mismatched(listed: Listed) -> Listed:
     """Each row's completion and, as its second candidate, the completion of its mismatched row."""
     partner = mismatched([prompt for prompt, _, _ in listed])
-    return [(prompt, [*completion, listed[other][1][0]], [*score, 0.0]) for (prompt, completion, score), other in zip(listed, partner)]
+    return [
+        (prompt, [*completion, listed[other][1][0]], [*score, 0.0])
+        for (prompt, completion, score), other in zip(listed, partner)
+    ]
 
 
 def prepare(spec: KTOStage, tokenizer) -> Prepared:
@@ -105,7 +113,9 @@ class KTOTrainer(ReferenceTrainer):
         reference = self.reference_logps(model, inputs)
         z0 = kto_reference_point(policy_mismatched, reference[:, 1])
         desirable = inputs["scores"][:, 0] > 0
-        losses, rewards = kto_loss(policy, reference[:, 0], desirable, z0, spec.beta, spec.desirable_weight, spec.undesirable_weight)
+        losses, rewards = kto_loss(
+            policy, reference[:, 0], desirable, z0, spec.beta, spec.desirable_weight, spec.undesirable_weight
+        )
         figures = {"reference_point": z0}
         for side, rows in (("desirable", desirable), ("undesirable", ~desirable)):
             if rows.any():
@@ -120,8 +130,11 @@ def heldout_metrics(model, rows: Dataset, pad_id: int) -> dict[str, float]:
     """The model's mean per-token log-prob of desirable and of undesirable completions, and the gap between them."""
     scores = torch.tensor([row[0] for row in scored(model, rows, pad_id)])
     desirable = torch.tensor([row[0] > 0 for row in rows["scores"]])
-    found = {f"{side}_logps": float(scores[kept].mean()) for side, kept in (("desirable", desirable), ("undesirable", ~desirable))
-             if kept.any()}
+    found = {
+        f"{side}_logps": float(scores[kept].mean())
+        for side, kept in (("desirable", desirable), ("undesirable", ~desirable))
+        if kept.any()
+    }
     if len(found) == 2:
         found["desirable_margin"] = found["desirable_logps"] - found["undesirable_logps"]
     return found
@@ -140,8 +153,15 @@ def weight_ratio(spec: KTOStage, dataset: Dataset) -> dict[str, float]:
         advised = spec.undesirable_weight * n_undesirable / n_desirable
         logging.getLogger(__name__).warning(
             "stage %s: desirable_weight · %d desirable / (undesirable_weight · %d undesirable) is %.3g, outside the "
-            "[1, 4/3] the KTO paper advises; with undesirable_weight %g, a desirable_weight in [%.3g, %.3g] is", spec.name,
-            n_desirable, n_undesirable, ratio, spec.undesirable_weight, advised * low, advised * high)
+            "[1, 4/3] the KTO paper advises; with undesirable_weight %g, a desirable_weight in [%.3g, %.3g] is",
+            spec.name,
+            n_desirable,
+            n_undesirable,
+            ratio,
+            spec.undesirable_weight,
+            advised * low,
+            advised * high,
+        )
     return found | {"desirable_weight_ratio": ratio}
 
 
@@ -149,9 +169,19 @@ def run(spec: KTOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     set_seed(spec.train.seed)
     model = load_model(inputs.model, tokenizer)
-    datasets, reference_model = attach_reference(spec, model, dict(inputs.datasets), inputs.reference, tokenizer.pad_token_id)
+    datasets, reference_model = attach_reference(
+        spec, model, dict(inputs.datasets), inputs.reference, tokenizer.pad_token_id
+    )
     balance = weight_ratio(spec, datasets["train"])
-    result = train(spec, inputs, workdir, model, datasets, KTOTrainer,
-                   lambda model, rows: heldout_metrics(model, rows, tokenizer.pad_token_id), reference_model=reference_model)
+    result = train(
+        spec,
+        inputs,
+        workdir,
+        model,
+        datasets,
+        KTOTrainer,
+        lambda model, rows: heldout_metrics(model, rows, tokenizer.pad_token_id),
+        reference_model=reference_model,
+    )
     result.metrics.update(balance)
     return result

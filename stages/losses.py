@@ -44,10 +44,15 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return token_logps.sum(-1), mask.sum(-1).float()
 
 
-def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor,
-             reference_rejected: Tensor, beta: float,
-             variant: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    reference_chosen: Tensor,
+    reference_rejected: Tensor,
+    beta: float,
+    variant: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Direct preference losses on h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)).
 
         sigmoid  (Rafailov et al. 2023, eq. 7; cDPO, Mitchell 2023, for ε > 0):
@@ -85,8 +90,9 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_loss(chosen_logps: Tensor, chosen_counts: Tensor, rejected_logps: Tensor, rejected_counts: Tensor,
-              lam: float) -> tuple[Tensor, Tensor, Tensor]:
+def orpo_loss(
+    chosen_logps: Tensor, chosen_counts: Tensor, rejected_logps: Tensor, rejected_counts: Tensor, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Odds-ratio preference optimisation (Hong et al. 2024, eqs. 6-7), a scalar over the batch.
 
         odds(y) = p / (1 − p),  p = exp(log π(y) / |y|)   (the length-averaged log-prob)
@@ -103,17 +109,16 @@ def orpo_loss(chosen_logps: Tensor, chosen_counts: Tensor, rejected_logps: Tenso
     """
     chosen_means = chosen_logps / chosen_counts.clamp(min=1)
     rejected_means = rejected_logps / rejected_counts.clamp(min=1)
-    log_odds_ratio = ((chosen_means - _log1mexp(chosen_means)) - (rejected_means - _log1mexp(rejected_means)))
+    log_odds_ratio = (chosen_means - _log1mexp(chosen_means)) - (rejected_means - _log1mexp(rejected_means))
     nll = -chosen_logps.sum() / chosen_counts.sum().clamp(min=1)
     loss = nll - lam * F.logsigmoid(log_odds_ratio).mean()
     return loss, nll.detach(), log_odds_ratio.detach()
 
 
-def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float,
-               gamma: float) -> Tensor:
+def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float, gamma: float) -> Tensor:
     """SimPO (Meng et al. 2024, eq. 6), with γ the absolute target reward margin.
 
-        L = −log σ(β/|y_w| · log π(y_w) − β/|y_l| · log π(y_l) − γ)
+    L = −log σ(β/|y_w| · log π(y_w) − β/|y_l| · log π(y_l) − γ)
     """
     return -F.logsigmoid(beta * (chosen_mean_logps - rejected_mean_logps) - gamma)
 
@@ -139,14 +144,14 @@ def pro_loss(scores: Tensor, rewards: Tensor, reward_weighting: bool = True) -> 
     losses = scores.new_zeros(batch)
     for k in range(n - 1):
         if reward_weighting:
-            worse_temps = rewards[:, k:k + 1] - rewards[:, k + 1:]
+            worse_temps = rewards[:, k : k + 1] - rewards[:, k + 1 :]
             best_temp = worse_temps.max(dim=1).values
         else:
-            worse_temps = torch.ones_like(scores[:, k + 1:])
+            worse_temps = torch.ones_like(scores[:, k + 1 :])
             best_temp = torch.ones_like(scores[:, k])
         positive = scores[:, k] * best_temp
         # log(ε + Σ exp(·)) as a logsumexp with log ε as one more term: exact and overflow-free.
-        terms = torch.cat([log_eps, positive.unsqueeze(1), scores[:, k + 1:] * worse_temps], dim=1)
+        terms = torch.cat([log_eps, positive.unsqueeze(1), scores[:, k + 1 :] * worse_temps], dim=1)
         losses = losses + torch.logsumexp(terms, dim=1) - positive
     return losses
 
@@ -184,13 +189,12 @@ def tuna_loss(scores: Tensor, margin: float) -> Tensor:
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
     """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1), per example.
 
-        L = −log σ(r(x, y_w) − r(x, y_l))
+    L = −log σ(r(x, y_w) − r(x, y_l))
     """
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
-def group_advantages(rewards: Tensor, scale: Literal["group", "batch", "none"] = "group",
-                     eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-4) -> Tensor:
     """GRPO's outcome advantages (Shao et al. 2024, §4.1.2), one per completion.
 
         Â_{i} = (r_i − mean_g(r)) / (std + ε)
@@ -210,8 +214,10 @@ def group_advantages(rewards: Tensor, scale: Literal["group", "batch", "none"] =
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"unknown advantage scale {scale!r}; expected 'group', 'batch' or 'none'")
     if rewards.dim() != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be [prompts, group] with at least two completions per group "
-                         f"(a lone completion has nothing to be relative to), got shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be [prompts, group] with at least two completions per group "
+            f"(a lone completion has nothing to be relative to), got shape {tuple(rewards.shape)}"
+        )
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     if scale == "group":
         centered = centered / (rewards.std(dim=1, keepdim=True) + eps)
@@ -222,11 +228,18 @@ def group_advantages(rewards: Tensor, scale: Literal["group", "batch", "none"] =
     return torch.where(flat, torch.zeros_like(centered), centered)
 
 
-def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
-              epsilon_low: float, epsilon_high: float, beta: float = 0.0,
-              ref_logps: Tensor | None = None,
-              aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo",
-              max_tokens: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo",
+    max_tokens: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Group Relative Policy Optimisation (Shao et al. 2024, DeepSeekMath, eq. 3), a scalar.
 
         ρ_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θold(o_{i,t} | q, o_{i,<t})
@@ -266,13 +279,20 @@ def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor
     if beta and ref_logps is None:
         raise ValueError(f"beta = {beta} weighs a KL penalty to the reference model, but no ref_logps were given")
     if aggregation == "dr_grpo" and (max_tokens is None or max_tokens < 1):
-        raise ValueError("the dr_grpo aggregation divides by a constant: pass max_tokens, "
-                         f"the maximum completion length (got {max_tokens!r})")
-    if old_logps.shape != logps.shape or mask.shape != logps.shape or (
-            ref_logps is not None and ref_logps.shape != logps.shape):
-        raise ValueError(f"logps, old_logps, mask and ref_logps must share one [N, T] shape; got logps "
-                         f"{tuple(logps.shape)}, old_logps {tuple(old_logps.shape)}, mask {tuple(mask.shape)}"
-                         + (f", ref_logps {tuple(ref_logps.shape)}" if ref_logps is not None else ""))
+        raise ValueError(
+            "the dr_grpo aggregation divides by a constant: pass max_tokens, "
+            f"the maximum completion length (got {max_tokens!r})"
+        )
+    if (
+        old_logps.shape != logps.shape
+        or mask.shape != logps.shape
+        or (ref_logps is not None and ref_logps.shape != logps.shape)
+    ):
+        raise ValueError(
+            f"logps, old_logps, mask and ref_logps must share one [N, T] shape; got logps "
+            f"{tuple(logps.shape)}, old_logps {tuple(old_logps.shape)}, mask {tuple(mask.shape)}"
+            + (f", ref_logps {tuple(ref_logps.shape)}" if ref_logps is not None else "")
+        )
     if advantages.shape != logps.shape[:1]:
         raise ValueError(f"advantages must be [N] = {tuple(logps.shape[:1])}, got {tuple(advantages.shape)}")
 
@@ -323,9 +343,15 @@ def kto_reference_point(mismatched_policy_logps: Tensor, mismatched_reference_lo
     return logratio.mean().clamp(min=0)
 
 
-def kto_loss(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, kl_reference_point: Tensor,
-             beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+def kto_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    desirable: Tensor,
+    kl_reference_point: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """Kahneman-Tversky Optimisation (Ethayarajh et al. 2024, §4), per example.
 
         r_θ(x, y) = log π_θ(y|x) / π_ref(y|x)

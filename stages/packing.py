@@ -42,7 +42,7 @@ def tokenize_documents(texts: Sequence[str], tokenizer) -> list[list[int]]:
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     ids: list[list[int]] = []
     for start in range(0, len(texts), TOKENIZE_BATCH):
-        batch = list(texts[start:start + TOKENIZE_BATCH])
+        batch = list(texts[start : start + TOKENIZE_BATCH])
         ids += [encoding.ids for encoding in backend.encode_batch_fast(batch, add_special_tokens=False)]
     return ids
 
@@ -62,7 +62,8 @@ class Blocks:
 
 
 def concat_chunk(token_lists: Iterable[Sequence[int]], eos_id: int, block_size: int) -> Blocks:
-    """Documents joined with EOS after each, cut into full blocks of `block_size`; the shorter tail is dropped and counted."""
+    """Documents joined with EOS after each, cut into full blocks of `block_size`; the shorter tail is dropped and
+    counted."""
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     documents = token_lists if isinstance(token_lists, Sequence) else list(token_lists)
@@ -139,7 +140,8 @@ def best_fit(lengths: Sequence[int], max_len: int, overlong: Overlong = "truncat
     """Best-fit-decreasing packing of whole examples (their indices) into rows of at most max_len tokens.
 
     Longest first (equal lengths in index order), each into the open row it fills most
-    tightly; the same lengths always give the same rows. An example longer than max_len is truncated to fill a row alone, or dropped.
+    tightly; the same lengths always give the same rows. An example longer than max_len is truncated to fill a row
+    alone, or dropped.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be positive, got {max_len}")
@@ -176,8 +178,9 @@ class PackedExamples:
     fill: float  # packed tokens over row capacity
 
 
-def pack_examples(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], max_len: int,
-                  overlong: Overlong = "truncate") -> PackedExamples:
+def pack_examples(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], max_len: int, overlong: Overlong = "truncate"
+) -> PackedExamples:
     """Whole examples best-fit into rows of at most max_len tokens, with position ids restarting at 0 per example.
 
     The columns are all arguments of the model's forward, so the Trainer's unused-column
@@ -198,15 +201,27 @@ def pack_examples(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[
     position_ids = np.arange(out_starts[-1]) - np.repeat(out_starts[:-1], kept)
     gather = np.repeat(starts[order], kept) + position_ids
     row_bounds = np.cumsum([0] + [len(row) for row in plan.rows])  # in examples
-    row_offsets = pa.array(out_starts[row_bounds], pa.int32())  # in tokens: Arrow's standard list, as datasets builds it
+    row_offsets = pa.array(
+        out_starts[row_bounds], pa.int32()
+    )  # in tokens: Arrow's standard list, as datasets builds it
 
     def column(values: np.ndarray) -> pa.ListArray:
         return pa.ListArray.from_arrays(row_offsets, pa.array(values, pa.int32()))
 
-    dataset = Dataset.from_dict({"input_ids": column(flat_ids[gather]), "labels": column(flat_labels[gather]),
-                                 "position_ids": column(position_ids)})
-    return PackedExamples(dataset=dataset, examples=len(order), truncated=plan.truncated, dropped=plan.dropped,
-                          fill=plan.fill(lengths, max_len))
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": column(flat_ids[gather]),
+            "labels": column(flat_labels[gather]),
+            "position_ids": column(position_ids),
+        }
+    )
+    return PackedExamples(
+        dataset=dataset,
+        examples=len(order),
+        truncated=plan.truncated,
+        dropped=plan.dropped,
+        fill=plan.fill(lengths, max_len),
+    )
 
 
 @dataclass(frozen=True)
@@ -250,9 +265,13 @@ class PackedCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor | bool]:
         ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
-        labels = [torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"], dtype=torch.long) for row in rows]
-        positions = [torch.as_tensor(row["position_ids"], dtype=torch.long) if "position_ids" in row else torch.arange(len(i))
-                     for row, i in zip(rows, ids)]
+        labels = [
+            torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"], dtype=torch.long) for row in rows
+        ]
+        positions = [
+            torch.as_tensor(row["position_ids"], dtype=torch.long) if "position_ids" in row else torch.arange(len(i))
+            for row, i in zip(rows, ids)
+        ]
         if self.flatten:
             ids, labels, positions = [torch.cat(ids)], [torch.cat(labels)], [torch.cat(positions)]
             width = len(ids[0])

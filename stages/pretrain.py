@@ -42,14 +42,21 @@ def prepare(spec: PretrainStage, tokenizer) -> Prepared:
     for split, files in (("train", [] if spec.streaming else spec.data), ("heldout", spec.heldout)):
         if files:
             read = read_files(files, "text", spec.on_invalid)
-            splits[split], counts[f"{split}_tail_tokens_dropped"] = pack(read.frame["text"].to_list(), tokenizer, spec.packing.block_size)
+            splits[split], counts[f"{split}_tail_tokens_dropped"] = pack(
+                read.frame["text"].to_list(), tokenizer, spec.packing.block_size
+            )
             rejected += read.rejected
     return Prepared(DatasetDict(splits), rejected, counts)
 
 
 def build_model(init: ModelInit, tokenizer) -> PreTrainedModel:
-    config = init_config(init, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = init_config(
+        init,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -65,10 +72,20 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
     datasets = dict(inputs.datasets)
     if spec.streaming:
         # world_size 1: under the Trainer, accelerate has rank 0 read the stream and dispatch batches to every rank
-        datasets["train"] = StreamingTextDataset(spec.data, tokenizer, spec.packing.block_size, shuffle_buffer=spec.shuffle_buffer,
-                                                 seed=spec.train.seed, on_invalid=spec.on_invalid, rank=0, world_size=1)
+        datasets["train"] = StreamingTextDataset(
+            spec.data,
+            tokenizer,
+            spec.packing.block_size,
+            shuffle_buffer=spec.shuffle_buffer,
+            seed=spec.train.seed,
+            on_invalid=spec.on_invalid,
+            rank=0,
+            world_size=1,
+        )
     args = training_arguments(spec, workdir / "trainer")
-    trainer = make_trainer(model, tokenizer, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks)
+    trainer = make_trainer(
+        model, tokenizer, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks
+    )
     metrics, resumed_from = fit(trainer)
     if "heldout" in inputs.datasets:
         metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]

@@ -36,8 +36,12 @@ class PROTrainer(ObjectiveTrainer):
         scores = sums / counts.clamp(min=1)
         ranking = pro_loss(scores, inputs["scores"], self.spec.reward_weighting).mean()
         sft = -sums[:, 0].mean()  # the best candidate's summed NLL, as the released code has it
-        self.record(ranking_loss=ranking.detach(), sft_loss=sft.detach(),
-                    score_best=scores[:, 0].detach(), score_rest=scores[:, 1:].detach())
+        self.record(
+            ranking_loss=ranking.detach(),
+            sft_loss=sft.detach(),
+            score_best=scores[:, 0].detach(),
+            score_rest=scores[:, 1:].detach(),
+        )
         return ranking + pro_sft_weight(self.spec.sft_weight, scores.shape[1]) * sft
 
 
@@ -45,6 +49,13 @@ def run(spec: PROStage, inputs: StageInputs, workdir: Path) -> StageResult:
     set_seed(spec.train.seed)
     datasets = dict(inputs.datasets)
     datasets["train"], n, short = with_length(datasets["train"], spec.curriculum[-1] if spec.curriculum else None)
-    result = train(spec, inputs, workdir, load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer)), datasets, PROTrainer)
+    result = train(
+        spec,
+        inputs,
+        workdir,
+        load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer)),
+        datasets,
+        PROTrainer,
+    )
     result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
     return result

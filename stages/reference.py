@@ -66,8 +66,9 @@ def precomputed_reference(model, dataset: Dataset, pad_id: int, folder: Path, au
     return load_file(str(path))["train"].tolist()
 
 
-def attach_reference(spec: ReferenceStage, model: PreTrainedModel, datasets: dict, folder: Path | None,
-                     pad_id: int) -> tuple[dict, PreTrainedModel | None]:
+def attach_reference(
+    spec: ReferenceStage, model: PreTrainedModel, datasets: dict, folder: Path | None, pad_id: int
+) -> tuple[dict, PreTrainedModel | None]:
     """The datasets and the reference model a ReferenceTrainer reads: a frozen copy of `model` when the reference is
     frozen (else None); when it is precomputed, the reference's log-probs as a column of the training rows."""
     strategy = spec.reference_strategy()

@@ -32,15 +32,25 @@ prepare, examples = candidates.prepare, candidates.examples
 def pair_rewards(model, batch: dict[str, Tensor]) -> Tensor:
     """The reward of every candidate of every row: [rows, candidates]."""
     rows, candidates = batch["scores"].shape
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().view(rows, candidates)
+    return (
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        .logits.float()
+        .view(rows, candidates)
+    )
 
 
 class RewardTrainer(ObjectiveTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rewards = pair_rewards(model, inputs)
         chosen, rejected = rewards[:, 0], rewards[:, 1]
-        self.record(**{"rewards/chosen": chosen.detach(), "rewards/rejected": rejected.detach(),
-                       "rewards/margin": (chosen - rejected).detach(), "rewards/accuracy": (chosen > rejected).float()})
+        self.record(
+            **{
+                "rewards/chosen": chosen.detach(),
+                "rewards/rejected": rejected.detach(),
+                "rewards/margin": (chosen - rejected).detach(),
+                "rewards/accuracy": (chosen > rejected).float(),
+            }
+        )
         return bradley_terry_loss(chosen, rejected).mean()
 
 
@@ -50,8 +60,10 @@ def candidate_rewards(model, dataset: Dataset, pad_id: int, batch_size: int = 32
     was_training = model.training
     model.eval()
     collate = CandidatesCollator(pad_id)
-    rewards = [pair_rewards(model, collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]))
-               for start in range(0, len(dataset), batch_size)]
+    rewards = [
+        pair_rewards(model, collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]))
+        for start in range(0, len(dataset), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(rewards)
 
@@ -65,7 +77,9 @@ def rewards(model, tokenizer, prompts: list[list[dict]], replies: list[str], tem
 
 def run(spec: RewardStage, inputs: StageInputs, workdir: Path) -> StageResult:
     set_seed(spec.train.seed)
-    model = load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer), AutoModelForSequenceClassification, num_labels=1)
+    model = load_model(
+        inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer), AutoModelForSequenceClassification, num_labels=1
+    )
 
     def measure(model, rows: Dataset) -> dict[str, float]:
         pairs = candidate_rewards(model, rows, model.config.pad_token_id)

@@ -74,7 +74,9 @@ def _numeric_match(reply: str, reference: str, tolerance: float) -> bool:
     value = _number(normalise(reference).rstrip(".!?;:"))
     if value is None:
         return answer_matches(reply, reference)
-    return any(abs(_number(found) - value) <= tolerance * max(1.0, abs(value)) for found in NUMBER.findall(normalise(reply)))
+    return any(
+        abs(_number(found) - value) <= tolerance * max(1.0, abs(value)) for found in NUMBER.findall(normalise(reply))
+    )
 
 
 def _answer(spec: AnswerReward) -> Callable[..., list[float]]:
@@ -84,6 +86,7 @@ def _answer(spec: AnswerReward) -> Callable[..., list[float]]:
         if spec.match == "numeric":
             return [float(_numeric_match(c, a, spec.tolerance)) for c, a in zip(completions, answers)]
         return [float(answer_matches(c, a)) for c, a in zip(completions, answers)]
+
     return reward
 
 
@@ -95,7 +98,9 @@ def _regex(spec: RegexReward) -> Callable[..., list[float]]:
 def _length(spec: LengthReward) -> Callable[..., list[float]]:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), in tokens."""
     free = spec.limit - spec.soft
-    return lambda prompts, completions, answers, lengths: [0.0 if n <= free else max(-1.0, (free - n) / spec.soft) for n in lengths]
+    return lambda prompts, completions, answers, lengths: [
+        0.0 if n <= free else max(-1.0, (free - n) / spec.soft) for n in lengths
+    ]
 
 
 def _python(spec: PythonReward) -> Callable[..., list[float]]:
@@ -104,15 +109,20 @@ def _python(spec: PythonReward) -> Callable[..., list[float]]:
         function = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise RewardError(f"reward {spec.function}: cannot import it ({err})") from None
-    return lambda prompts, completions, answers, lengths: function([p[-1]["content"] for p in prompts], completions, answers)
+    return lambda prompts, completions, answers, lengths: function(
+        [p[-1]["content"] for p in prompts], completions, answers
+    )
 
 
 def _reward_model(folder: Path) -> Callable[..., list[float]]:
-    """The reward model in `folder` (a reward stage's checkpoint, its tokenizer and template stored with it), in eval mode."""
+    """The reward model in `folder` (a reward stage's checkpoint, its tokenizer and template stored with it), in eval
+    mode."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = load_model(folder, tokenizer, AutoModelForSequenceClassification, num_labels=1)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval().requires_grad_(False)
-    return lambda prompts, completions, answers, lengths: reward_model_scores(model, tokenizer, prompts, completions, OWN_TEMPLATE)
+    return lambda prompts, completions, answers, lengths: reward_model_scores(
+        model, tokenizer, prompts, completions, OWN_TEMPLATE
+    )
 
 
 @dataclass(frozen=True)
@@ -123,26 +133,36 @@ class RewardFunction:
 
 
 def reward_functions(specs: list[Reward], reward_models: dict[str, Path] | None = None) -> list[RewardFunction]:
-    """The spec's rewards as functions; `reward_models`: the checkpoint folder of every reward stage a `reward_model` names.
+    """The spec's rewards as functions; `reward_models`: the checkpoint folder of every reward stage a `reward_model`
+    names.
     A reward model named more than once is loaded once."""
     loaded: dict[str, Callable[..., list[float]]] = {}
 
     def built(spec: Reward) -> Callable[..., list[float]]:
         if isinstance(spec, ModelReward):
             if spec.stage not in (reward_models or {}):
-                raise RewardError(f"reward reward_model: the checkpoint of reward stage {spec.stage!r} was not handed to this stage")
+                raise RewardError(
+                    f"reward reward_model: the checkpoint of reward stage {spec.stage!r} was not handed to this stage"
+                )
             if spec.stage not in loaded:
                 loaded[spec.stage] = _reward_model(reward_models[spec.stage])
             return loaded[spec.stage]
         return {"answer": _answer, "regex": _regex, "length": _length, "python": _python}[spec.kind](spec)
 
     names = [spec.function if isinstance(spec, PythonReward) else spec.kind for spec in specs]
-    return [RewardFunction(name if names.count(name) == 1 else f"{name}{i}", spec.weight, built(spec))
-            for i, (name, spec) in enumerate(zip(names, specs))]
+    return [
+        RewardFunction(name if names.count(name) == 1 else f"{name}{i}", spec.weight, built(spec))
+        for i, (name, spec) in enumerate(zip(names, specs))
+    ]
 
 
-def checked_rewards(functions: list[RewardFunction], prompts: list[list[dict]], completions: list[str],
-                    answers: list[str | None], lengths: list[int]) -> list[list[float]]:
+def checked_rewards(
+    functions: list[RewardFunction],
+    prompts: list[list[dict]],
+    completions: list[str],
+    answers: list[str | None],
+    lengths: list[int],
+) -> list[list[float]]:
     """Each function's rewards of the batch, [functions][completions]; a failure names the function and the prompt."""
     shown = [p[-1]["content"] for p in prompts]
     scored = []
@@ -150,14 +170,20 @@ def checked_rewards(functions: list[RewardFunction], prompts: list[list[dict]], 
         try:
             values = [float(v) for v in function.score(prompts, completions, answers, lengths)]
         except Exception as err:
-            raise RewardError(f"reward {function.name} failed on the batch whose first prompt is {shown[0]!r}: "
-                              f"{type(err).__name__}: {err}") from err
+            raise RewardError(
+                f"reward {function.name} failed on the batch whose first prompt is {shown[0]!r}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         if len(values) != len(completions):
-            raise RewardError(f"reward {function.name} returned {len(values)} values for {len(completions)} completions "
-                              f"(the batch whose first prompt is {shown[0]!r}): it must return one per completion")
+            raise RewardError(
+                f"reward {function.name} returned {len(values)} values for {len(completions)} completions "
+                f"(the batch whose first prompt is {shown[0]!r}): it must return one per completion"
+            )
         if (bad := next((i for i, v in enumerate(values) if not math.isfinite(v)), None)) is not None:
-            raise RewardError(f"reward {function.name} returned {values[bad]} for a completion of the prompt {shown[bad]!r}: "
-                              "rewards must be finite numbers")
+            raise RewardError(
+                f"reward {function.name} returned {values[bad]} for a completion of the prompt {shown[bad]!r}: "
+                "rewards must be finite numbers"
+            )
         scored.append(values)
     return scored
 

@@ -36,8 +36,9 @@ def encode(messages_list: list[list[dict]], tokenizer, spec: SFTStage) -> tuple[
         return packed.dataset, {"truncated": packed.truncated, "dropped": packed.dropped, "row_fill": packed.fill}
     keep = [i for i, ids in enumerate(input_ids) if len(ids) <= spec.max_len or spec.overlong == "truncate"]
     counts = {"truncated": sum(len(input_ids[i]) > spec.max_len for i in keep), "dropped": len(input_ids) - len(keep)}
-    return Dataset.from_dict({"input_ids": [input_ids[i][: spec.max_len] for i in keep],
-                              "labels": [labels[i][: spec.max_len] for i in keep]}), counts
+    return Dataset.from_dict(
+        {"input_ids": [input_ids[i][: spec.max_len] for i in keep], "labels": [labels[i][: spec.max_len] for i in keep]}
+    ), counts
 
 
 def examples(spec: SFTStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
@@ -56,7 +57,9 @@ def prepare(spec: SFTStage, tokenizer) -> Prepared:
             counts |= {f"{split}_{name}": float(value) for name, value in split_counts.items()}
             rejected += read.rejected
             if split == "heldout":  # the conversations themselves, for exact match through generation
-                splits["heldout_conversations"] = Dataset.from_dict({"messages": [json.dumps(c, ensure_ascii=False) for c in chats]})
+                splits["heldout_conversations"] = Dataset.from_dict(
+                    {"messages": [json.dumps(c, ensure_ascii=False) for c in chats]}
+                )
     return Prepared(DatasetDict(splits), rejected, counts)
 
 
@@ -67,13 +70,23 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     if spec.lora is not None:
         model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
     datasets = inputs.datasets
-    asked = [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]] if "heldout" in datasets else []
-    collator = (PackedCollator(tokenizer.pad_token_id) if spec.packing
-                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
-    trainer = make_trainer(model, tokenizer, training_arguments(spec, workdir / "trainer"), datasets, collator, inputs.callbacks)
+    asked = (
+        [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]]
+        if "heldout" in datasets
+        else []
+    )
+    collator = (
+        PackedCollator(tokenizer.pad_token_id)
+        if spec.packing
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    )
+    trainer = make_trainer(
+        model, tokenizer, training_arguments(spec, workdir / "trainer"), datasets, collator, inputs.callbacks
+    )
 
     def measured(suffix: str) -> dict[str, float]:
-        """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of them."""
+        """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of
+        them."""
         if "heldout" not in datasets:
             return {}
         found = {f"heldout_loss{suffix}": trainer.evaluate()["eval_loss"]}

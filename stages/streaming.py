@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas.data import MAX_TEXT_LINE_BYTES, DataError, OnInvalid, Problem, excerpt, numbered_lines, parse_json_line
-from schemas.spec import expand as expand_patterns
 from schemas.formats import Shape, flatten
+from schemas.spec import expand as expand_patterns
 from stages.packing import tokenize_documents
 
 DOCUMENTS_PER_CALL = 256  # one tokenizer call per batch amortises its overhead; the batch stays ~1 MB
@@ -111,13 +111,14 @@ def pack_blocks(texts: Iterator[str], tokenizer, block_size: int) -> Iterator[to
     eos = tokenizer.eos_token_id
     pending: list[int] = []
     for batch in chunks(texts, DOCUMENTS_PER_CALL):
-        for ids in tokenize_documents(batch, tokenizer):  # the tokenisation of the in-memory path, so both give the same ids
+        # the tokenisation of the in-memory path, so both give the same ids
+        for ids in tokenize_documents(batch, tokenizer):
             pending += ids
             pending.append(eos)
         usable = len(pending) // block_size * block_size
         for start in range(0, usable, block_size):
             # one tensor per block, not views of a batch tensor: a view in the shuffle buffer would pin its whole batch
-            yield torch.tensor(pending[start:start + block_size], dtype=torch.long)
+            yield torch.tensor(pending[start : start + block_size], dtype=torch.long)
         del pending[:usable]
 
 
@@ -166,10 +167,22 @@ class StreamingTextDataset(IterableDataset):
     counted in `skipped` (summed over DataLoader workers) and left out.
     """
 
-    def __init__(self, files: Iterable[str | Path], tokenizer, block_size: int, *, shuffle_buffer: int = 1024,
-                 seed: int = 0, on_invalid: OnInvalid = "fail", rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        files: Iterable[str | Path],
+        tokenizer,
+        block_size: int,
+        *,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        on_invalid: OnInvalid = "fail",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         if block_size < 1 or shuffle_buffer < 0 or seed < 0:
-            raise ValueError(f"need block_size >= 1, shuffle_buffer >= 0, seed >= 0; got {block_size}, {shuffle_buffer}, {seed}")
+            raise ValueError(
+                f"need block_size >= 1, shuffle_buffer >= 0, seed >= 0; got {block_size}, {shuffle_buffer}, {seed}"
+            )
         if on_invalid not in ("fail", "skip"):
             raise ValueError(f"on_invalid must be 'fail' or 'skip', not {on_invalid!r}")
         if tokenizer.eos_token_id is None:
@@ -226,7 +239,9 @@ class StreamingTextDataset(IterableDataset):
             files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
         blocks = pack_blocks(self.texts(shard, slot, files), self.tokenizer, self.block_size)
         if self.shuffle_buffer:
-            blocks = buffer_shuffle(blocks, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, shard.count, shard.index]))
+            blocks = buffer_shuffle(
+                blocks, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, shard.count, shard.index])
+            )
         for block in blocks:
             yield {"input_ids": block, "labels": block.clone()}
 
@@ -271,6 +286,10 @@ def check_corpus(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail")
     if on_invalid == "fail" and check.invalid:
         listed = list(check.problems)
         if check.invalid > len(listed):
-            listed.append(Problem(Path("(corpus)"), 0, "(corpus)", f"{check.invalid - len(listed)} more invalid line(s) not listed"))
+            listed.append(
+                Problem(
+                    Path("(corpus)"), 0, "(corpus)", f"{check.invalid - len(listed)} more invalid line(s) not listed"
+                )
+            )
         raise DataError(listed)
     return check

@@ -91,8 +91,10 @@ TEMPLATES: dict[str, Template] = {
     ),
 }
 TEMPLATE_NAMES = (*TEMPLATES, OWN_TEMPLATE)
-NO_CHAT_TEMPLATE = (f"the {OWN_TEMPLATE} template needs a tokenizer with a chat template, and this one has none; "
-                    f"choose one of {', '.join(TEMPLATES)}")
+NO_CHAT_TEMPLATE = (
+    f"the {OWN_TEMPLATE} template needs a tokenizer with a chat template, and this one has none; "
+    f"choose one of {', '.join(TEMPLATES)}"
+)
 
 SLOT = re.compile(r"\{(content|input|system|bos|eos)\}")
 
@@ -106,19 +108,24 @@ def _check_roles(messages: list[dict]) -> None:
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles[:1] == ["system"] else roles
     if not body or any(role != ("user", "assistant")[i % 2] for i, role in enumerate(body)):
-        raise ValueError(f"a conversation is an optional system message, then user and assistant turns alternating, "
-                         f"user first; got roles {roles}")
+        raise ValueError(
+            f"a conversation is an optional system message, then user and assistant turns alternating, "
+            f"user first; got roles {roles}"
+        )
 
 
 def _special(tokenizer, template: str) -> dict[str, str]:
     if "{eos}" in TEMPLATES[template].reply and tokenizer.eos_token is None:
-        raise ValueError(f"the {template} template ends each reply with the end-of-sequence token, "
-                         f"and this tokenizer has none (set tokenizer.eos_token)")
+        raise ValueError(
+            f"the {template} template ends each reply with the end-of-sequence token, "
+            f"and this tokenizer has none (set tokenizer.eos_token)"
+        )
     return {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
 
 
-def _template_pieces(messages: list[dict], tokenizer, template: str, first_trained: int,
-                     generation_prompt: bool) -> list[tuple[str, bool]]:
+def _template_pieces(
+    messages: list[dict], tokenizer, template: str, first_trained: int, generation_prompt: bool
+) -> list[tuple[str, bool]]:
     """(text, trained) pieces: the replies of assistant turns from message index `first_trained` on are trained."""
     spec, special = TEMPLATES[template], _special(tokenizer, template)
     system = _fill(spec.system, content=messages[0]["content"], **special) if messages[0]["role"] == "system" else ""
@@ -128,13 +135,25 @@ def _template_pieces(messages: list[dict], tokenizer, template: str, first_train
         if message["role"] == "user":
             given = message.get("input")
             extra = _fill(spec.user_input, input=given) if given else ""
-            pieces.append((_fill(spec.user, content=message["content"], input=extra,
-                                 system=system if first_user else "", **special), False))
+            pieces.append(
+                (
+                    _fill(
+                        spec.user,
+                        content=message["content"],
+                        input=extra,
+                        system=system if first_user else "",
+                        **special,
+                    ),
+                    False,
+                )
+            )
             first_user = False
         elif message["role"] == "assistant":
-            pieces += [(_fill(spec.header, **special), False),
-                       (_fill(spec.reply, content=message["content"], **special), index >= first_trained),
-                       (_fill(spec.after_reply, **special), False)]
+            pieces += [
+                (_fill(spec.header, **special), False),
+                (_fill(spec.reply, content=message["content"], **special), index >= first_trained),
+                (_fill(spec.after_reply, **special), False),
+            ]
     if generation_prompt:
         pieces.append((_fill(spec.header, **special), False))
     return pieces
@@ -147,14 +166,17 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 def _after(prefix: str, text: str, what: str) -> str:
     """The part of `text` after `prefix`, or a clear error where the template is not prefix-stable."""
     if not text.startswith(prefix):
-        raise ValueError(f"the tokenizer's chat template is not prefix-stable ({what} does not start with the "
-                         f"rendering before it), so its trained spans cannot be found; choose another template. "
-                         f"Expected a start of {prefix[-80:]!r}, got {text[:len(prefix)][-80:]!r}")
-    return text[len(prefix):]
+        raise ValueError(
+            f"the tokenizer's chat template is not prefix-stable ({what} does not start with the "
+            f"rendering before it), so its trained spans cannot be found; choose another template. "
+            f"Expected a start of {prefix[-80:]!r}, got {text[: len(prefix)][-80:]!r}"
+        )
+    return text[len(prefix) :]
 
 
 def _own_pieces(messages: list[dict], tokenizer, first_trained: int, generation_prompt: bool) -> list[tuple[str, bool]]:
-    """(text, trained) pieces of the tokenizer's own template: each reply is what its message adds to the prompt before it."""
+    """(text, trained) pieces of the tokenizer's own template: each reply is what its message adds to the prompt
+    before it."""
     if not tokenizer.chat_template:
         raise ValueError(NO_CHAT_TEMPLATE)
     pieces: list[tuple[str, bool]] = []
@@ -168,7 +190,7 @@ def _own_pieces(messages: list[dict], tokenizer, first_trained: int, generation_
         turn = _after(prompt, whole, f"the conversation up to message {index}")
         # the separator after the end-of-turn marker is the next turn's context: generation stops at the marker
         reply = turn.rstrip()
-        pieces += [(context, False), (reply, index >= first_trained), (turn[len(reply):], False)]
+        pieces += [(context, False), (reply, index >= first_trained), (turn[len(reply) :], False)]
         done = whole
     if generation_prompt or messages[-1]["role"] != "assistant":
         pieces.append((_after(done, _render(tokenizer, messages, generation_prompt), "the prompt"), False))
@@ -192,8 +214,9 @@ def _tokenize(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], lis
     return input_ids, labels
 
 
-def _encode(messages: list[dict], tokenizer, template: str, first_trained: int,
-            generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+def _encode(
+    messages: list[dict], tokenizer, template: str, first_trained: int, generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
     _check_roles(messages)
     if template == OWN_TEMPLATE:
         pieces = _own_pieces(messages, tokenizer, first_trained, generation_prompt)
@@ -201,23 +224,29 @@ def _encode(messages: list[dict], tokenizer, template: str, first_trained: int,
         # a user's template may put a piece boundary inside what its tokenizer reads as one word
         whole = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
         if input_ids != whole:
-            raise ValueError("the tokenizer's chat template splits a reply from its context inside a token, "
-                             "so training would not see the tokens inference sees; choose another template")
+            raise ValueError(
+                "the tokenizer's chat template splits a reply from its context inside a token, "
+                "so training would not see the tokens inference sees; choose another template"
+            )
         return input_ids, labels
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
     return _tokenize(_template_pieces(messages, tokenizer, template, first_trained, generation_prompt), tokenizer)
 
 
-def encode_conversation(messages: list[dict], tokenizer, max_len: int, template: str = "chatml") -> tuple[list[int], list[int]]:
+def encode_conversation(
+    messages: list[dict], tokenizer, max_len: int, template: str = "chatml"
+) -> tuple[list[int], list[int]]:
     """input_ids and labels (IGNORE outside assistant replies; every reply trained), truncated to max_len tokens."""
     input_ids, labels = _encode(messages, tokenizer, template, first_trained=0)
     return input_ids[:max_len], labels[:max_len]
 
 
-def encode_completion(prompt_messages: list[dict], completion: str, tokenizer, max_len: int,
-                      template: str = "chatml") -> tuple[list[int], list[int]]:
-    """input_ids and labels of a prompt answered by `completion`: only the completion is trained, truncated to max_len."""
+def encode_completion(
+    prompt_messages: list[dict], completion: str, tokenizer, max_len: int, template: str = "chatml"
+) -> tuple[list[int], list[int]]:
+    """input_ids and labels of a prompt answered by `completion`: only the completion is trained, truncated to
+    max_len."""
     messages = [*prompt_messages, {"role": "assistant", "content": completion}]
     input_ids, labels = _encode(messages, tokenizer, template, first_trained=len(prompt_messages))
     return input_ids[:max_len], labels[:max_len]
@@ -257,29 +286,31 @@ def jinja(template: str) -> str:
     spec = TEMPLATES[template]
     content = "message['content']"
     generation_prompt = _jinja_output(spec.header)
-    return "\n".join([
-        "{%- if messages[0]['role'] == 'system' -%}",
-        "{%- set system = " + _jinja_text(spec.system, content="messages[0]['content']") + " -%}",
-        "{%- set turns = messages[1:] -%}",
-        "{%- else -%}",
-        "{%- set system = '' -%}",
-        "{%- set turns = messages -%}",
-        "{%- endif -%}",
-        *_jinja_output(spec.start),
-        "{%- for message in turns -%}",
-        "{%- if message['role'] == 'user' -%}",
-        "{%- if message['input'] is defined and message['input'] -%}",
-        "{%- set user_input = " + _jinja_text(spec.user_input, input="message['input']") + " -%}",
-        "{%- else -%}",
-        "{%- set user_input = '' -%}",
-        "{%- endif -%}",
-        *_jinja_output(spec.user, content=content, input="user_input", system="(system if loop.first else '')"),
-        "{%- else -%}",
-        *_jinja_output(spec.header + spec.reply + spec.after_reply, content=content),
-        "{%- endif -%}",
-        "{%- endfor -%}",
-        *(["{%- if add_generation_prompt -%}", *generation_prompt, "{%- endif -%}"] if generation_prompt else []),
-    ])
+    return "\n".join(
+        [
+            "{%- if messages[0]['role'] == 'system' -%}",
+            "{%- set system = " + _jinja_text(spec.system, content="messages[0]['content']") + " -%}",
+            "{%- set turns = messages[1:] -%}",
+            "{%- else -%}",
+            "{%- set system = '' -%}",
+            "{%- set turns = messages -%}",
+            "{%- endif -%}",
+            *_jinja_output(spec.start),
+            "{%- for message in turns -%}",
+            "{%- if message['role'] == 'user' -%}",
+            "{%- if message['input'] is defined and message['input'] -%}",
+            "{%- set user_input = " + _jinja_text(spec.user_input, input="message['input']") + " -%}",
+            "{%- else -%}",
+            "{%- set user_input = '' -%}",
+            "{%- endif -%}",
+            *_jinja_output(spec.user, content=content, input="user_input", system="(system if loop.first else '')"),
+            "{%- else -%}",
+            *_jinja_output(spec.header + spec.reply + spec.after_reply, content=content),
+            "{%- endif -%}",
+            "{%- endfor -%}",
+            *(["{%- if add_generation_prompt -%}", *generation_prompt, "{%- endif -%}"] if generation_prompt else []),
+        ]
+    )
 
 
 def store_template(tokenizer, template: str) -> None:
@@ -293,5 +324,7 @@ def store_template(tokenizer, template: str) -> None:
 
 def conversations(frame: pl.DataFrame, prefix: str = "") -> list[list[dict]]:
     """Canonical rows (parallel roles and contents) as message lists; prefix "prompt_" reads a prompt's columns."""
-    return [[{"role": r, "content": c} for r, c in zip(roles, contents)]
-            for roles, contents in zip(frame[f"{prefix}roles"].to_list(), frame[f"{prefix}contents"].to_list())]
+    return [
+        [{"role": r, "content": c} for r, c in zip(roles, contents)]
+        for roles, contents in zip(frame[f"{prefix}roles"].to_list(), frame[f"{prefix}contents"].to_list())
+    ]

@@ -22,7 +22,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from schemas.spec import TokenizerTrain
 from stages.contract import ADDED_TOKENS, StageResult
-from stages.templates import BOS, EOS, IM_END, IM_START, OWN_TEMPLATE, PAD, SPECIAL_TOKENS, TEMPLATES, end_of_turn_id, store_template
+from stages.templates import (
+    BOS,
+    EOS,
+    IM_END,
+    IM_START,
+    OWN_TEMPLATE,
+    PAD,
+    SPECIAL_TOKENS,
+    TEMPLATES,
+    end_of_turn_id,
+    store_template,
+)
 
 # tokens that tokenizers in the wild reserve for padding; the first one present is the pad, else "<|pad|>" is added
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
@@ -40,8 +51,14 @@ def run(spec: TokenizerTrain, corpus: Iterable[str], template: str, workdir: Pat
         show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        additional_special_tokens=[IM_END], model_max_length=1 << 30)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[IM_END],
+        model_max_length=1 << 30,
+    )
     store_template(tokenizer, template)
     folder = workdir / "tokenizer"
     tokenizer.save_pretrained(folder)
@@ -59,7 +76,8 @@ def _safe_pad(tokenizer, turn_end: int) -> str | None:
 
 
 def adopt(path: Path, template: str, workdir: Path) -> StageResult:
-    """A user's tokenizer, given what the template and padding need and it lacks; what was added is recorded beside it."""
+    """A user's tokenizer, given what the template and padding need and it lacks; what was added is recorded beside
+    it."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     vocab = tokenizer.get_vocab()
     added: list[str] = []
@@ -78,5 +96,9 @@ def adopt(path: Path, template: str, workdir: Path) -> StageResult:
     tokenizer.add_special_tokens({"pad_token": pad})
     folder = workdir / "tokenizer"
     tokenizer.save_pretrained(folder)
-    (folder / ADDED_TOKENS).write_text(json.dumps({token: tokenizer.convert_tokens_to_ids(token) for token in added}, indent=2))
-    return StageResult(checkpoint=folder, metrics={"vocab_size": float(len(tokenizer)), "added_tokens": float(len(added))})
+    (folder / ADDED_TOKENS).write_text(
+        json.dumps({token: tokenizer.convert_tokens_to_ids(token) for token in added}, indent=2)
+    )
+    return StageResult(
+        checkpoint=folder, metrics={"vocab_size": float(len(tokenizer)), "added_tokens": float(len(added))}
+    )

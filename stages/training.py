@@ -63,7 +63,9 @@ def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArgumen
         run_name=spec.name,  # named in the messages of a stage that diverges
         per_device_train_batch_size=per_rank,
         per_device_eval_batch_size=per_rank,
-        deepspeed=str(launch.deepspeed_config()) if launched and launch is not None and launch.deepspeed is not None else None,
+        deepspeed=str(launch.deepspeed_config())
+        if launched and launch is not None and launch.deepspeed is not None
+        else None,
         ddp_backend="gloo" if launched and not torch.cuda.is_available() else None,
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.lr,
@@ -77,7 +79,8 @@ def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArgumen
         bf16=use_bf16(train.precision),
         use_cpu=not torch.cuda.is_available(),
         logging_steps=train.logging_steps,
-        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the stage), not hidden behind the mean so far
+        # a NaN loss is logged as NaN (and stops the stage), not hidden behind the mean so far
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=2,
@@ -157,7 +160,8 @@ class StageTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         if self.is_deepspeed_enabled and self.deepspeed is None:
-            # before training the weights are still whole on every rank (the engine that shards them is built by `train`),
+            # before training the weights are still whole on every rank (the engine that shards them is built by
+            # `train`),
             # so they are evaluated as they are: DeepSpeed below ZeRO-3 refuses to build an inference engine, and under
             # ZeRO-3 the one it builds leaves the training engine unset
             self.is_deepspeed_enabled = False
@@ -169,10 +173,16 @@ class StageTrainer(Trainer):
 
     def diverged(self, step: int, what: str) -> None:
         saved = last_checkpoint(Path(self.args.output_dir))
-        raise Diverged(f"stage {self.args.run_name} diverged at step {step}: {what}"
-                       + (f" (last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]})" if self.last_finite else "")
-                       + (f"; the last good in-stage checkpoint is {saved}" if saved else "; no in-stage checkpoint was saved")
-                       + ". Nothing was marked finished: lower train.lr (or raise train.warmup), then run again.")
+        raise Diverged(
+            f"stage {self.args.run_name} diverged at step {step}: {what}"
+            + (
+                f" (last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]})"
+                if self.last_finite
+                else ""
+            )
+            + (f"; the last good in-stage checkpoint is {saved}" if saved else "; no in-stage checkpoint was saved")
+            + ". Nothing was marked finished: lower train.lr (or raise train.warmup), then run again."
+        )
 
 
 class ObjectiveTrainer(StageTrainer):
@@ -202,8 +212,23 @@ class ObjectiveTrainer(StageTrainer):
         super().log(logs, start_time)
 
 
-def make_trainer(model: PreTrainedModel, tokenizer, args: TrainingArguments, datasets: Mapping, collator,
-                 callbacks: tuple[TrainerCallback, ...], trainer_class: type[StageTrainer] = StageTrainer, **extra) -> StageTrainer:
-    return trainer_class(model=model, args=args, train_dataset=datasets["train"],
-                   eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
-                   processing_class=tokenizer, data_collator=collator, callbacks=list(callbacks), **extra)
+def make_trainer(
+    model: PreTrainedModel,
+    tokenizer,
+    args: TrainingArguments,
+    datasets: Mapping,
+    collator,
+    callbacks: tuple[TrainerCallback, ...],
+    trainer_class: type[StageTrainer] = StageTrainer,
+    **extra,
+) -> StageTrainer:
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=list(callbacks),
+        **extra,
+    )

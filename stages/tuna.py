@@ -37,6 +37,13 @@ def run(spec: TunaStage, inputs: StageInputs, workdir: Path) -> StageResult:
     set_seed(spec.train.seed)
     datasets = dict(inputs.datasets)
     datasets["train"], n, short = with_length(datasets["train"], None)
-    result = train(spec, inputs, workdir, load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer)), datasets, TunaTrainer)
+    result = train(
+        spec,
+        inputs,
+        workdir,
+        load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer)),
+        datasets,
+        TunaTrainer,
+    )
     result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
     return result

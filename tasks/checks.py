@@ -31,8 +31,11 @@ class Checked:
 
 
 def _key(paths: list[Path], fmt: str, on_invalid: str) -> str:
-    return hashlib.sha256(json.dumps([[file_digest(p) for p in paths], fmt, on_invalid, version("llm-lifecycle"),
-                                      version("pandera")]).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(
+            [[file_digest(p) for p in paths], fmt, on_invalid, version("llm-lifecycle"), version("pandera")]
+        ).encode()
+    ).hexdigest()
 
 
 def _remembered(home: Home | None, key: str) -> Checked | None:

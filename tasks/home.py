@@ -36,7 +36,11 @@ class Home:
     @property
     def artifact_root(self) -> str | None:
         """Artifacts of new experiments go under the home with a local store; a tracking server decides its own."""
-        return None if self.tracking_uri.startswith(("http://", "https://", "databricks")) else (self.root / "artifacts").as_uri()
+        return (
+            None
+            if self.tracking_uri.startswith(("http://", "https://", "databricks"))
+            else (self.root / "artifacts").as_uri()
+        )
 
     def work(self, stage: PlannedStage) -> Path:
         """A stage's working folder: in-stage Trainer checkpoints survive here for a resume."""
@@ -50,11 +54,13 @@ class Home:
         return self.root / "cache" / kind / key
 
     def configure(self) -> None:
-        """Point MLflow and Prefect at the home unless the user pointed them elsewhere. Call before importing prefect."""
+        """Point MLflow and Prefect at the home unless the user pointed them elsewhere. Call before importing
+        prefect."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("MLFLOW_TRACKING_URI", self.embedded_tracking_uri)
         os.environ.setdefault("PREFECT_HOME", str(self.root / "prefect"))
-        # PREFECT_HOME also moves Prefect's profiles; keep the user's, where a server URL may be set with `prefect config set`
+        # PREFECT_HOME also moves Prefect's profiles; keep the user's, where a server URL may be set with `prefect
+        # config set`
         user_profiles = Path("~/.prefect/profiles.toml").expanduser()
         if user_profiles.exists():
             os.environ.setdefault("PREFECT_PROFILES_PATH", str(user_profiles))
@@ -63,7 +69,8 @@ class Home:
 
 def sweep_partials(home: Home) -> int:
     """Remove cache entries left half-written by a process that died (`<key>.partial-<pid>`, and a DPO reference
-    inside a datasets entry); how many were removed. Nothing ever reads a partial entry, so this only gives the space back."""
+    inside a datasets entry); how many were removed. Nothing ever reads a partial entry, so this only gives the space
+    back."""
     removed = 0
     cache = home.root / "cache"
     for partial in [*cache.glob("*/*.partial-*"), *cache.glob("datasets/*/*.partial-*")]:

@@ -56,10 +56,28 @@ def torchrun(launch: Launch, node_rank: int, worker_args: list[str], log_dir: Pa
         where = ["--standalone"]  # a free port of its own: concurrent stages never collide
     else:
         host, port = launch.master.rsplit(":", 1)
-        where = [f"--nnodes={launch.nodes}", f"--node-rank={node_rank}", f"--master-addr={host}", f"--master-port={port}"]
-    logs = ["--log-dir", str(log_dir), "--tee", "3"] if log_dir is not None else []  # each rank's output to the console and a file
-    return [sys.executable, "-m", "tasks.launch", "torchrun", *where, f"--nproc-per-node={launch.processes}", *logs,
-            "-m", "tasks.launch", "worker", *worker_args]
+        where = [
+            f"--nnodes={launch.nodes}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={host}",
+            f"--master-port={port}",
+        ]
+    logs = (
+        ["--log-dir", str(log_dir), "--tee", "3"] if log_dir is not None else []
+    )  # each rank's output to the console and a file
+    return [
+        sys.executable,
+        "-m",
+        "tasks.launch",
+        "torchrun",
+        *where,
+        f"--nproc-per-node={launch.processes}",
+        *logs,
+        "-m",
+        "tasks.launch",
+        "worker",
+        *worker_args,
+    ]
 
 
 def environment(launch: Launch) -> dict[str, str]:
@@ -89,18 +107,33 @@ def run_launched(command: list[str], env: dict[str, str], folder: Path | None, w
             process.wait()
         raise
     if code != 0:
-        errors = [] if folder is None else sorted((folder / ERRORS).glob("rank-*.json"), key=lambda p: p.stat().st_mtime)
+        errors = (
+            [] if folder is None else sorted((folder / ERRORS).glob("rank-*.json"), key=lambda p: p.stat().st_mtime)
+        )
         if not errors:
-            tails = [f"{log.parent.name}: " + " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
-                     for log in sorted(folder.glob("logs/**/stderr.log")) if log.stat().st_size] if folder is not None else []
-            raise LaunchError(f"{what}: torchrun exited with status {code} before any rank reported an error"
-                              + (f"; the ranks' last words: {'; '.join(tails)}" if tails else " (see its output above)"))
+            tails = (
+                [
+                    f"{log.parent.name}: " + " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+                    for log in sorted(folder.glob("logs/**/stderr.log"))
+                    if log.stat().st_size
+                ]
+                if folder is not None
+                else []
+            )
+            raise LaunchError(
+                f"{what}: torchrun exited with status {code} before any rank reported an error"
+                + (f"; the ranks' last words: {'; '.join(tails)}" if tails else " (see its output above)")
+            )
         first = json.loads(errors[0].read_text())
-        raise LaunchError(f"{what}: rank {first['rank']} of {first['world_size']} failed first: {first['error']}"
-                          + (f" ({len(errors) - 1} more rank(s) failed after it)" if len(errors) > 1 else ""))
+        raise LaunchError(
+            f"{what}: rank {first['rank']} of {first['world_size']} failed first: {first['error']}"
+            + (f" ({len(errors) - 1} more rank(s) failed after it)" if len(errors) > 1 else "")
+        )
 
 
-def launch_stage(spec: TrainingStage, inputs: StageInputs, datasets_dir: Path, workdir: Path, home_root: Path, run_id: str) -> StageResult:
+def launch_stage(
+    spec: TrainingStage, inputs: StageInputs, datasets_dir: Path, workdir: Path, home_root: Path, run_id: str
+) -> StageResult:
     """Run a stage under torchrun from the flow's process (node 0), wait, and return rank 0's result."""
     folder = workdir / "launch"
     for stale in (folder / RESULT, *(folder / ERRORS).glob("*")):
@@ -119,11 +152,17 @@ def launch_stage(spec: TrainingStage, inputs: StageInputs, datasets_dir: Path, w
     }
     (folder / PLAN).write_text(json.dumps(plan, indent=2))
     launch = spec.launch
-    run_launched(torchrun(launch, 0, [str(folder / PLAN)], folder / "logs"), environment(launch), folder, f"stage {spec.name}")
+    run_launched(
+        torchrun(launch, 0, [str(folder / PLAN)], folder / "logs"), environment(launch), folder, f"stage {spec.name}"
+    )
     result = json.loads((folder / RESULT).read_text())
-    return StageResult(checkpoint=Path(result["checkpoint"]) if result["checkpoint"] else None,
-                       adapter=Path(result["adapter"]) if result["adapter"] else None,
-                       metrics=result["metrics"], resumed_from_step=result["resumed_from_step"], tables=result["tables"])
+    return StageResult(
+        checkpoint=Path(result["checkpoint"]) if result["checkpoint"] else None,
+        adapter=Path(result["adapter"]) if result["adapter"] else None,
+        metrics=result["metrics"],
+        resumed_from_step=result["resumed_from_step"],
+        tables=result["tables"],
+    )
 
 
 def join(launch: Launch, node_rank: int) -> None:
@@ -180,28 +219,41 @@ def worker(plan_path: str | None) -> None:
         model = plan["model"]
         inputs = StageInputs(
             model=ModelInit.model_validate(model) if isinstance(model, dict) else Path(model),
-            tokenizer=Path(plan["tokenizer"]), datasets=load_from_disk(plan["datasets"]),
+            tokenizer=Path(plan["tokenizer"]),
+            datasets=load_from_disk(plan["datasets"]),
             reference=Path(plan["reference"]) if plan["reference"] else None,
             # rank 0 alone records: the other ranks (on other nodes too) never open the MLflow store
-            callbacks=(StepMetrics(lineage.client(Home(Path(plan["home"]))), plan["run_id"]),) if rank == 0 else ())
+            callbacks=(StepMetrics(lineage.client(Home(Path(plan["home"]))), plan["run_id"]),) if rank == 0 else (),
+        )
         result = stage_module(spec.kind).run(spec, inputs, Path(plan["workdir"]))
         peaks = [None] * world_size
         dist.all_gather_object(peaks, peak_memory())
         if rank == 0:
             partial = folder / f"{RESULT}.partial"
-            partial.write_text(json.dumps({"checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                                           "adapter": str(result.adapter) if result.adapter else None,
-                                           "metrics": result.metrics | {"world_size": float(world_size)}
-                                           | {name: max(p[name] for p in peaks) for name in peaks[0]},
-                                           "resumed_from_step": result.resumed_from_step, "tables": result.tables}))
+            partial.write_text(
+                json.dumps(
+                    {
+                        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                        "adapter": str(result.adapter) if result.adapter else None,
+                        "metrics": result.metrics
+                        | {"world_size": float(world_size)}
+                        | {name: max(p[name] for p in peaks) for name in peaks[0]},
+                        "resumed_from_step": result.resumed_from_step,
+                        "tables": result.tables,
+                    }
+                )
+            )
             partial.rename(folder / RESULT)
-        dist.barrier()  # every rank done before any tears the process group down: a rank leaving early aborted another's exit
+        # every rank done before any tears the process group down: a rank leaving early aborted another's exit
+        dist.barrier()
     except BaseException as err:
         if folder is None:
             raise
         report = folder / ERRORS / f"rank-{rank}.json"
         error = str(err) if isinstance(err, LifecycleError) else f"{type(err).__name__}: {err} (traceback in {report})"
-        report.write_text(json.dumps({"rank": rank, "world_size": world_size, "error": error, "traceback": traceback.format_exc()}))
+        report.write_text(
+            json.dumps({"rank": rank, "world_size": world_size, "error": error, "traceback": traceback.format_exc()})
+        )
         raise
     finally:
         if dist.is_initialized():

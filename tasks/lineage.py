@@ -57,9 +57,11 @@ def open_store(home: Home) -> MlflowClient:
             mlflow = client(home)
             mlflow.search_experiments(max_results=1)
     except Exception as err:  # any failure to open the store ends here, named, whatever MLflow raised
-        raise StoreError(f"could not open the MLflow store at {home.tracking_uri}: {type(err).__name__}: {err}; "
-                         "check that the location is writable (or that the tracking server answers), "
-                         "or point MLFLOW_TRACKING_URI elsewhere") from None
+        raise StoreError(
+            f"could not open the MLflow store at {home.tracking_uri}: {type(err).__name__}: {err}; "
+            "check that the location is writable (or that the tracking server answers), "
+            "or point MLFLOW_TRACKING_URI elsewhere"
+        ) from None
     return mlflow
 
 
@@ -67,7 +69,9 @@ def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = Tr
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted" and create:
-            mlflow.restore_experiment(experiment.experiment_id)  # a deleted experiment's name is taken until it is purged
+            mlflow.restore_experiment(
+                experiment.experiment_id
+            )  # a deleted experiment's name is taken until it is purged
         return experiment.experiment_id
     if not create:
         return None
@@ -103,7 +107,11 @@ def _started(pid: int) -> str:
 
 def process_tags() -> dict[str, str]:
     """What identifies this process as a run's owner."""
-    return {f"{TAG}host": socket.gethostname(), f"{TAG}pid": str(os.getpid()), f"{TAG}pid_started": _started(os.getpid())}
+    return {
+        f"{TAG}host": socket.gethostname(),
+        f"{TAG}pid": str(os.getpid()),
+        f"{TAG}pid_started": _started(os.getpid()),
+    }
 
 
 def alive(run: Run) -> bool:
@@ -144,8 +152,11 @@ def close_dead(mlflow: MlflowClient, experiment: str) -> list[str]:
 
 
 def _close_dead_run(mlflow: MlflowClient, run: Run) -> None:
-    mlflow.set_tag(run.info.run_id, f"{TAG}killed", f"its process ({owner(run)}) was found dead "
-                   f"at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()}")
+    mlflow.set_tag(
+        run.info.run_id,
+        f"{TAG}killed",
+        f"its process ({owner(run)}) was found dead at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()}",
+    )
     mlflow.set_terminated(run.info.run_id, status="KILLED")
 
 
@@ -161,13 +172,17 @@ def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             live = [run for run in runs_of(mlflow, experiment, stage, "RUNNING") if alive(run)]
-            raise StageBusy(f"stage {stage.name} is being run right now by {owner(live[0]) if live else 'another process'}; "
-                            "wait for it to finish (`lifecycle status SPEC` shows it) or stop that process, "
-                            "then run again") from None
+            raise StageBusy(
+                f"stage {stage.name} is being run right now by {owner(live[0]) if live else 'another process'}; "
+                "wait for it to finish (`lifecycle status SPEC` shows it) or stop that process, "
+                "then run again"
+            ) from None
         for run in runs_of(mlflow, experiment, stage, "RUNNING"):
             if alive(run):  # on another host that shares the store
-                raise StageBusy(f"stage {stage.name} is being run right now by {owner(run)}; wait for it to finish "
-                                "or stop that process, then run again")
+                raise StageBusy(
+                    f"stage {stage.name} is being run right now by {owner(run)}; wait for it to finish "
+                    "or stop that process, then run again"
+                )
             _close_dead_run(mlflow, run)
         yield
 
@@ -175,8 +190,9 @@ def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage
 @contextmanager
 def pipeline_run(mlflow: MlflowClient, experiment: str, spec_name: str, spec_path: Path) -> Iterator[str]:
     """The parent run of one pipeline run: FINISHED when every stage is, FAILED otherwise."""
-    run_id = mlflow.create_run(experiment, run_name=spec_name, tags={
-        f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path)} | process_tags()).info.run_id
+    run_id = mlflow.create_run(
+        experiment, run_name=spec_name, tags={f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path)} | process_tags()
+    ).info.run_id
     try:
         mlflow.log_artifact(run_id, str(spec_path), "spec")
         yield run_id
@@ -199,8 +215,14 @@ def link(mlflow: MlflowClient, parent: str, stage: PlannedStage, run_id: str, re
     mlflow.set_tag(parent, f"{TAG}stage.{stage.name}", f"{run_id} (reused)" if reused else run_id)
 
 
-def start_stage_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage, parent: str,
-                    upstream_run: str | None, tokenizer_run: str | None) -> str:
+def start_stage_run(
+    mlflow: MlflowClient,
+    experiment: str,
+    stage: PlannedStage,
+    parent: str,
+    upstream_run: str | None,
+    tokenizer_run: str | None,
+) -> str:
     tags = {
         MLFLOW_PARENT_RUN_ID: parent,
         f"{TAG}stage": stage.name,
@@ -240,26 +262,39 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def log_data_inputs(mlflow: MlflowClient, run_id: str, files: dict[str, list[Path]]) -> None:
     """Data files as run inputs, with our full-content digest (MLflow's own reads only the first rows)."""
-    inputs = [DatasetInput(Dataset(name=path.name, digest=file_digest(path)[:32], source_type="local",
-                                   source=json.dumps({"uri": path.as_uri()})),
-                           tags=[InputTag("mlflow.data.context", split)])
-              for split, paths in files.items() for path in paths]
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=path.name,
+                digest=file_digest(path)[:32],
+                source_type="local",
+                source=json.dumps({"uri": path.as_uri()}),
+            ),
+            tags=[InputTag("mlflow.data.context", split)],
+        )
+        for split, paths in files.items()
+        for path in paths
+    ]
     if inputs:
         mlflow.log_inputs(run_id, datasets=inputs)
 
 
 def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float], rejected: list[dict]) -> None:
-    """What data preparation dropped or cut, as metrics; rows rejected under on_invalid: skip as an artifact with reasons."""
+    """What data preparation dropped or cut, as metrics; rows rejected under on_invalid: skip as an artifact with
+    reasons."""
     metrics = {f"data_{name}": value for name, value in counts.items()}
     metrics["data_rejected_rows"] = len({(r["file"], r["line"]) for r in rejected})
     now = int(time.time() * 1000)
     mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     if rejected:
-        mlflow.log_text(run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), "data/rejected.jsonl")
+        mlflow.log_text(
+            run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), "data/rejected.jsonl"
+        )
 
 
 def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult) -> None:
-    """Log the checkpoint (and a merged LoRA stage's adapter) and the final metrics, then mark the run FINISHED: in that order, always."""
+    """Log the checkpoint (and a merged LoRA stage's adapter) and the final metrics, then mark the run FINISHED: in
+    that order, always."""
     now = int(time.time() * 1000)
     step = int(result.metrics.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
     tags = [RunTag(f"{TAG}resumed_from_step", str(result.resumed_from_step))]
@@ -302,28 +337,40 @@ def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str =
 
 def record_base_model(mlflow: MlflowClient, run_id: str, path: Path) -> None:
     """Name the spec's model.path, and its content digest, as the base of a first stage (its adapter applies to it)."""
-    mlflow.log_batch(run_id, tags=[RunTag(f"{TAG}base_model", str(path)), RunTag(f"{TAG}base_model_digest", folder_digest(path))])
+    mlflow.log_batch(
+        run_id, tags=[RunTag(f"{TAG}base_model", str(path)), RunTag(f"{TAG}base_model_digest", folder_digest(path))]
+    )
 
 
 def _base_of(mlflow: MlflowClient, home: Home, run: Run) -> Path:
-    """The folder an adapter logged by `run` applies to: its upstream run's checkpoint, or the user's base model, unchanged."""
+    """The folder an adapter logged by `run` applies to: its upstream run's checkpoint, or the user's base model,
+    unchanged."""
     tags = run.data.tags
     if f"{TAG}upstream_run" in tags:
         return fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}upstream_run"]))
     stage, base, digest = tags.get(f"{TAG}stage"), Path(tags[f"{TAG}base_model"]), tags[f"{TAG}base_model_digest"]
     if not (base / "config.json").exists():
-        raise ModelError(f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} "
-                         f"(sha256 {digest[:12]}), which is not on this machine: copy that checkpoint to {base}")
+        raise ModelError(
+            f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} "
+            f"(sha256 {digest[:12]}), which is not on this machine: copy that checkpoint to {base}"
+        )
     if folder_digest(base) != digest:
-        raise ModelError(f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} as it was "
-                         f"(sha256 {digest[:12]}), and that folder has changed since: restore it, or run the spec again to train on it as it is")
+        raise ModelError(
+            f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} as it was "
+            f"(sha256 {digest[:12]}), and that folder has changed since: restore it, or run the spec again to train "
+            "on it as it is"
+        )
     return base
 
 
-REPORT = "eval"  # the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png
+REPORT = (
+    "eval"  # the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png
+)
 
 
-def log_report(mlflow: MlflowClient, run_id: str, metrics: dict[str, list], samples: dict[str, list], plot: Path) -> None:
+def log_report(
+    mlflow: MlflowClient, run_id: str, metrics: dict[str, list], samples: dict[str, list], plot: Path
+) -> None:
     """An eval stage's comparison as MLflow tables (a row per checkpoint; a row per sample prompt) and a plot."""
     mlflow.log_table(run_id, metrics, f"{REPORT}/metrics.json")
     mlflow.log_table(run_id, samples, f"{REPORT}/samples.json")
@@ -356,6 +403,14 @@ def stage_statuses(mlflow: MlflowClient, home: Home, spec_name: str, stages: lis
     for stage in stages:
         runs = runs_of(mlflow, experiment, stage) if experiment else []
         run = next((r for r in runs if r.info.status == "FINISHED"), runs[0] if runs else None)
-        rows.append(StageStatus(stage.name, stage.kind, stage.fingerprint, state(run),
-                                run.info.run_id if run else None, dict(run.data.metrics) if run else {}))
+        rows.append(
+            StageStatus(
+                stage.name,
+                stage.kind,
+                stage.fingerprint,
+                state(run),
+                run.info.run_id if run else None,
+                dict(run.data.metrics) if run else {},
+            )
+        )
     return rows

@@ -73,16 +73,23 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
     if spec.tokenizer.path is not None:
         source = {"path_digest": folder_digest(spec.tokenizer.path)}
     else:
-        source = {"train": spec.tokenizer.train.model_dump(mode="json", exclude={"data"}),
-                  "data": [file_digest(p) for p, _, _ in spec.tokenizer_corpus()]}
-    tokenizer = PlannedStage(TOKENIZER_STAGE, TOKENIZER_STAGE, spec.tokenizer, _fingerprint(base | {"tokenizer": source}), None, spec.name)
+        source = {
+            "train": spec.tokenizer.train.model_dump(mode="json", exclude={"data"}),
+            "data": [file_digest(p) for p, _, _ in spec.tokenizer_corpus()],
+        }
+    tokenizer = PlannedStage(
+        TOKENIZER_STAGE, TOKENIZER_STAGE, spec.tokenizer, _fingerprint(base | {"tokenizer": source}), None, spec.name
+    )
     planned = {TOKENIZER_STAGE: tokenizer}
     for stage in spec.stages:
         upstream = spec.upstream_of(stage)
         # how often a stage checkpoints or logs, and how many processes share its batch, do not change what it makes
         # (beyond numerical noise): editing them keeps reuse and resume
-        resolved = stage.model_dump(mode="json", by_alias=True, exclude=dict.fromkeys(stage.files(), True)
-                                    | {"train": {"save_steps", "logging_steps"}, "launch": True})
+        resolved = stage.model_dump(
+            mode="json",
+            by_alias=True,
+            exclude=dict.fromkeys(stage.files(), True) | {"train": {"save_steps", "logging_steps"}, "launch": True},
+        )
         payload = base | {
             "stage": resolved,
             "data": {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.files().items()},
@@ -91,8 +98,11 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
         if isinstance(stage, EvalStage):
             payload["scored"] = {s.name: planned[s.name].fingerprint for s in spec.scored_by(stage)}
         elif upstream is None:
-            payload["model"] = (spec.model.init.model_dump(mode="json") if spec.model.init is not None
-                                else {"path_digest": folder_digest(spec.model.path)})
+            payload["model"] = (
+                spec.model.init.model_dump(mode="json")
+                if spec.model.init is not None
+                else {"path_digest": folder_digest(spec.model.path)}
+            )
         else:
             payload["upstream"] = planned[upstream.name].fingerprint
         if scorers := stage.reward_stages():
@@ -103,11 +113,19 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
 
 
 def parts(stage: PlannedStage) -> list[PlannedStage]:
-    """A curriculum stage's sub-stages, each training on one list length and fed by the one before; [] for other stages."""
+    """A curriculum stage's sub-stages, each training on one list length and fed by the one before; [] for other
+    stages."""
     lengths = getattr(stage.spec, "curriculum", [])
     if len(lengths) < 2:
         return []
-    return [PlannedStage(f"{stage.name}-n{n}", stage.kind, stage.spec.model_copy(update={"curriculum": [n]}),
-                         _fingerprint({"stage": stage.fingerprint, "part": n}),
-                         stage.upstream if i == 0 else f"{stage.name}-n{lengths[i - 1]}", stage.pipeline)
-            for i, n in enumerate(lengths)]
+    return [
+        PlannedStage(
+            f"{stage.name}-n{n}",
+            stage.kind,
+            stage.spec.model_copy(update={"curriculum": [n]}),
+            _fingerprint({"stage": stage.fingerprint, "part": n}),
+            stage.upstream if i == 0 else f"{stage.name}-n{lengths[i - 1]}",
+            stage.pipeline,
+        )
+        for i, n in enumerate(lengths)
+    ]

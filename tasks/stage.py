@@ -48,7 +48,9 @@ def reuse(home: Home, experiment: str, stage: PlannedStage) -> str | None:
     run = lineage.finished_run(lineage.client(home), experiment, stage)
     if run is None:
         return None
-    get_run_logger().info("stage %s: reused from run %s (fingerprint %s)", stage.name, run.info.run_id, stage.fingerprint[:12])
+    get_run_logger().info(
+        "stage %s: reused from run %s (fingerprint %s)", stage.name, run.info.run_id, stage.fingerprint[:12]
+    )
     return run.info.run_id
 
 
@@ -62,13 +64,20 @@ def fetch(home: Home, run_id: str) -> Path:
 @task(cache_policy=NO_CACHE, task_run_name="prepare-{stage.name}")
 def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: Path) -> Path:
     """Tokenized (and packed) datasets, cached by data, tokenizer, template and packing parameters."""
-    key = hashlib.sha256(json.dumps({
-        "kind": stage.kind,
-        "data": {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.spec.files().items()},
-        "tokenizer": folder_digest(tokenizer_dir),
-        "versions": versions(),
-        "shape": stage.spec.model_dump(mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}),
-    }, sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "kind": stage.kind,
+                "data": {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.spec.files().items()},
+                "tokenizer": folder_digest(tokenizer_dir),
+                "versions": versions(),
+                "shape": stage.spec.model_dump(
+                    mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}
+                ),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
     target = home.cache("datasets", key)
     if target.exists():
         return target
@@ -78,7 +87,9 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
     partial = target.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     prepared.datasets.save_to_disk(str(partial / "datasets"))
-    (partial / REPORT).write_text(json.dumps({"counts": prepared.counts, "rejected": [p.record() for p in prepared.rejected]}))
+    (partial / REPORT).write_text(
+        json.dumps({"counts": prepared.counts, "rejected": [p.record() for p in prepared.rejected]})
+    )
     return publish(partial, target)
 
 
@@ -90,15 +101,25 @@ def _log_preparation(mlflow, run_id: str, prepared_dir: Path) -> None:
     lineage.log_preparation(mlflow, run_id, report["counts"], report["rejected"])
 
 
-def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, upstream_run: str | None,
-              tokenizer_run: str | None, work) -> str:
+def _recorded(
+    home: Home,
+    experiment: str,
+    stage: PlannedStage,
+    parent: str,
+    upstream_run: str | None,
+    tokenizer_run: str | None,
+    work,
+) -> str:
     """Claim the stage, open its child run, do the work, log the checkpoint; FAILED on any error.
 
-    A run that another process finished after this one looked for it (and before the claim) is reused, never trained twice."""
+    A run that another process finished after this one looked for it (and before the claim) is reused, never trained
+    twice."""
     mlflow = lineage.client(home)
     with lineage.claim(mlflow, home, experiment, stage):
         if (found := lineage.finished_run(mlflow, experiment, stage)) is not None:
-            get_run_logger().info("stage %s: reused from run %s, finished meanwhile by another process", stage.name, found.info.run_id)
+            get_run_logger().info(
+                "stage %s: reused from run %s, finished meanwhile by another process", stage.name, found.info.run_id
+            )
             return found.info.run_id
         run_id = lineage.start_stage_run(mlflow, experiment, stage, parent, upstream_run, tokenizer_run)
         try:
@@ -116,7 +137,8 @@ def _recorded(home: Home, experiment: str, stage: PlannedStage, parent: str, ups
 
 
 def tokenizer_texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
-    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message and every reply."""
+    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message and every
+    reply."""
     from stages.streaming import documents
 
     for path, fmt, on_invalid in files:
@@ -143,9 +165,12 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
         if spec.tokenizer.path is not None:
             result = tokenizer.adopt(spec.tokenizer.path, spec.template, workdir)
             if added := list(json.loads((result.checkpoint / ADDED_TOKENS).read_text())):
-                get_run_logger().info("tokenizer: added %s to the tokenizer of %s; the model's embeddings grow by as many rows "
-                                      "(each the mean of its trained rows) when it loads, and LoRA stages train them",
-                                      ", ".join(added), spec.tokenizer.path)
+                get_run_logger().info(
+                    "tokenizer: added %s to the tokenizer of %s; the model's embeddings grow by as many rows "
+                    "(each the mean of its trained rows) when it loads, and LoRA stages train them",
+                    ", ".join(added),
+                    spec.tokenizer.path,
+                )
                 mlflow.set_tag(run_id, f"{lineage.TAG}added_tokens", " ".join(added))
             return result
         files = spec.tokenizer_corpus()
@@ -156,8 +181,17 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
-def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, parent: str,
-          upstream_run: str | None, tokenizer_run: str, datasets_dir: Path, reward_runs: dict[str, str]) -> str:
+def train(
+    home: Home,
+    experiment: str,
+    spec: PipelineSpec,
+    stage: PlannedStage,
+    parent: str,
+    upstream_run: str | None,
+    tokenizer_run: str,
+    datasets_dir: Path,
+    reward_runs: dict[str, str],
+) -> str:
     """Train a stage as a child run of the pipeline run; a curriculum stage trains its parts as child runs of its own.
     `reward_runs`: the runs of the reward stages whose models the stage scores with."""
     from datasets import load_from_disk
@@ -183,12 +217,20 @@ def train(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, 
                 model, reference = spec.model.init or spec.model.path, None
                 if spec.model.path is not None:
                     lineage.record_base_model(mlflow, run_id, spec.model.path)
-            inputs = StageInputs(model=model, tokenizer=tokenizer, datasets=datasets, reference=reference,
-                                 callbacks=(StepMetrics(mlflow, run_id),), reward_models=reward_models(mlflow, home, reward_runs))
+            inputs = StageInputs(
+                model=model,
+                tokenizer=tokenizer,
+                datasets=datasets,
+                reference=reference,
+                callbacks=(StepMetrics(mlflow, run_id),),
+                reward_models=reward_models(mlflow, home, reward_runs),
+            )
             try:
                 if part.spec.launch is not None:
                     lineage.log_launch(mlflow, run_id, part.spec.launch)
-                    return launch_stage(part.spec, inputs, datasets_dir / "datasets", home.work(part), home.root, run_id)
+                    return launch_stage(
+                        part.spec, inputs, datasets_dir / "datasets", home.work(part), home.root, run_id
+                    )
                 return stage_module(part.kind).run(part.spec, inputs, home.work(part))
             except ModelError as err:
                 raise ModelError(f"stage {part.name}: {err}") from None
@@ -214,19 +256,34 @@ def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, 
 
 
 @task(cache_policy=NO_CACHE, task_run_name="eval-{stage.name}")
-def evaluate(home: Home, experiment: str, stage: PlannedStage, parent: str, scored_runs: dict[str, str], tokenizer_run: str,
-             reward_runs: dict[str, str]) -> str:
+def evaluate(
+    home: Home,
+    experiment: str,
+    stage: PlannedStage,
+    parent: str,
+    scored_runs: dict[str, str],
+    tokenizer_run: str,
+    reward_runs: dict[str, str],
+) -> str:
     """Score the checkpoints side by side; the table, plot and samples go to the eval run and to the pipeline run."""
     from stages import eval as evaluation
 
     def work(mlflow, run_id) -> StageResult:
         lineage.log_data_inputs(mlflow, run_id, {fmt: paths for fmt, (paths, _) in stage.spec.files().items()})
-        checkpoints = {name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()}
+        checkpoints = {
+            name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()
+        }
         tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
-        report = evaluation.run(stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs))
+        report = evaluation.run(
+            stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs)
+        )
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
-        metrics = {f"{row['checkpoint']}/{name}": value for row in report.metrics for name, value in row.items()
-                   if name != "checkpoint" and not math.isnan(value)}
+        metrics = {
+            f"{row['checkpoint']}/{name}": value
+            for row in report.metrics
+            for name, value in row.items()
+            if name != "checkpoint" and not math.isnan(value)
+        }
         return StageResult(checkpoint=None, metrics=metrics)
 
     return _recorded(home, experiment, stage, parent, None, tokenizer_run, work)

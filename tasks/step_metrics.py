@@ -20,7 +20,10 @@ class StepMetrics(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, state.global_step) for k, v in logs.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        metrics = [
+            Metric(k, float(v), now, state.global_step)
+            for k, v in logs.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         if metrics:
             self.mlflow.log_batch(self.run_id, metrics=metrics)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a temp project home, tiny trained models, and one real run of examples/quick.yaml for the flow tests."""
+"""Shared fixtures: a temp project home, tiny trained models, and one real run of examples/quick.yaml for the flow
+tests."""
 
 from __future__ import annotations
 
@@ -40,9 +41,14 @@ def pretrained(trained_tokenizer, tmp_path_factory) -> StageResult:
     from stages import pretrain
     from stages.contract import StageInputs
 
-    spec = PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"],
-                         heldout=[DATA_DIR / "pretrain_heldout.jsonl"], packing={"block_size": 64},
-                         train=TrainSpec(max_steps=40, save_steps=20, **FAST))
+    spec = PretrainStage(
+        name="pretrain",
+        kind="pretrain",
+        data=[DATA_DIR / "pretrain.jsonl"],
+        heldout=[DATA_DIR / "pretrain_heldout.jsonl"],
+        packing={"block_size": 64},
+        train=TrainSpec(max_steps=40, save_steps=20, **FAST),
+    )
     prepared = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
     assert 0 < prepared.counts["train_tail_tokens_dropped"] < 64
     return pretrain.run(spec, StageInputs(TINY, trained_tokenizer, prepared.datasets), tmp_path_factory.mktemp("pre"))
@@ -56,10 +62,18 @@ def chat_model(trained_tokenizer, pretrained, tmp_path_factory) -> Path:
     from stages import sft
     from stages.contract import StageInputs
 
-    spec = SFTStage(name="sft", kind="sft", data=[DATA_DIR / "sft.jsonl"], max_len=256, template="chatml",
-                    train=TrainSpec(max_steps=200, **FAST))
+    spec = SFTStage(
+        name="sft",
+        kind="sft",
+        data=[DATA_DIR / "sft.jsonl"],
+        max_len=256,
+        template="chatml",
+        train=TrainSpec(max_steps=200, **FAST),
+    )
     datasets = sft.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
-    return sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path_factory.mktemp("sft")).checkpoint
+    return sft.run(
+        spec, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path_factory.mktemp("sft")
+    ).checkpoint
 
 
 def stage_run(folder: Path, name: str = "stage"):
@@ -68,7 +82,11 @@ def stage_run(folder: Path, name: str = "stage"):
 
     mlflow = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(name, artifact_location=(folder / "artifacts").as_uri())
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else mlflow.create_experiment(name, artifact_location=(folder / "artifacts").as_uri())
+    )
     return mlflow, mlflow.create_run(experiment_id, run_name=name).info.run_id
 
 

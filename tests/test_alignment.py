@@ -45,36 +45,63 @@ class Logs(TrainerCallback):
 
 
 def test_merged_lora_gives_the_adapters_logits(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
-    spec = SFTStage(name="sft-lora", kind="sft", data=[DATA_DIR / "sft.jsonl"], max_len=256, template="chatml",
-                    lora=LoraSpec(r=4, alpha=8, targets="all-linear", merge=True), train=TrainSpec(max_steps=15, lr=3e-3, **QUICK))
+    spec = SFTStage(
+        name="sft-lora",
+        kind="sft",
+        data=[DATA_DIR / "sft.jsonl"],
+        max_len=256,
+        template="chatml",
+        lora=LoraSpec(r=4, alpha=8, targets="all-linear", merge=True),
+        train=TrainSpec(max_steps=15, lr=3e-3, **QUICK),
+    )
     datasets = sft.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     result = sft.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
     assert is_adapter(result.adapter) and adapter_base(result.adapter) == chat_model
-    assert (result.adapter / "adapter_model.safetensors").stat().st_size < (result.checkpoint / "model.safetensors").stat().st_size / 5
+    assert (result.adapter / "adapter_model.safetensors").stat().st_size < (
+        result.checkpoint / "model.safetensors"
+    ).stat().st_size / 5
 
     base = AutoModelForCausalLM.from_pretrained(chat_model)
     adapted = PeftModel.from_pretrained(base, result.adapter).eval()  # unmerged: base weights plus the low-rank path
     merged = AutoModelForCausalLM.from_pretrained(result.checkpoint).eval()
-    ids = torch.tensor([AutoTokenizer.from_pretrained(trained_tokenizer)("The capital of Samoria is Uxkel.")["input_ids"]])
+    ids = torch.tensor(
+        [AutoTokenizer.from_pretrained(trained_tokenizer)("The capital of Samoria is Uxkel.")["input_ids"]]
+    )
     with torch.no_grad():
         with adapted.disable_adapter():
             plain = adapted(ids).logits
-        # the adapter learned something: its logits move by 0.89 at most (seed 0; 1.16 and 1.30 with seeds 1 and 2), 890x 1e-3
+        # the adapter learned something: its logits move by 0.89 at most (seed 0; 1.16 and 1.30 with seeds 1 and 2),
+        # 890x 1e-3
         assert not torch.allclose(adapted(ids).logits, plain, atol=1e-3)
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)  # measured: 5.4e-6 at most
 
 
 @pytest.mark.parametrize("reference, lora", [("frozen", None), ("adapter-off", LoraSpec(r=4)), ("precomputed", None)])
-def test_dpo_at_step_zero_gives_log_2_and_equal_rewards(reference, lora, trained_tokenizer: Path, chat_model: Path,
-                                                       tmp_path: Path) -> None:
-    spec = DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=128, template="chatml",
-                    reference=reference, lora=lora, train=TrainSpec(max_steps=1, lr=1e-3, **QUICK))
+def test_dpo_at_step_zero_gives_log_2_and_equal_rewards(
+    reference, lora, trained_tokenizer: Path, chat_model: Path, tmp_path: Path
+) -> None:
+    spec = DPOStage(
+        name="dpo",
+        kind="dpo",
+        data=[DATA_DIR / "preference.jsonl"],
+        max_len=128,
+        template="chatml",
+        reference=reference,
+        lora=lora,
+        train=TrainSpec(max_steps=1, lr=1e-3, **QUICK),
+    )
     datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     logs = Logs()
-    dpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,), reference=tmp_path / "ref"), tmp_path / "w")
-    step = next(log for log in logs.logs if "loss" in log)  # logged at step 1: the loss of the first batch, before any update
+    dpo.run(
+        spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,), reference=tmp_path / "ref"), tmp_path / "w"
+    )
+    step = next(
+        log for log in logs.logs if "loss" in log
+    )  # logged at step 1: the loss of the first batch, before any update
     assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert step["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and step["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert step["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and step["rewards/rejected"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert step["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
     if reference == "precomputed":
         assert (tmp_path / "ref" / REFERENCE_FILE).exists()  # kept for the next run on this input model
@@ -93,9 +120,13 @@ def test_dpo_logps_default_to_mean_for_ipo_and_sum_stays_a_choice() -> None:
 
 
 def test_dpo_stage_gives_orpo_the_token_mean_nll_and_ipo_mean_logps(trained_tokenizer: Path, chat_model: Path) -> None:
-    """The stage's wiring of the losses on a real batch: expectations recomputed in float64 from the summed log-probs."""
+    """The stage's wiring of the losses on a real batch: expectations recomputed in float64 from the summed
+    log-probs."""
+
     def spec(**fields) -> DPOStage:
-        return DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=128, template="chatml", **fields)
+        return DPOStage(
+            name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=128, template="chatml", **fields
+        )
 
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     rows = dpo.prepare(spec(), tok).datasets["train"].select(range(8))
@@ -123,26 +154,45 @@ def test_dpo_stage_gives_orpo_the_token_mean_nll_and_ipo_mean_logps(trained_toke
 
     # IPO by default on length-averaged log-probs, the reference's sums divided by the same counts
     reference = torch.tensor([[-20.0, -30.0]] * len(rows), dtype=torch.float64)
-    loss, _ = stage_loss(spec(loss="ipo", beta=beta, reference="precomputed"), batch | {"reference_logps": reference.float()})
+    loss, _ = stage_loss(
+        spec(loss="ipo", beta=beta, reference="precomputed"), batch | {"reference_logps": reference.float()}
+    )
     h = (means[:, 0] - reference[:, 0] / counts[:, 0]) - (means[:, 1] - reference[:, 1] / counts[:, 1])
     assert loss == pytest.approx(float(((h - 1 / (2 * beta)) ** 2).mean()), rel=1e-5)
-    loss, _ = stage_loss(spec(loss="ipo", beta=beta, reference="precomputed", logps="sum"), batch | {"reference_logps": reference.float()})
+    loss, _ = stage_loss(
+        spec(loss="ipo", beta=beta, reference="precomputed", logps="sum"),
+        batch | {"reference_logps": reference.float()},
+    )
     h = (sums[:, 0] - reference[:, 0]) - (sums[:, 1] - reference[:, 1])
     assert loss == pytest.approx(float(((h - 1 / (2 * beta)) ** 2).mean()), rel=1e-5)
 
 
-def test_short_dpo_raises_heldout_preference_accuracy(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
-    spec = DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], heldout=[DATA_DIR / "preference_heldout.jsonl"],
-                    max_len=128, template="chatml", beta=0.1, train=TrainSpec(max_steps=30, lr=5e-4, **(QUICK | {"logging_steps": 5})))
+def test_short_dpo_raises_heldout_preference_accuracy(
+    trained_tokenizer: Path, chat_model: Path, tmp_path: Path
+) -> None:
+    spec = DPOStage(
+        name="dpo",
+        kind="dpo",
+        data=[DATA_DIR / "preference.jsonl"],
+        heldout=[DATA_DIR / "preference_heldout.jsonl"],
+        max_len=128,
+        template="chatml",
+        beta=0.1,
+        train=TrainSpec(max_steps=30, lr=5e-4, **(QUICK | {"logging_steps": 5})),
+    )
     datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     logs = Logs()
     result = dpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path)
     metrics, total = result.metrics, len(datasets["heldout"])
     # the tiny model prefers answers about the things SFT asked about (54 of 200 held-out pairs right): DPO moves it.
     # Seed 0: 61 right, +7 pairs, clearing +3 by 4 (seeds 1-4: +14, +6, +6, +10). DPO's held-out effect is small on this
-    # data at every length and rate tried (30 to 120 steps, lr 5e-4 and 1e-3; its implicit reward on held-out pairs stays
+    # data at every length and rate tried (30 to 120 steps, lr 5e-4 and 1e-3; its implicit reward on held-out pairs
+    # stays
     # at chance), so the firm check is the training margin below.
-    right, right_before = pairs(metrics["heldout_preference_accuracy"], total), pairs(metrics["heldout_preference_accuracy_before"], total)
+    right, right_before = (
+        pairs(metrics["heldout_preference_accuracy"], total),
+        pairs(metrics["heldout_preference_accuracy_before"], total),
+    )
     assert right >= right_before + 3
     # the implicit reward margin on the training batches, 0 at step 0: the last 15 steps average 0.244 (seed 0),
     # clearing 0.1 by 0.144 (seeds 1-4: 0.286, 0.312, 0.180, 0.264)
@@ -152,16 +202,27 @@ def test_short_dpo_raises_heldout_preference_accuracy(trained_tokenizer: Path, c
 
 def test_short_pro_raises_heldout_ranking_agreement(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
     # 300 steps (1.6 epochs of the 1500 lists): at 100 the best-vs-worst accuracy moved by 2 to 7 pairs of 200, by seed
-    spec = PROStage(name="pro", kind="pro", data=[DATA_DIR / "ranked.jsonl"], heldout=[DATA_DIR / "ranked_heldout.jsonl"],
-                    max_len=128, template="chatml", curriculum=[4], sft_weight=0.0,
-                    train=TrainSpec(max_steps=300, lr=3e-3, **(QUICK | {"logging_steps": 50})))
+    spec = PROStage(
+        name="pro",
+        kind="pro",
+        data=[DATA_DIR / "ranked.jsonl"],
+        heldout=[DATA_DIR / "ranked_heldout.jsonl"],
+        max_len=128,
+        template="chatml",
+        curriculum=[4],
+        sft_weight=0.0,
+        train=TrainSpec(max_steps=300, lr=3e-3, **(QUICK | {"logging_steps": 50})),
+    )
     datasets = pro.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     result = pro.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
     metrics, total = result.metrics, len(datasets["heldout"])
     assert metrics["list_length"] == 4 and metrics["short_lists_left_out"] == 0
     # held-out pairs here: each list's best candidate against its worst (an answer about another subject).
     # Before: 36 of 200 right. Seed 0: 83, +47 pairs, clearing +20 by 27 (seeds 1-4: +39, +49, +52, +55).
-    right, right_before = pairs(metrics["heldout_preference_accuracy"], total), pairs(metrics["heldout_preference_accuracy_before"], total)
+    right, right_before = (
+        pairs(metrics["heldout_preference_accuracy"], total),
+        pairs(metrics["heldout_preference_accuracy_before"], total),
+    )
     assert right >= right_before + 20
     # the whole ranking of the 4 candidates: Kendall tau −0.377 before; seed 0 −0.073, +0.303, clearing +0.15 by 0.153
     # (seeds 1-4: +0.225, +0.345, +0.282, +0.338)
@@ -171,20 +232,34 @@ def test_short_pro_raises_heldout_ranking_agreement(trained_tokenizer: Path, cha
 def test_pro_sub_stage_cuts_lists_to_its_length(trained_tokenizer: Path) -> None:
     spec = PROStage(name="pro", kind="pro", data=[DATA_DIR / "ranked_heldout.jsonl"], max_len=128, template="chatml")
     dataset = pro.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets["train"]
-    uneven = dataset.map(lambda row, i: {k: row[k][: 2 + i % 3] for k in ("input_ids", "labels", "scores")}, with_indices=True)
+    uneven = dataset.map(
+        lambda row, i: {k: row[k][: 2 + i % 3] for k in ("input_ids", "labels", "scores")}, with_indices=True
+    )
     kept, n, left_out = candidates.with_length(uneven, 3)
     assert n == 3 and left_out == sum(1 for i in range(len(uneven)) if i % 3 == 0)
     assert all(len(ids) == 3 for ids in kept["input_ids"]) and all(s == sorted(s, reverse=True) for s in kept["scores"])
 
 
 def test_tuna_trains_its_ranking_and_mle_terms(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
-    spec = TunaStage(name="tuna", kind="tuna", data=[DATA_DIR / "ranked.jsonl"], heldout=[DATA_DIR / "ranked_heldout.jsonl"],
-                     max_len=128, template="chatml", train=TrainSpec(max_steps=20, lr=1e-3, **(QUICK | {"logging_steps": 10})))
+    spec = TunaStage(
+        name="tuna",
+        kind="tuna",
+        data=[DATA_DIR / "ranked.jsonl"],
+        heldout=[DATA_DIR / "ranked_heldout.jsonl"],
+        max_len=128,
+        template="chatml",
+        train=TrainSpec(max_steps=20, lr=1e-3, **(QUICK | {"logging_steps": 10})),
+    )
     datasets = tuna.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     logs = Logs()
     result = tuna.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path)
-    steps = [{k: float(v) for k, v in log.items() if isinstance(v, (int, float))} for log in logs.logs if "ranking_loss" in log]
-    # steps 1-10 average 0.883, steps 11-20 0.626 (seed 0): a fall of 0.257, clearing 0.1 by 0.157 (seeds 1, 2: 0.233, 0.216)
+    steps = [
+        {k: float(v) for k, v in log.items() if isinstance(v, (int, float))}
+        for log in logs.logs
+        if "ranking_loss" in log
+    ]
+    # steps 1-10 average 0.883, steps 11-20 0.626 (seed 0): a fall of 0.257, clearing 0.1 by 0.157 (seeds 1, 2: 0.233,
+    # 0.216)
     assert steps[-1]["ranking_loss"] < steps[0]["ranking_loss"] - 0.1
     # the logged loss is the sum of the two terms (mle_weight 1), each averaged over the same 10 steps: equal but
     # for float32 rounding (measured: 1e-8 to 7e-8 apart, relatively)
@@ -192,38 +267,64 @@ def test_tuna_trains_its_ranking_and_mle_terms(trained_tokenizer: Path, chat_mod
     assert result.metrics["list_length"] == 4 and AutoModelForCausalLM.from_pretrained(result.checkpoint) is not None
 
 
-def test_reward_model_learns_pairs_and_scores_replies(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
-    spec = RewardStage(name="reward", kind="reward", data=[DATA_DIR / "preference.jsonl"], heldout=[DATA_DIR / "preference_heldout.jsonl"],
-                       max_len=128, template="chatml", train=TrainSpec(max_steps=120, lr=1e-3, **(QUICK | {"logging_steps": 30})))
+def test_reward_model_learns_pairs_and_scores_replies(
+    trained_tokenizer: Path, chat_model: Path, tmp_path: Path
+) -> None:
+    spec = RewardStage(
+        name="reward",
+        kind="reward",
+        data=[DATA_DIR / "preference.jsonl"],
+        heldout=[DATA_DIR / "preference_heldout.jsonl"],
+        max_len=128,
+        template="chatml",
+        train=TrainSpec(max_steps=120, lr=1e-3, **(QUICK | {"logging_steps": 30})),
+    )
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     datasets = reward.prepare(spec, tok).datasets
     result = reward.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
     metrics, total = result.metrics, len(datasets["heldout"])
-    # half the rejected replies answer about another subject: telling them apart from the question is hard for a 64-wide model.
-    # Below chance on the training pairs: 0.602 (seed 0), log 2 − 0.091, clearing log 2 − 0.05 by 0.041 (seeds 1, 2: 0.016, 0.042)
+    # half the rejected replies answer about another subject: telling them apart from the question is hard for a 64-wide
+    # model.
+    # Below chance on the training pairs: 0.602 (seed 0), log 2 − 0.091, clearing log 2 − 0.05 by 0.041 (seeds 1, 2:
+    # 0.016, 0.042)
     assert float(metrics["train_loss"]) < math.log(2) - 0.05
     # held-out pairs: 86 of 200 right before, 109 after (seed 0): +23, clearing +10 by 13 (seeds 1, 2: +14, +12)
-    right, right_before = pairs(metrics["heldout_reward_accuracy"], total), pairs(metrics["heldout_reward_accuracy_before"], total)
+    right, right_before = (
+        pairs(metrics["heldout_reward_accuracy"], total),
+        pairs(metrics["heldout_reward_accuracy_before"], total),
+    )
     assert right >= right_before + 10
 
     scorer = AutoModelForSequenceClassification.from_pretrained(result.checkpoint)
     prompt = [{"role": "user", "content": "Compute 6 plus 14."}]
-    good, bad = reward.rewards(scorer, tok, [prompt, prompt], ["6 plus 14 equals 20.", "6 plus 14 equals 21."], "chatml")
+    good, bad = reward.rewards(
+        scorer, tok, [prompt, prompt], ["6 plus 14 equals 20.", "6 plus 14 equals 21."], "chatml"
+    )
     assert math.isfinite(good) and math.isfinite(bad) and good != bad
 
 
 def test_dpo_accumulation_matches_one_big_batch(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
-    """TRL's equivalence: 8 pairs in one micro-batch and 2 micro-batches of 4 accumulated give the same loss and gradient.
+    """TRL's equivalence: 8 pairs in one micro-batch and 2 micro-batches of 4 accumulated give the same loss and
+    gradient.
 
     Compared through the first step's logged loss and gradient norm (before clipping): an accumulated loss the
     Trainer failed to scale would double the norm. (Weights after one Adam step could not tell: its first update
     is the gradient's sign, whatever the scale.)"""
+
     def first_step(batch_size: int, grad_accum: int) -> dict:
-        spec = DPOStage(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=128, template="chatml",
-                        train=TrainSpec(max_steps=1, lr=1e-3, **(QUICK | {"batch_size": batch_size}), grad_accum=grad_accum))
+        spec = DPOStage(
+            name="dpo",
+            kind="dpo",
+            data=[DATA_DIR / "preference.jsonl"],
+            max_len=128,
+            template="chatml",
+            train=TrainSpec(max_steps=1, lr=1e-3, **(QUICK | {"batch_size": batch_size}), grad_accum=grad_accum),
+        )
         datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
         logs = Logs()
-        dpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path / f"{batch_size}x{grad_accum}")
+        dpo.run(
+            spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path / f"{batch_size}x{grad_accum}"
+        )
         return next(log for log in logs.logs if "grad_norm" in log)
 
     one, accumulated = first_step(8, 1), first_step(4, 2)
@@ -235,8 +336,10 @@ def test_a_row_cut_to_no_reply_is_dropped_and_counted(trained_tokenizer: Path) -
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     short = [{"role": "user", "content": "Add 2 and 3."}]
     long = [{"role": "user", "content": "Add 2 and 3. " * 20}]
-    listed = [(short, ["2 plus 3 equals 5.", "2 plus 3 equals 6."], [1.0, 0.0]),
-              (long, ["2 plus 3 equals 5.", "2 plus 3 equals 6."], [1.0, 0.0])]
+    listed = [
+        (short, ["2 plus 3 equals 5.", "2 plus 3 equals 6."], [1.0, 0.0]),
+        (long, ["2 plus 3 equals 5.", "2 plus 3 equals 6."], [1.0, 0.0]),
+    ]
     whole = max(len(encode_completion(short, reply, tok, 1 << 30)[0]) for reply in listed[0][1])
     prompt = len(encode_prompt(short, tok))
     assert len(encode_prompt(long, tok)) > whole

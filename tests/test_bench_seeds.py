@@ -14,7 +14,10 @@ NAN = math.nan
 
 
 def test_table_of_reads_a_logged_table_with_nan_as_null():
-    logged = {"columns": ["checkpoint", "perplexity", "reward_margin"], "data": [["pretrain", 40.0, None], ["sft", 20, 1.5]]}
+    logged = {
+        "columns": ["checkpoint", "perplexity", "reward_margin"],
+        "data": [["pretrain", 40.0, None], ["sft", 20, 1.5]],
+    }
     table = table_of(logged)
     assert list(table) == ["pretrain", "sft"]
     assert table["sft"] == {"perplexity": 20.0, "reward_margin": 1.5}
@@ -22,7 +25,11 @@ def test_table_of_reads_a_logged_table_with_nan_as_null():
 
 
 def test_changes_subtract_the_input_stage_and_skip_stages_without_a_scored_input():
-    table = {"pretrain": {"ppl": 40.0, "acc": NAN}, "sft": {"ppl": 25.0, "acc": 0.5}, "grpo": {"ppl": 27.0, "acc": 0.75}}
+    table = {
+        "pretrain": {"ppl": 40.0, "acc": NAN},
+        "sft": {"ppl": 25.0, "acc": 0.5},
+        "grpo": {"ppl": 27.0, "acc": 0.75},
+    }
     upstream = {"pretrain": None, "sft": "pretrain", "grpo": "sft", "dpo": "sft"}
     found = changes(table, upstream)
     assert list(found) == ["sft", "grpo"]  # pretrain has no input; dpo is not in the table
@@ -63,5 +70,14 @@ def test_a_spread_below_float32_rounding_is_zero():
 
 
 def test_every_training_stage_of_quick_yaml_has_its_input_named():
-    assert upstreams(load_spec(QUICK)) == {"pretrain": None, "sft": "pretrain", "sft-lora": "sft", "dpo": "sft-lora", "pro": "dpo",
-                                          "tuna": "pro", "reward": "sft", "kto": "sft-lora", "grpo": "sft-lora"}
+    assert upstreams(load_spec(QUICK)) == {
+        "pretrain": None,
+        "sft": "pretrain",
+        "sft-lora": "sft",
+        "dpo": "sft-lora",
+        "pro": "dpo",
+        "tuna": "pro",
+        "reward": "sft",
+        "kto": "sft-lora",
+        "grpo": "sft-lora",
+    }

@@ -16,7 +16,9 @@ from .conftest import QUICK
 
 def lifecycle(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"LIFECYCLE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_validate_checks_spec_and_data_without_training(tmp_path: Path) -> None:
@@ -32,8 +34,10 @@ def test_bad_data_fails_run_in_seconds_with_file_line_errors(tmp_path: Path) -> 
     text = tmp_path / "text.jsonl"
     text.write_text('{"text": "fine"}\n')
     spec = tmp_path / "spec.yaml"
-    spec.write_text("name: bad\nmodel: {init: {hidden_size: 64, layers: 1, heads: 1}}\nstages:\n"
-                    "  - {name: pretrain, kind: pretrain, data: text.jsonl}\n  - {name: sft, kind: sft, data: chat.jsonl}\n")
+    spec.write_text(
+        "name: bad\nmodel: {init: {hidden_size: 64, layers: 1, heads: 1}}\nstages:\n"
+        "  - {name: pretrain, kind: pretrain, data: text.jsonl}\n  - {name: sft, kind: sft, data: chat.jsonl}\n"
+    )
     start = time.monotonic()
     done = lifecycle("run", str(spec), home=tmp_path / "home")
     assert done.returncode == 2 and time.monotonic() - start < 30
@@ -53,7 +57,9 @@ def test_bad_spec_is_one_clear_message(tmp_path: Path) -> None:
 def test_status_of_a_spec_never_run_is_pending(tmp_path: Path) -> None:
     done = lifecycle("status", str(QUICK), "--json", home=tmp_path)
     names = ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "kto", "grpo", "eval"]
-    assert [(row["name"], row["state"], row["run_id"]) for row in json.loads(done.stdout)] == [(name, "pending", None) for name in names]
+    assert [(row["name"], row["state"], row["run_id"]) for row in json.loads(done.stdout)] == [
+        (name, "pending", None) for name in names
+    ]
 
 
 def free_port() -> int:
@@ -66,8 +72,13 @@ def test_ui_serves_the_project_store_on_loopback(quick_run) -> None:
     root, runs = quick_run
     port = free_port()
     env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={runs['sft']}"
         deadline = time.monotonic() + 90
@@ -93,7 +104,9 @@ def test_inspect_marks_what_each_stage_trains(quick_run) -> None:
     assert "<|im_start|>assistant\n⟦The word fire in capital letters is FIRE.<|im_end|>⟧" in done.stdout
     pretrain = lifecycle("inspect", str(QUICK), "--stage", "pretrain", "-n", "1", home=root).stdout
     assert pretrain.startswith("--- pretrain example 1") and pretrain.rstrip().endswith("<|endoftext|>⟧")
-    pair = lifecycle("inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root).stdout  # a row's chosen, then rejected
+    pair = lifecycle(
+        "inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root
+    ).stdout  # a row's chosen, then rejected
     assert pair.count("--- dpo example") == 2 and "assistant\n⟦The word rose reversed is esor.<|im_end|>⟧" in pair
     missing = lifecycle("inspect", str(QUICK), "--stage", "nope", home=root)
     assert missing.returncode == 2 and "no stage named 'nope'; the stages are pretrain, sft" in missing.stderr

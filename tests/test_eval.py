@@ -1,4 +1,5 @@
-"""The eval stage and generation: metrics by hand, a report on tiny checkpoints, replies through the stored template, the CLI."""
+"""The eval stage and generation: metrics by hand, a report on tiny checkpoints, replies through the stored template,
+the CLI."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from stages import pretrain, reward, sft
 from stages.checkpoint import load_model
 from stages.contract import StageInputs
 from stages.eval import implicit_reward_margin, labelled_logp, text_blocks
-from stages.rewards import answer_matches
 from stages.generation import ChatModel, Sampling, answer, generate, stop_ids, turn_end_id
 from stages.metrics import kendall_tau, perplexity, preference, ranking
+from stages.rewards import answer_matches
 from stages.templates import encode_prompt, end_of_turn_id, store_template
 from tasks.home import Home
 from tasks.lineage import TAG, client, experiment_id
@@ -31,13 +32,18 @@ from tasks.plan import plan
 
 from .conftest import TINY, use_home
 
-FAST = dict(batch_size=4, lr=3e-3, warmup=0.0, logging_steps=10, save_steps=20, precision="fp32")  # fewer rows than conftest's
-ASKED = [[{"role": "user", "content": "Compute 26 plus 4."}],
-         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write rain in capital letters."}],
-         [{"role": "user", "content": "What is the capital of Uxrania?"}]]
+FAST = dict(
+    batch_size=4, lr=3e-3, warmup=0.0, logging_steps=10, save_steps=20, precision="fp32"
+)  # fewer rows than conftest's
+ASKED = [
+    [{"role": "user", "content": "Compute 26 plus 4."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write rain in capital letters."}],
+    [{"role": "user", "content": "What is the capital of Uxrania?"}],
+]
 
 
 # ---------------------------------------------------------------- metrics by hand
+
 
 def test_kendall_tau_without_ties() -> None:
     # pairs (0,1): x falls, y falls: concordant; (0,2): concordant; (1,2): x falls, y rises: discordant
@@ -95,25 +101,33 @@ def test_perplexity_is_token_weighted_over_blocks() -> None:
     assert perplexity(total, tokens) == pytest.approx(10.0)
 
 
-@pytest.mark.parametrize(("reply", "reference", "expected"), [
-    ("7 plus 24 equals 31.", "31", True),
-    ("7 plus 24 equals 310.", "31", False),
-    ("It is 3.31 or 31.5", "31", False),
-    ("It is -31", "31", False),
-    ("It is 31.0", "31", True),
-    ("That makes 1,000 exactly", "1000", True),
-    ("The capital of Uxrania is Melgri.", "Melgri", True),
-    ("The capital of Uxrania is Melgrian.", "Melgri", False),
-    ("The word rain in capital letters is RAIN.", "RAIN", True),
-    ("The word rain in capital letters is rain.", "RAIN", False),  # case is the task: repeating the question's word is not the answer
-    ("Ｍｅｌｇｒｉ,  of course", "Melgri.", True),  # NFKC and the reference's final full stop
-    ("anything", "  ", False),
-])
+@pytest.mark.parametrize(
+    ("reply", "reference", "expected"),
+    [
+        ("7 plus 24 equals 31.", "31", True),
+        ("7 plus 24 equals 310.", "31", False),
+        ("It is 3.31 or 31.5", "31", False),
+        ("It is -31", "31", False),
+        ("It is 31.0", "31", True),
+        ("That makes 1,000 exactly", "1000", True),
+        ("The capital of Uxrania is Melgri.", "Melgri", True),
+        ("The capital of Uxrania is Melgrian.", "Melgri", False),
+        ("The word rain in capital letters is RAIN.", "RAIN", True),
+        (
+            "The word rain in capital letters is rain.",
+            "RAIN",
+            False,
+        ),  # case is the task: repeating the question's word is not the answer
+        ("Ｍｅｌｇｒｉ,  of course", "Melgri.", True),  # NFKC and the reference's final full stop
+        ("anything", "  ", False),
+    ],
+)
 def test_answer_matching_rule(reply: str, reference: str, expected: bool) -> None:
     assert answer_matches(reply, reference) is expected
 
 
 # ---------------------------------------------------------------- tiny checkpoints
+
 
 @pytest.fixture(scope="module")
 def checkpoints(trained_tokenizer: Path, tmp_path_factory) -> dict[str, Path]:
@@ -121,14 +135,31 @@ def checkpoints(trained_tokenizer: Path, tmp_path_factory) -> dict[str, Path]:
 
     Smaller than conftest's shared `pretrained` (40 steps of 8 rows), so this file alone stays well under a minute."""
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
-    pre_spec = PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"], packing={"block_size": 64},
-                             train=TrainSpec(max_steps=20, **FAST))
-    pre = pretrain.run(pre_spec, StageInputs(TINY, trained_tokenizer, pretrain.prepare(pre_spec, tok).datasets),
-                       tmp_path_factory.mktemp("pre"))
-    sft_spec = SFTStage(name="sft", kind="sft", data=[DATA_DIR / "sft.jsonl"], max_len=128, template="chatml",
-                        train=TrainSpec(max_steps=20, **FAST))
-    tuned = sft.run(sft_spec, StageInputs(pre.checkpoint, trained_tokenizer, sft.prepare(sft_spec, tok).datasets),
-                    tmp_path_factory.mktemp("sft"))
+    pre_spec = PretrainStage(
+        name="pretrain",
+        kind="pretrain",
+        data=[DATA_DIR / "pretrain.jsonl"],
+        packing={"block_size": 64},
+        train=TrainSpec(max_steps=20, **FAST),
+    )
+    pre = pretrain.run(
+        pre_spec,
+        StageInputs(TINY, trained_tokenizer, pretrain.prepare(pre_spec, tok).datasets),
+        tmp_path_factory.mktemp("pre"),
+    )
+    sft_spec = SFTStage(
+        name="sft",
+        kind="sft",
+        data=[DATA_DIR / "sft.jsonl"],
+        max_len=128,
+        template="chatml",
+        train=TrainSpec(max_steps=20, **FAST),
+    )
+    tuned = sft.run(
+        sft_spec,
+        StageInputs(pre.checkpoint, trained_tokenizer, sft.prepare(sft_spec, tok).datasets),
+        tmp_path_factory.mktemp("sft"),
+    )
     return {"pretrain": pre.checkpoint, "sft": tuned.checkpoint}
 
 
@@ -143,32 +174,70 @@ def llama2_checkpoint(checkpoints: dict[str, Path], tmp_path_factory) -> Path:
     return folder
 
 
-def test_eval_report_has_a_row_per_checkpoint_and_a_plot(checkpoints: dict[str, Path], trained_tokenizer: Path, tmp_path: Path) -> None:
-    spec = EvalStage(name="eval", kind="eval", text=[DATA_DIR / "pretrain_heldout.jsonl"], conversations=[DATA_DIR / "sft_heldout.jsonl"],
-                     prompts=[DATA_DIR / "rl_prompts_heldout.jsonl"], preference=[DATA_DIR / "preference_heldout.jsonl"],
-                     ranked=[DATA_DIR / "ranked_heldout.jsonl"], limit=4, max_len=128, max_new_tokens=8, template="chatml")
+def test_eval_report_has_a_row_per_checkpoint_and_a_plot(
+    checkpoints: dict[str, Path], trained_tokenizer: Path, tmp_path: Path
+) -> None:
+    spec = EvalStage(
+        name="eval",
+        kind="eval",
+        text=[DATA_DIR / "pretrain_heldout.jsonl"],
+        conversations=[DATA_DIR / "sft_heldout.jsonl"],
+        prompts=[DATA_DIR / "rl_prompts_heldout.jsonl"],
+        preference=[DATA_DIR / "preference_heldout.jsonl"],
+        ranked=[DATA_DIR / "ranked_heldout.jsonl"],
+        limit=4,
+        max_len=128,
+        max_new_tokens=8,
+        template="chatml",
+    )
     report = eval_stage.run(spec, checkpoints, trained_tokenizer, tmp_path)
-    columns = ["checkpoint", "perplexity", "response_loss", "exact_match", "task_accuracy", "preference_accuracy",
-               "preference_margin", "reward_margin", "kendall_tau", "top1"]
+    columns = [
+        "checkpoint",
+        "perplexity",
+        "response_loss",
+        "exact_match",
+        "task_accuracy",
+        "preference_accuracy",
+        "preference_margin",
+        "reward_margin",
+        "kendall_tau",
+        "top1",
+    ]
     assert [list(row) for row in report.metrics] == [columns, columns]
     assert [row["checkpoint"] for row in report.metrics] == ["pretrain", "sft"]
     pre, tuned = report.metrics
-    assert math.isnan(pre["reward_margin"]) and math.isfinite(tuned["reward_margin"])  # the first checkpoint is the reference
+    assert math.isnan(pre["reward_margin"]) and math.isfinite(
+        tuned["reward_margin"]
+    )  # the first checkpoint is the reference
     assert all(math.isfinite(row[c]) for row in report.metrics for c in columns[1:] if c != "reward_margin")
     # measured with seed 0 (CPU, fp32): perplexity 184, inside (1, 512) by 183 and 328; response loss 5.42 → 4.37,
     # a fall of 1.05 clearing 0.5 by 0.55 (seeds 1, 2: 174 and 192; falls of 0.95 and 0.87)
     assert 1 < float(tuned["perplexity"]) < 512
     assert float(tuned["response_loss"]) < float(pre["response_loss"]) - 0.5
-    assert all(0 <= row[c] <= 1 for row in report.metrics for c in ("exact_match", "task_accuracy", "preference_accuracy", "top1"))
+    assert all(
+        0 <= row[c] <= 1
+        for row in report.metrics
+        for c in ("exact_match", "task_accuracy", "preference_accuracy", "top1")
+    )
     # four held-out prompts, each answered by both checkpoints
-    first_prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "rl_prompts_heldout.jsonl").read_text().splitlines()[:4]]
+    first_prompts = [
+        json.loads(line)["prompt"] for line in (DATA_DIR / "rl_prompts_heldout.jsonl").read_text().splitlines()[:4]
+    ]
     assert [row["prompt"] for row in report.samples] == first_prompts  # no samples named: the first held-out prompts
     assert all(set(row) == {"prompt", "pretrain", "sft"} for row in report.samples)
     assert report.plot == tmp_path / "metrics.png" and report.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.metrics_table()["checkpoint"] == ["pretrain", "sft"]
 
-    only_text = EvalStage(name="eval", kind="eval", text=[DATA_DIR / "pretrain_heldout.jsonl"], samples=["Say hi."],
-                          limit=4, max_len=64, max_new_tokens=4, template="chatml")
+    only_text = EvalStage(
+        name="eval",
+        kind="eval",
+        text=[DATA_DIR / "pretrain_heldout.jsonl"],
+        samples=["Say hi."],
+        limit=4,
+        max_len=64,
+        max_new_tokens=4,
+        template="chatml",
+    )
     small = eval_stage.run(only_text, {"sft": checkpoints["sft"]}, trained_tokenizer, tmp_path / "small")
     assert [list(row) for row in small.metrics] == [["checkpoint", "perplexity"]]
     assert [row["prompt"] for row in small.samples] == ["Say hi."]
@@ -177,20 +246,33 @@ def test_eval_report_has_a_row_per_checkpoint_and_a_plot(checkpoints: dict[str, 
 def test_short_text_still_counts_its_tail_block(trained_tokenizer: Path) -> None:
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     blocks = text_blocks(["one two three", "four"], tok, max_len=4)
-    stream = [t for text in ("one two three", "four") for t in (*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+    stream = [
+        t
+        for text in ("one two three", "four")
+        for t in (*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id)
+    ]
     assert sum(blocks, []) == stream and all(len(b) == 4 for b in blocks[:-1]) and len(blocks[-1]) <= 4
 
 
-def test_eval_scores_the_greedy_replies_with_the_rewards_and_the_reward_model(checkpoints: dict[str, Path], trained_tokenizer: Path,
-                                                                              tmp_path: Path) -> None:
+def test_eval_scores_the_greedy_replies_with_the_rewards_and_the_reward_model(
+    checkpoints: dict[str, Path], trained_tokenizer: Path, tmp_path: Path
+) -> None:
     # a reward model as a reward stage saves it: the SFT checkpoint with a one-output head and its template stored
     scorer_folder = tmp_path / "reward"
     tok = AutoTokenizer.from_pretrained(checkpoints["sft"])
     torch.manual_seed(0)
     load_model(checkpoints["sft"], tok, AutoModelForSequenceClassification, num_labels=1).save_pretrained(scorer_folder)
     tok.save_pretrained(scorer_folder)
-    spec = EvalStage(name="eval", kind="eval", prompts=[DATA_DIR / "rl_prompts_heldout.jsonl"], limit=6, max_new_tokens=8,
-                     template="chatml", reward_model="reward", rewards=[{"kind": "answer"}, {"kind": "regex", "pattern": "^The ", "weight": 0.5}])
+    spec = EvalStage(
+        name="eval",
+        kind="eval",
+        prompts=[DATA_DIR / "rl_prompts_heldout.jsonl"],
+        limit=6,
+        max_new_tokens=8,
+        template="chatml",
+        reward_model="reward",
+        rewards=[{"kind": "answer"}, {"kind": "regex", "pattern": "^The ", "weight": 0.5}],
+    )
     report = eval_stage.run(spec, checkpoints, trained_tokenizer, tmp_path / "eval", {"reward": scorer_folder})
     assert [list(row) for row in report.metrics] == [["checkpoint", "task_accuracy", "reward", "reward_model"]] * 2
     # scored independently: the same greedy replies, the reward stage's scoring function, the same rules
@@ -202,13 +284,24 @@ def test_eval_scores_the_greedy_replies_with_the_rewards_and_the_reward_model(ch
         replies = answer(model, tok, prompts, "chatml", 8)
         right = [answer_matches(reply, r["answer"]) for reply, r in zip(replies, rows)]
         assert row["task_accuracy"] == pytest.approx(sum(right) / 6)
-        assert row["reward"] == pytest.approx(sum(right) / 6 + 0.5 * sum(reply.startswith("The ") for reply in replies) / 6)
-        assert row["reward_model"] == pytest.approx(sum(reward.rewards(scorer, tok, prompts, replies, "chatml")) / 6, rel=1e-4)
+        assert row["reward"] == pytest.approx(
+            sum(right) / 6 + 0.5 * sum(reply.startswith("The ") for reply in replies) / 6
+        )
+        assert row["reward_model"] == pytest.approx(
+            sum(reward.rewards(scorer, tok, prompts, replies, "chatml")) / 6, rel=1e-4
+        )
 
 
 def test_pairs_whose_replies_max_len_cuts_away_are_left_out(trained_tokenizer: Path) -> None:
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
-    spec = EvalStage(name="eval", kind="eval", preference=[DATA_DIR / "preference_heldout.jsonl"], limit=4, max_len=128, template="chatml")
+    spec = EvalStage(
+        name="eval",
+        kind="eval",
+        preference=[DATA_DIR / "preference_heldout.jsonl"],
+        limit=4,
+        max_len=128,
+        template="chatml",
+    )
     kept = eval_stage.held_out(spec, tok)
     assert kept.pairs.num_rows == 4 and kept.pair_tokens.shape == (4, 2) and bool((kept.pair_tokens > 0).all())
     cut = eval_stage.held_out(spec.model_copy(update={"max_len": 8}), tok)  # every prompt is longer than 8 tokens
@@ -217,8 +310,11 @@ def test_pairs_whose_replies_max_len_cuts_away_are_left_out(trained_tokenizer: P
 
 # ---------------------------------------------------------------- generation through the stored template
 
+
 @pytest.mark.parametrize("template", ["chatml", "llama2"])
-def test_generation_renders_and_stops_as_training(template: str, checkpoints: dict[str, Path], llama2_checkpoint: Path) -> None:
+def test_generation_renders_and_stops_as_training(
+    template: str, checkpoints: dict[str, Path], llama2_checkpoint: Path
+) -> None:
     folder = {"chatml": checkpoints["sft"], "llama2": llama2_checkpoint}[template]
     chat = ChatModel.load(folder, device="cpu")
     assert turn_end_id(chat.tokenizer) == end_of_turn_id(chat.tokenizer, template)
@@ -236,7 +332,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(checkpoints: dict[str, P
     batched = generate(chat.model, prompts, chat.stops, chat.pad_id, greedy, batch_size=6)
     alone = generate(chat.model, prompts, chat.stops, chat.pad_id, greedy, batch_size=1)
     assert batched == alone
-    assert all(len(ids) <= 16 and chat.stops[0] not in ids[:-1] for ids in batched)  # cut at the first stop: no padding kept
+    assert all(
+        len(ids) <= 16 and chat.stops[0] not in ids[:-1] for ids in batched
+    )  # cut at the first stop: no padding kept
     assert stop_ids(chat.tokenizer, chat.stops[0]) == chat.stops
 
 
@@ -256,9 +354,12 @@ def test_sampling_is_seeded_and_checked(checkpoints: dict[str, Path]) -> None:
 
 # ---------------------------------------------------------------- the CLI
 
+
 def test_report_tables_are_aligned() -> None:
-    metrics = {"columns": ["checkpoint", "perplexity", "exact_match"],
-               "data": [["pretrain", 51.234567, None], ["sft-lora", 9.5, 0.25]]}
+    metrics = {
+        "columns": ["checkpoint", "perplexity", "exact_match"],
+        "data": [["pretrain", 51.234567, None], ["sft-lora", 9.5, 0.25]],
+    }
     assert format_metrics(metrics).splitlines() == [
         "checkpoint  perplexity  exact_match",
         "----------  ----------  -----------",
@@ -274,22 +375,49 @@ def test_report_tables_are_aligned() -> None:
     ]
 
 
-def test_generate_cli_answers_a_file_in_order(checkpoints: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
+def test_generate_cli_answers_a_file_in_order(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch, capsys
+) -> None:
     cli_home(monkeypatch, tmp_path / "home")
     given = tmp_path / "prompts.jsonl"
-    given.write_text('{"prompt": "Compute 26 plus 4.", "answer": "30"}\n{"prompt": "Write jam in capital letters."}\n'
-                     '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the letters of tree."}]}\n')
+    given.write_text(
+        '{"prompt": "Compute 26 plus 4.", "answer": "30"}\n{"prompt": "Write jam in capital letters."}\n'
+        '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the letters '
+        'of tree."}]}\n'
+    )
     out = tmp_path / "answers.jsonl"
-    assert main(["generate", "--checkpoint", str(checkpoints["sft"]), "--input", str(given), "--output", str(out),
-                 "--max-new-tokens", "8", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(checkpoints["sft"]),
+                "--input",
+                str(given),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "8",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["prompt"] for row in rows] == ["Compute 26 plus 4.", "Write jam in capital letters.",
-                                               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the letters of tree."}]]
+    assert [row["prompt"] for row in rows] == [
+        "Compute 26 plus 4.",
+        "Write jam in capital letters.",
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the letters of tree."}],
+    ]
     assert [set(row) for row in rows] == [{"prompt", "answer", "reference"}, {"prompt", "answer"}, {"prompt", "answer"}]
     assert rows[0]["reference"] == "30" and all(isinstance(row["answer"], str) for row in rows)
     # greedy by default: the file holds what the template-named path answers
     model, tok = load_model(checkpoints["sft"], tok := AutoTokenizer.from_pretrained(checkpoints["sft"])), tok
-    asked = [[{"role": "user", "content": "Compute 26 plus 4."}], [{"role": "user", "content": "Write jam in capital letters."}]]
+    asked = [
+        [{"role": "user", "content": "Compute 26 plus 4."}],
+        [{"role": "user", "content": "Write jam in capital letters."}],
+    ]
     assert [row["answer"] for row in rows[:2]] == answer(model, tok, asked, "chatml", max_new_tokens=8)
 
     assert main(["generate", "--checkpoint", str(tmp_path), "hello"]) == 2
@@ -297,7 +425,8 @@ def test_generate_cli_answers_a_file_in_order(checkpoints: dict[str, Path], tmp_
 
 
 def cli_home(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    """The project home at `root` for `main` run in this process; the Prefect variables `Home.configure` sets are restored after."""
+    """The project home at `root` for `main` run in this process; the Prefect variables `Home.configure` sets are
+    restored after."""
     use_home(monkeypatch, root)
     monkeypatch.setenv("PREFECT_HOME", str(root / "prefect"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -316,7 +445,9 @@ stages:
 """
 
 
-def test_report_prints_the_eval_runs_tables_and_generate_names_an_unrun_stage(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_report_prints_the_eval_runs_tables_and_generate_names_an_unrun_stage(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     cli_home(monkeypatch, tmp_path / "home")
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(SPEC)
@@ -327,19 +458,24 @@ def test_report_prints_the_eval_runs_tables_and_generate_names_an_unrun_stage(tm
     spec, home = load_spec(spec_path), Home.from_env()
     mlflow = client(home)
     fingerprint = next(stage.fingerprint for stage in plan(spec) if stage.name == "eval")
-    run_id = mlflow.create_run(experiment_id(mlflow, home, spec.name), run_name="eval", tags={f"{TAG}fingerprint": fingerprint}).info.run_id
+    run_id = mlflow.create_run(
+        experiment_id(mlflow, home, spec.name), run_name="eval", tags={f"{TAG}fingerprint": fingerprint}
+    ).info.run_id
     metrics = {"checkpoint": ["pretrain", "sft"], "perplexity": [80.5, 20.25], "exact_match": [math.nan, 0.5]}
     mlflow.log_table(run_id, metrics, "eval/metrics.json")
     mlflow.log_table(run_id, {"prompt": ["Add 2 and 3."], "pretrain": ["2 2"], "sft": ["5"]}, "eval/samples.json")
     mlflow.set_terminated(run_id)
     assert main(["report", str(spec_path)]) == 0
     out = capsys.readouterr().out
-    assert ("checkpoint  perplexity  exact_match\n----------  ----------  -----------\n"
-            "pretrain          80.5            -\nsft              20.25          0.5\n") in out
+    assert (
+        "checkpoint  perplexity  exact_match\n----------  ----------  -----------\n"
+        "pretrain          80.5            -\nsft              20.25          0.5\n"
+    ) in out
     assert "[1] Add 2 and 3.\n    pretrain | 2 2\n    sft      | 5" in out
     assert main(["report", str(spec_path), "--stage", "sft"]) == 2
     assert "no eval stage named 'sft'; the eval stages are eval" in capsys.readouterr().err
 
     assert main(["generate", str(spec_path), "--stage", "sft", "hello"]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {spec_path}: stage 'sft' has no finished run; "
-                                               f"run `lifecycle run {spec_path}` first")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {spec_path}: stage 'sft' has no finished run; run `lifecycle run {spec_path}` first"
+    )

@@ -32,13 +32,17 @@ name: {name}
 model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 256}}}}
 tokenizer: {{train: {{vocab_size: 512, data: [{data}/pretrain.jsonl]}}}}
 stages:
-  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}}, train: {{max_steps: 4, batch_size: 4}}}}
-  - {{name: sft, kind: sft, data: {data}/sft.jsonl, max_len: 128, train: {{max_steps: 2000, batch_size: 4, save_steps: 3}}}}
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}},
+      train: {{max_steps: 4, batch_size: 4}}}}
+  - {{name: sft, kind: sft, data: {data}/sft.jsonl, max_len: 128,
+      train: {{max_steps: 2000, batch_size: 4, save_steps: 3}}}}
 """
 
 
 def run(spec: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", str(spec)], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(spec)], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_a_diverging_stage_stops_at_that_step_fails_and_keeps_the_last_good_checkpoint(prefect_api, tmp_path) -> None:
@@ -73,15 +77,23 @@ def wait_for(path_pattern: str, root: Path, process: subprocess.Popen, timeout: 
     raise AssertionError(f"nothing matched {path_pattern} in time")
 
 
-def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_run_beside_it(prefect_api, tmp_path) -> None:
+def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_run_beside_it(
+    prefect_api, tmp_path
+) -> None:
     root = tmp_path / "home"
     env = cli_env(root, prefect_api)
     specs = {}
     for name in ("first", "second"):  # the same stages under two names: two pipelines with equal fingerprints
         specs[name] = tmp_path / f"{name}.yaml"
         specs[name].write_text(LONG.format(name=name, data=DATA))
-    first = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(specs["first"])], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(specs["first"])],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for("work/first/sft-*/trainer/checkpoint-*/trainer_state.json", root, first)
         again = run(specs["first"], env)
@@ -90,8 +102,14 @@ def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_ru
         assert message.startswith(f"error: stage sft is being run right now by pid {first.pid} on "), message
         assert "wait for it to finish" in message
 
-        other = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(specs["second"])], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        other = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", str(specs["second"])],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:  # the other pipeline trains its own SFT beside the first one's, in its own work folder
             wait_for("work/second/sft-*/trainer/checkpoint-*/trainer_state.json", root, other)
         finally:

@@ -21,7 +21,19 @@ from .conftest import QUICK, use_home
 def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_run) -> None:
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    assert list(runs) == ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "kto", "grpo", "eval"]
+    assert list(runs) == [
+        "tokenizer",
+        "pretrain",
+        "sft",
+        "sft-lora",
+        "dpo",
+        "pro",
+        "tuna",
+        "reward",
+        "kto",
+        "grpo",
+        "eval",
+    ]
     planned = {stage.name: stage for stage in plan(load_spec(QUICK))}
     parents = set()
     for name, run_id in runs.items():
@@ -60,13 +72,17 @@ def test_rerun_reuses_every_finished_stage_and_an_edit_reruns_downstream_only(qu
     use_home(monkeypatch, root)
     assert lifecycle(str(QUICK)) == runs  # nothing trains: the same runs stand for every stage
 
-    # an SFT edit: held-out data with one bad row, skipped under on_invalid: skip (the tokenizer never reads held-out data)
+    # an SFT edit: held-out data with one bad row, skipped under on_invalid: skip (the tokenizer never reads held-out
+    # data)
     heldout = tmp_path / "sft_heldout.jsonl"
     heldout.write_text((QUICK.parent / "data" / "sft_heldout.jsonl").read_text() + '{"conversations": []}\n')
     edited = tmp_path / "quick.yaml"
     spine = QUICK.read_text().split("  # ---- alignment")[0]  # the stages after SFT would only re-run too, at length
-    edited.write_text(spine.replace("data: data/sft.jsonl", "data: data/sft.jsonl\n    on_invalid: skip")
-                      .replace("data/sft_heldout.jsonl", str(heldout)).replace("data/", str(QUICK.parent / "data") + "/"))
+    edited.write_text(
+        spine.replace("data: data/sft.jsonl", "data: data/sft.jsonl\n    on_invalid: skip")
+        .replace("data/sft_heldout.jsonl", str(heldout))
+        .replace("data/", str(QUICK.parent / "data") + "/")
+    )
     again = lifecycle(str(edited))
     assert list(again) == ["tokenizer", "pretrain", "sft"]
     assert again["tokenizer"] == runs["tokenizer"] and again["pretrain"] == runs["pretrain"]
@@ -83,10 +99,17 @@ def test_rerun_reuses_every_finished_stage_and_an_edit_reruns_downstream_only(qu
 def test_status_reads_the_store_from_another_process(quick_run) -> None:
     root, runs = quick_run
     env = {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PATH": ""}
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "status", str(QUICK), "--json"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", str(QUICK), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = json.loads(out)
-    assert [(r["name"], r["state"], r["run_id"]) for r in rows] == [(name, "finished", run) for name, run in runs.items()]
+    assert [(r["name"], r["state"], r["run_id"]) for r in rows] == [
+        (name, "finished", run) for name, run in runs.items()
+    ]
     assert rows[2]["kind"] == "sft" and "train_loss" in rows[2]["metrics"]
 
 
@@ -104,16 +127,23 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
 
     # LoRA with merge: the merged model is the checkpoint, the adapter is logged beside it
     assert [a.path for a in mlflow.list_artifacts(runs["sft-lora"])] == ["adapter", "checkpoint", "stage_spec.json"]
-    # LoRA without merge: the checkpoint is the adapter; fetched, it names the fetched checkpoint of its input as its base
+    # LoRA without merge: the checkpoint is the adapter; fetched, it names the fetched checkpoint of its input as its
+    # base
     dpo = fetch_checkpoint(mlflow, home, mlflow.get_run(runs["dpo"]))
     assert is_adapter(dpo) and adapter_base(dpo) == fetch_checkpoint(mlflow, home, mlflow.get_run(runs["sft-lora"]))
-    assert load_model(dpo, AutoTokenizer.from_pretrained(dpo)).config.hidden_size == 64  # applied to its base and merged on load
+    assert (
+        load_model(dpo, AutoTokenizer.from_pretrained(dpo)).config.hidden_size == 64
+    )  # applied to its base and merged on load
     dpo_run = mlflow.get_run(runs["dpo"])
-    assert {"rewards/margin", "rewards/accuracy", "logps/chosen", "heldout_preference_accuracy"} <= set(dpo_run.data.metrics)
+    assert {"rewards/margin", "rewards/accuracy", "logps/chosen", "heldout_preference_accuracy"} <= set(
+        dpo_run.data.metrics
+    )
 
     # the PRO curriculum: one child run per list length under the PRO run, each fed by the one before
     pro = mlflow.get_run(runs["pro"])
-    parts = mlflow.search_runs([pro.info.experiment_id], f"tags.`mlflow.parentRunId` = '{runs['pro']}'", order_by=["attributes.start_time ASC"])
+    parts = mlflow.search_runs(
+        [pro.info.experiment_id], f"tags.`mlflow.parentRunId` = '{runs['pro']}'", order_by=["attributes.start_time ASC"]
+    )
     assert [p.info.run_name for p in parts] == ["pro-n2", "pro-n3"] and all(p.info.status == "FINISHED" for p in parts)
     assert parts[0].data.tags["lifecycle.upstream_run"] == runs["dpo"]
     assert parts[1].data.tags["lifecycle.upstream_run"] == parts[0].info.run_id
@@ -122,21 +152,45 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     assert mlflow.get_run(runs["tuna"]).data.tags["lifecycle.upstream_run"] == runs["pro"]
     assert fetch_checkpoint(mlflow, home, pro) == fetch_checkpoint(mlflow, home, parts[1])
 
-    # KTO on the pairs split into unpaired rows, an adapter on sft-lora's merged model (its reference: the adapter switched off)
+    # KTO on the pairs split into unpaired rows, an adapter on sft-lora's merged model (its reference: the adapter
+    # switched off)
     kto = mlflow.get_run(runs["kto"])
-    assert kto.data.tags["lifecycle.upstream_run"] == runs["sft-lora"] and is_adapter(fetch_checkpoint(mlflow, home, kto))
-    assert kto.data.metrics["train_rows"] == 2 * kto.data.metrics["train_desirable_rows"] and kto.data.metrics["desirable_weight_ratio"] == 1
-    assert {"rewards/desirable", "rewards/undesirable", "rewards/margin", "reference_point", "heldout_desirable_margin_before",
-            "heldout_desirable_margin"} <= set(kto.data.metrics)
+    assert kto.data.tags["lifecycle.upstream_run"] == runs["sft-lora"] and is_adapter(
+        fetch_checkpoint(mlflow, home, kto)
+    )
+    assert (
+        kto.data.metrics["train_rows"] == 2 * kto.data.metrics["train_desirable_rows"]
+        and kto.data.metrics["desirable_weight_ratio"] == 1
+    )
+    assert {
+        "rewards/desirable",
+        "rewards/undesirable",
+        "rewards/margin",
+        "reference_point",
+        "heldout_desirable_margin_before",
+        "heldout_desirable_margin",
+    } <= set(kto.data.metrics)
 
     reward = mlflow.get_run(runs["reward"])
-    assert reward.data.tags["lifecycle.upstream_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
+    assert (
+        reward.data.tags["lifecycle.upstream_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
+    )
     grpo = mlflow.get_run(runs["grpo"])
     assert grpo.data.tags["lifecycle.upstream_run"] == runs["sft-lora"]
-    assert {"reward", "reward/answer", "reward/reward_model", "clip_fraction", "heldout_task_accuracy_before",
-            "heldout_task_accuracy"} <= set(grpo.data.metrics)
+    assert {
+        "reward",
+        "reward/answer",
+        "reward/reward_model",
+        "clip_fraction",
+        "heldout_task_accuracy_before",
+        "heldout_task_accuracy",
+    } <= set(grpo.data.metrics)
     assert math.isfinite(grpo.data.metrics["reward/reward_model"])  # the reward stage's logged model, in the loop
-    assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == ["checkpoint", "grpo_samples.json", "stage_spec.json"]
+    assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == [
+        "checkpoint",
+        "grpo_samples.json",
+        "stage_spec.json",
+    ]
 
 
 def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_run, tmp_path) -> None:
@@ -145,15 +199,31 @@ def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_ru
     scored = ["pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "kto", "grpo"]
     parent = mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"]
     for run_id, folder in ((runs["eval"], "eval"), (parent, "eval")):
-        assert {a.path for a in mlflow.list_artifacts(run_id, folder)} == {f"{folder}/metrics.json", f"{folder}/samples.json", f"{folder}/metrics.png"}
-        table = json.loads(open(mlflow.download_artifacts(run_id, f"{folder}/metrics.json", str(tmp_path / run_id))).read())
+        assert {a.path for a in mlflow.list_artifacts(run_id, folder)} == {
+            f"{folder}/metrics.json",
+            f"{folder}/samples.json",
+            f"{folder}/metrics.png",
+        }
+        table = json.loads(
+            open(mlflow.download_artifacts(run_id, f"{folder}/metrics.json", str(tmp_path / run_id))).read()
+        )
         assert [row[table["columns"].index("checkpoint")] for row in table["data"]] == scored
-        assert {"perplexity", "response_loss", "exact_match", "task_accuracy", "preference_accuracy", "kendall_tau",
-                "reward", "reward_model"} <= set(table["columns"])
+        assert {
+            "perplexity",
+            "response_loss",
+            "exact_match",
+            "task_accuracy",
+            "preference_accuracy",
+            "kendall_tau",
+            "reward",
+            "reward_model",
+        } <= set(table["columns"])
         # every checkpoint's greedy replies scored by grpo's rewards and by the reward stage's model
         for column in ("reward", "reward_model"):
             assert all(math.isfinite(row[table["columns"].index(column)]) for row in table["data"])
-        samples = json.loads(open(mlflow.download_artifacts(run_id, f"{folder}/samples.json", str(tmp_path / run_id))).read())
+        samples = json.loads(
+            open(mlflow.download_artifacts(run_id, f"{folder}/samples.json", str(tmp_path / run_id))).read()
+        )
         assert set(scored) <= set(samples["columns"]) and samples["data"]
     metrics = mlflow.get_run(runs["eval"]).data.metrics
     assert "sft/exact_match" in metrics and "dpo/preference_accuracy" in metrics and "pretrain/perplexity" in metrics

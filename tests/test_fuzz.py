@@ -37,16 +37,42 @@ def m(*turns: tuple[str, str], keys: tuple[str, str] = ("role", "content")) -> l
 SEEDS: list[tuple[str, dict]] = [
     ("text", {"text": "The capital of Zorbia is Quellon.", "id": 3}),
     ("conversations", {"conversations": m(("system", "Be brief."), ("user", "Add 2 and 3."), ("assistant", "5"))}),
-    ("conversations", {"messages": m(("user", "Hi"), ("assistant", "Hello"), ("user", "Add 2 and 3."), ("assistant", "5"))}),
-    ("conversations", {"conversations": m(("human", "Add 2 and 3."), ("gpt", "5"), keys=("from", "value")), "system": "Be brief."}),
-    ("conversations", {"instruction": "Add", "input": "2 and 3.", "output": "5", "system": "Be brief.", "history": [["Hi", "Hello"]]}),
+    (
+        "conversations",
+        {"messages": m(("user", "Hi"), ("assistant", "Hello"), ("user", "Add 2 and 3."), ("assistant", "5"))},
+    ),
+    (
+        "conversations",
+        {"conversations": m(("human", "Add 2 and 3."), ("gpt", "5"), keys=("from", "value")), "system": "Be brief."},
+    ),
+    (
+        "conversations",
+        {"instruction": "Add", "input": "2 and 3.", "output": "5", "system": "Be brief.", "history": [["Hi", "Hello"]]},
+    ),
     ("preference", {"prompt": "Add 2 and 3.", "chosen": "5", "rejected": "6"}),
     ("preference", {"system": "Be brief.", "question": "Add 2 and 3.", "chosen": "5", "rejected": "6"}),
-    ("preference", {"prompt": m(("user", "Add 2 and 3.")), "chosen": m(("assistant", "5")), "rejected": m(("assistant", "6"))}),
-    ("preference", {"chosen": m(("user", "Add 2 and 3."), ("assistant", "5")), "rejected": m(("user", "Add 2 and 3."), ("assistant", "6"))}),
+    (
+        "preference",
+        {"prompt": m(("user", "Add 2 and 3.")), "chosen": m(("assistant", "5")), "rejected": m(("assistant", "6"))},
+    ),
+    (
+        "preference",
+        {
+            "chosen": m(("user", "Add 2 and 3."), ("assistant", "5")),
+            "rejected": m(("user", "Add 2 and 3."), ("assistant", "6")),
+        },
+    ),
     ("ranked", {"instruction": "Add 2 and 3.", "input": "", "output": ["6", "5", "4"], "score": [0.2, 1.0, 0.5]}),
-    ("ranked", {"prefix": [["<|prompter|>Hi", "<|assistant|>Hello", "<|prompter|>Add 2 and 3.", PRO_CUE]] * 3,
-                "suffix": ["5", "6", "4"], "reward": [1.0, 0.2, 0.5], "sft_index": 0, "meta": {"source": "hh"}}),
+    (
+        "ranked",
+        {
+            "prefix": [["<|prompter|>Hi", "<|assistant|>Hello", "<|prompter|>Add 2 and 3.", PRO_CUE]] * 3,
+            "suffix": ["5", "6", "4"],
+            "reward": [1.0, 0.2, 0.5],
+            "sft_index": 0,
+            "meta": {"source": "hh"},
+        },
+    ),
     ("ranked", {"prefix": ["POST: Add 2 and 3.\nTL;DR:"] * 2, "suffix": [" 5", " 6"], "reward": [2, -1]}),
     ("prompts", {"prompt": "Add 2 and 3.", "answer": "5"}),
     ("prompts", {"messages": m(("system", "Be brief."), ("user", "Add 2 and 3.")), "answer": 5}),
@@ -63,6 +89,7 @@ class Case:
 
 
 # ---- what the contract owes each mutation --------------------------------------------------
+
 
 def _is_text(value: object) -> bool:
     return isinstance(value, str) and bool(value.strip()) and "\ud800" not in value
@@ -89,6 +116,7 @@ def accepts(row: dict, path: KeyPath, value: object) -> bool:
 
 
 # ---- rows as trees of leaves ---------------------------------------------------------------
+
 
 def leaves(value: object, path: KeyPath = ()) -> Iterator[tuple[KeyPath, object]]:
     if isinstance(value, dict):
@@ -139,16 +167,20 @@ def _leaf(kind: str, choose: Callable[[random.Random], object], keep: Callable[[
             return None
         value = choose(rng)
         return kind, dumps(replaced(row, path, value)), accepts(row, path, value)
+
     return mutate
 
 
-def _literal(kind: str, literals: list[str], keep: Callable[[KeyPath, object], bool], valid: Callable[[KeyPath, str], bool]) -> Mutation:
+def _literal(
+    kind: str, literals: list[str], keep: Callable[[KeyPath, object], bool], valid: Callable[[KeyPath, str], bool]
+) -> Mutation:
     def mutate(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, bool] | None:
         path = _pick(rng, row, keep)
         if path is None:
             return None
         literal = rng.choice(literals)
         return kind, with_literal(row, path, literal), valid(path, literal)
+
     return mutate
 
 
@@ -166,8 +198,10 @@ def is_role(path: KeyPath, value: object) -> bool:
 
 def is_reply(path: KeyPath, value: object) -> bool:
     """Strings whose text may change freely: no other field has to repeat them."""
-    return isinstance(value, str) and (path[-1] in ("text", "chosen", "rejected", "prompt", "question", "answer")
-                                       or (len(path) == 2 and path[0] in ("output", "suffix")))
+    return isinstance(value, str) and (
+        path[-1] in ("text", "chosen", "rejected", "prompt", "question", "answer")
+        or (len(path) == 2 and path[0] in ("output", "suffix"))
+    )
 
 
 def truncated(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, bool]:
@@ -183,7 +217,11 @@ def invalid_utf8(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, b
 
 
 def non_object(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, bool]:
-    return "non-object line", rng.choice([b"[1, 2]", b"null", b"42", b'"text"', b"true", b"[]", b"[{}]", b"-0.5e3"]), False
+    return (
+        "non-object line",
+        rng.choice([b"[1, 2]", b"null", b"42", b'"text"', b"true", b"[]", b"[{}]", b"-0.5e3"]),
+        False,
+    )
 
 
 def deep_nesting(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, bool] | None:
@@ -239,7 +277,12 @@ def missing_key(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, bo
 
 
 def nested_null(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, bool] | None:
-    items = [(key, i) for key, value in row.items() if isinstance(value, list) and key not in IGNORED for i in range(len(value))]
+    items = [
+        (key, i)
+        for key, value in row.items()
+        if isinstance(value, list) and key not in IGNORED
+        for i in range(len(value))
+    ]
     if not items:
         return None
     return "null inside a list", dumps(replaced(row, rng.choice(items), None)), False
@@ -249,11 +292,17 @@ def control_characters(rng: random.Random, fmt: str, row: dict) -> tuple[str, by
     path = _pick(rng, row, is_reply)
     if path is None:
         return None
-    return "control characters", dumps(replaced(row, path, get(row, path) + rng.choice(["\x1b[31m", "\t\x00", "\u2028", "\r"]))), True
+    return (
+        "control characters",
+        dumps(replaced(row, path, get(row, path) + rng.choice(["\x1b[31m", "\t\x00", "\u2028", "\r"]))),
+        True,
+    )
 
 
 def reversed_turns(rng: random.Random, fmt: str, row: dict) -> tuple[str, bytes, bool] | None:
-    key = next((k for k in ("conversations", "messages", "prompt") if isinstance(row.get(k), list) and len(row[k]) > 1), None)
+    key = next(
+        (k for k in ("conversations", "messages", "prompt") if isinstance(row.get(k), list) and len(row[k]) > 1), None
+    )
     if key is None:
         return None
     return "turns reversed", dumps({**row, key: row[key][::-1]}), False
@@ -269,27 +318,59 @@ def ranked_lists(rng: random.Random, fmt: str, row: dict) -> list[tuple[str, byt
     if fmt != "ranked":
         return []
     texts, scores = ("output", "score") if "output" in row else ("suffix", "reward")
-    single = {**row, texts: row[texts][:1], scores: row[scores][:1], **({"prefix": row["prefix"][:1]} if "prefix" in row else {})}
-    return [("one candidate", dumps(single), False, False),
-            ("a score short", dumps({**row, scores: row[scores][:-1]}), False, False),
-            ("tied scores", dumps({**row, scores: [0.5] * len(row[scores])}), True, True)]
+    single = {
+        **row,
+        texts: row[texts][:1],
+        scores: row[scores][:1],
+        **({"prefix": row["prefix"][:1]} if "prefix" in row else {}),
+    }
+    return [
+        ("one candidate", dumps(single), False, False),
+        ("a score short", dumps({**row, scores: row[scores][:-1]}), False, False),
+        ("tied scores", dumps({**row, scores: [0.5] * len(row[scores])}), True, True),
+    ]
 
 
 LEAF_MUTATIONS: list[Mutation] = [
     _leaf("null leaf", lambda rng: None, lambda path, value: True),
-    _leaf("wrong type", lambda rng: rng.choice([True, False, {}, {"text": "a"}, [None], [["x"]]]), lambda path, value: True),
+    _leaf(
+        "wrong type",
+        lambda rng: rng.choice([True, False, {}, {"text": "a"}, [None], [["x"]]]),
+        lambda path, value: True,
+    ),
     _leaf("string as number", lambda rng: rng.choice([7, 0, -1.5]), is_string),
     _leaf("empty string", lambda rng: "", is_string),
     _leaf("unpaired surrogate", lambda rng: rng.choice(["\ud800", "a\udfffb"]), is_string),
-    _leaf("unknown role", lambda rng: rng.choice(["bot", "tool", "Human", "ASSISTANT", " user", "function_call"]), is_role),
+    _leaf(
+        "unknown role", lambda rng: rng.choice(["bot", "tool", "Human", "ASSISTANT", " user", "function_call"]), is_role
+    ),
     _leaf("number as string", lambda rng: rng.choice(["1.0", "5", "NaN"]), is_number),
-    _leaf("huge integer", lambda rng: 10 ** 400, is_number),
-    _literal("non-finite number", ["NaN", "Infinity", "-Infinity", "1e400"], is_number,
-             lambda path, literal: path[0] in IGNORED),
+    _leaf("huge integer", lambda rng: 10**400, is_number),
+    _literal(
+        "non-finite number",
+        ["NaN", "Infinity", "-Infinity", "1e400"],
+        is_number,
+        lambda path, literal: path[0] in IGNORED,
+    ),
 ]
-ROW_MUTATIONS: list[Mutation] = [truncated, invalid_utf8, non_object, deep_nesting, shallow_nesting, huge_line, too_many_digits, bom,
-                                 crlf_and_blank_lines, unknown_key, empty_object, missing_key, nested_null, control_characters,
-                                 reversed_turns, chosen_is_rejected]
+ROW_MUTATIONS: list[Mutation] = [
+    truncated,
+    invalid_utf8,
+    non_object,
+    deep_nesting,
+    shallow_nesting,
+    huge_line,
+    too_many_digits,
+    bom,
+    crlf_and_blank_lines,
+    unknown_key,
+    empty_object,
+    missing_key,
+    nested_null,
+    control_characters,
+    reversed_turns,
+    chosen_is_rejected,
+]
 
 
 def fuzz_cases() -> list[Case]:
@@ -336,7 +417,9 @@ def test_skip_sets_aside_exactly_the_refused_rows_of_a_file_of_every_mutation(tm
     cases = [case for case in CASES if case.fmt == fmt]
     path = tmp_path / f"{fmt}.jsonl"
     path.write_bytes(b"\n".join(case.line for case in cases) + b"\n")
-    ends = [line for line in itertools.accumulate(case.line.count(b"\n") + 1 for case in cases)]  # a mutated row ends its bytes
+    ends = [
+        line for line in itertools.accumulate(case.line.count(b"\n") + 1 for case in cases)
+    ]  # a mutated row ends its bytes
     result = read_file(path, fmt, "skip")  # type: ignore[arg-type]
     assert result.frame["line"].to_list() == [end for end, case in zip(ends, cases) if case.valid]
     assert sorted({p.line for p in result.rejected}) == [end for end, case in zip(ends, cases) if not case.valid]

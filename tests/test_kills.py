@@ -27,7 +27,9 @@ KILLS = 12
 
 
 def stage_runs(mlflow: MlflowClient, experiment: str) -> list:
-    return [r for r in mlflow.search_runs([experiment], max_results=1000) if r.data.tags.get("lifecycle.kind") != "pipeline"]
+    return [
+        r for r in mlflow.search_runs([experiment], max_results=1000) if r.data.tags.get("lifecycle.kind") != "pipeline"
+    ]
 
 
 def complete_checkpoint(folder: Path) -> bool:
@@ -36,15 +38,20 @@ def complete_checkpoint(folder: Path) -> bool:
 
 
 def check_cache(root: Path) -> None:
-    """Every published cache entry is whole; only `.partial-<pid>` folders may be half-written, and nothing reads them."""
+    """Every published cache entry is whole; only `.partial-<pid>` folders may be half-written, and nothing reads
+    them."""
     cache = root / "cache"
     for kind in ("checkpoint", "adapter"):
         for entry in (cache / kind).glob("*"):
             if ".partial-" not in entry.name:
-                assert complete_checkpoint(entry) or (entry / "tokenizer.json").exists(), f"incomplete cache entry {entry}"
+                assert complete_checkpoint(entry) or (entry / "tokenizer.json").exists(), (
+                    f"incomplete cache entry {entry}"
+                )
     for entry in (cache / "datasets").glob("*"):
         if ".partial-" not in entry.name:
-            assert (entry / "prepare_report.json").exists() and (entry / "datasets" / "dataset_dict.json").exists(), entry
+            assert (entry / "prepare_report.json").exists() and (entry / "datasets" / "dataset_dict.json").exists(), (
+                entry
+            )
             for reference in entry.glob("reference-*"):  # DPO's precomputed reference log-probs, published whole
                 assert ".partial-" in reference.name or (reference / "reference_logps.safetensors").exists(), reference
 
@@ -58,14 +65,18 @@ def saved_steps(root: Path) -> dict[str, int]:
     return steps
 
 
-def wait_for_stage_run(mlflow: MlflowClient, root: Path, since_ms: int, process: subprocess.Popen, skip: set[str],
-                       timeout: float) -> None:
-    """Until a stage run opened after `since_ms`, of a stage not in `skip`, is RUNNING (or the process ends, or time runs out)."""
+def wait_for_stage_run(
+    mlflow: MlflowClient, root: Path, since_ms: int, process: subprocess.Popen, skip: set[str], timeout: float
+) -> None:
+    """Until a stage run opened after `since_ms`, of a stage not in `skip`, is RUNNING (or the process ends, or time
+    runs out)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         experiment = mlflow.get_experiment_by_name("quick") if (root / "mlflow.db").exists() else None
-        if experiment and any(r.info.status == "RUNNING" and r.info.start_time >= since_ms and r.info.run_name not in skip
-                              for r in stage_runs(mlflow, experiment.experiment_id)):
+        if experiment and any(
+            r.info.status == "RUNNING" and r.info.start_time >= since_ms and r.info.run_name not in skip
+            for r in stage_runs(mlflow, experiment.experiment_id)
+        ):
             return
         time.sleep(0.3)
 
@@ -95,8 +106,13 @@ def kill_series(root: Path, rng: random.Random, wanted: int, prefect_api: str) -
         started_ms = int(time.time() * 1000)
         log = root / f"run-{number}.log"
         with open(log, "w") as output:
-            process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(QUICK)], env=env, start_new_session=True,
-                                       stdout=output, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "run", str(QUICK)],
+                env=env,
+                start_new_session=True,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         if number < 2:  # during start-up, data checks and the tokenizer
             time.sleep(rng.uniform(1.0, 12.0))
         else:  # inside a stage (its preparation, training, a save, the upload, the next one's download): mostly one
@@ -119,18 +135,24 @@ def kill_series(root: Path, rng: random.Random, wanted: int, prefect_api: str) -
         for run in runs:
             if run.info.status == "FINISHED":
                 fingerprint = run.data.tags["lifecycle.fingerprint"]
-                assert finished.setdefault(fingerprint, run.info.run_id) == run.info.run_id, f"{run.info.run_name} finished twice"
+                assert finished.setdefault(fingerprint, run.info.run_id) == run.info.run_id, (
+                    f"{run.info.run_name} finished twice"
+                )
         assert set(finished.values()) <= {r.info.run_id for r in runs if r.info.status == "FINISHED"}
         check_cache(root)
 
-    final = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(QUICK)], env=env, capture_output=True, text=True, timeout=1800)
+    final = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(QUICK)], env=env, capture_output=True, text=True, timeout=1800
+    )
     assert final.returncode == 0, final.stderr[-3000:]
 
     experiment = mlflow.get_experiment_by_name("quick").experiment_id
     everything = mlflow.search_runs([experiment], max_results=1000)
     assert not [r.info.run_name for r in everything if r.info.status == "RUNNING"]
     pipelines = [r for r in everything if r.data.tags.get("lifecycle.kind") == "pipeline"]
-    assert pipelines[0].info.status == "FINISHED"  # the final run's (newest first); an earlier cycle may have finished too
+    assert (
+        pipelines[0].info.status == "FINISHED"
+    )  # the final run's (newest first); an earlier cycle may have finished too
     for run in pipelines:  # the killed pipelines' parent runs say they are dead, and why
         if run.info.status != "FINISHED":
             assert run.info.status == "KILLED" and "found dead" in run.data.tags["lifecycle.killed"]
@@ -150,5 +172,7 @@ def kill_series(root: Path, rng: random.Random, wanted: int, prefect_api: str) -
             assert run.info.status in ("KILLED", "FAILED")
     check_cache(root)
     # what killed writers left is swept by the next run
-    assert not list((root / "cache").glob("*/*.partial-*")) and not list((root / "cache").glob("datasets/*/*.partial-*"))
+    assert not list((root / "cache").glob("*/*.partial-*")) and not list(
+        (root / "cache").glob("datasets/*/*.partial-*")
+    )
     return len(kills), hit

@@ -38,8 +38,14 @@ STEPS = 6
 
 
 def pretrain_stage(launch: Launch | None, steps: int = STEPS) -> PretrainStage:
-    return PretrainStage(name="pretrain", kind="pretrain", data=[DATA_DIR / "pretrain.jsonl"], packing={"block_size": 64},
-                         train=TrainSpec(max_steps=steps, save_steps=STEPS // 2, **FAST | {"logging_steps": 1}), launch=launch)
+    return PretrainStage(
+        name="pretrain",
+        kind="pretrain",
+        data=[DATA_DIR / "pretrain.jsonl"],
+        packing={"block_size": 64},
+        train=TrainSpec(max_steps=steps, save_steps=STEPS // 2, **FAST | {"logging_steps": 1}),
+        launch=launch,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,9 @@ def prepared(trained_tokenizer, tmp_path_factory) -> Path:
     from stages import pretrain
 
     folder = tmp_path_factory.mktemp("prepared") / "datasets"
-    pretrain.prepare(pretrain_stage(None), AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(str(folder))
+    pretrain.prepare(pretrain_stage(None), AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(
+        str(folder)
+    )
     return folder
 
 
@@ -59,7 +67,8 @@ def losses(mlflow: MlflowClient, run_id: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict:
-    """The per-step losses of the same stage in one process, and as 2 ranks under DDP, ZeRO-2 and ZeRO-3 (work folders under "root")."""
+    """The per-step losses of the same stage in one process, and as 2 ranks under DDP, ZeRO-2 and ZeRO-3 (work folders
+    under "root")."""
     from datasets import load_from_disk
 
     from stages import pretrain
@@ -67,12 +76,18 @@ def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("launch-home")
     found = {}
-    for name, launch in [("one", None), ("ddp", Launch(processes=2)), ("zero2", Launch(processes=2, deepspeed=DeepSpeed(zero=2))),
-                         ("zero3", Launch(processes=2, deepspeed=DeepSpeed(zero=3)))]:
+    for name, launch in [
+        ("one", None),
+        ("ddp", Launch(processes=2)),
+        ("zero2", Launch(processes=2, deepspeed=DeepSpeed(zero=2))),
+        ("zero3", Launch(processes=2, deepspeed=DeepSpeed(zero=3))),
+    ]:
         mlflow, run_id = stage_run(root, name)
         spec, workdir = pretrain_stage(launch), root / name
         if launch is None:
-            inputs = StageInputs(TINY, trained_tokenizer, load_from_disk(str(prepared)), callbacks=(StepMetrics(mlflow, run_id),))
+            inputs = StageInputs(
+                TINY, trained_tokenizer, load_from_disk(str(prepared)), callbacks=(StepMetrics(mlflow, run_id),)
+            )
             result = pretrain.run(spec, inputs, workdir)
         else:
             with pytest.MonkeyPatch.context() as env:
@@ -97,20 +112,33 @@ def test_zero_starts_at_the_same_loss_and_ends_within_tolerance_of_ddp(trajector
 
 
 def test_a_launched_stage_resumed_from_its_in_stage_checkpoint_equals_the_uninterrupted_run(
-        trajectories, trained_tokenizer, prepared, tmp_path) -> None:
-    """ZeRO-2: the checkpoint at the half holds each rank's optimizer shard; a run that starts from it ends as the one that went on."""
+    trajectories, trained_tokenizer, prepared, tmp_path
+) -> None:
+    """ZeRO-2: the checkpoint at the half holds each rank's optimizer shard; a run that starts from it ends as the
+    one that went on."""
     import shutil
 
     from safetensors.torch import load_file
 
     uninterrupted = trajectories["root"] / "zero2"
-    shutil.copytree(uninterrupted / "trainer" / f"checkpoint-{STEPS // 2}", tmp_path / "trainer" / f"checkpoint-{STEPS // 2}")
+    shutil.copytree(
+        uninterrupted / "trainer" / f"checkpoint-{STEPS // 2}", tmp_path / "trainer" / f"checkpoint-{STEPS // 2}"
+    )
     mlflow, run_id = stage_run(tmp_path, "resume")
-    result = launch_stage(pretrain_stage(Launch(processes=2, deepspeed=DeepSpeed(zero=2))), StageInputs(TINY, trained_tokenizer, None),
-                          prepared, tmp_path, tmp_path, run_id)
+    result = launch_stage(
+        pretrain_stage(Launch(processes=2, deepspeed=DeepSpeed(zero=2))),
+        StageInputs(TINY, trained_tokenizer, None),
+        prepared,
+        tmp_path,
+        tmp_path,
+        run_id,
+    )
     assert result.resumed_from_step == STEPS // 2
-    assert losses(mlflow, run_id) == pytest.approx(trajectories["zero2"][STEPS // 2:], rel=1e-5)
-    resumed, whole = load_file(str(result.checkpoint / "model.safetensors")), load_file(str(uninterrupted / "model" / "model.safetensors"))
+    assert losses(mlflow, run_id) == pytest.approx(trajectories["zero2"][STEPS // 2 :], rel=1e-5)
+    resumed, whole = (
+        load_file(str(result.checkpoint / "model.safetensors")),
+        load_file(str(uninterrupted / "model" / "model.safetensors")),
+    )
     assert resumed.keys() == whole.keys() and all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)
 
 
@@ -146,9 +174,17 @@ def test_launch_is_checked_with_the_spec_and_is_not_in_the_fingerprint(tmp_path)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(SpecError) as err:
         load_spec(tmp_path / "bad.yaml")
-    assert "stages[0] (pretrain): train.batch_size 16 is the batch of all 3 processes together and must divide evenly" in str(err.value)
+    assert (
+        "stages[0] (pretrain): train.batch_size 16 is the batch of all 3 processes together and must divide evenly"
+        in str(err.value)
+    )
     assert "stages[2] (dpo): a frozen reference copy is not sharded under ZeRO-3" in str(err.value)
-    assert {p.name for p in DEEPSPEED_CONFIGS.glob("*.json")} == {"zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"}
+    assert {p.name for p in DEEPSPEED_CONFIGS.glob("*.json")} == {
+        "zero2.json",
+        "zero3.json",
+        "zero2_offload.json",
+        "zero3_offload.json",
+    }
 
 
 def free_port() -> int:
@@ -159,22 +195,54 @@ def free_port() -> int:
 
 def test_two_nodes_of_one_process_meet_at_the_master(prefect_api, tmp_path) -> None:
     """Node 0 is `lifecycle run`; node 1 is `lifecycle join` on the same spec (here on the same machine and home)."""
-    spec = {"name": "nodes", "model": {"init": TINY.model_dump()}, "tokenizer": {"train": {"vocab_size": 512, "data": [str(DATA_DIR / "pretrain.jsonl")]}},
-            "stages": [{"name": "pretrain", "kind": "pretrain", "data": str(DATA_DIR / "pretrain.jsonl"), "packing": {"block_size": 64},
-                        "launch": {"processes": 1, "nodes": 2, "master": f"127.0.0.1:{free_port()}"},
-                        "train": {"max_steps": 4, "save_steps": 1000, **FAST}}]}
+    spec = {
+        "name": "nodes",
+        "model": {"init": TINY.model_dump()},
+        "tokenizer": {"train": {"vocab_size": 512, "data": [str(DATA_DIR / "pretrain.jsonl")]}},
+        "stages": [
+            {
+                "name": "pretrain",
+                "kind": "pretrain",
+                "data": str(DATA_DIR / "pretrain.jsonl"),
+                "packing": {"block_size": 64},
+                "launch": {"processes": 1, "nodes": 2, "master": f"127.0.0.1:{free_port()}"},
+                "train": {"max_steps": 4, "save_steps": 1000, **FAST},
+            }
+        ],
+    }
     (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(spec))
     env = cli_env(tmp_path / "home", prefect_api)
     lifecycle = [sys.executable, "-m", "flows.cli"]
-    node0 = subprocess.Popen([*lifecycle, "run", "nodes.yaml"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node1 = subprocess.run([*lifecycle, "join", "nodes.yaml", "--stage", "pretrain", "--node-rank", "1"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
+    node0 = subprocess.Popen(
+        [*lifecycle, "run", "nodes.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    node1 = subprocess.run(
+        [*lifecycle, "join", "nodes.yaml", "--stage", "pretrain", "--node-rank", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out0, _ = node0.communicate(timeout=600)
     assert node0.returncode == 0, out0[-3000:]
-    assert node1.returncode == 0 and "node 1: the stage's ranks here finished" in node1.stdout, node1.stdout[-2000:] + node1.stderr[-2000:]
+    assert node1.returncode == 0 and "node 1: the stage's ranks here finished" in node1.stdout, (
+        node1.stdout[-2000:] + node1.stderr[-2000:]
+    )
     mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run = next(r for r in mlflow.search_runs([mlflow.get_experiment_by_name("nodes").experiment_id]) if r.info.run_name == "pretrain")
-    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2" and run.data.metrics["world_size"] == 2
+    run = next(
+        r
+        for r in mlflow.search_runs([mlflow.get_experiment_by_name("nodes").experiment_id])
+        if r.info.run_name == "pretrain"
+    )
+    assert (
+        run.info.status == "FINISHED" and run.data.params["world_size"] == "2" and run.data.metrics["world_size"] == 2
+    )
 
 
 def quick_distributed(folder: Path) -> Path:
@@ -208,7 +276,8 @@ def ranks_of(home: Path) -> list[int]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ranks die with the flow through Linux's parent-death signal")
 def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_it(prefect_api, tmp_path) -> None:
-    """kill -9 of `lifecycle run` while SFT's ranks train under ZeRO-2: no rank outlives it, and a plain re-run resumes SFT
+    """kill -9 of `lifecycle run` while SFT's ranks train under ZeRO-2: no rank outlives it, and a plain re-run resumes
+    SFT
     from its last in-stage checkpoint (DeepSpeed's sharded optimizer state included) and finishes every stage."""
     spec = quick_distributed(tmp_path)
     home = tmp_path / "home"
@@ -218,7 +287,9 @@ def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_
         flow = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while not list(home.glob("work/distributed/sft-*/trainer/checkpoint-*/trainer_state.json")):
-        assert flow.poll() is None, "the run ended before SFT saved a checkpoint:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        assert flow.poll() is None, (
+            "the run ended before SFT saved a checkpoint:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        )
         assert time.time() < deadline, "SFT saved no in-stage checkpoint in 10 minutes"
         time.sleep(0.5)
     assert ranks_of(home), "SFT's ranks should be running"
@@ -232,8 +303,11 @@ def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = {r.info.run_name: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("distributed").experiment_id])
-            if r.info.status == "FINISHED"}
+    runs = {
+        r.info.run_name: r
+        for r in mlflow.search_runs([mlflow.get_experiment_by_name("distributed").experiment_id])
+        if r.info.status == "FINISHED"
+    }
     assert int(runs["sft"].data.tags["lifecycle.resumed_from_step"]) >= 2
     for name, config in (("pretrain", None), ("sft", "zero2.json"), ("dpo", "zero3.json")):
         assert runs[name].data.params["world_size"] == "2" and runs[name].data.metrics["world_size"] == 2
@@ -246,9 +320,18 @@ def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_
 CHAT = dict(max_len=96, template="chatml")
 KINDS = {
     # held-out data: the loss before training is evaluated before DeepSpeed has built its engine
-    "sft-lora-merged": SFTStage(name="s", kind="sft", data=[DATA_DIR / "sft.jsonl"], heldout=[DATA_DIR / "sft_heldout.jsonl"],
-                                lora={"r": 4, "merge": True}, eval_samples=0, **CHAT),
-    "dpo-adapter-off": DPOStage(name="s", kind="dpo", data=[DATA_DIR / "preference.jsonl"], lora={"r": 4}, reference="adapter-off", **CHAT),
+    "sft-lora-merged": SFTStage(
+        name="s",
+        kind="sft",
+        data=[DATA_DIR / "sft.jsonl"],
+        heldout=[DATA_DIR / "sft_heldout.jsonl"],
+        lora={"r": 4, "merge": True},
+        eval_samples=0,
+        **CHAT,
+    ),
+    "dpo-adapter-off": DPOStage(
+        name="s", kind="dpo", data=[DATA_DIR / "preference.jsonl"], lora={"r": 4}, reference="adapter-off", **CHAT
+    ),
     "pro": PROStage(name="s", kind="pro", data=[DATA_DIR / "ranked.jsonl"], **CHAT),
     "reward": RewardStage(name="s", kind="reward", data=[DATA_DIR / "preference.jsonl"], **CHAT),
 }
@@ -257,22 +340,39 @@ KINDS = {
 @pytest.mark.parametrize("name", KINDS)
 def test_every_training_kind_trains_and_saves_under_zero3(name, chat_model, trained_tokenizer, tmp_path) -> None:
     """Two steps of each kind as 2 ZeRO-3 ranks: the weights are sharded, and what rank 0 saves is whole and loads.
-    (DPO with a precomputed reference under ZeRO-3, and DDP and ZeRO-2, run in the distributed example's test; Tuna trains
+    (DPO with a precomputed reference under ZeRO-3, and DDP and ZeRO-2, run in the distributed example's test; Tuna
+    trains
     through the same candidates path and Trainer as PRO, with another pure loss.)"""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from tasks.stage import stage_module
 
-    spec = KINDS[name].model_copy(update={"train": TrainSpec(max_steps=2, **FAST | {"batch_size": 4, "logging_steps": 1}),
-                                          "launch": Launch(processes=2, deepspeed=DeepSpeed(zero=3))})
-    stage_module(spec.kind).prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(str(tmp_path / "datasets"))
+    spec = KINDS[name].model_copy(
+        update={
+            "train": TrainSpec(max_steps=2, **FAST | {"batch_size": 4, "logging_steps": 1}),
+            "launch": Launch(processes=2, deepspeed=DeepSpeed(zero=3)),
+        }
+    )
+    stage_module(spec.kind).prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(
+        str(tmp_path / "datasets")
+    )
     mlflow, run_id = stage_run(tmp_path, "kinds")
-    result = launch_stage(spec, StageInputs(chat_model, trained_tokenizer, None, reference=tmp_path / "reference"),
-                          tmp_path / "datasets", tmp_path / "work", tmp_path, run_id)
+    result = launch_stage(
+        spec,
+        StageInputs(chat_model, trained_tokenizer, None, reference=tmp_path / "reference"),
+        tmp_path / "datasets",
+        tmp_path / "work",
+        tmp_path,
+        run_id,
+    )
     assert len(losses(mlflow, run_id)) == 2 and all(math.isfinite(v) for v in losses(mlflow, run_id))
-    saved = {"sft-lora-merged": "model.safetensors", "dpo-adapter-off": "adapter_model.safetensors"}.get(name, "model.safetensors")
+    saved = {"sft-lora-merged": "model.safetensors", "dpo-adapter-off": "adapter_model.safetensors"}.get(
+        name, "model.safetensors"
+    )
     weights = load_file(str(result.checkpoint / saved))
-    assert weights and all(t.numel() > 0 and torch.isfinite(t).all() for t in weights.values())  # gathered, not rank 0's empty shards
+    assert weights and all(
+        t.numel() > 0 and torch.isfinite(t).all() for t in weights.values()
+    )  # gathered, not rank 0's empty shards
     if name == "sft-lora-merged":
         assert (result.adapter / "adapter_model.safetensors").exists()

@@ -40,12 +40,12 @@ def test_sequence_logps_sums_shifted_labelled_tokens():
     total, count = sequence_logps(logits, labels)
     # logits[0] = (0, 0) predicts token 1: e^0 / (e^0 + e^0) = 1/2
     # logits[1] = (1, 2) predicts token 0: e^1 / (e^1 + e^2)
-    expected = math.log(1 / 2) + (1 - math.log(math.e + math.e ** 2))
+    expected = math.log(1 / 2) + (1 - math.log(math.e + math.e**2))
     assert total.item() == pytest.approx(expected, rel=1e-6)
     assert count.tolist() == [2.0]
 
     total, count = sequence_logps(logits, torch.tensor([[5, IGNORE, 0]]))
-    assert total.item() == pytest.approx(1 - math.log(math.e + math.e ** 2), rel=1e-6)
+    assert total.item() == pytest.approx(1 - math.log(math.e + math.e**2), rel=1e-6)
     assert count.tolist() == [1.0]
 
 
@@ -63,7 +63,7 @@ def test_sequence_logps_upcasts_bf16_to_float32():
     total, count = sequence_logps(logits, torch.tensor([[0, 0]]))
     assert total.dtype == torch.float32 and count.dtype == torch.float32
     # 2 and 0 are exact in bf16, so the answer is log(e² / (e² + 1)) to float32 precision.
-    assert total.item() == pytest.approx(2 - math.log(math.e ** 2 + 1), rel=1e-6)
+    assert total.item() == pytest.approx(2 - math.log(math.e**2 + 1), rel=1e-6)
     total.sum().backward()
     assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
 
@@ -283,20 +283,31 @@ GRPO_RATIOS = ([1.1, 1.5, 0.9, 10], [0.5, 10, 10, 10], [1.5, 1.0, 10, 10], [1.0,
 GRPO_LENGTHS = [3, 1, 2, 2]
 
 
-@pytest.mark.parametrize("aggregation, expected", [
-    # Mean over the 4 completions of each one's token mean: −(1.6/3 − 0.4/1 − 2.5/2 + 1.5/2) / 4
-    ("grpo", -(1.6 / 3 - 0.4 / 1 - 2.5 / 2 + 1.5 / 2) / 4),
-    # Token mean over the batch: −(1.6 − 0.4 − 2.5 + 1.5) / 8 = −0.2/8
-    ("dapo", -0.2 / 8),
-    # Over N · max_tokens = 4 · 4, whatever the lengths: −0.2/16
-    ("dr_grpo", -0.2 / 16),
-])
+@pytest.mark.parametrize(
+    "aggregation, expected",
+    [
+        # Mean over the 4 completions of each one's token mean: −(1.6/3 − 0.4/1 − 2.5/2 + 1.5/2) / 4
+        ("grpo", -(1.6 / 3 - 0.4 / 1 - 2.5 / 2 + 1.5 / 2) / 4),
+        # Token mean over the batch: −(1.6 − 0.4 − 2.5 + 1.5) / 8 = −0.2/8
+        ("dapo", -0.2 / 8),
+        # Over N · max_tokens = 4 · 4, whatever the lengths: −0.2/16
+        ("dr_grpo", -0.2 / 16),
+    ],
+)
 def test_grpo_aggregations_by_hand(aggregation, expected):
     advantages = group_advantages(GRPO_REWARDS, "none").flatten()
     assert advantages.tolist() == [0.5, -0.5, -1.0, 1.0]
     logps, old = ratio_rows(*GRPO_RATIOS)
-    loss, metrics = grpo_loss(logps, old, advantages, lengths_mask(GRPO_LENGTHS, 4), epsilon_low=0.2,
-                              epsilon_high=0.2, aggregation=aggregation, max_tokens=4)
+    loss, metrics = grpo_loss(
+        logps,
+        old,
+        advantages,
+        lengths_mask(GRPO_LENGTHS, 4),
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        aggregation=aggregation,
+        max_tokens=4,
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert metrics["clip_fraction"].item() == pytest.approx(2 / 8)
     assert "kl" not in metrics  # no reference model, nothing to measure
@@ -309,8 +320,7 @@ def test_grpo_first_pass_has_unit_ratio_and_the_plain_policy_gradient():
     # −1/(2·2) = −0.25 on o_1's two tokens, 2/(2·1) = 1 on o_2's one, 0 on padding.
     # Were old_logps not detached, ρ = exp(logps − logps) would carry no gradient at all.
     logps = t(-0.7, -1.3, -0.2, -2.0).reshape(2, 2).requires_grad_()
-    loss, metrics = grpo_loss(logps, logps, t(1.0, -2.0), lengths_mask([2, 1], 2), epsilon_low=0.2,
-                              epsilon_high=0.2)
+    loss, metrics = grpo_loss(logps, logps, t(1.0, -2.0), lengths_mask([2, 1], 2), epsilon_low=0.2, epsilon_high=0.2)
     assert loss.item() == pytest.approx(0.5, rel=1e-12)
     assert metrics["clip_fraction"].item() == 0.0
     loss.backward()
@@ -359,8 +369,9 @@ def test_grpo_kl_penalty_by_hand():
     # ∂L/∂log π = (β/2)·(1 − e^{log 2}) = −β/2: the penalty pulls π up toward the likelier reference.
     logps = t(-2.0, -1.0).reshape(1, 2).requires_grad_()
     ref = logps.detach() + math.log(2)
-    loss, metrics = grpo_loss(logps, logps, t(0.0), torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.2,
-                              beta=0.1, ref_logps=ref)
+    loss, metrics = grpo_loss(
+        logps, logps, t(0.0), torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.2, beta=0.1, ref_logps=ref
+    )
     assert loss.item() == pytest.approx(0.1 * (1 - math.log(2)), rel=1e-12)
     assert metrics["kl"].item() == pytest.approx(1 - math.log(2), rel=1e-12)
     loss.backward()
@@ -371,8 +382,9 @@ def test_grpo_kl_is_zero_when_the_reference_is_the_policy():
     logps, old = ratio_rows(*GRPO_RATIOS)
     advantages = group_advantages(GRPO_REWARDS, "none").flatten()
     mask = lengths_mask(GRPO_LENGTHS, 4)
-    penalised, metrics = grpo_loss(logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2,
-                                   beta=0.5, ref_logps=logps.clone())
+    penalised, metrics = grpo_loss(
+        logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2, beta=0.5, ref_logps=logps.clone()
+    )
     plain, _ = grpo_loss(logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2)
     assert metrics["kl"].item() == 0.0
     assert penalised.item() == pytest.approx(plain.item(), rel=1e-12)
@@ -384,8 +396,9 @@ def test_grpo_padding_never_leaks_nan_into_loss_or_gradient():
     old = t(-1.0, nan, -0.5, nan).reshape(2, 2)
     ref = t(-1.5, nan, -0.5, nan).reshape(2, 2)
     mask = lengths_mask([1, 1], 2)
-    loss, metrics = grpo_loss(logps, old, t(1.0, -1.0), mask, epsilon_low=0.2, epsilon_high=0.2,
-                              beta=0.1, ref_logps=ref, aggregation="dapo")
+    loss, metrics = grpo_loss(
+        logps, old, t(1.0, -1.0), mask, epsilon_low=0.2, epsilon_high=0.2, beta=0.1, ref_logps=ref, aggregation="dapo"
+    )
     assert torch.isfinite(loss) and torch.isfinite(metrics["kl"])
     loss.backward()
     assert torch.isfinite(logps.grad).all()
@@ -427,8 +440,15 @@ def test_kto_weights_scale_each_side():
     # λ_D·(1 − σ(0.1)) and λ_U·(1 − σ(0.3))
     assert losses.tolist() == pytest.approx([2 * (1 - sigmoid(0.1)), 0.5 * (1 - sigmoid(0.3))], rel=1e-12)
     # Losses lie in [0, λ_y]: a desirable completion far above z₀ costs ≈ 0, an undesirable one ≈ λ_U.
-    extreme, _ = kto_loss(t(50.0, 50.0), t(0.0, 0.0), torch.tensor([True, False]), t(0.0), beta=1.0,
-                          desirable_weight=2.0, undesirable_weight=0.5)
+    extreme, _ = kto_loss(
+        t(50.0, 50.0),
+        t(0.0, 0.0),
+        torch.tensor([True, False]),
+        t(0.0),
+        beta=1.0,
+        desirable_weight=2.0,
+        undesirable_weight=0.5,
+    )
     assert extreme.tolist() == pytest.approx([0.0, 0.5], abs=1e-12)
 
 
@@ -439,7 +459,8 @@ def test_kto_gradient_raises_desirable_lowers_undesirable_and_skips_z0():
     losses.sum().backward()
     # ∂/∂log π of 1 − σ(β(r − z₀)) is −β·σ'(0.1) and of 1 − σ(β(z₀ − r)) is +β·σ'(0.3), σ' = σ(1 − σ).
     assert policy.grad.tolist() == pytest.approx(
-        [-0.5 * sigmoid(0.1) * (1 - sigmoid(0.1)), 0.5 * sigmoid(0.3) * (1 - sigmoid(0.3))], rel=1e-12)
+        [-0.5 * sigmoid(0.1) * (1 - sigmoid(0.1)), 0.5 * sigmoid(0.3) * (1 - sigmoid(0.3))], rel=1e-12
+    )
     assert z0.grad is None
 
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from examples.generate import DATA_DIR
 from examples.checkpoints import build
+from examples.generate import DATA_DIR
 from tests.conftest import ROOT, cli_env, use_home
 
 # family: the pipeline template it runs with (its own where it has one) and the tokens the pipeline must add;
@@ -19,7 +19,10 @@ from tests.conftest import ROOT, cli_env, use_home
 FAMILIES = {
     "qwen2": ("tokenizer", []),  # ChatML of its own, a pad token, tied embeddings
     "mistral": ("llama2", []),  # no template: a pipeline one, with the tokenizer's <s> and </s>; pad: <unk>
-    "phi3": ("tokenizer", ["<|pad|>"]),  # pad is EOS (<|end|> ends a turn): pretraining would mask EOS, so a pad is added
+    "phi3": (
+        "tokenizer",
+        ["<|pad|>"],
+    ),  # pad is EOS (<|end|> ends a turn): pretraining would mask EOS, so a pad is added
     "gpt2": ("chatml", ["<|im_start|>", "<|im_end|>", "<|pad|>"]),  # one special token for everything
 }
 
@@ -53,7 +56,9 @@ stages:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(family, prefect_harness, prefect_api, tmp_path, monkeypatch) -> None:
+def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
+    family, prefect_harness, prefect_api, tmp_path, monkeypatch
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,7 +85,9 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(family, pref
     assert len(tokenizer) == len(original) + len(added)
     # the pad is none of the tokens a text begins or ends with, nor the end of a turn: padding never hides them
     vocab = tokenizer.get_vocab()
-    ends = {tokenizer.bos_token_id, tokenizer.eos_token_id} | {vocab[t] for t in ("<|eot_id|>", "<|im_end|>", "<|end|>") if t in vocab}
+    ends = {tokenizer.bos_token_id, tokenizer.eos_token_id} | {
+        vocab[t] for t in ("<|eot_id|>", "<|im_end|>", "<|end|>") if t in vocab
+    }
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends
 
     # the SFT adapter names the user's folder, and its digest, as its base; fetched, it still does
@@ -98,10 +105,16 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(family, pref
     from stages.checkpoint import load_model
 
     ours = load_model(sft, tokenizer)
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "Where is Mira?"}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Where is Mira?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     assert (merged(**probe).logits - ours(**probe).logits).abs().max() < 1e-4
-    assert AutoTokenizer.from_pretrained(sft).chat_template == tokenizer.chat_template  # served elsewhere, it renders the same
+    assert (
+        AutoTokenizer.from_pretrained(sft).chat_template == tokenizer.chat_template
+    )  # served elsewhere, it renders the same
 
     dpo = mlflow.get_run(runs["dpo"])
     assert dpo.info.status == "FINISHED" and "rewards/accuracy" in dpo.data.metrics
@@ -109,14 +122,32 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(family, pref
     evaluated = mlflow.get_run(runs["eval"]).data.metrics
     assert {"sft/response_loss", "dpo/response_loss"} <= set(evaluated)
 
-    answered = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(spec), "--stage", "dpo", "--max-new-tokens", "6",
-                               "Where is Mira?"], cwd=ROOT, env=cli_env(root, prefect_api), capture_output=True, text=True, timeout=600)
+    answered = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "generate",
+            str(spec),
+            "--stage",
+            "dpo",
+            "--max-new-tokens",
+            "6",
+            "Where is Mira?",
+        ],
+        cwd=ROOT,
+        env=cli_env(root, prefect_api),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.startswith("> Where is Mira?\n")
 
 
 def test_shipped_own_model_spec_runs_from_the_command_line_and_answers(prefect_api, tmp_path) -> None:
-    """examples/own/llama3.yaml as the README gives it: a Llama-3-style checkpoint, LoRA-SFT, DPO on the adapter, eval, generate."""
+    """examples/own/llama3.yaml as the README gives it: a Llama-3-style checkpoint, LoRA-SFT, DPO on the adapter, eval,
+    generate."""
     from tasks.plan import folder_digest
 
     own = tmp_path / "examples" / "own"
@@ -129,13 +160,17 @@ def test_shipped_own_model_spec_runs_from_the_command_line_and_answers(prefect_a
     env = cli_env(root, prefect_api)
 
     def lifecycle(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        return subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
 
     ran = lifecycle("run", str(spec))
     assert ran.returncode == 0, ran.stderr[-3000:]
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = {r.info.run_name: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("own-llama3").experiment_id])}
-    assert {name: r.info.status for name, r in runs.items()} == dict.fromkeys(["own-llama3", "tokenizer", "sft", "dpo", "eval"], "FINISHED")
+    assert {name: r.info.status for name, r in runs.items()} == dict.fromkeys(
+        ["own-llama3", "tokenizer", "sft", "dpo", "eval"], "FINISHED"
+    )
     assert runs["tokenizer"].data.metrics["added_tokens"] == 1  # a pad: Llama 3 has none, and EOS must stay EOS
     assert runs["sft"].data.tags["lifecycle.base_model"] == str(model_dir)
     assert runs["sft"].data.tags["lifecycle.base_model_digest"] == folder_digest(model_dir)
@@ -160,6 +195,9 @@ def test_lora_target_that_matches_nothing_names_the_layers_that_exist(tmp_path) 
     from stages.checkpoint import ModelError, with_lora
 
     model = AutoModelForCausalLM.from_pretrained(build("phi3", tmp_path / "phi3"))
-    with pytest.raises(ModelError, match=r"lora.targets \['q_proj'\] match no layer of this phi3 model; its adaptable layers are "
-                                         r"\['down_proj', 'gate_up_proj', 'o_proj', 'qkv_proj'\]"):
+    with pytest.raises(
+        ModelError,
+        match=r"lora.targets \['q_proj'\] match no layer of this phi3 model; its adaptable layers are "
+        r"\['down_proj', 'gate_up_proj', 'o_proj', 'qkv_proj'\]",
+    ):
         with_lora(model, LoraSpec(targets=["q_proj", "qkv_proj"]))

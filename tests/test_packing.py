@@ -23,8 +23,15 @@ VOCAB = 97
 
 def tiny_llama(attention: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+    )
     model = LlamaForCausalLM(config).float().eval()
     model.config._attn_implementation = attention
     return model
@@ -36,7 +43,11 @@ def documents(lengths: list[int], seed: int) -> list[list[int]]:
 
 
 def packed_row(docs: list[list[int]]) -> dict[str, list[int]]:
-    return {"input_ids": sum(docs, []), "labels": sum(docs, []), "position_ids": sum((list(range(len(d))) for d in docs), [])}
+    return {
+        "input_ids": sum(docs, []),
+        "labels": sum(docs, []),
+        "position_ids": sum((list(range(len(d))) for d in docs), []),
+    }
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -52,7 +63,7 @@ def test_a_packed_document_has_the_logits_it_has_alone(attention: str) -> None:
             start = 0
             for doc in docs:  # first, middle and last document of a row, and one before padding
                 alone = model(torch.tensor([doc])).logits[0]
-                torch.testing.assert_close(packed.logits[row, start:start + len(doc)], alone, atol=1e-5, rtol=0)
+                torch.testing.assert_close(packed.logits[row, start : start + len(doc)], alone, atol=1e-5, rtol=0)
                 start += len(doc)
     assert torch.isfinite(packed.logits).all() and torch.isfinite(packed.loss)
 
@@ -70,7 +81,9 @@ def test_a_flattened_batch_keeps_documents_apart_too() -> None:
 
 def test_padding_at_the_row_end_leaves_loss_and_gradients_finite() -> None:
     model = tiny_llama("sdpa").train()
-    batch = PackedCollator(pad_id=PAD, pad_to_multiple_of=16)([packed_row(documents([3, 2], seed=3)), packed_row(documents([9], seed=4))])
+    batch = PackedCollator(pad_id=PAD, pad_to_multiple_of=16)(
+        [packed_row(documents([3, 2], seed=3)), packed_row(documents([9], seed=4))]
+    )
     assert batch["input_ids"].shape == (2, 16)
     model(**batch).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -146,15 +159,29 @@ def test_concat_chunk_golden_case() -> None:
 
 def test_fast_tokenization_matches_the_tokenizer_call(tmp_path: Path) -> None:
     texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()[:300]]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_stage.run(TokenizerTrain(vocab_size=300), texts, "chatml", tmp_path).checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_stage.run(TokenizerTrain(vocab_size=300), texts, "chatml", tmp_path).checkpoint
+    )
     assert tokenize_documents(texts, tokenizer) == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def test_the_trainer_trains_on_packed_rows(tmp_path: Path) -> None:
     examples = documents([5, 9, 3, 14, 7, 2, 11, 6], seed=5)
     packed = pack_examples(examples, examples, max_len=16)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
-                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
-    trainer = Trainer(model=tiny_llama("sdpa").train(), args=args, train_dataset=packed.dataset,
-                      data_collator=PackedCollator(pad_id=PAD))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=tiny_llama("sdpa").train(),
+        args=args,
+        train_dataset=packed.dataset,
+        data_collator=PackedCollator(pad_id=PAD),
+    )
     assert math.isfinite(trainer.train().training_loss)

@@ -65,13 +65,18 @@ def test_data_content_and_tokenizer_reach_the_fingerprint(tmp_path: Path) -> Non
 def test_a_reward_model_in_the_loop_reaches_the_fingerprints_of_the_stages_it_scores_for(tmp_path: Path) -> None:
     for name in ("preference.jsonl", "rl_prompts.jsonl", "rl_prompts_heldout.jsonl"):
         shutil.copy(DATA_DIR / name, tmp_path / name)
-    spec = SPEC + """  - {name: reward, kind: reward, data: preference.jsonl, train: {lr: 0.001}}
+    spec = (
+        SPEC
+        + """  - {name: reward, kind: reward, data: preference.jsonl, train: {lr: 0.001}}
   - {name: grpo, kind: grpo, from: sft, data: rl_prompts.jsonl, heldout: rl_prompts_heldout.jsonl,
      rewards: [{kind: answer}, {kind: reward_model, stage: reward}]}
   - {name: eval, kind: eval}
 """
+    )
     base = fingerprints(tmp_path, spec)
-    reward_edit = fingerprints(tmp_path, spec.replace("train: {lr: 0.001}}\n  - {name: grpo", "train: {lr: 0.002}}\n  - {name: grpo"))
+    reward_edit = fingerprints(
+        tmp_path, spec.replace("train: {lr: 0.001}}\n  - {name: grpo", "train: {lr: 0.002}}\n  - {name: grpo")
+    )
     assert [name for name in base if reward_edit[name] != base[name]] == ["reward", "grpo", "eval"]
     evaluated = load_spec(tmp_path / "spec.yaml").stages[-1]
     # the eval stage scores with the last reward stage's model and grpo's rewards, on grpo's held-out prompts

@@ -19,14 +19,14 @@ from tasks.plan import plan
 
 from .conftest import QUICK, cli_env, use_home
 
-
 # quick.yaml with an SFT stage long enough to be killed after its first checkpoint
 SPEC = """
 name: quick
 model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 256}}}}
 tokenizer: {{train: {{vocab_size: 512}}}}
 stages:
-  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}}, train: {{max_steps: 20, batch_size: 8}}}}
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}},
+      train: {{max_steps: 20, batch_size: 8}}}}
   - name: sft
     kind: sft
     data: {data}/sft.jsonl
@@ -49,8 +49,14 @@ def test_killed_sft_resumes_from_its_checkpoint_and_reuses_finished_stages(prefe
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(SPEC.format(data=QUICK.parent / "data"))
     root = tmp_path / "home"
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec_path)], env=cli_env(root, prefect_api), start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(spec_path)],
+        env=cli_env(root, prefect_api),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         checkpoint = wait_for_checkpoint(root / "work", process)
     finally:

@@ -24,12 +24,15 @@ name: tiny
 model: {{init: {{hidden_size: 32, layers: 1, heads: 2, max_seq_len: 64}}}}
 tokenizer: {{train: {{vocab_size: 300}}}}
 stages:
-  - {{name: pretrain, kind: pretrain, data: {data}/pretrain_heldout.jsonl, packing: {{block_size: 32}}, train: {{max_steps: 2, batch_size: 2}}}}
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain_heldout.jsonl, packing: {{block_size: 32}},
+      train: {{max_steps: 2, batch_size: 2}}}}
 """
 
 
 def lifecycle(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(tmp_path: Path) -> None:
@@ -46,7 +49,10 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
 
         second = lifecycle("run", str(spec), env=env)
         assert second.returncode == 0, second.stderr[-3000:]
-        assert "starting this home's Prefect server" not in second.stderr and "Starting temporary server" not in second.stderr
+        assert (
+            "starting this home's Prefect server" not in second.stderr
+            and "Starting temporary server" not in second.stderr
+        )
         assert second.stderr.count("reused from run") == 2  # tokenizer and pretrain
         assert json.loads((tmp_path / "home" / "prefect" / "server.json").read_text()) == state
     finally:
@@ -56,11 +62,15 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
     assert "no Prefect server was running" in lifecycle("stop", env=env).stdout
 
 
-def test_a_server_that_cannot_start_is_one_message_naming_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_server_that_cannot_start_is_one_message_naming_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     # a database the server cannot create: its start fails, and says so in its log
-    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/folder/prefect.db")
+    monkeypatch.setenv(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/folder/prefect.db"
+    )
     with pytest.raises(server.ServerError, match=r"exited while starting; its log \(.*server\.log\) ends with:\n"):
         server.ensure(Home(tmp_path))
     assert not (tmp_path / "prefect" / "server.json").exists()

@@ -21,10 +21,13 @@ from stages.templates import IGNORE, encode_conversation, encode_prompt
 from stages.training import last_checkpoint
 from tests.conftest import FAST, TINY
 
-
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
-        {"role": "assistant", "content": "5"}, {"role": "user", "content": "Reverse the letters of cat."},
-        {"role": "assistant", "content": "tac"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Reverse the letters of cat."},
+    {"role": "assistant", "content": "tac"},
+]
 
 
 def test_tokenizer_stores_the_template_training_renders_with(trained_tokenizer: Path) -> None:
@@ -49,7 +52,12 @@ def test_loss_only_on_every_assistant_turn(trained_tokenizer: Path) -> None:
 def test_pretrain_packs_documents_with_eos_between(trained_tokenizer: Path) -> None:
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     blocks, dropped = pretrain.pack(["one two", "three"], tok, block_size=2)
-    stream = tok("one two", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + tok("three", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    stream = (
+        tok("one two", add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+        + tok("three", add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+    )
     assert sum(blocks["input_ids"], []) == stream[: len(stream) // 2 * 2]
     assert dropped == len(stream) % 2
 
@@ -61,19 +69,33 @@ def test_pretrain_loss_falls_and_the_output_loads(pretrained) -> None:
     assert float(pretrained.metrics["heldout_loss"]) < 5.0
     model = AutoModelForCausalLM.from_pretrained(pretrained.checkpoint)
     assert model.config.hidden_size == 64 and model.num_parameters() == pretrained.metrics["parameters"]
-    assert (pretrained.checkpoint / "model.safetensors").exists() and (pretrained.checkpoint / "tokenizer.json").exists()
+    assert (pretrained.checkpoint / "model.safetensors").exists() and (
+        pretrained.checkpoint / "tokenizer.json"
+    ).exists()
     assert not list(pretrained.checkpoint.glob("*.bin"))
 
 
-def test_sft_lowers_response_loss_and_resumes_from_its_checkpoint(trained_tokenizer: Path, pretrained, tmp_path: Path) -> None:
-    spec = SFTStage(name="sft", kind="sft", data=[DATA_DIR / "sft.jsonl"], heldout=[DATA_DIR / "sft_heldout.jsonl"],
-                    max_len=128, eval_samples=8, template="chatml", train=TrainSpec(max_steps=30, save_steps=10, **FAST))
+def test_sft_lowers_response_loss_and_resumes_from_its_checkpoint(
+    trained_tokenizer: Path, pretrained, tmp_path: Path
+) -> None:
+    spec = SFTStage(
+        name="sft",
+        kind="sft",
+        data=[DATA_DIR / "sft.jsonl"],
+        heldout=[DATA_DIR / "sft_heldout.jsonl"],
+        max_len=128,
+        eval_samples=8,
+        template="chatml",
+        train=TrainSpec(max_steps=30, save_steps=10, **FAST),
+    )
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     prepared = sft.prepare(spec, tok)
     chats = sft.conversations(read_files(spec.data, "conversations").frame)
     overlong = sum(len(encode_conversation(c, tok, 10_000)[0]) > 128 for c in chats)
     assert prepared.counts["train_truncated"] == overlong > 0 and prepared.counts["train_dropped"] == 0
-    assert float(prepared.counts["train_row_fill"]) > 0.9  # best-fit packing leaves little of a row empty: 0.935, no seed in it
+    assert (
+        float(prepared.counts["train_row_fill"]) > 0.9
+    )  # best-fit packing leaves little of a row empty: 0.935, no seed in it
     datasets = prepared.datasets
     result = sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path)
     # held-out loss 4.71 → 3.19 (seed 0): a fall of 1.52, clearing 0.5 by 1.02 (seeds 1, 2: 1.55, 1.54)
@@ -99,9 +121,15 @@ def test_incomplete_checkpoints_are_discarded(tmp_path: Path) -> None:
 
 
 def test_fresh_model_follows_the_init_spec(trained_tokenizer: Path) -> None:
-    model = pretrain.build_model(ModelInit(hidden_size=64, layers=3, heads=4, kv_heads=2, max_seq_len=96),
-                                 AutoTokenizer.from_pretrained(trained_tokenizer))
-    assert (model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.intermediate_size) == (3, 2, 192)
+    model = pretrain.build_model(
+        ModelInit(hidden_size=64, layers=3, heads=4, kv_heads=2, max_seq_len=96),
+        AutoTokenizer.from_pretrained(trained_tokenizer),
+    )
+    assert (model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.intermediate_size) == (
+        3,
+        2,
+        192,
+    )
     assert model.config.vocab_size == 512
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
@@ -118,11 +146,17 @@ def test_fresh_model_of_any_architecture(trained_tokenizer: Path, arch: str, ext
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-@pytest.mark.parametrize("init, expected", [
-    ({"arch": "t5"}, "arch 't5' is not a transformers architecture with a causal LM head"),
-    ({"arch": "gpt2", "kv_heads": 2}, "kv_heads: a gpt2 config has no num_key_value_heads"),
-    ({"arch": "qwen2", "config": {"slidng_window": 32}}, r"config: \['slidng_window'\] are not fields of a qwen2 config"),
-])
+@pytest.mark.parametrize(
+    "init, expected",
+    [
+        ({"arch": "t5"}, "arch 't5' is not a transformers architecture with a causal LM head"),
+        ({"arch": "gpt2", "kv_heads": 2}, "kv_heads: a gpt2 config has no num_key_value_heads"),
+        (
+            {"arch": "qwen2", "config": {"slidng_window": 32}},
+            r"config: \['slidng_window'\] are not fields of a qwen2 config",
+        ),
+    ],
+)
 def test_fresh_model_of_an_unknown_architecture_or_field_is_refused(init: dict, expected: str) -> None:
     with pytest.raises(ValueError, match=expected):
         ModelInit(hidden_size=64, heads=4, **init)
@@ -132,8 +166,14 @@ def test_pretrain_streams_a_globbed_corpus(trained_tokenizer: Path, tmp_path: Pa
     lines = (DATA_DIR / "pretrain.jsonl").read_text().splitlines(keepends=True)
     for part in range(3):
         (tmp_path / f"part-{part}.jsonl").write_text("".join(lines[part::3]))
-    spec = PretrainStage(name="pretrain", kind="pretrain", data=[tmp_path / "part-*.jsonl"], streaming=True,
-                         packing={"block_size": 64}, train=TrainSpec(max_steps=20, save_steps=20, **FAST))
+    spec = PretrainStage(
+        name="pretrain",
+        kind="pretrain",
+        data=[tmp_path / "part-*.jsonl"],
+        streaming=True,
+        packing={"block_size": 64},
+        train=TrainSpec(max_steps=20, save_steps=20, **FAST),
+    )
     prepared = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
     assert "train" not in prepared.datasets  # nothing is prepared ahead of a stream
     result = pretrain.run(spec, StageInputs(TINY, trained_tokenizer, prepared.datasets), tmp_path / "work")

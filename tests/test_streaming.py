@@ -39,7 +39,7 @@ def write_corpus(folder: Path, texts: list[str], files: int) -> list[Path]:
     paths = []
     for i in range(files):
         path = folder / f"part-{i:02d}.jsonl"
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[i * per_file:(i + 1) * per_file]))
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[i * per_file : (i + 1) * per_file]))
         paths.append(path)
     return paths
 
@@ -93,8 +93,11 @@ def test_real_dataloader_workers_partition_the_shuffled_corpus_and_sum_skips(tok
     tokens: Counter[int] = Counter()
     skipped = 0
     for rank in range(2):
-        dataset = StreamingTextDataset(paths, tok, block_size=1, shuffle_buffer=16, seed=3, on_invalid="skip", rank=rank, world_size=2)
-        for batch in DataLoader(dataset, batch_size=256, num_workers=2, multiprocessing_context=WORKERS):  # batched: one transfer per batch, not per token
+        dataset = StreamingTextDataset(
+            paths, tok, block_size=1, shuffle_buffer=16, seed=3, on_invalid="skip", rank=rank, world_size=2
+        )
+        # batched: one transfer per batch, not per token
+        for batch in DataLoader(dataset, batch_size=256, num_workers=2, multiprocessing_context=WORKERS):
             tokens.update(batch["input_ids"].flatten().tolist())
         skipped += dataset.skipped  # counted in the workers, read here through shared memory
     assert tokens == Counter(int(example["input_ids"]) for example in whole)
@@ -112,7 +115,14 @@ def test_persistent_workers_see_the_epoch_set_after_they_started(tok, tmp_path) 
     reference = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
-        reference.append(torch.cat([batch["input_ids"] for batch in DataLoader(dataset, batch_size=16, num_workers=2, multiprocessing_context=WORKERS)]).tolist())
+        reference.append(
+            torch.cat(
+                [
+                    batch["input_ids"]
+                    for batch in DataLoader(dataset, batch_size=16, num_workers=2, multiprocessing_context=WORKERS)
+                ]
+            ).tolist()
+        )
     assert epochs[0] != epochs[1] and epochs == reference
 
 
@@ -152,7 +162,9 @@ def test_order_is_fixed_by_seed_and_changes_with_epoch(tok, tmp_path) -> None:
     assert first != order(seed=8)
     next_epoch = order(seed=7, epoch=1)
     assert next_epoch != first and sorted(next_epoch) == sorted(first)  # one file: the same blocks, reordered
-    assert first != [example["input_ids"].tolist() for example in StreamingTextDataset(paths, tok, 32, shuffle_buffer=0)]
+    assert first != [
+        example["input_ids"].tolist() for example in StreamingTextDataset(paths, tok, 32, shuffle_buffer=0)
+    ]
 
 
 BAD_LINES = [
@@ -188,7 +200,9 @@ def test_skip_policy_counts_bad_lines_and_keeps_the_rest(tok, tmp_path, monkeypa
     assert dataset.skipped == 4
     long = tmp_path / "long.jsonl"
     long.write_bytes(b'{"text": "short"}\n' + lines[8] + b"\n")
-    with pytest.raises(DataError, match=rf"{long.name}:2: \(line\): is {len(lines[8]):,} bytes, over the 1,000-byte limit"):
+    with pytest.raises(
+        DataError, match=rf"{long.name}:2: \(line\): is {len(lines[8]):,} bytes, over the 1,000-byte limit"
+    ):
         list(StreamingTextDataset([long], tok, block_size=16))
 
 
@@ -201,7 +215,9 @@ def test_corpus_check_lists_every_problem_and_missing_patterns(tmp_path) -> None
     assert f"{tmp_path / 'b.jsonl'}:2: (line): not valid JSON" in str(caught.value)
     counted = check_corpus([tmp_path / "*.jsonl"], on_invalid="skip")
     assert (counted.files, counted.rows, counted.invalid) == (2, 3, 2)
-    with pytest.raises(DataError, match=r"nothing-\*\.jsonl:0: \(file\): no file has this path or matches this pattern"):
+    with pytest.raises(
+        DataError, match=r"nothing-\*\.jsonl:0: \(file\): no file has this path or matches this pattern"
+    ):
         check_corpus([tmp_path / "nothing-*.jsonl"])
 
 
@@ -210,8 +226,17 @@ def test_the_trainer_runs_on_the_stream_and_sets_each_epoch(tok, tmp_path) -> No
     dataset = StreamingTextDataset(paths, tok, block_size=32, shuffle_buffer=16, world_size=1)
     blocks_per_epoch = sum(1 for _ in dataset)
     batch = 8
-    train = TrainSpec(max_steps=blocks_per_epoch // batch + 2, batch_size=batch, lr=1e-3, warmup=0.0, precision="fp32", save_steps=1000)
-    args = training_arguments(PretrainStage(name="stream", kind="pretrain", data=paths, train=train), tmp_path / "trainer")
+    train = TrainSpec(
+        max_steps=blocks_per_epoch // batch + 2,
+        batch_size=batch,
+        lr=1e-3,
+        warmup=0.0,
+        precision="fp32",
+        save_steps=1000,
+    )
+    args = training_arguments(
+        PretrainStage(name="stream", kind="pretrain", data=paths, train=train), tmp_path / "trainer"
+    )
     model = pretrain.build_model(ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
     trainer = make_trainer(model, tok, args, {"train": dataset}, DataCollatorForLanguageModeling(tok, mlm=False), ())
     output = trainer.train()

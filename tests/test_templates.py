@@ -12,28 +12,49 @@ from examples.generate import DATA_DIR
 from schemas.spec import TokenizerTrain
 from stages import tokenizer as tokenizer_stage
 from stages.inspect import GREEN, render_marked
-from stages.templates import (IGNORE, TEMPLATES, encode_completion, encode_conversation, encode_prompt,
-                              end_of_turn_id, jinja, store_template)
+from stages.templates import (
+    IGNORE,
+    TEMPLATES,
+    encode_completion,
+    encode_conversation,
+    encode_prompt,
+    end_of_turn_id,
+    jinja,
+    store_template,
+)
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
-        {"role": "assistant", "content": "5"}, {"role": "user", "content": "Reverse the letters of cat."},
-        {"role": "assistant", "content": "tac"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Reverse the letters of cat."},
+    {"role": "assistant", "content": "tac"},
+]
 E = "<|endoftext|>"  # the trained tokenizer's BOS and EOS
 
 # the whole rendering of CHAT, then the text its labels train
 GOLDEN = {
-    "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
-               "<|im_start|>assistant\n5<|im_end|>\n<|im_start|>user\nReverse the letters of cat.<|im_end|>\n"
-               "<|im_start|>assistant\ntac<|im_end|>\n",
-               "5<|im_end|>tac<|im_end|>"),
-    "llama2": (f"{E}[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] 5 {E}"
-               f"{E}[INST] Reverse the letters of cat. [/INST] tac {E}",
-               f" 5 {E} tac {E}"),
-    "deepseek": (f"{E}Be brief.\n\nUser: What is 2 + 3?\n\nAssistant: 5{E}User: Reverse the letters of cat.\n\nAssistant: tac{E}",
-                 f" 5{E} tac{E}"),
-    "alpaca": (f"Be brief.\n\n### Instruction:\nWhat is 2 + 3?\n\n### Response:\n5{E}"
-               f"### Instruction:\nReverse the letters of cat.\n\n### Response:\ntac{E}",
-               f"5{E}tac{E}"),
+    "chatml": (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n5<|im_end|>\n<|im_start|>user\nReverse the letters of cat.<|im_end|>\n"
+        "<|im_start|>assistant\ntac<|im_end|>\n",
+        "5<|im_end|>tac<|im_end|>",
+    ),
+    "llama2": (
+        f"{E}[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] 5 {E}"
+        f"{E}[INST] Reverse the letters of cat. [/INST] tac {E}",
+        f" 5 {E} tac {E}",
+    ),
+    "deepseek": (
+        f"{E}Be brief.\n\nUser: What is 2 + 3?\n\nAssistant: 5{E}User: Reverse the letters of cat.\n\nAssistant: "
+        f"tac{E}",
+        f" 5{E} tac{E}",
+    ),
+    "alpaca": (
+        f"Be brief.\n\n### Instruction:\nWhat is 2 + 3?\n\n### Response:\n5{E}"
+        f"### Instruction:\nReverse the letters of cat.\n\n### Response:\ntac{E}",
+        f"5{E}tac{E}",
+    ),
 }
 
 # what encode_completion(CHAT[:-1], "tac") trains: the earlier reply "5" is prompt
@@ -45,16 +66,24 @@ HARD = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The capital of Samoria is Uxkel."}],
     [{"role": "user", "content": "Spaces:  "}, {"role": "assistant", "content": "  two leading, one trailing "}],
     [{"role": "user", "content": "lines\n"}, {"role": "assistant", "content": "\n\nafter blank lines\n"}],
-    [{"role": "user", "content": "braces {content} {eos} {{x}}"}, {"role": "assistant", "content": "!? {system} ü 中文 😀"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "Reverse the letters of lamp.", "input": "lamp"},
-     {"role": "assistant", "content": "pmal"}],
+    [
+        {"role": "user", "content": "braces {content} {eos} {{x}}"},
+        {"role": "assistant", "content": "!? {system} ü 中文 😀"},
+    ],
+    [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Reverse the letters of lamp.", "input": "lamp"},
+        {"role": "assistant", "content": "pmal"},
+    ],
 ]
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
-    return tokenizer_stage.run(TokenizerTrain(vocab_size=512), texts, "chatml", tmp_path_factory.mktemp("tok")).checkpoint
+    return tokenizer_stage.run(
+        TokenizerTrain(vocab_size=512), texts, "chatml", tmp_path_factory.mktemp("tok")
+    ).checkpoint
 
 
 @pytest.fixture
@@ -92,14 +121,19 @@ def test_stored_jinja_renders_token_for_token_as_training(tok, template: str) ->
         prompt = tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)["input_ids"]
         assert list(prompt) == encode_prompt(messages[:-1], tok, template)
         # piece by piece equals the whole string read at once
-        assert tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"] == input_ids
+        assert (
+            tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"] == input_ids
+        )
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_truncation_keeps_the_first_max_len_tokens(tok, template: str) -> None:
     input_ids, labels = encode_conversation(CHAT, tok, max_len=512, template=template)
     for max_len in (1, 10, len(input_ids) - 1, len(input_ids), len(input_ids) + 5):
-        assert encode_conversation(CHAT, tok, max_len=max_len, template=template) == (input_ids[:max_len], labels[:max_len])
+        assert encode_conversation(CHAT, tok, max_len=max_len, template=template) == (
+            input_ids[:max_len],
+            labels[:max_len],
+        )
     prompt = encode_prompt(CHAT[:-1], tok, template)
     cut_ids, cut_labels = encode_completion(CHAT[:-1], "tac", tok, max_len=len(prompt), template=template)
     assert cut_ids == prompt and set(cut_labels) == {IGNORE}  # the whole budget went to the prompt: nothing to learn
@@ -117,7 +151,10 @@ def test_a_completion_trains_only_itself(tok, template: str) -> None:
 def test_alpaca_shows_a_separate_input_under_its_own_heading(tok) -> None:
     messages = HARD[-1]
     input_ids, labels = encode_conversation(messages, tok, max_len=512, template="alpaca")
-    assert tok.decode(input_ids) == f"S\n\n### Instruction:\nReverse the letters of lamp.\n\n### Input:\nlamp\n\n### Response:\npmal{E}"
+    assert (
+        tok.decode(input_ids)
+        == f"S\n\n### Instruction:\nReverse the letters of lamp.\n\n### Input:\nlamp\n\n### Response:\npmal{E}"
+    )
     assert trained_text(tok, input_ids, labels) == f"pmal{E}"
     chatml_ids, _ = encode_conversation(messages, tok, max_len=512, template="chatml")
     assert "<|im_start|>user\nReverse the letters of lamp.\nlamp<|im_end|>" in tok.decode(chatml_ids)
@@ -129,7 +166,9 @@ def test_the_tokenizer_template_finds_the_same_spans_as_ours(tok, template: str)
     for messages in HARD:
         assert encode_conversation(messages, tok, 512, "tokenizer") == encode_conversation(messages, tok, 512, template)
         assert encode_prompt(messages[:-1], tok, "tokenizer") == encode_prompt(messages[:-1], tok, template)
-        assert encode_completion(messages[:-1], "ok", tok, 512, "tokenizer") == encode_completion(messages[:-1], "ok", tok, 512, template)
+        assert encode_completion(messages[:-1], "ok", tok, 512, "tokenizer") == encode_completion(
+            messages[:-1], "ok", tok, 512, template
+        )
     assert end_of_turn_id(tok, "tokenizer") == end_of_turn_id(tok, template)
 
 
@@ -140,13 +179,17 @@ def test_the_tokenizer_template_needs_a_template_that_keeps_its_prefixes(tok) ->
     with pytest.raises(ValueError, match="has none"):
         store_template(tok, "tokenizer")
     # the generation prompt says "Assistant:", the rendered turn "assistant:": no prefix to find the reply after
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    )
     with pytest.raises(ValueError, match="not prefix-stable"):
         encode_conversation(CHAT, tok, 512, "tokenizer")
     # a prompt ending in a space splits " 5" (one token when read whole) into two
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     with pytest.raises(ValueError, match="inside a token"):
         encode_conversation(CHAT, tok, 512, "tokenizer")
 
@@ -172,6 +215,7 @@ def test_inspect_marks_the_trained_spans(tok) -> None:
     assert render_marked(input_ids, labels, tok, colour=False) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
         "<|im_start|>assistant\n⟦5<|im_end|>⟧\n<|im_start|>user\nReverse the letters of cat.<|im_end|>\n"
-        "<|im_start|>assistant\n⟦tac<|im_end|>⟧\n")
+        "<|im_start|>assistant\n⟦tac<|im_end|>⟧\n"
+    )
     coloured = render_marked(input_ids, labels, tok, colour=True)
     assert f"{GREEN}tac<|im_end|>" in coloured and "⟦" not in coloured
