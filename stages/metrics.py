@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy.stats import kendalltau
 from torch import Tensor
 
 
@@ -18,27 +19,9 @@ def preference(chosen: Tensor, rejected: Tensor) -> dict[str, float]:
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b between two orderings of the same items (ties in either count as neither agreeing nor not).
-
-        τ_b = (C − D) / sqrt((C + D + T_x) · (C + D + T_y))
-
-    C, D: concordant and discordant pairs; T_x, T_y: pairs tied in y only, in x only. nan when one side is all ties."""
-    concordant = discordant = tied_x_only = tied_y_only = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                tied_x_only += 1
-            elif dy == 0:
-                tied_y_only += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = math.sqrt((concordant + discordant + tied_y_only) * (concordant + discordant + tied_x_only))
-    return (concordant - discordant) / denominator if denominator else float("nan")
+    """Kendall's tau-b between two orderings of the same items (scipy's: ties in either side count as neither agreeing
+    nor not); nan when one side is all ties."""
+    return float(kendalltau(x, y, variant="b").statistic)
 
 
 def ranking(model_scores: list[list[float]], reference_scores: list[list[float]]) -> dict[str, float]:
