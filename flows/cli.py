@@ -115,10 +115,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Decoded training examples of one stage with the trained spans marked."""
     from transformers import AutoTokenizer
 
+    from stages import training_stage
     from stages.inspect import render_marked
     from tasks.lineage import client, experiment_id, fetch_checkpoint, finished_run
     from tasks.plan import plan
-    from tasks.stage import stage_module
 
     spec = load_spec(args.spec)
     stage = next((s for s in spec.stages if s.name == args.stage), None)
@@ -144,7 +144,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         tokenizer_dir = fetch_checkpoint(mlflow, home, run)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     colour = sys.stdout.isatty()
-    for i, (input_ids, labels) in enumerate(stage_module(stage.kind).examples(stage, tokenizer, args.n)):
+    for i, (input_ids, labels) in enumerate(training_stage(stage.kind).examples(stage, tokenizer, args.n)):
         trained = sum(label != -100 for label in labels)
         print(
             f"--- {stage.name} example {i + 1}: {len(input_ids)} tokens, {trained} trained"

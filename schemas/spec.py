@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BeforeValidator, Field, PositiveInt, model_validator
 
@@ -453,7 +453,8 @@ Stage = Annotated[
     PretrainStage | SFTStage | DPOStage | KTOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
     Field(discriminator="kind"),
 ]
-STAGE_KINDS = ("pretrain", "sft", "dpo", "kto", "pro", "tuna", "reward", "grpo", "eval")
+# each kind once, in the union's order: the tag of every stage model
+STAGE_KINDS = tuple(get_args(model.model_fields["kind"].annotation)[0] for model in get_args(get_args(Stage)[0]))
 
 
 class PipelineSpec(Strict):

@@ -17,15 +17,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, set_seed
 
 from schemas.spec import DPOStage
-from stages import candidates
-from stages.candidates import candidate_logps, train
+from stages.candidates import candidate_logps, examples, prepare, train
 from stages.checkpoint import load_model
 from stages.contract import StageInputs, StageResult
 from stages.losses import dpo_loss, orpo_loss, simpo_loss
 from stages.reference import ReferenceTrainer, attach_reference
 
-# every candidate stage prepares its data, and shows it to `lifecycle inspect`, the shared way
-prepare, examples = candidates.prepare, candidates.examples
+__all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
 
 class DPOTrainer(ReferenceTrainer):

@@ -49,6 +49,8 @@ from stages.rewards import (
 from stages.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
 from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
 
+__all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
+
 SAMPLES_TABLE = "grpo_samples.json"
 
 

@@ -41,6 +41,8 @@ from stages.losses import kto_loss, kto_reference_point
 from stages.reference import ReferenceTrainer, attach_reference
 from stages.templates import conversations
 
+__all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
+
 MISMATCH_SEED = 0  # the draw of mismatched completions is part of the prepared data, not of a training run's seed
 ADVISED_RATIO = (1.0, 4 / 3)  # the paper's range for λ_D·n_D / (λ_U·n_U)
 

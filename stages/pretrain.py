@@ -22,6 +22,8 @@ from stages.packing import concat_chunk, tokenize_documents
 from stages.streaming import StreamingTextDataset
 from stages.training import fit, make_trainer, training_arguments
 
+__all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
+
 
 def pack(texts: list[str], tokenizer, block_size: int) -> tuple[Dataset, int]:
     """Documents joined with EOS after each, cut into full blocks; also the tail tokens that filled no block."""

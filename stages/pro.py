@@ -19,15 +19,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, set_seed
 
 from schemas.spec import PROStage
-from stages import candidates
-from stages.candidates import candidate_logps, train, with_length
+from stages.candidates import candidate_logps, examples, prepare, train, with_length
 from stages.checkpoint import load_model
 from stages.contract import StageInputs, StageResult
 from stages.losses import pro_loss, pro_sft_weight
 from stages.training import ObjectiveTrainer
 
-# every candidate stage prepares its data, and shows it to `lifecycle inspect`, the shared way
-prepare, examples = candidates.prepare, candidates.examples
+__all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
 
 class PROTrainer(ObjectiveTrainer):

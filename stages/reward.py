@@ -17,16 +17,14 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
 from schemas.spec import RewardStage
-from stages import candidates
-from stages.candidates import CandidatesCollator, encode, train
+from stages.candidates import CandidatesCollator, encode, examples, prepare, train
 from stages.checkpoint import load_model
 from stages.contract import StageInputs, StageResult
 from stages.losses import bradley_terry_loss
 from stages.metrics import preference
 from stages.training import ObjectiveTrainer
 
-# every candidate stage prepares its data, and shows it to `lifecycle inspect`, the shared way
-prepare, examples = candidates.prepare, candidates.examples
+__all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
 
 def pair_rewards(model, batch: dict[str, Tensor]) -> Tensor:

@@ -26,6 +26,8 @@ from stages.packing import PackedCollator, pack_examples
 from stages.templates import IGNORE, conversations, encode_conversation, store_template
 from stages.training import fit, make_trainer, training_arguments
 
+__all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
+
 
 def encode(messages_list: list[list[dict]], tokenizer, spec: SFTStage) -> tuple[Dataset, dict[str, float]]:
     """Training rows for the conversations (packed or one per row) and what max_len cut or dropped."""

@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import get_args
 
 import polars as pl
+
+from schemas.spec import TemplateName
 
 IGNORE = -100  # label of a token that carries no loss
 
@@ -90,7 +93,7 @@ TEMPLATES: dict[str, Template] = {
         after_reply="",
     ),
 }
-TEMPLATE_NAMES = (*TEMPLATES, OWN_TEMPLATE)
+TEMPLATE_NAMES = get_args(TemplateName)  # the spec's names: ours (TEMPLATES) and the tokenizer's own
 NO_CHAT_TEMPLATE = (
     f"the {OWN_TEMPLATE} template needs a tokenizer with a chat template, and this one has none; "
     f"choose one of {', '.join(TEMPLATES)}"

@@ -204,9 +204,9 @@ def worker(plan_path: str | None) -> None:
     from pydantic import TypeAdapter
 
     from schemas.spec import Stage
+    from stages import training_stage
     from tasks import lineage
     from tasks.home import Home
-    from tasks.stage import stage_module
     from tasks.step_metrics import StepMetrics
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -225,7 +225,7 @@ def worker(plan_path: str | None) -> None:
             # rank 0 alone records: the other ranks (on other nodes too) never open the MLflow store
             callbacks=(StepMetrics(lineage.client(Home(Path(plan["home"]))), plan["run_id"]),) if rank == 0 else (),
         )
-        result = stage_module(spec.kind).run(spec, inputs, Path(plan["workdir"]))
+        result = training_stage(spec.kind).run(spec, inputs, Path(plan["workdir"]))
         peaks = [None] * world_size
         dist.all_gather_object(peaks, peak_memory())
         if rank == 0:

@@ -11,30 +11,25 @@ seconds to load, and a re-run that reuses every stage needs neither.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.data import read_file
 from schemas.spec import PipelineSpec
+from stages import training_stage
 from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult
 from tasks import lineage
 from tasks.checks import check_contracts
 from tasks.home import Home, publish
 from tasks.launch import launch_stage
 from tasks.plan import PlannedStage, file_digest, folder_digest, parts, versions
-
-
-def stage_module(kind: str) -> ModuleType:
-    return importlib.import_module(f"stages.{kind}")  # kind is one of the spec's tagged-union tags
 
 
 @task(cache_policy=NO_CACHE)
@@ -83,7 +78,7 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
         return target
     from transformers import AutoTokenizer
 
-    prepared = stage_module(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
+    prepared = training_stage(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
     partial = target.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     prepared.datasets.save_to_disk(str(partial / "datasets"))
@@ -231,7 +226,7 @@ def train(
                     return launch_stage(
                         part.spec, inputs, datasets_dir / "datasets", home.work(part), home.root, run_id
                     )
-                return stage_module(part.kind).run(part.spec, inputs, home.work(part))
+                return training_stage(part.kind).run(part.spec, inputs, home.work(part))
             except ModelError as err:
                 raise ModelError(f"stage {part.name}: {err}") from None
 

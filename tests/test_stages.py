@@ -7,6 +7,7 @@ value measured with the test's seed (CPU, fp32) and the margin by which it clear
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -14,12 +15,26 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.generate import DATA_DIR
 from schemas.data import read_files
-from schemas.spec import ModelInit, PretrainStage, SFTStage, TrainSpec
-from stages import pretrain, sft
+from schemas.spec import STAGE_KINDS, ModelInit, PretrainStage, SFTStage, TemplateName, TrainSpec
+from stages import TRAINING_STAGES, pretrain, sft, training_stage
 from stages.contract import StageInputs
-from stages.templates import IGNORE, encode_conversation, encode_prompt
+from stages.templates import IGNORE, OWN_TEMPLATE, TEMPLATES, encode_conversation, encode_prompt
 from stages.training import last_checkpoint
 from tests.conftest import FAST, TINY
+
+
+def test_every_training_kind_of_the_spec_has_a_module_with_the_stage_protocol() -> None:
+    assert list(TRAINING_STAGES) == [kind for kind in STAGE_KINDS if kind != "eval"]
+    for kind in TRAINING_STAGES:
+        module = training_stage(kind)
+        assert module.__name__ == f"stages.{kind}"
+        for name in ("prepare", "examples", "run"):
+            assert callable(getattr(module, name)), f"stages.{kind} has no {name}"
+
+
+def test_the_spec_names_every_template_the_stages_render_and_no_other() -> None:
+    assert set(get_args(TemplateName)) == {*TEMPLATES, OWN_TEMPLATE}
+
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
