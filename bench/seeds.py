@@ -51,7 +51,7 @@ from schemas.load import load_spec
 from schemas.spec import PipelineSpec
 from stages.training import cpu_has_bf16
 from tasks.home import Home
-from tasks.lineage import REPORT, experiment_id, finished_run
+from tasks.lineage import EVAL_ARTIFACTS, experiment_id, finished_run
 from tasks.plan import plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,7 +197,7 @@ def read_results(seed_run: SeedRun) -> None:
         run = finished_run(mlflow, experiment, stage)
         if stage.kind == "eval" and not seed_run.logged:
             with tempfile.TemporaryDirectory() as folder:
-                path = Path(mlflow.download_artifacts(run.info.run_id, f"{REPORT}/metrics.json", folder))
+                path = Path(mlflow.download_artifacts(run.info.run_id, f"{EVAL_ARTIFACTS}/metrics.json", folder))
                 seed_run.logged = json.loads(path.read_text())
         elif stage.name in trained:
             seed_run.precision[stage.name] = "bf16" if run.data.metrics["bf16"] else "fp32"

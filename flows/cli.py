@@ -188,13 +188,10 @@ def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[lis
     if prompts:
         raise UsageError("give prompts on the command line or with --input, not both")
     from schemas.data import read_files
+    from stages.templates import conversations
 
     frame = read_files([args.input], "prompts").frame
-    messages = [
-        [{"role": r, "content": c} for r, c in zip(roles, contents)]
-        for roles, contents in zip(frame["prompt_roles"].to_list(), frame["prompt_contents"].to_list())
-    ]
-    return messages, frame["answer"].to_list()
+    return conversations(frame, "prompt_"), frame["answer"].to_list()
 
 
 def answer_row(messages: list[dict], reply: str, reference: str | None) -> dict:

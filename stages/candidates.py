@@ -197,11 +197,9 @@ def train(
         model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer), task_type)
     measure = measure or (lambda m, rows: heldout_metrics(m, rows, tokenizer.pad_token_id))
 
-    def measured(suffix: str) -> dict[str, float]:
+    def measured() -> dict[str, float]:
         return (
-            {f"heldout_{k}{suffix}": v for k, v in measure(model, datasets["heldout"]).items()}
-            if "heldout" in datasets
-            else {}
+            {f"heldout_{k}": v for k, v in measure(model, datasets["heldout"]).items()} if "heldout" in datasets else {}
         )
 
     args = training_arguments(spec, workdir / "trainer")
@@ -216,9 +214,8 @@ def train(
         spec=spec,
         **extra,
     )
-    before = measured("_before")
-    metrics, resumed_from = fit(trainer)
-    metrics |= before | measured("") | {"train_rows": float(len(datasets["train"]))}
+    metrics, resumed_from = fit(trainer, measured)
+    metrics["train_rows"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
     return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)

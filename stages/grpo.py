@@ -318,10 +318,10 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
 
     heldout = datasets.pop("heldout", None)  # measured by generation here, never by the Trainer's evaluate
 
-    def measured(suffix: str) -> dict[str, float]:
+    def measure() -> dict[str, float]:
         if heldout is None or not spec.eval_samples:
             return {}
-        return {f"heldout_{k}{suffix}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards).items()}
+        return {f"heldout_{k}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards).items()}
 
     trainer = make_trainer(
         model,
@@ -335,9 +335,8 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
         rewards=rewards,
         reference_model=reference_model,
     )
-    before = measured("_before")
-    metrics, resumed_from = fit(trainer)
-    metrics |= before | measured("") | {"train_prompts": float(len(datasets["train"]))}
+    metrics, resumed_from = fit(trainer, measure)
+    metrics["train_prompts"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
     return StageResult(

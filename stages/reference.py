@@ -11,8 +11,6 @@ candidate of a batch, [rows, candidates], whichever way the stage has it.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from transformers import PreTrainedModel
 
 from schemas.spec import ReferenceStage
 from stages.candidates import candidate_logps, scored
+from stages.contract import partial_folder, publish
 from stages.training import ObjectiveTrainer, use_bf16
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -52,17 +51,9 @@ def precomputed_reference(model, dataset: Dataset, pad_id: int, folder: Path, au
     path = folder / REFERENCE_FILE
     if not path.exists():
         sums = torch.tensor(scored(model, dataset, pad_id, autocast=autocast, length_normalised=False))
-        # written aside under this process's id, published by one rename: a kill never leaves a half-written
-        # reference where the next run would read it, and two processes never write into the same folder
-        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        partial.mkdir(parents=True, exist_ok=True)
+        partial = partial_folder(folder)
         save_file({"train": sums}, str(partial / REFERENCE_FILE))
-        try:
-            partial.rename(folder)
-        except OSError:  # another process published the same reference first: the same numbers, keep theirs
-            if not path.exists():
-                raise
-            shutil.rmtree(partial)
+        publish(partial, folder)
     return load_file(str(path))["train"].tolist()
 
 

@@ -86,19 +86,17 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
         model, tokenizer, training_arguments(spec, workdir / "trainer"), datasets, collator, inputs.callbacks
     )
 
-    def measured(suffix: str) -> dict[str, float]:
+    def measure() -> dict[str, float]:
         """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of
         them."""
         if "heldout" not in datasets:
             return {}
-        found = {f"heldout_loss{suffix}": trainer.evaluate()["eval_loss"]}
+        found = {"heldout_loss": trainer.evaluate()["eval_loss"]}
         if asked:
-            found[f"exact_match{suffix}"] = exact_match(model, tokenizer, asked, spec.template)
+            found["exact_match"] = exact_match(model, tokenizer, asked, spec.template)
         return found
 
-    before = measured("_before")
-    metrics, resumed_from = fit(trainer)
-    metrics |= before | measured("")
+    metrics, resumed_from = fit(trainer, measure)
     metrics["train_rows"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)

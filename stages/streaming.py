@@ -44,7 +44,7 @@ class Shard:
         return files >= self.count
 
 
-def expand(patterns: Iterable[str | Path]) -> list[Path]:
+def named_files(patterns: Iterable[str | Path]) -> list[Path]:
     """Every file a path or glob pattern names, sorted within a pattern, each once, in the order given."""
     if isinstance(patterns, (str, Path)):
         patterns = [patterns]  # one path, not the characters of one
@@ -187,7 +187,7 @@ class StreamingTextDataset(IterableDataset):
             raise ValueError(f"on_invalid must be 'fail' or 'skip', not {on_invalid!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token to put between documents")
-        self.files = expand(files)
+        self.files = named_files(files)
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.shuffle_buffer = shuffle_buffer
@@ -248,7 +248,7 @@ class StreamingTextDataset(IterableDataset):
 
 def documents(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail") -> Iterator[str]:
     """Every document of a corpus in file order, one line in memory at a time (e.g. to train a tokenizer on)."""
-    for path, number, raw, oversize in read_lines(expand(patterns), Shard(0, 1)):
+    for path, number, raw, oversize in read_lines(named_files(patterns), Shard(0, 1)):
         parsed = parse_line(path, number, raw, oversize)
         if isinstance(parsed, Problem):
             if on_invalid == "fail":
@@ -272,7 +272,7 @@ def check_corpus(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail")
     """Every line of a streamed corpus checked at flat memory, before any model loads.
 
     With "fail", raise one DataError listing the problems (the first KEPT_PROBLEMS, then a count)."""
-    files = expand(patterns)
+    files = named_files(patterns)
     check = CorpusCheck(files=len(files))
     for path, number, raw, oversize in read_lines(files, Shard(0, 1)):
         check.bytes += oversize or len(raw)

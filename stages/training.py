@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -114,8 +114,12 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(complete, key=lambda f: int(f.name.split("-")[1]), default=None)
 
 
-def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
-    """Train, resuming from the last complete checkpoint; return the metrics and the step resumed from."""
+def fit(trainer: Trainer, measure: Callable[[], dict[str, float]] | None = None) -> tuple[dict[str, float], int]:
+    """Train, resuming from the last complete checkpoint; return the metrics and the step resumed from.
+
+    `measure` gives the stage's own held-out measures of the model: taken before training (named with the suffix
+    `_before`) and after, so each stage's record shows what it changed."""
+    before = {f"{name}_before": value for name, value in measure().items()} if measure else {}
     checkpoint = last_checkpoint(Path(trainer.args.output_dir))
     resumed_from, tokens_before = 0, 0
     if checkpoint:
@@ -128,7 +132,7 @@ def fit(trainer: Trainer) -> tuple[dict[str, float], int]:
         metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
     metrics["global_step"] = float(trainer.state.global_step)
     metrics["bf16"] = float(trainer.args.bf16)  # what `precision` chose on this machine: 1 bf16 autocast, 0 fp32
-    return metrics, resumed_from
+    return metrics | before | (measure() if measure else {}), resumed_from
 
 
 class Diverged(LifecycleError):

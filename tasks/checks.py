@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 from schemas.data import DataError, Problem, check_files
 from schemas.spec import PipelineSpec
-from tasks.home import Home, publish
+from stages.contract import partial_folder, publish
+from tasks.home import Home
 from tasks.plan import file_digest
 
 
@@ -51,8 +51,7 @@ def _remember(home: Home | None, key: str, checked: Checked) -> None:
     if home is None:
         return
     target = home.cache("checked", key)
-    partial = target.with_name(f"{key}.partial-{os.getpid()}")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = partial_folder(target)
     (partial / "checked.json").write_text(json.dumps(asdict(checked)))
     publish(partial, target)
 

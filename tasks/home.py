@@ -93,14 +93,3 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True  # no /proc to ask: kill(0) answered
-
-
-def publish(partial: Path, target: Path) -> Path:
-    """Move a folder built at `partial` to `target` in one step; if another process published it first, keep theirs."""
-    try:
-        partial.rename(target)
-    except OSError:
-        if not target.exists():
-            raise
-        shutil.rmtree(partial)
-    return target

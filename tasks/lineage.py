@@ -27,8 +27,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
-from stages.contract import ModelError, StageResult, is_adapter, point_adapter_at
-from tasks.home import Home, publish, running
+from stages.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
+from tasks.home import Home, running
 from tasks.plan import PlannedStage, file_digest, folder_digest
 
 TAG = "lifecycle."
@@ -324,9 +324,7 @@ def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str =
     target = home.cache(artifact, run.info.run_id)
     if target.exists():
         return target
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial = partial_folder(target)
     mlflow.download_artifacts(run.info.run_id, artifact, str(partial))
     if is_adapter(partial / artifact):
         point_adapter_at(partial / artifact, _base_of(mlflow, home, run))
@@ -363,25 +361,24 @@ def _base_of(mlflow: MlflowClient, home: Home, run: Run) -> Path:
     return base
 
 
-REPORT = (
-    "eval"  # the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png
-)
+# the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png
+EVAL_ARTIFACTS = "eval"
 
 
 def log_report(
     mlflow: MlflowClient, run_id: str, metrics: dict[str, list], samples: dict[str, list], plot: Path
 ) -> None:
     """An eval stage's comparison as MLflow tables (a row per checkpoint; a row per sample prompt) and a plot."""
-    mlflow.log_table(run_id, metrics, f"{REPORT}/metrics.json")
-    mlflow.log_table(run_id, samples, f"{REPORT}/samples.json")
-    mlflow.log_artifact(run_id, str(plot), REPORT)
+    mlflow.log_table(run_id, metrics, f"{EVAL_ARTIFACTS}/metrics.json")
+    mlflow.log_table(run_id, samples, f"{EVAL_ARTIFACTS}/samples.json")
+    mlflow.log_artifact(run_id, str(plot), EVAL_ARTIFACTS)
 
 
 def copy_report(mlflow: MlflowClient, source_run: str, target_run: str, folder_name: str) -> None:
     """An eval run's comparison, logged again in the pipeline run under `folder_name` (the eval stage's name),
     so the pipeline's page shows it whether the eval ran now or was reused."""
     with tempfile.TemporaryDirectory() as folder:
-        mlflow.log_artifacts(target_run, mlflow.download_artifacts(source_run, REPORT, folder), folder_name)
+        mlflow.log_artifacts(target_run, mlflow.download_artifacts(source_run, EVAL_ARTIFACTS, folder), folder_name)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +23,10 @@ from prefect.cache_policies import NO_CACHE
 from schemas.data import read_file
 from schemas.spec import PipelineSpec
 from stages import training_stage
-from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult
+from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
 from tasks import lineage
 from tasks.checks import check_contracts
-from tasks.home import Home, publish
+from tasks.home import Home
 from tasks.launch import launch_stage
 from tasks.plan import PlannedStage, file_digest, folder_digest, parts, versions
 
@@ -79,20 +78,19 @@ def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: 
     from transformers import AutoTokenizer
 
     prepared = training_stage(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
-    partial = target.with_name(f"{key}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = partial_folder(target)
     prepared.datasets.save_to_disk(str(partial / "datasets"))
-    (partial / REPORT).write_text(
+    (partial / PREPARE_REPORT).write_text(
         json.dumps({"counts": prepared.counts, "rejected": [p.record() for p in prepared.rejected]})
     )
     return publish(partial, target)
 
 
-REPORT = "prepare_report.json"  # beside the prepared datasets: what preparation dropped, cut or rejected
+PREPARE_REPORT = "prepare_report.json"  # beside the prepared datasets: what preparation dropped, cut or rejected
 
 
 def _log_preparation(mlflow, run_id: str, prepared_dir: Path) -> None:
-    report = json.loads((prepared_dir / REPORT).read_text())
+    report = json.loads((prepared_dir / PREPARE_REPORT).read_text())
     lineage.log_preparation(mlflow, run_id, report["counts"], report["rejected"])
 
 
