@@ -102,9 +102,8 @@ def main() -> None:
     rows = read_jsonl(DATA / "rl_prompts_heldout.jsonl")[: args.prompts]
     prompts = [chat.prompt_ids([{"role": "user", "content": row["prompt"]}]) for row in rows]
     greedy = Sampling(max_new_tokens=args.max_new_tokens)
-    generate(
-        chat.model, prompts[:4], chat.stops, chat.pad_id, greedy, 4
-    )  # warm-up: first-call allocations are not timed
+    # warm-up: first-call allocations are not timed
+    generate(chat.model, prompts[:4], chat.stops, chat.pad_id, greedy, 4)
 
     # rounds interleave the modes, so a neighbour's load hits them alike; the best round of each is compared
     sizes = [1, *(int(b) for b in args.batch_sizes.split(","))]

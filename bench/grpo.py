@@ -284,9 +284,8 @@ def main() -> None:
         if args.checkpoint:
             tokenizer, model = args.checkpoint, args.checkpoint
         else:
-            tokenizer, model = setup(
-                workdir, ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=256)
-            )  # the demo's model
+            # the demo's model
+            tokenizer, model = setup(workdir, ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=256))
         tok = AutoTokenizer.from_pretrained(tokenizer)
         stops = stop_ids(tok, end_of_turn_id(tok, "chatml"))
         params = sum(p.numel() for p in load_model(model, tok).parameters())

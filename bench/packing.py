@@ -70,9 +70,8 @@ def bench_tokenize(tokenizer, megabytes: float, block_size: int) -> dict[str, fl
     size = sum(len(t.encode()) for t in texts) / 1e6
     corpus = texts * max(1, round(megabytes / size))
     size = sum(len(t.encode()) for t in corpus) / 1e6
-    corpus_dataset = datasets.Dataset.from_dict(
-        {"text": corpus}
-    )  # both start from text in memory; reading is not timed
+    # both start from text in memory; reading is not timed
+    corpus_dataset = datasets.Dataset.from_dict({"text": corpus})
 
     started = time.perf_counter()
     ours = concat_chunk(tokenize_documents(corpus, tokenizer), tokenizer.eos_token_id, block_size)
@@ -155,6 +154,7 @@ def train_throughput(
         ),
     )
     counter, clock = TokenCounter(collator), StepClock()
+    # the tokenizer tells the Trainer which id is padding
     trainer = Trainer(
         model=model,
         args=training_arguments(spec, workdir),
@@ -162,7 +162,7 @@ def train_throughput(
         data_collator=counter,
         processing_class=tokenizer,
         callbacks=[clock],
-    )  # the tokenizer tells the Trainer which id is padding
+    )
     trainer.train()
     seconds = clock.ends[-1] - clock.ends[warmup - 1]
     measured = counter.batches[warmup : warmup + steps]  # batch i is step i + 1's, whatever the loader prefetched

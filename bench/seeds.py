@@ -380,9 +380,8 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each with cores / jobs threads")
     args = parser.parse_args()
-    os.environ.setdefault(
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
-    )  # a bar per table read, in the middle of the output
+    # a bar per table read, in the middle of the output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     seeds = list(dict.fromkeys(args.seeds))
     if len(seeds) < 2 or min(seeds) < 0:
         parser.error("give at least 2 distinct seeds, none negative: a spread needs them")

@@ -144,9 +144,8 @@ class RssSampler:
         self.samples.append(self.process.memory_info().rss)
 
     def report(self) -> dict:
-        peak = max(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *self.samples
-        )  # ru_maxrss is in KiB on Linux
+        # ru_maxrss is in KiB on Linux
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *self.samples)
         picks = [
             self.samples[min(len(self.samples) - 1, len(self.samples) * k // GROWTH_POINTS)]
             for k in range(1, GROWTH_POINTS + 1)

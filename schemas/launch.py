@@ -23,6 +23,8 @@ DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "deployments" / "de
 
 
 class DeepSpeed(Strict):
+    """One of the DeepSpeed configs shipped in deployments/deepspeed/."""
+
     zero: Literal[2, 3] = Field(2, description="2: optimizer state and gradients sharded; 3: the parameters too")
     offload: bool = Field(False, description="keep the optimizer state (and with zero 3 the parameters) in CPU memory")
 
@@ -31,6 +33,8 @@ class DeepSpeed(Strict):
 
 
 class Launch(Strict):
+    """How many processes a training stage runs in, under torchrun: plain DDP, or DeepSpeed ZeRO-2/3."""
+
     processes: PositiveInt = Field(1, description="ranks on each node (one per GPU on a GPU machine)")
     nodes: PositiveInt = Field(
         1, description="machines; every node but the first runs `lifecycle join` (README: many machines)"

@@ -12,6 +12,8 @@ from pydantic import Field, PositiveInt, model_validator
 
 from schemas.base import Strict
 
+WEIGHT = "the factor of this reward in the sum of the stage's rewards"
+
 
 class AnswerReward(Strict):
     """1 where the reply gives the prompt's reference `answer`, else 0.
@@ -21,17 +23,17 @@ class AnswerReward(Strict):
     numeric: some number in the reply is within `tolerance` of the answer's (relative to max(1, |answer|))."""
 
     kind: Literal["answer"]
-    match: Literal["contains", "exact", "numeric"] = "contains"
-    tolerance: float = Field(1e-6, ge=0)
-    weight: float = 1.0
+    match: Literal["contains", "exact", "numeric"] = Field("contains", description="how the answer is looked for")
+    tolerance: float = Field(1e-6, ge=0, description="numeric: the largest relative difference that still counts")
+    weight: float = Field(1.0, description=WEIGHT)
 
 
 class RegexReward(Strict):
     """1 where the reply matches `pattern` (Python `re.search`), else 0: a format reward."""
 
     kind: Literal["regex"]
-    pattern: str
-    weight: float = 1.0
+    pattern: str = Field(description="a Python regular expression")
+    weight: float = Field(1.0, description=WEIGHT)
 
     @model_validator(mode="after")
     def _compiles(self) -> RegexReward:
@@ -47,9 +49,9 @@ class LengthReward(Strict):
     -1 beyond."""
 
     kind: Literal["length"]
-    limit: PositiveInt
-    soft: PositiveInt = 16
-    weight: float = 1.0
+    limit: PositiveInt = Field(description="reply tokens at which the penalty reaches -1")
+    soft: PositiveInt = Field(16, description="tokens over which the penalty falls from 0 to -1")
+    weight: float = Field(1.0, description=WEIGHT)
 
 
 class PythonReward(Strict):
@@ -58,8 +60,8 @@ class PythonReward(Strict):
     completion, where prompts[i] and answers[i] are those of the prompt completions[i] answers."""
 
     kind: Literal["python"]
-    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    weight: float = 1.0
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:name of your function")
+    weight: float = Field(1.0, description=WEIGHT)
 
 
 class ModelReward(Strict):
@@ -70,7 +72,7 @@ class ModelReward(Strict):
 
     kind: Literal["reward_model"]
     stage: str = Field(description="the name of the reward stage whose model scores the completions")
-    weight: float = 1.0
+    weight: float = Field(1.0, description=WEIGHT)
 
 
 Reward = Annotated[AnswerReward | RegexReward | LengthReward | PythonReward | ModelReward, Field(discriminator="kind")]

@@ -34,14 +34,16 @@ class ModelInit(Strict):
     """A model built with fresh weights: any transformers architecture with a causal LM head, by its model_type."""
 
     arch: str = Field("llama", description="a transformers model_type: llama, qwen2, mistral, gemma, phi3, gpt2, ...")
-    hidden_size: PositiveInt = 256
-    layers: PositiveInt = 4
-    heads: PositiveInt = 4
+    hidden_size: PositiveInt = Field(256, description="the width of every token's vector; divisible by heads")
+    layers: PositiveInt = Field(4, description="transformer blocks")
+    heads: PositiveInt = Field(4, description="attention heads")
     kv_heads: PositiveInt | None = Field(None, description="grouped-query attention; default: heads")
     intermediate_size: PositiveInt | None = Field(None, description="default: 8/3 · hidden_size rounded up to 64")
-    max_seq_len: PositiveInt = 512
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_embeddings: bool = True
+    max_seq_len: PositiveInt = Field(
+        512, description="positions the model has: no stage's packing.block_size or max_len may exceed it"
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="the rotary embeddings' base, for architectures with RoPE")
+    tie_embeddings: bool = Field(True, description="the output head shares the input embedding's weights")
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="any other field of the architecture's config, "
@@ -62,7 +64,7 @@ class ModelInit(Strict):
 class ModelSpec(Strict):
     """Where the first training stage's model comes from: a fresh `init` or a local HF `path`."""
 
-    init: ModelInit | None = None
+    init: ModelInit | None = Field(None, description="a fresh model of this shape, trained from scratch")
     path: Path | None = Field(None, description="a local Hugging Face model folder (never downloaded)")
 
     @model_validator(mode="after")
@@ -76,12 +78,14 @@ class TokenizerTrain(Strict):
     """A byte-level BPE trained on the text of the spec's data files."""
 
     vocab_size: int = Field(8192, ge=300, description="at least the 256 byte symbols plus the special tokens")
-    min_frequency: PositiveInt = 2
+    min_frequency: PositiveInt = Field(2, description="a pair of symbols seen fewer times is never merged")
     data: Files = Field(default_factory=list, description="text files to train on; default: every stage's data")
 
 
 class TokenizerSpec(Strict):
-    train: TokenizerTrain | None = None
+    """The tokenizer every stage uses: trained by the pipeline's first step, or a folder of your own."""
+
+    train: TokenizerTrain | None = Field(None, description="train a new tokenizer")
     path: Path | None = Field(None, description="a local Hugging Face tokenizer folder")
 
     @model_validator(mode="after")
@@ -94,21 +98,25 @@ class TokenizerSpec(Strict):
 class TrainSpec(Strict):
     """Optimisation settings shared by every training stage."""
 
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, description="the peak learning rate, reached after warmup")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
     warmup: float = Field(0.05, ge=0, description="warmup steps; below 1, a fraction of all steps")
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    batch_size: PositiveInt = 16
-    grad_accum: PositiveInt = 1
-    epochs: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    batch_size: PositiveInt = Field(
+        16,
+        description="rows of one micro-step across every process (grpo: prompts); each of the world_size "
+        "processes takes batch_size / world_size",
+    )
+    grad_accum: PositiveInt = Field(1, description="micro-steps whose gradients make one optimizer step")
+    epochs: float = Field(1.0, gt=0, description="passes over the data; fractions allowed")
     max_steps: PositiveInt | None = Field(None, description="overrides epochs when set")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 where the device multiplies bf16 natively"
     )
     save_steps: PositiveInt = Field(100, description="in-stage checkpoint interval; a re-run resumes from the last one")
-    logging_steps: PositiveInt = 10
-    seed: int = 0
+    logging_steps: PositiveInt = Field(10, description="training metrics are logged every this many steps")
+    seed: int = Field(0, description="seeds fresh weights, data order, dropout and sampling")
 
 
 def expand(patterns: list[Path]) -> list[Path]:
@@ -127,9 +135,9 @@ def expand(patterns: list[Path]) -> list[Path]:
 class LoraSpec(Strict):
     """Low-rank adapters (PEFT) on the stage's input model: only the adapters train."""
 
-    r: PositiveInt = 8
+    r: PositiveInt = Field(8, description="the rank of each adapter")
     alpha: float = Field(16.0, gt=0, description="the adapter's scale is alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input")
     targets: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head",
@@ -138,6 +146,8 @@ class LoraSpec(Strict):
 
 
 class StageBase(Strict):
+    """What every stage has: a name, its input, what to do with bad data."""
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique; names the MLflow run and the work folder")
     from_: str | None = Field(
         None, alias="from", description="the stage whose output is this stage's input; default: the previous one"
@@ -164,7 +174,7 @@ class TrainingStage(StageBase):
     data_format: ClassVar[Format]
     data: Files = Field(min_length=1, description="jsonl files; glob patterns too")
     heldout: Files = Field(default_factory=list, description="held-out data the stage is measured on")
-    train: TrainSpec = TrainSpec()
+    train: TrainSpec = Field(TrainSpec(), description="optimisation settings")
     lora: LoraSpec | None = Field(None, description="train low-rank adapters instead of every weight")
     input: Literal["model", "adapter"] = Field(
         "model", description="from a stage with lora.merge: its merged model, or its adapter applied to its base"
@@ -180,7 +190,9 @@ class TrainingStage(StageBase):
 
 
 class Packing(Strict):
-    block_size: PositiveInt = 512
+    """How a pretrain stage cuts its text into training rows."""
+
+    block_size: PositiveInt = Field(512, description="tokens per block; at most model.init.max_seq_len")
 
 
 class PretrainStage(TrainingStage):
@@ -188,7 +200,7 @@ class PretrainStage(TrainingStage):
 
     kind: Literal["pretrain"]
     data_format: ClassVar[Format] = "text"
-    packing: Packing = Packing()
+    packing: Packing = Field(Packing(), description="documents joined with EOS and cut into blocks")
     streaming: bool = Field(
         False, description="read data as a stream at flat memory (corpora larger than memory); needs train.max_steps"
     )
@@ -255,7 +267,10 @@ class DPOStage(ReferenceStage):
     kind: Literal["dpo"]
     data_format: ClassVar[Format] = "preference"
     beta: float = Field(0.1, gt=0, description="the KL strength (sigmoid, ipo, hinge); SimPO's beta; ORPO's lambda")
-    loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO; ipo: IPO; hinge: SLiC; orpo and simpo: ORPO and SimPO, which need no reference",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="cDPO: the assumed share of flipped labels (sigmoid only)"
     )
@@ -354,9 +369,11 @@ class GRPOStage(ChatStage):
         description="summed with their weights; default: the reference answer appears in the reply",
     )
     group_size: int = Field(8, ge=2, description="completions sampled per prompt")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: PositiveInt = 48
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; the log-probs are taken at it too")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass; 1: all of it")
+    max_new_tokens: PositiveInt = Field(
+        48, description="tokens per completion at most; prompts longer than max_len - max_new_tokens are left out"
+    )
     scale: Literal["group", "batch", "none"] = Field(
         "group",
         description=(
@@ -427,8 +444,8 @@ class EvalStage(StageBase):
         description="prompts every checkpoint answers, shown side by side; default: the first few held-out prompts",
     )
     limit: PositiveInt = Field(200, description="at most this many rows of each file are scored")
-    max_len: PositiveInt = 512
-    max_new_tokens: PositiveInt = 48
+    max_len: PositiveInt = Field(512, description="tokens per scored text block, conversation or candidate")
+    max_new_tokens: PositiveInt = Field(48, description="tokens per greedy reply at most")
     template: TemplateName | None = Field(None, description="default: the pipeline's template")
     reward_model: str | None = Field(
         None,
@@ -458,14 +475,24 @@ STAGE_KINDS = tuple(get_args(model.model_fields["kind"].annotation)[0] for model
 
 
 class PipelineSpec(Strict):
+    """The whole spec file: a model, its tokenizer, and the stages that train and evaluate it, run in order."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the MLflow experiment")
-    model: ModelSpec
-    tokenizer: TokenizerSpec = TokenizerSpec(train=TokenizerTrain())
-    template: TemplateName = "chatml"
+    model: ModelSpec = Field(description="the model the first training stage starts from")
+    tokenizer: TokenizerSpec = Field(
+        TokenizerSpec(train=TokenizerTrain()), description="default: a BPE trained on the spec's data"
+    )
+    template: TemplateName = Field(
+        "chatml",
+        description="how conversations become text in every stage that names none; tokenizer: the tokenizer's own "
+        "chat template",
+    )
     launch: Launch | None = Field(
         None, description="every training stage's launch (but grpo's) unless the stage gives its own"
     )
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[Stage] = Field(
+        min_length=1, description="run in order; each starts from the previous training stage unless it names `from`"
+    )
 
     @model_validator(mode="after")
     def _stages_link(self) -> PipelineSpec:

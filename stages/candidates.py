@@ -30,9 +30,8 @@ from stages.metrics import mean_scores, preference, ranking
 from stages.templates import IGNORE, conversations, encode_completion, store_template
 from stages.training import fit, make_trainer, training_arguments
 
-Listed = list[
-    tuple[list[dict], list[str], list[float]]
-]  # per row: prompt messages, candidates best first, their scores
+# per row: prompt messages, candidates best first, their scores
+Listed = list[tuple[list[dict], list[str], list[float]]]
 
 
 def rows(frame: pl.DataFrame) -> Listed:

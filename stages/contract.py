@@ -32,16 +32,14 @@ class StageInputs:
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
     callbacks: tuple[TrainerCallback, ...] = ()  # e.g. the recorder of per-step metrics
     reference: Path | None = None  # where reference log-probs of this input model on these datasets are kept
-    reward_models: dict[str, Path] = field(
-        default_factory=dict
-    )  # reward stage name -> its checkpoint, for the rewards that name one
+    # reward stage name -> its checkpoint, for the rewards that name one
+    reward_models: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class StageResult:
-    checkpoint: (
-        Path | None
-    )  # a save_pretrained folder (safetensors) with its tokenizer; a LoRA stage's adapter unless merged;
+    # a save_pretrained folder (safetensors) with its tokenizer; a LoRA stage's adapter unless merged;
+    checkpoint: Path | None
     # None: an eval stage's (nothing to log), or a stage whose checkpoint is source_run's
     adapter: Path | None = None  # a merged LoRA stage's adapter, logged beside the merged checkpoint
     metrics: dict[str, float] = field(default_factory=dict)

@@ -82,9 +82,8 @@ METRICS: dict[Format, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Report:
-    metrics: list[
-        dict[str, str | float]
-    ]  # one row per checkpoint: {"checkpoint": name, "<metric>": value, ...}; nan where not measured
+    # one row per checkpoint: {"checkpoint": name, "<metric>": value, ...}; nan where not measured
+    metrics: list[dict[str, str | float]]
     samples: list[dict[str, str]]  # one row per sample prompt: {"prompt": text, "<checkpoint name>": reply, ...}
     plot: Path  # a PNG: one panel per metric, a bar per checkpoint in lineage order
 

@@ -201,9 +201,8 @@ def pack_examples(
     position_ids = np.arange(out_starts[-1]) - np.repeat(out_starts[:-1], kept)
     gather = np.repeat(starts[order], kept) + position_ids
     row_bounds = np.cumsum([0] + [len(row) for row in plan.rows])  # in examples
-    row_offsets = pa.array(
-        out_starts[row_bounds], pa.int32()
-    )  # in tokens: Arrow's standard list, as datasets builds it
+    # in tokens: Arrow's standard list, as datasets builds it
+    row_offsets = pa.array(out_starts[row_bounds], pa.int32())
 
     def column(values: np.ndarray) -> pa.ListArray:
         return pa.ListArray.from_arrays(row_offsets, pa.array(values, pa.int32()))

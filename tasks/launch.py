@@ -62,9 +62,8 @@ def torchrun(launch: Launch, node_rank: int, worker_args: list[str], log_dir: Pa
             f"--master-addr={host}",
             f"--master-port={port}",
         ]
-    logs = (
-        ["--log-dir", str(log_dir), "--tee", "3"] if log_dir is not None else []
-    )  # each rank's output to the console and a file
+    # each rank's output to the console and a file
+    logs = ["--log-dir", str(log_dir), "--tee", "3"] if log_dir is not None else []
     return [
         sys.executable,
         "-m",

@@ -69,9 +69,8 @@ def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = Tr
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted" and create:
-            mlflow.restore_experiment(
-                experiment.experiment_id
-            )  # a deleted experiment's name is taken until it is purged
+            # a deleted experiment's name is taken until it is purged
+            mlflow.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     if not create:
         return None

@@ -22,11 +22,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from examples.generate import DATA_DIR
+from schemas.data import read_files
 from schemas.spec import DPOStage, LoraSpec, PROStage, RewardStage, SFTStage, TrainSpec, TunaStage
 from stages import candidates, dpo, pro, reward, sft, tuna
 from stages.contract import StageInputs, adapter_base, is_adapter
 from stages.reference import REFERENCE_FILE
-from stages.templates import encode_completion, encode_prompt
+from stages.templates import conversations, encode_completion, encode_prompt
 
 QUICK = dict(batch_size=8, warmup=0.0, logging_steps=1, precision="fp32")
 
@@ -95,9 +96,8 @@ def test_dpo_at_step_zero_gives_log_2_and_equal_rewards(
     dpo.run(
         spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,), reference=tmp_path / "ref"), tmp_path / "w"
     )
-    step = next(
-        log for log in logs.logs if "loss" in log
-    )  # logged at step 1: the loss of the first batch, before any update
+    # logged at step 1: the loss of the first batch, before any update
+    step = next(log for log in logs.logs if "loss" in log)
     assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert step["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and step["rewards/rejected"] == pytest.approx(
         0.0, abs=1e-6
@@ -264,7 +264,10 @@ def test_tuna_trains_its_ranking_and_mle_terms(trained_tokenizer: Path, chat_mod
     # the logged loss is the sum of the two terms (mle_weight 1), each averaged over the same 10 steps: equal but
     # for float32 rounding (measured: 1e-8 to 7e-8 apart, relatively)
     assert steps[0]["loss"] == pytest.approx(steps[0]["ranking_loss"] + steps[0]["mle_loss"], rel=1e-5)
-    assert result.metrics["list_length"] == 4 and AutoModelForCausalLM.from_pretrained(result.checkpoint) is not None
+    assert result.metrics["list_length"] == 4
+    # the checkpoint holds the trained weights, not those the stage started from
+    trained, started = (AutoModelForCausalLM.from_pretrained(p) for p in (result.checkpoint, chat_model))
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), started.parameters()))
 
 
 def test_reward_model_learns_pairs_and_scores_replies(
@@ -295,12 +298,13 @@ def test_reward_model_learns_pairs_and_scores_replies(
     )
     assert right >= right_before + 10
 
+    # the saved model, scoring replies as the GRPO and eval stages do, ranks the held-out pairs as the stage measured
     scorer = AutoModelForSequenceClassification.from_pretrained(result.checkpoint)
-    prompt = [{"role": "user", "content": "Compute 6 plus 14."}]
-    good, bad = reward.rewards(
-        scorer, tok, [prompt, prompt], ["6 plus 14 equals 20.", "6 plus 14 equals 21."], "chatml"
-    )
-    assert math.isfinite(good) and math.isfinite(bad) and good != bad
+    frame = read_files(spec.heldout, "preference").frame
+    prompts = conversations(frame, "prompt_")
+    chosen = reward.rewards(scorer, tok, prompts, frame["chosen"].to_list(), "chatml")
+    rejected = reward.rewards(scorer, tok, prompts, frame["rejected"].to_list(), "chatml")
+    assert sum(c > r for c, r in zip(chosen, rejected)) == right
 
 
 def test_dpo_accumulation_matches_one_big_batch(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:

@@ -32,9 +32,8 @@ from tasks.plan import plan
 
 from .conftest import TINY, use_home
 
-FAST = dict(
-    batch_size=4, lr=3e-3, warmup=0.0, logging_steps=10, save_steps=20, precision="fp32"
-)  # fewer rows than conftest's
+# fewer rows than conftest's
+FAST = dict(batch_size=4, lr=3e-3, warmup=0.0, logging_steps=10, save_steps=20, precision="fp32")
 ASKED = [
     [{"role": "user", "content": "Compute 26 plus 4."}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write rain in capital letters."}],
@@ -113,11 +112,12 @@ def test_perplexity_is_token_weighted_over_blocks() -> None:
         ("The capital of Uxrania is Melgri.", "Melgri", True),
         ("The capital of Uxrania is Melgrian.", "Melgri", False),
         ("The word rain in capital letters is RAIN.", "RAIN", True),
+        # case is the task: repeating the question's word is not the answer
         (
             "The word rain in capital letters is rain.",
             "RAIN",
             False,
-        ),  # case is the task: repeating the question's word is not the answer
+        ),
         ("Ｍｅｌｇｒｉ,  of course", "Melgri.", True),  # NFKC and the reference's final full stop
         ("anything", "  ", False),
     ],
@@ -206,16 +206,16 @@ def test_eval_report_has_a_row_per_checkpoint_and_a_plot(
     assert [list(row) for row in report.metrics] == [columns, columns]
     assert [row["checkpoint"] for row in report.metrics] == ["pretrain", "sft"]
     pre, tuned = report.metrics
-    assert math.isnan(pre["reward_margin"]) and math.isfinite(
-        tuned["reward_margin"]
-    )  # the first checkpoint is the reference
+    # the first checkpoint is the reference
+    assert math.isnan(pre["reward_margin"]) and math.isfinite(tuned["reward_margin"])
     assert all(math.isfinite(row[c]) for row in report.metrics for c in columns[1:] if c != "reward_margin")
     # measured with seed 0 (CPU, fp32): perplexity 184, inside (1, 512) by 183 and 328; response loss 5.42 → 4.37,
     # a fall of 1.05 clearing 0.5 by 0.55 (seeds 1, 2: 174 and 192; falls of 0.95 and 0.87)
     assert 1 < float(tuned["perplexity"]) < 512
     assert float(tuned["response_loss"]) < float(pre["response_loss"]) - 0.5
+    # each share counts the `limit` (4) rows of its file: 0, 1/4, ..., 1
     assert all(
-        0 <= row[c] <= 1
+        row[c] * 4 in {0, 1, 2, 3, 4}
         for row in report.metrics
         for c in ("exact_match", "task_accuracy", "preference_accuracy", "top1")
     )
@@ -332,9 +332,8 @@ def test_batched_generation_equals_one_prompt_at_a_time(checkpoints: dict[str, P
     batched = generate(chat.model, prompts, chat.stops, chat.pad_id, greedy, batch_size=6)
     alone = generate(chat.model, prompts, chat.stops, chat.pad_id, greedy, batch_size=1)
     assert batched == alone
-    assert all(
-        len(ids) <= 16 and chat.stops[0] not in ids[:-1] for ids in batched
-    )  # cut at the first stop: no padding kept
+    # cut at the first stop: no padding kept
+    assert all(len(ids) <= 16 and chat.stops[0] not in ids[:-1] for ids in batched)
     assert stop_ids(chat.tokenizer, chat.stops[0]) == chat.stops
 
 

@@ -131,9 +131,8 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     # base
     dpo = fetch_checkpoint(mlflow, home, mlflow.get_run(runs["dpo"]))
     assert is_adapter(dpo) and adapter_base(dpo) == fetch_checkpoint(mlflow, home, mlflow.get_run(runs["sft-lora"]))
-    assert (
-        load_model(dpo, AutoTokenizer.from_pretrained(dpo)).config.hidden_size == 64
-    )  # applied to its base and merged on load
+    # applied to its base and merged on load
+    assert load_model(dpo, AutoTokenizer.from_pretrained(dpo)).config.hidden_size == 64
     dpo_run = mlflow.get_run(runs["dpo"])
     assert {"rewards/margin", "rewards/accuracy", "logps/chosen", "heldout_preference_accuracy"} <= set(
         dpo_run.data.metrics

@@ -417,9 +417,8 @@ def test_skip_sets_aside_exactly_the_refused_rows_of_a_file_of_every_mutation(tm
     cases = [case for case in CASES if case.fmt == fmt]
     path = tmp_path / f"{fmt}.jsonl"
     path.write_bytes(b"\n".join(case.line for case in cases) + b"\n")
-    ends = [
-        line for line in itertools.accumulate(case.line.count(b"\n") + 1 for case in cases)
-    ]  # a mutated row ends its bytes
+    # a mutated row ends its bytes
+    ends = [line for line in itertools.accumulate(case.line.count(b"\n") + 1 for case in cases)]
     result = read_file(path, fmt, "skip")  # type: ignore[arg-type]
     assert result.frame["line"].to_list() == [end for end, case in zip(ends, cases) if case.valid]
     assert sorted({p.line for p in result.rejected}) == [end for end, case in zip(ends, cases) if not case.valid]

@@ -111,12 +111,13 @@ def test_built_in_rewards_by_hand() -> None:
     assert exact.score([""] * 4, replies, answers, [0] * 4) == [0.0, 1.0, 0.0, 0.0]
     assert numeric.score([""] * 4, replies, answers, [0] * 4) == [1.0, 1.0, 1.0, 0.0]  # |30.8 - 31| <= 0.01 * 31
     assert regex.score([""] * 4, replies, answers, [0] * 4) == [0.0, 1.0, 0.0, 1.0]
+    # DAPO's soft overlong penalty
     assert length.score([""] * 4, replies, answers, [10, 15, 20, 40]) == [
         0.0,
         -0.5,
         -1.0,
         -1.0,
-    ]  # DAPO's soft overlong penalty
+    ]
 
 
 def raising_reward(prompts, completions, answers):

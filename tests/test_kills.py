@@ -150,9 +150,8 @@ def kill_series(root: Path, rng: random.Random, wanted: int, prefect_api: str) -
     everything = mlflow.search_runs([experiment], max_results=1000)
     assert not [r.info.run_name for r in everything if r.info.status == "RUNNING"]
     pipelines = [r for r in everything if r.data.tags.get("lifecycle.kind") == "pipeline"]
-    assert (
-        pipelines[0].info.status == "FINISHED"
-    )  # the final run's (newest first); an earlier cycle may have finished too
+    # the final run's (newest first); an earlier cycle may have finished too
+    assert pipelines[0].info.status == "FINISHED"
     for run in pipelines:  # the killed pipelines' parent runs say they are dead, and why
         if run.info.status != "FINISHED":
             assert run.info.status == "KILLED" and "found dead" in run.data.tags["lifecycle.killed"]

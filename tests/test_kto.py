@@ -50,12 +50,13 @@ def test_unpaired_shapes_and_pairs_normalise_to_labelled_completions(tmp_path: P
             "completion": msgs(("assistant", "6")),
             "label": False,
         },
+        # a pair, in any of its shapes
         {
             "system": "Be brief.",
             "prompt": "Add 2 and 3.",
             "chosen": "5",
             "rejected": "6",
-        },  # a pair, in any of its shapes
+        },
         {
             "chosen": msgs(("system", "Be brief."), ("user", "Add 2 and 3."), ("assistant", "5")),
             "rejected": msgs(("system", "Be brief."), ("user", "Add 2 and 3."), ("assistant", "6")),

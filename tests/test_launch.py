@@ -371,8 +371,7 @@ def test_every_training_kind_trains_and_saves_under_zero3(name, chat_model, trai
         name, "model.safetensors"
     )
     weights = load_file(str(result.checkpoint / saved))
-    assert weights and all(
-        t.numel() > 0 and torch.isfinite(t).all() for t in weights.values()
-    )  # gathered, not rank 0's empty shards
+    # gathered, not rank 0's empty shards
+    assert weights and all(t.numel() > 0 and torch.isfinite(t).all() for t in weights.values())
     if name == "sft-lora-merged":
         assert (result.adapter / "adapter_model.safetensors").exists()

@@ -19,10 +19,11 @@ from tests.conftest import ROOT, cli_env, use_home
 FAMILIES = {
     "qwen2": ("tokenizer", []),  # ChatML of its own, a pad token, tied embeddings
     "mistral": ("llama2", []),  # no template: a pipeline one, with the tokenizer's <s> and </s>; pad: <unk>
+    # pad is EOS (<|end|> ends a turn): pretraining would mask EOS, so a pad is added
     "phi3": (
         "tokenizer",
         ["<|pad|>"],
-    ),  # pad is EOS (<|end|> ends a turn): pretraining would mask EOS, so a pad is added
+    ),
     "gpt2": ("chatml", ["<|im_start|>", "<|im_end|>", "<|pad|>"]),  # one special token for everything
 }
 
@@ -112,9 +113,8 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
         return_dict=True,
     )
     assert (merged(**probe).logits - ours(**probe).logits).abs().max() < 1e-4
-    assert (
-        AutoTokenizer.from_pretrained(sft).chat_template == tokenizer.chat_template
-    )  # served elsewhere, it renders the same
+    # served elsewhere, it renders the same
+    assert AutoTokenizer.from_pretrained(sft).chat_template == tokenizer.chat_template
 
     dpo = mlflow.get_run(runs["dpo"])
     assert dpo.info.status == "FINISHED" and "rewards/accuracy" in dpo.data.metrics

@@ -126,9 +126,8 @@ def test_streaming_takes_glob_patterns_and_needs_max_steps(tmp_path: Path) -> No
     streaming = streaming.replace("packing: {block_size: 64}", "packing: {block_size: 64}, train: {max_steps: 5}")
     spec = load_spec(write(tmp_path, streaming))
     assert spec.streamed() == [spec.stages[0]]
-    assert [p for p, _, _ in spec.data_contracts()] == [
-        tmp_path / "data.jsonl"
-    ]  # the SFT stage's; the stream is checked apart
+    # the SFT stage's; the stream is checked apart
+    assert [p for p, _, _ in spec.data_contracts()] == [tmp_path / "data.jsonl"]
     with pytest.raises(SpecError, match="nope-\\*.jsonl matches no file"):
         load_spec(write(tmp_path, streaming.replace("dat*.jsonl", "nope-*.jsonl")))
 
