@@ -101,13 +101,12 @@ def direct_stage_seconds(spec_path: Path, workdir: Path) -> float:
     from schemas.load import load_spec
     from stages import pretrain, sft, tokenizer
     from stages.contract import StageInputs
-    from tasks.stage import tokenizer_texts
 
     start = time.perf_counter()
     spec = load_spec(spec_path)
     check_files(spec.data_contracts())
     tok_dir = tokenizer.run(
-        spec.tokenizer.train, tokenizer_texts(spec.tokenizer_corpus()), spec.template, workdir / "tokenizer"
+        spec.tokenizer.train, tokenizer.corpus_of(spec.tokenizer_corpus()), spec.template, workdir / "tokenizer"
     ).checkpoint
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = spec.model.init

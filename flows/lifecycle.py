@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -10,7 +11,7 @@ from schemas.load import load_spec
 from tasks import lineage
 from tasks.home import Home, sweep_partials
 from tasks.plan import PlannedStage, plan
-from tasks.stage import check_data, evaluate, fetch, prepare, reuse, train, train_tokenizer
+from tasks.stage import Context, check_data, evaluate, fetch, prepare, reuse, train, train_tokenizer
 
 
 def scorers(stage: PlannedStage, runs: dict[str, str]) -> dict[str, str]:
@@ -34,29 +35,20 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
         get_run_logger().info("%d cache entries left half-written by processes that died are removed", swept)
     runs: dict[str, str] = {}
     with lineage.pipeline_run(mlflow, experiment, spec.name, Path(spec_path).resolve()) as parent:
+        ctx = Context(home, spec, experiment, parent)
         for stage in [tokenizer_stage, *model_stages]:
-            run_id = reuse(home, experiment, stage)
+            run_id = reuse(ctx, stage)
             reused = run_id is not None
             if stage is tokenizer_stage and not reused:
-                run_id = train_tokenizer(home, experiment, spec, stage, parent)
+                run_id = train_tokenizer(ctx, stage)
             elif stage.kind == "eval" and not reused:
                 scored = {name: runs[name] for name in stage.spec.checkpoints}
-                run_id = evaluate(
-                    home, experiment, stage, parent, scored, runs[tokenizer_stage.name], scorers(stage, runs)
-                )
+                run_id = evaluate(ctx, stage, scored, scorers(stage, runs))
             elif not reused:
-                datasets = prepare(home, spec, stage, fetch(home, runs[tokenizer_stage.name]))
-                run_id = train(
-                    home,
-                    experiment,
-                    spec,
-                    stage,
-                    parent,
-                    runs.get(stage.upstream),
-                    runs[tokenizer_stage.name],
-                    datasets,
-                    scorers(stage, runs),
-                )
+                datasets = prepare(ctx, stage, fetch(ctx, ctx.tokenizer_run))
+                run_id = train(ctx, stage, runs.get(stage.upstream), datasets, scorers(stage, runs))
+            if stage is tokenizer_stage:
+                ctx = replace(ctx, tokenizer_run=run_id)
             lineage.link(mlflow, parent, stage, run_id, reused)
             if stage.kind == "eval":
                 lineage.copy_report(mlflow, run_id, parent, stage.name)

@@ -14,14 +14,16 @@ model, which reads each row's last non-pad token). What was added is written bes
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from schemas.data import read_file
 from schemas.spec import TokenizerTrain
 from stages.contract import ADDED_TOKENS, StageResult
+from stages.streaming import documents
 from stages.templates import (
     BOS,
     EOS,
@@ -37,6 +39,23 @@ from stages.templates import (
 
 # tokens that tokenizers in the wild reserve for padding; the first one present is the pad, else "<|pad|>" is added
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+
+
+def corpus_of(files: list[tuple[Path, str, str]]) -> Iterator[str]:
+    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message and every
+    reply."""
+    for path, fmt, on_invalid in files:
+        if fmt == "text":
+            yield from documents([path], on_invalid)
+            continue
+        frame = read_file(path, fmt, on_invalid).frame
+        for column in ("contents", "prompt_contents", "completions"):
+            if column in frame.columns:
+                for texts in frame[column]:
+                    yield from texts
+        for column in ("chosen", "rejected"):
+            if column in frame.columns:
+                yield from frame[column]
 
 
 def run(spec: TokenizerTrain, corpus: Iterable[str], template: str, workdir: Path) -> StageResult:

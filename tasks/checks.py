@@ -7,17 +7,14 @@ content digest, format and policy (and the project's version), so a re-run does 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
-from pathlib import Path
 
 from schemas.data import DataError, Problem, check_files
 from schemas.spec import PipelineSpec
 from stages.contract import partial_folder, publish
 from tasks.home import Home
-from tasks.plan import file_digest
+from tasks.keys import check_key
 
 
 @dataclass(frozen=True)
@@ -28,14 +25,6 @@ class Checked:
     rows: int
     rejected: int  # rows set aside under on_invalid: skip
     notes: list[str]  # not errors: e.g. tied scores in a ranked list
-
-
-def _key(paths: list[Path], fmt: str, on_invalid: str) -> str:
-    return hashlib.sha256(
-        json.dumps(
-            [[file_digest(p) for p in paths], fmt, on_invalid, version("llm-lifecycle"), version("pandera")]
-        ).encode()
-    ).hexdigest()
 
 
 def _remembered(home: Home | None, key: str) -> Checked | None:
@@ -64,7 +53,7 @@ def check_contracts(spec: PipelineSpec, home: Home | None = None) -> list[Checke
     checked: list[Checked] = []
     pending = []
     for path, fmt, on_invalid in spec.data_contracts():
-        key = _key([path], fmt, on_invalid)
+        key = check_key([path], fmt, on_invalid)
         if (found := _remembered(home, key)) is not None:
             checked.append(found)
         else:
@@ -83,7 +72,7 @@ def check_contracts(spec: PipelineSpec, home: Home | None = None) -> list[Checke
         from stages.streaming import check_corpus  # loads torch: only specs that stream pay for it
 
         for stage in spec.streamed():
-            key = _key(stage.data, "text", stage.on_invalid)  # the spec expanded its patterns into files
+            key = check_key(stage.data, "text", stage.on_invalid)  # the spec expanded its patterns into files
             if (found := _remembered(home, key)) is not None:
                 checked.append(found)
                 continue

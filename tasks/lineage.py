@@ -29,7 +29,8 @@ from schemas.errors import LifecycleError
 from schemas.launch import Launch
 from stages.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
 from tasks.home import Home, running
-from tasks.plan import PlannedStage, file_digest, folder_digest
+from tasks.keys import file_digest, folder_digest
+from tasks.plan import PlannedStage
 
 TAG = "lifecycle."
 CHECKPOINT = "checkpoint"

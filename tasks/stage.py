@@ -5,30 +5,41 @@ result cache is off (`NO_CACHE`): MLflow is the one record of what finished, so 
 a new process, or after `prefect flow-run retry`, decides reuse the same way.
 
 The stage modules are imported when a stage trains, not before: torch and transformers take
-seconds to load, and a re-run that reuses every stage needs neither.
+seconds to load, and a re-run that reuses every stage needs neither. What every task of one
+pipeline run shares travels as one `Context`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.data import read_file
 from schemas.spec import PipelineSpec
 from stages import training_stage
 from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
 from tasks import lineage
 from tasks.checks import check_contracts
 from tasks.home import Home
+from tasks.keys import dataset_key, reference_key
 from tasks.launch import launch_stage
-from tasks.plan import PlannedStage, file_digest, folder_digest, parts, versions
+from tasks.plan import PlannedStage, parts
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage task of one pipeline run shares."""
+
+    home: Home
+    spec: PipelineSpec
+    experiment: str  # the MLflow experiment id
+    parent: str  # the run a stage's run is a child of: the pipeline run, or a curriculum stage's own run for its parts
+    tokenizer_run: str | None = None  # the tokenizer stage's run, once it has one
 
 
 @task(cache_policy=NO_CACHE)
@@ -38,8 +49,8 @@ def check_data(home: Home, spec: PipelineSpec) -> int:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="reuse-{stage.name}")
-def reuse(home: Home, experiment: str, stage: PlannedStage) -> str | None:
-    run = lineage.finished_run(lineage.client(home), experiment, stage)
+def reuse(ctx: Context, stage: PlannedStage) -> str | None:
+    run = lineage.finished_run(lineage.client(ctx.home), ctx.experiment, stage)
     if run is None:
         return None
     get_run_logger().info(
@@ -49,30 +60,16 @@ def reuse(home: Home, experiment: str, stage: PlannedStage) -> str | None:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="fetch-{run_id}")
-def fetch(home: Home, run_id: str) -> Path:
+def fetch(ctx: Context, run_id: str) -> Path:
     """A finished stage's checkpoint, downloaded from MLflow into the cache."""
-    mlflow = lineage.client(home)
-    return lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(run_id))
+    mlflow = lineage.client(ctx.home)
+    return lineage.fetch_checkpoint(mlflow, ctx.home, mlflow.get_run(run_id))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="prepare-{stage.name}")
-def prepare(home: Home, spec: PipelineSpec, stage: PlannedStage, tokenizer_dir: Path) -> Path:
+def prepare(ctx: Context, stage: PlannedStage, tokenizer_dir: Path) -> Path:
     """Tokenized (and packed) datasets, cached by data, tokenizer, template and packing parameters."""
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "kind": stage.kind,
-                "data": {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.spec.files().items()},
-                "tokenizer": folder_digest(tokenizer_dir),
-                "versions": versions(),
-                "shape": stage.spec.model_dump(
-                    mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}
-                ),
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
-    target = home.cache("datasets", key)
+    target = ctx.home.cache("datasets", dataset_key(stage.kind, stage.spec, tokenizer_dir))
     if target.exists():
         return target
     from transformers import AutoTokenizer
@@ -94,27 +91,19 @@ def _log_preparation(mlflow, run_id: str, prepared_dir: Path) -> None:
     lineage.log_preparation(mlflow, run_id, report["counts"], report["rejected"])
 
 
-def _recorded(
-    home: Home,
-    experiment: str,
-    stage: PlannedStage,
-    parent: str,
-    upstream_run: str | None,
-    tokenizer_run: str | None,
-    work,
-) -> str:
+def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work) -> str:
     """Claim the stage, open its child run, do the work, log the checkpoint; FAILED on any error.
 
     A run that another process finished after this one looked for it (and before the claim) is reused, never trained
     twice."""
-    mlflow = lineage.client(home)
-    with lineage.claim(mlflow, home, experiment, stage):
-        if (found := lineage.finished_run(mlflow, experiment, stage)) is not None:
+    mlflow = lineage.client(ctx.home)
+    with lineage.claim(mlflow, ctx.home, ctx.experiment, stage):
+        if (found := lineage.finished_run(mlflow, ctx.experiment, stage)) is not None:
             get_run_logger().info(
                 "stage %s: reused from run %s, finished meanwhile by another process", stage.name, found.info.run_id
             )
             return found.info.run_id
-        run_id = lineage.start_stage_run(mlflow, experiment, stage, parent, upstream_run, tokenizer_run)
+        run_id = lineage.start_stage_run(mlflow, ctx.experiment, stage, ctx.parent, upstream_run, ctx.tokenizer_run)
         try:
             lineage.log_stage_spec(mlflow, run_id, stage)
             result: StageResult = work(mlflow, run_id)
@@ -123,36 +112,17 @@ def _recorded(
             lineage.fail(mlflow, run_id, err)
             raise
     # the in-stage checkpoints (optimizer state included) have served: the run's artifact is the record now
-    shutil.rmtree(home.work(stage) / "trainer", ignore_errors=True)
+    shutil.rmtree(ctx.home.work(stage) / "trainer", ignore_errors=True)
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     get_run_logger().info("stage %s: finished as run %s%s", stage.name, run_id, resumed)
     return run_id
 
 
-def tokenizer_texts(files: list[tuple[Path, str, str]]) -> Iterator[str]:
-    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message and every
-    reply."""
-    from stages.streaming import documents
-
-    for path, fmt, on_invalid in files:
-        if fmt == "text":
-            yield from documents([path], on_invalid)
-            continue
-        frame = read_file(path, fmt, on_invalid).frame
-        for column in ("contents", "prompt_contents", "completions"):
-            if column in frame.columns:
-                for texts in frame[column]:
-                    yield from texts
-        for column in ("chosen", "rejected"):
-            if column in frame.columns:
-                yield from frame[column]
-
-
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
-def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: PlannedStage, parent: str) -> str:
+def train_tokenizer(ctx: Context, stage: PlannedStage) -> str:
     from stages import tokenizer
 
-    workdir = home.work(stage)
+    spec, workdir = ctx.spec, ctx.home.work(stage)
 
     def work(mlflow, run_id) -> StageResult:
         if spec.tokenizer.path is not None:
@@ -168,22 +138,14 @@ def train_tokenizer(home: Home, experiment: str, spec: PipelineSpec, stage: Plan
             return result
         files = spec.tokenizer_corpus()
         lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _, _ in files]})
-        return tokenizer.run(spec.tokenizer.train, tokenizer_texts(files), spec.template, workdir)
+        return tokenizer.run(spec.tokenizer.train, tokenizer.corpus_of(files), spec.template, workdir)
 
-    return _recorded(home, experiment, stage, parent, None, None, work)
+    return _recorded(ctx, stage, None, work)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
 def train(
-    home: Home,
-    experiment: str,
-    spec: PipelineSpec,
-    stage: PlannedStage,
-    parent: str,
-    upstream_run: str | None,
-    tokenizer_run: str,
-    datasets_dir: Path,
-    reward_runs: dict[str, str],
+    ctx: Context, stage: PlannedStage, upstream_run: str | None, datasets_dir: Path, reward_runs: dict[str, str]
 ) -> str:
     """Train a stage as a child run of the pipeline run; a curriculum stage trains its parts as child runs of its own.
     `reward_runs`: the runs of the reward stages whose models the stage scores with."""
@@ -191,11 +153,11 @@ def train(
 
     from tasks.step_metrics import StepMetrics
 
-    mlflow = lineage.client(home)
-    tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
+    home, spec, mlflow = ctx.home, ctx.spec, lineage.client(ctx.home)
+    tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
     datasets = load_from_disk(str(datasets_dir / "datasets"))
 
-    def trained(part: PlannedStage, parent_run: str, input_run: str | None) -> str:
+    def trained(part: PlannedStage, within: Context, input_run: str | None) -> str:
         """One training run of `part` on the input run's checkpoint: recorded, or reused when it finished before."""
 
         def work(mlflow, run_id) -> StageResult:
@@ -205,7 +167,7 @@ def train(
                 source = mlflow.get_run(input_run)
                 artifact = lineage.ADAPTER if part.spec.input == "adapter" else lineage.CHECKPOINT
                 model = lineage.fetch_checkpoint(mlflow, home, source, artifact)
-                reference = datasets_dir / f"reference-{lineage.fingerprint_of(source)[:16]}"
+                reference = datasets_dir / reference_key(lineage.fingerprint_of(source))
             else:
                 model, reference = spec.model.init or spec.model.path, None
                 if spec.model.path is not None:
@@ -228,19 +190,19 @@ def train(
             except ModelError as err:
                 raise ModelError(f"stage {part.name}: {err}") from None
 
-        return _recorded(home, experiment, part, parent_run, input_run, tokenizer_run, work)
+        return _recorded(within, part, input_run, work)
 
     if not (curriculum := parts(stage)):
-        return trained(stage, parent, upstream_run)
+        return trained(stage, ctx, upstream_run)
 
     def work(mlflow, run_id) -> StageResult:
         input_run = upstream_run
         for part in curriculum:
-            input_run = trained(part, run_id, input_run)
+            input_run = trained(part, replace(ctx, parent=run_id), input_run)
         # the last part's logged checkpoint stands for the stage: pointed at, not downloaded or logged again
         return StageResult(checkpoint=None, metrics=dict(mlflow.get_run(input_run).data.metrics), source_run=input_run)
 
-    return _recorded(home, experiment, stage, parent, upstream_run, tokenizer_run, work)
+    return _recorded(ctx, stage, upstream_run, work)
 
 
 def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, Path]:
@@ -249,24 +211,18 @@ def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, 
 
 
 @task(cache_policy=NO_CACHE, task_run_name="eval-{stage.name}")
-def evaluate(
-    home: Home,
-    experiment: str,
-    stage: PlannedStage,
-    parent: str,
-    scored_runs: dict[str, str],
-    tokenizer_run: str,
-    reward_runs: dict[str, str],
-) -> str:
+def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], reward_runs: dict[str, str]) -> str:
     """Score the checkpoints side by side; the table, plot and samples go to the eval run and to the pipeline run."""
     from stages import eval as evaluation
+
+    home = ctx.home
 
     def work(mlflow, run_id) -> StageResult:
         lineage.log_data_inputs(mlflow, run_id, {fmt: paths for fmt, (paths, _) in stage.spec.files().items()})
         checkpoints = {
             name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()
         }
-        tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(tokenizer_run))
+        tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
         report = evaluation.run(
             stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs)
         )
@@ -279,4 +235,4 @@ def evaluate(
         }
         return StageResult(checkpoint=None, metrics=metrics)
 
-    return _recorded(home, experiment, stage, parent, None, tokenizer_run, work)
+    return _recorded(ctx, stage, None, work)

@@ -346,7 +346,7 @@ def test_every_training_kind_trains_and_saves_under_zero3(name, chat_model, trai
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from tasks.stage import stage_module
+    from stages import training_stage
 
     spec = KINDS[name].model_copy(
         update={
@@ -354,7 +354,7 @@ def test_every_training_kind_trains_and_saves_under_zero3(name, chat_model, trai
             "launch": Launch(processes=2, deepspeed=DeepSpeed(zero=3)),
         }
     )
-    stage_module(spec.kind).prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(
+    training_stage(spec.kind).prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets.save_to_disk(
         str(tmp_path / "datasets")
     )
     mlflow, run_id = stage_run(tmp_path, "kinds")

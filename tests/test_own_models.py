@@ -66,8 +66,8 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     from flows.lifecycle import lifecycle
     from stages.contract import ADDED_TOKENS, adapter_base
     from tasks.home import Home
+    from tasks.keys import folder_digest
     from tasks.lineage import fetch_checkpoint
-    from tasks.plan import folder_digest
 
     template, added = FAMILIES[family]
     model_dir = build(family, tmp_path / family)
@@ -148,7 +148,7 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
 def test_shipped_own_model_spec_runs_from_the_command_line_and_answers(prefect_api, tmp_path) -> None:
     """examples/own/llama3.yaml as the README gives it: a Llama-3-style checkpoint, LoRA-SFT, DPO on the adapter, eval,
     generate."""
-    from tasks.plan import folder_digest
+    from tasks.keys import folder_digest
 
     own = tmp_path / "examples" / "own"
     own.mkdir(parents=True)

@@ -1,0 +1,128 @@
+"""Every content hash the pipeline keys its work by, in one place.
+
+- A stage's fingerprint is the sha256 of what decides its output: its resolved spec (data files by content digest,
+  not by path), the upstream stage's fingerprint, the tokenizer's fingerprint, the fingerprints of the reward stages
+  whose models it scores with, the project version and the versions of torch, transformers and peft. It is computed
+  from the spec and the data alone, before anything runs, so `status` can show it and a re-run can find the stage's
+  finished run in MLflow.
+- A prepared dataset is keyed by its data, the tokenizer, the stage kind and the fields that shape the examples.
+- Reference log-probs are kept beside the prepared data, keyed by the input checkpoint's fingerprint.
+- A data check is remembered by the file's content, its format and policy, and the versions that check it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from importlib.metadata import version
+from pathlib import Path
+
+from schemas.spec import EvalStage, PipelineSpec, Stage
+
+CHUNK = 1 << 20
+
+
+@cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's full content (memoised per process on path, size and mtime)."""
+    stat = path.stat()
+    return _file_digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+def folder_digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        sha.update(f"{path.relative_to(folder)}\0{file_digest(path)}\n".encode())
+    return sha.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    return {name: version(name) for name in ("llm-lifecycle", "torch", "transformers", "peft")}
+
+
+def digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _data(stage: Stage) -> dict[str, list[str]]:
+    return {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.files().items()}
+
+
+def tokenizer_fingerprint(spec: PipelineSpec) -> str:
+    if spec.tokenizer.path is not None:
+        source = {"path_digest": folder_digest(spec.tokenizer.path)}
+    else:
+        source = {
+            "train": spec.tokenizer.train.model_dump(mode="json", exclude={"data"}),
+            "data": [file_digest(p) for p, _, _ in spec.tokenizer_corpus()],
+        }
+    return digest({"versions": versions(), "template": spec.template, "tokenizer": source})
+
+
+def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, str], tokenizer: str) -> str:
+    """`fingerprints`: those of the stages before it, by name."""
+    upstream = spec.upstream_of(stage)
+    # how often a stage checkpoints or logs, and how many processes share its batch, do not change what it makes
+    # (beyond numerical noise): editing them keeps reuse and resume
+    resolved = stage.model_dump(
+        mode="json",
+        by_alias=True,
+        exclude=dict.fromkeys(stage.files(), True) | {"train": {"save_steps", "logging_steps"}, "launch": True},
+    )
+    payload = {
+        "versions": versions(),
+        "template": spec.template,
+        "stage": resolved,
+        "data": _data(stage),
+        "tokenizer": tokenizer,
+    }
+    if isinstance(stage, EvalStage):
+        payload["scored"] = {s.name: fingerprints[s.name] for s in spec.scored_by(stage)}
+    elif upstream is None:
+        payload["model"] = (
+            spec.model.init.model_dump(mode="json")
+            if spec.model.init is not None
+            else {"path_digest": folder_digest(spec.model.path)}
+        )
+    else:
+        payload["upstream"] = fingerprints[upstream.name]
+    if scorers := stage.reward_stages():
+        payload["reward_models"] = {name: fingerprints[name] for name in scorers}
+    return digest(payload)
+
+
+def part_fingerprint(stage_fingerprint: str, list_length: int) -> str:
+    """A curriculum part's: its stage's and the list length it trains on."""
+    return digest({"stage": stage_fingerprint, "part": list_length})
+
+
+def dataset_key(kind: str, stage: Stage, tokenizer_dir: Path) -> str:
+    return digest(
+        {
+            "kind": kind,
+            "data": _data(stage),
+            "tokenizer": folder_digest(tokenizer_dir),
+            "versions": versions(),
+            "shape": stage.model_dump(
+                mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}
+            ),
+        }
+    )
+
+
+def reference_key(input_fingerprint: str) -> str:
+    """The folder name, beside the prepared data, of the reference log-probs of the checkpoint with this fingerprint."""
+    return f"reference-{input_fingerprint[:16]}"
+
+
+def check_key(paths: list[Path], fmt: str, on_invalid: str) -> str:
+    return digest([[file_digest(p) for p in paths], fmt, on_invalid, version("llm-lifecycle"), version("pandera")])
