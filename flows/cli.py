@@ -16,6 +16,7 @@ from pathlib import Path
 from flows import server
 from schemas.errors import LifecycleError
 from schemas.load import SpecError, load_spec
+from schemas.reference import REFERENCE, render
 from tasks.checks import check_contracts
 from tasks.home import Home
 
@@ -360,6 +361,23 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec_doc(args: argparse.Namespace) -> int:
+    """The spec reference rendered from the models: written to the file, or with --check compared with it."""
+    text = render()
+    if not args.check:
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        args.path.write_text(text, encoding="utf-8")
+        print(f"{args.path}: the spec reference, written")
+        return 0
+    if args.path.exists() and args.path.read_text(encoding="utf-8") == text:
+        print(f"{args.path}: the spec reference is up to date")
+        return 0
+    again = "lifecycle spec-doc" + ("" if args.path == REFERENCE else f" {args.path}")
+    state = "is stale: it differs from the spec's models" if args.path.exists() else "does not exist"
+    print(f"{args.path} {state}; run `{again}` to write it", file=sys.stderr)
+    return 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lifecycle", description="Make a language model from a spec, stage by stage.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -429,6 +447,12 @@ def parser() -> argparse.ArgumentParser:
         "stop", help="stop the home's Prefect server (the first `run` starts it and leaves it for the next)"
     )
     stop.set_defaults(func=cmd_stop)
+    spec_doc = commands.add_parser(
+        "spec-doc", help="write the reference of every spec field, generated from the spec's models"
+    )
+    spec_doc.add_argument("path", nargs="?", type=Path, default=REFERENCE, help="default: docs/spec.md")
+    spec_doc.add_argument("--check", action="store_true", help="write nothing; exit 1 when the file is stale")
+    spec_doc.set_defaults(func=cmd_spec_doc)
     return top
 
 
