@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 from flows import server
@@ -136,13 +138,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         home = Home.from_env()
         mlflow = client(home)
         experiment = experiment_id(mlflow, home, spec.name, create=False)
-        run = finished_run(mlflow, experiment, plan(spec)[0]) if experiment else None
-        if run is None:
-            raise SpecError(
-                f"{args.spec}: the tokenizer stage has not finished yet; run `lifecycle run {args.spec}` "
-                "(or pass --tokenizer PATH)"
-            )
-        tokenizer_dir = fetch_checkpoint(mlflow, home, run)
+        planned = plan(spec)[0]
+        run = finished_run(mlflow, experiment, planned) if experiment else None
+        tokenizer_dir = fetch_checkpoint(mlflow, home, run) if run else _preview_tokenizer(spec, home, planned)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     colour = sys.stdout.isatty()
     for i, (input_ids, labels) in enumerate(training_stage(stage.kind).examples(stage, tokenizer, args.n)):
@@ -153,6 +151,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         print(render_marked(input_ids, labels, tokenizer, colour))
     return 0
+
+
+def _preview_tokenizer(spec, home: Home, planned) -> Path:
+    """The spec's tokenizer before any run has made it: built as the tokenizer stage builds it (adopted, or trained on
+    the spec's text: seconds), kept in the home's cache by its fingerprint, not recorded as a run."""
+    from stages import tokenizer
+    from stages.contract import partial_folder, publish
+
+    target = home.cache("preview-tokenizer", planned.fingerprint)
+    if not target.exists():
+        started = time.monotonic()
+        partial = partial_folder(target)
+        publish(tokenizer.build(spec, partial).checkpoint, target)
+        shutil.rmtree(partial)
+        print(
+            f"note: the tokenizer stage has not run yet: built its tokenizer for this preview in "
+            f"{time.monotonic() - started:.0f} s; `lifecycle run` trains and records it"
+        )
+    return target
 
 
 def _stage_checkpoint(spec_path: Path, name: str) -> Path:

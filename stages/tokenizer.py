@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from schemas.data import read_file
-from schemas.spec import TokenizerTrain
+from schemas.spec import PipelineSpec, TokenizerTrain
 from stages.contract import ADDED_TOKENS, StageResult
 from stages.streaming import documents
 from stages.templates import (
@@ -56,6 +56,14 @@ def corpus_of(files: list[tuple[Path, str, str]]) -> Iterator[str]:
         for column in ("chosen", "rejected"):
             if column in frame.columns:
                 yield from frame[column]
+
+
+
+def build(spec: PipelineSpec, workdir: Path) -> StageResult:
+    """The spec's tokenizer: the user's, adopted, or one trained on the spec's own text."""
+    if spec.tokenizer.path is not None:
+        return adopt(spec.tokenizer.path, spec.template, workdir)
+    return run(spec.tokenizer.train, corpus_of(spec.tokenizer_corpus()), spec.template, workdir)
 
 
 def run(spec: TokenizerTrain, corpus: Iterable[str], template: str, workdir: Path) -> StageResult:

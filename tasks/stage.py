@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas.spec import PipelineSpec
 from stages import training_stage
 from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
+from stages.progress import prepared_line, say
 from tasks import lineage
 from tasks.checks import check_contracts
 from tasks.home import Home
@@ -74,7 +76,9 @@ def prepare(ctx: Context, stage: PlannedStage, tokenizer_dir: Path) -> Path:
         return target
     from transformers import AutoTokenizer
 
+    started = time.monotonic()
     prepared = training_stage(stage.kind).prepare(stage.spec, AutoTokenizer.from_pretrained(tokenizer_dir))
+    say(prepared_line(stage.name, prepared, time.monotonic() - started))
     partial = partial_folder(target)
     prepared.datasets.save_to_disk(str(partial / "datasets"))
     (partial / PREPARE_REPORT).write_text(
@@ -125,8 +129,10 @@ def train_tokenizer(ctx: Context, stage: PlannedStage) -> str:
     spec, workdir = ctx.spec, ctx.home.work(stage)
 
     def work(mlflow, run_id) -> StageResult:
+        if spec.tokenizer.path is None:
+            lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _, _ in spec.tokenizer_corpus()]})
+        result = tokenizer.build(spec, workdir)
         if spec.tokenizer.path is not None:
-            result = tokenizer.adopt(spec.tokenizer.path, spec.template, workdir)
             if added := list(json.loads((result.checkpoint / ADDED_TOKENS).read_text())):
                 get_run_logger().info(
                     "tokenizer: added %s to the tokenizer of %s; the model's embeddings grow by as many rows "
@@ -135,10 +141,7 @@ def train_tokenizer(ctx: Context, stage: PlannedStage) -> str:
                     spec.tokenizer.path,
                 )
                 mlflow.set_tag(run_id, f"{lineage.TAG}added_tokens", " ".join(added))
-            return result
-        files = spec.tokenizer_corpus()
-        lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _, _ in files]})
-        return tokenizer.run(spec.tokenizer.train, tokenizer.corpus_of(files), spec.template, workdir)
+        return result
 
     return _recorded(ctx, stage, None, work)
 

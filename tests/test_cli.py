@@ -102,7 +102,7 @@ def test_ui_serves_the_project_store_on_loopback(quick_run) -> None:
         server.wait(timeout=30)
 
 
-def test_inspect_marks_what_each_stage_trains(quick_run) -> None:
+def test_inspect_marks_what_each_stage_trains(quick_run, tmp_path: Path) -> None:
     root, _ = quick_run
     done = lifecycle("inspect", str(QUICK), "--stage", "sft", "-n", "2", home=root)
     assert done.returncode == 0, done.stderr
@@ -110,9 +110,17 @@ def test_inspect_marks_what_each_stage_trains(quick_run) -> None:
     assert "<|im_start|>assistant\n⟦The word fire in capital letters is FIRE.<|im_end|>⟧" in done.stdout
     pretrain = lifecycle("inspect", str(QUICK), "--stage", "pretrain", "-n", "1", home=root).stdout
     assert pretrain.startswith("--- pretrain example 1") and pretrain.rstrip().endswith("<|endoftext|>⟧")
-    pair = lifecycle(
-        "inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root
-    ).stdout  # a row's chosen, then rejected
+    # a row's chosen, then rejected
+    pair = lifecycle("inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root).stdout
     assert pair.count("--- dpo example") == 2 and "assistant\n⟦The word rose reversed is esor.<|im_end|>⟧" in pair
     missing = lifecycle("inspect", str(QUICK), "--stage", "nope", home=root)
     assert missing.returncode == 2 and "no stage named 'nope'; the stages are pretrain, sft" in missing.stderr
+
+    # before any run: the tokenizer is built as the run builds it, so the examples are the run's, token for token
+    fresh = lifecycle("inspect", str(QUICK), "--stage", "sft", "-n", "2", home=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    note, _, examples = fresh.stdout.partition("\n")
+    assert note.startswith("note: the tokenizer stage has not run yet") and examples == done.stdout
+    again = lifecycle("inspect", str(QUICK), "--stage", "sft", "-n", "2", home=tmp_path)
+    assert again.stdout == done.stdout  # kept in the home's cache: built once
+    assert not (tmp_path / "work").exists()  # nothing trained, nothing recorded as a stage
