@@ -36,9 +36,10 @@ What a step does differently in the two (same sampling, rewards, advantages and 
 With fresh weights a completion seldom ends its turn, so nearly every one runs the full 24 tokens on both
 sides (the demo's trained model averaged 8.2; --checkpoint measures such a folder).
 
-    python -m bench.grpo                       # about 2 min idle, under 4 beside busy work; figures go to
-    bench/RESULTS.md by hand
-    python -m bench.grpo --checkpoint PATH     # a trained chatml checkpoint folder (its tokenizer inside) instead
+    python -m bench.grpo                    # about 2 min idle, under 4 beside busy work
+    python -m bench.grpo --checkpoint PATH  # a trained chatml checkpoint folder (its tokenizer inside) instead
+
+The figures go to bench/RESULTS.md by hand.
 """
 
 from __future__ import annotations

@@ -186,8 +186,7 @@ def run(seed_run: SeedRun, threads: str | None) -> None:
 
 def read_results(seed_run: SeedRun) -> None:
     """The eval stage's table (the first eval stage, as `lifecycle report` picks it) and each training stage's
-    precision,
-    as its run recorded what `precision` chose (the metric bf16)."""
+    precision, as its run recorded what `precision` chose (the metric bf16)."""
     spec = load_spec(seed_run.spec)
     home = Home(seed_run.home)
     mlflow = MlflowClient(home.embedded_tracking_uri)

@@ -12,8 +12,7 @@ Pretrain text states every fact in prose, in every phrasing, and never uses the 
 so a pretrain-only model continues text while an SFT model answers. An answer is the fact's
 canonical sentence ("The capital of Zorbia is Quellon."): SFT teaches the format and the model
 completes it from what pretraining taught, which is what lets it answer held-out questions. The generator is seeded and
-writes the same bytes
-every time: `python -m examples.generate` rewrites `examples/data/`, and a test checks that the
+writes the same bytes every time: `python -m examples.generate` rewrites `examples/data/`, and a test checks that the
 bundled files are exactly what it writes.
 """
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -395,6 +396,20 @@ def cmd_spec_doc(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    """A commented first spec for the user's model folder and jsonl files, which `validate` accepts as written."""
+    from schemas.starter import starter_spec
+
+    if args.output.exists():
+        raise UsageError(f"{args.output} exists: give another --output, or move it away")
+    name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", args.model.resolve().name).strip("-._") or "my-model"
+    text = starter_spec(name, args.model, args.data, args.output.parent)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(f"wrote {args.output}; check it with `lifecycle validate {args.output}`, then `lifecycle run {args.output}`")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lifecycle", description="Make a language model from a spec, stage by stage.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -408,6 +423,18 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
+    new = commands.add_parser(
+        "new",
+        help="write a commented first spec for your model folder and jsonl files",
+        description="Write a commented first spec: each jsonl file's format detected, a stage for each format "
+        "(pretrain, LoRA-SFT, DPO, KTO, PRO, GRPO, in that order), an eval of them all. A file named as held out "
+        "(heldout, eval, test, valid, dev) is the held-out file of its format's stage.",
+    )
+    new.add_argument("model", type=Path, help="your model folder (Hugging Face: config.json, weights, tokenizer)")
+    new.add_argument("data", type=Path, nargs="+", help="jsonl files")
+    new.add_argument("-o", "--output", type=Path, default=Path("spec.yaml"), help="default: spec.yaml")
+    new.add_argument("--name", help="the pipeline's name (its MLflow experiment); default: the model folder's")
+    new.set_defaults(func=cmd_new)
     inspect = commands.add_parser("inspect", help="decoded training examples of a stage, trained spans marked")
     inspect.add_argument("spec", type=Path)
     inspect.add_argument("--stage", required=True, help="the stage's name")

@@ -52,8 +52,7 @@ def _folder(path: Path, base: Path, where: str, missing: list[str]) -> Path:
 
 def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
     """An eval stage's unnamed checkpoints, data and rewards filled in: every scored stage, every held-out file they
-    have,
-    the last earlier reward stage's model, the last scored grpo stage's rewards."""
+    have, the last earlier reward stage's model, the last scored grpo stage's rewards."""
     scored = spec.scored_by(stage)
     update: dict[str, object] = {"checkpoints": [s.name for s in scored]}
     for fmt in ("text", "conversations", "prompts", "preference", "ranked"):

@@ -277,8 +277,7 @@ def ranks_of(home: Path) -> list[int]:
 @pytest.mark.skipif(sys.platform != "linux", reason="ranks die with the flow through Linux's parent-death signal")
 def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_it(prefect_api, tmp_path) -> None:
     """kill -9 of `lifecycle run` while SFT's ranks train under ZeRO-2: no rank outlives it, and a plain re-run resumes
-    SFT
-    from its last in-stage checkpoint (DeepSpeed's sharded optimizer state included) and finishes every stage."""
+    SFT from its last in-stage checkpoint (DeepSpeed's sharded optimizer state included) and finishes every stage."""
     spec = quick_distributed(tmp_path)
     home = tmp_path / "home"
     env = cli_env(home, prefect_api)
@@ -341,8 +340,7 @@ KINDS = {
 def test_every_training_kind_trains_and_saves_under_zero3(name, chat_model, trained_tokenizer, tmp_path) -> None:
     """Two steps of each kind as 2 ZeRO-3 ranks: the weights are sharded, and what rank 0 saves is whole and loads.
     (DPO with a precomputed reference under ZeRO-3, and DDP and ZeRO-2, run in the distributed example's test; Tuna
-    trains
-    through the same candidates path and Trainer as PRO, with another pure loss.)"""
+    trains through the same candidates path and Trainer as PRO, with another pure loss.)"""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
