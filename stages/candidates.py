@@ -19,11 +19,11 @@ import polars as pl
 import torch
 from datasets import Dataset, DatasetDict
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from transformers import AutoTokenizer, PreTrainedModel, Trainer, set_seed
 
 from schemas.data import read_files
 from schemas.spec import ChatStage
-from stages.checkpoint import save, with_lora
+from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
@@ -85,6 +85,20 @@ def examples(spec: ChatStage, tokenizer, n: int) -> list[tuple[list[int], list[i
     listed = rows(read_files(spec.data, spec.data_format, spec.on_invalid).frame.head(n))
     dataset, _ = encode(listed, tokenizer, spec.max_len, spec.template)
     return [pair for row in dataset for pair in zip(row["input_ids"], row["labels"])]
+
+
+def train_lists(
+    spec: ChatStage, inputs: StageInputs, workdir: Path, trainer_class: type[Trainer], length: int | None
+) -> StageResult:
+    """PRO's and Tuna's run: every training row cut to its `length` best candidates (default: the longest list),
+    then `train` from the input model; the list length and the rows too short for it are recorded."""
+    set_seed(spec.train.seed)
+    datasets = dict(inputs.datasets)
+    datasets["train"], n, short = with_length(datasets["train"], length)
+    model = load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer))
+    result = train(spec, inputs, workdir, model, datasets, trainer_class)
+    result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
+    return result
 
 
 def with_length(dataset: Dataset, n: int | None) -> tuple[Dataset, int, int]:

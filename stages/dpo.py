@@ -14,14 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, set_seed
-
 from schemas.spec import DPOStage
 from stages.candidates import candidate_logps, examples, prepare, train
-from stages.checkpoint import load_model
 from stages.contract import StageInputs, StageResult
 from stages.losses import dpo_loss, orpo_loss, simpo_loss
-from stages.reference import ReferenceTrainer, attach_reference
+from stages.reference import ReferenceTrainer, start
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -62,10 +59,5 @@ class DPOTrainer(ReferenceTrainer):
 
 
 def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
-    set_seed(spec.train.seed)
-    model = load_model(inputs.model, tokenizer)
-    datasets, reference_model = attach_reference(
-        spec, model, dict(inputs.datasets), inputs.reference, tokenizer.pad_token_id
-    )
-    return train(spec, inputs, workdir, model, datasets, DPOTrainer, reference_model=reference_model)
+    begun = start(spec, inputs)
+    return train(spec, inputs, workdir, begun.model, begun.datasets, DPOTrainer, reference_model=begun.reference_model)

@@ -29,16 +29,14 @@ from pathlib import Path
 import polars as pl
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, set_seed
 
 from schemas.data import DataError, Problem, read_files
 from schemas.spec import KTOStage
 from stages import candidates
 from stages.candidates import Listed, candidate_logps, encode, nth_candidate, scored, train
-from stages.checkpoint import load_model
 from stages.contract import Prepared, StageInputs, StageResult
 from stages.losses import kto_loss, kto_reference_point
-from stages.reference import ReferenceTrainer, attach_reference
+from stages.reference import ReferenceTrainer, start
 from stages.templates import conversations
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -168,22 +166,17 @@ def weight_ratio(spec: KTOStage, dataset: Dataset) -> dict[str, float]:
 
 
 def run(spec: KTOStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
-    set_seed(spec.train.seed)
-    model = load_model(inputs.model, tokenizer)
-    datasets, reference_model = attach_reference(
-        spec, model, dict(inputs.datasets), inputs.reference, tokenizer.pad_token_id
-    )
-    balance = weight_ratio(spec, datasets["train"])
+    begun = start(spec, inputs)
+    balance = weight_ratio(spec, begun.datasets["train"])
     result = train(
         spec,
         inputs,
         workdir,
-        model,
-        datasets,
+        begun.model,
+        begun.datasets,
         KTOTrainer,
-        lambda model, rows: heldout_metrics(model, rows, tokenizer.pad_token_id),
-        reference_model=reference_model,
+        lambda model, rows: heldout_metrics(model, rows, begun.tokenizer.pad_token_id),
+        reference_model=begun.reference_model,
     )
     result.metrics.update(balance)
     return result

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, set_seed
-
 from schemas.spec import PROStage
-from stages.candidates import candidate_logps, examples, prepare, train, with_length
-from stages.checkpoint import load_model
+from stages.candidates import candidate_logps, examples, prepare, train_lists
 from stages.contract import StageInputs, StageResult
 from stages.losses import pro_loss, pro_sft_weight
 from stages.training import ObjectiveTrainer
@@ -44,16 +41,4 @@ class PROTrainer(ObjectiveTrainer):
 
 
 def run(spec: PROStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    set_seed(spec.train.seed)
-    datasets = dict(inputs.datasets)
-    datasets["train"], n, short = with_length(datasets["train"], spec.curriculum[-1] if spec.curriculum else None)
-    result = train(
-        spec,
-        inputs,
-        workdir,
-        load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer)),
-        datasets,
-        PROTrainer,
-    )
-    result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
-    return result
+    return train_lists(spec, inputs, workdir, PROTrainer, spec.curriculum[-1] if spec.curriculum else None)

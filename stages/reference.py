@@ -11,17 +11,19 @@ candidate of a batch, [rows, candidates], whichever way the stage has it.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from schemas.spec import ReferenceStage
 from stages.candidates import candidate_logps, scored
-from stages.contract import partial_folder, publish
+from stages.checkpoint import load_model
+from stages.contract import StageInputs, partial_folder, publish
 from stages.training import ObjectiveTrainer, use_bf16
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -57,14 +59,28 @@ def precomputed_reference(model, dataset: Dataset, pad_id: int, folder: Path, au
     return load_file(str(path))["train"].tolist()
 
 
-def attach_reference(
-    spec: ReferenceStage, model: PreTrainedModel, datasets: dict, folder: Path | None, pad_id: int
-) -> tuple[dict, PreTrainedModel | None]:
-    """The datasets and the reference model a ReferenceTrainer reads: a frozen copy of `model` when the reference is
-    frozen (else None); when it is precomputed, the reference's log-probs as a column of the training rows."""
+@dataclass(frozen=True)
+class Start:
+    """What a reference stage trains from: the input model, and the datasets and reference model its
+    ReferenceTrainer reads."""
+
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    datasets: dict
+    reference_model: PreTrainedModel | None  # a frozen copy of the input model when the reference is frozen
+
+
+def start(spec: ReferenceStage, inputs: StageInputs) -> Start:
+    """Seeded, the input model loaded, the reference attached: a frozen copy of the model when the reference is
+    frozen; when it is precomputed, the reference's log-probs as a column of the training rows."""
+    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
+    set_seed(spec.train.seed)
+    model = load_model(inputs.model, tokenizer)
+    datasets = dict(inputs.datasets)
     strategy = spec.reference_strategy()
     if strategy == "precomputed":
         autocast = use_bf16(spec.train.precision)  # the precision the policy trains in
-        reference = precomputed_reference(model, datasets["train"], pad_id, folder, autocast)
-        datasets = datasets | {"train": datasets["train"].add_column("reference_logps", reference)}
-    return datasets, copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
+        reference = precomputed_reference(model, datasets["train"], tokenizer.pad_token_id, inputs.reference, autocast)
+        datasets["train"] = datasets["train"].add_column("reference_logps", reference)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
+    return Start(tokenizer, model, datasets, frozen)

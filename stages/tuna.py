@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, set_seed
-
 from schemas.spec import TunaStage
-from stages.candidates import candidate_logps, examples, prepare, train, with_length
-from stages.checkpoint import load_model
+from stages.candidates import candidate_logps, examples, prepare, train_lists
 from stages.contract import StageInputs, StageResult
 from stages.losses import tuna_loss
 from stages.training import ObjectiveTrainer
@@ -32,16 +29,4 @@ class TunaTrainer(ObjectiveTrainer):
 
 
 def run(spec: TunaStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    set_seed(spec.train.seed)
-    datasets = dict(inputs.datasets)
-    datasets["train"], n, short = with_length(datasets["train"], None)
-    result = train(
-        spec,
-        inputs,
-        workdir,
-        load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer)),
-        datasets,
-        TunaTrainer,
-    )
-    result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
-    return result
+    return train_lists(spec, inputs, workdir, TunaTrainer, None)

@@ -196,7 +196,7 @@ stages:
 """)
     with pytest.raises(SpecError, match=r"stages\[1\]\.desirable_weight: Input should be greater than 0"):
         load_spec(spec)
-    spec.write_text(spec.read_text().replace("desirable_weight: 0, ", ""))
+    spec.write_text(spec.read_text().replace("desirable_weight: 0,", ""))
     with pytest.raises(SpecError, match=r"stages\[1\] \(kto\): a frozen reference copy is not sharded under ZeRO-3"):
         load_spec(spec)
     spec.write_text(spec.read_text().replace("kind: kto,", "kind: kto, reference: precomputed,"))
