@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from schemas.load import load_spec
+from stages.progress import quiet_libraries
 from tasks import lineage
 from tasks.home import Home, sweep_partials
 from tasks.plan import PlannedStage, plan
@@ -22,6 +23,7 @@ def scorers(stage: PlannedStage, runs: dict[str, str]) -> dict[str, str]:
 @flow(name="lifecycle")
 def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
     """Run a spec end to end; return the MLflow run id of every stage. `checked`: the caller has checked the data."""
+    quiet_libraries()  # before any stage loads them; a launched stage's ranks inherit the settings
     home = Home.from_env()
     spec = load_spec(Path(spec_path))
     tokenizer_stage, *model_stages = plan(spec)

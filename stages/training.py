@@ -11,16 +11,19 @@ import json
 import math
 import os
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from schemas.errors import LifecycleError
 from schemas.spec import StageBase, TrainingStage
+from stages.progress import StatusLine, duration, step_line
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
 
@@ -135,6 +138,60 @@ def fit(trainer: Trainer, measure: Callable[[], dict[str, float]] | None = None)
     return metrics | before | (measure() if measure else {}), resumed_from
 
 
+class Progress(TrainerCallback):
+    """The stage's progress line (`stages.progress`) from the Trainer's events, on the main process only.
+
+    Each step redraws the line on a terminal, each logging step prints it elsewhere; the end-of-training summary
+    ends it (in its place, on a terminal); a held-out measure is a line of its own."""
+
+    FIGURES = ("loss", "reward")  # GRPO's loss is ~0 by construction on-policy: its mean reward says how it goes
+
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None):
+        self.status = StatusLine(stream, live)
+        self.figures: dict[str, float] = {}
+        self.started, self.start_step, self.start_tokens = time.monotonic(), 0, 0
+
+    def line(self, args, state) -> str:
+        return step_line(
+            args.run_name,
+            state.global_step,
+            state.max_steps,
+            self.figures,
+            state.num_input_tokens_seen - self.start_tokens,
+            time.monotonic() - self.started,
+            state.global_step - self.start_step,
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed stage's state is loaded by now: its rate and ETA count from here
+        self.started, self.start_step = time.monotonic(), state.global_step
+        self.start_tokens, self.figures = state.num_input_tokens_seen, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.status.update(self.line(args, state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:  # a training step's log
+            self.figures = {name: float(logs[name]) for name in self.FIGURES if name in logs}
+            self.status.mark(self.line(args, state))
+        elif "train_runtime" in logs:  # the end-of-training summary: the last step's figures, this session's rate
+            seconds, tokens = logs["train_runtime"], state.num_input_tokens_seen - self.start_tokens
+            where = args.device.type + (f" x{args.world_size}" if args.world_size > 1 else "")
+            self.status.finish(
+                f"{args.run_name}  {state.global_step - self.start_step} steps in {duration(seconds)} on {where}"
+                + "".join(f"  {name} {value:.4g}" for name, value in self.figures.items())
+                + (f"  {tokens / seconds:,.0f} tok/s" if tokens and seconds else "")
+            )
+        elif "eval_loss" in logs:  # a held-out measure, before or after training
+            self.status.note(f"{args.run_name}  heldout loss {logs['eval_loss']:.4g} at step {state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.status.close()
+
+
 class Diverged(LifecycleError):
     """A training step whose loss or gradient norm is not finite: the stage stops there, before the optimizer step."""
 
@@ -147,6 +204,20 @@ class StageTrainer(Trainer):
     host sync per micro-step, as the Trainer's own NaN filter does."""
 
     last_finite: tuple[int, float] | None = None  # (step, loss) of the last finite training loss
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the Trainer's own display prints every log as a Python dict (PrinterCallback, as disable_tqdm asks; the
+        # tqdm ProgressCallback otherwise writes the same dicts under its bar): one progress line instead
+        self.remove_callback(PrinterCallback)
+        self.progress = Progress()
+        self.add_callback(self.progress)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.progress.status.close()  # a stage that fails mid-line has its error start on a line of its own
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

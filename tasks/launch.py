@@ -31,6 +31,7 @@ from schemas.errors import LifecycleError
 from schemas.launch import Launch
 from schemas.spec import ModelInit, TrainingStage
 from stages.contract import StageInputs, StageResult
+from stages.progress import quiet_libraries
 
 PLAN, RESULT, ERRORS = "plan.json", "result.json", "errors"
 PARENT_PID = "LIFECYCLE_LAUNCHER_PID"  # the process a launched one must die with
@@ -198,6 +199,7 @@ def _received_plan(plan_path: str | None) -> dict:
 
 def worker(plan_path: str | None) -> None:
     """One rank: run the stage from the plan; rank 0 writes the result, a failing rank its error."""
+    quiet_libraries()  # before they load: a rank started by `lifecycle join` did not inherit the flow's settings
     import torch.distributed as dist
     from datasets import load_from_disk
     from pydantic import TypeAdapter

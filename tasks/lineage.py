@@ -28,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
 from stages.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
+from stages.progress import transfer
 from tasks.home import Home, running
 from tasks.keys import file_digest, folder_digest
 from tasks.plan import PlannedStage
@@ -301,9 +302,11 @@ def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult) -> 
     if result.source_run is not None:
         tags.append(RunTag(f"{TAG}checkpoint_run", result.source_run))
     elif result.checkpoint is not None:
-        mlflow.log_artifacts(run_id, str(result.checkpoint), CHECKPOINT)
+        with transfer(f"{CHECKPOINT} logged to run {run_id}", "uploaded", result.checkpoint):
+            mlflow.log_artifacts(run_id, str(result.checkpoint), CHECKPOINT)
     if result.adapter is not None:
-        mlflow.log_artifacts(run_id, str(result.adapter), ADAPTER)
+        with transfer(f"{ADAPTER} logged to run {run_id}", "uploaded", result.adapter):
+            mlflow.log_artifacts(run_id, str(result.adapter), ADAPTER)
     for name, columns in result.tables.items():
         mlflow.log_table(run_id, columns, name)
     mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in result.metrics.items()], tags=tags)
@@ -325,7 +328,8 @@ def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str =
     if target.exists():
         return target
     partial = partial_folder(target)
-    mlflow.download_artifacts(run.info.run_id, artifact, str(partial))
+    with transfer(f"{artifact} of {run.info.run_name} (run {run.info.run_id})", "downloaded", partial):
+        mlflow.download_artifacts(run.info.run_id, artifact, str(partial))
     if is_adapter(partial / artifact):
         point_adapter_at(partial / artifact, _base_of(mlflow, home, run))
     publish(partial / artifact, target)
