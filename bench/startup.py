@@ -65,7 +65,7 @@ def until_first_step(command: list[str], env: dict[str, str], cwd: Path) -> floa
     )
     try:
         for line in process.stdout:
-            if "'loss'" in line:
+            if "  step " in line and "  loss " in line:  # the first training step's progress line
                 return time.perf_counter() - start
         print(
             f"failed ({' '.join(command[-2:])}): ended with code {process.wait()} before any training step", flush=True

@@ -20,6 +20,7 @@ from flows import server
 from schemas.errors import LifecycleError
 from schemas.load import SpecError, load_spec
 from schemas.reference import REFERENCE, render
+from stages.progress import quiet_libraries
 from tasks.checks import check_contracts
 from tasks.home import Home
 
@@ -508,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
     Home.from_env().configure()
+    quiet_libraries()  # inspect, generate and report load the same libraries a run does
     # OpenMP threads that wait by spinning lose their core to any busy process beside them: training beside two
     # was 1.3x-2.9x faster with passive waiting, and idle within noise (bench/threads.py). Read when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

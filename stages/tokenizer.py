@@ -58,7 +58,6 @@ def corpus_of(files: list[tuple[Path, str, str]]) -> Iterator[str]:
                 yield from frame[column]
 
 
-
 def build(spec: PipelineSpec, workdir: Path) -> StageResult:
     """The spec's tokenizer: the user's, adopted, or one trained on the spec's own text."""
     if spec.tokenizer.path is not None:

@@ -23,7 +23,7 @@ from tasks.plan import plan
 from .conftest import QUICK, cli_env
 
 SEED = 20261127
-KILLS = 12
+KILLS = 8
 
 
 def stage_runs(mlflow: MlflowClient, experiment: str) -> list:
