@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-quick test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -18,11 +18,17 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
+	$(PY) -m examples.estimate examples/toy.yaml
 	$(VENV)/bin/lifecycle run examples/toy.yaml
 	$(VENV)/bin/lifecycle status examples/toy.yaml
 	$(VENV)/bin/lifecycle report examples/toy.yaml
 	@echo "Browse every run, metric and checkpoint: $(VENV)/bin/lifecycle ui  (http://127.0.0.1:5000)"
 	@echo "The home's Prefect server stays up for the next commands; $(VENV)/bin/lifecycle stop stops it."
+
+# the same lifecycle on a smaller world and model: every stage in a minute or two
+demo-quick: install
+	$(VENV)/bin/lifecycle run examples/quick.yaml
+	$(VENV)/bin/lifecycle report examples/quick.yaml
 
 test: install
 	$(VENV)/bin/ruff check .
