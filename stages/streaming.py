@@ -1,24 +1,48 @@
 """Pretrain text streamed from corpora larger than memory, at flat resident memory.
 
-Rows are read one line at a time from many jsonl files (paths or glob patterns) and checked as
-they pass; documents are tokenised a small batch at a time, joined with EOS and cut into blocks
-exactly as `stages.pretrain.pack` cuts them; a bounded buffer shuffles the blocks. Each
-(rank, DataLoader worker) pair reads its own shard, so together they see every row exactly once
-per epoch. Nothing holds more than one batch of documents, one partial block and the shuffle
-buffer, whatever the size of the corpus.
+Hugging Face `datasets` streams it: `IterableDataset.from_generator` over a list of data sources,
+`shuffle(seed, buffer_size)` for the per-epoch order of the sources and a bounded buffer of blocks,
+`set_epoch`, `split_dataset_by_node` to deal the sources out to ranks, and its DataLoader worker
+split within a rank. Together the readers (ranks x workers) see every row once per epoch, and
+nothing holds more than a batch of documents, a partial block and the shuffle buffer.
+
+Ours, because that library cannot do it:
+
+- The rows are checked as they pass (`parse_line`): a bad line names file:line: field: rule, or
+  with on_invalid="skip" is counted and left out. The library's json reader neither names the line
+  nor skips (a cut-off string on line 2 gave `ArrowInvalid: JSON parse error: Invalid encoding in
+  string. in row 1`).
+- Tokenising + packing (`Packer`), run as a batched `map` of the library's pipeline: the run_clm
+  recipe (`group_texts`) drops a partial block at the end of every batch; ours carries it to the
+  next batch, so blocks are cut exactly as `stages.pretrain.pack` cuts them.
+- Fewer files than readers (`slices`): the library shards by data source only. With fewer sources
+  than DataLoader workers it stops the extra workers, and with a source count that world_size does
+  not divide, `split_dataset_by_node` falls back to keeping every world_size-th example of the
+  whole pipeline, so every rank reads, parses and tokenises the whole corpus. So a file is cut
+  into line-strided slices (line index % parts) until there is a source per reader, and the split
+  is asked for by source ("shards"); each line is then parsed and tokenised by one reader only.
+- One source at a time into the shuffle buffer (`max_buffer_input_shards=1`): the library's shuffle
+  interleaves up to 10 sources, fetching from each on its own thread, so the packing map (which
+  must carry its tail) is called from several threads at once and mixes their tokens.
+
+Measured with `python -m bench.streaming --split-only` (files of 2,000 generated documents,
+datasets 5.2.0): the library alone gave each of 2 ranks all 2,000 documents of one file to
+tokenise, and of 2 DataLoader workers one all 2,000, the other none; ours 1,000 to each. With
+its interleaving on 4 files, 3 passes gave 5,013, 5,466 and 5,586 blocks where `pack` gives
+4,557 (tokens repeated); ours 4,557 on each pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
-import numpy as np
+import datasets
 import torch
 import torch.distributed as dist
-from torch.utils.data import IterableDataset, get_worker_info
+import torch.utils.data
+from datasets.distributed import split_dataset_by_node
 
 from schemas.data import MAX_TEXT_LINE_BYTES, DataError, OnInvalid, Problem, excerpt, numbered_lines, parse_json_line
 from schemas.formats import Shape, flatten
@@ -31,17 +55,20 @@ KEPT_PROBLEMS = 1000  # a corpus check lists this many problems and counts the r
 
 
 @dataclass(frozen=True)
-class Shard:
-    """The part of the corpus one reader sees: lines or files whose position % count == index."""
+class Slice:
+    """One data source of the stream: the lines of `path` whose index % parts == part (all of them when parts is 1)."""
 
-    index: int
-    count: int
+    path: Path
+    part: int = 0
+    parts: int = 1
 
-    def by_file(self, files: int) -> bool:
-        """Whole files per reader when every reader gets at least one: no byte is read twice.
-        With fewer files than readers some would idle, so each reader then scans every file and
-        parses and tokenises only every count-th line (reading is cheap beside tokenising)."""
-        return files >= self.count
+
+def slices(files: list[Path], readers: int) -> list[Slice]:
+    """The sources the library deals out: whole files when every reader gets one, so no byte is read twice.
+    With fewer files than readers each file is cut into as many line-strided slices as it takes; a reader
+    then scans its slice's file and parses and tokenises only its own lines (reading is cheap beside tokenising)."""
+    parts = -(-readers // len(files))
+    return [Slice(path, part, parts) for path in files for part in range(parts)]
 
 
 def named_files(patterns: Iterable[str | Path]) -> list[Path]:
@@ -80,60 +107,66 @@ def parse_line(path: Path, number: int, raw: bytes, oversize: int = 0) -> str | 
     return text
 
 
-def read_lines(files: list[Path], shard: Shard) -> Iterator[tuple[Path, int, bytes, int]]:
-    """(file, line number, raw line, oversize) of this shard's lines, one line in memory at a time."""
-    by_file = shard.by_file(len(files))
-    position = 0  # of a line across all files, for line sharding
-    for order, path in enumerate(files):
-        if by_file and order % shard.count != shard.index:
-            continue
-        try:
-            handle = open(path, "rb")
-        except OSError as err:
-            raise DataError([Problem(path, 0, "(file)", f"cannot be read: {err.strerror or err}")]) from None
-        with handle:
-            for number, raw, oversize in numbered_lines(handle, MAX_TEXT_LINE_BYTES):
-                if not by_file:
-                    mine = position % shard.count == shard.index
-                    position += 1
-                    if not mine:
-                        continue  # another reader's line: not even decoded here
-                yield path, number, raw, oversize
+def read_lines(source: Slice) -> Iterator[tuple[Path, int, bytes, int]]:
+    """(file, line number, raw line, oversize) of one slice's lines, one line in memory at a time."""
+    try:
+        handle = open(source.path, "rb")
+    except OSError as err:
+        raise DataError([Problem(source.path, 0, "(file)", f"cannot be read: {err.strerror or err}")]) from None
+    with handle:
+        for number, raw, oversize in numbered_lines(handle, MAX_TEXT_LINE_BYTES):
+            if (number - 1) % source.parts == source.part:  # another slice's line is not even decoded here
+                yield source.path, number, raw, oversize
 
 
-def chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    while batch := list(islice(items, size)):
-        yield batch
+def checked_texts(
+    sources: Iterable[Slice], on_invalid: OnInvalid, skipped: torch.Tensor | None = None, slot: int = 0
+) -> Iterator[str]:
+    """The documents of `sources` in order; a bad line raises DataError, or under "skip" is counted in skipped[slot]."""
+    for source in sources:
+        for path, number, raw, oversize in read_lines(source):
+            parsed = parse_line(path, number, raw, oversize)
+            if isinstance(parsed, Problem):
+                if on_invalid == "fail":
+                    raise DataError([parsed])
+                if skipped is not None:
+                    skipped[slot] += 1
+            elif parsed is not None:
+                yield parsed
 
 
-def pack_blocks(texts: Iterator[str], tokenizer, block_size: int) -> Iterator[torch.Tensor]:
-    """`stages.pretrain.pack` as a stream: EOS after each document, full blocks only, the tail dropped."""
-    eos = tokenizer.eos_token_id
-    pending: list[int] = []
-    for batch in chunks(texts, DOCUMENTS_PER_CALL):
+def checked_rows(sources: list[Slice], on_invalid: OnInvalid, skipped: torch.Tensor) -> Iterator[dict[str, str]]:
+    """The library's generator: called with the sources it gave this reader, in the reader's process."""
+    worker = torch.utils.data.get_worker_info()
+    # [1] rows skipped in the main process, [2 + w] by DataLoader worker w (see StreamingTextDataset._shared)
+    for text in checked_texts(sources, on_invalid, skipped, 2 + worker.id if worker else 1):
+        yield {"text": text}
+
+
+class Packer:
+    """`stages.pretrain.pack` as a batched map: EOS after each document, full blocks only, the tail carried to
+    the next batch and dropped at the end. Stateful: one Packer serves one pass over the stream, called from one
+    thread at a time."""
+
+    def __init__(self, tokenizer, block_size: int):
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.eos = tokenizer.eos_token_id  # read once: a transformers tokenizer's attributes cost a lookup each
+        self.pending: list[int] = []
+
+    def __call__(self, texts: list[str]) -> dict[str, list[torch.Tensor]]:
         # the tokenisation of the in-memory path, so both give the same ids
-        for ids in tokenize_documents(batch, tokenizer):
-            pending += ids
-            pending.append(eos)
-        usable = len(pending) // block_size * block_size
-        for start in range(0, usable, block_size):
-            # one tensor per block, not views of a batch tensor: a view in the shuffle buffer would pin its whole batch
-            yield torch.tensor(pending[start : start + block_size], dtype=torch.long)
-        del pending[:usable]
-
-
-def buffer_shuffle(blocks: Iterator[torch.Tensor], size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:
-    """Each block leaves from a random place of a buffer of `size`; a block may move forward by about `size`."""
-    buffer: list[torch.Tensor] = []
-    for block in blocks:
-        if len(buffer) < size:
-            buffer.append(block)
-            continue
-        slot = int(rng.integers(size))
-        yield buffer[slot]
-        buffer[slot] = block
-    rng.shuffle(buffer)
-    yield from buffer
+        for ids in tokenize_documents(texts, self.tokenizer):
+            self.pending += ids
+            self.pending.append(self.eos)
+        usable = len(self.pending) // self.block_size * self.block_size
+        # one tensor per block, not views of a batch tensor: a view in the shuffle buffer would pin its whole batch
+        blocks = [
+            torch.tensor(self.pending[start : start + self.block_size], dtype=torch.long)
+            for start in range(0, usable, self.block_size)
+        ]
+        del self.pending[:usable]
+        return {"input_ids": blocks}
 
 
 def resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -149,19 +182,20 @@ def resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-class StreamingTextDataset(IterableDataset):
+class StreamingTextDataset(torch.utils.data.IterableDataset):
     """Blocks of `block_size` tokens from pretrain jsonl files ({"text"} rows) too large for memory.
 
     Yields {"input_ids", "labels"} (equal: causal LM), int64 tensors of `block_size`. With
-    `shuffle_buffer` > 0 the file order is permuted per epoch and blocks pass through a buffer of
-    that many blocks; the order is fixed by (seed, epoch, world size, worker count). With 0, blocks
-    come in file order, equal to `stages.pretrain.pack` of the same documents on one shard.
+    `shuffle_buffer` > 0 the library permutes the sources per epoch and passes the blocks through a
+    buffer of that many; the order is fixed by (seed, epoch, world size, worker count). With 0,
+    blocks come in file order, equal to `stages.pretrain.pack` of the same documents on one reader.
 
-    Sharding: reader = rank * workers + worker, readers = world_size * workers (see `Shard.by_file`).
-    Rank and world size come from the arguments, else from torch.distributed when it is
-    initialised at construction. Under the HF Trainer on several processes pass rank=0,
-    world_size=1: accelerate reads an IterableDataset on rank 0 only and sends each rank its
-    batches (`dispatch_batches`, its default there), so a rank-sharded stream would lose data.
+    Each pass builds the library's pipeline for the readers there are (world_size x the DataLoader's
+    workers, known only inside a worker) and a fresh Packer. Rank and world size come from the
+    arguments, else from torch.distributed when it is initialised at construction. Under the HF
+    Trainer on several processes pass rank=0, world_size=1: accelerate reads an IterableDataset on
+    rank 0 only and sends each rank its batches (`dispatch_batches`, its default there), so a
+    rank-sharded stream would lose data.
 
     A bad line raises DataError naming file:line: field: rule, or with on_invalid="skip" is
     counted in `skipped` (summed over DataLoader workers) and left out.
@@ -200,7 +234,7 @@ class StreamingTextDataset(IterableDataset):
         self._shared = torch.zeros(2 + MAX_WORKERS, dtype=torch.long).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the HF Trainer (via accelerate) before each epoch: a new file order and shuffle."""
+        """Called by the HF Trainer (via accelerate) before each epoch: a new source order and shuffle."""
         self._shared[0] = epoch
 
     @property
@@ -212,49 +246,47 @@ class StreamingTextDataset(IterableDataset):
         """Invalid rows left out so far under on_invalid="skip", over every iteration and worker."""
         return int(self._shared[1:].sum())
 
-    def shard(self) -> tuple[Shard, int]:
-        """This reader's shard and the slot it counts skipped rows in."""
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+    def blocks(self, workers: int) -> datasets.IterableDataset:
+        """This rank's part of the stream as the library's pipeline; iterated in a DataLoader worker, the library
+        keeps that worker's sources."""
         if workers > MAX_WORKERS:
             raise ValueError(f"a StreamingTextDataset serves at most {MAX_WORKERS} DataLoader workers, not {workers}")
-        return Shard(self.rank * workers + worker_id, self.world_size * workers), (2 + worker_id if worker else 1)
-
-    def texts(self, shard: Shard, slot: int, files: list[Path]) -> Iterator[str]:
-        for path, number, raw, oversize in read_lines(files, shard):
-            parsed = parse_line(path, number, raw, oversize)
-            if isinstance(parsed, Problem):
-                if self.on_invalid == "fail":
-                    raise DataError([parsed])
-                self._shared[slot] += 1
-            elif parsed is not None:
-                yield parsed
+        rows = datasets.IterableDataset.from_generator(
+            checked_rows,
+            gen_kwargs={
+                "sources": slices(self.files, self.world_size * workers),
+                "on_invalid": self.on_invalid,
+                "skipped": self._shared,
+            },
+        )
+        blocks = rows.map(
+            Packer(self.tokenizer, self.block_size),
+            input_columns=["text"],
+            remove_columns=["text"],
+            batched=True,
+            batch_size=DOCUMENTS_PER_CALL,
+        )
+        if self.shuffle_buffer:
+            # The same seed on every rank, so every rank permutes the sources alike and the split stays a partition.
+            # One source at a time into the buffer: the library interleaves several on prefetching threads, which
+            # would call the Packer at once (see the module docstring).
+            blocks = blocks.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer, max_buffer_input_shards=1)
+        # "shards": deal out sources, never every world_size-th example (every rank would tokenise everything)
+        blocks = split_dataset_by_node(blocks, self.rank, self.world_size, strategy="shards")
+        if self.shuffle_buffer:  # unshuffled, the library would still permute the sources from epoch 1 on
+            blocks.set_epoch(self.epoch)  # after the split, which starts a new dataset at epoch 0
+        return blocks
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        shard, slot = self.shard()
-        epoch = self.epoch
-        files = self.files
-        if self.shuffle_buffer:
-            # the same permutation on every reader (seeded without the shard), so the shards still partition the corpus
-            files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
-        blocks = pack_blocks(self.texts(shard, slot, files), self.tokenizer, self.block_size)
-        if self.shuffle_buffer:
-            blocks = buffer_shuffle(
-                blocks, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, shard.count, shard.index])
-            )
-        for block in blocks:
+        worker = torch.utils.data.get_worker_info()
+        for example in self.blocks(worker.num_workers if worker else 1):
+            block = example["input_ids"]
             yield {"input_ids": block, "labels": block.clone()}
 
 
 def documents(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail") -> Iterator[str]:
     """Every document of a corpus in file order, one line in memory at a time (e.g. to train a tokenizer on)."""
-    for path, number, raw, oversize in read_lines(named_files(patterns), Shard(0, 1)):
-        parsed = parse_line(path, number, raw, oversize)
-        if isinstance(parsed, Problem):
-            if on_invalid == "fail":
-                raise DataError([parsed])
-        elif parsed is not None:
-            yield parsed
+    yield from checked_texts(map(Slice, named_files(patterns)), on_invalid)
 
 
 @dataclass
@@ -274,15 +306,16 @@ def check_corpus(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail")
     With "fail", raise one DataError listing the problems (the first KEPT_PROBLEMS, then a count)."""
     files = named_files(patterns)
     check = CorpusCheck(files=len(files))
-    for path, number, raw, oversize in read_lines(files, Shard(0, 1)):
-        check.bytes += oversize or len(raw)
-        parsed = parse_line(path, number, raw, oversize)
-        if isinstance(parsed, Problem):
-            check.invalid += 1
-            if len(check.problems) < KEPT_PROBLEMS:
-                check.problems.append(parsed)
-        elif parsed is not None:
-            check.rows += 1
+    for file in files:
+        for path, number, raw, oversize in read_lines(Slice(file)):
+            check.bytes += oversize or len(raw)
+            parsed = parse_line(path, number, raw, oversize)
+            if isinstance(parsed, Problem):
+                check.invalid += 1
+                if len(check.problems) < KEPT_PROBLEMS:
+                    check.problems.append(parsed)
+            elif parsed is not None:
+                check.rows += 1
     if on_invalid == "fail" and check.invalid:
         listed = list(check.problems)
         if check.invalid > len(listed):
