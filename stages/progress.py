@@ -84,8 +84,8 @@ def prepared_line(stage: str, prepared: Prepared, seconds: float) -> str:
 
 def step_line(stage: str, step: int, total: int, figures: dict[str, float], tokens: int, seconds: float, steps: int):
     """`sft  step 20/200  loss 1.234  1,530 tok/s  eta 2m10s`: where a stage is. `tokens`, `seconds` and `steps` are
-    this session's (a resumed stage's rate and ETA start at the resume); rate and ETA are left out until a step is
-    done, the ETA at the last step."""
+    counted since this process began training (a resumed stage's rate and ETA start at the resume); rate and ETA are
+    left out until a step is done, the ETA at the last step."""
     parts = [stage, f"step {step}/{total}", *(f"{name} {value:.4g}" for name, value in figures.items())]
     if steps > 0 and seconds > 0:
         if tokens:

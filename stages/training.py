@@ -130,7 +130,8 @@ def fit(trainer: Trainer, measure: Callable[[], dict[str, float]] | None = None)
         resumed_from, tokens_before = state["global_step"], state.get("num_input_tokens_seen", 0)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
-    tokens = trainer.state.num_input_tokens_seen - tokens_before  # this session's: runtime counts only since the resume
+    # since this process began training: runtime counts only since the resume
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
     if tokens and metrics.get("train_runtime"):
         metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
     metrics["global_step"] = float(trainer.state.global_step)
@@ -177,7 +178,7 @@ class Progress(TrainerCallback):
         if "loss" in logs:  # a training step's log
             self.figures = {name: float(logs[name]) for name in self.FIGURES if name in logs}
             self.status.mark(self.line(args, state))
-        elif "train_runtime" in logs:  # the end-of-training summary: the last step's figures, this session's rate
+        elif "train_runtime" in logs:  # the end-of-training summary: the last step's figures, the rate since the resume
             seconds, tokens = logs["train_runtime"], state.num_input_tokens_seen - self.start_tokens
             where = args.device.type + (f" x{args.world_size}" if args.world_size > 1 else "")
             self.status.finish(
