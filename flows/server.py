@@ -186,11 +186,6 @@ def start(home: Home, timeout: float = START_TIMEOUT) -> tuple[str, Callable[[],
     return state["url"], answering
 
 
-def ensure(home: Home, timeout: float = START_TIMEOUT) -> str:
-    """The API URL of the home's Prefect server once it answers (see `start`)."""
-    return start(home, timeout)[1]()
-
-
 def _stop_recorded(folder: Path) -> bool:
     """Stop the server recorded in `folder`, if its process still runs; forget it either way."""
     path = folder / "server.json"

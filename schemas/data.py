@@ -381,11 +381,6 @@ def read_files(paths: list[Path], fmt: Format, on_invalid: OnInvalid = "fail") -
     )
 
 
-def validate_file(path: Path, fmt: Format) -> pl.DataFrame:
-    """Every valid row of `path` in canonical form; raise DataError naming every problem if there is one."""
-    return read_file(path, fmt, "fail").frame
-
-
 def check_files(files: list[tuple[Path, Format, OnInvalid]]) -> dict[str, Validated]:
     """Each file read under its policy; one DataError with every problem of every file that must not fail."""
     results: dict[str, Validated] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from examples.generate import DATA_DIR, generate, render
-from schemas.data import MAX_LINE_BYTES, DataError, Problem, check_files, read_file, validate_file
+from schemas.data import MAX_LINE_BYTES, DataError, Problem, check_files, read_file
 
 CONVERSATION = '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
 ROLE_ORDER = (
@@ -27,7 +27,7 @@ def write(tmp_path: Path, *lines: str | dict, name: str = "data.jsonl") -> Path:
 
 
 def canonical_rows(path: Path, fmt: str) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "line"} for row in validate_file(path, fmt).to_dicts()]
+    return [{k: v for k, v in row.items() if k != "line"} for row in read_file(path, fmt).frame.to_dicts()]
 
 
 def msgs(*pairs: tuple[str, str], keys: tuple[str, str] = ("role", "content")) -> list[dict]:
@@ -152,7 +152,7 @@ def test_every_accepted_shape_normalises_to_one_canonical_row(tmp_path: Path, fm
     expected, shapes = SHAPES[fmt]
     path = write(tmp_path, *shapes)  # one file mixing every shape: detection is per row
     assert canonical_rows(path, fmt) == [expected] * len(shapes)
-    assert validate_file(path, fmt)["line"].to_list() == list(range(1, len(shapes) + 1))
+    assert read_file(path, fmt).frame["line"].to_list() == list(range(1, len(shapes) + 1))
 
 
 def test_alpaca_input_joins_the_instruction_and_an_empty_system_means_none(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def test_pro_summaries_take_the_prompt_string_as_one_user_turn(tmp_path: Path) -
 
 def test_a_prompt_without_answer_has_a_null_answer(tmp_path: Path) -> None:
     path = write(tmp_path, {"prompt": "Hi"}, {"prompt": "Hi", "answer": None})
-    assert validate_file(path, "prompts")["answer"].to_list() == [None, None]
+    assert read_file(path, "prompts").frame["answer"].to_list() == [None, None]
 
 
 def test_ranked_candidates_are_sorted_best_first_and_ties_are_notes(tmp_path: Path) -> None:
@@ -396,7 +396,7 @@ def test_every_rule_names_file_line_field_and_rule(
     bad = {"conversations": line} if isinstance(line, list) else line
     path = write(tmp_path, VALID_ROW[fmt], bad, VALID_ROW[fmt])
     with pytest.raises(DataError) as err:
-        validate_file(path, fmt)
+        read_file(path, fmt)
     assert f"{path}:2: {message}" in [f"{p.file}:{p.line}: {p.field}: {p.rule}" for p in err.value.problems]
     assert {p.line for p in err.value.problems} == {2}
     assert f"{path}:2: {message}" in str(err.value)
@@ -421,7 +421,7 @@ def test_unreadable_lines_are_problems_of_the_line(tmp_path: Path, raw: bytes, r
     path = tmp_path / "chat.jsonl"
     path.write_bytes(CONVERSATION.encode() + b"\n" + raw + b"\n" + CONVERSATION.encode() + b"\n")
     with pytest.raises(DataError) as err:
-        validate_file(path, "conversations")
+        read_file(path, "conversations")
     assert [(p.line, p.field, p.rule) for p in err.value.problems] == [(2, "(line)", rule)]
 
 
@@ -455,7 +455,7 @@ def test_bom_crlf_and_blank_lines_are_tolerated(tmp_path: Path) -> None:
     path = tmp_path / "chat.jsonl"
     bom = b"\xef\xbb\xbf"  # also mid-file, where `cat a.jsonl b.jsonl` leaves the second file's
     path.write_bytes(bom + CONVERSATION.encode() + b"\r\n\r\n  \t\n" + bom + CONVERSATION.encode() + b"\n\n")
-    frame = validate_file(path, "conversations")
+    frame = read_file(path, "conversations").frame
     assert frame["line"].to_list() == [1, 4]
     assert frame["roles"].to_list() == [["user", "assistant"]] * 2
 
@@ -463,17 +463,17 @@ def test_bom_crlf_and_blank_lines_are_tolerated(tmp_path: Path) -> None:
 def test_excerpts_show_control_characters_escaped(tmp_path: Path) -> None:
     path = write(tmp_path, '{"text": "\\u001b[31mred"')
     with pytest.raises(DataError) as err:
-        validate_file(path, "text")
+        read_file(path, "text")
     assert err.value.problems[0].excerpt == '{"text": "\\u001b[31mred"'
     path.write_bytes(b'{"text": "\x1b[31mred\t"}\n')
     with pytest.raises(DataError) as err:
-        validate_file(path, "text")
+        read_file(path, "text")
     assert err.value.problems[0].excerpt == '{"text": "\\x1b[31mred\\t"}'
 
 
 def test_an_unreadable_file_is_a_problem_of_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
-        validate_file(tmp_path / "missing.jsonl", "text")
+        read_file(tmp_path / "missing.jsonl", "text")
     assert [str(p) for p in err.value.problems] == [
         f"{tmp_path / 'missing.jsonl'}:0: (file): cannot be read: No such file or directory"
     ]
@@ -510,7 +510,7 @@ def test_an_empty_file_is_a_problem(tmp_path: Path) -> None:
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
     with pytest.raises(DataError, match="holds no rows"):
-        validate_file(path, "text")
+        read_file(path, "text")
     with pytest.raises(DataError, match="holds no rows"):
         read_file(path, "text", "skip")
 

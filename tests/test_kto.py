@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from examples.generate import DATA_DIR
-from schemas.data import DataError, validate_file
+from schemas.data import DataError, read_file
 from schemas.load import SpecError, load_spec
 from schemas.spec import KTOStage, LoraSpec, TrainSpec
 from stages import kto
@@ -62,7 +62,7 @@ def test_unpaired_shapes_and_pairs_normalise_to_labelled_completions(tmp_path: P
             "rejected": msgs(("system", "Be brief."), ("user", "Add 2 and 3."), ("assistant", "6")),
         },
     )
-    frame = validate_file(path, "unpaired")
+    frame = read_file(path, "unpaired").frame
     assert [{k: v for k, v in row.items() if k != "line"} for row in frame.to_dicts()] == [
         prompt | {"completions": ["5"], "labels": [True]},
         prompt | {"completions": ["6"], "labels": [False]},
@@ -123,12 +123,12 @@ def test_every_unpaired_rule_names_file_line_field_and_rule(tmp_path: Path, line
     good = {"prompt": "Q", "completion": "a", "label": True}
     path = write(tmp_path, good, line, good)
     with pytest.raises(DataError) as err:
-        validate_file(path, "unpaired")
+        read_file(path, "unpaired")
     assert [f"{p.file}:{p.line}: {p.field}: {p.rule}" for p in err.value.problems] == [f"{path}:2: {message}"]
 
 
 def test_the_bundled_pairs_pass_the_unpaired_contract_as_two_rows_each() -> None:
-    frame = validate_file(DATA_DIR / "preference_heldout.jsonl", "unpaired")
+    frame = read_file(DATA_DIR / "preference_heldout.jsonl", "unpaired").frame
     listed = kto.labelled(frame)
     assert len(listed) == 2 * len(frame) and [s for _, _, s in listed[:4]] == [[1.0], [0.0], [1.0], [0.0]]
 
@@ -137,7 +137,7 @@ def test_the_bundled_pairs_pass_the_unpaired_contract_as_two_rows_each() -> None
 
 
 def test_every_row_is_paired_with_a_completion_of_another_prompt(tmp_path: Path) -> None:
-    listed = kto.labelled(validate_file(first_pairs(tmp_path), "unpaired"))
+    listed = kto.labelled(read_file(first_pairs(tmp_path), "unpaired").frame)
     paired = kto.with_mismatched(listed)
     assert paired == kto.with_mismatched(listed)  # a fixed draw: the prepared data does not depend on a run
     others = {json.dumps(prompt): [c for p, (c,), _ in listed if p == prompt] for prompt, _, _ in listed}

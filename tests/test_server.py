@@ -72,20 +72,20 @@ def test_a_server_that_cannot_start_is_one_message_naming_its_log(
         "PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/folder/prefect.db"
     )
     with pytest.raises(server.ServerError, match=r"exited while starting; its log \(.*server\.log\) ends with:\n"):
-        server.ensure(Home(tmp_path))
+        server.start(Home(tmp_path))[1]()
     assert not (tmp_path / "prefect" / "server.json").exists()
 
 
 def test_the_users_prefect_api_is_used_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
-    assert server.ensure(Home(tmp_path)) == "http://127.0.0.1:4200/api"
+    assert server.start(Home(tmp_path))[1]() == "http://127.0.0.1:4200/api"
     assert not (tmp_path / "prefect").exists() and os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
 
 
 def test_a_server_whose_home_is_removed_stops_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home" / "prefect"))
-    url = server.ensure(Home(tmp_path / "home"))
+    url = server.start(Home(tmp_path / "home"))[1]()
     pid = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())["pid"]
     assert url.startswith("http://127.0.0.1:") and running(pid)
     shutil.rmtree(tmp_path / "home")  # `make clean` while the server runs
