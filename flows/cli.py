@@ -341,26 +341,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """MLflow's UI on 127.0.0.1 against the home's store, with only what browsing needs.
+
+    `mlflow ui` as it comes starts four uvicorn workers, and a job runner with seven huey queue consumers for jobs
+    this tool never makes (GenAI judges, trace upkeep): 15 processes, 1.5 GB (proportional set size), and SIGINT to
+    the command left the job runner and its consumers running. Here one worker serves the UI, and job execution is
+    off through MLflow's own switch (MLFLOW_SERVER_ENABLE_JOB_EXECUTION, read by mlflow.server._run_server): two
+    processes, mlflow's command and the server it starts, 0.4 GB. This process becomes that command, which passes
+    SIGINT and SIGTERM on to the server and exits when it has; the server gives open requests at most
+    UI_SHUTDOWN_SECONDS (Ctrl-C at a terminal signals both: the server, told twice, stops without waiting)."""
     home = Home.from_env()
     if home.tracking_uri.startswith(("http://", "https://")):
         print(f"the runs are on the tracking server: browse {home.tracking_uri}")
         return 0
-    print(f"MLflow UI on http://127.0.0.1:{args.port} for {home.tracking_uri}")
-    os.execvp(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            home.tracking_uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.port),
-        ],
-    )
+    from mlflow.tracking.default_experiment import DEFAULT_EXPERIMENT_ID
+
+    from tasks.lineage import open_store
+
+    address = f"http://127.0.0.1:{args.port}"
+    print(f"MLflow UI on {address} for {home.tracking_uri}; Ctrl-C stops it")
+    # MLflow 3.17's UI opens an experiment in its GenAI view (traces) unless the browser's GenAI / Model training
+    # switch says otherwise: these addresses open each experiment's runs with the switch on Model training
+    for experiment in open_store(home).search_experiments(max_results=20, order_by=["last_update_time DESC"]):
+        if experiment.experiment_id != DEFAULT_EXPERIMENT_ID:
+            runs = f"{address}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+            print(f"  {experiment.name}: {runs}")
+    sys.stdout.flush()  # exec replaces this process, buffered output with it
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", home.tracking_uri]
+    command += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    command += ["--uvicorn-opts", f"--timeout-graceful-shutdown {UI_SHUTDOWN_SECONDS}"]
+    os.execve(sys.executable, command, os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+
+UI_SHUTDOWN_SECONDS = 3  # a browser's open request does not hold a stopping UI for longer
 
 
 def cmd_join(args: argparse.Namespace) -> int:

@@ -36,9 +36,12 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
     if swept := sweep_partials(home):
         get_run_logger().info("%d cache entries left half-written by processes that died are removed", swept)
     runs: dict[str, str] = {}
-    with lineage.pipeline_run(mlflow, experiment, spec.name, Path(spec_path).resolve()) as parent:
+    stages = [tokenizer_stage, *model_stages]
+    with lineage.pipeline_run(
+        mlflow, experiment, spec.name, Path(spec_path).resolve(), [s.name for s in stages]
+    ) as parent:
         ctx = Context(home, spec, experiment, parent)
-        for stage in [tokenizer_stage, *model_stages]:
+        for stage in stages:
             run_id = reuse(ctx, stage)
             reused = run_id is not None
             if stage is tokenizer_stage and not reused:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
@@ -36,6 +37,12 @@ from tasks.plan import PlannedStage
 TAG = "lifecycle."
 CHECKPOINT = "checkpoint"
 ADAPTER = "adapter"
+# What an experiment holds, as MLflow 3's UI reads it (mlflow/server/js: the `mlflow.experimentKind` tag, whose values
+# it writes itself from its experiment-type selector): model training opens on runs, charts and models, not on the
+# GenAI view of traces. MLflow 3.17's own UI lets a per-browser GenAI / Model training switch override it; `lifecycle
+# ui` prints each experiment's address with that switch set.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 class StoreError(LifecycleError):
@@ -68,6 +75,8 @@ def open_store(home: Home) -> MlflowClient:
 
 
 def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = True) -> str | None:
+    """The experiment named after the spec; created, marked as model training, when missing. One that exists (the
+    user's own, say) is used as it is."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted" and create:
@@ -77,7 +86,11 @@ def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = Tr
     if not create:
         return None
     artifact_root = home.artifact_root
-    return mlflow.create_experiment(name, artifact_location=f"{artifact_root}/{name}" if artifact_root else None)
+    return mlflow.create_experiment(
+        name,
+        artifact_location=f"{artifact_root}/{name}" if artifact_root else None,
+        tags={EXPERIMENT_KIND: MODEL_TRAINING},
+    )
 
 
 def runs_of(mlflow: MlflowClient, experiment: str, stage: PlannedStage, status: str | None = None) -> list[Run]:
@@ -189,23 +202,52 @@ def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage
 
 
 @contextmanager
-def pipeline_run(mlflow: MlflowClient, experiment: str, spec_name: str, spec_path: Path) -> Iterator[str]:
-    """The parent run of one pipeline run: FINISHED when every stage is, FAILED otherwise."""
-    run_id = mlflow.create_run(
-        experiment, run_name=spec_name, tags={f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path)} | process_tags()
-    ).info.run_id
+def pipeline_run(
+    mlflow: MlflowClient, experiment: str, spec_name: str, spec_path: Path, stages: list[str]
+) -> Iterator[str]:
+    """The parent run of one pipeline run: FINISHED when every stage is, FAILED otherwise. Its description (the run
+    page's first lines) names the spec, its stages in order and how the run ended."""
+    tags = {f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path), f"{TAG}stages": " ".join(stages)}
+    tags[MLFLOW_RUN_NOTE] = _pipeline_note(spec_name, tags, "running")
+    run_id = mlflow.create_run(experiment, run_name=spec_name, tags=tags | process_tags()).info.run_id
     try:
         mlflow.log_artifact(run_id, str(spec_path), "spec")
         yield run_id
     except BaseException as err:
         fail(mlflow, run_id, err)
+        run = mlflow.get_run(run_id)
+        # a stage is linked to the parent once it has finished (or was reused): the first one not linked is where
+        # the run stopped
+        stopped = next((name for name in stages if f"{TAG}stage.{name}" not in run.data.tags), None)
+        where = f"at stage {stopped}" if stopped else "after its last stage"
+        reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]  # the whole of it: the tag lifecycle.error
+        outcome = f"interrupted {where}" if _interrupted(err) else f"failed {where}: {reason}"
+        mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, run.data.tags, outcome))
         raise
+    mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, mlflow.get_run(run_id).data.tags, "finished"))
     mlflow.set_terminated(run_id, status="FINISHED")
+
+
+def _pipeline_note(spec_name: str, tags: dict[str, str], outcome: str) -> str:
+    """The parent run's description, in the Markdown MLflow shows it in; `tags`: the run's."""
+    lines = [
+        f"Pipeline **{spec_name}** (`{tags[TAG + 'spec']}`): {' → '.join(tags[TAG + 'stages'].split())}.",
+        f"Outcome: {outcome}.",
+    ]
+    for key, steps in sorted(tags.items()):
+        if key.startswith(f"{TAG}steps."):
+            evaluation = key.removeprefix(f"{TAG}steps.")
+            lines.append(f"Charts: `{evaluation}/<metric>` by step, one checkpoint a step: {steps}.")
+    return "\n\n".join(lines)
+
+
+def _interrupted(err: BaseException) -> bool:
+    return isinstance(err, (KeyboardInterrupt, SystemExit))
 
 
 def fail(mlflow: MlflowClient, run_id: str, err: BaseException) -> None:
     """Close a run that did not finish: KILLED when interrupted, FAILED otherwise, with the reason as a tag."""
-    interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+    interrupted = _interrupted(err)
     reason = "interrupted" if interrupted else f"{type(err).__name__}: {err}"
     mlflow.set_tag(run_id, f"{TAG}error", reason[:5000])
     mlflow.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
@@ -234,7 +276,34 @@ def start_stage_run(
         tags[f"{TAG}upstream_run"] = upstream_run
     if tokenizer_run:
         tags[f"{TAG}tokenizer_run"] = tokenizer_run
+    tags[MLFLOW_RUN_NOTE] = describe(stage, upstream_run)
     return mlflow.create_run(experiment, run_name=stage.name, tags=tags).info.run_id
+
+
+def describe(stage: PlannedStage, upstream_run: str | None) -> str:
+    """A stage run's description, one line: what kind of stage, on which data files, from which input."""
+    spec = stage.spec
+    if stage.kind == "tokenizer":
+        if spec.path is not None:
+            return f"tokenizer: the tokenizer at {spec.path}, adopted"
+        corpus = _files(spec.train.data) if spec.train.data else "the data of every stage"
+        return f"tokenizer: a {spec.train.vocab_size}-token BPE trained on {corpus}"
+    if stage.kind == "eval":
+        files = [path for paths, _ in spec.files().values() for path in paths]
+        return f"eval {stage.name}: scores {', '.join(spec.checkpoints)} side by side on {_files(files)}"
+    line = f"{stage.kind} {stage.name}: trains on {_files(spec.data)}"
+    if spec.heldout:
+        line += f", measured on {_files(spec.heldout)}"
+    if stage.upstream is None:
+        return f"{line}, from the spec's model"
+    return f"{line}, from stage {stage.upstream}" + (f" (run {upstream_run})" if upstream_run else "")
+
+
+def _files(paths: list[Path], shown: int = 3) -> str:
+    if not paths:
+        return "no files"
+    names = ", ".join(path.name for path in paths[:shown])
+    return f"{names} and {len(paths) - shown} more" if len(paths) > shown else names
 
 
 def log_stage_spec(mlflow: MlflowClient, run_id: str, stage: PlannedStage) -> None:
@@ -380,9 +449,36 @@ def log_report(
 
 def copy_report(mlflow: MlflowClient, source_run: str, target_run: str, folder_name: str) -> None:
     """An eval run's comparison, logged again in the pipeline run under `folder_name` (the eval stage's name),
-    so the pipeline's page shows it whether the eval ran now or was reused."""
+    so the pipeline's page shows it whether the eval ran now or was reused; its figures become metrics there too."""
     with tempfile.TemporaryDirectory() as folder:
-        mlflow.log_artifacts(target_run, mlflow.download_artifacts(source_run, EVAL_ARTIFACTS, folder), folder_name)
+        report = mlflow.download_artifacts(source_run, EVAL_ARTIFACTS, folder)
+        mlflow.log_artifacts(target_run, report, folder_name)
+        table = json.loads((Path(report) / "metrics.json").read_text())
+    log_comparison(mlflow, target_run, folder_name, table)
+
+
+def log_comparison(mlflow: MlflowClient, run_id: str, evaluation: str, table: dict) -> None:
+    """The eval table (a log_table JSON: a row per checkpoint, in lineage order) as metrics `<eval stage>/<metric>`,
+    each logged at step = its checkpoint's row, and the tag `lifecycle.steps.<eval stage>` ("0:pretrain 1:sft ...")
+    naming the checkpoint of each step.
+
+    Why steps: MLflow charts a metric's history as a line over steps, so each measure is one chart that follows the
+    lineage from checkpoint to checkpoint, and the pipeline runs of an experiment overlay in it. Metrics named
+    `<checkpoint>/<metric>` (as the eval run logs them) are single values: the UI gives each its own chart of one bar
+    a run, checkpoints times metrics of them, and no chart puts two checkpoints side by side. The eval stage's name
+    prefixes the metrics, so the UI groups them in a section of that name and two eval stages never mix."""
+    columns, rows = table["columns"], table["data"]
+    checkpoints = [row[columns.index("checkpoint")] for row in rows]
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"{evaluation}/{column}", float(value), now, step)
+        for step, row in enumerate(rows)
+        for column, value in zip(columns, row)
+        # null: not measured for that checkpoint (log_table writes nan as null), left out of the line
+        if column != "checkpoint" and isinstance(value, int | float) and math.isfinite(value)
+    ]
+    steps = " ".join(f"{step}:{name}" for step, name in enumerate(checkpoints))
+    mlflow.log_batch(run_id, metrics=metrics, tags=[RunTag(f"{TAG}steps.{evaluation}", steps)])
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -74,17 +75,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ui_serves_the_project_store_on_loopback(quick_run) -> None:
+def test_ui_serves_the_project_store_on_loopback_and_ctrl_c_stops_all_of_it(quick_run, tmp_path: Path) -> None:
+    import psutil
+    from mlflow import MlflowClient
+
     root, runs = quick_run
     port = free_port()
     env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with open(tmp_path / "ui.out", "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own group: the test's cleanup reaches whatever it left
+        )
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={runs['sft']}"
         deadline = time.monotonic() + 90
@@ -97,8 +102,27 @@ def test_ui_serves_the_project_store_on_loopback(quick_run) -> None:
                 assert server.poll() is None and time.monotonic() < deadline, "the UI did not come up"
                 time.sleep(0.5)
         assert run["info"]["run_name"] == "sft" and run["info"]["status"] == "FINISHED"
+
+        # what browsing needs: mlflow's command (this process, exec'd) and one server; no job runner, no consumers
+        top = psutil.Process(server.pid)
+        tree = [top, *top.children(recursive=True)]
+        commands = [" ".join(process.cmdline()) for process in tree]
+        assert len(tree) == 2 and "-m mlflow ui" in commands[0] and "-m uvicorn" in commands[1], commands
+        listening = {c.laddr for p in tree for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", port)}
+
+        experiment = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("quick").experiment_id
+        link = f"quick: http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        assert link in (tmp_path / "ui.out").read_text()
+
+        server.send_signal(signal.SIGINT)  # to the command alone, not its group: it stops what it started
+        gone, left = psutil.wait_procs(tree, timeout=10)
+        assert not left, [" ".join(process.cmdline()) for process in left]
     finally:
-        os.killpg(server.pid, 15)
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         server.wait(timeout=30)
 
 

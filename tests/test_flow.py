@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -226,3 +227,96 @@ def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_ru
         assert set(scored) <= set(samples["columns"]) and samples["data"]
     metrics = mlflow.get_run(runs["eval"]).data.metrics
     assert "sft/exact_match" in metrics and "dpo/preference_accuracy" in metrics and "pretrain/perplexity" in metrics
+
+
+def test_experiments_made_here_open_as_model_training_and_a_users_own_is_left_as_it_is(
+    quick_run, tmp_path, monkeypatch
+) -> None:
+    from tasks.home import Home
+    from tasks.lineage import experiment_id, open_store
+
+    root, _ = quick_run
+    made = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_experiment_by_name("quick")
+    assert made.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    use_home(monkeypatch, tmp_path)
+    home = Home.from_env()
+    mlflow = open_store(home)
+    traces = mlflow.create_experiment("traces", tags={"mlflow.experimentKind": "genai_development"})
+    plain = mlflow.create_experiment("plain")
+    assert experiment_id(mlflow, home, "traces") == traces and experiment_id(mlflow, home, "plain") == plain
+    assert mlflow.get_experiment(traces).tags == {"mlflow.experimentKind": "genai_development"}
+    assert mlflow.get_experiment(plain).tags == {}
+    new = experiment_id(mlflow, home, "new")
+    assert mlflow.get_experiment(new).tags == {"mlflow.experimentKind": "custom_model_development"}
+
+
+def test_the_pipeline_run_charts_the_eval_table_one_checkpoint_a_step(quick_run, tmp_path) -> None:
+    root, runs = quick_run
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    parent = mlflow.get_run(mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"])
+    table = json.loads(open(mlflow.download_artifacts(parent.info.run_id, "eval/metrics.json", str(tmp_path))).read())
+    columns, rows = table["columns"], table["data"]
+    checkpoints = [row[columns.index("checkpoint")] for row in rows]
+    assert checkpoints == ["pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "kto", "grpo"]
+    assert parent.data.tags["lifecycle.steps.eval"] == " ".join(f"{i}:{name}" for i, name in enumerate(checkpoints))
+    measured = {}
+    for column in columns[1:]:
+        points = [(step, row[columns.index(column)]) for step, row in enumerate(rows)]
+        if finite := [(step, value) for step, value in points if value is not None and math.isfinite(value)]:
+            measured[f"eval/{column}"] = finite
+    assert set(parent.data.metrics) == set(measured)
+    for name, points in measured.items():
+        history = sorted((m.step, m.value) for m in mlflow.get_metric_history(parent.info.run_id, name))
+        assert history == points, name
+    # every checkpoint has a perplexity: a line across the whole lineage; only some are scored on preferences
+    assert [step for step, _ in measured["eval/perplexity"]] == list(range(len(checkpoints)))
+
+
+def test_runs_describe_themselves_on_their_pages(quick_run) -> None:
+    root, runs = quick_run
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+    def note(run_id: str) -> str:
+        return mlflow.get_run(run_id).data.tags["mlflow.note.content"]
+
+    parent = mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"]
+    assert note(parent).split("\n\n") == [
+        f"Pipeline **quick** (`{QUICK}`): " + " → ".join(runs) + ".",
+        "Outcome: finished.",
+        "Charts: `eval/<metric>` by step, one checkpoint a step: "
+        "0:pretrain 1:sft 2:sft-lora 3:dpo 4:pro 5:tuna 6:kto 7:grpo.",
+    ]
+    assert note(runs["tokenizer"]) == "tokenizer: a 512-token BPE trained on pretrain.jsonl"
+    assert note(runs["pretrain"]) == (
+        "pretrain pretrain: trains on pretrain.jsonl, measured on pretrain_heldout.jsonl, from the spec's model"
+    )
+    assert note(runs["sft"]) == (
+        f"sft sft: trains on sft.jsonl, measured on sft_heldout.jsonl, from stage pretrain (run {runs['pretrain']})"
+    )
+    assert note(runs["kto"]).endswith(f"from stage sft-lora (run {runs['sft-lora']})")
+    assert note(runs["eval"]).startswith("eval eval: scores pretrain, sft, sft-lora, dpo, pro, tuna, kto, grpo side")
+
+
+def test_a_pipeline_run_that_stops_says_at_which_stage(tmp_path) -> None:
+    from tasks.lineage import link, pipeline_run
+
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("quick", artifact_location=(tmp_path / "artifacts").as_uri())
+    tokenizer, pretrain, *_ = stages = plan(load_spec(QUICK))
+    names = [stage.name for stage in stages]
+    header = f"Pipeline **quick** (`{QUICK}`): " + " → ".join(names) + "."
+    parents = []
+    for interruption, done in ((ValueError("the data moved\nmore about it"), [tokenizer]), (KeyboardInterrupt(), [])):
+        with pytest.raises(type(interruption)), pipeline_run(mlflow, experiment, "quick", QUICK, names) as parent:
+            parents.append(parent)
+            assert mlflow.get_run(parent).data.tags["mlflow.note.content"] == f"{header}\n\nOutcome: running."
+            for stage in done:
+                link(mlflow, parent, stage, "a-run-id", reused=False)
+            raise interruption
+    failed, interrupted = (mlflow.get_run(parent) for parent in parents)
+    assert failed.info.status == "FAILED" and interrupted.info.status == "KILLED"
+    assert failed.data.tags["mlflow.note.content"] == (
+        f"{header}\n\nOutcome: failed at stage {pretrain.name}: ValueError: the data moved."
+    )
+    assert interrupted.data.tags["mlflow.note.content"] == f"{header}\n\nOutcome: interrupted at stage tokenizer."
