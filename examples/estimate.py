@@ -72,34 +72,26 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def estimate(spec_path: Path, timings: dict) -> tuple[float, float, dict] | None:
-    """(estimated seconds, this machine's step, the reference), or None when the spec has no reference."""
-    reference = timings.get(spec_path.name)
-    if reference is None:
-        return None
-    step = step_seconds(spec_path)
-    return reference["run_seconds"] * step / reference["step_seconds"], step, reference
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
     parser.add_argument("--record", type=float, metavar="SECONDS", help="a fresh run's wall time on this machine")
+    parser.add_argument("--step", type=float, help="with --record: the step measured beside that run (default: now)")
     args = parser.parse_args()
     # as `lifecycle run` has it (flows/cli.py): read when torch loads, and much faster beside busy processes
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     timings = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
+    step = args.step if args.record is not None and args.step else step_seconds(args.spec)
     if args.record is not None:
-        step = step_seconds(args.spec)
         timings[args.spec.name] = {"run_seconds": args.record, "step_seconds": round(step, 4), "cpu": cpu_model()}
         TIMINGS.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
         print(f"{TIMINGS}: {args.spec.name} took {minutes(args.record)} with a step of {step:.3f} s on {cpu_model()}")
         return
-    found = estimate(args.spec, timings)
-    if found is None:
-        print(f"{args.spec}: no reference timing to estimate from")
+    reference = timings.get(args.spec.name)
+    if reference is None:
+        print(f"{args.spec}: a training step takes {step:.2f} s here; no reference run to scale it by")
         return
-    seconds, step, reference = found
+    seconds = reference["run_seconds"] * step / reference["step_seconds"]
     print(
         f"{args.spec}: expect about {minutes(seconds)} on this machine ({cpu_model()}): a training step takes "
         f"{step:.2f} s here as busy as it is now, {reference['step_seconds']:.2f} s on the {reference['cpu']} where a "
