@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +66,18 @@ class Home:
         if user_profiles.exists():
             os.environ.setdefault("PREFECT_PROFILES_PATH", str(user_profiles))
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond this machine
+
+
+def lease_seconds() -> float:
+    """How long a RUNNING run counts as alive after its last heartbeat ($LIFECYCLE_LEASE_SECONDS, 60 by default).
+    The process that opened the run renews it four times a lease, so a slow request or two do not lose it."""
+    return float(os.environ.get("LIFECYCLE_LEASE_SECONDS", "60"))
+
+
+def host() -> str:
+    """This machine's name in the runs it opens: $LIFECYCLE_HOST where set (a container's hostname often says little,
+    and two containers may share one), else the hostname."""
+    return os.environ.get("LIFECYCLE_HOST") or socket.gethostname()
 
 
 def sweep_partials(home: Home) -> int:

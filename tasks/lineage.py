@@ -14,8 +14,8 @@ import json
 import math
 import os
 import shutil
-import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +29,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
 from stages.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
-from stages.progress import transfer
-from tasks.home import Home, running
+from stages.progress import say, transfer
+from tasks.home import Home, host, lease_seconds, running
 from tasks.keys import file_digest, folder_digest
 from tasks.plan import PlannedStage
 
@@ -119,22 +119,60 @@ def _started(pid: int) -> str:
         return ""
 
 
+LEASE = f"{TAG}lease_until"  # unix time until which a RUNNING run's process is taken to be alive
+# How long a stage run waits, once opened, before it reads who else opened one: longer than a request takes to reach the
+# store, so of two processes that race for a stage both see both runs and agree on the first.
+CLAIM_SETTLE_SECONDS = 1.0
+
+
 def process_tags() -> dict[str, str]:
-    """What identifies this process as a run's owner."""
+    """What identifies this process as a run's owner, and its first lease."""
     return {
-        f"{TAG}host": socket.gethostname(),
+        f"{TAG}host": host(),
         f"{TAG}pid": str(os.getpid()),
         f"{TAG}pid_started": _started(os.getpid()),
+        LEASE: f"{time.time() + lease_seconds():.3f}",
     }
 
 
+def lease_until(run: Run) -> float:
+    """Until when the run's process is taken to be alive; a run opened before leases, from its start."""
+    if LEASE in run.data.tags:
+        return float(run.data.tags[LEASE])
+    return run.info.start_time / 1000 + lease_seconds()
+
+
 def alive(run: Run) -> bool:
-    """Whether the process that opened a RUNNING run still runs; a run from another host is trusted."""
+    """Whether the process that opened a RUNNING run still holds it. On this host its pid answers at once; on any
+    other, its lease: a run whose heartbeat stopped for longer than a lease is dead wherever it ran."""
     tags = run.data.tags
-    if tags.get(f"{TAG}host") != socket.gethostname():
-        return True
-    pid = int(tags.get(f"{TAG}pid", "0"))
-    return pid > 0 and running(pid) and tags.get(f"{TAG}pid_started", "") == _started(pid)
+    if tags.get(f"{TAG}host") == host():
+        pid = int(tags.get(f"{TAG}pid", "0"))
+        return pid > 0 and running(pid) and tags.get(f"{TAG}pid_started", "") == _started(pid)
+    return time.time() < lease_until(run)
+
+
+@contextmanager
+def heartbeat(mlflow: MlflowClient, run_id: str) -> Iterator[None]:
+    """Renew the run's lease from a daemon thread while the block runs (a launched stage's ranks included: the
+    process that waits for them beats for them)."""
+    length = lease_seconds()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(length / 4):
+            try:
+                mlflow.set_tag(run_id, LEASE, f"{time.time() + length:.3f}")
+            except Exception as err:  # the store did not answer this time: the next beat tries again, within the lease
+                say(f"run {run_id}: its lease was not renewed this time ({type(err).__name__}: {err})")
+
+    thread = threading.Thread(target=renew, name=f"lease-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=length)
 
 
 def owner(run: Run) -> str:
@@ -166,19 +204,26 @@ def close_dead(mlflow: MlflowClient, experiment: str) -> list[str]:
 
 
 def _close_dead_run(mlflow: MlflowClient, run: Run) -> None:
+    if run.data.tags.get(f"{TAG}host") == host():
+        how = f"its process ({owner(run)}) was found dead"
+    else:
+        expired = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease_until(run)))
+        how = f"its lease ran out at {expired}, so its process ({owner(run)}) was found dead"
     mlflow.set_tag(
         run.info.run_id,
         f"{TAG}killed",
-        f"its process ({owner(run)}) was found dead at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()}",
+        f"{how} at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()} on {host()}",
     )
     mlflow.set_terminated(run.info.run_id, status="KILLED")
 
 
 @contextmanager
-def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> Iterator[None]:
-    """Run a stage as its only runner: a second process of this home (or a live run elsewhere) is refused with a
-    message naming who has it. The claim is a lock on a file, so a process that dies (kill -9) lets go of it at once;
-    the runs of this stage it left RUNNING are then closed as KILLED."""
+def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> Iterator[str | None]:
+    """Run a stage as its only runner: a second process of this home, or a live run elsewhere, is refused with a
+    message naming who has it. In a home the claim is a lock on a file, so a process that dies (kill -9) lets go of it
+    at once; across homes that share only the store, `start_stage_run` settles it. Runs of this stage left RUNNING by
+    a dead process are closed as KILLED, and the work of the last one that did not finish is taken over: yields a
+    sentence on where the stage resumes from when that work is another home's (None when it is this home's)."""
     path = home.claim_file(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
@@ -192,13 +237,37 @@ def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage
                 "then run again"
             ) from None
         for run in runs_of(mlflow, experiment, stage, "RUNNING"):
-            if alive(run):  # on another host that shares the store
-                raise StageBusy(
-                    f"stage {stage.name} is being run right now by {owner(run)}; wait for it to finish "
-                    "or stop that process, then run again"
-                )
+            if alive(run):  # on another host, or in another home, that shares the store
+                raise _busy(stage, run)
             _close_dead_run(mlflow, run)
-        yield
+        yield _take_over(mlflow, home, experiment, stage)
+
+
+def _busy(stage: PlannedStage, run: Run) -> StageBusy:
+    return StageBusy(
+        f"stage {stage.name} is being run right now by {owner(run)}; wait for it to finish or stop that process, "
+        "then run again"
+    )
+
+
+def _take_over(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> str | None:
+    """Bring the in-stage checkpoints of the last unfinished run of the stage into this home's work folder when they
+    are another home's and can be read from here (a shared file system, or this machine); what was done, in words."""
+    runs = runs_of(mlflow, experiment, stage)
+    if not runs or runs[0].info.status == "FINISHED" or f"{TAG}workdir" not in runs[0].data.tags:
+        return None
+    previous, ours = Path(runs[0].data.tags[f"{TAG}workdir"]) / "trainer", home.work(stage) / "trainer"
+    if previous == ours or list(ours.glob("checkpoint-*")):
+        return None  # this home's own work: the stage resumes from it as it always does
+    if not list(previous.glob("checkpoint-*")):
+        return (
+            f"stage {stage.name} restarts from step 0: the in-stage checkpoints of its unfinished run "
+            f"{runs[0].info.run_id} ({owner(runs[0])}) at {previous} are not reachable from here"
+        )
+    partial = partial_folder(ours)
+    shutil.copytree(previous, partial, dirs_exist_ok=True)
+    partial.rename(ours)
+    return f"stage {stage.name} takes over the in-stage checkpoints of run {runs[0].info.run_id} at {previous}"
 
 
 @contextmanager
@@ -211,8 +280,9 @@ def pipeline_run(
     tags[MLFLOW_RUN_NOTE] = _pipeline_note(spec_name, tags, "running")
     run_id = mlflow.create_run(experiment, run_name=spec_name, tags=tags | process_tags()).info.run_id
     try:
-        mlflow.log_artifact(run_id, str(spec_path), "spec")
-        yield run_id
+        with heartbeat(mlflow, run_id):
+            mlflow.log_artifact(run_id, str(spec_path), "spec")
+            yield run_id
     except BaseException as err:
         fail(mlflow, run_id, err)
         run = mlflow.get_run(run_id)
@@ -265,19 +335,31 @@ def start_stage_run(
     parent: str,
     upstream_run: str | None,
     tokenizer_run: str | None,
+    workdir: Path,
 ) -> str:
+    """Open the stage's run, which claims the stage across homes: of the live runs of the stage, the first opened
+    trains it; a later one is closed as KILLED, saying who won, and StageBusy raised."""
     tags = {
         MLFLOW_PARENT_RUN_ID: parent,
         f"{TAG}stage": stage.name,
         f"{TAG}kind": stage.kind,
         f"{TAG}fingerprint": stage.fingerprint,
+        f"{TAG}workdir": str(workdir),
     } | process_tags()
     if upstream_run:
         tags[f"{TAG}upstream_run"] = upstream_run
     if tokenizer_run:
         tags[f"{TAG}tokenizer_run"] = tokenizer_run
     tags[MLFLOW_RUN_NOTE] = describe(stage, upstream_run)
-    return mlflow.create_run(experiment, run_name=stage.name, tags=tags).info.run_id
+    run_id = mlflow.create_run(experiment, run_name=stage.name, tags=tags).info.run_id
+    time.sleep(CLAIM_SETTLE_SECONDS)
+    rivals = [run for run in runs_of(mlflow, experiment, stage, "RUNNING") if run.info.run_id == run_id or alive(run)]
+    first = min(rivals, key=lambda run: (run.info.start_time, run.info.run_id))
+    if first.info.run_id != run_id:
+        mlflow.set_tag(run_id, f"{TAG}killed", f"lost the claim on stage {stage.name} to {owner(first)}")
+        mlflow.set_terminated(run_id, status="KILLED")
+        raise _busy(stage, first)
+    return run_id
 
 
 def describe(stage: PlannedStage, upstream_run: str | None) -> str:

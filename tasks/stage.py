@@ -100,23 +100,28 @@ def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work)
 
     A run that another process finished after this one looked for it (and before the claim) is reused, never trained
     twice."""
-    mlflow = lineage.client(ctx.home)
-    with lineage.claim(mlflow, ctx.home, ctx.experiment, stage):
+    mlflow, workdir = lineage.client(ctx.home), ctx.home.work(stage)
+    with lineage.claim(mlflow, ctx.home, ctx.experiment, stage) as taken_over:
         if (found := lineage.finished_run(mlflow, ctx.experiment, stage)) is not None:
             get_run_logger().info(
                 "stage %s: reused from run %s, finished meanwhile by another process", stage.name, found.info.run_id
             )
             return found.info.run_id
-        run_id = lineage.start_stage_run(mlflow, ctx.experiment, stage, ctx.parent, upstream_run, ctx.tokenizer_run)
+        if taken_over:
+            get_run_logger().info(taken_over)
+        run_id = lineage.start_stage_run(
+            mlflow, ctx.experiment, stage, ctx.parent, upstream_run, ctx.tokenizer_run, workdir
+        )
         try:
-            lineage.log_stage_spec(mlflow, run_id, stage)
-            result: StageResult = work(mlflow, run_id)
-            lineage.finish_stage_run(mlflow, run_id, result)
+            with lineage.heartbeat(mlflow, run_id):
+                lineage.log_stage_spec(mlflow, run_id, stage)
+                result: StageResult = work(mlflow, run_id)
+                lineage.finish_stage_run(mlflow, run_id, result)
         except BaseException as err:
             lineage.fail(mlflow, run_id, err)
             raise
     # the in-stage checkpoints (optimizer state included) have served: the run's artifact is the record now
-    shutil.rmtree(ctx.home.work(stage) / "trainer", ignore_errors=True)
+    shutil.rmtree(workdir / "trainer", ignore_errors=True)
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     get_run_logger().info("stage %s: finished as run %s%s", stage.name, run_id, resumed)
     return run_id
