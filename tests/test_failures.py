@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+
+from schemas.load import load_spec
+from tasks import lineage
+from tasks.home import Home
+from tasks.plan import plan
 
 from .conftest import QUICK, cli_env
 
@@ -121,3 +131,109 @@ def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_ru
         first.wait()
     first_sft, second_sft = (next((root / "work" / name).glob("sft-*")) for name in ("first", "second"))
     assert first_sft.name == second_sft.name  # same fingerprint, separate folders
+
+
+# pretrain, then an SFT stage that saves every 3 steps, to be caught running, and short enough for a second worker
+TAKEN_OVER = """
+name: leased
+model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 256}}}}
+tokenizer: {{train: {{vocab_size: 512, data: [{data}/pretrain.jsonl]}}}}
+stages:
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 128}},
+      train: {{max_steps: 4, batch_size: 4}}}}
+  - {{name: sft, kind: sft, data: {data}/sft.jsonl, max_len: 128,
+      train: {{max_steps: 60, batch_size: 4, save_steps: 3}}}}
+"""
+
+
+def test_a_stage_killed_on_another_host_is_taken_over_once_its_lease_runs_out_and_not_before(
+    prefect_api, tmp_path
+) -> None:
+    spec = tmp_path / "leased.yaml"
+    spec.write_text(TAKEN_OVER.format(data=DATA))
+    store = f"sqlite:///{tmp_path / 'shared.db'}"  # two homes that share only the store
+    elsewhere = cli_env(tmp_path / "a", prefect_api) | {
+        "MLFLOW_TRACKING_URI": store,
+        "LIFECYCLE_HOST": "elsewhere",  # its pid means nothing here: only its lease says whether it lives
+        "LIFECYCLE_LEASE_SECONDS": "6",
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(spec)],
+        env=elsewhere,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for("work/leased/sft-*/trainer/checkpoint-*/trainer_state.json", tmp_path / "a", first)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    killed = time.time()
+
+    mlflow = MlflowClient(store)
+    experiment = mlflow.get_experiment_by_name("leased").experiment_id
+    sft = plan(load_spec(spec))[2]
+    (dead,) = lineage.runs_of(mlflow, experiment, sft, "RUNNING")
+    assert dead.data.tags["lifecycle.host"] == "elsewhere"
+    # renewed every 1.5 s until the kill: still alive on the store's word, and a claim is refused
+    assert time.time() < lineage.lease_until(dead) <= killed + 6.5
+    assert lineage.state(dead) == "running"
+    with pytest.raises(lineage.StageBusy, match="being run right now by pid .* on elsewhere"):
+        with lineage.claim(mlflow, Home(tmp_path / "b"), experiment, sft):
+            pass
+    # its work folder is gone with its machine: the stage restarts, and says so
+    shutil.rmtree(tmp_path / "a" / "work")
+    time.sleep(max(0.0, lineage.lease_until(dead) - time.time()) + 0.2)
+    assert lineage.state(mlflow.get_run(dead.info.run_id)) == "failed"
+
+    second = run(spec, cli_env(tmp_path / "b", prefect_api) | {"MLFLOW_TRACKING_URI": store})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"stage sft restarts from step 0: the in-stage checkpoints of its unfinished run {dead.info.run_id}" in (
+        second.stderr
+    )
+    runs = lineage.runs_of(mlflow, experiment, sft)
+    assert [r.info.status for r in runs] == ["FINISHED", "KILLED"]
+    assert "its lease ran out at" in runs[1].data.tags["lifecycle.killed"]
+    assert runs[0].data.tags["lifecycle.resumed_from_step"] == "0" and runs[0].data.metrics["global_step"] == 60
+    assert runs[0].info.start_time / 1000 >= lineage.lease_until(dead)
+
+
+def test_of_two_workers_racing_to_start_a_stage_exactly_one_trains_it(tmp_path) -> None:
+    spec = tmp_path / "raced.yaml"
+    spec.write_text(TAKEN_OVER.format(data=DATA).replace("leased", "raced"))
+    stage = plan(load_spec(spec))[1]
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'shared.db'}")
+    experiment = mlflow.create_experiment("raced", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = mlflow.create_run(experiment).info.run_id
+    both_claimed = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def worker(name: str) -> None:  # a home of its own: its claim file does not see the other's
+        home = Home(tmp_path / name)
+        with lineage.claim(mlflow, home, experiment, stage):
+            both_claimed.wait()  # both looked and found no run: each opens one
+            try:
+                outcomes[name] = lineage.start_stage_run(
+                    mlflow, experiment, stage, parent, None, None, home.work(stage)
+                )
+            except lineage.StageBusy as err:
+                outcomes[name] = str(err)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    runs = lineage.runs_of(mlflow, experiment, stage)
+    assert sorted(r.info.status for r in runs) == ["KILLED", "RUNNING"]
+    (winner,) = [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    (loser,) = [r for r in runs if r.info.status == "KILLED"]
+    refusal = f"stage pretrain is being run right now by {lineage.owner(mlflow.get_run(winner))}"
+    assert sorted(outcomes.values(), key=len) == [
+        winner,
+        f"{refusal}; wait for it to finish or stop that process, then run again",
+    ]
+    assert loser.data.tags["lifecycle.killed"].startswith("lost the claim on stage pretrain to pid")
