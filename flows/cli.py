@@ -98,7 +98,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.lineage import client, stage_statuses
+    from tasks.claims import stage_statuses
+    from tasks.lineage import client
     from tasks.plan import plan
 
     spec = load_spec(args.spec)

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from schemas.load import load_spec
 from stages.progress import quiet_libraries
-from tasks import lineage
+from tasks import claims, lineage
 from tasks.home import Home, sweep_partials
 from tasks.plan import PlannedStage, plan
 from tasks.stage import Context, check_data, evaluate, fetch, prepare, reuse, train, train_tokenizer
@@ -31,7 +31,7 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
         check_data(home, spec)
     mlflow = lineage.open_store(home)
     experiment = lineage.experiment_id(mlflow, home, spec.name)
-    if closed := lineage.close_dead(mlflow, experiment):
+    if closed := claims.close_dead(mlflow, experiment):
         get_run_logger().info("%d runs left RUNNING by processes that died are marked KILLED", len(closed))
     if swept := sweep_partials(home):
         get_run_logger().info("%d cache entries left half-written by processes that died are removed", swept)

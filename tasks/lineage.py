@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -180,94 +179,11 @@ def owner(run: Run) -> str:
     return f"pid {tags.get(TAG + 'pid', '?')} on {tags.get(TAG + 'host', '?')} (MLflow run {run.info.run_id})"
 
 
-def state(run: Run | None) -> str:
-    """pending, running, finished or failed; a RUNNING run whose process died (kill -9) counts as failed."""
-    if run is None:
-        return "pending"
-    status = run.info.status
-    if status == "FINISHED":
-        return "finished"
-    if status == "RUNNING" and alive(run):
-        return "running"
-    return "failed"
-
-
-def close_dead(mlflow: MlflowClient, experiment: str) -> list[str]:
-    """Mark every run of the experiment left RUNNING by a process that died (kill -9, a lost machine) as KILLED,
-    with a tag that says why, so the UI shows what `status` shows; the ids of the runs closed."""
-    closed = []
-    for run in mlflow.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000):
-        if not alive(run):
-            _close_dead_run(mlflow, run)
-            closed.append(run.info.run_id)
-    return closed
-
-
-def _close_dead_run(mlflow: MlflowClient, run: Run) -> None:
-    if run.data.tags.get(f"{TAG}host") == host():
-        how = f"its process ({owner(run)}) was found dead"
-    else:
-        expired = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease_until(run)))
-        how = f"its lease ran out at {expired}, so its process ({owner(run)}) was found dead"
-    mlflow.set_tag(
-        run.info.run_id,
-        f"{TAG}killed",
-        f"{how} at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()} on {host()}",
-    )
-    mlflow.set_terminated(run.info.run_id, status="KILLED")
-
-
-@contextmanager
-def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> Iterator[str | None]:
-    """Run a stage as its only runner: a second process of this home, or a live run elsewhere, is refused with a
-    message naming who has it. In a home the claim is a lock on a file, so a process that dies (kill -9) lets go of it
-    at once; across homes that share only the store, `start_stage_run` settles it. Runs of this stage left RUNNING by
-    a dead process are closed as KILLED, and the work of the last one that did not finish is taken over: yields a
-    sentence on where the stage resumes from when that work is another home's (None when it is this home's)."""
-    path = home.claim_file(stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            live = [run for run in runs_of(mlflow, experiment, stage, "RUNNING") if alive(run)]
-            raise StageBusy(
-                f"stage {stage.name} is being run right now by {owner(live[0]) if live else 'another process'}; "
-                "wait for it to finish (`lifecycle status SPEC` shows it) or stop that process, "
-                "then run again"
-            ) from None
-        for run in runs_of(mlflow, experiment, stage, "RUNNING"):
-            if alive(run):  # on another host, or in another home, that shares the store
-                raise _busy(stage, run)
-            _close_dead_run(mlflow, run)
-        yield _take_over(mlflow, home, experiment, stage)
-
-
-def _busy(stage: PlannedStage, run: Run) -> StageBusy:
+def busy(stage: PlannedStage, run: Run) -> StageBusy:
     return StageBusy(
         f"stage {stage.name} is being run right now by {owner(run)}; wait for it to finish or stop that process, "
         "then run again"
     )
-
-
-def _take_over(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> str | None:
-    """Bring the in-stage checkpoints of the last unfinished run of the stage into this home's work folder when they
-    are another home's and can be read from here (a shared file system, or this machine); what was done, in words."""
-    runs = runs_of(mlflow, experiment, stage)
-    if not runs or runs[0].info.status == "FINISHED" or f"{TAG}workdir" not in runs[0].data.tags:
-        return None
-    previous, ours = Path(runs[0].data.tags[f"{TAG}workdir"]) / "trainer", home.work(stage) / "trainer"
-    if previous == ours or list(ours.glob("checkpoint-*")):
-        return None  # this home's own work: the stage resumes from it as it always does
-    if not list(previous.glob("checkpoint-*")):
-        return (
-            f"stage {stage.name} restarts from step 0: the in-stage checkpoints of its unfinished run "
-            f"{runs[0].info.run_id} ({owner(runs[0])}) at {previous} are not reachable from here"
-        )
-    partial = partial_folder(ours)
-    shutil.copytree(previous, partial, dirs_exist_ok=True)
-    partial.rename(ours)
-    return f"stage {stage.name} takes over the in-stage checkpoints of run {runs[0].info.run_id} at {previous}"
 
 
 @contextmanager
@@ -358,7 +274,7 @@ def start_stage_run(
     if first.info.run_id != run_id:
         mlflow.set_tag(run_id, f"{TAG}killed", f"lost the claim on stage {stage.name} to {owner(first)}")
         mlflow.set_terminated(run_id, status="KILLED")
-        raise _busy(stage, first)
+        raise busy(stage, first)
     return run_id
 
 
@@ -561,35 +477,3 @@ def log_comparison(mlflow: MlflowClient, run_id: str, evaluation: str, table: di
     ]
     steps = " ".join(f"{step}:{name}" for step, name in enumerate(checkpoints))
     mlflow.log_batch(run_id, metrics=metrics, tags=[RunTag(f"{TAG}steps.{evaluation}", steps)])
-
-
-@dataclass(frozen=True)
-class StageStatus:
-    name: str
-    kind: str
-    fingerprint: str
-    state: str
-    run_id: str | None
-    metrics: dict[str, float]
-
-
-def stage_statuses(mlflow: MlflowClient, home: Home, spec_name: str, stages: list[PlannedStage]) -> list[StageStatus]:
-    """One row per stage, as the store has it; runs left RUNNING by dead processes are closed first, as a run would."""
-    experiment = experiment_id(mlflow, home, spec_name, create=False)
-    if experiment:
-        close_dead(mlflow, experiment)
-    rows = []
-    for stage in stages:
-        runs = runs_of(mlflow, experiment, stage) if experiment else []
-        run = next((r for r in runs if r.info.status == "FINISHED"), runs[0] if runs else None)
-        rows.append(
-            StageStatus(
-                stage.name,
-                stage.kind,
-                stage.fingerprint,
-                state(run),
-                run.info.run_id if run else None,
-                dict(run.data.metrics) if run else {},
-            )
-        )
-    return rows

@@ -25,7 +25,7 @@ from schemas.spec import PipelineSpec
 from stages import training_stage
 from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
 from stages.progress import prepared_line, say
-from tasks import lineage
+from tasks import claims, lineage
 from tasks.checks import check_contracts
 from tasks.home import Home
 from tasks.keys import dataset_key, reference_key
@@ -101,7 +101,7 @@ def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work)
     A run that another process finished after this one looked for it (and before the claim) is reused, never trained
     twice."""
     mlflow, workdir = lineage.client(ctx.home), ctx.home.work(stage)
-    with lineage.claim(mlflow, ctx.home, ctx.experiment, stage) as taken_over:
+    with claims.claim(mlflow, ctx.home, ctx.experiment, stage) as taken_over:
         if (found := lineage.finished_run(mlflow, ctx.experiment, stage)) is not None:
             get_run_logger().info(
                 "stage %s: reused from run %s, finished meanwhile by another process", stage.name, found.info.run_id

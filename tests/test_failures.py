@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from schemas.load import load_spec
-from tasks import lineage
+from tasks import claims, lineage
 from tasks.home import Home
 from tasks.plan import plan
 
@@ -179,14 +179,14 @@ def test_a_stage_killed_on_another_host_is_taken_over_once_its_lease_runs_out_an
     assert dead.data.tags["lifecycle.host"] == "elsewhere"
     # renewed every 1.5 s until the kill: still alive on the store's word, and a claim is refused
     assert time.time() < lineage.lease_until(dead) <= killed + 6.5
-    assert lineage.state(dead) == "running"
+    assert claims.state(dead) == "running"
     with pytest.raises(lineage.StageBusy, match="being run right now by pid .* on elsewhere"):
-        with lineage.claim(mlflow, Home(tmp_path / "b"), experiment, sft):
+        with claims.claim(mlflow, Home(tmp_path / "b"), experiment, sft):
             pass
     # its work folder is gone with its machine: the stage restarts, and says so
     shutil.rmtree(tmp_path / "a" / "work")
     time.sleep(max(0.0, lineage.lease_until(dead) - time.time()) + 0.2)
-    assert lineage.state(mlflow.get_run(dead.info.run_id)) == "failed"
+    assert claims.state(mlflow.get_run(dead.info.run_id)) == "failed"
 
     second = run(spec, cli_env(tmp_path / "b", prefect_api) | {"MLFLOW_TRACKING_URI": store})
     assert second.returncode == 0, second.stderr[-3000:]
@@ -212,7 +212,7 @@ def test_of_two_workers_racing_to_start_a_stage_exactly_one_trains_it(tmp_path) 
 
     def worker(name: str) -> None:  # a home of its own: its claim file does not see the other's
         home = Home(tmp_path / name)
-        with lineage.claim(mlflow, home, experiment, stage):
+        with claims.claim(mlflow, home, experiment, stage):
             both_claimed.wait()  # both looked and found no run: each opens one
             try:
                 outcomes[name] = lineage.start_stage_run(

@@ -13,8 +13,9 @@ from mlflow import MlflowClient
 
 from flows.lifecycle import lifecycle
 from schemas.load import load_spec
+from tasks.claims import stage_statuses
 from tasks.home import Home
-from tasks.lineage import client, runs_of, stage_statuses
+from tasks.lineage import client, runs_of
 from tasks.plan import plan
 
 from .conftest import QUICK, cli_env, use_home
