@@ -49,7 +49,7 @@ def parts(stage: PlannedStage) -> list[PlannedStage]:
         PlannedStage(
             f"{stage.name}-n{n}",
             stage.kind,
-            stage.spec.model_copy(update={"curriculum": [n]}),
+            stage.spec.model_copy(update={"curriculum": [n], "name": f"{stage.name}-n{n}"}),
             part_fingerprint(stage.fingerprint, n),
             stage.upstream if i == 0 else f"{stage.name}-n{lengths[i - 1]}",
             stage.pipeline,
