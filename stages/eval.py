@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ from stages.generation import answer, exact_match
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, perplexity, preference, ranking
 from stages.packing import concat_chunk, tokenize_documents
+from stages.progress import duration, say
 from stages.rewards import checked_rewards, reward_functions, task_accuracy, weighted_total
 from stages.templates import IGNORE, conversations, encode_conversation
 
@@ -352,8 +354,7 @@ def run(
     reward_models: dict[str, Path] | None = None,
 ) -> Report:
     """Score each checkpoint (in the given lineage order) on the spec's held-out data; the report and its plot in
-    workdir.
-    `reward_models`: the checkpoint of every reward stage the spec's reward model and rewards name."""
+    workdir. `reward_models`: the checkpoint of every reward stage the spec's reward model and rewards name."""
     if not checkpoints:
         raise ValueError(f"eval stage {spec.name!r} has no checkpoints to score")
     tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -363,9 +364,11 @@ def run(
     replies: dict[str, list[str]] = {}
     samples: dict[str, list[str]] = {}
     reference: Tensor | None = None  # the first checkpoint's summed pair log-probs: π_ref of every reward margin
-    for name, folder in checkpoints.items():
+    for i, (name, folder) in enumerate(checkpoints.items(), 1):
+        started = time.monotonic()
         found, pair_logps, replies[name], samples[name] = _scored_checkpoint(folder, tok, data, spec)
         _release_memory()
+        say(f"{spec.name}  {name} scored ({i}/{len(checkpoints)}) in {duration(time.monotonic() - started)}")
         if pair_logps is not None:
             found["reward_margin"] = math.nan if reference is None else implicit_reward_margin(pair_logps, reference)
             reference = pair_logps if reference is None else reference
