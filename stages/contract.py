@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 
+# the Trainer writes it last into an in-stage checkpoint: a checkpoint whose state file parses is complete
+TRAINER_STATE = "trainer_state.json"
+
+
 @dataclass(frozen=True)
 class Prepared:
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"

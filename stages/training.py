@@ -23,9 +23,8 @@ from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallb
 
 from schemas.errors import LifecycleError
 from schemas.spec import StageBase, TrainingStage
+from stages.contract import TRAINER_STATE
 from stages.progress import StatusLine, duration, step_line
-
-TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
 
 
 def cpu_has_bf16() -> bool:

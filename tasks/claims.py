@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from stages.contract import partial_folder
+from tasks import mirror
 from tasks.home import Home, host
 from tasks.lineage import TAG, StageBusy, alive, busy, experiment_id, lease_until, owner, runs_of
 from tasks.plan import PlannedStage
@@ -87,22 +88,32 @@ def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage
 
 def _take_over(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> str | None:
     """Bring the in-stage checkpoints of the last unfinished run of the stage into this home's work folder when they
-    are another home's and can be read from here (a shared file system, or this machine); what was done, in words."""
+    are another home's: copied from its folder when that can be read from here (a shared file system, or this
+    machine), else downloaded from the checkpoint it mirrored to the store (`tasks.mirror`); what was done, in words.
+    Containers see the same paths on every machine, so a folder that has the dead run's path but nothing in it is
+    taken as out of reach too."""
     runs = runs_of(mlflow, experiment, stage)
     if not runs or runs[0].info.status == "FINISHED" or f"{TAG}workdir" not in runs[0].data.tags:
         return None
     previous, ours = Path(runs[0].data.tags[f"{TAG}workdir"]) / "trainer", home.work(stage) / "trainer"
-    if previous == ours or list(ours.glob("checkpoint-*")):
+    if list(ours.glob("checkpoint-*")):
         return None  # this home's own work: the stage resumes from it as it always does
-    if not list(previous.glob("checkpoint-*")):
-        return (
-            f"stage {stage.name} restarts from step 0: the in-stage checkpoints of its unfinished run "
-            f"{runs[0].info.run_id} ({owner(runs[0])}) at {previous} are not reachable from here"
-        )
-    partial = partial_folder(ours)
-    shutil.copytree(previous, partial, dirs_exist_ok=True)
-    partial.rename(ours)
-    return f"stage {stage.name} takes over the in-stage checkpoints of run {runs[0].info.run_id} at {previous}"
+    if previous != ours and list(previous.glob("checkpoint-*")):
+        partial = partial_folder(ours)
+        shutil.copytree(previous, partial, dirs_exist_ok=True)
+        partial.rename(ours)
+        return f"stage {stage.name} takes over the in-stage checkpoints of run {runs[0].info.run_id} at {previous}"
+    unfinished = [run for run in runs if run.info.status != "FINISHED"]
+    if (mirrored := mirror.fetch(mlflow, unfinished, ours)) is not None:
+        run, step = mirrored
+        return f"stage {stage.name} takes over the checkpoint of step {step} that run {run.info.run_id} mirrored"
+    if previous == ours:
+        return None  # this home's own run, killed before its first save: the stage starts as it always does
+    return (
+        f"stage {stage.name} restarts from step 0: the in-stage checkpoints of its unfinished run "
+        f"{runs[0].info.run_id} ({owner(runs[0])}) at {previous} are not reachable from here, and none was mirrored "
+        f"to the store (set {mirror.SWITCH}=1 on the workers for that)"
+    )
 
 
 @dataclass(frozen=True)

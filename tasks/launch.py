@@ -208,7 +208,7 @@ def worker(plan_path: str | None) -> None:
     from stages import training_stage
     from tasks import lineage
     from tasks.home import Home
-    from tasks.step_metrics import StepMetrics
+    from tasks.step_metrics import recorders
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     folder = Path(plan_path).parent if plan_path else None  # a rank of another node learns it with the plan
@@ -224,7 +224,7 @@ def worker(plan_path: str | None) -> None:
             datasets=load_from_disk(plan["datasets"]),
             reference=Path(plan["reference"]) if plan["reference"] else None,
             # rank 0 alone records: the other ranks (on other nodes too) never open the MLflow store
-            callbacks=(StepMetrics(lineage.client(Home(Path(plan["home"]))), plan["run_id"]),) if rank == 0 else (),
+            callbacks=recorders(lineage.client(Home(Path(plan["home"]))), plan["run_id"]) if rank == 0 else (),
         )
         result = training_stage(spec.kind).run(spec, inputs, Path(plan["workdir"]))
         peaks = [None] * world_size

@@ -25,7 +25,7 @@ from schemas.spec import PipelineSpec
 from stages import training_stage
 from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
 from stages.progress import prepared_line, say
-from tasks import claims, lineage
+from tasks import claims, lineage, mirror
 from tasks.checks import check_contracts
 from tasks.home import Home
 from tasks.keys import dataset_key, reference_key
@@ -122,6 +122,7 @@ def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work)
             raise
     # the in-stage checkpoints (optimizer state included) have served: the run's artifact is the record now
     shutil.rmtree(workdir / "trainer", ignore_errors=True)
+    mirror.drop(mlflow, lineage.runs_of(mlflow, ctx.experiment, stage))
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     get_run_logger().info("stage %s: finished as run %s%s", stage.name, run_id, resumed)
     return run_id
@@ -159,7 +160,7 @@ def train(
     `reward_runs`: the runs of the reward stages whose models the stage scores with."""
     from datasets import load_from_disk
 
-    from tasks.step_metrics import StepMetrics
+    from tasks.step_metrics import recorders
 
     home, spec, mlflow = ctx.home, ctx.spec, lineage.client(ctx.home)
     tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
@@ -185,7 +186,7 @@ def train(
                 tokenizer=tokenizer,
                 datasets=datasets,
                 reference=reference,
-                callbacks=(StepMetrics(mlflow, run_id),),
+                callbacks=recorders(mlflow, run_id),
                 reward_models=reward_models(mlflow, home, reward_runs),
             )
             try:
