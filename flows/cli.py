@@ -67,6 +67,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     home = Home.from_env()
+    if args.deployment is not None:  # the workers of the deployment's pool run it (flows/submit.py)
+        from flows.submit import submit
+
+        print("\n".join(submit(args.spec, args.deployment, home)))
+        return 0
     _check(args.spec, home)  # bad input starts nothing
     # a new server starts while this process opens the store and loads the flow
     os.environ["PREFECT_API_URL"], answering = server.start(home)
@@ -438,6 +443,13 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "run":
+            sub.add_argument(
+                "--deployment",
+                metavar="NAME",
+                help="submit to this Prefect deployment (lifecycle/NAME, on PREFECT_API_URL) for its workers to run, "
+                "instead of running here; SPEC as the workers see it",
+            )
     new = commands.add_parser(
         "new",
         help="write a commented first spec for your model folder and jsonl files",
