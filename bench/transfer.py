@@ -166,6 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = model_folder(root / "checkpoint", args.size_mb)
+        total = size_mb(folder)
         (root / "server").mkdir()
         figures = {}
         with tracking_server(root / "server") as url:
@@ -178,13 +179,12 @@ def main() -> None:
             }
             for label, (mlflow, location) in stores.items():
                 experiment = mlflow.create_experiment(f"bench-{label.split()[0]}", artifact_location=location)
-                scratch = root / label.split()[0]
+                scratch = root / f"scratch-{label.split()[0]}"
                 scratch.mkdir()
                 figures[label] = (
                     *checkpoint_transfers(mlflow, experiment, folder, scratch, args.repeats),
                     *mirror_transfers(mlflow, experiment, scratch, args.repeats),
                 )
-    total = size_mb(folder)
     (server, local), mirrored = figures.values(), next(iter(figures.values()))[4]
     print(f"machine: {cpu_model()}; mlflow server on 127.0.0.1, 1 worker; median of {args.repeats}")
     print(f"\nlogged checkpoint, {total:.0f} MB ({folder.name}: model.safetensors and 3 small files)")
