@@ -44,6 +44,7 @@ bench: install
 	$(PY) -m bench.threads
 	$(PY) -m bench.distributed
 	$(PY) -m bench.grpo
+	$(PY) -m bench.transfer
 
 clean:
 	rm -rf .lifecycle
