@@ -128,7 +128,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from stages import training_stage
     from stages.inspect import render_marked
-    from tasks.lineage import client, experiment_id, fetch_checkpoint, finished_run
+    from tasks.lineage import client, experiment_id, finished_run
+    from tasks.models import fetch_checkpoint
     from tasks.plan import plan
 
     spec = load_spec(args.spec)
@@ -182,7 +183,8 @@ def _preview_tokenizer(spec, home: Home, planned) -> Path:
 
 def _stage_checkpoint(spec_path: Path, name: str) -> Path:
     """The checkpoint of the stage's finished run, fetched into the home's cache."""
-    from tasks.lineage import client, experiment_id, fetch_checkpoint, finished_run
+    from tasks.lineage import client, experiment_id, finished_run
+    from tasks.models import fetch_checkpoint
     from tasks.plan import plan
 
     spec = load_spec(spec_path)
@@ -202,6 +204,19 @@ def _stage_checkpoint(spec_path: Path, name: str) -> Path:
     if run is None:
         raise SpecError(f"{spec_path}: stage {name!r} has no finished run; run `lifecycle run {spec_path}` first")
     return fetch_checkpoint(mlflow, home, run)
+
+
+def _model_checkpoint(uri: str) -> Path:
+    """The language model a `models:/` URI names, fetched into the home's cache (an adapter with its base)."""
+    from tasks.lineage import open_store
+    from tasks.models import fetch_model, model_id_of
+
+    home = Home.from_env()
+    mlflow = open_store(home)
+    model = mlflow.get_logged_model(model_id_of(mlflow, uri))
+    if model.model_type in ("tokenizer", "reward-model"):
+        raise UsageError(f"{uri} is a {model.model_type} (stage {model.name}), not a language model; name one that is")
+    return fetch_model(mlflow, home, model.model_id)
 
 
 def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[list[dict]], list[str | None]]:
@@ -227,6 +242,9 @@ def answer_row(messages: list[dict], reply: str, reference: str | None) -> dict:
     return {"prompt": prompt, "answer": reply} | ({"reference": reference} if reference is not None else {})
 
 
+CHECKPOINT_FILES = ("config.json", "adapter_config.json")  # a model folder has one, an adapter folder the other
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Replies of one checkpoint through the chat template stored with it."""
     from transformers import set_seed
@@ -244,10 +262,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not words:
             raise UsageError('--stage needs the spec first: lifecycle generate SPEC --stage NAME "prompt" ...')
         spec_path = Path(words.pop(0))
-    elif not (args.checkpoint / "config.json").exists() and not (args.checkpoint / "adapter_config.json").exists():
+    elif args.checkpoint is not None and not any((args.checkpoint / f).exists() for f in CHECKPOINT_FILES):
         raise UsageError(f"{args.checkpoint} is not a checkpoint folder (no config.json or adapter_config.json in it)")
     prompts, references = _prompt_rows(args, words)
-    checkpoint = _stage_checkpoint(spec_path, args.stage) if args.stage is not None else args.checkpoint
+    if args.stage is not None:
+        checkpoint = _stage_checkpoint(spec_path, args.stage)
+    else:
+        checkpoint = _model_checkpoint(args.model) if args.model is not None else args.checkpoint
     set_seed(args.seed)
     replies = ChatModel.load(checkpoint).reply(prompts, sampling, args.batch_size)
     rows = [answer_row(m, r.text, ref) for m, r, ref in zip(prompts, replies, references)]
@@ -473,8 +494,8 @@ def parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="a checkpoint's replies to prompts, through the chat template stored with it",
-        description="Replies of one checkpoint: a stage's finished checkpoint (SPEC --stage NAME) or a folder "
-        "(--checkpoint). "
+        description="Replies of one checkpoint: a stage's finished checkpoint (SPEC --stage NAME), a logged or "
+        "registered model (--model models:/...), or a folder (--checkpoint). "
         "Greedy by default, so a reply is reproducible and is the one `lifecycle report` shows; "
         "--temperature above 0 samples (nucleus, --top-p).",
     )
@@ -484,6 +505,12 @@ def parser() -> argparse.ArgumentParser:
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--stage", help="the stage whose finished checkpoint answers (give the spec first)")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint folder (any stage's output)")
+    source.add_argument(
+        "--model",
+        metavar="URI",
+        help="a stage's model in the store: models:/<model id>, models:/<pipeline>/<version> or "
+        "models:/<pipeline>@<alias> (each stage's name, or best)",
+    )
     generate.add_argument(
         "--input", type=Path, help="a jsonl of prompts ({prompt} or {prompt, answer}, the prompts format)"
     )

@@ -12,7 +12,18 @@ from stages.progress import quiet_libraries
 from tasks import claims, lineage
 from tasks.home import Home, sweep_partials
 from tasks.plan import PlannedStage, plan
-from tasks.stage import Context, check_data, evaluate, fetch, prepare, reuse, train, train_tokenizer
+from tasks.stage import (
+    Context,
+    check_data,
+    choose_best,
+    evaluate,
+    fetch,
+    prepare,
+    register_model,
+    reuse,
+    train,
+    train_tokenizer,
+)
 
 
 def scorers(stage: PlannedStage, runs: dict[str, str]) -> dict[str, str]:
@@ -36,6 +47,7 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
     if swept := sweep_partials(home):
         get_run_logger().info("%d cache entries left half-written by processes that died are removed", swept)
     runs: dict[str, str] = {}
+    versions: dict[str, str] = {}  # stage -> its model's version in the pipeline's registered model
     stages = [tokenizer_stage, *model_stages]
     with lineage.pipeline_run(
         mlflow, experiment, spec.name, Path(spec_path).resolve(), [s.name for s in stages]
@@ -55,8 +67,12 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
             if stage is tokenizer_stage:
                 ctx = replace(ctx, tokenizer_run=run_id)
             lineage.link(mlflow, parent, stage, run_id, reused)
+            if spec.registry and (version := register_model(ctx, stage, run_id, versions.get(stage.upstream))):
+                versions[stage.name] = version
             if stage.kind == "eval":
-                lineage.copy_report(mlflow, run_id, parent, stage.name)
+                table = lineage.copy_report(mlflow, run_id, parent, stage.name)
+                if spec.registry and stage.spec.best_by is not None:
+                    choose_best(ctx, stage, table, versions)
             runs[stage.name] = run_id
     get_run_logger().info(
         "pipeline %s: every stage finished; browse with `lifecycle ui` (%s)", spec.name, home.tracking_uri

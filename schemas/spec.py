@@ -24,6 +24,22 @@ TOKENIZER_STAGE = "tokenizer"
 RESERVED_NAMES = (TOKENIZER_STAGE, "checkpoint", "prompt")
 # How conversations become text; "tokenizer" is the tokenizer's own chat template (stages/templates.py).
 TemplateName = Literal["chatml", "llama2", "deepseek", "alpaca", "tokenizer"]
+# The columns of the eval stage's table (stages/eval.py says how each is measured); of these, lower is better for
+# LOWER_IS_BETTER, higher for the rest.
+EvalMetric = Literal[
+    "perplexity",
+    "response_loss",
+    "exact_match",
+    "task_accuracy",
+    "reward",
+    "reward_model",
+    "preference_accuracy",
+    "preference_margin",
+    "reward_margin",
+    "kendall_tau",
+    "top1",
+]
+LOWER_IS_BETTER = ("perplexity", "response_loss")
 
 
 # A single path is accepted where a list of files is expected.
@@ -457,6 +473,12 @@ class EvalStage(StageBase):
         description="rewards of the greedy replies to the held-out prompts "
         "(column reward, their weighted sum); default: those of the last grpo stage it scores",
     )
+    best_by: EvalMetric | None = Field(
+        "exact_match",
+        description="the metric whose best checkpoint gets the registry alias `best` (lower is better for perplexity "
+        "and response_loss, higher for the rest; a tie goes to the earlier stage); null: no alias. Not part of the "
+        "fingerprint: changing it moves the alias without scoring again",
+    )
 
     def files(self) -> dict[str, tuple[list[Path], Format]]:
         return {fmt: (getattr(self, fmt), fmt) for fmt in ("text", "conversations", "prompts", "preference", "ranked")}
@@ -492,6 +514,11 @@ class PipelineSpec(Strict):
     )
     stages: list[Stage] = Field(
         min_length=1, description="run in order; each starts from the previous training stage unless it names `from`"
+    )
+    registry: bool = Field(
+        True,
+        description="register each stage's model as a version of the MLflow registered model named like the "
+        "pipeline (aliases: each stage's name, and `best`); false: logged models only",
     )
 
     @model_validator(mode="after")

@@ -171,6 +171,9 @@ def quiet_libraries() -> None:
     # Two in-stage saves less than a second apart (a short stage) look to the Trainer like a filesystem without
     # mtimes; it then orders checkpoints by step number, as `last_checkpoint` does anyway.
     _drop(logging.getLogger("transformers.trainer_utils"), "mtime may not be reliable")
+    # MLflow's system-metrics monitor says at INFO that it starts, that it found no GPU, that it stops and that it
+    # stopped: four lines a stage, where the run's system/* metrics say what it measured. Its warnings stay.
+    logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
     # One library calling another's deprecated API: nothing a user of this pipeline can change, and shown again and
     # again (each time a library changes the warning filters, Python forgets what it has shown). PEFT reads
     # `is_gradient_checkpointing` on every model it wraps; DeepSpeed's ZeRO gathers and scatters with the old

@@ -72,11 +72,12 @@ def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, 
     """`fingerprints`: those of the stages before it, by name."""
     upstream = spec.upstream_of(stage)
     # how often a stage checkpoints or logs, and how many processes share its batch, do not change what it makes
-    # (beyond numerical noise): editing them keeps reuse and resume
+    # (beyond numerical noise), nor does the metric an eval's `best` alias follows: editing them keeps reuse and resume
     resolved = stage.model_dump(
         mode="json",
         by_alias=True,
-        exclude=dict.fromkeys(stage.files(), True) | {"train": {"save_steps", "logging_steps"}, "launch": True},
+        exclude=dict.fromkeys(stage.files(), True)
+        | {"train": {"save_steps", "logging_steps"}, "launch": True, "best_by": True},
     )
     payload = {
         "versions": versions(),

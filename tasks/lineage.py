@@ -3,8 +3,8 @@
 One parent run per pipeline run, one child run per stage that trains. Run ids are passed
 explicitly (MLflow's active run is thread-local, and Prefect may run tasks in threads), so
 everything here goes through an `MlflowClient`. A stage's checkpoint is logged once, at the
-end, under the artifact path `checkpoint`; the run is marked FINISHED only after that, so a
-FINISHED run always has a complete checkpoint to reuse.
+end, as a logged model of its run (`tasks/models.py`); the run is marked FINISHED only after
+that, so a FINISHED run always has a complete checkpoint to reuse.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import fcntl
 import json
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -27,15 +26,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
-from stages.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
-from stages.progress import say, transfer
+from stages.contract import StageResult
+from stages.progress import say
 from tasks.home import Home, host, lease_seconds, running
-from tasks.keys import file_digest, folder_digest
+from tasks.keys import file_digest
 from tasks.plan import PlannedStage
 
 TAG = "lifecycle."
-CHECKPOINT = "checkpoint"
-ADAPTER = "adapter"
 # What an experiment holds, as MLflow 3's UI reads it (mlflow/server/js: the `mlflow.experimentKind` tag, whose values
 # it writes itself from its experiment-type selector): model training opens on runs, charts and models, not on the
 # GenAI view of traces. MLflow 3.17's own UI lets a per-browser GenAI / Model training switch override it; `lifecycle
@@ -328,13 +325,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _dataset(path: Path) -> tuple[str, str]:
+    """A data file as MLflow names a dataset: its file name and our full-content digest (MLflow's own reads only the
+    first rows)."""
+    return path.name, file_digest(path)[:32]
+
+
+def _measured_on(paths: list[Path]) -> tuple[str | None, str | None]:
+    """The dataset a metric measured on these files is linked to; none for several files (a metric names one)."""
+    return _dataset(paths[0]) if len(paths) == 1 else (None, None)
+
+
 def log_data_inputs(mlflow: MlflowClient, run_id: str, files: dict[str, list[Path]]) -> None:
-    """Data files as run inputs, with our full-content digest (MLflow's own reads only the first rows)."""
+    """Data files as run inputs, named and digested by `_dataset`; `files`: by context (train, eval)."""
     inputs = [
         DatasetInput(
             Dataset(
-                name=path.name,
-                digest=file_digest(path)[:32],
+                *_dataset(path),
                 source_type="local",
                 source=json.dumps({"uri": path.as_uri()}),
             ),
@@ -360,76 +367,58 @@ def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float],
         )
 
 
-def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult) -> None:
-    """Log the checkpoint (and a merged LoRA stage's adapter) and the final metrics, then mark the run FINISHED: in
-    that order, always."""
+def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult, model_id: str | None) -> None:
+    """Log the final metrics, linked to the model that holds the run's checkpoint (`tasks.models.log_checkpoints`,
+    called before), then mark the run FINISHED: in that order, always.
+
+    A metric linked to a model is shown on the model's page with the dataset it was measured on: the held-out file
+    (`heldout_*`, `exact_match*`) or the training file (`train_*`), where the split is one file."""
     now = int(time.time() * 1000)
     step = int(result.metrics.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
     tags = [RunTag(f"{TAG}resumed_from_step", str(result.resumed_from_step))]
     if result.source_run is not None:
         tags.append(RunTag(f"{TAG}checkpoint_run", result.source_run))
-    elif result.checkpoint is not None:
-        with transfer(f"{CHECKPOINT} logged to run {run_id}", "uploaded", result.checkpoint):
-            mlflow.log_artifacts(run_id, str(result.checkpoint), CHECKPOINT)
-    if result.adapter is not None:
-        with transfer(f"{ADAPTER} logged to run {run_id}", "uploaded", result.adapter):
-            mlflow.log_artifacts(run_id, str(result.adapter), ADAPTER)
     for name, columns in result.tables.items():
         mlflow.log_table(run_id, columns, name)
-    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in result.metrics.items()], tags=tags)
+    splits: dict[str, list[tuple[str, str]]] = {}  # the run's datasets (name, digest) by context: train, eval
+    for given in mlflow.get_run(run_id).inputs.dataset_inputs:
+        context = next((tag.value for tag in given.tags if tag.key == "mlflow.data.context"), "")
+        splits.setdefault(context, []).append((given.dataset.name, given.dataset.digest))
+
+    def measured_on(metric: str) -> tuple[str | None, str | None]:
+        split = (
+            "eval" if metric.startswith(("heldout_", "exact_match")) else "train" if metric.startswith("train_") else ""
+        )
+        found = splits.get(split, [])
+        return found[0] if model_id and len(found) == 1 else (None, None)
+
+    metrics = [Metric(k, float(v), now, step, model_id, *measured_on(k)) for k, v in result.metrics.items()]
+    mlflow.log_batch(run_id, metrics=metrics, tags=tags)
     mlflow.set_terminated(run_id, status="FINISHED")
 
 
-def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str = CHECKPOINT) -> Path:
-    """The run's checkpoint in the cache, downloaded once (keyed by run: a deleted and retrained run is a new key).
+@contextmanager
+def system_metrics(mlflow: MlflowClient, run_id: str, on: bool) -> Iterator[None]:
+    """CPU, memory, disk, network and (with an NVIDIA or AMD GPU) GPU use, logged to the run as `system/*` metrics by
+    MLflow's SystemMetricsMonitor while the block runs (every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds, 10 by
+    default), when `on` and unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is false.
 
-    A run whose work was done by a sub-run (a curriculum's last sub-stage) points at it, and the sub-run's
-    checkpoint is fetched. An adapter is made to name the fetched checkpoint of the run it was trained on
-    as its base, so it loads on this machine. `artifact` "adapter" asks for a merged LoRA stage's adapter."""
-    tags = run.data.tags
-    if f"{TAG}checkpoint_run" in tags:
-        return fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}checkpoint_run"]), artifact)
-    if artifact == ADAPTER and not any(f.path == ADAPTER for f in mlflow.list_artifacts(run.info.run_id)):
-        artifact = CHECKPOINT  # an unmerged LoRA stage's checkpoint is its adapter
-    target = home.cache(artifact, run.info.run_id)
-    if target.exists():
-        return target
-    partial = partial_folder(target)
-    with transfer(f"{artifact} of {run.info.run_name} (run {run.info.run_id})", "downloaded", partial):
-        mlflow.download_artifacts(run.info.run_id, artifact, str(partial))
-    if is_adapter(partial / artifact):
-        point_adapter_at(partial / artifact, _base_of(mlflow, home, run))
-    publish(partial / artifact, target)
-    shutil.rmtree(partial)
-    return target
+    MLflow starts its monitor only from the fluent `start_run`; this tool opens runs through the client, so the monitor
+    is made here, for the explicit run id, on the client's store. Which stages: those that train or evaluate a model
+    (`on`), the ones that take minutes; not the tokenizer (seconds), nor a curriculum's own run (its parts have theirs).
+    How long a stage will take is not known before it runs; a stage shorter than one interval logs no sample. The
+    machine is sampled whole, so a launched stage's ranks on this node are counted in."""
+    if not on or os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0"):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-
-def record_base_model(mlflow: MlflowClient, run_id: str, path: Path) -> None:
-    """Name the spec's model.path, and its content digest, as the base of a first stage (its adapter applies to it)."""
-    mlflow.log_batch(
-        run_id, tags=[RunTag(f"{TAG}base_model", str(path)), RunTag(f"{TAG}base_model_digest", folder_digest(path))]
-    )
-
-
-def _base_of(mlflow: MlflowClient, home: Home, run: Run) -> Path:
-    """The folder an adapter logged by `run` applies to: its upstream run's checkpoint, or the user's base model,
-    unchanged."""
-    tags = run.data.tags
-    if f"{TAG}upstream_run" in tags:
-        return fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}upstream_run"]))
-    stage, base, digest = tags.get(f"{TAG}stage"), Path(tags[f"{TAG}base_model"]), tags[f"{TAG}base_model_digest"]
-    if not (base / "config.json").exists():
-        raise ModelError(
-            f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} "
-            f"(sha256 {digest[:12]}), which is not on this machine: copy that checkpoint to {base}"
-        )
-    if folder_digest(base) != digest:
-        raise ModelError(
-            f"stage {stage}: its adapter (run {run.info.run_id}) applies to the base model {base} as it was "
-            f"(sha256 {digest[:12]}), and that folder has changed since: restore it, or run the spec again to train "
-            "on it as it is"
-        )
-    return base
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=mlflow.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 # the artifact folder of an eval stage's comparison: metrics.json, samples.json (MLflow tables), metrics.png
@@ -445,20 +434,31 @@ def log_report(
     mlflow.log_artifact(run_id, str(plot), EVAL_ARTIFACTS)
 
 
-def copy_report(mlflow: MlflowClient, source_run: str, target_run: str, folder_name: str) -> None:
+def copy_report(mlflow: MlflowClient, source_run: str, target_run: str, folder_name: str) -> dict:
     """An eval run's comparison, logged again in the pipeline run under `folder_name` (the eval stage's name),
-    so the pipeline's page shows it whether the eval ran now or was reused; its figures become metrics there too."""
+    so the pipeline's page shows it whether the eval ran now or was reused; its figures become metrics there too.
+    The table (a log_table JSON)."""
     with tempfile.TemporaryDirectory() as folder:
         report = mlflow.download_artifacts(source_run, EVAL_ARTIFACTS, folder)
         mlflow.log_artifacts(target_run, report, folder_name)
         table = json.loads((Path(report) / "metrics.json").read_text())
     log_comparison(mlflow, target_run, folder_name, table)
+    return table
 
 
-def log_comparison(mlflow: MlflowClient, run_id: str, evaluation: str, table: dict) -> None:
+def log_comparison(
+    mlflow: MlflowClient,
+    run_id: str,
+    evaluation: str,
+    table: dict,
+    models: list[str | None] | None = None,
+    measured_on: dict[str, list[Path]] | None = None,
+) -> None:
     """The eval table (a log_table JSON: a row per checkpoint, in lineage order) as metrics `<eval stage>/<metric>`,
     each logged at step = its checkpoint's row, and the tag `lifecycle.steps.<eval stage>` ("0:pretrain 1:sft ...")
-    naming the checkpoint of each step.
+    naming the checkpoint of each step. With `models` (the logged model of each row's checkpoint), each figure is
+    linked to its model, and to the dataset it was measured on where `measured_on` (metric: files) names one file: the
+    eval run logs them so, once; the pipeline runs that copy its report do not link them again.
 
     Why steps: MLflow charts a metric's history as a line over steps, so each measure is one chart that follows the
     lineage from checkpoint to checkpoint, and the pipeline runs of an experiment overlay in it. Metrics named
@@ -468,8 +468,16 @@ def log_comparison(mlflow: MlflowClient, run_id: str, evaluation: str, table: di
     columns, rows = table["columns"], table["data"]
     checkpoints = [row[columns.index("checkpoint")] for row in rows]
     now = int(time.time() * 1000)
+    models, measured_on = models or [None] * len(rows), measured_on or {}
     metrics = [
-        Metric(f"{evaluation}/{column}", float(value), now, step)
+        Metric(
+            f"{evaluation}/{column}",
+            float(value),
+            now,
+            step,
+            models[step],
+            *(_measured_on(measured_on.get(column, [])) if models[step] else (None, None)),
+        )
         for step, row in enumerate(rows)
         for column, value in zip(columns, row)
         # null: not measured for that checkpoint (log_table writes nan as null), left out of the line

@@ -12,7 +12,6 @@ pipeline run shares travels as one `Context`.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -30,6 +29,17 @@ from tasks.checks import check_contracts
 from tasks.home import Home
 from tasks.keys import dataset_key, reference_key
 from tasks.launch import launch_stage
+from tasks.models import (
+    ADAPTER,
+    CHECKPOINT,
+    fetch_checkpoint,
+    log_checkpoints,
+    log_input_models,
+    mark_best,
+    model_of,
+    record_base_model,
+    register,
+)
 from tasks.plan import PlannedStage, parts
 
 
@@ -65,7 +75,7 @@ def reuse(ctx: Context, stage: PlannedStage) -> str | None:
 def fetch(ctx: Context, run_id: str) -> Path:
     """A finished stage's checkpoint, downloaded from MLflow into the cache."""
     mlflow = lineage.client(ctx.home)
-    return lineage.fetch_checkpoint(mlflow, ctx.home, mlflow.get_run(run_id))
+    return fetch_checkpoint(mlflow, ctx.home, mlflow.get_run(run_id))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="prepare-{stage.name}")
@@ -95,8 +105,9 @@ def _log_preparation(mlflow, run_id: str, prepared_dir: Path) -> None:
     lineage.log_preparation(mlflow, run_id, report["counts"], report["rejected"])
 
 
-def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work) -> str:
-    """Claim the stage, open its child run, do the work, log the checkpoint; FAILED on any error.
+def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work, monitored: bool = False) -> str:
+    """Claim the stage, open its child run, do the work, log the checkpoint as the run's model; FAILED on any error.
+    `monitored`: the machine's use is logged while the work runs (`lineage.system_metrics`).
 
     A run that another process finished after this one looked for it (and before the claim) is reused, never trained
     twice."""
@@ -115,12 +126,13 @@ def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work)
         try:
             with lineage.heartbeat(mlflow, run_id):
                 lineage.log_stage_spec(mlflow, run_id, stage)
-                result: StageResult = work(mlflow, run_id)
-                lineage.finish_stage_run(mlflow, run_id, result)
+                with lineage.system_metrics(mlflow, run_id, monitored):
+                    result: StageResult = work(mlflow, run_id)
+                lineage.finish_stage_run(mlflow, run_id, result, log_checkpoints(mlflow, run_id, result))
         except BaseException as err:
             lineage.fail(mlflow, run_id, err)
             raise
-    # the in-stage checkpoints (optimizer state included) have served: the run's artifact is the record now
+    # the in-stage checkpoints (optimizer state included) have served: the run's logged model is the record now
     shutil.rmtree(workdir / "trainer", ignore_errors=True)
     mirror.drop(mlflow, lineage.runs_of(mlflow, ctx.experiment, stage))
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
@@ -163,7 +175,7 @@ def train(
     from tasks.step_metrics import recorders
 
     home, spec, mlflow = ctx.home, ctx.spec, lineage.client(ctx.home)
-    tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
+    tokenizer = fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
     datasets = load_from_disk(str(datasets_dir / "datasets"))
 
     def trained(part: PlannedStage, within: Context, input_run: str | None) -> str:
@@ -172,15 +184,15 @@ def train(
         def work(mlflow, run_id) -> StageResult:
             lineage.log_data_inputs(mlflow, run_id, {"train": part.spec.data, "eval": part.spec.heldout})
             _log_preparation(mlflow, run_id, datasets_dir)
+            log_input_models(mlflow, run_id, [mlflow.get_run(run) for run in [input_run, *reward_runs.values()] if run])
             if input_run is not None:
                 source = mlflow.get_run(input_run)
-                artifact = lineage.ADAPTER if part.spec.input == "adapter" else lineage.CHECKPOINT
-                model = lineage.fetch_checkpoint(mlflow, home, source, artifact)
+                model = fetch_checkpoint(mlflow, home, source, ADAPTER if part.spec.input == "adapter" else CHECKPOINT)
                 reference = datasets_dir / reference_key(lineage.fingerprint_of(source))
             else:
                 model, reference = spec.model.init or spec.model.path, None
                 if spec.model.path is not None:
-                    lineage.record_base_model(mlflow, run_id, spec.model.path)
+                    record_base_model(mlflow, run_id, spec.model.path)
             inputs = StageInputs(
                 model=model,
                 tokenizer=tokenizer,
@@ -199,7 +211,7 @@ def train(
             except ModelError as err:
                 raise ModelError(f"stage {part.name}: {err}") from None
 
-        return _recorded(within, part, input_run, work)
+        return _recorded(within, part, input_run, work, monitored=True)
 
     if not (curriculum := parts(stage)):
         return trained(stage, ctx, upstream_run)
@@ -208,40 +220,55 @@ def train(
         input_run = upstream_run
         for part in curriculum:
             input_run = trained(part, replace(ctx, parent=run_id), input_run)
-        # the last part's logged checkpoint stands for the stage: pointed at, not downloaded or logged again
-        return StageResult(checkpoint=None, metrics=dict(mlflow.get_run(input_run).data.metrics), source_run=input_run)
+        # the last part's logged checkpoint stands for the stage: pointed at, not downloaded or logged again; its
+        # final metrics are the stage's (the machine's use, sampled for each part, is each part's)
+        metrics = {k: v for k, v in mlflow.get_run(input_run).data.metrics.items() if not k.startswith("system/")}
+        return StageResult(checkpoint=None, metrics=metrics, source_run=input_run)
 
     return _recorded(ctx, stage, upstream_run, work)
 
 
 def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, Path]:
     """Each reward stage's logged checkpoint, fetched: what a `reward_model` reward loads."""
-    return {name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in reward_runs.items()}
+    return {name: fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in reward_runs.items()}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="eval-{stage.name}")
 def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], reward_runs: dict[str, str]) -> str:
-    """Score the checkpoints side by side; the table, plot and samples go to the eval run and to the pipeline run."""
+    """Score the checkpoints side by side; the table, plot and samples go to the eval run and to the pipeline run, each
+    score to the logged model of its checkpoint."""
     from stages import eval as evaluation
 
     home = ctx.home
 
     def work(mlflow, run_id) -> StageResult:
         lineage.log_data_inputs(mlflow, run_id, {fmt: paths for fmt, (paths, _) in stage.spec.files().items()})
-        checkpoints = {
-            name: lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(scored)) for name, scored in scored_runs.items()
-        }
-        tokenizer = lineage.fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
+        scored = {name: mlflow.get_run(run) for name, run in scored_runs.items()}
+        log_input_models(mlflow, run_id, [*scored.values(), *(mlflow.get_run(run) for run in reward_runs.values())])
+        checkpoints = {name: fetch_checkpoint(mlflow, home, run) for name, run in scored.items()}
+        tokenizer = fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
         report = evaluation.run(
             stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs)
         )
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
-        metrics = {
-            f"{row['checkpoint']}/{name}": value
-            for row in report.metrics
-            for name, value in row.items()
-            if name != "checkpoint" and not math.isnan(value)
+        table = {"columns": list(report.metrics[0]), "data": [list(row.values()) for row in report.metrics]}
+        measured_on = {
+            metric: paths for fmt, (paths, _) in stage.spec.files().items() for metric in evaluation.METRICS[fmt]
         }
-        return StageResult(checkpoint=None, metrics=metrics)
+        models = [model_of(scored[row["checkpoint"]]) for row in report.metrics]
+        lineage.log_comparison(mlflow, run_id, stage.name, table, models, measured_on)
+        return StageResult(checkpoint=None)
 
-    return _recorded(ctx, stage, None, work)
+    return _recorded(ctx, stage, None, work, monitored=True)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="register-{stage.name}")
+def register_model(ctx: Context, stage: PlannedStage, run_id: str, upstream_version: str | None) -> str | None:
+    """The stage's model as a version of the pipeline's registered model (`tasks.models.register`); its number."""
+    return register(lineage.client(ctx.home), ctx.spec.name, stage, run_id, upstream_version)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="best-of-{stage.name}")
+def choose_best(ctx: Context, stage: PlannedStage, table: dict, versions: dict[str, str]) -> str | None:
+    """The alias `best` on the version the eval stage scores best by its `best_by` metric; the version."""
+    return mark_best(lineage.client(ctx.home), ctx.spec.name, stage.name, table, stage.spec.best_by, versions)

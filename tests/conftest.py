@@ -130,5 +130,7 @@ def quick_run(prefect_harness, tmp_path_factory):
     root = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_home(monkeypatch, root)
+        # a sample of the machine a second, not MLflow's one in 10 s: the quick stages take seconds
+        monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
         runs = lifecycle(str(QUICK))
     return root, runs

@@ -43,8 +43,8 @@ def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_
         assert run.info.status == "FINISHED" and run.info.run_name == name
         assert tags["lifecycle.stage"] == name and tags["lifecycle.fingerprint"] == planned[name].fingerprint
         parents.add(tags["mlflow.parentRunId"])
-    for name in ("tokenizer", "pretrain", "sft", "dpo", "tuna", "reward"):
-        assert [a.path for a in mlflow.list_artifacts(runs[name])] == ["checkpoint", "stage_spec.json"]
+    for name in ("tokenizer", "pretrain", "sft", "dpo", "tuna", "reward"):  # checkpoints are logged models, not here
+        assert [a.path for a in mlflow.list_artifacts(runs[name])] == ["stage_spec.json"]
     tags = mlflow.get_run(runs["sft"]).data.tags
     assert tags["lifecycle.upstream_run"] == runs["pretrain"] and tags["lifecycle.tokenizer_run"] == runs["tokenizer"]
     (parent,) = parents
@@ -58,10 +58,13 @@ def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_
     assert {d.dataset.name for d in sft.inputs.dataset_inputs} == {"sft.jsonl", "sft_heldout.jsonl"}
 
 
-def test_logged_checkpoints_load_with_transformers(quick_run, tmp_path) -> None:
+def test_logged_checkpoints_load_with_transformers(quick_run, tmp_path, monkeypatch) -> None:
+    from mlflow.artifacts import download_artifacts
+
     root, runs = quick_run
-    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    folder = mlflow.download_artifacts(runs["sft"], "checkpoint", str(tmp_path))
+    use_home(monkeypatch, root)  # MLflow resolves a models:/ URI on the process's tracking URI
+    model_id = MlflowClient().get_run(runs["sft"]).data.tags["lifecycle.model_id"]
+    folder = download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path))
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.vocab_size == len(tokenizer) == 512
@@ -120,14 +123,15 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     from stages.checkpoint import load_model
     from stages.contract import adapter_base, is_adapter
     from tasks.home import Home
-    from tasks.lineage import fetch_checkpoint
+    from tasks.models import fetch_checkpoint
 
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     home = Home(root)
 
-    # LoRA with merge: the merged model is the checkpoint, the adapter is logged beside it
-    assert [a.path for a in mlflow.list_artifacts(runs["sft-lora"])] == ["adapter", "checkpoint", "stage_spec.json"]
+    # LoRA with merge: the merged model is the checkpoint, the adapter is a logged model of the run beside it
+    outputs = mlflow.get_run(runs["sft-lora"]).outputs.model_outputs
+    assert {mlflow.get_logged_model(m.model_id).name for m in outputs} == {"sft-lora", "sft-lora-adapter"}
     # LoRA without merge: the checkpoint is the adapter; fetched, it names the fetched checkpoint of its input as its
     # base
     dpo = fetch_checkpoint(mlflow, home, mlflow.get_run(runs["dpo"]))
@@ -186,11 +190,7 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
         "heldout_task_accuracy",
     } <= set(grpo.data.metrics)
     assert math.isfinite(grpo.data.metrics["reward/reward_model"])  # the reward stage's logged model, in the loop
-    assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == [
-        "checkpoint",
-        "grpo_samples.json",
-        "stage_spec.json",
-    ]
+    assert [a.path for a in mlflow.list_artifacts(runs["grpo"])] == ["grpo_samples.json", "stage_spec.json"]
 
 
 def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_run, tmp_path) -> None:
@@ -225,8 +225,9 @@ def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_ru
             open(mlflow.download_artifacts(run_id, f"{folder}/samples.json", str(tmp_path / run_id))).read()
         )
         assert set(scored) <= set(samples["columns"]) and samples["data"]
-    metrics = mlflow.get_run(runs["eval"]).data.metrics
-    assert "sft/exact_match" in metrics and "dpo/preference_accuracy" in metrics and "pretrain/perplexity" in metrics
+    # the eval run charts its table as the pipeline run does: a metric a line, a checkpoint a step
+    history = mlflow.get_metric_history(runs["eval"], "eval/perplexity")
+    assert sorted(m.step for m in history) == list(range(len(scored)))
 
 
 def test_experiments_made_here_open_as_model_training_and_a_users_own_is_left_as_it_is(

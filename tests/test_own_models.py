@@ -67,7 +67,7 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     from stages.contract import ADDED_TOKENS, adapter_base
     from tasks.home import Home
     from tasks.keys import folder_digest
-    from tasks.lineage import fetch_checkpoint
+    from tasks.models import fetch_checkpoint
 
     template, added = FAMILIES[family]
     model_dir = build(family, tmp_path / family)
