@@ -209,14 +209,10 @@ def _stage_checkpoint(spec_path: Path, name: str) -> Path:
 def _model_checkpoint(uri: str) -> Path:
     """The language model a `models:/` URI names, fetched into the home's cache (an adapter with its base)."""
     from tasks.lineage import open_store
-    from tasks.models import fetch_model, model_id_of
+    from tasks.models import fetch_language_model
 
     home = Home.from_env()
-    mlflow = open_store(home)
-    model = mlflow.get_logged_model(model_id_of(mlflow, uri))
-    if model.model_type in ("tokenizer", "reward-model"):
-        raise UsageError(f"{uri} is a {model.model_type} (stage {model.name}), not a language model; name one that is")
-    return fetch_model(mlflow, home, model.model_id)
+    return fetch_language_model(open_store(home), home, uri)
 
 
 def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[list[dict]], list[str | None]]:

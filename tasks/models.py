@@ -77,9 +77,8 @@ def log_checkpoints(mlflow: MlflowClient, run_id: str, result: StageResult) -> s
         return None
     if result.checkpoint is None:
         return None
-    tags = [
-        RunTag(MODEL_ID, model_id := _log_model(mlflow, run, run.info.run_name, result.checkpoint, CHECKPOINT, step))
-    ]
+    model_id = _log_model(mlflow, run, run.info.run_name, result.checkpoint, CHECKPOINT, step)
+    tags = [RunTag(MODEL_ID, model_id)]
     if result.adapter is not None:
         adapter = _log_model(mlflow, run, f"{run.info.run_name}-adapter", result.adapter, ADAPTER, step)
         tags.append(RunTag(ADAPTER_MODEL_ID, adapter))
@@ -90,22 +89,15 @@ def log_checkpoints(mlflow: MlflowClient, run_id: str, result: StageResult) -> s
 def _log_model(mlflow: MlflowClient, run: Run, name: str, folder: Path, artifact: str, step: int) -> str:
     """One folder as a READY logged model of `run`; a model whose upload fails is marked FAILED, never READY."""
     tags = run.data.tags
-    kind = tags[f"{TAG}kind"]
-    adapter = is_adapter(folder)
-    model_type = (
-        "tokenizer"
-        if kind == TOKENIZER_STAGE
-        else "lora-adapter"
-        if adapter
-        else "reward-model"
-        if kind == "reward"
-        else "causal-lm"
-    )
     model_tags = {f"{TAG}{key}": tags[f"{TAG}{key}"] for key in ("stage", "kind", "fingerprint")} | {ARTIFACT: artifact}
-    if adapter:
+    if is_adapter(folder):
         model_tags |= _base(mlflow, run)
     model = mlflow.create_logged_model(
-        run.info.experiment_id, name=name, source_run_id=run.info.run_id, tags=model_tags, model_type=model_type
+        run.info.experiment_id,
+        name=name,
+        source_run_id=run.info.run_id,
+        tags=model_tags,
+        model_type=_model_type(tags[f"{TAG}kind"], folder),
     )
     try:
         with transfer(f"model {name} ({model.model_id}) logged to run {run.info.run_id}", "uploaded", folder):
@@ -116,6 +108,15 @@ def _log_model(mlflow: MlflowClient, run: Run, name: str, folder: Path, artifact
     mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     mlflow.log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, step)])
     return model.model_id
+
+
+def _model_type(kind: str, folder: Path) -> str:
+    """What a logged model is, as the Models tab lists it: `generate --model` refuses a tokenizer and a reward model."""
+    if kind == TOKENIZER_STAGE:
+        return "tokenizer"
+    if is_adapter(folder):
+        return "lora-adapter"
+    return "reward-model" if kind == "reward" else "causal-lm"
 
 
 def _base(mlflow: MlflowClient, run: Run) -> dict[str, str]:
@@ -212,6 +213,15 @@ def _base_of(mlflow: MlflowClient, home: Home, run: Run) -> Path:
             "on it as it is"
         )
     return base
+
+
+def fetch_language_model(mlflow: MlflowClient, home: Home, uri: str) -> Path:
+    """The language model a `models:/` URI names, fetched (an adapter, onto its base); a tokenizer or a reward model
+    is refused."""
+    model = mlflow.get_logged_model(model_id_of(mlflow, uri))
+    if model.model_type in ("tokenizer", "reward-model"):
+        raise ModelError(f"{uri} is a {model.model_type} (stage {model.name}), not a language model; name one that is")
+    return fetch_model(mlflow, home, model.model_id)
 
 
 def model_id_of(mlflow: MlflowClient, uri: str) -> str:

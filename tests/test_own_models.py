@@ -119,8 +119,10 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     dpo = mlflow.get_run(runs["dpo"])
     assert dpo.info.status == "FINISHED" and "rewards/accuracy" in dpo.data.metrics
     assert adapter_base(fetch_checkpoint(mlflow, home, dpo)) == sft  # an adapter on the SFT adapter on the user's model
-    evaluated = mlflow.get_run(runs["eval"]).data.metrics
-    assert {"sft/response_loss", "dpo/response_loss"} <= set(evaluated)
+    # the eval's score of each adapter, on its logged model
+    for name in ("sft", "dpo"):
+        model = mlflow.get_logged_model(mlflow.get_run(runs[name]).data.tags["lifecycle.model_id"])
+        assert ("eval/response_loss", runs["eval"]) in {(m.key, m.run_id) for m in model.metrics}, name
 
     answered = subprocess.run(
         [
