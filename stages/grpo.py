@@ -20,6 +20,7 @@ after training: task accuracy (the reference answer in the reply) and the mean r
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids, columns_of
 from stages.generation import Sampling, decode, generate, stop_ids
 from stages.losses import group_advantages, grpo_loss
+from stages.progress import say
 from stages.rewards import (
     RewardError,
     RewardFunction,
@@ -182,15 +184,9 @@ class GRPOTrainer(ObjectiveTrainer):
         policy = self.accelerator.unwrap_model(model)
         started = time.perf_counter()
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-        sampled = generate(
-            policy,
-            [p for p in prompts for _ in range(group)],
-            self.stops,
-            tokenizer.pad_token_id,
-            Sampling(spec.temperature, spec.top_p, spec.max_new_tokens),
-            batch_size=len(prompts) * group,
-        )
+        groups = sample_groups(policy, tokenizer, prompts, inputs["messages"], inputs["answer"], spec, self.rewards)
         policy.train()
+        sampled, scores, grouped = groups.sampled, groups.scores, groups.grouped
         generating = time.perf_counter() - started
         width = max(map(len, sampled))
         completions = torch.tensor(
@@ -199,12 +195,7 @@ class GRPOTrainer(ObjectiveTrainer):
         completion_mask = torch.tensor(
             [[1] * len(ids) + [0] * (width - len(ids)) for ids in sampled], device=self.args.device
         )
-        texts = [decode(tokenizer, ids, self.stops).text for ids in sampled]
-        asked = [m for m in inputs["messages"] for _ in range(group)]
-        answers = [a for a in inputs["answer"] for _ in range(group)]
-        scores = torch.tensor(checked_rewards(self.rewards, asked, texts, answers, [len(ids) for ids in sampled]))
-        total = weighted_total(self.rewards, scores)
-        grouped = total.view(len(prompts), group)
+        total = grouped.view(-1)
         samples = Samples(
             sequences=torch.cat([inputs["input_ids"].repeat_interleave(group, 0), completions], 1),
             attention_mask=torch.cat([inputs["attention_mask"].repeat_interleave(group, 0), completion_mask], 1),
@@ -235,7 +226,7 @@ class GRPOTrainer(ObjectiveTrainer):
                     "reward": float(r),
                     **{f.name: float(s[i]) for f, s in zip(self.rewards, scores)},
                 }
-                for i, (m, t, r) in enumerate(zip(asked, texts, total))
+                for i, (m, t, r) in enumerate(zip(groups.asked, groups.texts, total))
             ]
         return samples
 
@@ -274,6 +265,81 @@ class GRPOTrainer(ObjectiveTrainer):
         )
         self.record(**figures)
         return loss
+
+
+@dataclass(frozen=True)
+class Groups:
+    """`group_size` completions of each prompt, sampled and scored."""
+
+    sampled: list[list[int]]  # token ids of each completion, its stop token included
+    texts: list[str]
+    asked: list[list[dict]]  # each completion's prompt messages
+    scores: Tensor  # [rewards, N]: each reward function's score of each completion
+    grouped: Tensor  # [prompts, group_size]: their weighted total
+
+
+def sample_groups(
+    policy, tokenizer, prompts: list[list[int]], messages: list, answers: list, spec: GRPOStage, rewards
+) -> Groups:
+    """Sample `group_size` completions of each prompt (one batch, as a training step generates them) and score them
+    with every reward function."""
+    stops = stop_ids(tokenizer, end_of_turn_id(tokenizer, spec.template))
+    group = spec.group_size
+    sampled = generate(
+        policy,
+        [p for p in prompts for _ in range(group)],
+        stops,
+        tokenizer.pad_token_id,
+        Sampling(spec.temperature, spec.top_p, spec.max_new_tokens),
+        batch_size=len(prompts) * group,
+    )
+    texts = [decode(tokenizer, ids, stops).text for ids in sampled]
+    asked = [m for m in messages for _ in range(group)]
+    repeated = [a for a in answers for _ in range(group)]
+    scores = torch.tensor(checked_rewards(rewards, asked, texts, repeated, [len(ids) for ids in sampled]))
+    return Groups(sampled, texts, asked, scores, weighted_total(rewards, scores).view(len(prompts), group))
+
+
+def first_groups(model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: list[RewardFunction]) -> dict[str, float]:
+    """A cheap sanity pass before any update: the groups of the first prompts, sampled from the input policy and scored.
+
+    GRPO learns only from a group whose rewards differ (an all-equal group has zero advantage everywhere). Prompts
+    the policy never answers right at this temperature give all-zero groups, and the whole run would then change
+    nothing: that is said here, with what to change, rather than found out after the run. Sampled with a generator of
+    its own, so the training's draws are those of a run without this pass."""
+    was_training = model.training
+    step = spec.train.batch_size  # sampled a step's prompts at a time, as training does
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.train.seed)
+        grouped = torch.cat(
+            [
+                sample_groups(
+                    model,
+                    tokenizer,
+                    rows["prompt_ids"][start : start + step],
+                    rows["messages"][start : start + step],
+                    rows["answer"][start : start + step],
+                    spec,
+                    rewards,
+                ).grouped
+                for start in range(0, len(rows), step)
+            ]
+        )
+    model.train(was_training)
+    informative = int((grouped.std(1) > 0).sum())
+    say(
+        f"{spec.name}  first {len(rows)} prompts x {spec.group_size} completions at temperature {spec.temperature:g}: "
+        f"mean reward {float(grouped.mean()):.3g}, {informative} of {len(rows)} groups with rewards that differ"
+    )
+    if not informative:
+        logging.getLogger(__name__).warning(
+            "stage %s: every group of the first %d prompts got equal rewards from the input model, so those prompts "
+            "teach GRPO nothing; if most of the data is like them the run will not move: raise the temperature, "
+            "give prompts the model sometimes answers right, or add a reward that tells near misses apart",
+            spec.name,
+            len(rows),
+        )
+    return {"first_mean_reward": float(grouped.mean()), "first_informative_groups": informative / len(rows)}
 
 
 def heldout_metrics(
@@ -335,8 +401,12 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
         rewards=rewards,
         reference_model=reference_model,
     )
+    # a step's prompts or 32, whichever is more: a few prompts can all be answered alike where most are not
+    sanity = datasets["train"].select(range(min(len(datasets["train"]), max(spec.train.batch_size, 32))))
+    reach = first_groups(model, tokenizer, sanity, spec, rewards)  # on the Trainer's device
     metrics, resumed_from = fit(trainer, measure)
     metrics["train_prompts"] = float(len(datasets["train"]))
+    metrics.update(reach)
     store_template(tokenizer, spec.template)
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
     return StageResult(

@@ -51,6 +51,22 @@ def test_grpo_raises_the_heldout_reward_of_an_easy_verifiable_task(chat_model, t
     assert {"step", "prompt", "completion", "reward", "regex"} <= set(kept) and kept["step"][0] == 0
     assert len(set(map(len, kept.values()))) == 1 and len(kept["step"]) == 2 * 4 * 4  # steps 0 and 10: 4 prompts x 4
     assert (result.checkpoint / "model.safetensors").exists()
+    # the sanity pass before training sampled the first step's groups from the input model: some differed
+    assert 0 < metrics["first_informative_groups"] <= 1
+
+
+def test_prompts_no_sample_is_rewarded_on_are_said_to_teach_nothing_before_training(
+    chat_model, trained_tokenizer, tmp_path, caplog
+) -> None:
+    """A reward no reply of this model earns: every group of the sanity pass is all zeros, and the stage says so up
+    front, naming itself and what to change."""
+    spec = grpo_stage(rewards=[{"kind": "regex", "pattern": "^NEVER SAID$"}], train={"max_steps": 1})
+    with caplog.at_level("WARNING", logger="stages.grpo"):
+        metrics = trained(spec, chat_model, trained_tokenizer, tmp_path).metrics
+    assert metrics["first_informative_groups"] == 0 and metrics["first_mean_reward"] == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "stages.grpo"]
+    assert "stage grpo: every group of the first 32 prompts got equal rewards" in warning
+    assert "raise the temperature" in warning
 
 
 def test_more_updates_per_sample_and_a_kl_to_a_frozen_reference_train_and_are_logged(
