@@ -52,6 +52,7 @@ MODEL_ID = f"{TAG}model_id"  # on a stage's run: the logged model of its checkpo
 ADAPTER_MODEL_ID = f"{TAG}adapter_model_id"  # on a merged LoRA stage's run: the logged model of its adapter
 ARTIFACT = f"{TAG}artifact"  # on a logged model: checkpoint or adapter, the cache folder it is fetched into
 BASE_MODEL_ID = f"{TAG}base_model_id"  # on an adapter's logged model: the model it applies to
+BASES = (BASE_MODEL_ID, f"{TAG}base_run", f"{TAG}base_model")  # the tags that can name an adapter's base
 BEST = "best"
 
 
@@ -89,15 +90,17 @@ def log_checkpoints(mlflow: MlflowClient, run_id: str, result: StageResult) -> s
 def _log_model(mlflow: MlflowClient, run: Run, name: str, folder: Path, artifact: str, step: int) -> str:
     """One folder as a READY logged model of `run`; a model whose upload fails is marked FAILED, never READY."""
     tags = run.data.tags
+    model_type = _model_type(tags[f"{TAG}kind"], folder)
     model_tags = {f"{TAG}{key}": tags[f"{TAG}{key}"] for key in ("stage", "kind", "fingerprint")} | {ARTIFACT: artifact}
     if is_adapter(folder):
         model_tags |= _base(mlflow, run)
+    applies = next((f", on {value}" for key, value in model_tags.items() if key in BASES), "")
+    # the model page's description, as the run's: what the stage did, on what, from which input
+    model_tags[MLFLOW_RUN_NOTE] = (
+        f"The {model_type} of stage **{tags[f'{TAG}stage']}**{applies}. {tags[MLFLOW_RUN_NOTE]}"
+    )
     model = mlflow.create_logged_model(
-        run.info.experiment_id,
-        name=name,
-        source_run_id=run.info.run_id,
-        tags=model_tags,
-        model_type=_model_type(tags[f"{TAG}kind"], folder),
+        run.info.experiment_id, name=name, source_run_id=run.info.run_id, tags=model_tags, model_type=model_type
     )
     try:
         with transfer(f"model {name} ({model.model_id}) logged to run {run.info.run_id}", "uploaded", folder):

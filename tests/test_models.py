@@ -54,6 +54,7 @@ def test_each_checkpoint_is_a_logged_model_of_its_run_and_the_store_holds_its_we
         info.path.split("/")[-1] for info in list_artifacts(sft.artifact_location, tracking_uri=mlflow.tracking_uri)
     }
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    assert sft.tags["mlflow.note.content"].startswith("The causal-lm of stage **sft**. sft sft: trains on sft.jsonl")
     # and nowhere else: every weight file under the store's artifacts is one model's
     weights = [path.relative_to(root / "artifacts") for path in (root / "artifacts").rglob("*.safetensors")]
     assert weights and all(path.parts[1:4:2] == ("models", "artifacts") for path in weights), weights
