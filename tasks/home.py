@@ -65,7 +65,9 @@ class Home:
         user_profiles = Path("~/.prefect/profiles.toml").expanduser()
         if user_profiles.exists():
             os.environ.setdefault("PREFECT_PROFILES_PATH", str(user_profiles))
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond this machine
+        # no network beyond this machine: neither library reports its usage home unless the user says so
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def lease_seconds() -> float:

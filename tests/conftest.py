@@ -13,8 +13,10 @@ from examples.generate import DATA_DIR
 from schemas.spec import ModelInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
 from stages.contract import StageResult
 
-# as `lifecycle` sets for its own server: the harness's server must not try to reach the network
+# as `lifecycle` sets for its own server and the store: the harness's server and MLflow must not try to reach the
+# network
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # as `lifecycle` sets before torch loads: stages trained in the test process wait passively too (a busy CI machine)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
