@@ -218,12 +218,74 @@ def ranked(skills: Skills, rng: random.Random, heldout: bool) -> dict:
     return {"instruction": question, "input": "", "output": [c for c, _ in scored], "score": [s for _, s in scored]}
 
 
+# Instructions phrased as no SFT conversation phrases them: the RL prompts use the first half of each skill's, the
+# held-out RL prompts the second half.
+PHRASINGS = {
+    "add": [
+        "How much is {a} and {b} together?",
+        "{a} + {b} = ?",
+        "Sum {a} and {b}.",
+        "Tell me {a} plus {b}.",
+        "What do you get when you add {a} to {b}?",
+        "Give the sum of {a} and {b}.",
+        "{a} plus {b} makes what?",
+        "Work out {a} + {b}.",
+    ],
+    "capital": [
+        "Which city is the capital of {s}?",
+        "Tell me the capital of {s}.",
+        "{s}: what is its capital?",
+        "Where does the government of {s} sit?",
+        "What city is the capital of {s}?",
+        "Give the capital of {s}.",
+        "I need the capital of {s}.",
+        "In which city does {s} have its government?",
+    ],
+    "upper": [
+        "Write {s} in upper case.",
+        "Capitalise every letter of {s}.",
+        "How is {s} written in capitals?",
+        "Give {s} in capital letters.",
+        "Turn {s} into capital letters.",
+        "Put {s} in capitals.",
+        "Spell {s} in upper case letters.",
+        "What is {s} in capital letters?",
+    ],
+    "reverse": [
+        "Spell {s} backwards.",
+        "Write {s} reversed.",
+        "What is {s} written backwards?",
+        "Reverse the word {s}.",
+        "Give the letters of {s} in reverse order.",
+        "Turn {s} around, letter by letter.",
+        "How does {s} read backwards?",
+        "Write the word {s} backwards.",
+    ],
+}
+
+
 def rl_prompt(skills: Skills, rng: random.Random, heldout: bool) -> dict:
-    """A question and the answer a reward checks for: the whole canonical sentence, subject and value. A reply that
-    gives the right value about another subject ("What is the capital of Morluia?" -> "The capital of Peltinia is
-    Pelvex.") is the toy world's typical mistake; a reward on the value alone pays for it, and RL learns it."""
-    question, answer = skills.question(rng, heldout)
-    return {"prompt": question, "answer": answer}
+    """An instruction phrased as SFT never phrased one, and the answer a reward checks for: the whole canonical
+    sentence, subject and value.
+
+    An SFT model follows such an instruction some of the time (it keys on the phrasings it was trained on), so a
+    group of its sampled replies is often part right, part wrong: what GRPO learns from. Its subjects are the ones
+    SFT asked about (an SFT model never names a subject it was not asked about, so GRPO could never be rewarded on
+    one); sums come from the held-out pairs in the held-out prompts, whose phrasings GRPO never trains on either.
+    The reward is on the whole sentence: a reply that gives the right value about another subject is the toy world's
+    typical mistake, and a reward on the value alone pays for it."""
+    skill = rng.choice(list(PHRASINGS))
+    phrasings = PHRASINGS[skill][4:] if heldout else PHRASINGS[skill][:4]
+    phrasing = rng.choice(phrasings)
+    if skill == "add":
+        a, b = rng.choice(skills.heldout_pairs if heldout else skills.pairs)
+        return {"prompt": phrasing.format(a=a, b=b), "answer": skills.sentence(skill, (a, b), a + b)}
+    if skill == "capital":
+        country = rng.choice(skills.countries)
+        return {"prompt": phrasing.format(s=country), "answer": skills.sentence(skill, country, skills.table[country])}
+    word = rng.choice(skills.words)
+    value = word.upper() if skill == "upper" else word[::-1]
+    return {"prompt": phrasing.format(s=word), "answer": skills.sentence(skill, word, value)}
 
 
 def generate(seed: int = SEED) -> dict[str, list[dict]]:
