@@ -93,9 +93,17 @@ def stage_run(folder: Path, name: str = "stage"):
 
 
 def use_home(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    """Point the project home, and with it MLflow, at `root` for the duration of a test."""
+    """Point the project home, and with it MLflow and Prefect, at `root` for the duration of a test. Every variable
+    `Home.configure` sets where unset is set here, so `main()` run in the test process leaves none of them behind for
+    later tests' commands to inherit."""
     monkeypatch.setenv("LIFECYCLE_HOME", str(root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("PREFECT_HOME", str(root / "prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    profiles = Path("~/.prefect/profiles.toml").expanduser()
+    if "PREFECT_PROFILES_PATH" in os.environ or profiles.exists():
+        monkeypatch.setenv("PREFECT_PROFILES_PATH", os.environ.get("PREFECT_PROFILES_PATH", str(profiles)))
 
 
 def cli_env(root: Path, prefect_api: str | None = None) -> dict[str, str]:
@@ -103,6 +111,7 @@ def cli_env(root: Path, prefect_api: str | None = None) -> dict[str, str]:
     on that Prefect server (the harness's) instead of starting one for the home."""
     env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_HOME", None)  # the home's own (<root>/prefect), whatever this process was pointed at
     return env | ({"PREFECT_API_URL": prefect_api} if prefect_api else {})
 
 

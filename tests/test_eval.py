@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -377,7 +376,7 @@ def test_report_tables_are_aligned() -> None:
 def test_generate_cli_answers_a_file_in_order(
     checkpoints: dict[str, Path], tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    cli_home(monkeypatch, tmp_path / "home")
+    use_home(monkeypatch, tmp_path / "home")
     given = tmp_path / "prompts.jsonl"
     given.write_text(
         '{"prompt": "Compute 26 plus 4.", "answer": "30"}\n{"prompt": "Write jam in capital letters."}\n'
@@ -423,17 +422,6 @@ def test_generate_cli_answers_a_file_in_order(
     assert "is not a checkpoint folder" in capsys.readouterr().err
 
 
-def cli_home(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    """The project home at `root` for `main` run in this process; the Prefect variables `Home.configure` sets are
-    restored after."""
-    use_home(monkeypatch, root)
-    monkeypatch.setenv("PREFECT_HOME", str(root / "prefect"))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    profiles = Path("~/.prefect/profiles.toml").expanduser()
-    if "PREFECT_PROFILES_PATH" in os.environ or profiles.exists():
-        monkeypatch.setenv("PREFECT_PROFILES_PATH", os.environ.get("PREFECT_PROFILES_PATH", str(profiles)))
-
-
 SPEC = f"""
 name: eval-report
 model: {{init: {{hidden_size: 64, layers: 2, heads: 2}}}}
@@ -447,7 +435,7 @@ stages:
 def test_report_prints_the_eval_runs_tables_and_generate_names_an_unrun_stage(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    cli_home(monkeypatch, tmp_path / "home")
+    use_home(monkeypatch, tmp_path / "home")
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(SPEC)
     assert main(["report", str(spec_path)]) == 2
