@@ -184,7 +184,9 @@ class GRPOTrainer(ObjectiveTrainer):
         policy = self.accelerator.unwrap_model(model)
         started = time.perf_counter()
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-        groups = sample_groups(policy, tokenizer, prompts, inputs["messages"], inputs["answer"], spec, self.rewards)
+        groups = sample_groups(
+            policy, tokenizer, self.stops, prompts, inputs["messages"], inputs["answer"], spec, self.rewards
+        )
         policy.train()
         sampled, scores, grouped = groups.sampled, groups.scores, groups.grouped
         generating = time.perf_counter() - started
@@ -279,11 +281,17 @@ class Groups:
 
 
 def sample_groups(
-    policy, tokenizer, prompts: list[list[int]], messages: list, answers: list, spec: GRPOStage, rewards
+    policy,
+    tokenizer,
+    stops: list[int],
+    prompts: list[list[int]],
+    messages: list,
+    answers: list,
+    spec: GRPOStage,
+    rewards,
 ) -> Groups:
-    """Sample `group_size` completions of each prompt (one batch, as a training step generates them) and score them
-    with every reward function."""
-    stops = stop_ids(tokenizer, end_of_turn_id(tokenizer, spec.template))
+    """Sample `group_size` completions of each prompt (one batch, as a training step generates them), each ending at
+    its first of `stops`, and score them with every reward function."""
     group = spec.group_size
     sampled = generate(
         policy,
@@ -308,6 +316,7 @@ def first_groups(model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: list
     nothing: that is said here, with what to change, rather than found out after the run. Sampled with a generator of
     its own, so the training's draws are those of a run without this pass."""
     was_training = model.training
+    stops = stop_ids(tokenizer, end_of_turn_id(tokenizer, spec.template))
     step = spec.train.batch_size  # sampled a step's prompts at a time, as training does
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
@@ -316,6 +325,7 @@ def first_groups(model, tokenizer, rows: Dataset, spec: GRPOStage, rewards: list
                 sample_groups(
                     model,
                     tokenizer,
+                    stops,
                     rows["prompt_ids"][start : start + step],
                     rows["messages"][start : start + step],
                     rows["answer"][start : start + step],
