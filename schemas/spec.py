@@ -611,10 +611,15 @@ class PipelineSpec(Strict):
 
     def tokenizer_corpus(self) -> list[tuple[Path, str, str]]:
         """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every
-        stage's data."""
+        stage's data, each file once: a stage added on a file another stage reads leaves the tokenizer, and every
+        finished stage trained with it, as they were."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             return [(path, "text", "fail") for path in self.tokenizer.train.data]
-        return [(path, stage.data_format, stage.on_invalid) for stage in self.training_stages() for path in stage.data]
+        return list(
+            dict.fromkeys(
+                (path, stage.data_format, stage.on_invalid) for stage in self.training_stages() for path in stage.data
+            )
+        )
 
     def data_contracts(self) -> list[tuple[Path, str, str]]:
         """Every data file read whole, once: (path, the format it must have, what to do with a bad row).

@@ -51,6 +51,17 @@ def test_an_edit_changes_that_stage_and_everything_downstream_only(tmp_path: Pat
     assert model_edit["tokenizer"] == base["tokenizer"] and model_edit["pretrain"] != base["pretrain"]
 
 
+def test_a_stage_added_on_a_file_another_stage_reads_keeps_every_finished_stage(tmp_path: Path) -> None:
+    # the tokenizer learns from each file once, so a second stage on sft.jsonl leaves it, and what it made, as it was
+    base = fingerprints(tmp_path)
+    added = fingerprints(tmp_path, SPEC + "  - {name: sft-more, kind: sft, data: sft.jsonl, train: {lr: 0.002}}\n")
+    assert {name: added[name] for name in base} == base and "sft-more" in added
+    assert [path.name for path, _, _ in load_spec(tmp_path / "spec.yaml").tokenizer_corpus()] == [
+        "pretrain.jsonl",
+        "sft.jsonl",
+    ]
+
+
 def test_data_content_and_tokenizer_reach_the_fingerprint(tmp_path: Path) -> None:
     base = fingerprints(tmp_path)
     with open(tmp_path / "sft.jsonl", "a") as handle:
