@@ -26,6 +26,21 @@ TINY = ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=128)
 FAST = dict(batch_size=8, lr=3e-3, warmup=0.0, logging_steps=5, precision="fp32")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--train-seed",
+        type=int,
+        default=0,
+        help="the seed of the tiny models the tests train (the shared fixtures and the tests of a stage's direction): "
+        "a direction test must pass on several, e.g. `pytest tests/test_alignment.py --train-seed 2`",
+    )
+
+
+@pytest.fixture(scope="session")
+def train_seed(request: pytest.FixtureRequest) -> int:
+    return request.config.getoption("--train-seed")
+
+
 @pytest.fixture(scope="session")
 def trained_tokenizer(tmp_path_factory) -> Path:
     """A 512-token BPE trained on the bundled pretrain text, with the chatml template."""
@@ -36,7 +51,7 @@ def trained_tokenizer(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pretrained(trained_tokenizer, tmp_path_factory) -> StageResult:
+def pretrained(trained_tokenizer, train_seed, tmp_path_factory) -> StageResult:
     """A 2-layer, 64-wide Llama pretrained for 40 steps on the bundled text."""
     from transformers import AutoTokenizer
 
@@ -49,7 +64,7 @@ def pretrained(trained_tokenizer, tmp_path_factory) -> StageResult:
         data=[DATA_DIR / "pretrain.jsonl"],
         heldout=[DATA_DIR / "pretrain_heldout.jsonl"],
         packing={"block_size": 64},
-        train=TrainSpec(max_steps=40, save_steps=20, **FAST),
+        train=TrainSpec(max_steps=40, save_steps=20, seed=train_seed, **FAST),
     )
     prepared = pretrain.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
     assert 0 < prepared.counts["train_tail_tokens_dropped"] < 64
@@ -57,7 +72,7 @@ def pretrained(trained_tokenizer, tmp_path_factory) -> StageResult:
 
 
 @pytest.fixture(scope="session")
-def chat_model(trained_tokenizer, pretrained, tmp_path_factory) -> Path:
+def chat_model(trained_tokenizer, pretrained, train_seed, tmp_path_factory) -> Path:
     """The pretrained tiny model after 200 steps of SFT: the input of the alignment stages."""
     from transformers import AutoTokenizer
 
@@ -70,7 +85,7 @@ def chat_model(trained_tokenizer, pretrained, tmp_path_factory) -> Path:
         data=[DATA_DIR / "sft.jsonl"],
         max_len=256,
         template="chatml",
-        train=TrainSpec(max_steps=200, **FAST),
+        train=TrainSpec(max_steps=200, seed=train_seed, **FAST),
     )
     datasets = sft.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     return sft.run(

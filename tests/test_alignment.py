@@ -168,7 +168,7 @@ def test_dpo_stage_gives_orpo_the_token_mean_nll_and_ipo_mean_logps(trained_toke
 
 
 def test_short_dpo_raises_heldout_preference_accuracy(
-    trained_tokenizer: Path, chat_model: Path, tmp_path: Path
+    trained_tokenizer: Path, chat_model: Path, tmp_path: Path, train_seed: int
 ) -> None:
     spec = DPOStage(
         name="dpo",
@@ -178,7 +178,7 @@ def test_short_dpo_raises_heldout_preference_accuracy(
         max_len=128,
         template="chatml",
         beta=0.1,
-        train=TrainSpec(max_steps=30, lr=5e-4, **(QUICK | {"logging_steps": 5})),
+        train=TrainSpec(seed=train_seed, max_steps=30, lr=5e-4, **(QUICK | {"logging_steps": 5})),
     )
     datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     logs = Logs()
@@ -200,7 +200,9 @@ def test_short_dpo_raises_heldout_preference_accuracy(
     assert sum(margins[-3:]) / 3 > 0.1 and all(f"logps/{side}" in logs.logs[0] for side in ("chosen", "rejected"))
 
 
-def test_short_pro_raises_heldout_ranking_agreement(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+def test_short_pro_raises_heldout_ranking_agreement(
+    trained_tokenizer: Path, chat_model: Path, tmp_path: Path, train_seed: int
+) -> None:
     # 300 steps (1.6 epochs of the 1500 lists): at 100 the best-vs-worst accuracy moved by 2 to 7 pairs of 200, by seed
     spec = PROStage(
         name="pro",
@@ -211,7 +213,7 @@ def test_short_pro_raises_heldout_ranking_agreement(trained_tokenizer: Path, cha
         template="chatml",
         curriculum=[4],
         sft_weight=0.0,
-        train=TrainSpec(max_steps=300, lr=3e-3, **(QUICK | {"logging_steps": 50})),
+        train=TrainSpec(seed=train_seed, max_steps=300, lr=3e-3, **(QUICK | {"logging_steps": 50})),
     )
     datasets = pro.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     result = pro.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
@@ -240,7 +242,9 @@ def test_pro_sub_stage_cuts_lists_to_its_length(trained_tokenizer: Path) -> None
     assert all(len(ids) == 3 for ids in kept["input_ids"]) and all(s == sorted(s, reverse=True) for s in kept["scores"])
 
 
-def test_tuna_trains_its_ranking_and_mle_terms(trained_tokenizer: Path, chat_model: Path, tmp_path: Path) -> None:
+def test_tuna_trains_its_ranking_and_mle_terms(
+    trained_tokenizer: Path, chat_model: Path, tmp_path: Path, train_seed: int
+) -> None:
     spec = TunaStage(
         name="tuna",
         kind="tuna",
@@ -248,7 +252,7 @@ def test_tuna_trains_its_ranking_and_mle_terms(trained_tokenizer: Path, chat_mod
         heldout=[DATA_DIR / "ranked_heldout.jsonl"],
         max_len=128,
         template="chatml",
-        train=TrainSpec(max_steps=20, lr=1e-3, **(QUICK | {"logging_steps": 10})),
+        train=TrainSpec(seed=train_seed, max_steps=20, lr=1e-3, **(QUICK | {"logging_steps": 10})),
     )
     datasets = tuna.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     logs = Logs()
@@ -271,7 +275,7 @@ def test_tuna_trains_its_ranking_and_mle_terms(trained_tokenizer: Path, chat_mod
 
 
 def test_reward_model_learns_pairs_and_scores_replies(
-    trained_tokenizer: Path, chat_model: Path, tmp_path: Path
+    trained_tokenizer: Path, chat_model: Path, tmp_path: Path, train_seed: int
 ) -> None:
     spec = RewardStage(
         name="reward",
@@ -280,7 +284,7 @@ def test_reward_model_learns_pairs_and_scores_replies(
         heldout=[DATA_DIR / "preference_heldout.jsonl"],
         max_len=128,
         template="chatml",
-        train=TrainSpec(max_steps=120, lr=3e-4, **(QUICK | {"logging_steps": 30})),
+        train=TrainSpec(seed=train_seed, max_steps=120, lr=3e-4, **(QUICK | {"logging_steps": 30})),
     )
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     datasets = reward.prepare(spec, tok).datasets

@@ -252,7 +252,7 @@ def test_kto_at_step_zero_gives_half_of_each_weight_and_zero_rewards(
 
 
 def test_short_kto_lifts_desirable_completions_above_undesirable_ones(
-    trained_tokenizer: Path, chat_model: Path, tmp_path: Path
+    trained_tokenizer: Path, chat_model: Path, tmp_path: Path, train_seed: int
 ) -> None:
     # two epochs of the 128 rows, logged once per epoch: the second epoch's batches against the first's
     spec = KTOStage(
@@ -262,7 +262,7 @@ def test_short_kto_lifts_desirable_completions_above_undesirable_ones(
         heldout=[first_pairs(tmp_path, 50, "preference_heldout.jsonl")],
         max_len=128,
         template="chatml",
-        train=TrainSpec(max_steps=32, lr=5e-4, **(QUICK | {"logging_steps": 16})),
+        train=TrainSpec(seed=train_seed, max_steps=32, lr=5e-4, **(QUICK | {"logging_steps": 16})),
     )
     datasets = kto.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     assert len(datasets["train"]) == 2 * PAIRS and len(datasets["heldout"]) == 100
