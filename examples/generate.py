@@ -1,12 +1,12 @@
 """The toy world: small, exact skills a 5-20M-parameter model can learn on two CPU cores.
 
-Three skills with exact answers, each split into a training part and a held-out part:
+Three skills with exact answers, the subjects of each split in three parts: SFT's (three fifths), the aligned part
+the preference stages ask about (a fifth) and a held-out part no stage trains on (a fifth):
 
-- addition of two numbers below 30 (held out: a fixed fifth of the pairs);
-- capitals of invented countries (facts stated in the pretrain text for every country;
-  SFT asks about most of them; held-out questions ask about the rest, so a model can only
-  answer them by combining what pretraining taught with the answer format SFT taught);
-- upper-casing and reversing short words (held out: a fixed fifth of the words).
+- addition of two numbers below 30;
+- capitals of invented countries (facts stated in the pretrain text for every country; a model can only answer
+  about a country SFT never asked about by combining what pretraining taught with the answer format SFT taught);
+- upper-casing and reversing short words.
 
 Pretrain text states every fact in prose, in every phrasing, and never uses the chat format,
 so a pretrain-only model continues text while an SFT model answers. An answer is the fact's
@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
 SEED = 1234
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -83,36 +84,51 @@ def countries(rng: random.Random, n: int = 40) -> dict[str, str]:
     return table
 
 
-def split(items: list, rng: random.Random, heldout_fraction: float = 0.2) -> tuple[list, list]:
+def split(items: list, rng: random.Random, fraction: float = 0.2) -> tuple[list, list, list]:
+    """(SFT's part, the aligned part, the held-out part): a fraction each for the last two."""
     items = list(items)
     rng.shuffle(items)
-    cut = int(len(items) * heldout_fraction)
-    return items[cut:], items[:cut]
+    cut = int(len(items) * fraction)
+    return items[2 * cut :], items[cut : 2 * cut], items[:cut]
+
+
+Part = Literal["sft", "aligned", "heldout"]
 
 
 class Skills:
-    """Questions with exact answers, drawn from the training or the held-out part of each skill."""
+    """Questions with exact answers, drawn from one of three parts of each skill's subjects: the part SFT asks about,
+    the part the preference stages train on (SFT never asks about it), and the held-out part no stage trains on."""
 
     def __init__(self, rng: random.Random):
         self.table = countries(rng)
         pairs = [(a, b) for a in range(30) for b in range(30)]
-        self.pairs, self.heldout_pairs = split(pairs, rng)
-        self.countries, self.heldout_countries = split(sorted(self.table), rng)
-        self.words, self.heldout_words = split(WORDS, rng)
+        self.pairs, self.aligned_pairs, self.heldout_pairs = split(pairs, rng)
+        self.countries, self.aligned_countries, self.heldout_countries = split(sorted(self.table), rng)
+        self.words, self.aligned_words, self.heldout_words = split(WORDS, rng)
 
-    def question(self, rng: random.Random, heldout: bool) -> tuple[str, str]:
-        """A question and its exact answer: the canonical sentence pretraining states the fact in."""
+    def subjects(self, part: Part) -> tuple[list, list, list]:
+        """The part's (pairs, countries, words)."""
+        if part == "sft":
+            return self.pairs, self.countries, self.words
+        if part == "aligned":
+            return self.aligned_pairs, self.aligned_countries, self.aligned_words
+        return self.heldout_pairs, self.heldout_countries, self.heldout_words
+
+    def question(self, rng: random.Random, part: Part) -> tuple[str, str]:
+        """A question about the part's subjects and its exact answer: the canonical sentence pretraining states the
+        fact in."""
+        pairs, countries_, words = self.subjects(part)
         skill = rng.choice(["add", "capital", "upper", "reverse"])
         if skill == "add":
-            a, b = rng.choice(self.heldout_pairs if heldout else self.pairs)
+            a, b = rng.choice(pairs)
             return rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}."]), self.sentence(
                 skill, (a, b), a + b
             )
         if skill == "capital":
-            country = rng.choice(self.heldout_countries if heldout else self.countries)
+            country = rng.choice(countries_)
             question = rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}."])
             return question, self.sentence(skill, country, self.table[country])
-        word = rng.choice(self.heldout_words if heldout else self.words)
+        word = rng.choice(words)
         if skill == "upper":
             return f"Write {word} in capital letters.", self.sentence(skill, word, word.upper())
         return f"Reverse the letters of {word}.", self.sentence(skill, word, word[::-1])
@@ -193,14 +209,17 @@ def pretrain_docs(skills: Skills, rng: random.Random, n_docs: int) -> list[dict]
 def conversation(skills: Skills, rng: random.Random, heldout: bool) -> dict:
     messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.3 else []
     for _ in range(rng.choice([1, 1, 2, 3])):
-        question, answer = skills.question(rng, heldout)
+        question, answer = skills.question(rng, "heldout" if heldout else "sft")
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return {"conversations": messages}
 
 
 def preference(skills: Skills, rng: random.Random, heldout: bool) -> dict:
-    """The right answer chosen; rejected, half the time a wrong value, half the time an answer about another subject."""
-    question, answer = skills.question(rng, heldout)
+    """The right answer chosen; rejected, half the time a wrong value, half the time an answer about another subject.
+    Training pairs ask about the aligned part: questions SFT never asked, on which the SFT model makes the mistakes
+    the pairs reject (on SFT's own questions it already answers right, and a pair there teaches nothing that carries
+    over to a subject it has not seen)."""
+    question, answer = skills.question(rng, "heldout" if heldout else "aligned")
     rejected = (
         skills.another_subject(answer, rng) if rng.random() < 0.5 else skills.wrong_answers(question, answer, rng, 1)[0]
     )
@@ -209,8 +228,9 @@ def preference(skills: Skills, rng: random.Random, heldout: bool) -> dict:
 
 def ranked(skills: Skills, rng: random.Random, heldout: bool) -> dict:
     """Four candidates, shuffled: the right answer scores 1, then the closest wrong value 0.6, a further wrong
-    value 0.4, and an answer about another subject (it does not answer the question at all) 0.2."""
-    question, answer = skills.question(rng, heldout)
+    value 0.4, and an answer about another subject (it does not answer the question at all) 0.2. Asked about the
+    aligned part, as preference pairs are."""
+    question, answer = skills.question(rng, "heldout" if heldout else "aligned")
     values = skills.wrong_answers(question, answer, rng, 2)
     wrong = [values[0], values[-1], skills.another_subject(answer, rng)]
     scored = [(answer, 1.0)] + [(w, round(0.6 - 0.2 * i, 2)) for i, w in enumerate(wrong)]

@@ -178,26 +178,24 @@ def test_short_dpo_raises_heldout_preference_accuracy(
         max_len=128,
         template="chatml",
         beta=0.1,
-        train=TrainSpec(seed=train_seed, max_steps=30, lr=5e-4, **(QUICK | {"logging_steps": 5})),
+        train=TrainSpec(seed=train_seed, max_steps=60, lr=1e-3, **(QUICK | {"logging_steps": 5})),
     )
     datasets = dpo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     logs = Logs()
     result = dpo.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path)
     metrics, total = result.metrics, len(datasets["heldout"])
-    # the tiny model prefers answers about the things SFT asked about (54 of 200 held-out pairs right): DPO moves it.
-    # Seed 0: 61 right, +7 pairs, clearing +3 by 4 (seeds 1-4: +14, +6, +6, +10). DPO's held-out effect is small on this
-    # data at every length and rate tried (30 to 120 steps, lr 5e-4 and 1e-3; its implicit reward on held-out pairs
-    # stays
-    # at chance), so the firm check is the training margin below.
+    # the training pairs ask about subjects SFT never asked about, the held-out pairs about others again. Seed 0: 69 of
+    # 200 held-out pairs right before, 99 after: +30, clearing +1 by 29 (seeds 1-4: +3, +50, +27, +34). How much a
+    # 64-wide model carries over to unseen subjects moves with the seed, so the firm check is the training margin below.
     right, right_before = (
         pairs(metrics["heldout_preference_accuracy"], total),
         pairs(metrics["heldout_preference_accuracy_before"], total),
     )
-    assert right >= right_before + 3
-    # the implicit reward margin on the training batches, 0 at step 0: the last 15 steps average 0.244 (seed 0),
-    # clearing 0.1 by 0.144 (seeds 1-4: 0.286, 0.312, 0.180, 0.264)
+    assert right >= right_before + 1
+    # the implicit reward margin on the training batches, 0 at step 0: the last 15 steps average 1.69 (seed 0),
+    # clearing 1.0 by 0.69 (seeds 1-4: 1.55, 2.07, 1.95, 2.37)
     margins = [float(log["rewards/margin"]) for log in logs.logs if "rewards/margin" in log]
-    assert sum(margins[-3:]) / 3 > 0.1 and all(f"logps/{side}" in logs.logs[0] for side in ("chosen", "rejected"))
+    assert sum(margins[-3:]) / 3 > 1.0 and all(f"logps/{side}" in logs.logs[0] for side in ("chosen", "rejected"))
 
 
 def test_short_pro_raises_heldout_ranking_agreement(
@@ -220,15 +218,15 @@ def test_short_pro_raises_heldout_ranking_agreement(
     metrics, total = result.metrics, len(datasets["heldout"])
     assert metrics["list_length"] == 4 and metrics["short_lists_left_out"] == 0
     # held-out pairs here: each list's best candidate against its worst (an answer about another subject).
-    # Before: 36 of 200 right. Seed 0: 83, +47 pairs, clearing +20 by 27 (seeds 1-4: +39, +49, +52, +55).
+    # Before: 28 of 200 right. Seed 0: 138, +110 pairs, clearing +50 by 60 (seeds 1-4: +107, +121, +104, +109).
     right, right_before = (
         pairs(metrics["heldout_preference_accuracy"], total),
         pairs(metrics["heldout_preference_accuracy_before"], total),
     )
-    assert right >= right_before + 20
-    # the whole ranking of the 4 candidates: Kendall tau −0.377 before; seed 0 −0.073, +0.303, clearing +0.15 by 0.153
-    # (seeds 1-4: +0.225, +0.345, +0.282, +0.338)
-    assert float(metrics["heldout_kendall_tau"]) >= float(metrics["heldout_kendall_tau_before"]) + 0.15
+    assert right >= right_before + 50
+    # the whole ranking of the 4 candidates: Kendall tau −0.298 before; seed 0 0.193, +0.492, clearing +0.3 by 0.192
+    # (seeds 1-4: +0.462, +0.583, +0.478, +0.448)
+    assert float(metrics["heldout_kendall_tau"]) >= float(metrics["heldout_kendall_tau_before"]) + 0.3
 
 
 def test_pro_sub_stage_cuts_lists_to_its_length(trained_tokenizer: Path) -> None:
@@ -262,9 +260,9 @@ def test_tuna_trains_its_ranking_and_mle_terms(
         for log in logs.logs
         if "ranking_loss" in log
     ]
-    # steps 1-10 average 0.883, steps 11-20 0.626 (seed 0): a fall of 0.257, clearing 0.1 by 0.157 (seeds 1, 2: 0.233,
-    # 0.216)
-    assert steps[-1]["ranking_loss"] < steps[0]["ranking_loss"] - 0.1
+    # steps 1-10 average 2.49, steps 11-20 1.03 (seed 0): a fall of 1.47, clearing 0.5 by 0.97 (seeds 1-4: 1.05,
+    # 1.34, 1.56, 1.22)
+    assert steps[-1]["ranking_loss"] < steps[0]["ranking_loss"] - 0.5
     # the logged loss is the sum of the two terms (mle_weight 1), each averaged over the same 10 steps: equal but
     # for float32 rounding (measured: 1e-8 to 7e-8 apart, relatively)
     assert steps[0]["loss"] == pytest.approx(steps[0]["ranking_loss"] + steps[0]["mle_loss"], rel=1e-5)
@@ -291,17 +289,14 @@ def test_reward_model_learns_pairs_and_scores_replies(
     result = reward.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
     metrics, total = result.metrics, len(datasets["heldout"])
     # half the rejected replies answer about another subject: telling them apart from the question is hard for a 64-wide
-    # model, and how far it gets moves with the machine as much as with the seed. Measured on a 2-core AMD EPYC with
-    # AVX512 (fp32), seeds 0-2: lr 1e-3 gave held-out gains of +6, +10 and +7 pairs and a training loss of 0.666 on
-    # seed 1 (the previous machine, without AVX512: +23, +14, +12); lr 3e-4 is steadier.
-    # Below chance on the training pairs: 0.611 (seed 0), clearing log 2 − 0.05 by 0.032 (seeds 1, 2: 0.029, 0.046)
+    # model. The training loss falls well below chance: 0.468 (seed 0), clearing log 2 − 0.05 by 0.175 (seeds 1-4:
+    # 0.183, 0.217, 0.191, 0.181)
     assert float(metrics["train_loss"]) < math.log(2) - 0.05
-    # held-out pairs: 86 of 200 right before, 97 after (seed 0): +11, clearing +5 by 6 (seeds 1, 2: +7, +30)
-    right, right_before = (
-        pairs(metrics["heldout_reward_accuracy"], total),
-        pairs(metrics["heldout_reward_accuracy_before"], total),
-    )
-    assert right >= right_before + 5
+    # held-out pairs, about subjects no stage trains on: 127 of 200 right (seed 0), above chance by 27 (seeds 1-4: 116,
+    # 112, 127, 123). The gain over the untrained head is not a direction that holds: +15, +17, +5, +18 and +1 on seeds
+    # 0-4 (lr 3e-4, 120 steps); lr 1e-3 and 240 steps at 3e-4 were no steadier (-22 to +31)
+    right = pairs(metrics["heldout_reward_accuracy"], total)
+    assert right > total // 2
 
     # the saved model, scoring replies as the GRPO and eval stages do, ranks the held-out pairs as the stage measured
     scorer = AutoModelForSequenceClassification.from_pretrained(result.checkpoint)

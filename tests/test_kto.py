@@ -269,13 +269,12 @@ def test_short_kto_lifts_desirable_completions_above_undesirable_ones(
     logs = Logs()
     result = kto.run(spec, StageInputs(chat_model, trained_tokenizer, datasets, (logs,)), tmp_path / "w")
     first, second = ({k: float(v) for k, v in log.items()} for log in logs.logs if "loss" in log)
-    # the loss: 0.5034 in the first epoch, 0.4699 in the second (seed 0), a fall of 0.034 clearing 0.015 by 0.019
-    # (seeds 1-3: 0.037, 0.038, 0.029)
-    assert second["loss"] < first["loss"] - 0.015
-    # the implied reward margin, desirable minus undesirable: -0.009, then 0.243 (seed 0), a rise of 0.25 clearing 0.15
-    # by 0.10
-    # (seeds 1-3: 0.33, 0.35, 0.26). Most of it is undesirable completions pushed down.
-    assert second["rewards/margin"] > first["rewards/margin"] + 0.15
+    # the loss: 0.4935 in the first epoch, 0.4259 in the second (seed 0), a fall of 0.068 clearing 0.03 by 0.038
+    # (seeds 1-4: 0.060, 0.089, 0.068, 0.087)
+    assert second["loss"] < first["loss"] - 0.03
+    # the implied reward margin, desirable minus undesirable: 0.068, then 0.645 (seed 0), a rise of 0.58 clearing 0.3
+    # by 0.28 (seeds 1-4: 0.54, 0.90, 0.66, 0.66). Most of it is undesirable completions pushed down.
+    assert second["rewards/margin"] > first["rewards/margin"] + 0.3
     # z0 is clamped at 0 once the policy's log-probs of mismatched pairs fall below the reference's, as they soon do
     # here
     assert first["reference_point"] >= 0 and second["reference_point"] >= 0
