@@ -140,10 +140,12 @@ def test_every_row_is_paired_with_a_completion_of_another_prompt(tmp_path: Path)
     listed = kto.labelled(read_file(first_pairs(tmp_path), "unpaired").frame)
     paired = kto.with_mismatched(listed)
     assert paired == kto.with_mismatched(listed)  # a fixed draw: the prepared data does not depend on a run
-    others = {json.dumps(prompt): [c for p, (c,), _ in listed if p == prompt] for prompt, _, _ in listed}
-    for (prompt, (completion, mismatched), scores), (_, (own,), (label,)) in zip(paired, listed):
-        assert completion == own and scores == [label, 0.0]
-        assert mismatched not in others[json.dumps(prompt)]  # never a completion of its own prompt (a pair shares one)
+    partner = kto.mismatched([p for p, _, _ in listed])
+    for i, ((prompt, (completion, mismatched), scores), (_, (own,), (label,))) in enumerate(zip(paired, listed)):
+        assert completion == own and scores == [label, 0.0] and mismatched == listed[partner[i]][1][0]
+        # never a row of its own prompt (the two rows of a pair share one); another prompt may ask about the same
+        # subject in other words, and its completion may then read the same
+        assert listed[partner[i]][0] != prompt
     # desirable and undesirable completions both serve as mismatched ones
     assert {
         scores for scores in (listed[kto.mismatched([p for p, _, _ in listed])[i]][2][0] for i in range(len(listed)))
