@@ -131,12 +131,13 @@ def test_inspect_marks_what_each_stage_trains(quick_run, tmp_path: Path) -> None
     done = lifecycle("inspect", str(QUICK), "--stage", "sft", "-n", "2", home=root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("--- sft example") == 2
-    assert "<|im_start|>assistant\n⟦The word fire in capital letters is FIRE.<|im_end|>⟧" in done.stdout
+    assert "<|im_start|>assistant\n⟦The word rock in capital letters is ROCK.<|im_end|>⟧" in done.stdout
     pretrain = lifecycle("inspect", str(QUICK), "--stage", "pretrain", "-n", "1", home=root).stdout
     assert pretrain.startswith("--- pretrain example 1") and pretrain.rstrip().endswith("<|endoftext|>⟧")
     # a row's chosen, then rejected
     pair = lifecycle("inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root).stdout
-    assert pair.count("--- dpo example") == 2 and "assistant\n⟦The word rose reversed is esor.<|im_end|>⟧" in pair
+    assert pair.count("--- dpo example") == 2
+    assert "assistant\n⟦The word salt in capital letters is SALT.<|im_end|>⟧" in pair
     missing = lifecycle("inspect", str(QUICK), "--stage", "nope", home=root)
     assert missing.returncode == 2 and "no stage named 'nope'; the stages are pretrain, sft" in missing.stderr
 
