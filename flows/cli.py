@@ -434,7 +434,7 @@ def cmd_spec_doc(args: argparse.Namespace) -> int:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    """A commented first spec for the user's model folder and jsonl files, which `validate` accepts as written."""
+    """A commented first spec for the user's model folder and data files, which `validate` accepts as written."""
     from schemas.starter import starter_spec
 
     if args.output.exists():
@@ -469,13 +469,14 @@ def parser() -> argparse.ArgumentParser:
             )
     new = commands.add_parser(
         "new",
-        help="write a commented first spec for your model folder and jsonl files",
-        description="Write a commented first spec: each jsonl file's format detected, a stage for each format "
+        help="write a commented first spec for your model folder and data files",
+        description="Write a commented first spec: each data file's format detected (any container: .jsonl, .json, "
+        ".parquet, .csv, .tsv, .txt, .md, .arrow, compressed too), a stage for each format "
         "(pretrain, LoRA-SFT, DPO, KTO, PRO, GRPO, in that order), an eval of them all. A file named as held out "
         "(heldout, eval, test, valid, dev) is the held-out file of its format's stage.",
     )
     new.add_argument("model", type=Path, help="your model folder (Hugging Face: config.json, weights, tokenizer)")
-    new.add_argument("data", type=Path, nargs="+", help="jsonl files")
+    new.add_argument("data", type=Path, nargs="+", help="data files")
     new.add_argument("-o", "--output", type=Path, default=Path("spec.yaml"), help="default: spec.yaml")
     new.add_argument("--name", help="the pipeline's name (its MLflow experiment); default: the model folder's")
     new.set_defaults(func=cmd_new)

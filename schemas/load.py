@@ -23,8 +23,8 @@ from schemas.spec import (
     ReferenceStage,
     RewardStage,
     TrainingStage,
-    expand,
 )
+from schemas.sources import Source, Unresolved, expand, resolve
 
 
 class SpecError(LifecycleError, ValueError):
@@ -57,7 +57,7 @@ def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
     update: dict[str, object] = {"checkpoints": [s.name for s in scored]}
     for fmt in ("text", "conversations", "prompts", "preference", "ranked"):
         if not getattr(stage, fmt):
-            update[fmt] = list(dict.fromkeys(path for s in scored if s.data_format == fmt for path in s.heldout))
+            update[fmt] = list(dict.fromkeys(source for s in scored if s.data_format == fmt for source in s.heldout))
     earlier = spec.stages[: spec.stages.index(stage)]
     if stage.reward_model is None and (reward := [s for s in earlier if isinstance(s, RewardStage)]):
         update["reward_model"] = reward[-1].name
@@ -81,13 +81,20 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
             )
         return files
 
+    def found(sources: list[Source], where: str) -> list[Source]:
+        """Each source with the files it reads; what names nothing readable is a problem of its field."""
+        resolved = []
+        for i, source in enumerate(sources):
+            try:
+                resolved.append(resolve(source, base, spec.dataset_info))
+            except Unresolved as err:
+                missing.append(f"{where}[{i}]: {err}")
+        return resolved
+
     missing: list[str] = []
     stages = []
     for i, stage in enumerate(spec.stages):
-        update = {
-            field: [f for p in paths for f in fix(p, f"stages[{i}].{field}")]
-            for field, (paths, _) in stage.files().items()
-        }
+        update = {field: found(sources, f"stages[{i}].{field}") for field, (sources, _) in stage.files().items()}
         if isinstance(stage, (ChatStage, EvalStage)):
             update["template"] = stage.template or spec.template
         if isinstance(stage, TrainingStage):
@@ -108,9 +115,7 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
     if tokenizer.path is not None:
         tokenizer = tokenizer.model_copy(update={"path": _folder(tokenizer.path, base, "tokenizer.path", missing)})
     elif tokenizer.train is not None and tokenizer.train.data:
-        train = tokenizer.train.model_copy(
-            update={"data": [f for p in tokenizer.train.data for f in fix(p, "tokenizer.train.data")]}
-        )
+        train = tokenizer.train.model_copy(update={"data": found(tokenizer.train.data, "tokenizer.train.data")})
         tokenizer = tokenizer.model_copy(update={"train": train})
     if missing:
         raise SpecError("\n".join(missing))

@@ -7,7 +7,6 @@ directory; `schemas/load.py` reads a file into this tree and resolves them.
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -18,6 +17,7 @@ from schemas.formats import Format
 from schemas.launch import Launch
 from schemas.models import init_config
 from schemas.rewards import AnswerReward, ModelReward, Reward
+from schemas.sources import Source
 
 TOKENIZER_STAGE = "tokenizer"
 # names the eval report's tables use for their own columns, and the tokenizer's stage
@@ -42,8 +42,8 @@ EvalMetric = Literal[
 LOWER_IS_BETTER = ("perplexity", "response_loss")
 
 
-# A single path is accepted where a list of files is expected.
-Files = Annotated[list[Path], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
+# A single source (a path, `hf:owner/name` or an object) is accepted where a list is expected.
+Sources = Annotated[list[Source], BeforeValidator(lambda value: [value] if isinstance(value, str | dict) else value)]
 
 
 class ModelInit(Strict):
@@ -95,7 +95,7 @@ class TokenizerTrain(Strict):
 
     vocab_size: int = Field(8192, ge=300, description="at least the 256 byte symbols plus the special tokens")
     min_frequency: PositiveInt = Field(2, description="a pair of symbols seen fewer times is never merged")
-    data: Files = Field(default_factory=list, description="text files to train on; default: every stage's data")
+    data: Sources = Field(default_factory=list, description="text sources to train on; default: every stage's data")
 
 
 class TokenizerSpec(Strict):
@@ -135,19 +135,6 @@ class TrainSpec(Strict):
     seed: int = Field(0, description="seeds fresh weights, data order, dropout and sampling")
 
 
-def expand(patterns: list[Path]) -> list[Path]:
-    """Paths and glob patterns (`**` included) as the files they name: a path as itself, a pattern's matches sorted."""
-    files: dict[Path, None] = {}
-    for pattern in patterns:
-        matches = (
-            [Path(pattern)]
-            if Path(pattern).is_file()
-            else sorted(Path(m) for m in glob.glob(str(pattern), recursive=True))
-        )
-        files |= dict.fromkeys(m for m in matches if m.is_file())
-    return list(files)
-
-
 class LoraSpec(Strict):
     """Low-rank adapters (PEFT) on the stage's input model: only the adapters train."""
 
@@ -159,6 +146,23 @@ class LoraSpec(Strict):
         description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head",
     )
     merge: bool = Field(False, description="also log the input model with the adapter merged in (merge_and_unload)")
+
+
+class Mix(Strict):
+    """How a stage's data sources become one training set, each source's `weight` its share (default 1)."""
+
+    strategy: Literal["concatenate", "interleave"] = Field(
+        "concatenate",
+        description="concatenate: every source in order, each row weight times (a fraction of a row: a seeded "
+        "sample); interleave: rows drawn from the sources at random with probabilities in proportion to their "
+        "weights, until `until`",
+    )
+    until: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted",
+        description="interleave stops when the first source runs out (down-sampled to the shortest), or when every "
+        "source has run out once, the others starting over (up-sampled to the longest)",
+    )
+    seed: int = Field(0, description="seeds the sampling; recorded with the stage")
 
 
 class StageBase(Strict):
@@ -175,8 +179,8 @@ class StageBase(Strict):
         ),
     )
 
-    def files(self) -> dict[str, tuple[list[Path], Format]]:
-        """Every data field of the stage: its files and the format they must have."""
+    def files(self) -> dict[str, tuple[list[Source], Format]]:
+        """Every data field of the stage: its sources and the format they must have."""
         raise NotImplementedError
 
     def reward_stages(self) -> list[str]:
@@ -188,8 +192,13 @@ class TrainingStage(StageBase):
     """A stage that trains its input model on `data`, measured on `heldout`."""
 
     data_format: ClassVar[Format]
-    data: Files = Field(min_length=1, description="jsonl files; glob patterns too")
-    heldout: Files = Field(default_factory=list, description="held-out data the stage is measured on")
+    data: Sources = Field(
+        min_length=1,
+        description="sources of training rows: files (any container, glob patterns too), folders, hf:owner/name, "
+        "LLaMA-Factory dataset names (see Source)",
+    )
+    heldout: Sources = Field(default_factory=list, description="held-out sources the stage is measured on")
+    mix: Mix = Field(Mix(), description="how several data sources make one training set")
     train: TrainSpec = Field(TrainSpec(), description="optimisation settings")
     lora: LoraSpec | None = Field(None, description="train low-rank adapters instead of every weight")
     input: Literal["model", "adapter"] = Field(
@@ -201,7 +210,7 @@ class TrainingStage(StageBase):
         "else one process. Not part of the fingerprint",
     )
 
-    def files(self) -> dict[str, tuple[list[Path], Format]]:
+    def files(self) -> dict[str, tuple[list[Source], Format]]:
         return {"data": (self.data, self.data_format), "heldout": (self.heldout, self.data_format)}
 
 
@@ -446,15 +455,17 @@ class EvalStage(StageBase):
     checkpoints: list[str] = Field(
         default_factory=list, description="stages to score; default: every stage of the lineage"
     )
-    text: Files = Field(
+    text: Sources = Field(
         default_factory=list, description="held-out text: perplexity; default: the scored stages' held-out text"
     )
-    conversations: Files = Field(
+    conversations: Sources = Field(
         default_factory=list, description="held-out conversations: response loss and exact match"
     )
-    prompts: Files = Field(default_factory=list, description="prompts with reference answers: task accuracy")
-    preference: Files = Field(default_factory=list, description="held-out pairs: preference accuracy and reward margin")
-    ranked: Files = Field(default_factory=list, description="held-out ranked lists: Kendall tau and top-1")
+    prompts: Sources = Field(default_factory=list, description="prompts with reference answers: task accuracy")
+    preference: Sources = Field(
+        default_factory=list, description="held-out pairs: preference accuracy and reward margin"
+    )
+    ranked: Sources = Field(default_factory=list, description="held-out ranked lists: Kendall tau and top-1")
     samples: list[str] = Field(
         default_factory=list,
         description="prompts every checkpoint answers, shown side by side; default: the first few held-out prompts",
@@ -480,7 +491,7 @@ class EvalStage(StageBase):
         "fingerprint: changing it moves the alias without scoring again",
     )
 
-    def files(self) -> dict[str, tuple[list[Path], Format]]:
+    def files(self) -> dict[str, tuple[list[Source], Format]]:
         return {fmt: (getattr(self, fmt), fmt) for fmt in ("text", "conversations", "prompts", "preference", "ranked")}
 
     def reward_stages(self) -> list[str]:
@@ -514,6 +525,9 @@ class PipelineSpec(Strict):
     )
     stages: list[Stage] = Field(
         min_length=1, description="run in order; each starts from the previous training stage unless it names `from`"
+    )
+    dataset_info: Path | None = Field(
+        None, description="a LLaMA-Factory dataset_info.json whose datasets sources name by `dataset`"
     )
     registry: bool = Field(
         True,
@@ -609,29 +623,31 @@ class PipelineSpec(Strict):
         ]
         return [s for s in earlier if s.name in names]
 
-    def tokenizer_corpus(self) -> list[tuple[Path, str, str]]:
-        """The files a trained tokenizer learns from: (path, format, on_invalid); the given text files, else every
-        stage's data, each file once: a stage added on a file another stage reads leaves the tokenizer, and every
-        finished stage trained with it, as they were."""
+    def tokenizer_corpus(self) -> list[tuple[Source, str, str]]:
+        """The sources a trained tokenizer learns from: (source, format, on_invalid); the given text sources, else
+        every stage's data, each source once: a stage added on a file another stage reads leaves the tokenizer, and
+        every finished stage trained with it, as they were."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
-            return [(path, "text", "fail") for path in self.tokenizer.train.data]
+            return [(source, "text", "fail") for source in self.tokenizer.train.data]
         return list(
             dict.fromkeys(
-                (path, stage.data_format, stage.on_invalid) for stage in self.training_stages() for path in stage.data
+                (source, stage.data_format, stage.on_invalid)
+                for stage in self.training_stages()
+                for source in stage.data
             )
         )
 
-    def data_contracts(self) -> list[tuple[Path, str, str]]:
-        """Every data file read whole, once: (path, the format it must have, what to do with a bad row).
+    def data_contracts(self) -> list[tuple[Source, str, str]]:
+        """Every data source read whole, once: (source, the format it must have, what to do with a bad row).
 
         Streamed corpora are left out: they are checked line by line at flat memory instead (`streamed`)."""
         streamed = self.streamed()
         files = [
-            (path, fmt, stage.on_invalid)
+            (source, fmt, stage.on_invalid)
             for stage in self.stages
-            for field, (paths, fmt) in stage.files().items()
+            for field, (sources, fmt) in stage.files().items()
             if not (stage in streamed and field == "data")
-            for path in paths
+            for source in sources
         ]
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             files += self.tokenizer_corpus()

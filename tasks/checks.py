@@ -52,20 +52,22 @@ def check_contracts(spec: PipelineSpec, home: Home | None = None) -> list[Checke
     problems: list[Problem] = []
     checked: list[Checked] = []
     pending = []
-    for path, fmt, on_invalid in spec.data_contracts():
-        key = check_key([path], fmt, on_invalid)
+    for source, fmt, on_invalid in spec.data_contracts():
+        key = check_key([source], fmt, on_invalid)
         if (found := _remembered(home, key)) is not None:
             checked.append(found)
         else:
-            pending.append((key, (path, fmt, on_invalid)))
+            pending.append((key, (source, fmt, on_invalid)))
     try:
         results = check_files([file for _, file in pending])
     except DataError as err:
         results, problems = {}, err.problems
-    for key, (path, _, _) in pending:
-        if str(path) in results:
-            result = results[str(path)]
-            found = Checked(1, len(result.frame), result.rejected_rows, [str(note) for note in result.notes])
+    for key, (source, _, _) in pending:
+        if source in results:
+            result = results[source]
+            found = Checked(
+                len(source.files), len(result.frame), result.rejected_rows, [str(note) for note in result.notes]
+            )
             _remember(home, key, found)
             checked.append(found)
     if spec.streamed():

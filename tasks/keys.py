@@ -18,9 +18,11 @@ from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
-from schemas.spec import EvalStage, PipelineSpec, Stage
+from schemas.sources import Source
+from schemas.spec import EvalStage, Mix, PipelineSpec, Stage
 
 CHUNK = 1 << 20
+PLAIN = Source(path=Path(".")).model_dump(exclude={"path", "files"})  # a file read as it is
 
 
 @cache
@@ -53,8 +55,25 @@ def digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def source_digests(sources: list[Source]) -> list[str]:
+    """The content digests of sources' files; a source read with settings (columns, tags, a Hub revision, a weight
+    ...) adds them, so changing how a file is read changes the digest as changing the file does."""
+    digests: list[str] = []
+    for source in sources:
+        files = [file_digest(path) for path in source.files]
+        plain = source.path is not None and source.model_dump(exclude={"path", "files"}) == PLAIN
+        digests += files if plain else [digest({"source": source.identity(), "files": files})]
+    return digests
+
+
 def _data(stage: Stage) -> dict[str, list[str]]:
-    return {field: [file_digest(p) for p in paths] for field, (paths, _) in stage.files().items()}
+    return {field: source_digests(sources) for field, (sources, _) in stage.files().items()}
+
+
+def _unless_default(stage: Stage) -> dict[str, bool]:
+    """Fields added with a default that keeps what a stage makes as it was: left out of the keys while default, so
+    the runs of specs that never set them stay reused."""
+    return {"mix": True} if getattr(stage, "mix", None) == Mix() else {}
 
 
 def tokenizer_fingerprint(spec: PipelineSpec) -> str:
@@ -63,7 +82,7 @@ def tokenizer_fingerprint(spec: PipelineSpec) -> str:
     else:
         source = {
             "train": spec.tokenizer.train.model_dump(mode="json", exclude={"data"}),
-            "data": [file_digest(p) for p, _, _ in spec.tokenizer_corpus()],
+            "data": source_digests([source for source, _, _ in spec.tokenizer_corpus()]),
         }
     return digest({"versions": versions(), "template": spec.template, "tokenizer": source})
 
@@ -77,6 +96,7 @@ def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, 
         mode="json",
         by_alias=True,
         exclude=dict.fromkeys(stage.files(), True)
+        | _unless_default(stage)
         | {"train": {"save_steps", "logging_steps"}, "launch": True, "best_by": True},
     )
     payload = {
@@ -114,7 +134,9 @@ def dataset_key(kind: str, stage: Stage, tokenizer_dir: Path) -> str:
             "tokenizer": folder_digest(tokenizer_dir),
             "versions": versions(),
             "shape": stage.model_dump(
-                mode="json", include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming"}
+                mode="json",
+                include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming", "mix"},
+                exclude=_unless_default(stage),
             ),
         }
     )
@@ -125,5 +147,5 @@ def reference_key(input_fingerprint: str) -> str:
     return f"reference-{input_fingerprint[:16]}"
 
 
-def check_key(paths: list[Path], fmt: str, on_invalid: str) -> str:
-    return digest([[file_digest(p) for p in paths], fmt, on_invalid, version("llm-lifecycle"), version("pandera")])
+def check_key(sources: list[Source], fmt: str, on_invalid: str) -> str:
+    return digest([source_digests(sources), fmt, on_invalid, version("llm-lifecycle"), version("pandera")])

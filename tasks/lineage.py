@@ -26,10 +26,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
+from schemas.sources import Source
 from stages.contract import StageResult
 from stages.progress import say
 from tasks.home import Home, host, lease_seconds, running
-from tasks.keys import file_digest
+from tasks.keys import digest, source_digests
 from tasks.plan import PlannedStage
 
 TAG = "lifecycle."
@@ -294,11 +295,11 @@ def describe(stage: PlannedStage, upstream_run: str | None) -> str:
     return f"{line}, from stage {stage.upstream}" + (f" (run {upstream_run})" if upstream_run else "")
 
 
-def _files(paths: list[Path], shown: int = 3) -> str:
-    if not paths:
+def _files(sources: list[Source], shown: int = 3) -> str:
+    if not sources:
         return "no files"
-    names = ", ".join(path.name for path in paths[:shown])
-    return f"{names} and {len(paths) - shown} more" if len(paths) > shown else names
+    names = ", ".join(source.name for source in sources[:shown])
+    return f"{names} and {len(sources) - shown} more" if len(sources) > shown else names
 
 
 def log_stage_spec(mlflow: MlflowClient, run_id: str, stage: PlannedStage) -> None:
@@ -325,30 +326,36 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _dataset(path: Path) -> tuple[str, str]:
-    """A data file as MLflow names a dataset: its file name and our full-content digest (MLflow's own reads only the
-    first rows)."""
-    return path.name, file_digest(path)[:32]
+def _dataset(source: Source) -> tuple[str, str]:
+    """A data source as MLflow names a dataset: its name and our full-content digest (MLflow's own reads only the
+    first rows), which also covers how it is read (columns, revision)."""
+    digests = source_digests([source])
+    return source.name, (digests[0] if len(digests) == 1 else digest(digests))[:32]
 
 
-def _measured_on(paths: list[Path]) -> tuple[str | None, str | None]:
-    """The dataset a metric measured on these files is linked to; none for several files (a metric names one)."""
-    return _dataset(paths[0]) if len(paths) == 1 else (None, None)
+def _origin(source: Source) -> tuple[str, str]:
+    """Where a dataset came from, as MLflow records it: a local path, or a Hub id at the commit read."""
+    if source.hf is not None:
+        return "hugging_face", json.dumps(
+            {"path": source.hf, "config_name": source.config, "split": source.split, "revision": source.revision}
+        )
+    return "local", json.dumps({"uri": source.path.as_uri() if source.path else ""})
 
 
-def log_data_inputs(mlflow: MlflowClient, run_id: str, files: dict[str, list[Path]]) -> None:
-    """Data files as run inputs, named and digested by `_dataset`; `files`: by context (train, eval)."""
+def _measured_on(sources: list[Source]) -> tuple[str | None, str | None]:
+    """The dataset a metric measured on these sources is linked to; none for several (a metric names one)."""
+    return _dataset(sources[0]) if len(sources) == 1 else (None, None)
+
+
+def log_data_inputs(mlflow: MlflowClient, run_id: str, sources: dict[str, list[Source]]) -> None:
+    """Data sources as run inputs, named and digested by `_dataset`; `sources`: by context (train, eval)."""
     inputs = [
         DatasetInput(
-            Dataset(
-                *_dataset(path),
-                source_type="local",
-                source=json.dumps({"uri": path.as_uri()}),
-            ),
+            Dataset(*_dataset(source), *_origin(source)),
             tags=[InputTag("mlflow.data.context", split)],
         )
-        for split, paths in files.items()
-        for path in paths
+        for split, given in sources.items()
+        for source in given
     ]
     if inputs:
         mlflow.log_inputs(run_id, datasets=inputs)

@@ -148,7 +148,7 @@ def train_tokenizer(ctx: Context, stage: PlannedStage) -> str:
 
     def work(mlflow, run_id) -> StageResult:
         if spec.tokenizer.path is None:
-            lineage.log_data_inputs(mlflow, run_id, {"train": [path for path, _, _ in spec.tokenizer_corpus()]})
+            lineage.log_data_inputs(mlflow, run_id, {"train": [source for source, _, _ in spec.tokenizer_corpus()]})
         result = tokenizer.build(spec, workdir)
         if spec.tokenizer.path is not None:
             if added := list(json.loads((result.checkpoint / ADDED_TOKENS).read_text())):
@@ -242,7 +242,7 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
     home = ctx.home
 
     def work(mlflow, run_id) -> StageResult:
-        lineage.log_data_inputs(mlflow, run_id, {fmt: paths for fmt, (paths, _) in stage.spec.files().items()})
+        lineage.log_data_inputs(mlflow, run_id, {fmt: sources for fmt, (sources, _) in stage.spec.files().items()})
         scored = {name: mlflow.get_run(run) for name, run in scored_runs.items()}
         log_input_models(mlflow, run_id, [*scored.values(), *(mlflow.get_run(run) for run in reward_runs.values())])
         checkpoints = {name: fetch_checkpoint(mlflow, home, run) for name, run in scored.items()}
@@ -253,7 +253,7 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
         table = {"columns": list(report.metrics[0]), "data": [list(row.values()) for row in report.metrics]}
         measured_on = {
-            metric: paths for fmt, (paths, _) in stage.spec.files().items() for metric in evaluation.METRICS[fmt]
+            metric: sources for fmt, (sources, _) in stage.spec.files().items() for metric in evaluation.METRICS[fmt]
         }
         models = [model_of(scored[row["checkpoint"]]) for row in report.metrics]
         lineage.log_comparison(mlflow, run_id, stage.name, table, models, measured_on)
