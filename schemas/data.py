@@ -117,6 +117,40 @@ def _each_nonempty(texts: pl.Expr) -> pl.Expr:
     return texts.list.eval(_nonempty(pl.element())).list.all()
 
 
+# A conversation's turns as one letter each, so their order with tool calls is one regular expression: s system,
+# u user, a assistant, c an assistant turn that calls tools, t tool; x anything else (an unknown role, or a call
+# made outside an assistant turn).
+TURN_ROLES = ("system", "user", "assistant", "tool")
+TURN_LETTERS = "sxuxactxxx"  # at 2 * the role's place in TURN_ROLES (4 for any other role), + 1 when it calls
+TOOL_TURNS = r"^s?(?:u(?:ct+)*a)+$"  # each user turn answered by calls and their results, as often as needed, then text
+
+
+def _calling(calls: pl.Expr, like: pl.Expr) -> pl.Expr:
+    """1 where a message calls tools, else 0, per message of `like`; calls that do not line up with it (which the
+    calls column's own rule reports) count as none, so the other rules can still read the row."""
+    nothing = like.list.eval(pl.element().str.head(0))
+    aligned = pl.when(calls.list.len() == like.list.len()).then(calls).otherwise(nothing)
+    return aligned.list.eval((pl.element() != "").cast(pl.Int64))
+
+
+def _uses_tools(roles: pl.Expr) -> pl.Expr:
+    return (_calling(pl.col("calls"), roles).list.sum() > 0) | roles.list.contains("tool")
+
+
+def _tool_turns(roles: pl.Expr) -> pl.Expr:
+    place = roles.list.eval(pl.element().replace_strict(TURN_ROLES, range(4), default=4, return_dtype=pl.Int64))
+    letters = (place * 2 + _calling(pl.col("calls"), roles)).list.eval(
+        pl.element().replace_strict(range(len(TURN_LETTERS)), list(TURN_LETTERS))
+    )
+    return letters.list.join("").str.contains(TOOL_TURNS)
+
+
+def _each_said_or_calling(contents: pl.Expr) -> pl.Expr:
+    """Every message has content, but an assistant turn made only of tool calls (the role rules keep calls there)."""
+    said = contents.list.eval(_nonempty(pl.element()).cast(pl.Int64))
+    return (said + _calling(pl.col("calls"), contents)).list.eval(pl.element() > 0).list.all()
+
+
 TEXT = pl.Utf8
 TEXTS = pl.List(pl.Utf8)
 ROLE_ORDER = (
@@ -124,6 +158,11 @@ ROLE_ORDER = (
 )
 NONEMPTY = _rule("must not be empty", _nonempty)
 NONEMPTY_MESSAGES = _rule("no message may have empty content", _each_nonempty)
+TOOL_ORDER = (
+    "with tool calls, roles must be system/user/assistant/tool: an optional system turn, then user; after user, "
+    "assistant; an assistant turn that calls tools is followed by one or more tool turns, then assistant; one that "
+    "does not, by user; the last turn is the assistant's, calling nothing"
+)
 PROMPT_COLUMNS = {
     "prompt_roles": pa.Column(
         TEXTS,
@@ -142,11 +181,23 @@ SCHEMAS: dict[Format, pa.DataFrameSchema] = {
             "roles": pa.Column(
                 TEXTS,
                 checks=[
-                    _rule(ROLE_ORDER, _alternating),
+                    # a conversation without tools keeps the plain rule and its sentence; one with tools has its own
+                    _rule(ROLE_ORDER, lambda roles: _uses_tools(roles) | _alternating(roles)),
+                    _rule(TOOL_ORDER, lambda roles: ~_uses_tools(roles) | _tool_turns(roles)),
                     _rule("the last turn must be the assistant's", lambda roles: roles.list.last() == "assistant"),
                 ],
             ),
-            "contents": pa.Column(TEXTS, checks=[NONEMPTY_MESSAGES]),
+            "contents": pa.Column(TEXTS, checks=[_rule("no message may have empty content", _each_said_or_calling)]),
+            "calls": pa.Column(
+                TEXTS,
+                checks=[
+                    _rule(
+                        'one entry per message ("" for a message that calls no tool)',
+                        lambda calls: calls.list.len() == pl.col("roles").list.len(),
+                    )
+                ],
+            ),
+            "tools": pa.Column(TEXT, nullable=True),
         },
         name="conversations",
     ),

@@ -1,132 +1,145 @@
-"""Every accepted jsonl shape, flattened into the one canonical row of its format.
+"""Every accepted row shape, flattened into the one canonical row of its format.
 
-Users bring files as the anchors write them (TRL, LLaMA-Factory, Axolotl, OpenAI, PRO), so a
-row's shape is recognised from the keys it has, row by row. Flattening checks only shape and
-types: a row that fits none of its format's shapes raises `Shape`, naming the user's own key.
-The rules beyond shape (roles alternate, nothing empty, ...) are checked once, by pandera, on
-the canonical columns (schemas/data.py), whichever shape a row came in.
+Users bring rows as the anchors write them (TRL, LLaMA-Factory, Axolotl, OpenAI, PRO), from any container, with
+their columns already renamed to our keys by the spec's mapping; a row's shape is recognised from the keys it has,
+row by row. Flattening checks only shape and types: a row that fits none of its format's shapes raises `Shape`,
+naming the user's own key. The rules beyond shape (roles in order, nothing empty, ...) are checked once, by
+pandera, on the canonical columns (schemas/data.py), whichever shape a row came in.
 
 Canonical rows, per format:
     text           text
-    conversations  roles, contents                  (parallel lists, one entry per message)
+    conversations  roles, contents, calls, tools    (roles, contents, calls: parallel lists, one entry per message;
+                   roles system|user|assistant|tool; calls "" for a message without tool calls, else JSON text
+                   [{"name", "arguments": {...}}], an assistant turn made only of calls having content "";
+                   tools null, or JSON text [{"type": "function", "function": {name, description, parameters}}]:
+                   schemas/tools.py)
     preference     prompt_roles, prompt_contents, chosen, rejected
     ranked         prompt_roles, prompt_contents, completions, scores   (unsorted here)
     prompts        prompt_roles, prompt_contents, answer (None when not given)
-    unpaired       prompt_roles, prompt_contents, completions, labels   (a line's labelled completions: TRL's
-                   unpaired row gives one; a preference pair gives two, chosen true and rejected false)
+    unpaired       prompt_roles, prompt_contents, completions, labels   (a row's labelled completions: TRL's
+                   unpaired row or a labelled conversation gives one; a preference pair gives two, chosen true and
+                   rejected false)
+
+Shapes read, per format (a message is OpenAI/TRL {role, content} or sharegpt {from, value}; content may be a list
+of text parts {type: text, text} or {type: text, value}; a top-level `system` is a first system turn):
+    text           {text}
+    conversations  {conversations | messages: [...], tools?} (tool calls as OpenAI, TRL or LLaMA-Factory write
+                   them), alpaca {instruction, input?, output, history?, system?}
+    preference     {prompt | question | conversations | messages, chosen, rejected}, chosen and rejected each a
+                   string, one message or a list of one; or whole conversations {chosen, rejected} or
+                   {chosen_messages, rejected_messages} that share every turn but the last
+    ranked         alpaca {instruction, input?, output: [...], score: [...]}, PRO's {prefix, suffix, reward}
+    prompts        {prompt | messages, answer?}
+    unpaired       {prompt, completion, label}, a conversation with a label {conversations | messages, label},
+                   or any preference pair
+Tool calls and media are refused outside the shapes that read them: the stages are text-only, and only the
+conversations format carries tools.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Literal, NamedTuple
+
+from schemas.tools import definitions, function_call, tool_calls
+from schemas.values import Shape, get, kind, numbers, string, strings
 
 Format = Literal["text", "conversations", "preference", "ranked", "prompts", "unpaired"]
 
-# sharegpt names its speakers; any other name is kept, so the role rule reports it by name.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# sharegpt names its speakers; any other name is kept, so the role rule reports it by name. LLaMA-Factory's
+# function_call turn is the assistant calling tools, its observation turn the tools' results.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+# LLaMA-Factory's multimodal columns: rows that hold media belong to a vision or audio model, not to these stages.
+MEDIA_KEYS = ("images", "videos", "audios")
 # PRO's released HH data tags each turn with these markers; a bare final assistant marker is the generation cue.
 PRO_MARKERS = re.compile(r"(<\|prompter\|>|<\|assistant\|>)")
 PRO_ROLES = {"<|prompter|>": "user", "<|assistant|>": "assistant"}
+ONLY_CONVERSATIONS_CALL = "calls tools, and tool calls are read only in the conversations format"
 
 Turns = tuple[list[str], list[str]]  # (roles, contents)
 
 
-class Shape(Exception):
-    """A row that has none of its format's shapes: the user's key and what it must hold."""
+class Chat(NamedTuple):
+    """Messages as parallel lists, `calls` holding each message's canonical tool calls ("" for none)."""
 
-    def __init__(self, field: str, rule: str):
-        super().__init__(f"{field}: {rule}")
-        self.field = field
-        self.rule = rule
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    if value == [] or value == {}:
-        return f"an empty {'list' if isinstance(value, list) else 'object'}"
-    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _get(row: dict, key: str, field: str | None = None) -> object:
-    if key not in row:
-        raise Shape(field or key, "required")
-    return row[key]
-
-
-def _string(value: object, field: str) -> str:
-    if not isinstance(value, str):
-        raise Shape(field, f"must be a string, not {_kind(value)}")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # JSON's \ud800-style escapes can name half a surrogate pair, which no UTF-8 text can hold.
-            raise Shape(
-                field, "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not valid Unicode"
-            ) from None
-    return value
-
-
-def _strings(value: object, field: str) -> list[str]:
-    if not isinstance(value, list):
-        raise Shape(field, f"must be a list of strings, not {_kind(value)}")
-    return [_string(item, f"{field}[{i}]") for i, item in enumerate(value)]
-
-
-def _number(value: object, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise Shape(field, f"must be a number, not {_kind(value)}")
-    try:
-        return float(value)
-    except OverflowError:
-        raise Shape(field, "is too large for a float") from None
-
-
-def _numbers(value: object, field: str) -> list[float]:
-    if not isinstance(value, list):
-        raise Shape(field, f"must be a list of numbers, not {_kind(value)}")
-    return [_number(item, f"{field}[{i}]") for i, item in enumerate(value)]
+    roles: list[str]
+    contents: list[str]
+    calls: list[str]
 
 
 def _content(value: object, field: str) -> str:
-    """A message's text; OpenAI's list of content parts is accepted when every part is text."""
-    if isinstance(value, list):
-        parts = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise Shape(f"{field}[{i}]", "only text content parts {type: text, text} are supported")
-            parts.append(_string(part.get("text"), f"{field}[{i}].text"))
-        return "".join(parts)
-    return _string(value, field)
+    """A message's text; a list of content parts is read when every part is text."""
+    if not isinstance(value, list):
+        return string(value, field)
+    texts = []
+    for i, part in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(part, dict):
+            raise Shape(where, f"must be a content part {{type: text, text}}, not {kind(part)}")
+        part_type = get(part, "type", f"{where}.type")
+        if part_type != "text":
+            raise Shape(
+                where,
+                f"is a part of type {part_type!r}, and this stage is text-only: only text parts {{type: text, text}} "
+                "are read",
+            )
+        key = "value" if "text" not in part and "value" in part else "text"
+        texts.append(string(part.get(key), f"{where}.{key}"))
+    return "".join(texts)
+
+
+def _message(message: object, where: str, defined: list[str] | None) -> tuple[str, str, str]:
+    """One message as (role, content, calls): OpenAI/TRL {role, content, tool_calls?} or sharegpt {from, value}."""
+    if isinstance(message, dict) and "role" in message:
+        role, key = string(message["role"], f"{where}.role"), "content"
+    elif isinstance(message, dict) and "from" in message:
+        speaker = string(message["from"], f"{where}.from")
+        role, key = SHAREGPT_ROLES.get(speaker, speaker), "value"
+        if speaker == "function_call":  # LLaMA-Factory's call turn: its value is the calls, and nothing is said
+            return role, "", function_call(get(message, "value", f"{where}.value"), f"{where}.value", defined)
+    else:
+        raise Shape(where, f"must be an object with string role and content (or from and value), not {kind(message)}")
+    calls = message.get("tool_calls")
+    if calls is None or calls == []:  # exports write null or [] on every message that calls nothing
+        return role, _content(get(message, key, f"{where}.{key}"), f"{where}.{key}"), ""
+    if role != "assistant":
+        raise Shape(f"{where}.tool_calls", f"only an assistant message may call tools, not a {role!r} one")
+    content = message.get(key)  # OpenAI leaves out (or nulls) the content of a turn that only calls tools
+    return (
+        role,
+        "" if content is None else _content(content, f"{where}.{key}"),
+        tool_calls(calls, f"{where}.tool_calls", defined),
+    )
+
+
+def _chat(value: object, field: str, defined: list[str] | None = None) -> Chat:
+    """A list of messages, each OpenAI/TRL or sharegpt; `defined` names the tools calls may name (None: any)."""
+    if not isinstance(value, list) or not value:
+        raise Shape(
+            field, f"must be a non-empty list of messages {{role, content}} or {{from, value}}, not {kind(value)}"
+        )
+    chat = Chat([], [], [])
+    for i, message in enumerate(value):
+        for column, item in zip(chat, _message(message, f"{field}[{i}]", defined)):
+            column.append(item)
+    return chat
 
 
 def _messages(value: object, field: str) -> Turns:
-    """OpenAI/TRL {role, content} or sharegpt {from, value} messages, per message."""
-    if not isinstance(value, list) or not value:
-        raise Shape(
-            field, f"must be a non-empty list of messages {{role, content}} or {{from, value}}, not {_kind(value)}"
-        )
-    roles, contents = [], []
-    for i, message in enumerate(value):
-        where = f"{field}[{i}]"
-        if isinstance(message, dict) and "role" in message:
-            roles.append(_string(message["role"], f"{where}.role"))
-            contents.append(_content(_get(message, "content", f"{where}.content"), f"{where}.content"))
-        elif isinstance(message, dict) and "from" in message:
-            speaker = _string(message["from"], f"{where}.from")
-            roles.append(SHAREGPT_ROLES.get(speaker, speaker))
-            contents.append(_string(_get(message, "value", f"{where}.value"), f"{where}.value"))
-        else:
-            raise Shape(
-                where, f"must be an object with string role and content (or from and value), not {_kind(message)}"
-            )
+    """Messages where tool calls have no column (every format but conversations): a call is refused, not dropped."""
+    roles, contents, calls = _chat(value, field)
+    for i, call in enumerate(calls):
+        if call:
+            raise Shape(f"{field}[{i}]", ONLY_CONVERSATIONS_CALL)
     return roles, contents
 
 
@@ -135,7 +148,7 @@ def _with_system(row: dict, turns: Turns) -> Turns:
     system = row.get("system")
     if system is None or system == "":  # exports write "" for 'no system prompt'
         return turns
-    system = _string(system, "system")
+    system = string(system, "system")
     roles, contents = turns
     if roles and roles[0] == "system":
         raise Shape("system", "is given twice: as a key and as the first message")
@@ -146,17 +159,17 @@ def _alpaca_prompt(row: dict) -> Turns:
     """system, then history's [user, assistant] pairs, then instruction and input as one user turn."""
     history = row.get("history") or []
     if not isinstance(history, list):
-        raise Shape("history", f"must be a list of [user, assistant] pairs, not {_kind(history)}")
+        raise Shape("history", f"must be a list of [user, assistant] pairs, not {kind(history)}")
     roles: list[str] = []
     contents: list[str] = []
     for i, pair in enumerate(history):
         if not isinstance(pair, list) or len(pair) != 2:
             raise Shape(f"history[{i}]", "must be a pair [user, assistant] of strings")
         roles += ["user", "assistant"]
-        contents += [_string(pair[0], f"history[{i}][0]"), _string(pair[1], f"history[{i}][1]")]
-    instruction = _string(_get(row, "instruction"), "instruction")
+        contents += [string(pair[0], f"history[{i}][0]"), string(pair[1], f"history[{i}][1]")]
+    instruction = string(get(row, "instruction"), "instruction")
     extra = row.get("input")
-    extra = "" if extra is None else _string(extra, "input")
+    extra = "" if extra is None else string(extra, "input")
     roles.append("user")
     contents.append("\n".join(part for part in (instruction, extra) if part))  # LLaMA-Factory's join
     return _with_system(row, (roles, contents))
@@ -167,13 +180,13 @@ def _prompt(row: dict, key: str) -> Turns:
     if isinstance(value, list):
         return _with_system(row, _messages(value, key))
     if not isinstance(value, str):
-        raise Shape(key, f"must be a string or a list of messages, not {_kind(value)}")
-    return _with_system(row, (["user"], [_string(value, key)]))
+        raise Shape(key, f"must be a string or a list of messages, not {kind(value)}")
+    return _with_system(row, (["user"], [string(value, key)]))
 
 
 def _pro_prompt(value: object, field: str) -> Turns:
     """One PRO prefix: a plain prompt string, or turns tagged <|prompter|>/<|assistant|> (a list, or joined)."""
-    text = "".join(_strings(value, field)) if isinstance(value, list) else _string(value, field)
+    text = "".join(strings(value, field)) if isinstance(value, list) else string(value, field)
     pieces = PRO_MARKERS.split(text)
     if len(pieces) == 1:
         return ["user"], [text]
@@ -187,37 +200,52 @@ def _pro_prompt(value: object, field: str) -> Turns:
 
 
 def _completion(value: object, field: str) -> str:
-    """A reply: a string, or a list holding one assistant message (TRL's conversational form)."""
+    """A reply: a string, a list holding one assistant message (TRL's conversational form), or one message
+    (LLaMA-Factory's sharegpt pairs)."""
+    if isinstance(value, dict):
+        role, content, calls = _message(value, field, None)
+        if calls:
+            raise Shape(field, ONLY_CONVERSATIONS_CALL)
+        if role != "assistant":
+            raise Shape(field, f"must be the assistant's turn, not {role!r}")
+        return content
     if isinstance(value, list):
         roles, contents = _messages(value, field)
         if roles != ["assistant"]:
             raise Shape(field, "beside a prompt, must be a string or a list of one assistant message")
         return contents[0]
-    return _string(value, field)
+    return string(value, field)
 
 
 def _text(row: dict) -> dict:
-    return {"text": _string(_get(row, "text"), "text")}
+    return {"text": string(get(row, "text"), "text")}
 
 
 def _conversation(row: dict) -> dict:
+    tools, names = definitions(row.get("tools"))
     key = next((k for k in ("conversations", "messages") if k in row), None)
     if key is None and "instruction" in row:
         roles, contents = _alpaca_prompt(row)
-        return {"roles": [*roles, "assistant"], "contents": [*contents, _string(_get(row, "output"), "output")]}
+        roles, contents = [*roles, "assistant"], [*contents, string(get(row, "output"), "output")]
+        return {"roles": roles, "contents": contents, "calls": [""] * len(roles), "tools": tools}
     if key is None:
         raise Shape(
             "conversations",
             "required: a list of messages {role, content} (or messages, sharegpt {from, value}, "
             "or alpaca instruction/input/output)",
         )
-    roles, contents = _with_system(row, _messages(row[key], key))
-    return {"roles": roles, "contents": contents}
+    chat = _chat(row[key], key, names)
+    roles, contents = _with_system(row, (chat.roles, chat.contents))
+    calls = [""] * (len(roles) - len(chat.roles)) + chat.calls  # a system turn from the key calls nothing
+    return {"roles": roles, "contents": contents, "calls": calls, "tools": tools}
 
 
 def _preference(row: dict) -> dict:
-    chosen, rejected = _get(row, "chosen"), _get(row, "rejected")
-    prompt_key = next((k for k in ("prompt", "question") if k in row), None)
+    if "chosen_messages" in row or "rejected_messages" in row:
+        return _conversation_pair(row, "chosen_messages", "rejected_messages")
+    chosen, rejected = get(row, "chosen"), get(row, "rejected")
+    # conversations/messages beside single-turn chosen and rejected: LLaMA-Factory's sharegpt pairs
+    prompt_key = next((k for k in ("prompt", "question", "conversations", "messages") if k in row), None)
     if prompt_key is not None and not (isinstance(chosen, list) and len(chosen) > 1):
         roles, contents = _prompt(row, prompt_key)
         return {
@@ -230,18 +258,27 @@ def _preference(row: dict) -> dict:
     # the turns they share are the prompt, their final assistant turns the two replies.
     if not isinstance(chosen, list):
         raise Shape("prompt", "required when chosen and rejected are strings (or give both as whole conversations)")
-    chosen_roles, chosen_contents = _messages(chosen, "chosen")
+    return _conversation_pair(row, "chosen", "rejected")
+
+
+def _conversation_pair(row: dict, chosen_key: str, rejected_key: str) -> dict:
+    """Two whole conversations: the turns they share are the prompt, their final assistant turns the two replies."""
+    chosen_roles, chosen_contents = _messages(get(row, chosen_key), chosen_key)
     if len(chosen_roles) < 2:
-        raise Shape("chosen", "without a prompt key, must be a whole conversation: the prompt's turns, then the reply")
-    rejected_roles, rejected_contents = _messages(rejected, "rejected")
+        lead = "without a prompt key, " if chosen_key == "chosen" else ""
+        raise Shape(chosen_key, f"{lead}must be a whole conversation: the prompt's turns, then the reply")
+    rejected_roles, rejected_contents = _messages(get(row, rejected_key), rejected_key)
     if (chosen_roles[:-1], chosen_contents[:-1]) != (rejected_roles[:-1], rejected_contents[:-1]):
-        raise Shape("rejected", "must repeat every turn of chosen but the last: the shared turns are the prompt")
-    for field, roles in (("chosen", chosen_roles), ("rejected", rejected_roles)):
+        raise Shape(
+            rejected_key, f"must repeat every turn of {chosen_key} but the last: the shared turns are the prompt"
+        )
+    for field, roles in ((chosen_key, chosen_roles), (rejected_key, rejected_roles)):
         if roles[-1] != "assistant":
             raise Shape(field, f"the last turn must be the assistant's, not {roles[-1]!r}")
+    roles, contents = _with_system(row, (chosen_roles[:-1], chosen_contents[:-1]))
     return {
-        "prompt_roles": chosen_roles[:-1],
-        "prompt_contents": chosen_contents[:-1],
+        "prompt_roles": roles,
+        "prompt_contents": contents,
         "chosen": chosen_contents[-1],
         "rejected": rejected_contents[-1],
     }
@@ -260,18 +297,18 @@ def _ranked(row: dict) -> dict:
     return {
         "prompt_roles": roles,
         "prompt_contents": contents,
-        "completions": _strings(_get(row, "output"), "output"),
-        "scores": _numbers(_get(row, "score"), "score"),
+        "completions": strings(get(row, "output"), "output"),
+        "scores": numbers(get(row, "score"), "score"),
     }
 
 
 def _pro_ranked(row: dict) -> dict:
     """PRO's release: the prompt repeated once per candidate in `prefix`, candidates in `suffix`, scores in `reward`."""
-    prefixes = _get(row, "prefix")
-    completions = _strings(_get(row, "suffix"), "suffix")
-    scores = _numbers(_get(row, "reward"), "reward")
+    prefixes = get(row, "prefix")
+    completions = strings(get(row, "suffix"), "suffix")
+    scores = numbers(get(row, "reward"), "reward")
     if not isinstance(prefixes, list) or not prefixes:
-        raise Shape("prefix", f"must be a list holding the prompt once per suffix, not {_kind(prefixes)}")
+        raise Shape("prefix", f"must be a list holding the prompt once per suffix, not {kind(prefixes)}")
     if len(prefixes) != len(completions):
         raise Shape(
             "prefix",
@@ -295,7 +332,7 @@ def _answer(value: object) -> str | None:
         if not math.isfinite(value):
             raise Shape("answer", f"must be a string or a finite number, not {value}")
         return str(value)
-    return _string(value, "answer")
+    return string(value, "answer")
 
 
 def _prompts(row: dict) -> dict:
@@ -308,14 +345,15 @@ def _prompts(row: dict) -> dict:
 
 def _label(value: object) -> bool:
     if not isinstance(value, bool):
-        raise Shape("label", f"must be true (desirable) or false (undesirable), not {_kind(value)}")
+        raise Shape("label", f"must be true (desirable) or false (undesirable), not {kind(value)}")
     return value
 
 
 def _unpaired(row: dict) -> dict:
-    """TRL's unpaired {prompt, completion, label}; a preference pair, in any of its shapes, as its two labelled
-    completions."""
-    if "completion" not in row and "label" not in row and ("chosen" in row or "rejected" in row):
+    """TRL's unpaired {prompt, completion, label}; a labelled conversation (LLaMA-Factory's kto_tag); a preference
+    pair, in any of its shapes, as its two labelled completions."""
+    pair_keys = ("chosen", "rejected", "chosen_messages", "rejected_messages")
+    if "completion" not in row and "label" not in row and any(key in row for key in pair_keys):
         pair = _preference(row)
         return {
             "prompt_roles": pair["prompt_roles"],
@@ -323,6 +361,9 @@ def _unpaired(row: dict) -> dict:
             "completions": [pair["chosen"], pair["rejected"]],
             "labels": [True, False],
         }
+    conversation = next((k for k in ("conversations", "messages") if k in row), None)
+    if "prompt" not in row and conversation is not None:
+        return _labelled_conversation(row, conversation)
     if "prompt" not in row:
         raise Shape(
             "prompt",
@@ -333,8 +374,23 @@ def _unpaired(row: dict) -> dict:
     return {
         "prompt_roles": roles,
         "prompt_contents": contents,
-        "completions": [_completion(_get(row, "completion"), "completion")],
-        "labels": [_label(_get(row, "label"))],
+        "completions": [_completion(get(row, "completion"), "completion")],
+        "labels": [_label(get(row, "label"))],
+    }
+
+
+def _labelled_conversation(row: dict, key: str) -> dict:
+    """A whole conversation and a label judging its last turn, the assistant's: the turns before it are the prompt."""
+    roles, contents = _with_system(row, _messages(row[key], key))
+    if len(roles) < 2 or roles[-1] != "assistant":
+        raise Shape(
+            key, "beside a label, must be a whole conversation ending in the assistant's reply, which the label judges"
+        )
+    return {
+        "prompt_roles": roles[:-1],
+        "prompt_contents": contents[:-1],
+        "completions": [contents[-1]],
+        "labels": [_label(get(row, "label"))],
     }
 
 
@@ -350,4 +406,9 @@ FLATTEN = {
 
 def flatten(fmt: Format, row: dict) -> dict:
     """The row as its format's canonical columns; raise Shape when it has none of the accepted shapes."""
+    for key in MEDIA_KEYS:
+        if row.get(key) not in (None, "", []):  # LLaMA-Factory writes [] where a row has no media
+            raise Shape(key, f"holds {key}, and this stage is text-only: give rows without media")
+    if fmt != "conversations" and row.get("tools") not in (None, "", []):
+        raise Shape("tools", "are read only in the conversations format: this format's stages use no tools")
     return FLATTEN[fmt](row)

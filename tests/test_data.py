@@ -60,7 +60,7 @@ SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 SHAPES = {
     "conversations": (
-        {"roles": [r for r, _ in DIALOGUE], "contents": [c for _, c in DIALOGUE]},
+        {"roles": [r for r, _ in DIALOGUE], "contents": [c for _, c in DIALOGUE], "calls": [""] * 5, "tools": None},
         [
             {"conversations": msgs(*DIALOGUE)},
             {"messages": msgs(*DIALOGUE)},
@@ -162,8 +162,8 @@ def test_alpaca_input_joins_the_instruction_and_an_empty_system_means_none(tmp_p
         {"instruction": "Translate chat", "input": None, "output": "cat"},
     )
     assert canonical_rows(path, "conversations") == [
-        {"roles": ["user", "assistant"], "contents": ["Translate\nchat", "cat"]},
-        {"roles": ["user", "assistant"], "contents": ["Translate chat", "cat"]},
+        {"roles": ["user", "assistant"], "contents": ["Translate\nchat", "cat"], "calls": ["", ""], "tools": None},
+        {"roles": ["user", "assistant"], "contents": ["Translate chat", "cat"], "calls": ["", ""], "tools": None},
     ]
 
 
@@ -243,7 +243,8 @@ RULES = [
     (
         "conversations",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
-        "messages[0].content[0]: only text content parts {type: text, text} are supported",
+        "messages[0].content[0]: is a part of type 'image_url', and this stage is text-only: only text parts "
+        "{type: text, text} are read",
     ),
     (
         "conversations",
