@@ -1,8 +1,8 @@
-"""Data contracts: every jsonl file is checked whole, before any model loads.
+"""Data contracts: every data file is checked whole, before any model loads.
 
-A file is read line by line (UTF-8; a BOM, CRLF and blank lines tolerated; a line over the size
-limit reported and read past, never held), each line parsed as a JSON object and flattened into
-its format's canonical columns, whichever accepted shape it came in (schemas/formats.py). A
+A file is read row by row in whichever container it comes (schemas/readers.py: JSON Lines, a JSON array,
+parquet, arrow, csv, text, compressed or not; a row over the size limit reported and read past, never held),
+each row flattened into its format's canonical columns, whichever accepted shape it came in (schemas/formats.py). A
 pandera schema (polars backend) then checks the rules on those columns with lazy validation, so
 one pass reports every failure. Each problem names the file, the line, the field and the rule,
 with a short excerpt: a shape problem names the user's own key, a rule problem the canonical
@@ -15,61 +15,22 @@ the problems of rows it set aside under on_invalid="skip", and notes that are no
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaErrors
 
-from schemas.errors import LifecycleError
 from schemas.formats import Format, Shape, flatten
+from schemas.problems import DataError, Problem, excerpt
+from schemas.readers import MAX_LINE_BYTES, MAX_TEXT_LINE_BYTES, Documents, read_rows
 
 OnInvalid = Literal["fail", "skip"]
 ROLES = ("system", "user", "assistant")
-SHOWN = 20  # problems printed before the rest are only counted
-# One chat or preference row this large is almost surely a broken file (a JSON array on one line,
-# lost newlines); a pretrain document may be a whole book, hence its own limit.
-MAX_LINE_BYTES = 1 << 20
-MAX_TEXT_LINE_BYTES = 64 << 20
-SKIP_CHUNK = 1 << 16
-BOM = b"\xef\xbb\xbf"
 TIE_NOTE = "tied scores: tied candidates weigh zero against each other in PRO"
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: Path
-    line: int
-    field: str
-    rule: str
-    excerpt: str = ""
-
-    def __str__(self) -> str:
-        tail = f"  [{self.excerpt}]" if self.excerpt else ""
-        return f"{self.file}:{self.line}: {self.field}: {self.rule}{tail}"
-
-    def record(self) -> dict[str, str | int]:
-        """The problem as a JSON-ready mapping, for the rejected-rows artifact."""
-        return {
-            "file": str(self.file),
-            "line": self.line,
-            "field": self.field,
-            "rule": self.rule,
-            "excerpt": self.excerpt,
-        }
-
-
-class DataError(LifecycleError, ValueError):
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        shown = [str(p) for p in problems[:SHOWN]]
-        if len(problems) > SHOWN:
-            shown.append(f"... and {len(problems) - SHOWN} more problem(s)")
-        files = len({p.file for p in problems})
-        super().__init__(f"{len(problems)} problem(s) in {files} data file(s):\n" + "\n".join(shown))
 
 
 @dataclass(frozen=True)
@@ -83,13 +44,6 @@ class Validated:
     @property
     def rejected_rows(self) -> int:
         return len({p.line for p in self.rejected})
-
-
-def excerpt(value: object, width: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    text = text if len(text) <= width else text[: width - 3] + "..."
-    # User bytes end up on a terminal: control characters are shown escaped, never interpreted.
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ---- the rules, as pandera checks on canonical columns --------------------------------------
@@ -277,83 +231,39 @@ SCHEMAS: dict[Format, pa.DataFrameSchema] = {
 # ---- reading --------------------------------------------------------------------------------
 
 
-def numbered_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, int]]:
-    """(number, bytes, oversize) per line; a line of more than `limit` bytes (its end of line aside)
-    yields only its head and its size as `oversize` (0 for every other line), the rest read past
-    in chunks so it is never held whole."""
-    number = 0
-    while raw := handle.readline(limit + 2):  # room for the limit and a CRLF
-        number += 1
-        if len(raw.rstrip(b"\r\n")) <= limit:
-            yield number, raw, 0
-            continue
-        head, size = raw[:200], len(raw)
-        while raw and not raw.endswith(b"\n"):
-            raw = handle.readline(SKIP_CHUNK)
-            size += len(raw)
-        yield number, head, size - (len(raw) - len(raw.rstrip(b"\r\n")))
-
-
-def parse_json_line(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> dict | Problem | None:
-    """One line as a JSON object, None for a blank line, or the Problem that stops it being read."""
-
-    def problem(rule: str, shown: str = "") -> Problem:
-        return Problem(path, number, "(line)", rule, excerpt(shown.strip()))
-
-    if oversize:
-        return problem(
-            f"is {oversize:,} bytes, over the {limit:,}-byte limit for one row", raw.decode("utf-8", "replace")
-        )
-    raw = raw.removeprefix(BOM)  # anywhere: files joined with `cat` keep each one's BOM
-    try:
-        text = raw.decode("utf-8").rstrip("\r\n")  # so JSON errors point at columns of the line itself
-    except UnicodeDecodeError as err:
-        hint = " (the file looks UTF-16: save it as UTF-8)" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
-        return problem(f"not valid UTF-8 at byte {err.start}{hint}", raw.decode("utf-8", "replace"))
-    if not text.strip():
-        return None
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as err:
-        return problem(f"not valid JSON: {err.msg} at column {err.colno}", text)
-    except RecursionError:
-        return problem("not readable: JSON nested too deeply", text)
-    except ValueError as err:  # an integer literal of more digits than Python converts; its advice is for programmers
-        return problem(f"not valid JSON: {str(err).split(':')[0]}", text)
-    if not isinstance(row, dict):
-        return problem("must be a JSON object", text)
-    return row
-
-
-def read_jsonl(path: Path, fmt: Format) -> tuple[pl.DataFrame, list[Problem]]:
-    """Parse a file into canonical columns plus `line`; problems of shape are returned, not raised."""
+def read_rows_of(
+    path: Path, fmt: Format, documents: Documents = "line"
+) -> tuple[pl.DataFrame, list[Problem], Callable[[Problem], Problem]]:
+    """Parse a file of any container into canonical columns plus `line` (the row's position); problems of shape
+    are returned, not raised, with a function that gives a later problem of a row where that row was found."""
     schema = SCHEMAS[fmt]
     dtypes = {"line": pl.Int64, **{name: column.dtype.type for name, column in schema.columns.items()}}
     columns: dict[str, list] = {name: [] for name in dtypes}
     problems: list[Problem] = []
-    limit = MAX_TEXT_LINE_BYTES if fmt == "text" else MAX_LINE_BYTES
-    try:
-        with open(path, "rb") as handle:
-            for number, raw, oversize in numbered_lines(handle, limit):
-                row = parse_json_line(path, number, raw, oversize, limit)
-                if row is None:
-                    continue
-                if isinstance(row, Problem):
-                    problems.append(row)
-                    continue
-                try:
-                    flat = flatten(fmt, row)
-                except Shape as err:
-                    problems.append(
-                        Problem(path, number, err.field, err.rule, excerpt(raw.removeprefix(BOM).decode().strip()))
-                    )
-                    continue
-                columns["line"].append(number)
-                for name, value in flat.items():
-                    columns[name].append(value)
-    except OSError as err:
-        problems.append(Problem(path, 0, "(file)", f"cannot be read: {err.strerror or err}"))
-    return pl.DataFrame(columns, schema=dtypes), problems
+    starts: dict[int, int] = {}  # the line each row starts on, in containers of records that have lines
+    rows = read_rows(path, limit=MAX_TEXT_LINE_BYTES if fmt == "text" else MAX_LINE_BYTES, documents=documents)
+    for position, row in rows:
+        if isinstance(row, Problem):
+            problems.append(row)
+            continue
+        try:
+            flat = flatten(fmt, row)
+        except Shape as err:
+            shown = excerpt(json.dumps(row, ensure_ascii=False, default=str))
+            problems.append(Problem(path, position, err.field, err.rule, shown, rows.unit, rows.starts_on))
+            continue
+        if rows.starts_on is not None:
+            starts[position] = rows.starts_on
+        columns["line"].append(position)
+        for name, value in flat.items():
+            columns[name].append(value)
+
+    def located(problem: Problem) -> Problem:
+        if problem.line == 0 or rows.unit == "line":
+            return problem
+        return replace(problem, unit=rows.unit, starts_on=starts.get(problem.line))
+
+    return pl.DataFrame(columns, schema=dtypes), problems, located
 
 
 def _rule_problems(path: Path, frame: pl.DataFrame, schema: pa.DataFrameSchema) -> list[Problem]:
@@ -387,22 +297,23 @@ def _rank(path: Path, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[Problem]]
     ), notes
 
 
-def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail") -> Validated:
-    """The valid rows of `path` in canonical form.
+def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail", *, documents: Documents = "line") -> Validated:
+    """The valid rows of `path` in canonical form; `documents` splits a text file by line or by paragraph.
 
     "fail" raises DataError naming every problem if there is one; "skip" drops the invalid rows
     and returns their problems as `rejected`, but still raises when the file itself is unusable
     (unreadable, or no valid row left), since training on nothing is never what was meant.
     """
     path = Path(path)
-    frame, problems = read_jsonl(path, fmt)
-    problems += _rule_problems(path, frame, SCHEMAS[fmt])
+    frame, problems, located = read_rows_of(path, fmt, documents)
+    problems += map(located, _rule_problems(path, frame, SCHEMAS[fmt]))
     problems.sort(key=lambda p: p.line)
     rejected_lines = {p.line for p in problems}
     valid = frame.filter(~pl.col("line").is_in(rejected_lines))
     notes: list[Problem] = []
     if fmt == "ranked":
         valid, notes = _rank(path, valid)
+        notes = [located(note) for note in notes]
     if valid.is_empty() and 0 not in rejected_lines:
         if not problems:
             problems.append(Problem(path, 0, "(file)", "holds no rows"))
@@ -415,12 +326,14 @@ def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail") -> Valida
     return Validated(frame=valid, rejected=problems, notes=notes)
 
 
-def read_files(paths: list[Path], fmt: Format, on_invalid: OnInvalid = "fail") -> Validated:
+def read_files(
+    paths: list[Path], fmt: Format, on_invalid: OnInvalid = "fail", *, documents: Documents = "line"
+) -> Validated:
     """Several files of one format as one frame (file order kept), every file's problems together."""
     parts, problems = [], []
     for path in paths:
         try:
-            parts.append(read_file(path, fmt, on_invalid))
+            parts.append(read_file(path, fmt, on_invalid, documents=documents))
         except DataError as err:
             problems += err.problems
     if problems:

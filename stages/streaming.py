@@ -8,10 +8,11 @@ nothing holds more than a batch of documents, a partial block and the shuffle bu
 
 Ours, because that library cannot do it:
 
-- The rows are checked as they pass (`parse_line`): a bad line names file:line: field: rule, or
-  with on_invalid="skip" is counted and left out. The library's json reader neither names the line
-  nor skips (a cut-off string on line 2 gave `ArrowInvalid: JSON parse error: Invalid encoding in
-  string. in row 1`).
+- The rows are checked as they pass (`parse_line`): a bad row names file:line: field: rule (row n for a
+  container of records), or with on_invalid="skip" is counted and left out. A file may be in any container
+  schemas/readers.py reads (JSON Lines, a JSON array, parquet, arrow, csv, text, compressed or not).
+  The library's json reader neither names the line nor skips (a cut-off string on line 2 gave
+  `ArrowInvalid: JSON parse error: Invalid encoding in string. in row 1`).
 - Tokenising + packing (`Packer`), run as a batched `map` of the library's pipeline: the run_clm
   recipe (`group_texts`) drops a partial block at the end of every batch; ours carries it to the
   next batch, so blocks are cut exactly as `stages.pretrain.pack` cuts them.
@@ -19,8 +20,9 @@ Ours, because that library cannot do it:
   than DataLoader workers it stops the extra workers, and with a source count that world_size does
   not divide, `split_dataset_by_node` falls back to keeping every world_size-th example of the
   whole pipeline, so every rank reads, parses and tokenises the whole corpus. So a file is cut
-  into line-strided slices (line index % parts) until there is a source per reader, and the split
-  is asked for by source ("shards"); each line is then parsed and tokenised by one reader only.
+  into position-strided slices (line or row index % parts) until there is a source per reader, and
+  the split is asked for by source ("shards"); each row is then tokenised by one reader only (and in
+  JSON Lines and text its line decoded and parsed by that reader only).
 - One source at a time into the shuffle buffer (`max_buffer_input_shards=1`): the library's shuffle
   interleaves up to 10 sources, fetching from each on its own thread, so the packing map (which
   must carry its tail) is called from several threads at once and mixes their tokens.
@@ -34,6 +36,7 @@ its interleaving on 4 files, 3 passes gave 5,013, 5,466 and 5,586 blocks where `
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +47,10 @@ import torch.distributed as dist
 import torch.utils.data
 from datasets.distributed import split_dataset_by_node
 
-from schemas.data import MAX_TEXT_LINE_BYTES, DataError, OnInvalid, Problem, excerpt, numbered_lines, parse_json_line
+from schemas.data import DataError, OnInvalid, Problem, excerpt
 from schemas.formats import Shape, flatten
-from schemas.spec import expand as expand_patterns
+from schemas.readers import MAX_TEXT_LINE_BYTES, Rows, read_rows
+from schemas.sources import expand as expand_patterns
 from stages.packing import tokenize_documents
 
 DOCUMENTS_PER_CALL = 256  # one tokenizer call per batch amortises its overhead; the batch stays ~1 MB
@@ -56,7 +60,8 @@ KEPT_PROBLEMS = 1000  # a corpus check lists this many problems and counts the r
 
 @dataclass(frozen=True)
 class Slice:
-    """One data source of the stream: the lines of `path` whose index % parts == part (all of them when parts is 1)."""
+    """One data source of the stream: the rows of `path` whose index % parts == part (all of them when parts is 1);
+    the index counts lines in JSON Lines and text, rows in a container of records."""
 
     path: Path
     part: int = 0
@@ -65,8 +70,9 @@ class Slice:
 
 def slices(files: list[Path], readers: int) -> list[Slice]:
     """The sources the library deals out: whole files when every reader gets one, so no byte is read twice.
-    With fewer files than readers each file is cut into as many line-strided slices as it takes; a reader
-    then scans its slice's file and parses and tokenises only its own lines (reading is cheap beside tokenising)."""
+    With fewer files than readers each file is cut into as many position-strided slices as it takes; a reader
+    then scans its slice's file and tokenises only its own rows (reading is cheap beside tokenising), and in
+    JSON Lines and text does not even decode another slice's lines."""
     parts = -(-readers // len(files))
     return [Slice(path, part, parts) for path in files for part in range(parts)]
 
@@ -89,49 +95,52 @@ def named_files(patterns: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def parse_line(path: Path, number: int, raw: bytes, oversize: int = 0) -> str | Problem | None:
-    """The document on one line; a Problem when the line breaks the pretrain format; None when blank.
+def parse_line(rows: Rows, position: int, row: dict | Problem) -> str | Problem:
+    """The document of one row that `rows` (`schemas.readers.read_rows`) gave; a Problem when it breaks the pretrain
+    format.
 
-    Lines are parsed by `schemas.data.parse_json_line` and shaped by `schemas.formats.flatten`, as
-    `read_file` does for text rows, so a streamed file and a validated one fail with the same
-    sentence, and no line, however broken, gives a traceback."""
-    row = parse_json_line(path, number, raw, oversize, MAX_TEXT_LINE_BYTES)
-    if row is None or isinstance(row, Problem):
+    Rows are read by `read_rows` and shaped by `schemas.formats.flatten`, as `read_file` does for
+    text rows, so a streamed file and a validated one fail with the same sentence, and no row,
+    however broken, gives a traceback."""
+    if isinstance(row, Problem):
         return row
     try:
         text = flatten("text", row)["text"]
     except Shape as err:
-        return Problem(path, number, err.field, err.rule, excerpt(raw.decode("utf-8", "replace").strip()))
+        shown = excerpt(json.dumps(row, ensure_ascii=False, default=str))
+        return Problem(rows.path, position, err.field, err.rule, shown, rows.unit, rows.starts_on)
     if not text or text.isspace():  # the pandera rule of schemas.data, on one row
-        return Problem(path, number, "text", "must not be empty", excerpt(raw.decode("utf-8", "replace").strip()))
+        return Problem(rows.path, position, "text", "must not be empty", excerpt(text), rows.unit, rows.starts_on)
     return text
 
 
-def read_lines(source: Slice) -> Iterator[tuple[Path, int, bytes, int]]:
-    """(file, line number, raw line, oversize) of one slice's lines, one line in memory at a time."""
-    try:
-        handle = open(source.path, "rb")
-    except OSError as err:
-        raise DataError([Problem(source.path, 0, "(file)", f"cannot be read: {err.strerror or err}")]) from None
-    with handle:
-        for number, raw, oversize in numbered_lines(handle, MAX_TEXT_LINE_BYTES):
-            if (number - 1) % source.parts == source.part:  # another slice's line is not even decoded here
-                yield source.path, number, raw, oversize
+def read_lines(source: Slice) -> Iterator[tuple[Rows, int, dict | Problem]]:
+    """(the file's rows, position, row or Problem) of one slice, one row in memory at a time; DataError when the file
+    cannot be read at all."""
+    rows = read_rows(
+        source.path,
+        limit=MAX_TEXT_LINE_BYTES,
+        keep=lambda position: (position - 1) % source.parts == source.part,
+    )
+    for position, row in rows:
+        if position == 0:  # the file itself is unusable
+            raise DataError([row])
+        yield rows, position, row
 
 
 def checked_texts(
     sources: Iterable[Slice], on_invalid: OnInvalid, skipped: torch.Tensor | None = None, slot: int = 0
 ) -> Iterator[str]:
-    """The documents of `sources` in order; a bad line raises DataError, or under "skip" is counted in skipped[slot]."""
+    """The documents of `sources` in order; a bad row raises DataError, or under "skip" is counted in skipped[slot]."""
     for source in sources:
-        for path, number, raw, oversize in read_lines(source):
-            parsed = parse_line(path, number, raw, oversize)
+        for rows, position, row in read_lines(source):
+            parsed = parse_line(rows, position, row)
             if isinstance(parsed, Problem):
                 if on_invalid == "fail":
                     raise DataError([parsed])
                 if skipped is not None:
                     skipped[slot] += 1
-            elif parsed is not None:
+            else:
                 yield parsed
 
 
@@ -183,7 +192,7 @@ def resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 class StreamingTextDataset(torch.utils.data.IterableDataset):
-    """Blocks of `block_size` tokens from pretrain jsonl files ({"text"} rows) too large for memory.
+    """Blocks of `block_size` tokens from pretrain files ({"text"} rows, in any container) too large for memory.
 
     Yields {"input_ids", "labels"} (equal: causal LM), int64 tensors of `block_size`. With
     `shuffle_buffer` > 0 the library permutes the sources per epoch and passes the blocks through a
@@ -197,7 +206,7 @@ class StreamingTextDataset(torch.utils.data.IterableDataset):
     rank 0 only and sends each rank its batches (`dispatch_batches`, its default there), so a
     rank-sharded stream would lose data.
 
-    A bad line raises DataError naming file:line: field: rule, or with on_invalid="skip" is
+    A bad row raises DataError naming file:line: field: rule, or with on_invalid="skip" is
     counted in `skipped` (summed over DataLoader workers) and left out.
     """
 
@@ -285,13 +294,13 @@ class StreamingTextDataset(torch.utils.data.IterableDataset):
 
 
 def documents(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail") -> Iterator[str]:
-    """Every document of a corpus in file order, one line in memory at a time (e.g. to train a tokenizer on)."""
+    """Every document of a corpus in file order, one row in memory at a time (e.g. to train a tokenizer on)."""
     yield from checked_texts(map(Slice, named_files(patterns)), on_invalid)
 
 
 @dataclass
 class CorpusCheck:
-    """A streamed check of every line: counts, and the first KEPT_PROBLEMS problems."""
+    """A streamed check of every row: counts, and the first KEPT_PROBLEMS problems."""
 
     files: int = 0
     rows: int = 0
@@ -301,27 +310,27 @@ class CorpusCheck:
 
 
 def check_corpus(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail") -> CorpusCheck:
-    """Every line of a streamed corpus checked at flat memory, before any model loads.
+    """Every row of a streamed corpus checked at flat memory, before any model loads.
 
     With "fail", raise one DataError listing the problems (the first KEPT_PROBLEMS, then a count)."""
     files = named_files(patterns)
     check = CorpusCheck(files=len(files))
     for file in files:
-        for path, number, raw, oversize in read_lines(Slice(file)):
-            check.bytes += oversize or len(raw)
-            parsed = parse_line(path, number, raw, oversize)
+        check.bytes += file.stat().st_size
+        for rows, position, row in read_lines(Slice(file)):
+            parsed = parse_line(rows, position, row)
             if isinstance(parsed, Problem):
                 check.invalid += 1
                 if len(check.problems) < KEPT_PROBLEMS:
                     check.problems.append(parsed)
-            elif parsed is not None:
+            else:
                 check.rows += 1
     if on_invalid == "fail" and check.invalid:
         listed = list(check.problems)
         if check.invalid > len(listed):
             listed.append(
                 Problem(
-                    Path("(corpus)"), 0, "(corpus)", f"{check.invalid - len(listed)} more invalid line(s) not listed"
+                    Path("(corpus)"), 0, "(corpus)", f"{check.invalid - len(listed)} more invalid row(s) not listed"
                 )
             )
         raise DataError(listed)

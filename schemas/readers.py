@@ -1,0 +1,591 @@
+"""Containers: a data file turned into rows (plain dicts) in file order, one row in memory at a time.
+
+The container is known by the file's suffix, after any compression suffix (`.gz`, `.zst`, `.bz2`, each
+decompressed as it is read):
+
+- `.jsonl`: one JSON object per line (UTF-8; a BOM, CRLF and blank lines tolerated; a line over the size limit
+  reported and read past, never held).
+- `.json`: a JSON array of objects, read element by element however it is laid out (pretty-printed or all on one
+  line); a file whose first character is not `[` is read as JSON Lines. A syntax error cannot be read past: it is
+  reported for the row it stops and the rest of the file is not read.
+- `.parquet` and `.arrow` (Arrow IPC, stream or file format: what `datasets` saves, `data-00000-of-00001.arrow`):
+  read batch by batch; nested lists and structs come as lists and dicts, and a row has every column, a missing
+  value as None. Their readers need to seek, so a compressed one is first decompressed into a temporary file,
+  removed when the reading ends.
+- `.csv` and `.tsv`: the first row names the columns. A cell is text, except that a cell holding a JSON array or
+  object (e.g. a `messages` column written as JSON) is read as that value, `true` and `false` as true and false,
+  and an empty cell as None (null). Quoted cells may span lines. A row with more or fewer cells than the header is
+  a problem.
+- `.txt` and `.md`: pretrain text, as rows `{"text": ...}`: one document per line, or with
+  documents="paragraph" one per paragraph (lines up to a blank line, their line breaks kept).
+
+A row's position is its line number in a line-based container (JSON Lines, text: a paragraph's first line), and
+its number counted from 1 in a container of records (a JSON array, parquet, arrow, csv); where records have lines
+(a JSON array, csv) a problem also names the line the row starts on.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import csv
+import gzip
+import io
+import json
+import re
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from itertools import chain
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from schemas.problems import DataError, Problem, excerpt
+
+CONTAINERS: dict[str, str] = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "text",
+    ".md": "text",
+}
+COMPRESSIONS = (".gz", ".zst", ".bz2")
+RECORDS = ("json", "parquet", "arrow", "csv", "tsv")  # positions count rows, not lines
+Documents = Literal["line", "paragraph"]
+Keep = Callable[[int], bool]
+# One chat or preference row this large is almost surely a broken file (a JSON array on one line,
+# lost newlines); a pretrain document may be a whole book, hence its own limit.
+MAX_LINE_BYTES = 1 << 20
+MAX_TEXT_LINE_BYTES = 64 << 20
+SKIP_CHUNK = 1 << 16
+BOM = b"\xef\xbb\xbf"
+CHUNK = 1 << 20  # bytes read at a time from a JSON array, a decompressor or a parquet column
+BATCH_ROWS = 1024  # parquet and arrow rows made Python objects at a time
+UNREADABLE = (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException)
+UTF16_HINT = " (the file looks UTF-16: save it as UTF-8)"
+ESCAPED = re.compile(r"[\udc80-\udcff]")  # undecodable bytes, as the surrogateescape error handler leaves them
+
+
+def container(path: Path) -> str:
+    """The container `path` is in, by its suffix after any compression suffix; DataError for any other suffix."""
+    name = _uncompressed(Path(path).name.lower())
+    found = CONTAINERS.get(Path(name).suffix)
+    if found is None:
+        rule = f"is not a file this reads: the suffixes read are {', '.join(CONTAINERS)}"
+        raise DataError(
+            [Problem(Path(path), 0, "(file)", f"{rule}, each also compressed as {', '.join(COMPRESSIONS)}")]
+        )
+    return found
+
+
+def _uncompressed(name: str) -> str:
+    return next((name.removesuffix(s) for s in COMPRESSIONS if name.endswith(s)), name)
+
+
+class Rows(Iterator[tuple[int, "dict | Problem"]]):
+    """read_rows' iterator: (position, row or Problem) pairs, and where the last pair was found: `unit`, and
+    `starts_on`, the line the row starts on where its container has lines (a JSON array, csv), else None."""
+
+    def __init__(self, path: Path, limit: int, documents: Documents, keep: Keep | None):
+        if documents not in ("line", "paragraph"):
+            raise ValueError(f"documents must be 'line' or 'paragraph', not {documents!r}")
+        self.path = Path(path)
+        self.container = "" if self.path.is_dir() else container(self.path)  # a folder has no suffix to go by
+        self.unit: Literal["line", "row"] = "row" if self.container in RECORDS else "line"
+        self.starts_on: int | None = None
+        self._pairs = self._read(limit, documents, keep)
+
+    def __next__(self) -> tuple[int, dict | Problem]:
+        return next(self._pairs)
+
+    def close(self) -> None:
+        """Close the file now rather than when the iterator is collected."""
+        self._pairs.close()
+
+    def problem(self, position: int, rule: str, shown: str = "", starts_on: int | None = None) -> Problem:
+        """A problem of one row of a container of records."""
+        return Problem(self.path, position, "(row)", rule, excerpt(shown.strip()), "row", starts_on)
+
+    def _read(self, limit: int, documents: Documents, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+        if not self.container:
+            yield 0, Problem(self.path, 0, "(file)", "cannot be read: Is a directory")
+            return
+        try:
+            if self.container in ("parquet", "arrow"):
+                with _seekable(self.path) as plain:
+                    yield from (_parquet if self.container == "parquet" else _arrow)(plain, keep)
+            elif self.container == "json":
+                yield from _json(self, limit, keep)
+            else:
+                with _opened(self.path) as handle:
+                    if self.container == "jsonl":
+                        yield from _jsonl(self.path, handle, limit, keep)
+                    elif self.container == "text":
+                        yield from (_lines if documents == "line" else _paragraphs)(self.path, handle, limit, keep)
+                    else:
+                        yield from _csv(self, handle, "\t" if self.container == "tsv" else ",", limit, keep)
+        except UNREADABLE as err:
+            yield 0, Problem(self.path, 0, "(file)", f"cannot be read: {getattr(err, 'strerror', None) or err}")
+
+
+def read_rows(
+    path: Path,
+    *,
+    limit: int = MAX_LINE_BYTES,
+    documents: Documents = "line",
+    keep: Keep | None = None,
+) -> Rows:
+    """(position, row) or (position, Problem) for each row of `path` in file order, at flat memory for any size.
+
+    `limit` is the most bytes one row may take; `documents` splits a text file by line or by paragraph;
+    `keep(position)` False leaves that row out (JSON Lines and text leave its line undecoded). A blank line
+    yields nothing; a file that cannot be opened yields one Problem at position 0. Raises DataError for a suffix
+    no reader knows."""
+    return Rows(path, limit, documents, keep)
+
+
+# ---- bytes, compressed or not ------------------------------------------------------------
+
+
+def _opened(path: Path) -> BinaryIO:
+    suffix = Path(path.name.lower()).suffix
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if suffix == ".zst":
+        # read_across_frames: `cat a.zst b.zst` is a valid zstd file, as with gzip
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
+        return io.BufferedReader(reader, CHUNK)
+    return open(path, "rb")
+
+
+@contextmanager
+def _seekable(path: Path) -> Iterator[Path]:
+    """The file itself, or a compressed one decompressed into a temporary file, removed on leaving."""
+    if _uncompressed(path.name.lower()) == path.name.lower():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lifecycle-read-") as folder:
+        plain = Path(folder) / _uncompressed(path.name)
+        with _opened(path) as source, open(plain, "wb") as target:
+            shutil.copyfileobj(source, target, CHUNK)
+        yield plain
+
+
+# ---- JSON Lines and text -------------------------------------------------------------------
+
+
+def numbered_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes, int]]:
+    """(number, bytes, oversize) per line; a line of more than `limit` bytes (its end of line aside)
+    yields only its head and its size as `oversize` (0 for every other line), the rest read past
+    in chunks so it is never held whole."""
+    number = 0
+    while raw := handle.readline(limit + 2):  # room for the limit and a CRLF
+        number += 1
+        if len(raw.rstrip(b"\r\n")) <= limit:
+            yield number, raw, 0
+            continue
+        head, size = raw[:200], len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(SKIP_CHUNK)
+            size += len(raw)
+        yield number, head, size - (len(raw) - len(raw.rstrip(b"\r\n")))
+
+
+def decode_line(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> str | Problem:
+    """One line's text, its end of line and any BOM removed, or the Problem that it is too long or not UTF-8."""
+
+    def problem(rule: str, shown: str) -> Problem:
+        return Problem(path, number, "(line)", rule, excerpt(shown.strip()))
+
+    if oversize:
+        return problem(
+            f"is {oversize:,} bytes, over the {limit:,}-byte limit for one row", raw.decode("utf-8", "replace")
+        )
+    raw = raw.removeprefix(BOM)  # anywhere: files joined with `cat` keep each one's BOM
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")  # so JSON errors point at columns of the line itself
+    except UnicodeDecodeError as err:
+        hint = UTF16_HINT if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        return problem(f"not valid UTF-8 at byte {err.start}{hint}", raw.decode("utf-8", "replace"))
+
+
+def parse_json_line(path: Path, number: int, raw: bytes, oversize: int, limit: int) -> dict | Problem | None:
+    """One line as a JSON object, None for a blank line, or the Problem that stops it being read."""
+    text = decode_line(path, number, raw, oversize, limit)
+    if isinstance(text, Problem):
+        return text
+    if not text.strip():
+        return None
+
+    def problem(rule: str) -> Problem:
+        return Problem(path, number, "(line)", rule, excerpt(text.strip()))
+
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        return problem(f"not valid JSON: {err.msg} at column {err.colno}")
+    except RecursionError:
+        return problem("not readable: JSON nested too deeply")
+    except ValueError as err:  # an integer literal of more digits than Python converts; its advice is for programmers
+        return problem(f"not valid JSON: {str(err).split(':')[0]}")
+    if not isinstance(row, dict):
+        return problem("must be a JSON object")
+    return row
+
+
+def _jsonl(path: Path, handle: BinaryIO, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+    for number, raw, oversize in numbered_lines(handle, limit):
+        if keep is None or keep(number):  # another reader's line is not even decoded here
+            row = parse_json_line(path, number, raw, oversize, limit)
+            if row is not None:
+                yield number, row
+
+
+def _lines(path: Path, handle: BinaryIO, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+    for number, raw, oversize in numbered_lines(handle, limit):
+        if keep is None or keep(number):
+            text = decode_line(path, number, raw, oversize, limit)
+            if isinstance(text, Problem):
+                yield number, text
+            elif text.strip():
+                yield number, {"text": text}
+
+
+def _paragraphs(path: Path, handle: BinaryIO, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+    """Paragraphs at their first line. A bad line drops its paragraph, reported at that line; a paragraph over
+    `limit` bytes is reported at its first line and read past."""
+    start, lines, size, broken = 0, [], 0, False
+    for number, raw, oversize in chain(numbered_lines(handle, limit), [(0, b"", 0)]):  # 0: the end, as a blank line
+        blank = number == 0 or (not oversize and not raw.strip(b" \t\r\n"))
+        if blank:
+            if start and not broken:
+                text = "\n".join(lines)
+                if size > limit:
+                    rule = f"is {size:,} bytes, over the {limit:,}-byte limit for one row"
+                    yield start, Problem(path, start, "(line)", rule, excerpt(text[:200]))
+                else:
+                    yield start, {"text": text}
+            start, lines, size, broken = 0, [], 0, False
+            continue
+        if not start:
+            start, broken = number, keep is not None and not keep(number)
+        size += oversize or len(raw.rstrip(b"\r\n"))
+        if broken:
+            continue
+        text = decode_line(path, number, raw, oversize, limit)
+        if isinstance(text, Problem):
+            yield number, text
+            broken = True
+        elif size <= limit:  # past the limit only the size is counted, so an endless paragraph is never held
+            lines.append(text)
+
+
+# ---- a JSON array, element by element ---------------------------------------------------------
+
+WHITESPACE = re.compile(r"[ \t\n\r]*")
+STRUCTURE = re.compile(r'["\[\]{},]')  # what moves an unparsed value's end, outside strings
+STRING_END = re.compile(r'["\\]')
+NEAR_END = 16  # a parse error this close to the buffer's end may be a value cut off there (`tru`, `\u00`)
+
+
+def _json(rows: Rows, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+    """A JSON array when the file's first character is `[`, else JSON Lines."""
+    with _opened(rows.path) as handle:
+        chunks = iter(partial(handle.read, CHUNK), b"")
+        head = b""
+        for chunk in chunks:
+            head += chunk
+            if head.removeprefix(BOM).lstrip(b" \t\r\n"):
+                break
+        if head.removeprefix(BOM).lstrip(b" \t\r\n").startswith(b"["):
+            yield from _Array(rows, chain([head.removeprefix(BOM)], chunks), limit).rows(keep)
+            return
+    rows.unit = "line"
+    with _opened(rows.path) as handle:  # read again from its start: a decompressor cannot seek back
+        yield from _jsonl(rows.path, handle, limit, keep)
+
+
+class _Array:
+    """The decoded text of a JSON array, held from the current element on: each element is parsed by the json
+    module's C scanner (`raw_decode`), more text read while an element is cut off at the end of what is held."""
+
+    def __init__(self, rows: Rows, chunks: Iterable[bytes], limit: int):
+        self.source, self.chunks, self.limit = rows, iter(chunks), limit
+        # surrogateescape: an invalid byte stays in the text as one marked character, so the row holding it is named
+        self.decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
+        self.decoder = json.JSONDecoder()
+        self.text, self.pos, self.ended = "", 0, False
+        self.line, self.counted, self.line_start = 1, 0, 0  # the line of text[counted], and where that line starts
+
+    def read(self) -> bool:
+        """One more chunk onto the text, dropping what is behind `pos`; False at the end of the file."""
+        if self.ended:
+            return False
+        self.line_at(self.pos)
+        self.text = self.text[self.pos :]
+        self.counted -= self.pos
+        self.line_start -= self.pos
+        self.pos = 0
+        chunk = next(self.chunks, b"")
+        self.ended = not chunk
+        self.text += self.decode(chunk, final=self.ended)
+        return True
+
+    def line_at(self, index: int) -> int:
+        """The line of text[index], counting newlines on from the last index asked for (they only grow)."""
+        if index > self.counted:
+            newlines = self.text.count("\n", self.counted, index)
+            if newlines:
+                self.line += newlines
+                self.line_start = self.text.rfind("\n", self.counted, index) + 1
+            self.counted = index
+        return self.line
+
+    def skip_space(self) -> str:
+        """The next character that is not whitespace, reading on as needed; "" at the end of the file."""
+        while True:
+            self.pos = WHITESPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.read():
+                return ""
+
+    def rows(self, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+        self.skip_space()
+        self.pos += 1  # the "[" the file was sniffed by
+        row = 0
+        char = self.skip_space()
+        while char != "]":
+            row += 1
+            if row > 1:
+                if char != ",":
+                    rule = "Expecting ',' delimiter" if char else "the file ends before the array's closing ]"
+                    yield row, self.syntax(row, rule, self.pos, self.line_at(self.pos))
+                    return
+                self.pos += 1
+                self.skip_space()
+            starts_on = self.source.starts_on = self.line_at(self.pos)
+            value, fatal = self.element(row, starts_on)
+            if keep is None or keep(row) or fatal:
+                yield row, value
+            if fatal:
+                return
+            char = self.skip_space()
+        self.pos += 1
+        if self.skip_space():
+            line, column = self.line_at(self.pos), self.pos - self.line_start + 1
+            rule = f"not valid JSON: text after the array's closing ] at line {line} column {column}"
+            yield 0, Problem(self.source.path, 0, "(file)", rule, excerpt(self.text[self.pos : self.pos + 60]))
+
+    def element(self, row: int, starts_on: int) -> tuple[dict | Problem, bool]:
+        """The element at `pos` and whether reading must stop there; `pos` moves past it."""
+        start = self.pos
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, start)
+                if end < len(self.text) or self.ended:  # a number right at the end may go on in the next chunk
+                    break
+            except json.JSONDecodeError as err:
+                cut = err.msg.startswith("Unterminated string") or err.pos >= len(self.text) - NEAR_END
+                if self.ended or not cut:
+                    return self.syntax(row, err.msg, err.pos, starts_on), True
+            except (RecursionError, ValueError) as err:  # too deep, or an integer of more digits than Python converts
+                shown = self.text[start : start + 200]
+                too_deep = isinstance(err, RecursionError)
+                rule = (
+                    "not readable: JSON nested too deeply" if too_deep else f"not valid JSON: {str(err).split(':')[0]}"
+                )
+                return self.source.problem(row, rule, shown, starts_on), not self.skip_value()
+            if len(self.text) - start > self.limit:  # more characters than the limit has bytes, and not yet whole
+                shown = self.text[start : start + 200]
+                size = self.skip_value()
+                return self.source.problem(row, self.over(size), shown, starts_on), not size
+            wanted = 2 * (len(self.text) - start)  # read on geometrically, so a long element is parsed a few times
+            while len(self.text) - self.pos < wanted and self.read():
+                pass
+            start = self.pos
+        self.pos = end
+        text = self.text[start:end]
+        size = end - start
+        if not text.isascii():
+            if ESCAPED.search(text):
+                at = len(text[: ESCAPED.search(text).start()].encode("utf-8", "surrogateescape"))
+                return self.source.problem(row, f"not valid UTF-8 at byte {at} of the row", text, starts_on), False
+            if size > self.limit // 4:  # a character takes 4 bytes at most
+                size = len(text.encode())
+        if size > self.limit:
+            return self.source.problem(row, self.over(size), text[:200], starts_on), False
+        if not isinstance(value, dict):
+            return self.source.problem(row, "must be a JSON object", text, starts_on), False
+        return value, False
+
+    def over(self, size: int) -> str:
+        return (
+            f"is {size:,} bytes, over the {self.limit:,}-byte limit for one row"
+            if size
+            else (f"is over the {self.limit:,}-byte limit for one row, and the file ends inside it")
+        )
+
+    def skip_value(self) -> int:
+        """Move past the value at `pos` without parsing it, holding a chunk at a time: its size in bytes, 0 when the
+        file ends inside it."""
+        depth, in_string, size, index = 0, False, 0, self.pos
+        while True:
+            match = (STRING_END if in_string else STRUCTURE).search(self.text, index)
+            if match is None or (match.group() == "\\" and match.end() >= len(self.text)):
+                # what is held ends inside the value, or between a backslash and what it escapes: read on
+                index = len(self.text) if match is None else match.start()
+                size += len(self.text[self.pos : index].encode("utf-8", "surrogateescape"))
+                self.pos = index
+                if not self.read():
+                    return 0
+                index = self.pos
+                continue
+            char, index = match.group(), match.end()
+            if in_string:
+                if char == "\\":
+                    index += 1  # the escaped character, whatever it is
+                    continue
+                in_string = False
+                if depth == 0:  # a string value
+                    break
+            elif char == '"':
+                in_string = True
+            elif char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    break
+                if depth < 0:  # a scalar value, then the array's end
+                    index = match.start()
+                    break
+            elif depth == 0:  # a scalar value, then the comma after it
+                index = match.start()
+                break
+        size += len(self.text[self.pos : index].encode("utf-8", "surrogateescape"))
+        self.pos = index
+        return size
+
+    def syntax(self, row: int, message: str, index: int, starts_on: int) -> Problem:
+        """A problem the array cannot be read past: the rest of the file is not read."""
+        index = min(index, len(self.text))
+        line = self.line_at(index)
+        column = index - self.line_start + 1
+        rule = f"not valid JSON: {message} at line {line} column {column}; the rest of the file is not read"
+        return self.source.problem(row, rule, self.text[max(index - 40, 0) : index + 20], starts_on)
+
+
+# ---- csv and tsv --------------------------------------------------------------------------------
+
+
+def _csv(
+    rows: Rows, handle: BinaryIO, delimiter: str, limit: int, keep: Keep | None
+) -> Iterator[tuple[int, dict | Problem]]:
+    """Rows keyed by the header's names, each cell as `cell` reads it."""
+    # csv holds a field to 128 KiB unless told otherwise, process-wide; a row may take `limit`, so a field may too
+    csv.field_size_limit(max(csv.field_size_limit(), limit))
+    # newline="": quoted cells keep their own line breaks, as the csv module asks; surrogateescape: see _Array
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    lines = csv.reader(text, delimiter=delimiter)
+    header: list[str] | None = None
+    row = 0
+    while True:
+        starts_on = lines.line_num + 1
+        try:
+            cells = next(lines)
+        except StopIteration:
+            return
+        except csv.Error as err:  # past it the csv module has lost its place in the file
+            rule = f"not valid {rows.container}: {err}; the rest of the file is not read"
+            yield row + 1, rows.problem(row + 1, rule, "", starts_on)
+            return
+        if not cells:  # a blank line
+            continue
+        shown = delimiter.join(cells)
+        escaped = not shown.isascii() and ESCAPED.search(shown)
+        if header is None:
+            if escaped or len(set(cells)) < len(cells):
+                hint = UTF16_HINT if "\x00" in shown else ""
+                twice = next((name for name in cells if cells.count(name) > 1), "")
+                rule = f"the header is not valid UTF-8{hint}" if escaped else f"the header names {twice!r} twice"
+                yield 0, Problem(rows.path, 0, "(file)", rule, excerpt(shown))
+                return
+            header = cells
+            continue
+        row += 1
+        rows.starts_on = starts_on
+        if keep is not None and not keep(row):
+            continue
+        size = len(shown) if shown.isascii() else len(shown.encode("utf-8", "surrogateescape"))
+        if escaped:
+            at = len(shown[: escaped.start()].encode("utf-8", "surrogateescape"))
+            yield row, rows.problem(row, f"not valid UTF-8 at byte {at} of the row", shown, starts_on)
+        elif size > limit:
+            rule = f"is {size:,} bytes, over the {limit:,}-byte limit for one row"
+            yield row, rows.problem(row, rule, shown[:200], starts_on)
+        elif len(cells) != len(header):
+            rule = f"has {len(cells)} cells where the header has {len(header)}"
+            yield row, rows.problem(row, rule, shown, starts_on)
+        else:
+            yield row, dict(zip(header, map(cell, cells)))
+
+
+def cell(text: str) -> object:
+    """A csv cell's value: a JSON array or object, true, false, None when empty, else the text itself."""
+    if not text:
+        return None
+    if text[0] in "[{":
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):  # text that only starts like JSON stays text
+            return text
+    return {"true": True, "false": False}.get(text, text)
+
+
+# ---- parquet and arrow ------------------------------------------------------------------------------
+
+
+def _parquet(path: Path, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+    # Reads buffered page by page (buffer_size), not a row group's columns whole (pre_buffer), so memory stays flat
+    # however large the row groups are.
+    file = pq.ParquetFile(path, buffer_size=CHUNK, pre_buffer=False)
+    yield from _batches(file.iter_batches(batch_size=BATCH_ROWS, use_threads=False), keep)
+
+
+def _arrow(path: Path, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+    with pa.memory_map(str(path)) as source:
+        if source.read(6) == b"ARROW1":  # the IPC file format's magic; the stream format has none
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            source.seek(0)
+            batches = pa.ipc.open_stream(source)
+        yield from _batches(batches, keep)
+
+
+def _batches(batches: Iterable[pa.RecordBatch], keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
+    """Rows of record batches, BATCH_ROWS at a time made Python objects; only kept rows are converted."""
+    position = 0
+    for batch in batches:
+        for offset in range(0, batch.num_rows, BATCH_ROWS):
+            part = batch.slice(offset, BATCH_ROWS)
+            first = position + 1
+            position += part.num_rows
+            wanted = range(first, position + 1)
+            if keep is not None:
+                wanted = [p for p in wanted if keep(p)]
+                part = part.take(pa.array([p - first for p in wanted], pa.int64()))
+            yield from zip(wanted, part.to_pylist())
