@@ -27,12 +27,10 @@ its number counted from 1 in a container of records (a JSON array, parquet, arro
 from __future__ import annotations
 
 import bz2
-import codecs
 import csv
 import gzip
 import io
 import json
-import re
 import shutil
 import tempfile
 import zlib
@@ -47,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from schemas.jsonarray import ESCAPED, JsonArray
 from schemas.problems import DataError, Problem, excerpt
 
 CONTAINERS: dict[str, str] = {
@@ -73,7 +72,6 @@ CHUNK = 1 << 20  # bytes read at a time from a JSON array, a decompressor or a p
 BATCH_ROWS = 1024  # parquet and arrow rows made Python objects at a time
 UNREADABLE = (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException)
 UTF16_HINT = " (the file looks UTF-16: save it as UTF-8)"
-ESCAPED = re.compile(r"[\udc80-\udcff]")  # undecodable bytes, as the surrogateescape error handler leaves them
 
 
 def container(path: Path) -> str:
@@ -174,6 +172,7 @@ def _opened(path: Path) -> BinaryIO:
 def _seekable(path: Path) -> Iterator[Path]:
     """The file itself, or a compressed one decompressed into a temporary file, removed on leaving."""
     if _uncompressed(path.name.lower()) == path.name.lower():
+        open(path, "rb").close()  # so a missing file is said as for every other container
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="lifecycle-read-") as folder:
@@ -292,12 +291,7 @@ def _paragraphs(path: Path, handle: BinaryIO, limit: int, keep: Keep | None) -> 
             lines.append(text)
 
 
-# ---- a JSON array, element by element ---------------------------------------------------------
-
-WHITESPACE = re.compile(r"[ \t\n\r]*")
-STRUCTURE = re.compile(r'["\[\]{},]')  # what moves an unparsed value's end, outside strings
-STRING_END = re.compile(r'["\\]')
-NEAR_END = 16  # a parse error this close to the buffer's end may be a value cut off there (`tru`, `\u00`)
+# ---- a JSON array or JSON Lines ------------------------------------------------------------
 
 
 def _json(rows: Rows, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
@@ -307,185 +301,17 @@ def _json(rows: Rows, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict
         head = b""
         for chunk in chunks:
             head += chunk
-            if head.removeprefix(BOM).lstrip(b" \t\r\n"):
+            if head.removeprefix(BOM).lstrip(b" \t\r\n") and not BOM.startswith(head):  # not a BOM's first bytes
                 break
         if head.removeprefix(BOM).lstrip(b" \t\r\n").startswith(b"["):
-            yield from _Array(rows, chain([head.removeprefix(BOM)], chunks), limit).rows(keep)
+            array = JsonArray(rows.path, chain([head.removeprefix(BOM)], chunks), limit)
+            for row, value in array.rows(keep):
+                rows.starts_on = array.starts_on
+                yield row, value
             return
     rows.unit = "line"
     with _opened(rows.path) as handle:  # read again from its start: a decompressor cannot seek back
         yield from _jsonl(rows.path, handle, limit, keep)
-
-
-class _Array:
-    """The decoded text of a JSON array, held from the current element on: each element is parsed by the json
-    module's C scanner (`raw_decode`), more text read while an element is cut off at the end of what is held."""
-
-    def __init__(self, rows: Rows, chunks: Iterable[bytes], limit: int):
-        self.source, self.chunks, self.limit = rows, iter(chunks), limit
-        # surrogateescape: an invalid byte stays in the text as one marked character, so the row holding it is named
-        self.decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
-        self.decoder = json.JSONDecoder()
-        self.text, self.pos, self.ended = "", 0, False
-        self.line, self.counted, self.line_start = 1, 0, 0  # the line of text[counted], and where that line starts
-
-    def read(self) -> bool:
-        """One more chunk onto the text, dropping what is behind `pos`; False at the end of the file."""
-        if self.ended:
-            return False
-        self.line_at(self.pos)
-        self.text = self.text[self.pos :]
-        self.counted -= self.pos
-        self.line_start -= self.pos
-        self.pos = 0
-        chunk = next(self.chunks, b"")
-        self.ended = not chunk
-        self.text += self.decode(chunk, final=self.ended)
-        return True
-
-    def line_at(self, index: int) -> int:
-        """The line of text[index], counting newlines on from the last index asked for (they only grow)."""
-        if index > self.counted:
-            newlines = self.text.count("\n", self.counted, index)
-            if newlines:
-                self.line += newlines
-                self.line_start = self.text.rfind("\n", self.counted, index) + 1
-            self.counted = index
-        return self.line
-
-    def skip_space(self) -> str:
-        """The next character that is not whitespace, reading on as needed; "" at the end of the file."""
-        while True:
-            self.pos = WHITESPACE.match(self.text, self.pos).end()
-            if self.pos < len(self.text):
-                return self.text[self.pos]
-            if not self.read():
-                return ""
-
-    def rows(self, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
-        self.skip_space()
-        self.pos += 1  # the "[" the file was sniffed by
-        row = 0
-        char = self.skip_space()
-        while char != "]":
-            row += 1
-            if row > 1:
-                if char != ",":
-                    rule = "Expecting ',' delimiter" if char else "the file ends before the array's closing ]"
-                    yield row, self.syntax(row, rule, self.pos, self.line_at(self.pos))
-                    return
-                self.pos += 1
-                self.skip_space()
-            starts_on = self.source.starts_on = self.line_at(self.pos)
-            value, fatal = self.element(row, starts_on)
-            if keep is None or keep(row) or fatal:
-                yield row, value
-            if fatal:
-                return
-            char = self.skip_space()
-        self.pos += 1
-        if self.skip_space():
-            line, column = self.line_at(self.pos), self.pos - self.line_start + 1
-            rule = f"not valid JSON: text after the array's closing ] at line {line} column {column}"
-            yield 0, Problem(self.source.path, 0, "(file)", rule, excerpt(self.text[self.pos : self.pos + 60]))
-
-    def element(self, row: int, starts_on: int) -> tuple[dict | Problem, bool]:
-        """The element at `pos` and whether reading must stop there; `pos` moves past it."""
-        start = self.pos
-        while True:
-            try:
-                value, end = self.decoder.raw_decode(self.text, start)
-                if end < len(self.text) or self.ended:  # a number right at the end may go on in the next chunk
-                    break
-            except json.JSONDecodeError as err:
-                cut = err.msg.startswith("Unterminated string") or err.pos >= len(self.text) - NEAR_END
-                if self.ended or not cut:
-                    return self.syntax(row, err.msg, err.pos, starts_on), True
-            except (RecursionError, ValueError) as err:  # too deep, or an integer of more digits than Python converts
-                shown = self.text[start : start + 200]
-                too_deep = isinstance(err, RecursionError)
-                rule = (
-                    "not readable: JSON nested too deeply" if too_deep else f"not valid JSON: {str(err).split(':')[0]}"
-                )
-                return self.source.problem(row, rule, shown, starts_on), not self.skip_value()
-            if len(self.text) - start > self.limit:  # more characters than the limit has bytes, and not yet whole
-                shown = self.text[start : start + 200]
-                size = self.skip_value()
-                return self.source.problem(row, self.over(size), shown, starts_on), not size
-            wanted = 2 * (len(self.text) - start)  # read on geometrically, so a long element is parsed a few times
-            while len(self.text) - self.pos < wanted and self.read():
-                pass
-            start = self.pos
-        self.pos = end
-        text = self.text[start:end]
-        size = end - start
-        if not text.isascii():
-            if ESCAPED.search(text):
-                at = len(text[: ESCAPED.search(text).start()].encode("utf-8", "surrogateescape"))
-                return self.source.problem(row, f"not valid UTF-8 at byte {at} of the row", text, starts_on), False
-            if size > self.limit // 4:  # a character takes 4 bytes at most
-                size = len(text.encode())
-        if size > self.limit:
-            return self.source.problem(row, self.over(size), text[:200], starts_on), False
-        if not isinstance(value, dict):
-            return self.source.problem(row, "must be a JSON object", text, starts_on), False
-        return value, False
-
-    def over(self, size: int) -> str:
-        return (
-            f"is {size:,} bytes, over the {self.limit:,}-byte limit for one row"
-            if size
-            else (f"is over the {self.limit:,}-byte limit for one row, and the file ends inside it")
-        )
-
-    def skip_value(self) -> int:
-        """Move past the value at `pos` without parsing it, holding a chunk at a time: its size in bytes, 0 when the
-        file ends inside it."""
-        depth, in_string, size, index = 0, False, 0, self.pos
-        while True:
-            match = (STRING_END if in_string else STRUCTURE).search(self.text, index)
-            if match is None or (match.group() == "\\" and match.end() >= len(self.text)):
-                # what is held ends inside the value, or between a backslash and what it escapes: read on
-                index = len(self.text) if match is None else match.start()
-                size += len(self.text[self.pos : index].encode("utf-8", "surrogateescape"))
-                self.pos = index
-                if not self.read():
-                    return 0
-                index = self.pos
-                continue
-            char, index = match.group(), match.end()
-            if in_string:
-                if char == "\\":
-                    index += 1  # the escaped character, whatever it is
-                    continue
-                in_string = False
-                if depth == 0:  # a string value
-                    break
-            elif char == '"':
-                in_string = True
-            elif char in "[{":
-                depth += 1
-            elif char in "]}":
-                depth -= 1
-                if depth == 0:
-                    break
-                if depth < 0:  # a scalar value, then the array's end
-                    index = match.start()
-                    break
-            elif depth == 0:  # a scalar value, then the comma after it
-                index = match.start()
-                break
-        size += len(self.text[self.pos : index].encode("utf-8", "surrogateescape"))
-        self.pos = index
-        return size
-
-    def syntax(self, row: int, message: str, index: int, starts_on: int) -> Problem:
-        """A problem the array cannot be read past: the rest of the file is not read."""
-        index = min(index, len(self.text))
-        line = self.line_at(index)
-        column = index - self.line_start + 1
-        rule = f"not valid JSON: {message} at line {line} column {column}; the rest of the file is not read"
-        return self.source.problem(row, rule, self.text[max(index - 40, 0) : index + 20], starts_on)
 
 
 # ---- csv and tsv --------------------------------------------------------------------------------
@@ -497,7 +323,7 @@ def _csv(
     """Rows keyed by the header's names, each cell as `cell` reads it."""
     # csv holds a field to 128 KiB unless told otherwise, process-wide; a row may take `limit`, so a field may too
     csv.field_size_limit(max(csv.field_size_limit(), limit))
-    # newline="": quoted cells keep their own line breaks, as the csv module asks; surrogateescape: see _Array
+    # newline="": quoted cells keep their own line breaks, as the csv module asks; surrogateescape: see JsonArray
     text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
     lines = csv.reader(text, delimiter=delimiter)
     header: list[str] | None = None
