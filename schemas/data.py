@@ -9,14 +9,17 @@ with a short excerpt: a shape problem names the user's own key, a rule problem t
 column, since the rule holds for every shape alike.
 
 `read_file` returns the valid rows in canonical form (ranked candidates sorted best first),
-the problems of rows it set aside under on_invalid="skip", and notes that are not errors.
+the problems of rows it set aside under on_invalid="skip", and notes that are not errors;
+`read_files` reads a stage's sources (schemas/sources.py), each with its column mapping, and mixes them
+(schemas/mixing.py), counting each source's rows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -25,8 +28,11 @@ import polars as pl
 from pandera.errors import SchemaErrors
 
 from schemas.formats import Format, Shape, flatten
+from schemas.mixing import mixed
 from schemas.problems import DataError, Problem, excerpt
 from schemas.readers import MAX_LINE_BYTES, MAX_TEXT_LINE_BYTES, Documents, read_rows
+from schemas.sources import Source
+from schemas.spec import Mix
 
 OnInvalid = Literal["fail", "skip"]
 ROLES = ("system", "user", "assistant")
@@ -40,6 +46,7 @@ class Validated:
     frame: pl.DataFrame
     rejected: list[Problem]  # every problem of every dropped row under on_invalid="skip"; "fail" raises instead
     notes: list[Problem]  # not errors: e.g. tied scores in a ranked list
+    counts: dict[str, float] = field(default_factory=dict)  # per source: rows read, rejected, used (read_files)
 
     @property
     def rejected_rows(self) -> int:
@@ -232,10 +239,11 @@ SCHEMAS: dict[Format, pa.DataFrameSchema] = {
 
 
 def read_rows_of(
-    path: Path, fmt: Format, documents: Documents = "line"
+    path: Path, fmt: Format, documents: Documents = "line", mapped: Callable[[dict], dict] | None = None
 ) -> tuple[pl.DataFrame, list[Problem], Callable[[Problem], Problem]]:
-    """Parse a file of any container into canonical columns plus `line` (the row's position); problems of shape
-    are returned, not raised, with a function that gives a later problem of a row where that row was found."""
+    """Parse a file of any container into canonical columns plus `line` (the row's position), each row's columns
+    renamed by `mapped` first; problems of shape are returned, not raised, with a function that gives a later
+    problem of a row where that row was found."""
     schema = SCHEMAS[fmt]
     dtypes = {"line": pl.Int64, **{name: column.dtype.type for name, column in schema.columns.items()}}
     columns: dict[str, list] = {name: [] for name in dtypes}
@@ -247,7 +255,7 @@ def read_rows_of(
             problems.append(row)
             continue
         try:
-            flat = flatten(fmt, row)
+            flat = flatten(fmt, mapped(row) if mapped else row)
         except Shape as err:
             shown = excerpt(json.dumps(row, ensure_ascii=False, default=str))
             problems.append(Problem(path, position, err.field, err.rule, shown, rows.unit, rows.starts_on))
@@ -297,15 +305,25 @@ def _rank(path: Path, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[Problem]]
     ), notes
 
 
-def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail", *, documents: Documents = "line") -> Validated:
-    """The valid rows of `path` in canonical form; `documents` splits a text file by line or by paragraph.
+def read_file(
+    path: Path,
+    fmt: Format,
+    on_invalid: OnInvalid = "fail",
+    *,
+    documents: Documents | None = None,
+    source: Source | None = None,
+) -> Validated:
+    """The valid rows of `path` in canonical form, read as `source` says (its column mapping, and how a text file
+    splits into documents unless `documents` says: by line or by paragraph).
 
     "fail" raises DataError naming every problem if there is one; "skip" drops the invalid rows
     and returns their problems as `rejected`, but still raises when the file itself is unusable
     (unreadable, or no valid row left), since training on nothing is never what was meant.
     """
     path = Path(path)
-    frame, problems, located = read_rows_of(path, fmt, documents)
+    documents = documents or (source.documents if source else "line")
+    mapped = source.mapped if source is not None and (source.columns or source.tags) else None
+    frame, problems, located = read_rows_of(path, fmt, documents, mapped)
     problems += map(located, _rule_problems(path, frame, SCHEMAS[fmt]))
     problems.sort(key=lambda p: p.line)
     rejected_lines = {p.line for p in problems}
@@ -326,32 +344,68 @@ def read_file(path: Path, fmt: Format, on_invalid: OnInvalid = "fail", *, docume
     return Validated(frame=valid, rejected=problems, notes=notes)
 
 
-def read_files(
-    paths: list[Path], fmt: Format, on_invalid: OnInvalid = "fail", *, documents: Documents = "line"
-) -> Validated:
-    """Several files of one format as one frame (file order kept), every file's problems together."""
-    parts, problems = [], []
-    for path in paths:
-        try:
-            parts.append(read_file(path, fmt, on_invalid, documents=documents))
-        except DataError as err:
-            problems += err.problems
-    if problems:
-        raise DataError(problems)
+def _concatenated(parts: list[Validated], counts: dict[str, float] | None = None) -> Validated:
     return Validated(
         frame=pl.concat([p.frame for p in parts]),
         rejected=[r for p in parts for r in p.rejected],
         notes=[n for p in parts for n in p.notes],
+        counts=counts or {},
     )
 
 
-def check_files(files: list[tuple[Path, Format, OnInvalid]]) -> dict[str, Validated]:
-    """Each file read under its policy; one DataError with every problem of every file that must not fail."""
-    results: dict[str, Validated] = {}
-    problems: list[Problem] = []
-    for path, fmt, on_invalid in files:
+def read_source(source: Source | Path, fmt: Format, on_invalid: OnInvalid = "fail") -> Validated:
+    """Every file of a source as one frame (file order kept), every file's problems together."""
+    if not isinstance(source, Source):  # a file named in code, read as it is
+        source = Source(path=Path(source), files=[Path(source)])
+    parts, problems = [], []
+    for path in source.files:
         try:
-            results[str(path)] = read_file(path, fmt, on_invalid)
+            parts.append(read_file(path, fmt, on_invalid, source=source))
+        except DataError as err:
+            problems += err.problems
+    if problems:
+        raise DataError(problems)
+    if not parts:
+        raise DataError([Problem(source.path or Path(source.name), 0, "(source)", "names no data file")])
+    return _concatenated(parts)
+
+
+def read_files(
+    sources: list[Source | Path], fmt: Format, on_invalid: OnInvalid = "fail", mix: Mix | None = None
+) -> Validated:
+    """Several sources of one format as one frame, mixed as `mix` says (default: concatenated in order), every
+    source's problems together. `counts` holds each source's rows read, rejected and used, by its name."""
+    parts, problems = [], []
+    for source in sources:
+        try:
+            parts.append(read_source(source, fmt, on_invalid))
+        except DataError as err:
+            problems += err.problems
+    if problems:
+        raise DataError(problems)
+    given = [source if isinstance(source, Source) else None for source in sources]
+    frame, used = mixed([p.frame for p in parts], [s.weight if s else None for s in given], mix or Mix())
+    counts: dict[str, float] = {}
+    for i, (source, part, n) in enumerate(zip(sources, parts, used)):
+        name = _metric_name(source.name if isinstance(source, Source) else Path(source).name)
+        key = f"source/{name}" if len(sources) == 1 else f"source/{i}-{name}"
+        counts |= {f"{key}/rows": len(part.frame) + part.rejected_rows, f"{key}/rejected": part.rejected_rows}
+        counts[f"{key}/used"] = n
+    return replace(_concatenated(parts, counts), frame=frame)
+
+
+def _metric_name(name: str) -> str:
+    """A source's name as MLflow takes it in a metric key: letters, digits and _ - . / : and spaces."""
+    return re.sub(r"[^\w\-./: ]", "_", name)
+
+
+def check_files(files: list[tuple[Source, Format, OnInvalid]]) -> dict[Source, Validated]:
+    """Each source read under its policy; one DataError with every problem of every source that must not fail."""
+    results: dict[Source, Validated] = {}
+    problems: list[Problem] = []
+    for source, fmt, on_invalid in files:
+        try:
+            results[source] = read_source(source, fmt, on_invalid)
         except DataError as err:
             problems += err.problems
     if problems:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from schemas.errors import LifecycleError
 from schemas.models import own_model_problems
+from schemas.sources import Source, Unresolved, expand, resolve
 from schemas.spec import (
     STAGE_KINDS,
     ChatStage,
@@ -24,7 +25,6 @@ from schemas.spec import (
     RewardStage,
     TrainingStage,
 )
-from schemas.sources import Source, Unresolved, expand, resolve
 
 
 class SpecError(LifecycleError, ValueError):

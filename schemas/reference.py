@@ -21,11 +21,12 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from schemas.spec import Files, PipelineSpec
+from schemas.sources import Source
+from schemas.spec import PipelineSpec, Sources
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "spec.md"
-# the validator that lets a list-of-paths field take a single path too
-SINGLE_PATH = get_args(Files)[1]
+# the validator that lets a list-of-sources field take a single source too
+SINGLE_SOURCE = get_args(Sources)[1]
 
 INTRODUCTION = """\
 # Spec reference
@@ -36,8 +37,9 @@ change the model (a field's `Field(description=...)`, a model's docstring) and r
 while this page differs from the models.
 
 A spec is validated whole before any data is read: a field not listed here is an error, and every error names the
-field's path (`stages[1].train.lr`). Paths are relative to the spec file; a field typed "path or list of paths"
-takes one path or a list of them, glob patterns (`corpus/**/*.jsonl`) included.
+field's path (`stages[1].train.lr`). Paths are relative to the spec file; a field typed "source or list of sources"
+takes one source or a list of them: a path (glob patterns such as `corpus/**/*.jsonl` included), `hf:owner/name`,
+or a mapping (see Source and docs/data.md).
 """
 
 
@@ -184,11 +186,11 @@ def _type(annotation: Any, metadata: list[Any], found: dict[type[BaseModel], Sec
     section of a nested model."""
     annotation, inner, discriminator = _unwrap(annotation)
     metadata = [*metadata, *inner]
-    if SINGLE_PATH in metadata:
-        metadata.remove(SINGLE_PATH)
+    if SINGLE_SOURCE in metadata:
+        metadata.remove(SINGLE_SOURCE)
         sized = [item for item in metadata if hasattr(item, "min_length")]
         at_least = f" (at least {sized[0].min_length})" if sized else ""
-        return f"path or list of paths{at_least}"
+        return f"source or list of sources{at_least}: a path, `hf:owner/name`, or a {_link(found[Source], 'Source')}"
     origin, options = get_origin(annotation), get_args(annotation)
     if origin in (Union, UnionType):
         options = tuple(option for option in options if option is not NoneType)

@@ -39,6 +39,8 @@ TAG_DEFAULTS = {
 }
 SPEAKERS = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "observation",
             "function_tag": "function_call", "system_tag": "system"}  # fmt: skip
+# keys a shape reads when a row has them: a column mapped to one may be missing from a row, as the key may
+OPTIONAL_KEYS = ("input", "history", "system", "tools", "answer", "images", "videos", "audios")
 MESSAGE_KEYS = ("conversations", "messages", "chosen", "rejected", "chosen_messages", "rejected_messages", "prompt")
 
 
@@ -64,7 +66,8 @@ class Source(Strict):
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="our key: your column, e.g. {prompt: question, chosen: good, conversations: dialog}; a mapped "
-        "column missing from a row is an error naming it",
+        "column missing from a row is an error naming it, unless it maps an optional key (input, history, system, "
+        "tools, answer)",
     )
     tags: dict[str, str] = Field(
         default_factory=dict,
@@ -122,12 +125,14 @@ class Source(Strict):
     def mapped(self, row: dict) -> dict:
         """The row with its columns renamed to our keys and its sharegpt speakers to the names the shapes know."""
         if self.columns:
-            missing = [theirs for theirs in self.columns.values() if theirs not in row]
+            missing = [
+                theirs for ours, theirs in self.columns.items() if theirs not in row and ours not in OPTIONAL_KEYS
+            ]
             if missing:
                 have = ", ".join(sorted(map(str, row))) or "none"
                 raise Shape(missing[0], f"is not a column of this row (columns maps it; the row has: {have})")
             renamed = {key: value for key, value in row.items() if key not in self.columns.values()}
-            renamed |= {ours: row[theirs] for ours, theirs in self.columns.items()}
+            renamed |= {ours: row[theirs] for ours, theirs in self.columns.items() if theirs in row}
             row = renamed
         if self.tags:
             row = {key: self._speakers(value) if key in MESSAGE_KEYS else value for key, value in row.items()}
@@ -163,10 +168,6 @@ LLAMA_FACTORY_COLUMNS = {
                  "rejected": "rejected", "kto_tag": "label", "images": "images", "videos": "videos",
                  "audios": "audios"},
 }  # fmt: skip
-LLAMA_FACTORY_DEFAULTS = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
-    "sharegpt": {"messages": "conversations"},
-}
 
 
 class Unresolved(Exception):
@@ -267,7 +268,7 @@ def _llama_factory(source: Source, base: Path, dataset_info: Path | None) -> Sou
     formatting = entry.get("formatting", "alpaca")
     if formatting not in LLAMA_FACTORY_COLUMNS:
         raise Unresolved(f"{info}: {source.dataset}.formatting {formatting!r} is not alpaca or sharegpt")
-    roles = LLAMA_FACTORY_DEFAULTS[formatting] | entry.get("columns", {})
+    roles = entry.get("columns", {})  # its defaults are the keys our shapes read anyway
     unknown = set(roles) - set(LLAMA_FACTORY_COLUMNS[formatting])
     if unknown:
         raise Unresolved(f"{info}: {source.dataset}.columns {sorted(unknown)} are not {formatting} columns")

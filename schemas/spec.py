@@ -30,6 +30,7 @@ EvalMetric = Literal[
     "perplexity",
     "response_loss",
     "exact_match",
+    "tool_calls",
     "task_accuracy",
     "reward",
     "reward_model",
@@ -195,7 +196,7 @@ class TrainingStage(StageBase):
     data: Sources = Field(
         min_length=1,
         description="sources of training rows: files (any container, glob patterns too), folders, hf:owner/name, "
-        "LLaMA-Factory dataset names (see Source)",
+        "LLaMA-Factory dataset names (docs/data.md)",
     )
     heldout: Sources = Field(default_factory=list, description="held-out sources the stage is measured on")
     mix: Mix = Field(Mix(), description="how several data sources make one training set")
@@ -235,6 +236,8 @@ class PretrainStage(TrainingStage):
     def _stream_has_an_end(self) -> PretrainStage:
         if self.streaming and self.train.max_steps is None:
             raise ValueError("a streaming stage needs train.max_steps: a stream has no length to count epochs in")
+        if self.streaming and (self.mix != Mix() or any(source.weight is not None for source in self.data)):
+            raise ValueError("a streaming stage reads its sources in order: mix and source weights are not applied")
         return self
 
 

@@ -1,4 +1,4 @@
-"""A first spec for a user's own model folder and jsonl files: each file's format detected, a stage per format.
+"""A first spec for a user's own model folder and data files: each file's format detected, a stage per format.
 
 The spec is written as text, with a comment on every choice a user may want to change, and it passes `lifecycle
 validate` as written: the stages are those the data can feed (pretrain on text, LoRA-SFT on conversations, DPO on
@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.data import DataError, Problem
 from schemas.formats import Shape, flatten
 from schemas.models import POSITION_FIELDS
+from schemas.problems import DataError, Problem
+from schemas.readers import read_rows
 
 # the order formats are tried in: a preference pair is also an unpaired row, so the narrower format goes first
 DETECTION_ORDER = ("ranked", "preference", "unpaired", "conversations", "prompts", "text")
@@ -71,22 +72,12 @@ def detect_format(path: Path) -> str:
     """The first format of DETECTION_ORDER that reads the file's first SAMPLE_ROWS rows; DataError naming the line,
     field and rule that stopped the closest format otherwise."""
     rows: list[tuple[int, dict]] = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as err:
-                    raise DataError([Problem(path, number, "(line)", f"not JSON: {err.msg}")]) from None
-                if not isinstance(row, dict):
-                    raise DataError([Problem(path, number, "(line)", "must be a JSON object")])
-                rows.append((number, row))
-                if len(rows) == SAMPLE_ROWS:
-                    break
-    except OSError as err:
-        raise DataError([Problem(path, 0, "(file)", f"cannot be read: {err.strerror}")]) from None
+    for number, row in read_rows(path):
+        if isinstance(row, Problem):
+            raise DataError([row])
+        rows.append((number, row))
+        if len(rows) == SAMPLE_ROWS:
+            break
     if not rows:
         raise DataError([Problem(path, 0, "(file)", "holds no rows")])
     closest: tuple[int, str, Problem] | None = None

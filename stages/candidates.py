@@ -73,7 +73,8 @@ def prepare(
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if files:
-            read = read_files(files, spec.data_format, spec.on_invalid)
+            read = read_files(files, spec.data_format, spec.on_invalid, spec.mix if split == "train" else None)
+            counts |= {f"{split}_{name}": float(value) for name, value in read.counts.items()}
             splits[split], cut = encode(listing(read.frame, split), tokenizer, spec.max_len, spec.template)
             counts |= {f"{split}_{name}": float(value) for name, value in cut.items()}
             rejected += read.rejected

@@ -64,12 +64,13 @@ def prepare(spec: GRPOStage, tokenizer) -> Prepared:
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if not files:
             continue
-        read = read_files(files, "prompts", spec.on_invalid)
+        read = read_files(files, "prompts", spec.on_invalid, spec.mix if split == "train" else None)
+        counts |= {f"{split}_{name}": float(value) for name, value in read.counts.items()}
         messages, answers = conversations(read.frame, "prompt_"), read.frame["answer"].to_list()
         if needs_answer and (missing := next((m for m, a in zip(messages, answers) if a is None), None)):
             raise RewardError(
                 f"stage {spec.name}: the answer reward needs an `answer` on every prompt, and "
-                f"{', '.join(map(str, files))} has none for {missing[-1]['content']!r}"
+                f"{', '.join(source.name for source in files)} has none for {missing[-1]['content']!r}"
             )
         encoded = [encode_prompt(m, tokenizer, spec.template) for m in messages]
         keep = [i for i, ids in enumerate(encoded) if len(ids) + spec.max_new_tokens <= spec.max_len]

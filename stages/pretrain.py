@@ -43,7 +43,8 @@ def prepare(spec: PretrainStage, tokenizer) -> Prepared:
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", [] if spec.streaming else spec.data), ("heldout", spec.heldout)):
         if files:
-            read = read_files(files, "text", spec.on_invalid)
+            read = read_files(files, "text", spec.on_invalid, spec.mix if split == "train" else None)
+            counts |= {f"{split}_{name}": float(value) for name, value in read.counts.items()}
             splits[split], counts[f"{split}_tail_tokens_dropped"] = pack(
                 read.frame["text"].to_list(), tokenizer, spec.packing.block_size
             )

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -50,6 +50,7 @@ from datasets.distributed import split_dataset_by_node
 from schemas.data import DataError, OnInvalid, Problem, excerpt
 from schemas.formats import Shape, flatten
 from schemas.readers import MAX_TEXT_LINE_BYTES, Rows, read_rows
+from schemas.sources import Source
 from schemas.sources import expand as expand_patterns
 from stages.packing import tokenize_documents
 
@@ -61,32 +62,42 @@ KEPT_PROBLEMS = 1000  # a corpus check lists this many problems and counts the r
 @dataclass(frozen=True)
 class Slice:
     """One data source of the stream: the rows of `path` whose index % parts == part (all of them when parts is 1);
-    the index counts lines in JSON Lines and text, rows in a container of records."""
+    the index counts lines in JSON Lines and text, rows in a container of records. `source`, when the file came
+    from a spec's source, says how its rows are read (column mapping, documents by line or paragraph)."""
 
     path: Path
     part: int = 0
     parts: int = 1
+    source: Source | None = None
 
 
-def slices(files: list[Path], readers: int) -> list[Slice]:
+def slices(files: list[Slice], readers: int) -> list[Slice]:
     """The sources the library deals out: whole files when every reader gets one, so no byte is read twice.
     With fewer files than readers each file is cut into as many position-strided slices as it takes; a reader
     then scans its slice's file and tokenises only its own rows (reading is cheap beside tokenising), and in
     JSON Lines and text does not even decode another slice's lines."""
     parts = -(-readers // len(files))
-    return [Slice(path, part, parts) for path in files for part in range(parts)]
+    return [replace(file, part=part, parts=parts) for file in files for part in range(parts)]
 
 
-def named_files(patterns: Iterable[str | Path]) -> list[Path]:
-    """Every file a path or glob pattern names, sorted within a pattern, each once, in the order given."""
-    if isinstance(patterns, (str, Path)):
+def named_files(patterns: Iterable[str | Path | Source]) -> list[Slice]:
+    """Every file a path, glob pattern or spec source names, sorted within a pattern, each once, in the order
+    given, as whole-file slices."""
+    if isinstance(patterns, (str, Path, Source)):
         patterns = [patterns]  # one path, not the characters of one
-    files: list[Path] = []
+    files: list[Slice] = []
     missing: list[Problem] = []
     for pattern in patterns:
-        matches = expand_patterns([Path(pattern)])
+        if isinstance(pattern, Source):
+            matches = [Slice(path, source=pattern) for path in pattern.files]
+        else:
+            matches = [Slice(path) for path in expand_patterns([Path(pattern)])]
         if not matches:
-            missing.append(Problem(Path(pattern), 0, "(file)", "no file has this path or matches this pattern"))
+            missing.append(
+                Problem(Path(str(pattern)), 0, "(file)", "no file has this path or matches this pattern")
+                if not isinstance(pattern, Source)
+                else Problem(pattern.path or Path(pattern.name), 0, "(source)", "names no data file")
+            )
         files += matches
     if missing:
         raise DataError(missing)
@@ -95,7 +106,7 @@ def named_files(patterns: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def parse_line(rows: Rows, position: int, row: dict | Problem) -> str | Problem:
+def parse_line(rows: Rows, position: int, row: dict | Problem, source: Source | None = None) -> str | Problem:
     """The document of one row that `rows` (`schemas.readers.read_rows`) gave; a Problem when it breaks the pretrain
     format.
 
@@ -105,7 +116,7 @@ def parse_line(rows: Rows, position: int, row: dict | Problem) -> str | Problem:
     if isinstance(row, Problem):
         return row
     try:
-        text = flatten("text", row)["text"]
+        text = flatten("text", source.mapped(row) if source else row)["text"]
     except Shape as err:
         shown = excerpt(json.dumps(row, ensure_ascii=False, default=str))
         return Problem(rows.path, position, err.field, err.rule, shown, rows.unit, rows.starts_on)
@@ -120,6 +131,7 @@ def read_lines(source: Slice) -> Iterator[tuple[Rows, int, dict | Problem]]:
     rows = read_rows(
         source.path,
         limit=MAX_TEXT_LINE_BYTES,
+        documents=source.source.documents if source.source else "line",
         keep=lambda position: (position - 1) % source.parts == source.part,
     )
     for position, row in rows:
@@ -134,7 +146,7 @@ def checked_texts(
     """The documents of `sources` in order; a bad row raises DataError, or under "skip" is counted in skipped[slot]."""
     for source in sources:
         for rows, position, row in read_lines(source):
-            parsed = parse_line(rows, position, row)
+            parsed = parse_line(rows, position, row, source.source)
             if isinstance(parsed, Problem):
                 if on_invalid == "fail":
                     raise DataError([parsed])
@@ -212,7 +224,7 @@ class StreamingTextDataset(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        files: Iterable[str | Path],
+        files: Iterable[str | Path | Source],
         tokenizer,
         block_size: int,
         *,
@@ -293,9 +305,9 @@ class StreamingTextDataset(torch.utils.data.IterableDataset):
             yield {"input_ids": block, "labels": block.clone()}
 
 
-def documents(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail") -> Iterator[str]:
+def documents(patterns: Iterable[str | Path | Source], on_invalid: OnInvalid = "fail") -> Iterator[str]:
     """Every document of a corpus in file order, one row in memory at a time (e.g. to train a tokenizer on)."""
-    yield from checked_texts(map(Slice, named_files(patterns)), on_invalid)
+    yield from checked_texts(named_files(patterns), on_invalid)
 
 
 @dataclass
@@ -309,16 +321,16 @@ class CorpusCheck:
     problems: list[Problem] = field(default_factory=list)
 
 
-def check_corpus(patterns: Iterable[str | Path], on_invalid: OnInvalid = "fail") -> CorpusCheck:
+def check_corpus(patterns: Iterable[str | Path | Source], on_invalid: OnInvalid = "fail") -> CorpusCheck:
     """Every row of a streamed corpus checked at flat memory, before any model loads.
 
     With "fail", raise one DataError listing the problems (the first KEPT_PROBLEMS, then a count)."""
     files = named_files(patterns)
     check = CorpusCheck(files=len(files))
     for file in files:
-        check.bytes += file.stat().st_size
-        for rows, position, row in read_lines(Slice(file)):
-            parsed = parse_line(rows, position, row)
+        check.bytes += file.path.stat().st_size
+        for rows, position, row in read_lines(file):
+            parsed = parse_line(rows, position, row, file.source)
             if isinstance(parsed, Problem):
                 check.invalid += 1
                 if len(check.problems) < KEPT_PROBLEMS:

@@ -20,7 +20,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from schemas.data import read_file
+from schemas.data import read_source
+from schemas.sources import Source
 from schemas.spec import PipelineSpec, TokenizerTrain
 from stages.contract import ADDED_TOKENS, StageResult
 from stages.streaming import documents
@@ -41,21 +42,21 @@ from stages.templates import (
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
 
 
-def corpus_of(files: list[tuple[Path, str, str]]) -> Iterator[str]:
-    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message and every
-    reply."""
-    for path, fmt, on_invalid in files:
+def corpus_of(files: list[tuple[Source, str, str]]) -> Iterator[str]:
+    """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message, every
+    reply, and the tool calls and definitions conversations carry."""
+    for source, fmt, on_invalid in files:
         if fmt == "text":
-            yield from documents([path], on_invalid)
+            yield from documents([source], on_invalid)
             continue
-        frame = read_file(path, fmt, on_invalid).frame
-        for column in ("contents", "prompt_contents", "completions"):
+        frame = read_source(source, fmt, on_invalid).frame
+        for column in ("contents", "prompt_contents", "completions", "calls"):
             if column in frame.columns:
                 for texts in frame[column]:
-                    yield from texts
-        for column in ("chosen", "rejected"):
+                    yield from (text for text in texts if text)
+        for column in ("chosen", "rejected", "tools"):
             if column in frame.columns:
-                yield from frame[column]
+                yield from (text for text in frame[column] if text)
 
 
 def build(spec: PipelineSpec, workdir: Path) -> StageResult:

@@ -545,6 +545,8 @@ def test_skip_drops_invalid_rows_and_returns_their_reasons(tmp_path: Path) -> No
     assert json.loads(json.dumps([p.record() for p in result.rejected]))[0] == {
         "file": str(path),
         "line": 2,
+        "unit": "line",
+        "starts_on": None,
         "field": "completions",
         "rule": "at least 2 candidates are needed to rank",
         "excerpt": '["a"]',

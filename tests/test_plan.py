@@ -7,6 +7,7 @@ from pathlib import Path
 
 from examples.generate import DATA_DIR
 from schemas.load import load_spec
+from schemas.sources import files_of
 from tasks.plan import plan
 
 SPEC = """
@@ -92,4 +93,4 @@ def test_a_reward_model_in_the_loop_reaches_the_fingerprints_of_the_stages_it_sc
     evaluated = load_spec(tmp_path / "spec.yaml").stages[-1]
     # the eval stage scores with the last reward stage's model and grpo's rewards, on grpo's held-out prompts
     assert evaluated.reward_model == "reward" and [r.kind for r in evaluated.rewards] == ["answer", "reward_model"]
-    assert evaluated.prompts == [tmp_path / "rl_prompts_heldout.jsonl"]
+    assert files_of(evaluated.prompts) == [tmp_path / "rl_prompts_heldout.jsonl"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from schemas.load import SpecError, load_spec
+from schemas.sources import files_of
 from schemas.spec import PipelineSpec, SFTStage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,12 +33,12 @@ stages:
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_spec_loads(path: Path) -> None:
     spec = load_spec(path)
-    assert spec.stages and all(p.is_absolute() and p.exists() for p, _, _ in spec.data_contracts())
+    assert spec.stages and all(p.is_absolute() and p.exists() for s, _, _ in spec.data_contracts() for p in s.files)
 
 
 def test_good_spec_resolves_paths_against_the_spec_folder(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, GOOD))
-    assert spec.stages[0].data == [tmp_path / "data.jsonl"]
+    assert files_of(spec.stages[0].data) == [tmp_path / "data.jsonl"]
     assert isinstance(spec.stages[1], SFTStage) and spec.stages[1].train.lr == 0.001
     assert spec.upstream_of(spec.stages[1]) is spec.stages[0]
     assert spec.upstream_of(spec.stages[0]) is None
@@ -62,7 +63,7 @@ def test_good_spec_resolves_paths_against_the_spec_folder(tmp_path: Path) -> Non
         (("name: sft,", "name: pretrain,"), "stages[1].name 'pretrain' is used twice"),
         (("name: sft,", "name: sft, from: later,"), "stages[1].from names 'later', which is not an earlier stage"),
         (("name: t", "name: 't x'"), "name: String should match pattern"),
-        (("data: [data.jsonl]", "data: [nothere.jsonl]"), "stages[1].data: nothere.jsonl does not exist"),
+        (("data: [data.jsonl]", "data: [nothere.jsonl]"), "stages[1].data[0]: nothere.jsonl does not exist"),
         (("model: {init:", "model: {path: ./m, init:"), "give exactly one of model.init (a fresh model) or model.path"),
         (
             ("  - {name: pretrain, kind: pretrain, data: data.jsonl, packing: {block_size: 64}}\n", ""),
@@ -127,7 +128,7 @@ def test_streaming_takes_glob_patterns_and_needs_max_steps(tmp_path: Path) -> No
     spec = load_spec(write(tmp_path, streaming))
     assert spec.streamed() == [spec.stages[0]]
     # the SFT stage's; the stream is checked apart
-    assert [p for p, _, _ in spec.data_contracts()] == [tmp_path / "data.jsonl"]
+    assert [p for s, _, _ in spec.data_contracts() for p in s.files] == [tmp_path / "data.jsonl"]
     with pytest.raises(SpecError, match="nope-\\*.jsonl matches no file"):
         load_spec(write(tmp_path, streaming.replace("dat*.jsonl", "nope-*.jsonl")))
 
@@ -204,7 +205,9 @@ def test_eval_scores_every_earlier_language_model_on_their_heldout_data(tmp_path
     evaluation = spec.stages[-1]
     assert evaluation.checkpoints == ["pretrain", "sft", "dpo", "pro"]  # not the reward model: it is a scorer
     assert (
-        evaluation.preference == [tmp_path / "held.jsonl"] and evaluation.text == [] and evaluation.template == "chatml"
+        files_of(evaluation.preference) == [tmp_path / "held.jsonl"]
+        and evaluation.text == []
+        and evaluation.template == "chatml"
     )
     assert spec.upstream_of(spec.stages[4]).name == "sft" and spec.upstream_of(spec.stages[3]).name == "dpo"
 

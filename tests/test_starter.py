@@ -12,6 +12,7 @@ from examples.generate import DATA_DIR
 from flows.cli import main
 from schemas.data import DataError
 from schemas.load import load_spec
+from schemas.sources import files_of
 from schemas.starter import detect_format, starter_spec
 from tasks.checks import check_contracts
 
@@ -75,7 +76,7 @@ def test_the_written_spec_trains_a_stage_per_format_in_order_and_validates_as_wr
         ("eval", "eval"),
     ]
     stages = {s.name: s for s in spec.stages}
-    assert stages["sft"].heldout == [data / "sft_heldout.jsonl"] and stages["pro"].heldout == []
+    assert files_of(stages["sft"].heldout) == [data / "sft_heldout.jsonl"] and stages["pro"].heldout == []
     assert stages["sft"].max_len == 128 and stages["pretrain"].packing.block_size == 128  # the model's positions
     assert stages["sft"].lora is not None and stages["pretrain"].lora is None
     assert spec.template == "tokenizer" and spec.model.path == model

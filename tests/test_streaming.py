@@ -149,7 +149,7 @@ def test_unshuffled_blocks_equal_pack_of_the_same_documents(tok, tmp_path) -> No
     texts = TEXTS[:300]
     paths = write_corpus(tmp_path, texts, 3)
     dataset = StreamingTextDataset([str(tmp_path / "part-*.jsonl")], tok, block_size=64, shuffle_buffer=0)
-    assert dataset.files == paths
+    assert [file.path for file in dataset.files] == paths
     blocks = [example["input_ids"].tolist() for example in dataset]
     assert blocks == packed(texts, tok, 64)
     example = next(iter(dataset))
