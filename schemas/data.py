@@ -25,6 +25,7 @@ from typing import Literal
 
 import pandera.polars as pa
 import polars as pl
+import pyarrow
 from pandera.errors import SchemaErrors
 
 from schemas.formats import Format, Shape, flatten
@@ -238,6 +239,15 @@ SCHEMAS: dict[Format, pa.DataFrameSchema] = {
 # ---- reading --------------------------------------------------------------------------------
 
 
+def _frame(columns: dict[str, list], dtypes: dict[str, pl.DataType]) -> pl.DataFrame:
+    """The columns as a frame, built through Arrow: pyarrow converts Python lists of lists several times faster than
+    polars (1.1 s against 3.9 s for 200,000 conversations' roles, contents and calls; bench/readers.py)."""
+    arrays = {
+        name: pyarrow.array(values, pl.Series(dtype=dtypes[name]).to_arrow().type) for name, values in columns.items()
+    }
+    return pl.from_arrow(pyarrow.table(arrays))
+
+
 def read_rows_of(
     path: Path, fmt: Format, documents: Documents = "line", mapped: Callable[[dict], dict] | None = None
 ) -> tuple[pl.DataFrame, list[Problem], Callable[[Problem], Problem]]:
@@ -271,7 +281,7 @@ def read_rows_of(
             return problem
         return replace(problem, unit=rows.unit, starts_on=starts.get(problem.line))
 
-    return pl.DataFrame(columns, schema=dtypes), problems, located
+    return _frame(columns, dtypes), problems, located
 
 
 def _rule_problems(path: Path, frame: pl.DataFrame, schema: pa.DataFrameSchema) -> list[Problem]:
