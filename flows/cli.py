@@ -126,6 +126,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Decoded training examples of one stage with the trained spans marked."""
     from transformers import AutoTokenizer
 
+    from schemas.data import describe
     from stages import training_stage
     from stages.inspect import render_marked
     from tasks.lineage import client, experiment_id, finished_run
@@ -152,6 +153,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         tokenizer_dir = fetch_checkpoint(mlflow, home, run) if run else _preview_tokenizer(spec, home, planned)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     colour = sys.stdout.isatty()
+    for field, (sources, fmt) in stage.files().items():
+        for source in sources:
+            print(f"{stage.name} {field}: {describe(source, fmt, stage.on_invalid)}")
     for i, (input_ids, labels) in enumerate(training_stage(stage.kind).examples(stage, tokenizer, args.n)):
         trained = sum(label != -100 for label in labels)
         print(
@@ -480,7 +484,11 @@ def parser() -> argparse.ArgumentParser:
     new.add_argument("-o", "--output", type=Path, default=Path("spec.yaml"), help="default: spec.yaml")
     new.add_argument("--name", help="the pipeline's name (its MLflow experiment); default: the model folder's")
     new.set_defaults(func=cmd_new)
-    inspect = commands.add_parser("inspect", help="decoded training examples of a stage, trained spans marked")
+    inspect = commands.add_parser(
+        "inspect",
+        help="how a stage's sources are read (containers, shapes, rows) and its decoded training examples, trained "
+        "spans marked",
+    )
     inspect.add_argument("spec", type=Path)
     inspect.add_argument("--stage", required=True, help="the stage's name")
     inspect.add_argument("-n", type=int, default=3, help="how many examples")

@@ -16,6 +16,7 @@ the problems of rows it set aside under on_invalid="skip", and notes that are no
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -28,10 +29,10 @@ import polars as pl
 import pyarrow
 from pandera.errors import SchemaErrors
 
-from schemas.formats import Format, Shape, flatten
+from schemas.formats import Format, Shape, flatten, shape_of
 from schemas.mixing import mixed
 from schemas.problems import DataError, Problem, excerpt
-from schemas.readers import MAX_LINE_BYTES, MAX_TEXT_LINE_BYTES, Documents, read_rows
+from schemas.readers import MAX_LINE_BYTES, MAX_TEXT_LINE_BYTES, Documents, container, read_rows
 from schemas.sources import Source
 from schemas.spec import Mix
 
@@ -421,3 +422,33 @@ def check_files(files: list[tuple[Source, Format, OnInvalid]]) -> dict[Source, V
     if problems:
         raise DataError(problems)
     return results
+
+
+SHAPE_SAMPLE = 200  # rows of each file whose shapes `describe` names
+
+
+def describe(source: Source, fmt: Format, on_invalid: OnInvalid) -> str:
+    """One line on how a source is read: its files' containers, the shapes its first rows came in (after its
+    column mapping), and the rows it gives; for `lifecycle inspect`."""
+    shapes: dict[str, int] = {}
+    for path in source.files:
+        rows = read_rows(path, documents=source.documents)
+        for _, row in itertools.islice(rows, SHAPE_SAMPLE):
+            if not isinstance(row, Problem):
+                try:
+                    shape = shape_of(source.mapped(row))
+                except Shape:
+                    shape = "unmapped"
+                shapes[shape] = shapes.get(shape, 0) + 1
+        rows.close()
+    read = read_source(source, fmt, on_invalid)
+    containers = ", ".join(sorted({container(path) for path in source.files}))
+    seen = ", ".join(f"{shape} ({n})" for shape, n in sorted(shapes.items(), key=lambda item: -item[1]))
+    files = f"{len(source.files)} files, " if len(source.files) > 1 else ""
+    if len(source.files) == 1 and source.files[0].name != source.name:
+        files = f"{source.files[0].name}, "
+    return (
+        f"{source.name} ({files}{containers}), read as {fmt}; {len(read.frame)} rows"
+        + (f", {read.rejected_rows} rejected" if read.rejected_rows else "")
+        + f"; shapes of the first rows: {seen or 'none'}"
+    )

@@ -412,3 +412,41 @@ def flatten(fmt: Format, row: dict) -> dict:
     if fmt != "conversations" and row.get("tools") not in (None, "", []):
         raise Shape("tools", "are read only in the conversations format: this format's stages use no tools")
     return FLATTEN[fmt](row)
+
+
+def shape_of(row: dict) -> str:
+    """The shape a row came in, in the words docs/data.md uses, for `lifecycle inspect` to say how a source was
+    read (the format decides what the row becomes; this only names what it looked like)."""
+    if "prefix" in row and "suffix" in row:
+        return "PRO ranked list"
+    if "instruction" in row:
+        return "alpaca ranked list" if isinstance(row.get("output"), list) else "alpaca"
+    if "chosen_messages" in row:
+        return "chosen_messages/rejected_messages"
+    key = next((k for k in ("conversations", "messages") if isinstance(row.get(k), list)), None)
+    if key is not None:
+        first = next((m for m in row[key] if isinstance(m, dict)), {})
+        words = ["sharegpt" if "from" in first else "messages"]
+        roles = {m.get("role", m.get("from")) for m in row[key] if isinstance(m, dict)}
+        if (
+            row.get("tools")
+            or "tool" in roles
+            or "function_call" in roles
+            or any(isinstance(m, dict) and m.get("tool_calls") for m in row[key])
+        ):
+            words.append("with tool calls")
+        if "chosen" in row:
+            words.append("+ chosen/rejected turns")
+        if "label" in row:
+            words.append("+ label")
+        return " ".join(words)
+    if "chosen" in row:
+        whole = isinstance(row["chosen"], list) and len(row["chosen"]) > 1 and "prompt" not in row
+        return "chosen/rejected conversations" if whole else "prompt/chosen/rejected"
+    if "completion" in row:
+        return "prompt/completion/label"
+    if "prompt" in row:
+        return "prompt" + ("/answer" if "answer" in row else "")
+    if "text" in row:
+        return "text"
+    return "unknown"

@@ -131,9 +131,13 @@ def test_inspect_marks_what_each_stage_trains(quick_run, tmp_path: Path) -> None
     done = lifecycle("inspect", str(QUICK), "--stage", "sft", "-n", "2", home=root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("--- sft example") == 2
+    # how each source was read, before the examples
+    sources, _, _ = done.stdout.partition("--- sft example")
+    assert sources.startswith("sft data: sft.jsonl (jsonl), read as conversations; ")
+    assert "shapes of the first rows: messages (200)" in sources and "sft heldout: sft_heldout.jsonl" in sources
     assert "<|im_start|>assistant\n⟦The word rock in capital letters is ROCK.<|im_end|>⟧" in done.stdout
     pretrain = lifecycle("inspect", str(QUICK), "--stage", "pretrain", "-n", "1", home=root).stdout
-    assert pretrain.startswith("--- pretrain example 1") and pretrain.rstrip().endswith("<|endoftext|>⟧")
+    assert "\n--- pretrain example 1" in pretrain and pretrain.rstrip().endswith("<|endoftext|>⟧")
     # a row's chosen, then rejected
     pair = lifecycle("inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root).stdout
     assert pair.count("--- dpo example") == 2
