@@ -246,8 +246,9 @@ def _preference(row: dict) -> dict:
     chosen, rejected = get(row, "chosen"), get(row, "rejected")
     # conversations/messages beside single-turn chosen and rejected: LLaMA-Factory's sharegpt pairs
     prompt_key = next((k for k in ("prompt", "question", "conversations", "messages") if k in row), None)
-    if prompt_key is not None and not (isinstance(chosen, list) and len(chosen) > 1):
-        roles, contents = _prompt(row, prompt_key)
+    alpaca = prompt_key is None and "instruction" in row  # LLaMA-Factory's alpaca pairs: the prompt as alpaca's
+    if alpaca or (prompt_key is not None and not (isinstance(chosen, list) and len(chosen) > 1)):
+        roles, contents = _alpaca_prompt(row) if alpaca else _prompt(row, prompt_key)
         return {
             "prompt_roles": roles,
             "prompt_contents": contents,

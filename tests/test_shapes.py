@@ -554,3 +554,16 @@ def test_prompt_only_rows_read_as_prompts(tmp_path: Path) -> None:
         },
         {"prompt_roles": ["user"], "prompt_contents": ["What is 6 times 7?"], "answer": "42"},
     ]
+
+
+def test_llama_factory_alpaca_pairs_take_their_prompt_as_alpaca_does(tmp_path: Path) -> None:
+    row = {"instruction": "Add 2 and 3.", "input": "now", "chosen": "5", "rejected": "6", "history": [["hi", "yo"]]}
+    assert rows_of(tmp_path, "preference", row) == [
+        {
+            "prompt_roles": ["user", "assistant", "user"],
+            "prompt_contents": ["hi", "yo", "Add 2 and 3.\nnow"],
+            "chosen": "5",
+            "rejected": "6",
+        }
+    ]
+    assert rows_of(tmp_path, "unpaired", row)[0]["labels"] == [True, False]
