@@ -13,6 +13,10 @@ The metrics (columns):
                          (each reply and its end-of-turn marker), N counted over all conversations.
     exact_match          conversations: share whose last assistant turn the greedy reply to the turns
                          before it reproduces exactly (`generation.exact_match`).
+    tool_calls           conversations with tool calls: at each assistant turn that called tools, the greedy
+                         reply to the conversation before it (offered its tools) is read for <tool_call>
+                         blocks; the share of those turns whose calls equal the reference's: the same names,
+                         arguments equal as parsed JSON, in any order (`tools.calls_match`).
     task_accuracy        prompts with a reference answer: share of greedy replies that contain the
                          answer, by `answer_matches`.
     reward               prompts: the mean over greedy replies of the spec's rewards, summed with their
@@ -68,6 +72,7 @@ from stages.packing import concat_chunk, tokenize_documents
 from stages.progress import duration, say
 from stages.rewards import checked_rewards, reward_functions, task_accuracy, weighted_total
 from stages.templates import IGNORE, conversations, encode_conversation
+from stages.tools import Chat, calling_turns, chats, tool_call_accuracy
 
 SAMPLES = 4  # held-out prompts answered side by side when the spec names none
 BATCH = 8  # sequences per forward when scoring: bounds the float32 logits ([batch, max_len, vocab]) in memory
@@ -75,7 +80,7 @@ BATCH = 8  # sequences per forward when scoring: bounds the float32 logits ([bat
 # the columns each kind of held-out data gives, in table order
 METRICS: dict[Format, tuple[str, ...]] = {
     "text": ("perplexity",),
-    "conversations": ("response_loss", "exact_match"),
+    "conversations": ("response_loss", "exact_match", "tool_calls"),
     "prompts": ("task_accuracy", "reward", "reward_model"),
     "preference": ("preference_accuracy", "preference_margin", "reward_margin"),
     "ranked": ("kendall_tau", "top1"),
@@ -116,13 +121,14 @@ class HeldOut:
     """The eval data as every checkpoint is scored on it."""
 
     text_blocks: list[list[int]]
-    chats: list[list[dict]]
+    chats: list[Chat]
     encoded_chats: list[tuple[list[int], list[int]]]
+    tool_turns: list[tuple[Chat, list[dict]]]  # (the conversation before a turn that called tools, its calls)
     tasks: list[tuple[list[dict], str | None]]  # (prompt messages, reference answer or None)
     pairs: Dataset | None  # preference pairs as candidates, chosen first
     pair_tokens: Tensor | None  # [pairs, 2]: reply tokens of each candidate, to length-normalise the summed log-probs
     ranked: Dataset | None
-    samples: list[tuple[str, list[dict]]]  # (the prompt as shown, the messages answered)
+    samples: list[tuple[str, Chat]]  # (the prompt as shown, the conversation answered)
 
     def columns(self, spec: EvalStage) -> list[str]:
         """The metrics this data measures, in table order."""
@@ -137,6 +143,7 @@ class HeldOut:
             "task_accuracy": any(reference is not None for _, reference in self.tasks),
             "reward": bool(spec.rewards),
             "reward_model": spec.reward_model is not None,
+            "tool_calls": bool(self.tool_turns),
         }
         return [column for fmt, names in METRICS.items() if present[fmt] for column in names if asked.get(column, True)]
 
@@ -171,18 +178,19 @@ def _scorable(dataset: Dataset) -> Dataset | None:
     return dataset if len(dataset) else None
 
 
-def _samples(spec: EvalStage, tasks: list[list[dict]], chats: list[list[dict]]) -> list[tuple[str, list[dict]]]:
+def _samples(spec: EvalStage, tasks: list[list[dict]], held: list[Chat]) -> list[tuple[str, Chat]]:
     if spec.samples:
-        return [(text, [{"role": "user", "content": text}]) for text in spec.samples]
-    asked = tasks[:SAMPLES] or [chat[:-1] for chat in chats[:SAMPLES]]
-    return [(messages[-1]["content"], messages) for messages in asked]
+        return [(text, Chat([{"role": "user", "content": text}])) for text in spec.samples]
+    asked = [Chat(messages) for messages in tasks[:SAMPLES]] or [Chat(c.messages[:-1], c.tools) for c in held[:SAMPLES]]
+    # shown by its last question: a conversation before its answer may end with a tool's result
+    return [(next(m["content"] for m in reversed(c.messages) if m["role"] == "user"), c) for c in asked]
 
 
 def held_out(spec: EvalStage, tokenizer) -> HeldOut:
     """Every held-out file of the spec read (first `limit` rows of each) and encoded for scoring."""
     read = {fmt: _read(paths, fmt, spec.limit, spec.on_invalid) for fmt, (paths, _) in spec.files().items()}
     texts = read["text"]["text"].to_list() if read["text"] is not None else []
-    chats = conversations(read["conversations"]) if read["conversations"] is not None else []
+    held = chats(read["conversations"]) if read["conversations"] is not None else []
     prompts = read["prompts"]
     asked = conversations(prompts, "prompt_") if prompts is not None else []
     references = prompts["answer"].to_list() if prompts is not None else []
@@ -197,13 +205,14 @@ def held_out(spec: EvalStage, tokenizer) -> HeldOut:
         ranked = _scorable(encode(rows(read["ranked"]), tokenizer, spec.max_len, spec.template)[0])
     return HeldOut(
         text_blocks=text_blocks(texts, tokenizer, spec.max_len) if texts else [],
-        chats=chats,
-        encoded_chats=[encode_conversation(chat, tokenizer, spec.max_len, spec.template) for chat in chats],
+        chats=held,
+        encoded_chats=[encode_conversation(c.messages, tokenizer, spec.max_len, spec.template, c.tools) for c in held],
+        tool_turns=calling_turns(held),
         tasks=list(zip(asked, references)),
         pairs=pairs,
         pair_tokens=pair_tokens,
         ranked=ranked,
-        samples=_samples(spec, asked, chats),
+        samples=_samples(spec, asked, held),
     )
 
 
@@ -250,6 +259,17 @@ def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str,
         total, tokens = labelled_logp(model, data.encoded_chats, pad_id)
         found["response_loss"] = -total / tokens if tokens else math.nan
         found["exact_match"] = exact_match(model, tokenizer, data.chats, spec.template, spec.max_new_tokens)
+    if data.tool_turns:
+        before, calls = zip(*data.tool_turns)
+        calling = answer(
+            model,
+            tokenizer,
+            [c.messages for c in before],
+            spec.template,
+            spec.max_new_tokens,
+            tools=[c.tools for c in before],
+        )
+        found["tool_calls"] = tool_call_accuracy(calling, list(calls))
     replies = (
         answer(model, tokenizer, [messages for messages, _ in data.tasks], spec.template, spec.max_new_tokens)
         if data.tasks
@@ -272,7 +292,15 @@ def _scored_checkpoint(
     """One checkpoint loaded, measured and asked the samples; its model is unreferenced when this returns."""
     model = load_model(folder, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     found, pair_logps, replies = measure(model, tokenizer, data, spec)
-    samples = answer(model, tokenizer, [messages for _, messages in data.samples], spec.template, spec.max_new_tokens)
+    asked = [chat for _, chat in data.samples]
+    samples = answer(
+        model,
+        tokenizer,
+        [c.messages for c in asked],
+        spec.template,
+        spec.max_new_tokens,
+        tools=[c.tools for c in asked],
+    )
     return found, pair_logps, replies, samples
 
 

@@ -5,7 +5,8 @@ stages and the eval stage use it). `ChatModel` loads any checkpoint folder and r
 the chat template stored in its tokenizer, finding the token that ends a turn from that
 template alone (`turn_end_id`), so a folder answers correctly without anyone knowing which
 template trained it. Both stop a reply at its first stop token: the end of the turn, or the
-end-of-sequence token, which ends any text.
+end-of-sequence token, which ends any text. A prompt may offer tools (each prompt's own list,
+or None): both render them as training did, and a reply that calls one holds its calls as text.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from stages.checkpoint import load_model
 from stages.templates import NO_CHAT_TEMPLATE, encode_prompt, end_of_turn_id
+from stages.tools import Chat
 
 # rendered to find where the assistant's turn ends; the reply is a word every tokenizer has
 PROBE = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
@@ -114,11 +116,13 @@ def answer(
     batch_size: int = 32,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    tools: list[list[dict] | None] | None = None,
 ) -> list[str]:
-    """The model's reply to each conversation-so-far, rendered as in training, stopping at the end of its turn
-    (greedy by default)."""
+    """The model's reply to each conversation-so-far, rendered as in training with the tools each offers (`tools`,
+    parallel to `prompts`; None: none offered), stopping at the end of its turn (greedy by default)."""
     stops = stop_ids(tokenizer, end_of_turn_id(tokenizer, template))
-    encoded = [encode_prompt(messages, tokenizer, template) for messages in prompts]
+    offered = tools or [None] * len(prompts)
+    encoded = [encode_prompt(messages, tokenizer, template, given) for messages, given in zip(prompts, offered)]
     sampling = Sampling(temperature, top_p, max_new_tokens)
     return [
         decode(tokenizer, ids, stops).text
@@ -126,12 +130,13 @@ def answer(
     ]
 
 
-def exact_match(model, tokenizer, conversations: list[list[dict]], template: str, max_new_tokens: int = 32) -> float:
+def exact_match(model, tokenizer, conversations: list[Chat], template: str, max_new_tokens: int = 32) -> float:
     """Share of conversations whose last assistant turn the model reproduces exactly (greedy, both sides stripped)."""
     if not conversations:
         return float("nan")
-    replies = answer(model, tokenizer, [c[:-1] for c in conversations], template, max_new_tokens)
-    return sum(r == c[-1]["content"].strip() for r, c in zip(replies, conversations)) / len(conversations)
+    prompts, tools = [c.messages[:-1] for c in conversations], [c.tools for c in conversations]
+    replies = answer(model, tokenizer, prompts, template, max_new_tokens, tools=tools)
+    return sum(r == c.messages[-1]["content"].strip() for r, c in zip(replies, conversations)) / len(conversations)
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -185,15 +190,24 @@ class ChatModel:
         model = load_model(Path(folder), tokenizer).to(device).eval()
         return cls(model, tokenizer, stop_ids(tokenizer, turn_end_id(tokenizer)))
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The conversation so far and the assistant header, rendered by the tokenizer's stored template."""
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The conversation so far (offering `tools`) and the assistant header, rendered by the tokenizer's stored
+        template."""
         rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=True, return_dict=True
+            messages, tools=tools, tokenize=True, add_generation_prompt=True, return_dict=True
         )
         return list(rendered["input_ids"])
 
-    def reply(self, prompts: list[list[dict]], sampling: Sampling = GREEDY, batch_size: int = 32) -> list[Reply]:
-        encoded = [self.prompt_ids(messages) for messages in prompts]
+    def reply(
+        self,
+        prompts: list[list[dict]],
+        sampling: Sampling = GREEDY,
+        batch_size: int = 32,
+        tools: list[list[dict] | None] | None = None,
+    ) -> list[Reply]:
+        """Replies to the prompts, each offered its tools (`tools`, parallel to `prompts`; None: none offered)."""
+        offered = tools or [None] * len(prompts)
+        encoded = [self.prompt_ids(messages, given) for messages, given in zip(prompts, offered)]
         generated = generate(self.model, encoded, self.stops, self.pad_id, sampling, batch_size)
         return [decode(self.tokenizer, ids, self.stops) for ids in generated]
 

@@ -1,11 +1,11 @@
 """The SFT stage: conversations through the chat template, loss on assistant replies only.
 
-Every assistant turn of a multi-turn conversation is trained; system and user turns and
-the template's headers are context. Conversations are best-fit packed into rows of max_len
-(position ids restart per conversation and attention never crosses one; stages/packing.py),
-or padded per batch with `packing: false`. On held-out conversations the stage measures the
-response loss and the exact-match rate of greedy answers, before and after training, so
-each run shows what SFT changed.
+Every assistant turn of a multi-turn conversation is trained, its tool calls included; system
+and user turns, tool results, tool definitions and the template's headers are context.
+Conversations are best-fit packed into rows of max_len (position ids restart per conversation
+and attention never crosses one; stages/packing.py), or padded per batch with `packing: false`.
+On held-out conversations the stage measures the response loss and the exact-match rate of
+greedy answers, before and after training, so each run shows what SFT changed.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
-from stages.templates import IGNORE, conversations, encode_conversation, store_template
+from stages.templates import IGNORE, encode_conversation, store_template
+from stages.tools import Chat, chats
 from stages.training import fit, make_trainer, training_arguments
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
 
-def encode(messages_list: list[list[dict]], tokenizer, spec: SFTStage) -> tuple[Dataset, dict[str, float]]:
+def encode(conversations: list[Chat], tokenizer, spec: SFTStage) -> tuple[Dataset, dict[str, float]]:
     """Training rows for the conversations (packed or one per row) and what max_len cut or dropped."""
-    encoded = [encode_conversation(messages, tokenizer, sys.maxsize, spec.template) for messages in messages_list]
+    encoded = [encode_conversation(c.messages, tokenizer, sys.maxsize, spec.template, c.tools) for c in conversations]
     input_ids, labels = [ids for ids, _ in encoded], [lab for _, lab in encoded]
     if spec.packing:
         packed = pack_examples(input_ids, labels, spec.max_len, spec.overlong)
@@ -45,8 +46,8 @@ def encode(messages_list: list[list[dict]], tokenizer, spec: SFTStage) -> tuple[
 
 def examples(spec: SFTStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
     """The first n training conversations as the stage encodes them: (input_ids, labels)."""
-    chats = conversations(read_files(spec.data, "conversations", spec.on_invalid).frame.head(n))
-    return [encode_conversation(c, tokenizer, spec.max_len, spec.template) for c in chats]
+    first = chats(read_files(spec.data, "conversations", spec.on_invalid).frame.head(n))
+    return [encode_conversation(c.messages, tokenizer, spec.max_len, spec.template, c.tools) for c in first]
 
 
 def prepare(spec: SFTStage, tokenizer) -> Prepared:
@@ -54,15 +55,25 @@ def prepare(spec: SFTStage, tokenizer) -> Prepared:
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if files:
             read = read_files(files, "conversations", spec.on_invalid)
-            chats = conversations(read.frame)
-            splits[split], split_counts = encode(chats, tokenizer, spec)
+            read_chats = chats(read.frame)
+            splits[split], split_counts = encode(read_chats, tokenizer, spec)
             counts |= {f"{split}_{name}": float(value) for name, value in split_counts.items()}
             rejected += read.rejected
             if split == "heldout":  # the conversations themselves, for exact match through generation
                 splits["heldout_conversations"] = Dataset.from_dict(
-                    {"messages": [json.dumps(c, ensure_ascii=False) for c in chats]}
+                    {
+                        "messages": [json.dumps(c.messages, ensure_ascii=False) for c in read_chats],
+                        "tools": [json.dumps(c.tools, ensure_ascii=False) for c in read_chats],
+                    }
                 )
     return Prepared(DatasetDict(splits), rejected, counts)
+
+
+def held_out_chats(datasets: DatasetDict, n: int) -> list[Chat]:
+    """The first n held-out conversations as `prepare` kept them."""
+    kept = datasets["heldout_conversations"].select(range(min(n, len(datasets["heldout_conversations"]))))
+    tools = kept["tools"] if "tools" in kept.column_names else [None] * len(kept)  # prepared before tools were kept
+    return [Chat(json.loads(m), json.loads(t) if t else None) for m, t in zip(kept["messages"], tools)]
 
 
 def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
@@ -72,11 +83,7 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     if spec.lora is not None:
         model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
     datasets = inputs.datasets
-    asked = (
-        [json.loads(m) for m in datasets["heldout_conversations"]["messages"][: spec.eval_samples]]
-        if "heldout" in datasets
-        else []
-    )
+    asked = held_out_chats(datasets, spec.eval_samples) if "heldout" in datasets else []
     collator = (
         PackedCollator(tokenizer.pad_token_id)
         if spec.packing

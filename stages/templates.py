@@ -7,6 +7,11 @@ token ranges, never recovered from character offsets. The same template, written
 by `jinja`, is stored in the tokenizer, so `tokenizer.apply_chat_template` at inference
 renders a prompt exactly as training did; the tests check the two agree token for token.
 
+Tools travel beside the messages, as Hugging Face chat templates take them (stages/tools.py): an
+assistant message that calls tools carries `tool_calls`, a tool's result is a `tool` message.
+chatml shows them as Qwen2.5 and Hermes do (`HERMES`); each assistant turn is trained,
+calls and answer alike, and tool results are context. The other templates of ours refuse tools.
+
 The `tokenizer` template is the tokenizer's own chat template: its trained spans are found
 by rendering successive prefixes of the conversation, which only works for a template
 whose rendering of a conversation starts with its rendering of every earlier prefix.
@@ -22,6 +27,7 @@ from typing import get_args
 import polars as pl
 
 from schemas.spec import TemplateName
+from stages.tools import ToolFormat, as_json, function_of, holds_tools
 
 IGNORE = -100  # label of a token that carries no loss
 
@@ -30,6 +36,20 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END]
 
 OWN_TEMPLATE = "tokenizer"  # the template name that means: the tokenizer's own chat template
+
+# Qwen2.5's tool dialect (Hermes's), word for word: a model trained here reads and writes tools as theirs do
+HERMES = ToolFormat(
+    definitions="# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    'XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>',
+    after_system="\n\n",
+    call='<tool_call>\n{"name": "{name}", "arguments": {arguments}}\n</tool_call>',
+    between="\n",
+    results_start=f"{IM_START}user",
+    result="\n<tool_response>\n{content}\n</tool_response>",
+    results_end=f"{IM_END}\n",
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ class Template:
     header: str
     reply: str
     after_reply: str
+    tools: ToolFormat | None = None  # None: the template cannot show tools
 
 
 TEMPLATES: dict[str, Template] = {
@@ -62,6 +83,7 @@ TEMPLATES: dict[str, Template] = {
         header=f"{IM_START}assistant\n",
         reply=f"{{content}}{IM_END}",
         after_reply="\n",
+        tools=HERMES,
     ),
     # Llama 2 chat: the system message sits inside the first [INST]; every exchange is its own <s> ... </s>
     "llama2": Template(
@@ -99,7 +121,7 @@ NO_CHAT_TEMPLATE = (
     f"choose one of {', '.join(TEMPLATES)}"
 )
 
-SLOT = re.compile(r"\{(content|input|system|bos|eos)\}")
+SLOT = re.compile(r"\{(content|input|system|bos|eos|tools|name|arguments)\}")
 
 
 def _fill(text: str, **values: str) -> str:
@@ -107,14 +129,59 @@ def _fill(text: str, **values: str) -> str:
     return SLOT.sub(lambda match: values[match.group(1)], text)
 
 
+# what may follow each kind of turn: an assistant turn that calls tools is answered by their results first
+FOLLOWS = {"user": ("answer", "calls"), "answer": ("user",), "calls": ("tool",), "tool": ("tool", "answer", "calls")}
+
+
+def _turn(message: dict) -> str:
+    if message["role"] == "assistant":
+        return "calls" if message.get("tool_calls") else "answer"
+    return message["role"]
+
+
 def _check_roles(messages: list[dict]) -> None:
     roles = [m["role"] for m in messages]
-    body = roles[1:] if roles[:1] == ["system"] else roles
-    if not body or any(role != ("user", "assistant")[i % 2] for i, role in enumerate(body)):
+    turns = [_turn(m) for m in (messages[1:] if roles[:1] == ["system"] else messages)]
+    if not turns or turns[0] != "user" or any(b not in FOLLOWS.get(a, ()) for a, b in zip(turns, turns[1:])):
         raise ValueError(
             f"a conversation is an optional system message, then user and assistant turns alternating, "
-            f"user first; got roles {roles}"
+            f"user first (an assistant turn that calls tools is followed by one or more tool turns, its results, "
+            f"before the assistant speaks again); got roles {roles}"
         )
+
+
+def _no_tools(template: str) -> str:
+    return (
+        f"the {template} template cannot show tools, tool calls or tool results; use the chatml template (which "
+        f"shows them as Qwen2.5 and Hermes do) or the {OWN_TEMPLATE} template (a chat template of your own that "
+        f"renders tools)"
+    )
+
+
+def _uses_tools(messages: list[dict], tools: list[dict] | None) -> bool:
+    return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+
+
+def _system(messages: list[dict], tools: list[dict] | None, spec: Template, special: dict[str, str]) -> str:
+    """The rendered system turn: the system message, then the tool definitions where tools are offered; '' for
+    neither."""
+    given = messages[0]["content"] if messages[0]["role"] == "system" else None
+    if tools:
+        definitions = _fill(spec.tools.definitions, tools="".join("\n" + as_json(tool) for tool in tools))
+        given = definitions if given is None else given + spec.tools.after_system + definitions
+    return "" if given is None else _fill(spec.system, content=given, **special)
+
+
+def _reply_text(message: dict, form: ToolFormat | None) -> str:
+    """What an assistant turn says: its text, then each of its calls."""
+    content = message.get("content") or ""
+    if not message.get("tool_calls"):
+        return content
+    calls = [
+        _fill(form.call, name=function["name"], arguments=as_json(function["arguments"]))
+        for function in map(function_of, message["tool_calls"])
+    ]
+    return form.between.join([content] * bool(content) + calls)
 
 
 def _special(tokenizer, template: str) -> dict[str, str]:
@@ -127,11 +194,19 @@ def _special(tokenizer, template: str) -> dict[str, str]:
 
 
 def _template_pieces(
-    messages: list[dict], tokenizer, template: str, first_trained: int, generation_prompt: bool
+    messages: list[dict],
+    tokenizer,
+    template: str,
+    first_trained: int,
+    generation_prompt: bool,
+    tools: list[dict] | None,
 ) -> list[tuple[str, bool]]:
-    """(text, trained) pieces: the replies of assistant turns from message index `first_trained` on are trained."""
+    """(text, trained) pieces: the replies of assistant turns from message index `first_trained` on are trained;
+    tool results are context."""
     spec, special = TEMPLATES[template], _special(tokenizer, template)
-    system = _fill(spec.system, content=messages[0]["content"], **special) if messages[0]["role"] == "system" else ""
+    if spec.tools is None and _uses_tools(messages, tools):
+        raise ValueError(_no_tools(template))
+    system = _system(messages, tools, spec, special)
     pieces = [(_fill(spec.start, **special), False)]
     first_user = True
     for index, message in enumerate(messages):
@@ -154,16 +229,28 @@ def _template_pieces(
         elif message["role"] == "assistant":
             pieces += [
                 (_fill(spec.header, **special), False),
-                (_fill(spec.reply, content=message["content"], **special), index >= first_trained),
+                (_fill(spec.reply, content=_reply_text(message, spec.tools), **special), index >= first_trained),
                 (_fill(spec.after_reply, **special), False),
             ]
+        elif message["role"] == "tool":  # consecutive results share one turn
+            form = spec.tools
+            opens = messages[index - 1]["role"] != "tool"
+            closes = index + 1 == len(messages) or messages[index + 1]["role"] != "tool"
+            pieces.append(
+                (
+                    (_fill(form.results_start, **special) if opens else "")
+                    + _fill(form.result, content=message["content"], **special)
+                    + (_fill(form.results_end, **special) if closes else ""),
+                    False,
+                )
+            )
     if generation_prompt:
         pieces.append((_fill(spec.header, **special), False))
     return pieces
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, tools: list[dict] | None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _after(prefix: str, text: str, what: str) -> str:
@@ -177,26 +264,38 @@ def _after(prefix: str, text: str, what: str) -> str:
     return text[len(prefix) :]
 
 
-def _own_pieces(messages: list[dict], tokenizer, first_trained: int, generation_prompt: bool) -> list[tuple[str, bool]]:
+def _own_pieces(
+    messages: list[dict], tokenizer, first_trained: int, generation_prompt: bool, tools: list[dict] | None
+) -> list[tuple[str, bool]]:
     """(text, trained) pieces of the tokenizer's own template: each reply is what its message adds to the prompt
     before it."""
     if not tokenizer.chat_template:
         raise ValueError(NO_CHAT_TEMPLATE)
+    if tools and _render(tokenizer, messages, False, tools) == _render(tokenizer, messages, False, None):
+        raise ValueError(
+            "the tokenizer's chat template does not show the tools offered (it renders the conversation alike with "
+            "and without them), so a model trained on it would never see them; choose the chatml template"
+        )
     pieces: list[tuple[str, bool]] = []
     done = ""
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:index], generation_prompt=True)
-        whole = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        prompt = _render(tokenizer, messages[:index], True, tools)
+        whole = _render(tokenizer, messages[: index + 1], False, tools)
         context = _after(done, prompt, f"the prompt before message {index}")
         turn = _after(prompt, whole, f"the conversation up to message {index}")
+        if unshown := [f["name"] for f in map(function_of, message.get("tool_calls") or []) if f["name"] not in turn]:
+            raise ValueError(
+                f"the tokenizer's chat template does not show the tool calls of message {index} "
+                f"({', '.join(unshown)}); choose the chatml template"
+            )
         # the separator after the end-of-turn marker is the next turn's context: generation stops at the marker
         reply = turn.rstrip()
         pieces += [(context, False), (reply, index >= first_trained), (turn[len(reply) :], False)]
         done = whole
     if generation_prompt or messages[-1]["role"] != "assistant":
-        pieces.append((_after(done, _render(tokenizer, messages, generation_prompt), "the prompt"), False))
+        pieces.append((_after(done, _render(tokenizer, messages, generation_prompt, tools), "the prompt"), False))
     return pieces
 
 
@@ -218,11 +317,16 @@ def _tokenize(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], lis
 
 
 def _encode(
-    messages: list[dict], tokenizer, template: str, first_trained: int, generation_prompt: bool = False
+    messages: list[dict],
+    tokenizer,
+    template: str,
+    first_trained: int,
+    generation_prompt: bool = False,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int]]:
     _check_roles(messages)
     if template == OWN_TEMPLATE:
-        pieces = _own_pieces(messages, tokenizer, first_trained, generation_prompt)
+        pieces = _own_pieces(messages, tokenizer, first_trained, generation_prompt, tools)
         input_ids, labels = _tokenize(pieces, tokenizer)
         # a user's template may put a piece boundary inside what its tokenizer reads as one word
         whole = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
@@ -234,14 +338,16 @@ def _encode(
         return input_ids, labels
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
-    return _tokenize(_template_pieces(messages, tokenizer, template, first_trained, generation_prompt), tokenizer)
+    pieces = _template_pieces(messages, tokenizer, template, first_trained, generation_prompt, tools)
+    return _tokenize(pieces, tokenizer)
 
 
 def encode_conversation(
-    messages: list[dict], tokenizer, max_len: int, template: str = "chatml"
+    messages: list[dict], tokenizer, max_len: int, template: str = "chatml", tools: list[dict] | None = None
 ) -> tuple[list[int], list[int]]:
-    """input_ids and labels (IGNORE outside assistant replies; every reply trained), truncated to max_len tokens."""
-    input_ids, labels = _encode(messages, tokenizer, template, first_trained=0)
+    """input_ids and labels (IGNORE outside assistant replies; every reply trained, tool calls included, tool
+    results not), truncated to max_len tokens."""
+    input_ids, labels = _encode(messages, tokenizer, template, first_trained=0, tools=tools)
     return input_ids[:max_len], labels[:max_len]
 
 
@@ -255,9 +361,13 @@ def encode_completion(
     return input_ids[:max_len], labels[:max_len]
 
 
-def encode_prompt(messages: list[dict], tokenizer, template: str = "chatml") -> list[int]:
+def encode_prompt(
+    messages: list[dict], tokenizer, template: str = "chatml", tools: list[dict] | None = None
+) -> list[int]:
     """The tokens a model continues to answer: the conversation so far plus the assistant header."""
-    input_ids, _ = _encode(messages, tokenizer, template, first_trained=len(messages), generation_prompt=True)
+    input_ids, _ = _encode(
+        messages, tokenizer, template, first_trained=len(messages), generation_prompt=True, tools=tools
+    )
     return input_ids
 
 
@@ -281,22 +391,91 @@ def _jinja_output(text: str, **slots: str) -> list[str]:
     return ["{{- " + _jinja_text(text, **slots) + " -}}"] if text else []
 
 
+def _jinja_refuse(template: str) -> str:
+    return "{{- raise_exception(" + json.dumps(_no_tools(template)) + ") -}}"
+
+
+def _jinja_tool_definitions(spec: Template, template: str) -> list[str]:
+    """Jinja that adds the tool definitions to `system_content` (None: no system turn yet), as `_system` does."""
+    if spec.tools is None:
+        return ["{%- if tools -%}", _jinja_refuse(template), "{%- endif -%}"]
+    return [
+        "{%- if tools -%}",
+        "{%- set listed = namespace(text='') -%}",
+        "{%- for tool in tools -%}",
+        "{%- set listed.text = listed.text ~ " + json.dumps("\n") + " ~ (tool | tojson) -%}",
+        "{%- endfor -%}",
+        "{%- set definitions = " + _jinja_text(spec.tools.definitions, tools="listed.text") + " -%}",
+        "{%- if system_content is none -%}",
+        "{%- set system_content = definitions -%}",
+        "{%- else -%}",
+        "{%- set system_content = system_content ~ " + _jinja_text(spec.tools.after_system) + " ~ definitions -%}",
+        "{%- endif -%}",
+        "{%- endif -%}",
+    ]
+
+
+def _jinja_assistant(spec: Template, template: str) -> list[str]:
+    """Jinja of an assistant turn: its text, then each call, as `_reply_text` writes them."""
+    has_calls = "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+    turn = spec.header + spec.reply + spec.after_reply
+    if spec.tools is None:
+        return [has_calls, _jinja_refuse(template), "{%- endif -%}", *_jinja_output(turn, content="message['content']")]
+    call = _jinja_text(spec.tools.call, name="function['name']", arguments="(function['arguments'] | tojson)")
+    return [
+        "{%- set reply = namespace(text=(message['content'] if message['content'] else '')) -%}",
+        has_calls,
+        "{%- for call in message['tool_calls'] -%}",
+        "{%- set function = call['function'] if call['function'] is defined else call -%}",
+        "{%- set reply.text = (reply.text ~ "
+        + json.dumps(spec.tools.between)
+        + " if reply.text else '') ~ "
+        + call
+        + " -%}",
+        "{%- endfor -%}",
+        "{%- endif -%}",
+        *_jinja_output(turn, content="reply.text"),
+    ]
+
+
+def _jinja_tool_result(spec: Template, template: str) -> list[str]:
+    """Jinja of a tool's result: consecutive results share one turn, as in `_template_pieces`."""
+    if spec.tools is None:
+        return [_jinja_refuse(template)]
+    form = spec.tools
+    return [
+        "{%- if loop.first or loop.previtem['role'] != 'tool' -%}",
+        *_jinja_output(form.results_start),
+        "{%- endif -%}",
+        *_jinja_output(form.result, content="message['content']"),
+        "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}",
+        *_jinja_output(form.results_end),
+        "{%- endif -%}",
+    ]
+
+
 def jinja(template: str) -> str:
-    """The template as a Jinja chat template: stored in a tokenizer, `apply_chat_template` renders as training does."""
+    """The template as a Jinja chat template: stored in a tokenizer, `apply_chat_template` (given `tools=` where the
+    conversation offers tools) renders as training does."""
     if template not in TEMPLATES:
         own = " (the tokenizer template is the tokenizer's own, already stored)" if template == OWN_TEMPLATE else ""
         raise ValueError(f"{template!r} has no Jinja form to store: choose one of {', '.join(TEMPLATES)}{own}")
     spec = TEMPLATES[template]
-    content = "message['content']"
     generation_prompt = _jinja_output(spec.header)
     return "\n".join(
         [
             "{%- if messages[0]['role'] == 'system' -%}",
-            "{%- set system = " + _jinja_text(spec.system, content="messages[0]['content']") + " -%}",
+            "{%- set system_content = messages[0]['content'] -%}",
             "{%- set turns = messages[1:] -%}",
             "{%- else -%}",
-            "{%- set system = '' -%}",
+            "{%- set system_content = none -%}",
             "{%- set turns = messages -%}",
+            "{%- endif -%}",
+            *_jinja_tool_definitions(spec, template),
+            "{%- if system_content is none -%}",
+            "{%- set system = '' -%}",
+            "{%- else -%}",
+            "{%- set system = " + _jinja_text(spec.system, content="system_content") + " -%}",
             "{%- endif -%}",
             *_jinja_output(spec.start),
             "{%- for message in turns -%}",
@@ -306,9 +485,13 @@ def jinja(template: str) -> str:
             "{%- else -%}",
             "{%- set user_input = '' -%}",
             "{%- endif -%}",
-            *_jinja_output(spec.user, content=content, input="user_input", system="(system if loop.first else '')"),
+            *_jinja_output(
+                spec.user, content="message['content']", input="user_input", system="(system if loop.first else '')"
+            ),
+            "{%- elif message['role'] == 'tool' -%}",
+            *_jinja_tool_result(spec, template),
             "{%- else -%}",
-            *_jinja_output(spec.header + spec.reply + spec.after_reply, content=content),
+            *_jinja_assistant(spec, template),
             "{%- endif -%}",
             "{%- endfor -%}",
             *(["{%- if add_generation_prompt -%}", *generation_prompt, "{%- endif -%}"] if generation_prompt else []),
@@ -326,7 +509,12 @@ def store_template(tokenizer, template: str) -> None:
 
 
 def conversations(frame: pl.DataFrame, prefix: str = "") -> list[list[dict]]:
-    """Canonical rows (parallel roles and contents) as message lists; prefix "prompt_" reads a prompt's columns."""
+    """Canonical rows (parallel roles and contents) as message lists; prefix "prompt_" reads a prompt's columns.
+    Conversations that may offer tools read through `stages.tools.chats`, which keeps them."""
+    if not prefix and holds_tools(frame):
+        raise ValueError(
+            "these conversations hold tools or tool calls, which message lists would lose: read them with chats"
+        )
     return [
         [{"role": r, "content": c} for r, c in zip(roles, contents)]
         for roles, contents in zip(frame[f"{prefix}roles"].to_list(), frame[f"{prefix}contents"].to_list())

@@ -23,6 +23,8 @@ from stages.templates import (
     store_template,
 )
 
+from .test_tools import WITH_TOOLS
+
 CHAT = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is 2 + 3?"},
@@ -115,15 +117,15 @@ def test_the_prompt_ends_where_the_trained_reply_begins(tok, template: str) -> N
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_stored_jinja_renders_token_for_token_as_training(tok, template: str) -> None:
     store_template(tok, template)
-    for messages in HARD:
-        input_ids, _ = encode_conversation(messages, tok, max_len=1 << 20, template=template)
-        assert list(tok.apply_chat_template(messages, tokenize=True)["input_ids"]) == input_ids
-        prompt = tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)["input_ids"]
-        assert list(prompt) == encode_prompt(messages[:-1], tok, template)
+    # conversations offering tools too, where the template shows them (tests/test_tools.py: the refusals elsewhere)
+    for messages, tools in [(m, None) for m in HARD] + (WITH_TOOLS if TEMPLATES[template].tools else []):
+        input_ids, _ = encode_conversation(messages, tok, max_len=1 << 20, template=template, tools=tools)
+        assert list(tok.apply_chat_template(messages, tools=tools, tokenize=True)["input_ids"]) == input_ids
+        prompt = tok.apply_chat_template(messages[:-1], tools=tools, tokenize=True, add_generation_prompt=True)
+        assert list(prompt["input_ids"]) == encode_prompt(messages[:-1], tok, template, tools)
         # piece by piece equals the whole string read at once
-        assert (
-            tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"] == input_ids
-        )
+        rendered = tok.apply_chat_template(messages, tools=tools, tokenize=False)
+        assert tok(rendered, add_special_tokens=False)["input_ids"] == input_ids
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
