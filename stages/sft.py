@@ -54,7 +54,8 @@ def prepare(spec: SFTStage, tokenizer) -> Prepared:
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if files:
-            read = read_files(files, "conversations", spec.on_invalid)
+            read = read_files(files, "conversations", spec.on_invalid, spec.mix if split == "train" else None)
+            counts |= {f"{split}_{name}": float(value) for name, value in read.counts.items()}
             read_chats = chats(read.frame)
             splits[split], split_counts = encode(read_chats, tokenizer, spec)
             counts |= {f"{split}_{name}": float(value) for name, value in split_counts.items()}
