@@ -97,3 +97,23 @@ def test_a_heldout_file_without_its_training_file_is_refused(tmp_path: Path) -> 
     model = model_folder(tmp_path / "m")
     with pytest.raises(DataError, match="is held-out preference data, and no training file of that format"):
         starter_spec("m", model, [DATA_DIR / "sft.jsonl", DATA_DIR / "preference_heldout.jsonl"], tmp_path)
+
+
+def test_formats_are_detected_in_every_container(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}]
+    pq.write_table(pa.Table.from_pylist(chat), tmp_path / "chat.parquet")
+    (tmp_path / "pairs.json").write_text(
+        json.dumps([{"prompt": "Hi.", "chosen": "Hello.", "rejected": "Go."}], indent=2)
+    )
+    (tmp_path / "book.md").write_text("# A book\n\nIt begins.\n")
+    (tmp_path / "alpaca.csv").write_text("instruction,input,output\nAdd 2 and 3.,,5\n")
+    found = {name: detect_format(tmp_path / name) for name in ("chat.parquet", "pairs.json", "book.md", "alpaca.csv")}
+    assert found == {
+        "chat.parquet": "conversations",
+        "pairs.json": "preference",
+        "book.md": "text",
+        "alpaca.csv": "conversations",
+    }
