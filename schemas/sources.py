@@ -108,10 +108,7 @@ class Source(Strict):
         return self
 
     def __hash__(self) -> int:  # frozen, but its dicts are not hashable: a source is its settings
-        return hash(self.identity())
-
-    def identity(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude={"files"}), sort_keys=True)
+        return hash(json.dumps(self.model_dump(mode="json", exclude={"files"}), sort_keys=True))
 
     @property
     def name(self) -> str:

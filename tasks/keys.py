@@ -62,7 +62,9 @@ def source_digests(sources: list[Source]) -> list[str]:
     for source in sources:
         files = [file_digest(path) for path in source.files]
         plain = source.path is not None and source.model_dump(exclude={"path", "files"}) == PLAIN
-        digests += files if plain else [digest({"source": source.identity(), "files": files})]
+        # where the files lie is not what they hold: a moved project keeps its fingerprints
+        reading = source.model_dump(mode="json", exclude={"path", "info", "files"})
+        digests += files if plain else [digest({"source": reading, "files": files})]
     return digests
 
 
