@@ -147,11 +147,9 @@ class JsonArray:
         return type(value) in (int, float) and not self.text[end:].lstrip(NUMBER)
 
     def over(self, size: int) -> str:
-        return (
-            f"is {size:,} bytes, over the {self.limit:,}-byte limit for one row"
-            if size
-            else (f"is over the {self.limit:,}-byte limit for one row, and the file ends inside it")
-        )
+        if not size:
+            return f"is over the {self.limit:,}-byte limit for one row, and the file ends inside it"
+        return f"is {size:,} bytes, over the {self.limit:,}-byte limit for one row"
 
     def skip_value(self) -> int:
         """Move past the value at `pos` without parsing it, holding a chunk at a time: its size in bytes, 0 when the

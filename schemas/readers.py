@@ -265,28 +265,28 @@ def _lines(path: Path, handle: BinaryIO, limit: int, keep: Keep | None) -> Itera
 def _paragraphs(path: Path, handle: BinaryIO, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
     """Paragraphs at their first line. A bad line drops its paragraph, reported at that line; a paragraph over
     `limit` bytes is reported at its first line and read past."""
-    start, lines, size, broken = 0, [], 0, False
+    start, lines, size, dropped = 0, [], 0, False  # dropped: a bad line's paragraph, or one `keep` refuses
     for number, raw, oversize in chain(numbered_lines(handle, limit), [(0, b"", 0)]):  # 0: the end, as a blank line
         blank = number == 0 or (not oversize and not raw.strip(b" \t\r\n"))
         if blank:
-            if start and not broken:
+            if start and not dropped:
                 text = "\n".join(lines)
                 if size > limit:
                     rule = f"is {size:,} bytes, over the {limit:,}-byte limit for one row"
                     yield start, Problem(path, start, "(line)", rule, excerpt(text[:200]))
                 else:
                     yield start, {"text": text}
-            start, lines, size, broken = 0, [], 0, False
+            start, lines, size, dropped = 0, [], 0, False  # dropped: a bad line's paragraph, or one `keep` refuses
             continue
         if not start:
-            start, broken = number, keep is not None and not keep(number)
+            start, dropped = number, keep is not None and not keep(number)
         size += oversize or len(raw.rstrip(b"\r\n"))
-        if broken:
+        if dropped:
             continue
         text = decode_line(path, number, raw, oversize, limit)
         if isinstance(text, Problem):
             yield number, text
-            broken = True
+            dropped = True
         elif size <= limit:  # past the limit only the size is counted, so an endless paragraph is never held
             lines.append(text)
 
