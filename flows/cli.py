@@ -235,6 +235,21 @@ def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[lis
     return conversations(frame, "prompt_"), frame["answer"].to_list()
 
 
+def _tools(path: Path) -> list[dict]:
+    """The tool definitions --tools names (a JSON list, as a conversation row's tools are written), checked as the
+    conversations format checks a row's tools."""
+    from schemas.tools import definitions
+    from schemas.values import Shape
+
+    try:
+        tools, _ = definitions(json.loads(path.read_text(encoding="utf-8")), "tools")
+    except (OSError, json.JSONDecodeError, Shape) as err:
+        raise UsageError(f"--tools {path}: {err}") from None
+    if tools is None:
+        raise UsageError(f"--tools {path}: defines no tools")
+    return json.loads(tools)
+
+
 def answer_row(messages: list[dict], reply: str, reference: str | None) -> dict:
     """One line of the answers file: the prompt (its text when it is a single user turn), the answer, the reference
     if given."""
@@ -265,12 +280,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.checkpoint is not None and not any((args.checkpoint / f).exists() for f in CHECKPOINT_FILES):
         raise UsageError(f"{args.checkpoint} is not a checkpoint folder (no config.json or adapter_config.json in it)")
     prompts, references = _prompt_rows(args, words)
+    tools = _tools(args.tools) if args.tools is not None else None
     if args.stage is not None:
         checkpoint = _stage_checkpoint(spec_path, args.stage)
     else:
         checkpoint = _model_checkpoint(args.model) if args.model is not None else args.checkpoint
     set_seed(args.seed)
-    replies = ChatModel.load(checkpoint).reply(prompts, sampling, args.batch_size)
+    replies = ChatModel.load(checkpoint).reply(prompts, sampling, args.batch_size, [tools] * len(prompts))
     rows = [answer_row(m, r.text, ref) for m, r, ref in zip(prompts, replies, references)]
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -527,6 +543,12 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--batch-size", type=int, default=16, help="prompts generated together, left-padded")
     generate.add_argument("--seed", type=int, default=0, help="makes sampled replies repeatable")
+    generate.add_argument(
+        "--tools",
+        type=Path,
+        help="a JSON file of tool definitions ([{type: function, function: {name, description, parameters}}]) "
+        "offered with every prompt; a reply calls them in <tool_call> blocks",
+    )
     generate.set_defaults(func=cmd_generate)
     report = commands.add_parser("report", help="the eval stage's metrics per checkpoint and their sample replies")
     report.add_argument("spec", type=Path)

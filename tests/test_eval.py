@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-from examples.generate import DATA_DIR
+from examples.generate import DATA_DIR, MULTIPLY
 from flows.cli import format_metrics, format_samples, main
 from schemas.load import load_spec
 from schemas.spec import EvalStage, PretrainStage, SFTStage, TrainSpec
@@ -420,6 +420,23 @@ def test_generate_cli_answers_a_file_in_order(
 
     assert main(["generate", "--checkpoint", str(tmp_path), "hello"]) == 2
     assert "is not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_generate_cli_offers_the_tools_of_a_file(checkpoints: dict[str, Path], tmp_path: Path, monkeypatch, capsys):
+    use_home(monkeypatch, tmp_path / "home")
+    tools = tmp_path / "tools.json"
+    # a bare definition, as LLaMA-Factory writes one: read as the conversations format reads a row's tools
+    tools.write_text(json.dumps([MULTIPLY["function"]]))
+    out = tmp_path / "answers.jsonl"
+    words = ["--checkpoint", str(checkpoints["sft"]), "--max-new-tokens", "8", "--output", str(out)]
+    assert main(["generate", *words, "--tools", str(tools), "What is 12 times 34?"]) == 0
+    # greedy: what the template-named path answers with the tools rendered in the prompt
+    model, tok = load_model(checkpoints["sft"], tok := AutoTokenizer.from_pretrained(checkpoints["sft"])), tok
+    asked = [[{"role": "user", "content": "What is 12 times 34?"}]]
+    assert [json.loads(out.read_text())["answer"]] == answer(model, tok, asked, "chatml", 8, tools=[[MULTIPLY]])
+    tools.write_text('[{"type": "function", "function": {"description": "no name"}}]')
+    assert main(["generate", *words, "--tools", str(tools), "hello"]) == 2
+    assert f"--tools {tools}: tools[0].function.name: required" in capsys.readouterr().err
 
 
 SPEC = f"""
