@@ -33,11 +33,12 @@ from schemas.formats import Format, Shape, flatten, shape_of
 from schemas.mixing import mixed
 from schemas.problems import DataError, Problem, excerpt
 from schemas.readers import MAX_LINE_BYTES, MAX_TEXT_LINE_BYTES, Documents, container, read_rows
-from schemas.sources import Source
+from schemas.sources import Source, Unmapped
 from schemas.spec import Mix
 
 OnInvalid = Literal["fail", "skip"]
 ROLES = ("system", "user", "assistant")
+COLUMNAR = ("csv", "tsv", "parquet", "arrow")  # containers whose rows all have the file's columns
 TIE_NOTE = "tied scores: tied candidates weigh zero against each other in PRO"
 
 
@@ -267,6 +268,13 @@ def read_rows_of(
             continue
         try:
             flat = flatten(fmt, mapped(row) if mapped else row)
+        except Unmapped as err:
+            if container(path) in COLUMNAR:  # every row has the file's columns: one problem, not one a row
+                rows.close()
+                rule = err.rule.replace("this row", "this file").replace("the row has", "the file has")
+                return _frame({name: [] for name in dtypes}, dtypes), [Problem(path, 0, err.field, rule)], lambda p: p
+            problems.append(Problem(path, position, err.field, err.rule, "", rows.unit, rows.starts_on))
+            continue
         except Shape as err:
             shown = excerpt(json.dumps(row, ensure_ascii=False, default=str))
             problems.append(Problem(path, position, err.field, err.rule, shown, rows.unit, rows.starts_on))

@@ -44,6 +44,10 @@ OPTIONAL_KEYS = ("input", "history", "system", "tools", "answer", "images", "vid
 MESSAGE_KEYS = ("conversations", "messages", "chosen", "rejected", "chosen_messages", "rejected_messages", "prompt")
 
 
+class Unmapped(Shape):
+    """A row without a column the source's mapping names."""
+
+
 class Source(Strict):
     """Rows from a file, a folder, a Hub dataset in the local cache, or a LLaMA-Factory dataset_info.json entry."""
 
@@ -127,7 +131,7 @@ class Source(Strict):
             ]
             if missing:
                 have = ", ".join(sorted(map(str, row))) or "none"
-                raise Shape(missing[0], f"is not a column of this row (columns maps it; the row has: {have})")
+                raise Unmapped(missing[0], f"is not a column of this row (columns maps it; the row has: {have})")
             renamed = {key: value for key, value in row.items() if key not in self.columns.values()}
             renamed |= {ours: row[theirs] for ours, theirs in self.columns.items() if theirs in row}
             row = renamed

@@ -279,9 +279,11 @@ def test_a_mapped_column_missing_from_a_file_is_named_with_the_file(user_world: 
     wrong = dpo_stage.data[2].model_copy(update={"columns": {"prompt": "query", "chosen": "good", "rejected": "bad"}})
     with pytest.raises(DataError) as err:
         read_files([wrong], "preference")
-    assert str(err.value.problems[0]).startswith(
-        f"{user_world.parent / 'pairs.csv'}: row 1 (line 2): query: is not a column of this row (columns maps it"
-    )
+    # every row of a csv has the file's columns: one problem for the file, not one a row
+    assert [str(problem) for problem in err.value.problems] == [
+        f"{user_world.parent / 'pairs.csv'}:0: query: is not a column of this file (columns maps it; the file has: "
+        "bad, good, question)"
+    ]
 
 
 def test_each_stage_trains_on_the_users_own_files(
