@@ -37,7 +37,9 @@ SPECIAL_TOKENS = [EOS, IM_START, IM_END]
 
 OWN_TEMPLATE = "tokenizer"  # the template name that means: the tokenizer's own chat template
 
-# Qwen2.5's tool dialect (Hermes's), word for word: a model trained here reads and writes tools as theirs do
+# The tool dialect of Qwen2.5 and Qwen3 (Hermes's), word for word, so a model trained here reads and writes tools as
+# theirs do and servers' Hermes tool parsers read its calls; with no system message the system turn holds only the
+# tools, as Qwen3's does (Qwen2.5 adds a default system message of its own)
 HERMES = ToolFormat(
     definitions="# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}\n</tools>\n\n"

@@ -123,7 +123,7 @@ def parsed_calls(reply: str) -> list[str | None]:
 
 def calls_match(reply: str, reference: list[dict]) -> bool:
     """Whether the reply makes exactly the reference's calls (an assistant message's tool_calls): the same names with
-    equal arguments, compared as parsed JSON. Parallel calls are compared as a set: their order carries no meaning."""
+    equal arguments, compared as parsed JSON. Parallel calls may come in any order: it carries no meaning."""
     made = parsed_calls(reply)
     expected = [_canonical(f["name"], f["arguments"]) for f in map(function_of, reference)]
     return None not in made and sorted(made) == sorted(expected)

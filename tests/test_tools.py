@@ -41,8 +41,8 @@ DEFINITIONS = (
     "</tool_call>"
 )
 CALL_TEXT = '<tool_call>\n{"name": "multiply", "arguments": {"a": 12, "b": 34}}\n</tool_call>'
-# Qwen2.5's rendering of CHAT offered TOOLS, but for its default system message: with none given, the system turn
-# holds only the tools
+# Qwen3's rendering of CHAT offered TOOLS (Qwen2.5's but for its default system message: with none given, the system
+# turn holds only the tools)
 GOLDEN = (
     f"<|im_start|>system\n{DEFINITIONS}<|im_end|>\n<|im_start|>user\nWhat is 12 times 34?<|im_end|>\n"
     f"<|im_start|>assistant\n{CALL_TEXT}<|im_end|>\n"
@@ -120,7 +120,7 @@ def test_the_prompt_before_a_call_ends_where_the_trained_call_begins(tok) -> Non
     assert tok.decode(after_result).endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_stored_jinja_renders_tools_token_for_token_as_training(tok) -> None:
+def test_prompts_before_each_turn_and_the_tokenizer_template_render_tools_as_training(tok) -> None:
     store_template(tok, "chatml")
     for messages, tools in WITH_TOOLS:
         input_ids, _ = encode_conversation(messages, tok, max_len=1 << 20, tools=tools)
