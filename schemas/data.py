@@ -358,7 +358,8 @@ def read_file(
             problems.insert(
                 0, Problem(path, 0, "(file)", f"holds no valid rows: all {len(rejected_lines)} were rejected")
             )
-    if problems and (on_invalid == "fail" or problems[0].line == 0):
+    # a problem the file cannot be read past fails it under skip too: the rows after it would be lost unsaid
+    if problems and (on_invalid == "fail" or problems[0].line == 0 or any(p.stops for p in problems)):
         raise DataError(problems)
     return Validated(frame=valid, rejected=problems, notes=notes)
 

@@ -406,7 +406,11 @@ FLATTEN = {
 
 
 def flatten(fmt: Format, row: dict) -> dict:
-    """The row as its format's canonical columns; raise Shape when it has none of the accepted shapes."""
+    """The row as its format's canonical columns; raise Shape when it has none of the accepted shapes.
+
+    A null value is an absent key: a csv, parquet or arrow file gives every row each of its columns, null where
+    the row has none, so a file mixing shapes (messages in some rows, conversations in others) reads as written."""
+    row = {key: value for key, value in row.items() if value is not None}
     for key in MEDIA_KEYS:
         if row.get(key) not in (None, "", []):  # LLaMA-Factory writes [] where a row has no media
             raise Shape(key, f"holds {key}, and this stage is text-only: give rows without media")

@@ -139,8 +139,8 @@ class JsonArray:
             return self.problem(row, "must be a JSON object", text, starts_on), False
         return value, False
 
-    def problem(self, row: int, rule: str, shown: str, starts_on: int) -> Problem:
-        return Problem(self.path, row, "(row)", rule, excerpt(shown.strip()), "row", starts_on)
+    def problem(self, row: int, rule: str, shown: str, starts_on: int, stops: bool = False) -> Problem:
+        return Problem(self.path, row, "(row)", rule, excerpt(shown.strip()), "row", starts_on, stops)
 
     def number_goes_on(self, value: object, end: int) -> bool:
         """Whether a number parsed up to the end of what is held (`12` of `12.5`) may go on in the next chunk."""
@@ -199,4 +199,4 @@ class JsonArray:
         column = index - self.line_start + 1
         message = message.removesuffix(" at")  # "Unterminated string starting at"
         rule = f"not valid JSON: {message} at line {line} column {column}; the rest of the file is not read"
-        return self.problem(row, rule, self.text[max(index - 40, 0) : index + 20], starts_on)
+        return self.problem(row, rule, self.text[max(index - 40, 0) : index + 20], starts_on, stops=True)

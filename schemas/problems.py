@@ -22,7 +22,8 @@ class Problem:
 
     A line-based file (JSON Lines, text) counts lines; a file of records (a JSON array, parquet, arrow, csv)
     counts rows from 1, and where the container has lines (a JSON array, csv) `starts_on` is the line the row
-    starts on. 0 is the whole file."""
+    starts on. 0 is the whole file. `stops`: the file cannot be read past this problem (a syntax error in a JSON
+    array or csv), so skipping its row would silently lose every row after it."""
 
     file: Path
     line: int
@@ -31,6 +32,7 @@ class Problem:
     excerpt: str = ""
     unit: Literal["line", "row"] = "line"
     starts_on: int | None = None
+    stops: bool = False
 
     @property
     def where(self) -> str:

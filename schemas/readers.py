@@ -113,9 +113,11 @@ class Rows(Iterator[tuple[int, "dict | Problem"]]):
         """Close the file now rather than when the iterator is collected."""
         self._pairs.close()
 
-    def problem(self, position: int, rule: str, shown: str = "", starts_on: int | None = None) -> Problem:
-        """A problem of one row of a container of records."""
-        return Problem(self.path, position, "(row)", rule, excerpt(shown.strip()), "row", starts_on)
+    def problem(
+        self, position: int, rule: str, shown: str = "", starts_on: int | None = None, stops: bool = False
+    ) -> Problem:
+        """A problem of one row of a container of records; `stops` when the file cannot be read past it."""
+        return Problem(self.path, position, "(row)", rule, excerpt(shown.strip()), "row", starts_on, stops)
 
     def _read(self, limit: int, documents: Documents, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
         if not self.container:
@@ -314,7 +316,17 @@ def _json(rows: Rows, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict
             return
     rows.unit = "line"
     with _opened(rows.path) as handle:  # read again from its start: a decompressor cannot seek back
-        yield from _jsonl(rows.path, handle, limit, keep)
+        lines = _jsonl(rows.path, handle, limit, keep)
+        first = next(lines, None)
+        opening = head.removeprefix(BOM).lstrip(b" \t\r\n").split(b"\n", 1)[0].strip()
+        if first is not None and isinstance(first[1], Problem) and opening == b"{":
+            # `{` alone on the first line: one object written over many lines, not a row a line
+            rule = "holds one JSON object over several lines; a .json data file is an array of rows, or a row a line"
+            yield 0, Problem(rows.path, 0, "(file)", rule)
+            return
+        if first is not None:
+            yield first
+        yield from lines
 
 
 # ---- csv and tsv --------------------------------------------------------------------------------
@@ -339,7 +351,7 @@ def _csv(
             return
         except csv.Error as err:  # past it the csv module has lost its place in the file
             rule = f"not valid {rows.container}: {err}; the rest of the file is not read"
-            yield row + 1, rows.problem(row + 1, rule, "", starts_on)
+            yield row + 1, rows.problem(row + 1, rule, "", starts_on, stops=True)
             return
         if not cells:  # a blank line
             continue

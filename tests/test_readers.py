@@ -347,3 +347,20 @@ def test_streamed_slices_deal_out_the_rows_of_any_container(tmp_path: Path) -> N
         f"{tmp_path / 'bad.json'}: row 2 (line 1): text: must not be empty",
         f'{tmp_path / "bad.json"}: row 3 (line 1): text: required  [{{"body": 1}}]',
     ]
+
+
+def test_a_broken_array_fails_under_skip_too_since_the_rows_after_it_cannot_be_read(tmp_path: Path) -> None:
+    from schemas.data import DataError, read_file
+
+    path = tmp_path / "broken.json"
+    path.write_text('[{"text": "one"},\n {"text": "two" oops},\n {"text": "three"}]')
+    with pytest.raises(DataError) as err:
+        read_file(path, "text", "skip")
+    assert "the rest of the file is not read" in str(err.value)
+
+
+def test_one_object_over_several_lines_in_a_json_file_is_one_clear_problem(tmp_path: Path) -> None:
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"data": [{"text": "a"}, {"text": "b"}]}, indent=2))
+    ((position, problem),) = list(read_rows(path))
+    assert position == 0 and problem.rule.startswith("holds one JSON object over several lines")

@@ -567,3 +567,14 @@ def test_llama_factory_alpaca_pairs_take_their_prompt_as_alpaca_does(tmp_path: P
         }
     ]
     assert rows_of(tmp_path, "unpaired", row)[0]["labels"] == [True, False]
+
+
+def test_a_null_column_is_an_absent_key_so_a_parquet_file_may_mix_shapes(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    path = tmp_path / "mixed.parquet"
+    rows = [{"messages": turns, "conversations": None}, {"messages": None, "conversations": turns}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert read_file(path, "conversations").frame["contents"].to_list() == [["Hi.", "Hello."]] * 2
