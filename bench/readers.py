@@ -21,17 +21,17 @@ import gzip
 import json
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.streaming import high_water_mark, sentence_pool
+from bench.streaming import high_water_mark, run_measure, sentence_pool
 from bench.threads import cpu_model
 
 MB = 1 << 20
+READERS = "bench.readers"
 BATCH = 10_000  # rows per parquet row group and per arrow batch written
 SPEED = {  # file name: the datasets builder that reads it
     "rows.jsonl": "json",
@@ -136,19 +136,6 @@ def measure_stream(path: str) -> dict:
 MEASURES = {"ours": measure_ours, "datasets": measure_datasets, "stream": measure_stream}
 
 
-def run_measure(name: str, **kwargs) -> dict:
-    """One measurement in a fresh interpreter, so its time and peak RSS are its own."""
-    output = subprocess.run(
-        [sys.executable, "-m", "bench.readers", "--measure", name, json.dumps(kwargs)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    if output.returncode:
-        sys.exit(f"measurement {name} {kwargs} failed:\n{output.stderr}")
-    return json.loads(output.stdout.strip().splitlines()[-1])
-
-
 # ---- the run ----------------------------------------------------------------------------------
 
 
@@ -176,8 +163,10 @@ def main() -> None:
         for name, builder in SPEED.items():
             path = root / name
             write(path, generated(args.rows, args.seed))
-            ours = run_measure("ours", path=str(path))
-            theirs = run_measure("datasets", path=str(path), builder=builder, cache=str(root / f"cache-{name}"))
+            ours = run_measure("ours", READERS, path=str(path))
+            theirs = run_measure(
+                "datasets", READERS, path=str(path), builder=builder, cache=str(root / f"cache-{name}")
+            )
             assert ours["rows"] == theirs["rows"] == args.rows, (ours, theirs)
             ours_speed, theirs_speed = args.rows / ours["seconds"], args.rows / theirs["seconds"]
             print(
@@ -196,7 +185,7 @@ def main() -> None:
         for name in BIG:
             path = root / name
             write(path, generated(big_rows, args.seed))
-            result = run_measure("stream", path=str(path))
+            result = run_measure("stream", READERS, path=str(path))
             assert result["rows"] == big_rows, result
             print(
                 f"{name:<12} {path.stat().st_size / MB:>7.0f} {big_rows / result['seconds']:>10,.0f} "

@@ -361,16 +361,17 @@ MEASURES = {
 }
 
 
-def run_measure(name: str, **kwargs) -> dict:
-    """One measurement in a fresh interpreter, so that peak RSS is the measurement's alone."""
+def run_measure(name: str, module: str = "bench.streaming", **kwargs) -> dict:
+    """One measurement of `module` (its `--measure NAME KWARGS`) in a fresh interpreter, so that its time and peak
+    RSS are the measurement's alone."""
     output = subprocess.run(
-        [sys.executable, "-m", "bench.streaming", "--measure", name, json.dumps(kwargs)],
+        [sys.executable, "-m", module, "--measure", name, json.dumps(kwargs)],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
     if output.returncode:
-        sys.exit(f"measurement {name} failed:\n{output.stderr}")
+        sys.exit(f"measurement {name} {kwargs} failed:\n{output.stderr}")
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
