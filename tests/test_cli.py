@@ -29,7 +29,7 @@ def test_validate_checks_spec_and_data_without_training(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     spec = load_spec(QUICK)
     files = spec.data_contracts()  # a file two stages read in different formats is checked (and counted) in each
-    rows = sum(1 for path, _, _ in files for line in path.read_text().splitlines() if line.strip())
+    rows = sum(1 for source, _, _ in files for path in source.files for line in path.read_text().splitlines() if line)
     stages = len(spec.stages) + 1  # the tokenizer is a stage too
     assert f"spec valid; {stages} stages; {len(files)} data files, {rows} rows, all valid" in done.stdout
     assert not (tmp_path / "work").exists()
