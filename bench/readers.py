@@ -3,9 +3,10 @@ resident memory of streaming `read_rows` over GB-sized files.
 
 1. speed: the same seeded SFT rows (alpaca: instruction, input, output) written as jsonl, a JSON array, parquet,
    csv, arrow (IPC stream, as `datasets` saves) and jsonl.gz; each file read by `schemas.data.read_file(path,
-   "conversations")` (read + flatten + pandera validation) and by `datasets.load_dataset(builder, data_files=path,
-   split="train", cache_dir=<a fresh folder>)` (read + convert + write its Arrow cache), each in a process of its
-   own, timed from after the imports;
+   "conversations")` (read + flatten + pandera validation; by columns where schemas/columnar.py applies), by
+   read_file row by row as before that path ("row path"), and by `datasets.load_dataset(builder,
+   data_files=path, split="train", cache_dir=<a fresh folder>)` (read + convert + write its Arrow cache), each in
+   a process of its own, timed from after the imports;
 2. memory: `read_rows` streamed over a --big-gb JSON array, parquet file and jsonl file of the same rows, each in a
    process of its own: the peak RSS (the kernel's high-water mark, VmHWM) beside the RSS after the imports.
 
@@ -110,6 +111,14 @@ def measure_ours(path: str) -> dict:
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
+def measure_rows(path: str) -> dict:
+    """read_file as it read before schemas/columnar.py: every file row by row (the columnar path declining)."""
+    import schemas.data
+
+    schemas.data.canonical = lambda *args: None
+    return measure_ours(path)
+
+
 def measure_datasets(path: str, builder: str, cache: str) -> dict:
     import datasets
 
@@ -133,7 +142,7 @@ def measure_stream(path: str) -> dict:
     }
 
 
-MEASURES = {"ours": measure_ours, "datasets": measure_datasets, "stream": measure_stream}
+MEASURES = {"ours": measure_ours, "rows": measure_rows, "datasets": measure_datasets, "stream": measure_stream}
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -159,19 +168,23 @@ def main() -> None:
         )
     print(f"CPU: {cpu_model()}; {args.rows:,} rows; {root}", flush=True)
     try:
-        print(f"{'file':<16} {'MB':>7} {'read_file rows/s':>17} {'load_dataset rows/s':>20} {'ratio':>6}", flush=True)
+        print(
+            f"{'file':<16} {'MB':>7} {'read_file rows/s':>17} {'row path rows/s':>16} {'load_dataset rows/s':>20} "
+            f"{'ratio':>6}",
+            flush=True,
+        )
         for name, builder in SPEED.items():
             path = root / name
             write(path, generated(args.rows, args.seed))
-            ours = run_measure("ours", READERS, path=str(path))
+            ours, rows = run_measure("ours", READERS, path=str(path)), run_measure("rows", READERS, path=str(path))
             theirs = run_measure(
                 "datasets", READERS, path=str(path), builder=builder, cache=str(root / f"cache-{name}")
             )
-            assert ours["rows"] == theirs["rows"] == args.rows, (ours, theirs)
-            ours_speed, theirs_speed = args.rows / ours["seconds"], args.rows / theirs["seconds"]
+            assert ours["rows"] == rows["rows"] == theirs["rows"] == args.rows, (ours, rows, theirs)
+            ours_speed, rows_speed, theirs_speed = (args.rows / m["seconds"] for m in (ours, rows, theirs))
             print(
-                f"{name:<16} {path.stat().st_size / MB:>7.1f} {ours_speed:>17,.0f} {theirs_speed:>20,.0f} "
-                f"{ours_speed / theirs_speed:>5.2f}x",
+                f"{name:<16} {path.stat().st_size / MB:>7.1f} {ours_speed:>17,.0f} {rows_speed:>16,.0f} "
+                f"{theirs_speed:>20,.0f} {ours_speed / theirs_speed:>5.2f}x",
                 flush=True,
             )
             shutil.rmtree(root / f"cache-{name}", ignore_errors=True)

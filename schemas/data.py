@@ -29,6 +29,7 @@ import polars as pl
 import pyarrow
 from pandera.errors import SchemaErrors
 
+from schemas.columnar import canonical
 from schemas.formats import Format, Shape, flatten, shape_of
 from schemas.mixing import mixed
 from schemas.problems import DataError, Problem, excerpt
@@ -342,8 +343,12 @@ def read_file(
     path = Path(path)
     documents = documents or (source.documents if source else "line")
     mapped = source.mapped if source is not None and (source.columns or source.tags) else None
-    frame, problems, located = read_rows_of(path, fmt, documents, mapped)
-    problems += map(located, _rule_problems(path, frame, SCHEMAS[fmt]))
+    fast = canonical(path, fmt, source)  # plain data by columns, kept only when valid (schemas/columnar.py)
+    if fast is not None and not _rule_problems(path, fast, SCHEMAS[fmt]):
+        frame, problems, located = fast, [], lambda problem: problem
+    else:  # row by row, so each problem is named at its own row
+        frame, problems, located = read_rows_of(path, fmt, documents, mapped)
+        problems += map(located, _rule_problems(path, frame, SCHEMAS[fmt]))
     problems.sort(key=lambda p: p.line)
     rejected_lines = {p.line for p in problems}
     valid = frame.filter(~pl.col("line").is_in(rejected_lines))
