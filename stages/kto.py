@@ -31,6 +31,7 @@ import torch
 from datasets import Dataset
 
 from schemas.data import DataError, Problem, read_files
+from schemas.sources import files_of
 from schemas.spec import KTOStage
 from stages import candidates
 from stages.candidates import Listed, candidate_logps, encode, nth_candidate, scored, train
@@ -91,7 +92,7 @@ def prepare(spec: KTOStage, tokenizer) -> Prepared:
         try:
             return with_mismatched(listed)
         except ValueError as err:
-            raise DataError([Problem(path, 0, "(file)", str(err)) for path in spec.data]) from None
+            raise DataError([Problem(path, 0, "(file)", str(err)) for path in files_of(spec.data)]) from None
 
     return candidates.prepare(spec, tokenizer, listing)
 
