@@ -61,6 +61,7 @@ from transformers import AutoTokenizer
 from schemas.data import read_files
 from schemas.formats import Format
 from schemas.rewards import AnswerReward, ModelReward
+from schemas.sources import Source
 from schemas.spec import EvalStage
 from stages.candidates import encode, rows, scored
 from stages.checkpoint import load_model
@@ -148,11 +149,11 @@ class HeldOut:
         return [column for fmt, names in METRICS.items() if present[fmt] for column in names if asked.get(column, True)]
 
 
-def _read(paths: list[Path], fmt: Format, limit: int, on_invalid: str) -> pl.DataFrame | None:
-    """The first `limit` valid rows of each file, files in order; None without files."""
-    if not paths:
+def _read(sources: list[Source], fmt: Format, limit: int, on_invalid: str) -> pl.DataFrame | None:
+    """The first `limit` valid rows of each source, sources in order; None without sources."""
+    if not sources:
         return None
-    return pl.concat([read_files([path], fmt, on_invalid).frame.head(limit) for path in paths])
+    return pl.concat([read_files([source], fmt, on_invalid).frame.head(limit) for source in sources])
 
 
 def text_blocks(texts: list[str], tokenizer, max_len: int) -> list[list[int]]:
@@ -188,7 +189,7 @@ def _samples(spec: EvalStage, tasks: list[list[dict]], held: list[Chat]) -> list
 
 def held_out(spec: EvalStage, tokenizer) -> HeldOut:
     """Every held-out file of the spec read (first `limit` rows of each) and encoded for scoring."""
-    read = {fmt: _read(paths, fmt, spec.limit, spec.on_invalid) for fmt, (paths, _) in spec.files().items()}
+    read = {fmt: _read(sources, fmt, spec.limit, spec.on_invalid) for fmt, (sources, _) in spec.files().items()}
     texts = read["text"]["text"].to_list() if read["text"] is not None else []
     held = chats(read["conversations"]) if read["conversations"] is not None else []
     prompts = read["prompts"]
