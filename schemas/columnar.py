@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from schemas.formats import SHAREGPT_ROLES, Format
 from schemas.problems import DataError
-from schemas.readers import BOM, COMPRESSIONS, MAX_LINE_BYTES, MAX_TEXT_LINE_BYTES, UNREADABLE, _opened, container
+from schemas.readers import BOM, COMPRESSIONS, MAX_LINE_BYTES, MAX_TEXT_LINE_BYTES, UNREADABLE, container, opened
 from schemas.sources import OPTIONAL_KEYS, Source
 
 CHUNK = 16 << 20  # bytes of JSON Lines parsed at a time: the file is never held whole; each keeps Arrow busy
@@ -365,7 +365,7 @@ def _json_lines(path: Path, limit: int, columns: dict[str, str]) -> Tables:
     a number Python's json refuses."""
     types = pa.schema({columns.get(ours, ours): kind for ours, kind in JSON_TYPES.items()})
     options = pj.ParseOptions(explicit_schema=types, unexpected_field_behavior="infer")
-    with _opened(path) as handle:
+    with opened(path) as handle:
         for chunk in _whole_lines(handle, limit):
             lines = _object_lines(chunk, limit) if chunk is not None and _utf8(chunk) else None
             table = None if lines is None else pj.read_json(pa.py_buffer(chunk), parse_options=options)

@@ -130,7 +130,7 @@ class Rows(Iterator[tuple[int, "dict | Problem"]]):
             elif self.container == "json":
                 yield from _json(self, limit, keep)
             else:
-                with _opened(self.path) as handle:
+                with opened(self.path) as handle:
                     if self.container == "jsonl":
                         yield from _jsonl(self.path, handle, limit, keep)
                     elif self.container == "text":
@@ -160,7 +160,7 @@ def read_rows(
 # ---- bytes, compressed or not ------------------------------------------------------------
 
 
-def _opened(path: Path) -> BinaryIO:
+def opened(path: Path) -> BinaryIO:
     suffix = Path(path.name.lower()).suffix
     if suffix == ".gz":
         return gzip.open(path, "rb")
@@ -182,7 +182,7 @@ def _seekable(path: Path) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="lifecycle-read-") as folder:
         plain = Path(folder) / _uncompressed(path.name)
-        with _opened(path) as source, open(plain, "wb") as target:
+        with opened(path) as source, open(plain, "wb") as target:
             shutil.copyfileobj(source, target, CHUNK)
         yield plain
 
@@ -301,7 +301,7 @@ def _paragraphs(path: Path, handle: BinaryIO, limit: int, keep: Keep | None) -> 
 
 def _json(rows: Rows, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict | Problem]]:
     """A JSON array when the file's first character is `[`, else JSON Lines."""
-    with _opened(rows.path) as handle:
+    with opened(rows.path) as handle:
         chunks = iter(partial(handle.read, CHUNK), b"")
         head = b""
         for chunk in chunks:
@@ -315,7 +315,7 @@ def _json(rows: Rows, limit: int, keep: Keep | None) -> Iterator[tuple[int, dict
                 yield row, value
             return
     rows.unit = "line"
-    with _opened(rows.path) as handle:  # read again from its start: a decompressor cannot seek back
+    with opened(rows.path) as handle:  # read again from its start: a decompressor cannot seek back
         lines = _jsonl(rows.path, handle, limit, keep)
         first = next(lines, None)
         opening = head.removeprefix(BOM).lstrip(b" \t\r\n").split(b"\n", 1)[0].strip()
