@@ -462,7 +462,8 @@ class EvalStage(StageBase):
         default_factory=list, description="held-out text: perplexity; default: the scored stages' held-out text"
     )
     conversations: Sources = Field(
-        default_factory=list, description="held-out conversations: response loss and exact match"
+        default_factory=list,
+        description="held-out conversations: response loss, exact match, and tool_calls where they call tools",
     )
     prompts: Sources = Field(default_factory=list, description="prompts with reference answers: task accuracy")
     preference: Sources = Field(
