@@ -96,9 +96,9 @@ class Source(Strict):
         elif isinstance(value, str):
             value = {"hf": value.removeprefix(HF)} if value.startswith(HF) else {"path": value}
         if isinstance(value, dict) and value.get("path") is not None and not value.get("files"):
-            # a single file needs no resolving: a source made in code (not loaded from a spec) reads it as it is
-            if Path(value["path"]).is_file():
-                value = {**value, "files": [value["path"]]}
+            # a source made in code (not loaded from a spec) reads the file or the pattern's matches as they are;
+            # a spec's sources are resolved against the spec's folder when it loads (`resolve`)
+            value = {**value, "files": expand([Path(value["path"])])}
         return value
 
     @model_validator(mode="after")

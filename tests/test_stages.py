@@ -19,6 +19,7 @@ from schemas.spec import STAGE_KINDS, ModelInit, PretrainStage, SFTStage, Templa
 from stages import TRAINING_STAGES, pretrain, sft, training_stage
 from stages.contract import StageInputs
 from stages.templates import IGNORE, OWN_TEMPLATE, TEMPLATES, encode_conversation, encode_prompt
+from stages.tools import chats
 from stages.training import last_checkpoint
 from tests.conftest import FAST, TINY
 
@@ -105,8 +106,8 @@ def test_sft_lowers_response_loss_and_resumes_from_its_checkpoint(
     )
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     prepared = sft.prepare(spec, tok)
-    chats = sft.conversations(read_files(spec.data, "conversations").frame)
-    overlong = sum(len(encode_conversation(c, tok, 10_000)[0]) > 128 for c in chats)
+    read = chats(read_files(spec.data, "conversations").frame)
+    overlong = sum(len(encode_conversation(c.messages, tok, 10_000)[0]) > 128 for c in read)
     assert prepared.counts["train_truncated"] == overlong > 0 and prepared.counts["train_dropped"] == 0
     # best-fit packing leaves little of a row empty: 0.935, no seed in it
     assert float(prepared.counts["train_row_fill"]) > 0.9
