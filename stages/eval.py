@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,15 +263,7 @@ def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str,
         found["exact_match"] = exact_match(model, tokenizer, data.chats, spec.template, spec.max_new_tokens)
     if data.tool_turns:
         before, calls = zip(*data.tool_turns)
-        calling = answer(
-            model,
-            tokenizer,
-            [c.messages for c in before],
-            spec.template,
-            spec.max_new_tokens,
-            tools=[c.tools for c in before],
-        )
-        found["tool_calls"] = tool_call_accuracy(calling, list(calls))
+        found["tool_calls"] = tool_call_accuracy(replies_to(model, tokenizer, before, spec), list(calls))
     replies = (
         answer(model, tokenizer, [messages for messages, _ in data.tasks], spec.template, spec.max_new_tokens)
         if data.tasks
@@ -293,16 +286,14 @@ def _scored_checkpoint(
     """One checkpoint loaded, measured and asked the samples; its model is unreferenced when this returns."""
     model = load_model(folder, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     found, pair_logps, replies = measure(model, tokenizer, data, spec)
-    asked = [chat for _, chat in data.samples]
-    samples = answer(
-        model,
-        tokenizer,
-        [c.messages for c in asked],
-        spec.template,
-        spec.max_new_tokens,
-        tools=[c.tools for c in asked],
-    )
+    samples = replies_to(model, tokenizer, [chat for _, chat in data.samples], spec)
     return found, pair_logps, replies, samples
+
+
+def replies_to(model, tokenizer, asked: Sequence[Chat], spec: EvalStage) -> list[str]:
+    """Greedy replies to conversations, each rendered with the tools it offers."""
+    messages, tools = [c.messages for c in asked], [c.tools for c in asked]
+    return answer(model, tokenizer, messages, spec.template, spec.max_new_tokens, tools=tools)
 
 
 def rewarded(
