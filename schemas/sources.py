@@ -136,21 +136,24 @@ class Source(Strict):
             renamed |= {ours: row[theirs] for ours, theirs in self.columns.items() if theirs in row}
             row = renamed
         if self.tags:
-            row = {key: self._speakers(value) if key in MESSAGE_KEYS else value for key, value in row.items()}
+            tags = TAG_DEFAULTS | self.tags  # once a row, not once a message
+            speakers = {tags[tag]: ours for tag, ours in SPEAKERS.items()}
+            role, content = tags["role_tag"], tags["content_tag"]
+            row = {
+                key: _speakers(value, role, content, speakers) if key in MESSAGE_KEYS else value
+                for key, value in row.items()
+            }
         return row
 
-    def _speakers(self, value: Any) -> Any:
-        if isinstance(value, list):
-            return [self._speakers(item) for item in value]
-        if not isinstance(value, dict):
-            return value
-        tags = TAG_DEFAULTS | self.tags
-        role, content = tags["role_tag"], tags["content_tag"]
-        if role not in value:
-            return value
-        speaker = {tags[tag]: ours for tag, ours in SPEAKERS.items()}.get(value[role], value[role])
-        rest = {key: item for key, item in value.items() if key not in (role, content)}
-        return {**rest, "from": speaker, "value": value.get(content)}
+
+def _speakers(value: Any, role: str, content: str, speakers: dict[str, str]) -> Any:
+    """sharegpt messages under their own key and speaker names, as the names our shapes read."""
+    if isinstance(value, list):
+        return [_speakers(item, role, content, speakers) for item in value]
+    if not isinstance(value, dict) or role not in value:
+        return value
+    rest = {key: item for key, item in value.items() if key not in (role, content)}
+    return {**rest, "from": speakers.get(value[role], value[role]), "value": value.get(content)}
 
 
 def files_of(sources: list[Source]) -> list[Path]:
