@@ -20,6 +20,7 @@ from flows import server
 from schemas.errors import LifecycleError
 from schemas.load import SpecError, load_spec
 from schemas.reference import REFERENCE, render
+from stages import memory
 from stages.progress import quiet_libraries
 from tasks.checks import check_contracts
 from tasks.home import Home
@@ -48,6 +49,7 @@ def _check(spec_path: Path, home: Home | None = None) -> None:
     """Spec and data, everything a run checks before any model loads; with `home`, data that passed before is not
     read again."""
     spec = load_spec(spec_path)
+    memory.check(spec, spec_path)
     checked = check_contracts(spec, home)
     rows, rejected = sum(c.rows for c in checked), sum(c.rejected for c in checked)
     verdict = f"{rejected} invalid rows will be skipped (on_invalid: skip)" if rejected else "all valid"

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from schemas.errors import LifecycleError
+from schemas.memory import Memory
 from schemas.models import own_model_problems
 from schemas.sources import Source, Unresolved, expand, resolve
 from schemas.spec import (
@@ -100,6 +101,7 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
         if isinstance(stage, TrainingStage):
             # the pipeline's launch is every training stage's but grpo's, which runs in one process for now
             update["launch"] = launch = stage.launch or (spec.launch if not isinstance(stage, GRPOStage) else None)
+            update["memory"] = stage.memory or spec.memory or Memory()
             if launch is not None and isinstance(launch.deepspeed, Path):
                 config = fix(launch.deepspeed, f"stages[{i}].launch.deepspeed")
                 update["launch"] = launch.model_copy(update={"deepspeed": config[0] if config else launch.deepspeed})

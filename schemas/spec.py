@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, PositiveInt, model_validator
 from schemas.base import Strict
 from schemas.formats import Format
 from schemas.launch import Launch
+from schemas.memory import Memory
 from schemas.models import init_config
 from schemas.rewards import AnswerReward, ModelReward, Reward
 from schemas.sources import Source
@@ -112,6 +113,9 @@ class TokenizerSpec(Strict):
         return self
 
 
+Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor"]
+
+
 class TrainSpec(Strict):
     """Optimisation settings shared by every training stage."""
 
@@ -134,6 +138,17 @@ class TrainSpec(Strict):
     save_steps: PositiveInt = Field(100, description="in-stage checkpoint interval; a re-run resumes from the last one")
     logging_steps: PositiveInt = Field(10, description="training metrics are logged every this many steps")
     seed: int = Field(0, description="seeds fresh weights, data order, dropout and sampling")
+    optimizer: Optimizer = Field(
+        "adamw_torch_fused",
+        description="the Trainer's optimizer, by its name: AdamW (fused kernel, or torch's loop), AdamW with 8-bit "
+        "state (bitsandbytes; paged: CUDA), or Adafactor (factored second moments, a fraction of AdamW's state)",
+    )
+    neftune_noise_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune: uniform noise of this scale (alpha / sqrt(length · width)) on the input embeddings "
+        "while training (the Trainer's); 5 is the paper's common choice for SFT",
+    )
 
 
 class LoraSpec(Strict):
@@ -210,9 +225,23 @@ class TrainingStage(StageBase):
         description="run under torchrun (DDP) or DeepSpeed ZeRO; default: the pipeline's launch, "
         "else one process. Not part of the fingerprint",
     )
+    memory: Memory | None = Field(
+        None,
+        description="gradient checkpointing, the attention kernel, torch.compile, Liger; default: the pipeline's "
+        "memory, else none of them. Not part of the fingerprint",
+    )
 
     def files(self) -> dict[str, tuple[list[Source], Format]]:
         return {"data": (self.data, self.data_format), "heldout": (self.heldout, self.data_format)}
+
+    @model_validator(mode="after")
+    def _neftune_for_sft(self) -> TrainingStage:
+        if self.train.neftune_noise_alpha is not None and self.kind != "sft":
+            raise ValueError(
+                f"train.neftune_noise_alpha: NEFTune is noise on the embeddings of the conversations an sft stage "
+                f"learns; a {self.kind} stage would score its data under that noise"
+            )
+        return self
 
 
 class Packing(Strict):
@@ -527,6 +556,7 @@ class PipelineSpec(Strict):
     launch: Launch | None = Field(
         None, description="every training stage's launch (but grpo's) unless the stage gives its own"
     )
+    memory: Memory | None = Field(None, description="every training stage's memory unless the stage gives its own")
     stages: list[Stage] = Field(
         min_length=1, description="run in order; each starts from the previous training stage unless it names `from`"
     )

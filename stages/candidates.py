@@ -28,7 +28,7 @@ from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
 from stages.templates import IGNORE, conversations, encode_completion, store_template
-from stages.training import fit, make_trainer, training_arguments
+from stages.training import fit, make_trainer
 
 # per row: prompt messages, candidates best first, their scores
 Listed = list[tuple[list[dict], list[str], list[float]]]
@@ -216,11 +216,11 @@ def train(
             {f"heldout_{k}": v for k, v in measure(model, datasets["heldout"]).items()} if "heldout" in datasets else {}
         )
 
-    args = training_arguments(spec, workdir / "trainer")
     trainer = make_trainer(
+        spec,
         model,
         tokenizer,
-        args,
+        workdir,
         datasets,
         CandidatesCollator(tokenizer.pad_token_id),
         inputs.callbacks,

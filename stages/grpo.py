@@ -49,7 +49,7 @@ from stages.rewards import (
     weighted_total,
 )
 from stages.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
-from stages.training import ObjectiveTrainer, fit, make_trainer, training_arguments
+from stages.training import ObjectiveTrainer, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -401,9 +401,10 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
         return {f"heldout_{k}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards).items()}
 
     trainer = make_trainer(
+        spec,
         model,
         tokenizer,
-        training_arguments(spec, workdir / "trainer"),
+        workdir,
         datasets,
         PromptCollator(tokenizer.pad_token_id),
         inputs.callbacks,

@@ -20,7 +20,7 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.packing import concat_chunk, tokenize_documents
 from stages.streaming import StreamingTextDataset
-from stages.training import fit, make_trainer, training_arguments
+from stages.training import fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -85,10 +85,8 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
             rank=0,
             world_size=1,
         )
-    args = training_arguments(spec, workdir / "trainer")
-    trainer = make_trainer(
-        model, tokenizer, args, datasets, DataCollatorForLanguageModeling(tokenizer, mlm=False), inputs.callbacks
-    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = make_trainer(spec, model, tokenizer, workdir, datasets, collator, inputs.callbacks)
     metrics, resumed_from = fit(trainer)
     if "heldout" in inputs.datasets:
         metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]

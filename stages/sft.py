@@ -25,7 +25,7 @@ from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
 from stages.templates import IGNORE, encode_conversation, store_template
 from stages.tools import Chat, chats
-from stages.training import fit, make_trainer, training_arguments
+from stages.training import fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -90,9 +90,7 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
         if spec.packing
         else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     )
-    trainer = make_trainer(
-        model, tokenizer, training_arguments(spec, workdir / "trainer"), datasets, collator, inputs.callbacks
-    )
+    trainer = make_trainer(spec, model, tokenizer, workdir, datasets, collator, inputs.callbacks)
 
     def measure() -> dict[str, float]:
         """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of

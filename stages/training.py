@@ -7,6 +7,7 @@ killed mid-training continues where it stopped instead of starting again.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from schemas.errors import LifecycleError
+from schemas.memory import Memory
 from schemas.spec import StageBase, TrainingStage
 from stages.contract import TRAINER_STATE
 from stages.progress import StatusLine, duration, step_line
@@ -57,7 +59,7 @@ def main_process() -> bool:
 def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArguments:
     """The Trainer's settings from the stage's `train`; under torchrun, `batch_size` is shared among the ranks and
     `launch.deepspeed` is handed to the Trainer, so one optimizer step sees the same rows however the stage runs."""
-    train, launch = spec.train, spec.launch
+    train, launch, memory = spec.train, spec.launch, spec.memory or Memory()
     launched = "LOCAL_RANK" in os.environ
     per_rank = train.batch_size // world_size()
     return TrainingArguments(
@@ -94,6 +96,12 @@ def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArgumen
         remove_unused_columns=False,  # the collators pick their columns; objectives read more than the model's inputs
         dataloader_num_workers=0,
         disable_tqdm=True,
+        optim=train.optimizer,
+        neftune_noise_alpha=train.neftune_noise_alpha,
+        activation_checkpointing=memory.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if memory.gradient_checkpointing else None,
+        torch_compile=memory.torch_compile,
+        use_liger_kernel=memory.liger,
     )
 
 
@@ -135,6 +143,8 @@ def fit(trainer: Trainer, measure: Callable[[], dict[str, float]] | None = None)
         metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
     metrics["global_step"] = float(trainer.state.global_step)
     metrics["bf16"] = float(trainer.args.bf16)  # what `precision` chose on this machine: 1 bf16 autocast, 0 fp32
+    # the attention kernel the stage ran with (what `memory.attention: auto` chose), as bf16 is recorded: 1
+    metrics[f"attention_{unwrapped(trainer.model).config._attn_implementation}"] = 1.0
     return metrics | before | (measure() if measure else {}), resumed_from
 
 
@@ -287,19 +297,39 @@ class ObjectiveTrainer(StageTrainer):
         super().log(logs, start_time)
 
 
+def unwrapped(model) -> PreTrainedModel:
+    """A PEFT model's base model; any other model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention(stage: TrainingStage) -> str | None:
+    """The attention kernel the stage asks for; None for auto where flash attention is out of reach: the
+    architecture's default (transformers picks sdpa where the architecture has it, else eager)."""
+    chosen = (stage.memory or Memory()).attention
+    if chosen != "auto":
+        return chosen
+    usable = torch.cuda.is_available() and use_bf16(stage.train.precision)
+    return "flash_attention_2" if usable and importlib.util.find_spec("flash_attn") is not None else None
+
+
 def make_trainer(
+    spec: TrainingStage,
     model: PreTrainedModel,
     tokenizer,
-    args: TrainingArguments,
+    workdir: Path,
     datasets: Mapping,
     collator,
     callbacks: tuple[TrainerCallback, ...],
     trainer_class: type[StageTrainer] = StageTrainer,
     **extra,
 ) -> StageTrainer:
+    """The stage's Trainer (its arguments from `training_arguments`, its folder workdir/trainer), the model set to the
+    stage's attention kernel."""
+    if (kernel := attention(spec)) is not None:
+        unwrapped(model).set_attn_implementation(kernel)
     return trainer_class(
         model=model,
-        args=args,
+        args=training_arguments(spec, workdir / "trainer"),
         train_dataset=datasets["train"],
         eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
         processing_class=tokenizer,

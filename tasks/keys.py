@@ -19,7 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from schemas.sources import Source
-from schemas.spec import EvalStage, Mix, PipelineSpec, Stage
+from schemas.spec import EvalStage, Mix, PipelineSpec, Stage, TrainingStage, TrainSpec
 
 CHUNK = 1 << 20
 PLAIN = Source(path=Path(".")).model_dump(exclude={"path", "files"})  # a file read as it is
@@ -72,10 +72,25 @@ def _data(stage: Stage) -> dict[str, list[str]]:
     return {field: source_digests(sources) for field, (sources, _) in stage.files().items()}
 
 
-def _unless_default(stage: Stage) -> dict[str, bool]:
+def _unless_default(stage: Stage) -> dict[str, bool | set[str]]:
     """Fields added with a default that keeps what a stage makes as it was: left out of the keys while default, so
     the runs of specs that never set them stay reused."""
-    return {"mix": True} if getattr(stage, "mix", None) == Mix() else {}
+    left_out: dict[str, bool | set[str]] = {"mix": True} if getattr(stage, "mix", None) == Mix() else {}
+    if isinstance(stage, TrainingStage):
+        default = TrainSpec()
+        added = ("optimizer", "neftune_noise_alpha")
+        left_out["train"] = {name for name in added if getattr(stage.train, name) == getattr(default, name)}
+    return left_out
+
+
+def _excluded(stage: Stage) -> dict:
+    """What a stage's fingerprint leaves out: its data fields (digested apart), the fields added since that are still
+    default, and what changes how fast or in how many processes it runs, how often it checkpoints or logs, and the
+    metric an eval's `best` alias follows: none of them changes what it makes (beyond numerical noise)."""
+    excluded = dict.fromkeys(stage.files(), True) | _unless_default(stage)
+    if isinstance(stage, TrainingStage):
+        excluded["train"] = {"save_steps", "logging_steps", *excluded.get("train", ())}
+    return excluded | {"launch": True, "memory": True, "best_by": True}
 
 
 def tokenizer_fingerprint(spec: PipelineSpec) -> str:
@@ -92,14 +107,10 @@ def tokenizer_fingerprint(spec: PipelineSpec) -> str:
 def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, str], tokenizer: str) -> str:
     """`fingerprints`: those of the stages before it, by name."""
     upstream = spec.upstream_of(stage)
-    # how often a stage checkpoints or logs, and how many processes share its batch, do not change what it makes
-    # (beyond numerical noise), nor does the metric an eval's `best` alias follows: editing them keeps reuse and resume
     resolved = stage.model_dump(
         mode="json",
         by_alias=True,
-        exclude=dict.fromkeys(stage.files(), True)
-        | _unless_default(stage)
-        | {"train": {"save_steps", "logging_steps"}, "launch": True, "best_by": True},
+        exclude=_excluded(stage),
     )
     payload = {
         "versions": versions(),

@@ -17,7 +17,7 @@ from schemas.data import DataError
 from schemas.spec import ModelInit, PretrainStage, TokenizerTrain, TrainSpec
 from stages import pretrain, streaming, tokenizer
 from stages.streaming import StreamingTextDataset, check_corpus
-from stages.training import make_trainer, training_arguments
+from stages.training import make_trainer
 
 TEXTS = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
 
@@ -256,11 +256,10 @@ def test_the_trainer_runs_on_the_stream_and_sets_each_epoch(tok, tmp_path) -> No
         precision="fp32",
         save_steps=1000,
     )
-    args = training_arguments(
-        PretrainStage(name="stream", kind="pretrain", data=paths, train=train), tmp_path / "trainer"
-    )
+    stage = PretrainStage(name="stream", kind="pretrain", data=paths, train=train)
     model = pretrain.build_model(ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
-    trainer = make_trainer(model, tok, args, {"train": dataset}, DataCollatorForLanguageModeling(tok, mlm=False), ())
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    trainer = make_trainer(stage, model, tok, tmp_path, {"train": dataset}, collator, ())
     output = trainer.train()
-    assert trainer.state.global_step == args.max_steps and output.training_loss > 0
+    assert trainer.state.global_step == train.max_steps and output.training_loss > 0
     assert dataset.epoch == 1  # the Trainer ran out of blocks once and started epoch 1 through set_epoch
