@@ -105,9 +105,8 @@ def direct_stage_seconds(spec_path: Path, workdir: Path) -> float:
     start = time.perf_counter()
     spec = load_spec(spec_path)
     check_files(spec.data_contracts())
-    tok_dir = tokenizer.run(
-        spec.tokenizer.train, tokenizer.corpus_of(spec.tokenizer_corpus()), spec.template, workdir / "tokenizer"
-    ).checkpoint
+    corpus = tokenizer.corpus_of(spec.tokenizer_corpus(), spec.template)
+    tok_dir = tokenizer.run(spec.tokenizer.train, corpus, spec.template, workdir / "tokenizer").checkpoint
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = spec.model.init
     for stage, module in zip(spec.stages, (pretrain, sft)):

@@ -9,9 +9,9 @@ the preference stages ask about (a fifth) and a held-out part no stage trains on
 - upper-casing and reversing short words.
 
 And one tool skill, in conversations of its own (`sft_tools.jsonl`, kept apart from `sft.jsonl`, which trains under
-templates that cannot show tools too): products of two numbers of two or three digits, through a calculator tool.
-Pretraining states no product, so a model answers only by calling the tool with the question's numbers and reading
-back its result.
+templates that cannot show tools too): a country's population, through a lookup tool. The number is drawn anew in
+every conversation, so a model gives it only by calling the tool with the country's name and reading back its
+result; held-out conversations ask about the held-out countries, which no tool conversation named.
 
 Pretrain text states every fact in prose, in every phrasing, and never uses the chat format,
 so a pretrain-only model continues text while an SFT model answers. An answer is the fact's
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 SEED = 1234
-TOOL_ROWS, TOOL_HELDOUT_ROWS = 120, 40  # the tool skill's training and held-out conversations
+TOOL_ROWS, TOOL_HELDOUT_ROWS = 800, 200  # the tool skill's training and held-out conversations
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 SYLLABLES = ["zor", "qua", "mel", "tin", "bar", "vex", "lu", "ran", "do", "fi", "kel", "mor", "sa", "pel", "gri", "ux"]
@@ -314,45 +314,40 @@ def rl_prompt(skills: Skills, rng: random.Random, heldout: bool) -> dict:
     return {"prompt": phrasing.format(s=word), "answer": skills.sentence(skill, word, value)}
 
 
-# The calculator the tool skill offers, as OpenAI and TRL rows define a tool.
-MULTIPLY = {
+# The lookup tool the tool skill offers, as OpenAI and TRL rows define a tool.
+POPULATION = {
     "type": "function",
     "function": {
-        "name": "multiply",
-        "description": "Multiply two whole numbers.",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-        },
+        "name": "population",
+        "description": "How many people live in a country today.",
+        "parameters": {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]},
     },
 }
-PRODUCT_QUESTIONS = ["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}."]
+POPULATION_QUESTIONS = ["How many people live in {c}?", "What is the population of {c}?"]
 
 
-def tool_conversation(rng: random.Random, a: int, b: int) -> dict:
-    """A product asked, the calculator called with the question's numbers, its result, and the answer sentence: a
-    TRL row (tool calls on the assistant message, the tools beside the messages)."""
+def tool_conversation(rng: random.Random, country: str) -> dict:
+    """A country's population asked, the lookup tool called with the country's name, its result (a number drawn anew
+    each time: a model can only give it by reading the result), and the answer sentence: a TRL row (tool calls on the
+    assistant message, the tools beside the messages)."""
+    people = rng.randint(1000, 99999)
     messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.3 else []
-    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": a, "b": b}}}
+    call = {"type": "function", "function": {"name": "population", "arguments": {"country": country}}}
     messages += [
-        {"role": "user", "content": rng.choice(PRODUCT_QUESTIONS).format(a=a, b=b)},
+        {"role": "user", "content": rng.choice(POPULATION_QUESTIONS).format(c=country)},
         {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": str(a * b)},
-        {"role": "assistant", "content": f"{a} times {b} equals {a * b}."},
+        {"role": "tool", "content": str(people)},
+        {"role": "assistant", "content": f"{country} has {people} people."},
     ]
-    return {"conversations": messages, "tools": [MULTIPLY]}
+    return {"conversations": messages, "tools": [POPULATION]}
 
 
-def tool_conversations(rng: random.Random, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
-    """Training and held-out tool conversations, no pair of numbers in both."""
-    pairs: set[tuple[int, int]] = set()
-    while len(pairs) < n_train + n_heldout:
-        pairs.add((rng.randint(10, 999), rng.randint(10, 999)))
-    drawn = sorted(pairs)
-    rng.shuffle(drawn)
-    return [tool_conversation(rng, a, b) for a, b in drawn[n_heldout:]], [
-        tool_conversation(rng, a, b) for a, b in drawn[:n_heldout]
+def tool_conversations(skills: Skills, rng: random.Random, n_train: int, n_heldout: int) -> tuple[list, list]:
+    """Training conversations about the countries SFT and the preference stages ask about, held-out ones about the
+    held-out countries: the held-out calls name countries no tool conversation named."""
+    trained = skills.countries + skills.aligned_countries
+    return [tool_conversation(rng, rng.choice(trained)) for _ in range(n_train)], [
+        tool_conversation(rng, rng.choice(skills.heldout_countries)) for _ in range(n_heldout)
     ]
 
 
@@ -373,7 +368,9 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
         files[f"{stem}_heldout.jsonl"] = [make(skills, rng, True) for _ in range(n_heldout)]
     # from a stream of their own: every file of the other skills keeps its bytes
     rng = random.Random(f"{seed}-tools")
-    files["sft_tools.jsonl"], files["sft_tools_heldout.jsonl"] = tool_conversations(rng, TOOL_ROWS, TOOL_HELDOUT_ROWS)
+    files["sft_tools.jsonl"], files["sft_tools_heldout.jsonl"] = tool_conversations(
+        skills, rng, TOOL_ROWS, TOOL_HELDOUT_ROWS
+    )
     return files
 
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import get_args
 
 import polars as pl
 
 from schemas.spec import TemplateName
-from stages.tools import ToolFormat, as_json, function_of, holds_tools
+from stages.tools import Chat, ToolFormat, as_json, function_of, holds_tools
 
 IGNORE = -100  # label of a token that carries no loss
 
@@ -169,7 +170,7 @@ def _system(messages: list[dict], tools: list[dict] | None, spec: Template, spec
     neither."""
     given = messages[0]["content"] if messages[0]["role"] == "system" else None
     if tools:
-        definitions = _fill(spec.tools.definitions, tools="".join("\n" + as_json(tool) for tool in tools))
+        definitions = _definitions(spec.tools, tools)
         given = definitions if given is None else given + spec.tools.after_system + definitions
     return "" if given is None else _fill(spec.system, content=given, **special)
 
@@ -179,11 +180,32 @@ def _reply_text(message: dict, form: ToolFormat | None) -> str:
     content = message.get("content") or ""
     if not message.get("tool_calls"):
         return content
-    calls = [
+    return form.between.join([content] * bool(content) + _calls(form, message["tool_calls"]))
+
+
+def _definitions(form: ToolFormat, tools: list[dict]) -> str:
+    return _fill(form.definitions, tools="".join("\n" + as_json(tool) for tool in tools))
+
+
+def _calls(form: ToolFormat, calls: list[dict]) -> list[str]:
+    return [
         _fill(form.call, name=function["name"], arguments=as_json(function["arguments"]))
-        for function in map(function_of, message["tool_calls"])
+        for function in map(function_of, calls)
     ]
-    return form.between.join([content] * bool(content) + calls)
+
+
+def tool_texts(chat: Chat, template: str) -> Iterator[str]:
+    """The text the template writes for a conversation's tools: the definitions as its system turn holds them, then
+    each call as a reply writes it. The tokenizer learns from it, so a trained tokenizer writes the tool dialect in
+    few tokens; nothing where the template cannot show tools."""
+    form = TEMPLATES[template].tools if template in TEMPLATES else None
+    if form is None:
+        return
+    if chat.tools:
+        yield _definitions(form, chat.tools)
+    for message in chat.messages:
+        if message.get("tool_calls"):
+            yield form.between.join(_calls(form, message["tool_calls"]))
 
 
 def _special(tokenizer, template: str) -> dict[str, str]:

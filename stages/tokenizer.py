@@ -36,34 +36,40 @@ from stages.templates import (
     TEMPLATES,
     end_of_turn_id,
     store_template,
+    tool_texts,
 )
+from stages.tools import chats, holds_tools
 
 # tokens that tokenizers in the wild reserve for padding; the first one present is the pad, else "<|pad|>" is added
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
 
 
-def corpus_of(files: list[tuple[Source, str, str]]) -> Iterator[str]:
+def corpus_of(files: list[tuple[Source, str, str]], template: str) -> Iterator[str]:
     """The tokenizer's corpus: pretrain documents (streamed: a corpus may not fit in memory), every message, every
-    reply, and the tool calls and definitions conversations carry."""
+    reply, and a conversation's tools as the template writes them (the definitions with its instructions, the calls:
+    text every such conversation repeats)."""
     for source, fmt, on_invalid in files:
         if fmt == "text":
             yield from documents([source], on_invalid)
             continue
         frame = read_source(source, fmt, on_invalid).frame
-        for column in ("contents", "prompt_contents", "completions", "calls"):
+        for column in ("contents", "prompt_contents", "completions"):
             if column in frame.columns:
                 for texts in frame[column]:
                     yield from (text for text in texts if text)
-        for column in ("chosen", "rejected", "tools"):
+        for column in ("chosen", "rejected"):
             if column in frame.columns:
                 yield from (text for text in frame[column] if text)
+        if fmt == "conversations" and holds_tools(frame):
+            for chat in chats(frame):
+                yield from tool_texts(chat, template)
 
 
 def build(spec: PipelineSpec, workdir: Path) -> StageResult:
     """The spec's tokenizer: the user's, adopted, or one trained on the spec's own text."""
     if spec.tokenizer.path is not None:
         return adopt(spec.tokenizer.path, spec.template, workdir)
-    return run(spec.tokenizer.train, corpus_of(spec.tokenizer_corpus()), spec.template, workdir)
+    return run(spec.tokenizer.train, corpus_of(spec.tokenizer_corpus(), spec.template), spec.template, workdir)
 
 
 def run(spec: TokenizerTrain, corpus: Iterable[str], template: str, workdir: Path) -> StageResult:

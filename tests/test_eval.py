@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-from examples.generate import DATA_DIR, MULTIPLY
+from examples.generate import DATA_DIR
 from flows.cli import format_metrics, format_samples, main
 from schemas.load import load_spec
 from schemas.spec import EvalStage, PretrainStage, SFTStage, TrainSpec
@@ -30,6 +30,7 @@ from tasks.lineage import TAG, client, experiment_id
 from tasks.plan import plan
 
 from .conftest import TINY, use_home
+from .test_tools import MULTIPLY
 
 # fewer rows than conftest's
 FAST = dict(batch_size=4, lr=3e-3, warmup=0.0, logging_steps=10, save_steps=20, precision="fp32")

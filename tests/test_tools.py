@@ -13,18 +13,47 @@ import pytest
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
-from examples.generate import MULTIPLY, tool_conversation
 from schemas.data import read_files
+from schemas.sources import Source, resolve
 from schemas.spec import EvalStage, SFTStage, TrainSpec
 from stages import eval as eval_stage
 from stages import sft
 from stages.contract import StageInputs
 from stages.templates import IGNORE, TEMPLATES, conversations, encode_conversation, encode_prompt, store_template
+from stages.tokenizer import corpus_of
 from stages.tools import Chat, calls_match, chats, parsed_calls, tool_call_accuracy
 
 from .conftest import FAST
 
+# a calculator, as OpenAI and TRL rows define a tool
+MULTIPLY = {
+    "type": "function",
+    "function": {
+        "name": "multiply",
+        "description": "Multiply two whole numbers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
 TOOLS = [MULTIPLY]
+
+
+def tool_conversation(rng: random.Random, a: int, b: int) -> dict:
+    """A product asked, the calculator called with the question's numbers, its result and the answer: a TRL row."""
+    messages = [{"role": "system", "content": "Answer in one sentence."}] if rng.random() < 0.3 else []
+    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": a, "b": b}}}
+    messages += [
+        {"role": "user", "content": f"What is {a} times {b}?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": str(a * b)},
+        {"role": "assistant", "content": f"{a} times {b} equals {a * b}."},
+    ]
+    return {"conversations": messages, "tools": TOOLS}
+
+
 CALL = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 12, "b": 34}}}
 CHAT = [
     {"role": "user", "content": "What is 12 times 34?"},
@@ -185,6 +214,16 @@ def test_conversation_rows_read_with_their_tools_and_calls(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="hold tools or tool calls"):
         conversations(frame)
     assert conversations(frame.tail(1)) == [read[1].messages]
+
+
+def test_the_tokenizer_learns_the_tool_dialect_as_the_template_writes_it(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"conversations": CHAT, "tools": TOOLS}) + "\n")
+    source = resolve(Source(path=path), tmp_path, None)
+    texts = list(corpus_of([(source, "conversations", "fail")], "chatml"))
+    assert DEFINITIONS in texts and CALL_TEXT in texts  # the instructions and the calls, not bare JSON
+    assert "What is 12 times 34?" in texts and "408" in texts
+    assert DEFINITIONS not in corpus_of([(source, "conversations", "fail")], "llama2")  # it cannot show tools
 
 
 # ---------------------------------------------------------------- scoring held-out calls
