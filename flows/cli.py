@@ -20,7 +20,7 @@ from flows import server
 from schemas.errors import LifecycleError
 from schemas.load import SpecError, load_spec
 from schemas.reference import REFERENCE, render
-from stages import memory
+from stages import estimate, memory
 from stages.progress import quiet_libraries
 from tasks.checks import check_contracts
 from tasks.home import Home
@@ -45,11 +45,13 @@ KEY_METRICS = (
 )
 
 
-def _check(spec_path: Path, home: Home | None = None) -> None:
-    """Spec and data, everything a run checks before any model loads; with `home`, data that passed before is not
-    read again."""
+def _check(spec_path: Path, home: Home | None = None, device_memory: float | None = None) -> None:
+    """Spec, machine and data, everything a run checks before any model loads; with `home`, data that passed before
+    is not read again; with `device_memory` (bytes), the memory estimate is against a device of that size."""
     spec = load_spec(spec_path)
     memory.check(spec, spec_path)
+    device = ("a device of the size given", device_memory) if device_memory is not None else None
+    peaks = estimate.check(spec, spec_path, device)
     checked = check_contracts(spec, home)
     rows, rejected = sum(c.rows for c in checked), sum(c.rejected for c in checked)
     verdict = f"{rejected} invalid rows will be skipped (on_invalid: skip)" if rejected else "all valid"
@@ -60,10 +62,22 @@ def _check(spec_path: Path, home: Home | None = None) -> None:
     for result in checked:
         for note in result.notes[:5]:
             print(f"note: {note}")
+    for peak in peaks:
+        print(f"memory: {peak.line()}")
+
+
+def _size(text: str) -> float:
+    """Bytes from '24GiB', '80GB', '512MiB' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 24GiB, 80GB or 512MiB")
+    unit = (match.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return float(match.group(1)) * scale[unit]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    _check(args.spec)
+    _check(args.spec, device_memory=args.device_memory)
     return 0
 
 
@@ -482,6 +496,14 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "validate":
+            sub.add_argument(
+                "--device-memory",
+                type=_size,
+                metavar="SIZE",
+                help="estimate each training stage's peak against a device of this size (e.g. 24GiB, 80GB) instead "
+                "of this machine's memory or GPU",
+            )
         if name == "run":
             sub.add_argument(
                 "--deployment",

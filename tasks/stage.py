@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.spec import PipelineSpec
-from stages import memory, training_stage
+from stages import estimate, memory, training_stage
 from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
 from stages.progress import prepared_line, say
 from tasks import claims, lineage, mirror
@@ -58,6 +58,7 @@ class Context:
 def check_data(home: Home, spec: PipelineSpec) -> int:
     """The machine and data checks as the flow's first step, before any model loads; the number of valid rows."""
     memory.check(spec, Path(spec.name))
+    estimate.check(spec, Path(spec.name))
     return sum(checked.rows for checked in check_contracts(spec, home))
 
 
