@@ -7,6 +7,7 @@ each bad field by its path (`stages[1].train.lr`) and says what is allowed.
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 
 import yaml
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from schemas.errors import LifecycleError
 from schemas.memory import Memory
 from schemas.models import own_model_problems
-from schemas.sources import Source, Unresolved, expand, resolve
+from schemas.sources import Source, Unresolved, expand, hub_snapshot, resolve
 from schemas.spec import (
     STAGE_KINDS,
     ChatStage,
@@ -44,11 +45,29 @@ def _location(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _folder(path: Path, base: Path, where: str, missing: list[str]) -> Path:
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _from_hub(path: Path, base: Path, revision: str | None) -> bool:
+    """Whether a model or tokenizer path names a Hub id: owner/name, and no such folder here (or a revision given)."""
+    return bool(HUB_ID.match(str(path))) and (revision is not None or not (base / path).is_dir())
+
+
+def _folder(
+    path: Path, base: Path, where: str, missing: list[str], revision: str | None = None
+) -> tuple[Path, str | None]:
+    """A model or tokenizer folder, and None: the local one; or a Hub id's snapshot in the Hugging Face cache at
+    `revision`, and the commit it holds."""
     resolved = path if path.is_absolute() else (base / path).resolve()
-    if not resolved.is_dir():
+    if _from_hub(path, base, revision):
+        try:
+            snapshot = hub_snapshot(str(path), revision, "model")
+            return snapshot, snapshot.name
+        except Unresolved as err:
+            missing.append(f"{where}: {path} is not a folder here (looked for {resolved}), and {err}")
+    elif not resolved.is_dir():
         missing.append(f"{where}: {path} is not a folder (looked for {resolved})")
-    return resolved
+    return resolved, None
 
 
 def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
@@ -112,10 +131,14 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
             stages[i] = _eval_defaults(spec, stage)
     model = spec.model
     if model.path is not None:
-        model = model.model_copy(update={"path": _folder(model.path, base, "model.path", missing)})
+        folder, commit = _folder(model.path, base, "model.path", missing, model.revision)
+        model = model.model_copy(update={"path": folder, "revision": commit})
     tokenizer = spec.tokenizer
     if tokenizer.path is not None:
-        tokenizer = tokenizer.model_copy(update={"path": _folder(tokenizer.path, base, "tokenizer.path", missing)})
+        # a tokenizer named like the model is the model's, at the model's revision
+        revision = model.revision if spec.tokenizer.path == spec.model.path else None
+        folder, _ = _folder(tokenizer.path, base, "tokenizer.path", missing, revision)
+        tokenizer = tokenizer.model_copy(update={"path": folder})
     elif tokenizer.train is not None and tokenizer.train.data:
         train = tokenizer.train.model_copy(update={"data": found(tokenizer.train.data, "tokenizer.train.data")})
         tokenizer = tokenizer.model_copy(update={"train": train})

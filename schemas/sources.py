@@ -183,8 +183,8 @@ def resolve(source: Source, base: Path, dataset_info: Path | None) -> Source:
     if source.dataset is not None:
         return resolve(_llama_factory(source, base, dataset_info), base, None)
     if source.hf is not None:
-        folder, commit = _hub_snapshot(source)
-        return source.model_copy(update={"files": _folder_files(folder, source), "revision": commit})
+        folder = hub_snapshot(source.hf, source.revision, "dataset")
+        return source.model_copy(update={"files": _folder_files(folder, source), "revision": folder.name})
     path = source.path if source.path.is_absolute() else (base / source.path).resolve()
     if path.is_dir():
         return source.model_copy(update={"path": path, "files": _folder_files(path, source)})
@@ -234,24 +234,23 @@ def _folder_files(folder: Path, source: Source) -> list[Path]:
     return [Path(file) for file in found[source.split]]
 
 
-def _hub_snapshot(source: Source) -> tuple[Path, str]:
-    """The cached snapshot of a Hub dataset at the source's revision, and its commit; never a download."""
+def hub_snapshot(repo_id: str, revision: str | None, repo_type: Literal["dataset", "model"]) -> Path:
+    """The cached snapshot folder of a Hub repository at a revision (its name is the commit); never a download."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    revision = source.revision or "main"
+    revision = revision or "main"
     try:
-        folder = Path(snapshot_download(source.hf, repo_type="dataset", revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
+        flag = " --repo-type dataset" if repo_type == "dataset" else ""
+        also = " (or datasets.load_dataset once)" if repo_type == "dataset" else ""
         raise Unresolved(
-            f"the Hub dataset {source.hf} at revision {revision} is not in the local Hugging Face cache "
+            f"the Hub {repo_type} {repo_id} at revision {revision} is not in the local Hugging Face cache "
             f"({HF_HUB_CACHE}), and nothing is downloaded while a pipeline runs: on a machine with a network, "
-            "fetch it with "
-            f"`hf download {source.hf} --repo-type dataset --revision {revision}` (or datasets.load_dataset once), "
-            "then run again"
+            f"fetch it with `hf download {repo_id}{flag} --revision {revision}`{also}, then run again"
         ) from None
-    return folder, folder.name
 
 
 def _llama_factory(source: Source, base: Path, dataset_info: Path | None) -> Source:

@@ -80,15 +80,24 @@ class ModelInit(Strict):
 
 
 class ModelSpec(Strict):
-    """Where the first training stage's model comes from: a fresh `init` or a local HF `path`."""
+    """Where the first training stage's model comes from: a fresh `init`, or a Hugging Face `path`."""
 
     init: ModelInit | None = Field(None, description="a fresh model of this shape, trained from scratch")
-    path: Path | None = Field(None, description="a local Hugging Face model folder (never downloaded)")
+    path: Path | None = Field(
+        None,
+        description="a local Hugging Face model folder, or a Hub id (owner/name) read from the local Hugging Face "
+        "cache (never downloaded)",
+    )
+    revision: str | None = Field(
+        None, description="a Hub id's branch, tag or commit (default main); resolved to the commit it names"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.init is None) == (self.path is None):
             raise ValueError("give exactly one of model.init (a fresh model) or model.path (a local checkpoint)")
+        if self.revision is not None and self.path is None:
+            raise ValueError("model.revision is the revision of a Hub id given as model.path")
         return self
 
 

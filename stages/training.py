@@ -313,7 +313,7 @@ def attention(stage: TrainingStage) -> str | None:
 
 
 def make_trainer(
-    spec: TrainingStage,
+    stage: TrainingStage,
     model: PreTrainedModel,
     tokenizer,
     workdir: Path,
@@ -325,11 +325,11 @@ def make_trainer(
 ) -> StageTrainer:
     """The stage's Trainer (its arguments from `training_arguments`, its folder workdir/trainer), the model set to the
     stage's attention kernel."""
-    if (kernel := attention(spec)) is not None:
+    if (kernel := attention(stage)) is not None:
         unwrapped(model).set_attn_implementation(kernel)
     return trainer_class(
         model=model,
-        args=training_arguments(spec, workdir / "trainer"),
+        args=training_arguments(stage, workdir / "trainer"),
         train_dataset=datasets["train"],
         eval_dataset=datasets["heldout"] if "heldout" in datasets else None,
         processing_class=tokenizer,

@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
 
-from schemas.spec import LOWER_IS_BETTER, TOKENIZER_STAGE
+from schemas.spec import LOWER_IS_BETTER, TOKENIZER_STAGE, ModelSpec
 from stages.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
 from stages.progress import say, transfer
 from tasks.home import Home
@@ -190,11 +190,15 @@ def _publish(folder: Path, partial: Path, target: Path, base: Callable[[], Path]
     shutil.rmtree(partial, ignore_errors=True)
 
 
-def record_base_model(mlflow: MlflowClient, run_id: str, path: Path) -> None:
-    """Name the spec's model.path, and its content digest, as the base of a first stage (its adapter applies to it)."""
-    mlflow.log_batch(
-        run_id, tags=[RunTag(f"{TAG}base_model", str(path)), RunTag(f"{TAG}base_model_digest", folder_digest(path))]
-    )
+def record_base_model(mlflow: MlflowClient, run_id: str, model: ModelSpec) -> None:
+    """Name the spec's model.path, and its content digest, as the base of a first stage (its adapter applies to it);
+    a Hub model also by its id and the commit it was read at."""
+    path = model.path
+    tags = [RunTag(f"{TAG}base_model", str(path)), RunTag(f"{TAG}base_model_digest", folder_digest(path))]
+    if model.revision is not None:  # a Hugging Face cache snapshot: <cache>/models--owner--name/snapshots/<commit>
+        repo_id = path.parent.parent.name.removeprefix("models--").replace("--", "/")
+        tags += [RunTag(f"{TAG}base_model_id", repo_id), RunTag(f"{TAG}base_model_revision", model.revision)]
+    mlflow.log_batch(run_id, tags=tags)
 
 
 def _base_of(mlflow: MlflowClient, home: Home, run: Run) -> Path:

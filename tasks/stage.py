@@ -194,7 +194,7 @@ def train(
             else:
                 model, reference = spec.model.init or spec.model.path, None
                 if spec.model.path is not None:
-                    record_base_model(mlflow, run_id, spec.model.path)
+                    record_base_model(mlflow, run_id, spec.model)
             inputs = StageInputs(
                 model=model,
                 tokenizer=tokenizer,

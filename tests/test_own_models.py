@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 from mlflow import MlflowClient
 
 from examples.checkpoints import build
 from examples.generate import DATA_DIR
+from schemas.load import SpecError, load_spec
 from tests.conftest import ROOT, cli_env, use_home
 
 # family: the pipeline template it runs with (its own where it has one) and the tokens the pipeline must add;
@@ -56,6 +59,36 @@ stages:
 """
 
 
+COMMIT = "0123456789abcdef" * 2 + "01234567"
+
+
+def hub_cache(cache: Path, repo_id: str) -> Path:
+    """The snapshot folder a Hugging Face cache keeps `repo_id` at (its main branch at COMMIT), made empty."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo / "snapshots" / COMMIT
+
+
+def test_a_hub_model_is_read_from_the_cache_or_named_with_how_to_fetch_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = tmp_path / "spec.yaml"
+    body = "name: hub\nmodel: {path: someone/tiny-qwen2, revision: v2}\ntokenizer: {path: someone/tiny-qwen2}\n"
+    spec.write_text(body + f"stages: [{{name: sft, kind: sft, max_len: 128, data: {DATA_DIR / 'sft.jsonl'}}}]\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert (
+        "model.path: someone/tiny-qwen2 is not a folder here (looked for "
+        f"{tmp_path / 'someone' / 'tiny-qwen2'}), and the Hub model someone/tiny-qwen2 at revision v2 is not in the "
+        f"local Hugging Face cache ({tmp_path / 'hub'}), and nothing is downloaded while a pipeline runs: on a machine "
+        "with a network, fetch it with `hf download someone/tiny-qwen2 --revision v2`, then run again"
+    ) in str(err.value)
+    snapshot = build("qwen2", hub_cache(tmp_path / "hub", "someone/tiny-qwen2"))
+    (snapshot.parent.parent / "refs" / "v2").write_text(COMMIT)  # the tag names the commit the snapshot holds
+    resolved = load_spec(spec)
+    assert (resolved.model.path, resolved.model.revision, resolved.tokenizer.path) == (snapshot, COMMIT, snapshot)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     family, prefect_harness, prefect_api, tmp_path, monkeypatch
@@ -70,10 +103,16 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     from tasks.models import fetch_checkpoint
 
     template, added = FAMILIES[family]
-    model_dir = build(family, tmp_path / family)
+    if family == "qwen2":  # named by its Hub id, read from a Hugging Face cache that holds it
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # and in the commands it runs
+        model_dir = build(family, hub_cache(tmp_path / "hub", "someone/tiny-qwen2"))
+        named = "someone/tiny-qwen2"
+    else:
+        model_dir = named = build(family, tmp_path / family)
     original = AutoTokenizer.from_pretrained(model_dir)
     spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(family=family, model=model_dir, template=template, data=DATA_DIR))
+    spec.write_text(SPEC.format(family=family, model=named, template=template, data=DATA_DIR))
     root = tmp_path / "home"
     use_home(monkeypatch, root)
     runs = lifecycle(str(spec))
@@ -95,6 +134,9 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     sft_run = mlflow.get_run(runs["sft"])
     assert sft_run.data.tags["lifecycle.base_model"] == str(model_dir)
     assert sft_run.data.tags["lifecycle.base_model_digest"] == folder_digest(model_dir)
+    if family == "qwen2":  # the Hub model's id and the commit it was read at are the run's input
+        assert sft_run.data.tags["lifecycle.base_model_id"] == "someone/tiny-qwen2"
+        assert sft_run.data.tags["lifecycle.base_model_revision"] == COMMIT
     sft = fetch_checkpoint(mlflow, home, sft_run)
     assert adapter_base(sft) == model_dir
     assert sft_run.data.metrics["heldout_loss"] < sft_run.data.metrics["heldout_loss_before"]
