@@ -25,7 +25,7 @@ from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
 from stages.templates import IGNORE, encode_conversation, store_template
 from stages.tools import Chat, chats
-from stages.training import fit, make_trainer
+from stages.training import attention, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -86,7 +86,8 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     datasets = inputs.datasets
     asked = held_out_chats(datasets, spec.eval_samples) if "heldout" in datasets else []
     collator = (
-        PackedCollator(tokenizer.pad_token_id)
+        # flash attention's varlen kernel takes the whole batch as one unpadded row: padding-free packing
+        PackedCollator(tokenizer.pad_token_id, flatten=attention(spec) == "flash_attention_2")
         if spec.packing
         else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     )

@@ -37,19 +37,27 @@ def sft_stage(train_seed: int, **settings) -> SFTStage:
     )
 
 
-def test_checkpointing_and_the_attention_kernel_change_no_number(trained_tokenizer, pretrained, train_seed, tmp_path):
+def test_checkpointing_the_kernel_and_padding_free_rows_change_no_number(
+    trained_tokenizer, pretrained, train_seed, tmp_path, monkeypatch
+):
     tok = AutoTokenizer.from_pretrained(trained_tokenizer)
     plain = sft_stage(train_seed)
     saving = sft_stage(train_seed, memory=Memory(gradient_checkpointing=True, attention="eager"))
     prepared = sft.prepare(plain, tok)
-    runs = [
-        sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, prepared.datasets), tmp_path / spec_name)
-        for spec_name, spec in (("plain", plain), ("saving", saving))
-    ]
+
+    def run(spec: SFTStage, name: str):
+        return sft.run(spec, StageInputs(pretrained.checkpoint, trained_tokenizer, prepared.datasets), tmp_path / name)
+
+    runs = [run(plain, "plain"), run(saving, "saving")]
+    # the batch as one unpadded row, as the SFT stage lays it out for flash attention's varlen kernel (here: sdpa,
+    # which finds the documents from the position ids alike)
+    monkeypatch.setattr(sft, "attention", lambda spec: "flash_attention_2")
+    runs.append(run(plain, "flat"))
     assert runs[0].metrics["attention_sdpa"] == 1 and runs[1].metrics["attention_eager"] == 1
-    # fp32 on CPU: recomputed activations and the eager kernel give the same losses to rounding
+    # fp32 on CPU: recomputed activations, the eager kernel and one flat row give the same losses to rounding
     for metric in ("train_loss", "heldout_loss"):
         assert runs[1].metrics[metric] == pytest.approx(runs[0].metrics[metric], rel=1e-4)
+        assert runs[2].metrics[metric] == pytest.approx(runs[0].metrics[metric], rel=1e-4)
     args = training_arguments(saving, tmp_path / "args")
     assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
 
