@@ -672,9 +672,10 @@ class PipelineSpec(Strict):
         every finished stage trained with it, as they were."""
         if self.tokenizer.train is not None and self.tokenizer.train.data:
             return [(source, "text", "fail") for source in self.tokenizer.train.data]
+        # a source's weight says how often a stage samples it, not what it holds: the tokenizer reads it once
         return list(
             dict.fromkeys(
-                (source, stage.data_format, stage.on_invalid)
+                (source.model_copy(update={"weight": None}), stage.data_format, stage.on_invalid)
                 for stage in self.training_stages()
                 for source in stage.data
             )

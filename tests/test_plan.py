@@ -57,6 +57,9 @@ def test_a_stage_added_on_a_file_another_stage_reads_keeps_every_finished_stage(
     base = fingerprints(tmp_path)
     added = fingerprints(tmp_path, SPEC + "  - {name: sft-more, kind: sft, data: sft.jsonl, train: {lr: 0.002}}\n")
     assert {name: added[name] for name in base} == base and "sft-more" in added
+    # sampled at another weight, it is still the file the tokenizer read
+    weighted = fingerprints(tmp_path, SPEC + "  - {name: sft-more, kind: sft, data: {path: sft.jsonl, weight: 0.5}}\n")
+    assert {name: weighted[name] for name in base} == base
     assert [path.name for path, _, _ in load_spec(tmp_path / "spec.yaml").tokenizer_corpus()] == [
         "pretrain.jsonl",
         "sft.jsonl",
