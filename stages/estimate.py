@@ -14,6 +14,9 @@ The peak is the sum of:
                   eager attention keeps its probabilities too (heads × row length per token)
     logits        per token, LOGIT_BYTES × vocabulary (the logits, their float32 copy, the log-softmax and its
                   gradient); a reward model's head has one output
+    step          the optimizer step's temporaries (torch's foreach AdamW: a copy of every trained parameter;
+                  Adafactor: three of the largest), held after the activations and logits are freed: the peak is
+                  the larger of the two moments
     runtime       the process itself: Python, torch, transformers, Prefect and MLflow loaded (CPU only)
 
 A micro-step's tokens per rank: batch_size / world_size rows of the stage's row length (pretrain: block_size;
@@ -54,6 +57,7 @@ GIB = 1 << 30
 # in float32 (measured, bench/memory.py)
 ACTIVATION_BYTES = {True: (34, 8, 10), False: (40, 8, 16)}
 LOGIT_BYTES = {True: 14, False: 12}  # per token and vocabulary entry
+PHASES = ("activations", "logits", "step")  # parts held at different moments of a training step
 RUNTIME_CPU = 0.6 * GIB  # the process before any model loads
 LIST_LENGTH = 4  # a tuna stage's candidates per list, as the bundled ranked data has them
 
@@ -69,7 +73,10 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return sum(self.parts.values())
+        """The larger of the two peaks: the backward pass's (activations and logits held) and the optimizer
+        step's (its temporaries, after both are freed)."""
+        held = sum(value for name, value in self.parts.items() if name not in PHASES)
+        return held + max(self.parts["activations"] + self.parts["logits"], self.parts["step"])
 
     @property
     def fits(self) -> bool:
@@ -94,6 +101,7 @@ class Estimate:
             "gradients": "train LoRA adapters (lora:) or shard with launch.deepspeed zero 2",
             "weights": "shard with launch.deepspeed zero 3, or start from a smaller model",
             "reference": "use reference: precomputed (or adapter-off with lora)",
+            "step": "use train.optimizer adamw_torch_fused (its step makes no temporaries)",
         }
         ranked = sorted((value, name) for name, value in self.parts.items() if name in remedies)
         return "; ".join(remedies[name] for _, name in reversed(ranked[-2:]))
@@ -130,6 +138,7 @@ class Shapes:
     parameters: int
     matrices: list[tuple[str, int, int]]  # every linear layer but the output head: (name, in, out)
     factored: int  # Adafactor's state: rows + columns of each matrix, every element of each vector
+    largest: int  # elements of the largest parameter
     layers: int
     hidden: int
     kv: int
@@ -156,6 +165,7 @@ class Shapes:
             parameters=model.num_parameters(),
             matrices=matrices,
             factored=factored,
+            largest=max(p.numel() for p in model.parameters()),
             layers=config.num_hidden_layers,
             hidden=hidden,
             kv=hidden // heads * kv_heads,
@@ -218,15 +228,21 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
         "paged_adamw_8bit": 2 * trained,
         "adafactor": 4 * (shapes.factored if stage.lora is None else trained),
     }[train.optimizer]
+    # the step's temporaries: torch's foreach AdamW a float32 copy of every trained parameter, Adafactor three of
+    # the one it updates (the largest, the embedding, at the peak); fused kernels and 8-bit state next to nothing
+    step = {"adamw_torch": 4 * trained, "adafactor": 12 * (shapes.largest if stage.lora is None else 0)}.get(
+        train.optimizer, 0
+    )
     weights = 4 * shapes.parameters + (4 * trained if stage.lora is not None else 0)
     gradients = 4 * trained
     if zero >= 2:
         gradients /= world
         optimizer_bytes /= world
+        step /= world
     if zero >= 3:
         weights /= world
     if offload and on_gpu:
-        optimizer_bytes = 0
+        optimizer_bytes = step = 0
     reference = 0
     if isinstance(stage, (DPOStage, KTOStage, GRPOStage)) and _frozen_reference(stage):
         reference = 4 * shapes.parameters
@@ -247,6 +263,7 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
         "reference": reference,
         "activations": activations,
         "logits": logits,
+        "step": step,
         "runtime": 0 if on_gpu else RUNTIME_CPU,
     }
     if not on_gpu and launch is not None:  # every rank of a node shares its memory

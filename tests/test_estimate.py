@@ -51,8 +51,13 @@ def test_each_setting_moves_its_part() -> None:
     saved = estimate(sft(memory=Memory(gradient_checkpointing=True)), shapes, CPU).parts
     assert saved["activations"] < plain["activations"]
     assert estimate(sft(train=TrainSpec(batch_size=32)), shapes, CPU).parts["activations"] == 2 * plain["activations"]
-    small = estimate(sft(train=TrainSpec(optimizer="adafactor")), shapes, CPU).parts
+    factored = estimate(sft(train=TrainSpec(optimizer="adafactor")), shapes, CPU)
+    small = factored.parts
     assert small["optimizer"] < plain["optimizer"] / 4
+    # its step's temporaries come after the activations and logits are freed: the peak is the larger moment
+    assert small["step"] == 12 * shapes.largest and plain["step"] == 0
+    held = sum(small[name] for name in ("weights", "gradients", "optimizer", "reference", "runtime"))
+    assert factored.total == held + max(small["activations"] + small["logits"], small["step"])
     # ZeRO-2 shards gradients and optimizer state over the ranks; on one GPU each, the estimate is per GPU
     zero2 = Launch(processes=4, deepspeed=DeepSpeed(zero=2))
     gpu = estimate(sft(launch=zero2), shapes, ("a GPU", 80 * GIB)).parts
