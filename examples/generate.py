@@ -11,7 +11,7 @@ the preference stages ask about (a fifth) and a held-out part no stage trains on
 And one tool skill, in conversations of its own (`sft_tools.jsonl`, kept apart from `sft.jsonl`, which trains under
 templates that cannot show tools too): a country's population, through a lookup tool. The number is drawn anew in
 every conversation, so a model gives it only by calling the tool with the country's name and reading back its
-result; held-out conversations ask about the held-out countries, which no tool conversation named.
+result; held-out conversations ask about the same countries, each with a number of its own.
 
 Pretrain text states every fact in prose, in every phrasing, and never uses the chat format,
 so a pretrain-only model continues text while an SFT model answers. An answer is the fact's
@@ -343,11 +343,13 @@ def tool_conversation(rng: random.Random, country: str) -> dict:
 
 
 def tool_conversations(skills: Skills, rng: random.Random, n_train: int, n_heldout: int) -> tuple[list, list]:
-    """Training conversations about the countries SFT and the preference stages ask about, held-out ones about the
-    held-out countries: the held-out calls name countries no tool conversation named."""
+    """Conversations about the countries SFT and the preference stages ask about, held-out ones too, each with a
+    number no other conversation has: a held-out call is right when the model calls the tool for the country asked
+    about, and its answer when it reads back the new number. (Naming a country no tool conversation named is out of
+    the toy model's reach, as answering about subjects SFT never asked about is: it names a trained one.)"""
     trained = skills.countries + skills.aligned_countries
     return [tool_conversation(rng, rng.choice(trained)) for _ in range(n_train)], [
-        tool_conversation(rng, rng.choice(skills.heldout_countries)) for _ in range(n_heldout)
+        tool_conversation(rng, rng.choice(trained)) for _ in range(n_heldout)
     ]
 
 
