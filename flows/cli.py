@@ -203,8 +203,16 @@ def _preview_tokenizer(spec, home: Home, planned) -> Path:
 
 def _stage_checkpoint(spec_path: Path, name: str) -> Path:
     """The checkpoint of the stage's finished run, fetched into the home's cache."""
-    from tasks.lineage import client, experiment_id, finished_run
+    from tasks.lineage import client
     from tasks.models import fetch_checkpoint
+
+    home = Home.from_env()
+    return fetch_checkpoint(client(home), home, _finished_stage_run(spec_path, name))
+
+
+def _finished_stage_run(spec_path: Path, name: str):
+    """The finished run of a language-model stage of the spec."""
+    from tasks.lineage import client, experiment_id, finished_run
     from tasks.plan import plan
 
     spec = load_spec(spec_path)
@@ -223,7 +231,7 @@ def _stage_checkpoint(spec_path: Path, name: str) -> Path:
     run = finished_run(mlflow, experiment, planned[name]) if experiment else None
     if run is None:
         raise SpecError(f"{spec_path}: stage {name!r} has no finished run; run `lifecycle run {spec_path}` first")
-    return fetch_checkpoint(mlflow, home, run)
+    return run
 
 
 def _model_checkpoint(uri: str) -> Path:
@@ -353,6 +361,29 @@ def format_samples(table: dict) -> str:
             lines += [f"    {'':<{width}} | {more}" for more in text[1:]]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A stage's model as a self-contained Hugging Face folder with a model card naming its lineage."""
+    from tasks.export import export
+    from tasks.lineage import client, open_store
+    from tasks.models import fetch_checkpoint, fetch_language_model, model_id_of
+
+    home = Home.from_env()
+    if args.source.startswith("models:/"):
+        mlflow = open_store(home)
+        model = mlflow.get_logged_model(model_id_of(mlflow, args.source))
+        checkpoint = fetch_language_model(mlflow, home, args.source)
+        run, pipeline = mlflow.get_run(model.source_run_id), mlflow.get_experiment(model.experiment_id).name
+    else:
+        spec_path, _, stage = args.source.partition(":")
+        spec = load_spec(Path(spec_path))
+        stage = stage or [s.name for s in spec.training_stages() if s.kind != "reward"][-1]
+        mlflow, run, pipeline = client(home), _finished_stage_run(Path(spec_path), stage), spec.name
+        checkpoint = fetch_checkpoint(mlflow, home, run)
+    folder = export(mlflow, run, checkpoint, args.out, pipeline)
+    print(f"stage {run.data.tags['lifecycle.stage']} of {pipeline} exported to {folder}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -574,6 +605,17 @@ def parser() -> argparse.ArgumentParser:
         "offered with every prompt; a reply calls them in <tool_call> blocks",
     )
     generate.set_defaults(func=cmd_generate)
+    export = commands.add_parser(
+        "export",
+        help="a stage's model as a Hugging Face folder to take elsewhere (merged safetensors, tokenizer and chat "
+        "template, generation config, a model card naming its lineage and scores)",
+    )
+    export.add_argument(
+        "source",
+        help="SPEC:STAGE (SPEC alone: its last language-model stage), or a models:/ URI (models:/<pipeline>@best)",
+    )
+    export.add_argument("out", type=Path, help="the folder to write; it must not exist yet, or be empty")
+    export.set_defaults(func=cmd_export)
     report = commands.add_parser("report", help="the eval stage's metrics per checkpoint and their sample replies")
     report.add_argument("spec", type=Path)
     report.add_argument("--stage", help="the eval stage's name; default: the first eval stage")

@@ -230,3 +230,54 @@ def test_best_by_takes_exactly_the_eval_table_s_metrics() -> None:
 
     assert set(get_args(EvalMetric)) == {metric for metrics in METRICS.values() for metric in metrics}
     assert set(LOWER_IS_BETTER) <= set(get_args(EvalMetric))
+
+
+def test_export_writes_a_folder_that_loads_without_the_store_and_names_its_lineage(
+    quick_run, tmp_path, monkeypatch, capsys
+) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from stages.checkpoint import load_model
+
+    root, runs = quick_run
+    use_home(monkeypatch, root)
+    mlflow = store(root)
+    dpo = model_of(mlflow, runs["dpo"]).model_id  # LoRA adapters on sft-lora's merged model
+    out = tmp_path / "dpo-export"
+    assert main(["export", f"models:/{dpo}", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not any(name.endswith(".bin") or name.startswith("adapter") for name in names)  # merged, safetensors only
+    card = (out / "README.md").read_text()
+    for stage in ("pretrain", "sft", "sft-lora", "dpo"):
+        assert f"| {stage} | " in card and runs[stage] in card
+    assert "## Scores the eval stages gave this model" in card and "| exact_match | " in card
+    assert main(["export", f"models:/{dpo}", str(out)]) == 2  # a folder that holds something is never overwritten
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["export", f"{QUICK}:sft", str(tmp_path / "sft-export")]) == 0
+    assert "stage sft of quick exported to" in capsys.readouterr().out
+
+    # a fresh process with no store at all: the merged weights give the pipeline's logits, generation stops at the turn
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True)
+    expected = load_model(fetch_model(mlflow, Home(root), dpo), tokenizer)(torch.tensor([probe])).logits[0, -1]
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "ids = torch.tensor([[int(t) for t in sys.argv[2].split(',')]])\n"
+        "print(','.join(f'{v:.6f}' for v in model(ids).logits[0, -1].tolist()))\n"
+        "print(model.generation_config.eos_token_id)\n"
+    )
+    gone = tmp_path / "no-store"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out), ",".join(map(str, probe))],
+        env=cli_env(gone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{gone / 'nothing.db'}"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logits, eos = done.stdout.strip().splitlines()[-2:]
+    assert torch.allclose(torch.tensor([float(v) for v in logits.split(",")]), expected, atol=1e-4)
+    assert int(eos) == tokenizer.convert_tokens_to_ids("<|im_end|>") and not gone.exists()
