@@ -28,7 +28,7 @@ from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
 from stages.templates import IGNORE, conversations, encode_completion, store_template
-from stages.training import fit, make_trainer
+from stages.training import chosen, fit, make_trainer
 
 # per row: prompt messages, candidates best first, their scores
 Listed = list[tuple[list[dict], list[str], list[float]]]
@@ -232,4 +232,6 @@ def train(
     metrics["train_rows"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)
+    return StageResult(
+        checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, tags=chosen(trainer)
+    )

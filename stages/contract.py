@@ -53,6 +53,8 @@ class StageResult:
     )
     tables: dict[str, dict[str, list]] = field(default_factory=dict)  # file name -> columns, logged with the run as
     # MLflow tables (the UI shows them as tables), e.g. sampled completions and their rewards
+    tags: dict[str, str] = field(default_factory=dict)  # what the stage chose on this machine (its attention
+    # kernel), logged as the run's lifecycle.<name> tags
 
 
 def columns_of(rows: list[dict]) -> dict[str, list]:

@@ -49,7 +49,7 @@ from stages.rewards import (
     weighted_total,
 )
 from stages.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
-from stages.training import ObjectiveTrainer, fit, make_trainer
+from stages.training import ObjectiveTrainer, chosen, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -427,4 +427,5 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
         metrics=metrics,
         resumed_from_step=resumed_from,
         tables={SAMPLES_TABLE: columns_of(trainer.kept)},
+        tags=chosen(trainer),
     )

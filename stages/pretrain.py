@@ -20,7 +20,7 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.packing import concat_chunk, tokenize_documents
 from stages.streaming import StreamingTextDataset
-from stages.training import fit, make_trainer
+from stages.training import chosen, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -96,4 +96,6 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
     else:
         metrics["train_blocks"] = float(len(datasets["train"]))
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)
+    return StageResult(
+        checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, tags=chosen(trainer)
+    )

@@ -25,7 +25,7 @@ from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
 from stages.templates import IGNORE, encode_conversation, store_template
 from stages.tools import Chat, chats
-from stages.training import attention, fit, make_trainer
+from stages.training import attention, chosen, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -107,4 +107,6 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     metrics["train_rows"] = float(len(datasets["train"]))
     store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
     checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from)
+    return StageResult(
+        checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, tags=chosen(trainer)
+    )

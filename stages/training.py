@@ -143,9 +143,13 @@ def fit(trainer: Trainer, measure: Callable[[], dict[str, float]] | None = None)
         metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
     metrics["global_step"] = float(trainer.state.global_step)
     metrics["bf16"] = float(trainer.args.bf16)  # what `precision` chose on this machine: 1 bf16 autocast, 0 fp32
-    # the attention kernel the stage ran with (what `memory.attention: auto` chose), as bf16 is recorded: 1
-    metrics[f"attention_{unwrapped(trainer.model).config._attn_implementation}"] = 1.0
     return metrics | before | (measure() if measure else {}), resumed_from
+
+
+def chosen(trainer: Trainer) -> dict[str, str]:
+    """What the stage's settings chose on this machine, recorded as its run's tags: the attention kernel it ran with
+    (`memory.attention: auto`'s choice)."""
+    return {"attention": unwrapped(trainer.model).config._attn_implementation}
 
 
 class Progress(TrainerCallback):

@@ -383,6 +383,7 @@ def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult, mod
     now = int(time.time() * 1000)
     step = int(result.metrics.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
     tags = [RunTag(f"{TAG}resumed_from_step", str(result.resumed_from_step))]
+    tags += [RunTag(f"{TAG}{name}", value) for name, value in result.tags.items()]
     if result.source_run is not None:
         tags.append(RunTag(f"{TAG}checkpoint_run", result.source_run))
     for name, columns in result.tables.items():

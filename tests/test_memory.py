@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 from examples.generate import DATA_DIR
 from schemas.load import SpecError, load_spec
 from schemas.memory import Memory
-from schemas.spec import SFTStage, TrainSpec
-from stages import memory, sft
+from schemas.spec import PretrainStage, SFTStage, TrainSpec
+from stages import memory, pretrain, sft
 from stages.contract import StageInputs
 from stages.training import training_arguments
 from tasks.plan import plan
@@ -23,7 +23,7 @@ from .conftest import FAST, TINY
 
 
 def sft_stage(train_seed: int, **settings) -> SFTStage:
-    train = TrainSpec(max_steps=6, seed=train_seed, **(FAST | settings.pop("train", {})))
+    train = TrainSpec(**(FAST | {"max_steps": 6, "seed": train_seed} | settings.pop("train", {})))
     return SFTStage(
         name="sft",
         kind="sft",
@@ -53,13 +53,37 @@ def test_checkpointing_the_kernel_and_padding_free_rows_change_no_number(
     # which finds the documents from the position ids alike)
     monkeypatch.setattr(sft, "attention", lambda spec: "flash_attention_2")
     runs.append(run(plain, "flat"))
-    assert runs[0].metrics["attention_sdpa"] == 1 and runs[1].metrics["attention_eager"] == 1
+    assert runs[0].tags == {"attention": "sdpa"} and runs[1].tags == {"attention": "eager"}
     # fp32 on CPU: recomputed activations, the eager kernel and one flat row give the same losses to rounding
     for metric in ("train_loss", "heldout_loss"):
         assert runs[1].metrics[metric] == pytest.approx(runs[0].metrics[metric], rel=1e-4)
         assert runs[2].metrics[metric] == pytest.approx(runs[0].metrics[metric], rel=1e-4)
     args = training_arguments(saving, tmp_path / "args")
     assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_a_compiled_model_trains_to_the_same_losses(trained_tokenizer, train_seed, tmp_path):
+    # pretraining blocks: one shape, so torch.compile builds its graphs once (CPU: inductor's C++ kernels)
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer)
+    train = TrainSpec(**(FAST | {"max_steps": 2, "seed": train_seed}))
+    stages = {
+        name: PretrainStage(
+            name="pretrain",
+            kind="pretrain",
+            data=[DATA_DIR / "pretrain.jsonl"],
+            packing={"block_size": 32},
+            train=train,
+            memory=Memory(torch_compile=name == "compiled"),
+        )
+        for name in ("plain", "compiled")
+    }
+    datasets = pretrain.prepare(stages["plain"], tok).datasets
+    losses = {
+        name: pretrain.run(spec, StageInputs(TINY, trained_tokenizer, datasets), tmp_path / name).metrics["train_loss"]
+        for name, spec in stages.items()
+    }
+    assert training_arguments(stages["compiled"], tmp_path / "args").torch_compile
+    assert losses["compiled"] == pytest.approx(losses["plain"], rel=1e-3)
 
 
 def test_adafactor_and_neftune_train(trained_tokenizer, pretrained, train_seed, tmp_path):
