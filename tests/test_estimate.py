@@ -19,6 +19,8 @@ from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TrainSpec
 from stages.checkpoint import with_lora
 from stages.estimate import GIB, Shapes, check, estimate
 
+from .test_memory import SPEC
+
 GQA = ModelInit(arch="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2, max_seq_len=128, tie_embeddings=False)
 CPU = ("cpu", 64 * GIB)
 
@@ -73,23 +75,6 @@ def test_each_setting_moves_its_part() -> None:
     assert estimate(DPOStage(**pairs, reference="precomputed"), shapes, CPU).parts["reference"] == 0
 
 
-SPEC = {
-    "name": "m",
-    "model": {"init": {"hidden_size": 64, "layers": 2, "heads": 2, "max_seq_len": 128}},
-    "tokenizer": {"train": {"vocab_size": 512}},
-    "stages": [
-        {
-            "name": "pretrain",
-            "kind": "pretrain",
-            "data": str(DATA_DIR / "pretrain.jsonl"),
-            "packing": {"block_size": 64},
-        },
-        {"name": "sft", "kind": "sft", "data": str(DATA_DIR / "sft.jsonl"), "max_len": 128},
-        {"name": "eval", "kind": "eval"},
-    ],
-}
-
-
 def test_validate_prints_every_training_stage_and_refuses_one_that_cannot_fit(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
@@ -98,12 +83,12 @@ def test_validate_prints_every_training_stage_and_refuses_one_that_cannot_fit(
     path.write_text(yaml.safe_dump(SPEC))
     assert main(["validate", str(path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory: ")]
-    assert [line.split(":")[1].strip() for line in lines] == ["pretrain", "sft"]
+    assert [line.split(":")[1].strip() for line in lines] == ["pretrain", "sft", "dpo"]
     assert all(" fits: weights " in line for line in lines)
-    # the sft stage's 16 rows of 128 tokens need more activations than 8 MiB hold; a device of 6 MiB fits neither
+    # 16 rows of 64 tokens (a pair: 128) need more than a device of 6 MiB holds
     assert main(["validate", str(path), "--device-memory", "6MiB"]) == 2
     err = capsys.readouterr().err
-    assert "2 stage(s) would not fit in memory" in err and "sft: about " in err and "DOES NOT FIT" in err
+    assert "3 stage(s) would not fit in memory" in err and "sft: about " in err and "DOES NOT FIT" in err
     assert "to fit: lower train.batch_size" in err
     with pytest.raises(SpecError, match="would not fit"):
         check(load_spec(path), path, ("a small GPU", 1 << 20))
