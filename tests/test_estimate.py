@@ -19,6 +19,7 @@ from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TrainSpec
 from stages.checkpoint import with_lora
 from stages.estimate import GIB, Shapes, check, estimate
 
+from .conftest import use_home
 from .test_memory import SPEC
 
 GQA = ModelInit(arch="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2, max_seq_len=128, tie_embeddings=False)
@@ -78,7 +79,7 @@ def test_each_setting_moves_its_part() -> None:
 def test_validate_prints_every_training_stage_and_refuses_one_that_cannot_fit(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    monkeypatch.setenv("LIFECYCLE_HOME", str(tmp_path / "home"))
+    use_home(monkeypatch, tmp_path / "home")  # main() sets the home's variables: restored after the test
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(SPEC))
     assert main(["validate", str(path)]) == 0
