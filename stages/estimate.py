@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from schemas.launch import DeepSpeed
 from schemas.load import SpecError
 from schemas.models import init_config
 from schemas.spec import (
@@ -211,14 +210,11 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
     launch, memory, train = stage.launch, stage.memory, stage.train
     world = launch.world_size if launch is not None else 1
     zero = launch.zero_stage() if launch is not None else 0
-    offload = (
-        launch is not None
-        and isinstance(launch.deepspeed, DeepSpeed)
-        and launch.deepspeed.offload
-        or launch is not None
-        and isinstance(launch.deepspeed, Path)
-        and "offload_optimizer" in launch.deepspeed.read_text()
-    )
+    deepspeed = launch.deepspeed if launch is not None else None
+    if isinstance(deepspeed, Path):  # a config of the user's own
+        offload = "offload_optimizer" in deepspeed.read_text()
+    else:
+        offload = deepspeed is not None and deepspeed.offload
     bf16 = use_bf16(train.precision)
     trained = shapes.lora_parameters(stage) if stage.lora is not None else shapes.parameters
     optimizer_bytes = {
@@ -253,7 +249,7 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
         activations = tokens * (shapes.layers * 4 * shapes.hidden + layer)
     else:
         activations = tokens * shapes.layers * layer
-    if (memory is not None and memory.attention == "eager") or attention(stage) == "eager":
+    if attention(stage) == "eager":
         activations += tokens * shapes.layers * shapes.heads * _row_length(stage) * 8
     logits = 0 if isinstance(stage, RewardStage) else tokens * shapes.vocab * LOGIT_BYTES[bf16]
     parts = {
