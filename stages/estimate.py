@@ -82,11 +82,12 @@ class Estimate:
         return self.total <= self.capacity
 
     def line(self) -> str:
-        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts.items() if value)
+        unit, scale = ("GiB", GIB) if max(self.total, self.capacity) >= GIB else ("MiB", 1 << 20)
+        parts = ", ".join(f"{name} {value / scale:.2f}" for name, value in self.parts.items() if value)
         verdict = "fits" if self.fits else "DOES NOT FIT"
         return (
-            f"{self.stage}: about {self.total / GIB:.1f} GiB of {self.capacity / GIB:.1f} GiB ({self.device}) "
-            f"{verdict}: {parts} GiB"
+            f"{self.stage}: about {self.total / scale:.1f} {unit} of {self.capacity / scale:.1f} {unit} "
+            f"({self.device}) {verdict}: {parts} {unit}"
         )
 
     def advice(self) -> str:
