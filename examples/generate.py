@@ -353,6 +353,27 @@ def tool_conversations(skills: Skills, rng: random.Random, n_train: int, n_heldo
     ]
 
 
+def toy_facts(skills: Skills, rng: random.Random, n_sums: int = 60) -> list[dict]:
+    """A multiple-choice benchmark on the facts pretraining states: each country's capital among four capitals, and
+    sums among four numbers (the right one and its near misses), as plain text to complete."""
+    rows = []
+    for country, capital in sorted(skills.table.items()):
+        choices = [capital, *rng.sample([c for c in skills.table.values() if c != capital], 3)]
+        rng.shuffle(choices)
+        rows.append({"question": f"The capital of {country} is", "choices": choices, "answer": choices.index(capital)})
+    for a, b in rng.sample([(a, b) for a in range(30) for b in range(30)], n_sums):
+        value = a + b
+        choices = [str(value), *(str(value + offset) for offset in rng.sample([-2, -1, 1, 2, 10], 3))]
+        rng.shuffle(choices)
+        rows.append({"question": f"{a} plus {b} equals", "choices": choices, "answer": choices.index(str(value))})
+    return rows
+
+
+def toy_skills(skills: Skills, rng: random.Random, n: int = 100) -> list[dict]:
+    """A generation benchmark: held-out questions (no stage trains on them), answered in the canonical sentence."""
+    return [dict(zip(("question", "answer"), skills.question(rng, "heldout"))) for _ in range(n)]
+
+
 def generate(seed: int = SEED) -> dict[str, list[dict]]:
     rng = random.Random(seed)
     skills = Skills(rng)
@@ -373,6 +394,9 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
     files["sft_tools.jsonl"], files["sft_tools_heldout.jsonl"] = tool_conversations(
         skills, rng, TOOL_ROWS, TOOL_HELDOUT_ROWS
     )
+    # the benchmarks' (examples/benchmarks), from a stream of their own too
+    rng = random.Random(f"{seed}-benchmarks")
+    files["toy_facts.jsonl"], files["toy_skills.jsonl"] = toy_facts(skills, rng), toy_skills(skills, rng)
     return files
 
 

@@ -363,26 +363,56 @@ def format_samples(table: dict) -> str:
     return "\n\n".join(blocks)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """A stage's model as a self-contained Hugging Face folder with a model card naming its lineage."""
-    from tasks.export import export
+def _served_model(source: str):
+    """The model a SPEC[:STAGE] or models:/ URI names: (store client, the run that made it, pipeline name, its
+    checkpoint fetched into the home's cache). SPEC alone names its last language-model stage."""
     from tasks.lineage import client, open_store
     from tasks.models import fetch_checkpoint, fetch_language_model, model_id_of
 
     home = Home.from_env()
-    if args.source.startswith("models:/"):
+    if source.startswith("models:/"):
         mlflow = open_store(home)
-        model = mlflow.get_logged_model(model_id_of(mlflow, args.source))
-        checkpoint = fetch_language_model(mlflow, home, args.source)
-        run, pipeline = mlflow.get_run(model.source_run_id), mlflow.get_experiment(model.experiment_id).name
-    else:
-        spec_path, _, stage = args.source.partition(":")
-        spec = load_spec(Path(spec_path))
-        stage = stage or [s.name for s in spec.training_stages() if s.kind != "reward"][-1]
-        mlflow, run, pipeline = client(home), _finished_stage_run(Path(spec_path), stage), spec.name
-        checkpoint = fetch_checkpoint(mlflow, home, run)
+        model = mlflow.get_logged_model(model_id_of(mlflow, source))
+        checkpoint = fetch_language_model(mlflow, home, source)
+        return mlflow, mlflow.get_run(model.source_run_id), mlflow.get_experiment(model.experiment_id).name, checkpoint
+    spec_path, _, stage = source.partition(":")
+    spec = load_spec(Path(spec_path))
+    stage = stage or [s.name for s in spec.training_stages() if s.kind != "reward"][-1]
+    mlflow, run = client(home), _finished_stage_run(Path(spec_path), stage)
+    return mlflow, run, spec.name, fetch_checkpoint(mlflow, home, run)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A stage's model as a self-contained Hugging Face folder with a model card naming its lineage; with --gguf, a
+    GGUF file of it beside the folder."""
+    from tasks.export import export
+
+    if args.gguf and args.out.with_suffix(".gguf").exists():
+        raise UsageError(f"{args.out.with_suffix('.gguf')} exists: export writes a new file")
+    mlflow, run, pipeline, checkpoint = _served_model(args.source)
     folder = export(mlflow, run, checkpoint, args.out, pipeline)
     print(f"stage {run.data.tags['lifecycle.stage']} of {pipeline} exported to {folder}")
+    if args.gguf:
+        from tasks.gguf import write_gguf
+
+        written = write_gguf(folder, args.out.with_suffix(".gguf"))
+        print(f"and as GGUF to {written} (read back and checked against the folder)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A stage's model behind an OpenAI-compatible API (transformers' server), until interrupted."""
+    from tasks.serve import server
+
+    _, run, pipeline, checkpoint = _served_model(args.source)
+    name = f"{pipeline}/{run.data.tags['lifecycle.stage']}"
+    served = server(name, checkpoint, args.host, args.port)
+    print(
+        f"serving {name} at http://{args.host}:{args.port}/v1 (POST /v1/chat/completions, GET /v1/models); "
+        "Ctrl-C stops it",
+        flush=True,
+    )
+    served.run()
     return 0
 
 
@@ -615,7 +645,20 @@ def parser() -> argparse.ArgumentParser:
         help="SPEC:STAGE (SPEC alone: its last language-model stage), or a models:/ URI (models:/<pipeline>@best)",
     )
     export.add_argument("out", type=Path, help="the folder to write; it must not exist yet, or be empty")
+    export.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also write OUT.gguf (llama and qwen2 architectures, byte-level BPE tokenizers), read back and checked",
+    )
     export.set_defaults(func=cmd_export)
+    serve = commands.add_parser(
+        "serve",
+        help="a stage's model behind an OpenAI-compatible API: /v1/chat/completions (streaming, tools) and /v1/models",
+    )
+    serve.add_argument("source", help="SPEC:STAGE (SPEC alone: its last language-model stage), or a models:/ URI")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
     report = commands.add_parser("report", help="the eval stage's metrics per checkpoint and their sample replies")
     report.add_argument("spec", type=Path)
     report.add_argument("--stage", help="the eval stage's name; default: the first eval stage")

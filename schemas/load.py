@@ -117,6 +117,12 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
         update = {field: found(sources, f"stages[{i}].{field}") for field, (sources, _) in stage.files().items()}
         if isinstance(stage, (ChatStage, EvalStage)):
             update["template"] = stage.template or spec.template
+        if isinstance(stage, EvalStage) and stage.benchmarks is not None and stage.benchmarks.folder is not None:
+            folder = stage.benchmarks.folder
+            resolved = folder if folder.is_absolute() else (base / folder).resolve()
+            if not resolved.is_dir():
+                missing.append(f"stages[{i}].benchmarks.folder: {folder} is not a folder (looked for {resolved})")
+            update["benchmarks"] = stage.benchmarks.model_copy(update={"folder": resolved})
         if isinstance(stage, TrainingStage):
             # the pipeline's launch is every training stage's but grpo's, which runs in one process for now
             update["launch"] = launch = stage.launch or (spec.launch if not isinstance(stage, GRPOStage) else None)

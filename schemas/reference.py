@@ -207,9 +207,9 @@ def _type(annotation: Any, metadata: list[Any], found: dict[type[BaseModel], Sec
         others = [item for item in metadata if not hasattr(item, "min_length")]
         at_least = f" (at least {sized[0].min_length})" if sized else ""
         noun, _, rest = _type(options[0], others, found, where).partition(" ")
-        if noun not in ("string", "path", "int", "number", "mapping"):
+        if noun.removesuffix(":") not in ("string", "path", "int", "number", "mapping"):
             raise _cannot(where, f"a list of {noun} {rest}")
-        return f"list of {noun}s {rest}".strip() + at_least
+        return f"list of {noun.removesuffix(':')}s{':' * noun.endswith(':')} {rest}".strip() + at_least
     if origin is dict:
         return "mapping"
     if _is_model(annotation):

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from pydantic import BeforeValidator, Field, PositiveInt, model_validator
 
 from schemas.base import Strict
+from schemas.benchmarks import Benchmarks
 from schemas.formats import Format
 from schemas.launch import Launch
 from schemas.memory import Memory
@@ -525,6 +526,11 @@ class EvalStage(StageBase):
         default_factory=list,
         description="rewards of the greedy replies to the held-out prompts "
         "(column reward, their weighted sum); default: those of the last grpo stage it scores",
+    )
+    benchmarks: Benchmarks | None = Field(
+        None,
+        description="lm-evaluation-harness tasks run on every scored checkpoint: columns <task>/<metric>; their data "
+        "must be in the local datasets cache (a task folder's own files need nothing)",
     )
     best_by: EvalMetric | None = Field(
         "exact_match",

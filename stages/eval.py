@@ -36,6 +36,9 @@ The metrics (columns):
                          and the reference scores, and the share of lists whose best-scored candidate
                          is one the reference ranks first (`stages.metrics.ranking`).
 
+    <task>/<metric>      benchmarks: each lm-evaluation-harness task's (and group's) metrics, run on the loaded
+                         checkpoint (`stages.benchmarks`); the seconds each took are a table of their own.
+
 Pairs and lists in which max_len leaves some candidate no reply token are left out: such a reply has no score.
 
 Samples: every checkpoint answers the same prompts greedily (spec.samples, else the first four
@@ -64,6 +67,7 @@ from schemas.formats import Format
 from schemas.rewards import AnswerReward, ModelReward
 from schemas.sources import Source
 from schemas.spec import EvalStage
+from stages.benchmarks import Bench, Scores
 from stages.candidates import encode, rows, scored
 from stages.checkpoint import load_model
 from stages.contract import columns_of
@@ -95,6 +99,8 @@ class Report:
     metrics: list[dict[str, str | float]]
     samples: list[dict[str, str]]  # one row per sample prompt: {"prompt": text, "<checkpoint name>": reply, ...}
     plot: Path  # a PNG: one panel per metric, a bar per checkpoint in lineage order
+    # one row per checkpoint: {"checkpoint": name, "<task>": seconds its benchmark took}; empty without benchmarks
+    seconds: list[dict[str, str | float]]
 
     def metrics_table(self) -> dict[str, list]:
         """The metrics as columns, the shape `MlflowClient.log_table` takes."""
@@ -280,14 +286,28 @@ def measure(model, tokenizer, data: HeldOut, spec: EvalStage) -> tuple[dict[str,
     return found, pair_logps, replies
 
 
+@dataclass(frozen=True)
+class Scored:
+    """What one checkpoint gave: its metrics, summed preference log-probs, greedy replies to the held-out prompts,
+    replies to the samples, and its benchmark scores by task."""
+
+    found: dict[str, float]
+    pair_logps: Tensor | None
+    replies: list[str]
+    samples: list[str]
+    benchmarks: dict[str, Scores]
+
+
 def _scored_checkpoint(
-    folder: Path, tokenizer, data: HeldOut, spec: EvalStage
-) -> tuple[dict[str, float], Tensor | None, list[str], list[str]]:
-    """One checkpoint loaded, measured and asked the samples; its model is unreferenced when this returns."""
+    folder: Path, tokenizer, data: HeldOut, spec: EvalStage, bench: Bench | None, name: str, number: str
+) -> Scored:
+    """One checkpoint loaded, measured, benchmarked and asked the samples; its model is unreferenced when this
+    returns."""
     model = load_model(folder, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     found, pair_logps, replies = measure(model, tokenizer, data, spec)
     samples = replies_to(model, tokenizer, [chat for _, chat in data.samples], spec)
-    return found, pair_logps, replies, samples
+    benchmarks = bench.score(model, tokenizer, name, number) if bench is not None else {}
+    return Scored(found, pair_logps, replies, samples, benchmarks)
 
 
 def replies_to(model, tokenizer, asked: Sequence[Chat], spec: EvalStage) -> list[str]:
@@ -372,27 +392,36 @@ def run(
     tokenizer: Path,
     workdir: Path,
     reward_models: dict[str, Path] | None = None,
+    bench: Bench | None = None,
 ) -> Report:
-    """Score each checkpoint (in the given lineage order) on the spec's held-out data; the report and its plot in
-    workdir. `reward_models`: the checkpoint of every reward stage the spec's reward model and rewards name."""
+    """Score each checkpoint (in the given lineage order) on the spec's held-out data, and on its benchmarks with
+    `bench`; the report and its plot in workdir. `reward_models`: the checkpoint of every reward stage the spec's
+    reward model and rewards name."""
     if not checkpoints:
         raise ValueError(f"eval stage {spec.name!r} has no checkpoints to score")
     tok = AutoTokenizer.from_pretrained(tokenizer)
     data = held_out(spec, tok)
     columns = data.columns(spec)
     metrics: list[dict[str, str | float]] = []
+    seconds: list[dict[str, str | float]] = []
     replies: dict[str, list[str]] = {}
     samples: dict[str, list[str]] = {}
     reference: Tensor | None = None  # the first checkpoint's summed pair log-probs: π_ref of every reward margin
     for i, (name, folder) in enumerate(checkpoints.items(), 1):
         started = time.monotonic()
-        found, pair_logps, replies[name], samples[name] = _scored_checkpoint(folder, tok, data, spec)
+        gave = _scored_checkpoint(folder, tok, data, spec, bench, name, f"{i}/{len(checkpoints)}")
         _release_memory()
         say(f"{spec.name}  {name} scored ({i}/{len(checkpoints)}) in {duration(time.monotonic() - started)}")
-        if pair_logps is not None:
-            found["reward_margin"] = math.nan if reference is None else implicit_reward_margin(pair_logps, reference)
-            reference = pair_logps if reference is None else reference
+        found, replies[name], samples[name] = gave.found, gave.replies, gave.samples
+        if gave.pair_logps is not None:
+            margin = math.nan if reference is None else implicit_reward_margin(gave.pair_logps, reference)
+            found["reward_margin"] = margin
+            reference = gave.pair_logps if reference is None else reference
+        for task in gave.benchmarks.values():
+            found |= task.columns
+            columns += [column for column in task.columns if column not in columns]
         metrics.append({"checkpoint": name} | found)
+        seconds.append({"checkpoint": name} | {task: s.seconds for task, s in gave.benchmarks.items()})
     if data.tasks and (spec.rewards or spec.reward_model):
         for row, found in zip(metrics, rewarded(spec, data, tok, replies, reward_models or {}).values()):
             row |= found
@@ -403,4 +432,4 @@ def run(
         {"prompt": prompt} | {name: samples[name][i] for name in checkpoints}
         for i, (prompt, _) in enumerate(data.samples)
     ]
-    return Report(metrics=metrics, samples=shown, plot=plot(metrics, columns, workdir / "metrics.png"))
+    return Report(metrics=metrics, samples=shown, plot=plot(metrics, columns, workdir / "metrics.png"), seconds=seconds)

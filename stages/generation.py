@@ -71,6 +71,13 @@ def stop_ids(tokenizer, end_of_turn: int) -> list[int]:
     return [end_of_turn] if eos is None or eos == end_of_turn else [end_of_turn, eos]
 
 
+def stop_at_turn_end(model, tokenizer, stops: list[int]) -> None:
+    """Make the model's own generation config stop where a reply ends (`stops`), so whatever reads that config alone
+    (a server, an exported folder's users) stops there too, and pads with the tokenizer's pad token."""
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
     """The generated ids up to and including the first stop token; everything after it is padding."""
     for i, token in enumerate(ids):
@@ -188,7 +195,9 @@ class ChatModel:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(Path(folder), tokenizer).to(device).eval()
-        return cls(model, tokenizer, stop_ids(tokenizer, turn_end_id(tokenizer)))
+        stops = stop_ids(tokenizer, turn_end_id(tokenizer))
+        stop_at_turn_end(model, tokenizer, stops)
+        return cls(model, tokenizer, stops)
 
     def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The conversation so far (offering `tools`) and the assistant header, rendered by the tokenizer's stored

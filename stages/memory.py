@@ -14,6 +14,7 @@ import torch
 
 from schemas.load import SpecError
 from schemas.spec import PipelineSpec, TrainingStage
+from stages import benchmarks
 from stages.training import use_bf16
 
 
@@ -67,6 +68,7 @@ def problems(spec: PipelineSpec) -> list[str]:
 
 
 def check(spec: PipelineSpec, path: Path) -> None:
-    """Raise a SpecError naming every setting this machine cannot honour."""
-    if found := problems(spec):
+    """Raise a SpecError naming every setting this machine cannot honour: memory and optimizer settings, and
+    benchmarks whose tasks or data it does not have."""
+    if found := problems(spec) + benchmarks.problems(spec):
         raise SpecError(f"{path}: {len(found)} setting(s) this machine cannot honour\n  " + "\n  ".join(found))

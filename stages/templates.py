@@ -523,13 +523,40 @@ def jinja(template: str) -> str:
     )
 
 
+# How a chatml reply reads back as a message (transformers' `tokenizer.parse_response`, which its server uses to
+# answer with `tool_calls`): text up to the end of the turn, and each <tool_call> block of HERMES a call
+CHATML_REPLY = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": f"{IM_START}assistant\n",
+    "fields": {
+        "tool_calls": {
+            "open_pattern": r"\s*<tool_call>",
+            "close": "</tool_call>",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close_pattern": r"\s*(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text"},
+    },
+}
+
+
 def store_template(tokenizer, template: str) -> None:
-    """Make `template` the tokenizer's chat template, so inference renders prompts as training did."""
+    """Make `template` the tokenizer's chat template, so inference renders prompts as training did; chatml's comes
+    with the response template that reads its replies (and tool calls) back."""
     if template == OWN_TEMPLATE:
         if not tokenizer.chat_template:
             raise ValueError(NO_CHAT_TEMPLATE)
         return
     tokenizer.chat_template = jinja(template)
+    read_replies(tokenizer)
+
+
+def read_replies(tokenizer) -> None:
+    """A tokenizer holding our chatml template and no response template gets chatml's (a checkpoint saved before
+    templates carried one included)."""
+    if getattr(tokenizer, "response_template", None) is None and tokenizer.chat_template == jinja("chatml"):
+        tokenizer.response_template = CHATML_REPLY
 
 
 def conversations(frame: pl.DataFrame, prefix: str = "") -> list[list[dict]]:

@@ -109,7 +109,7 @@ def export(mlflow: MlflowClient, run: Run, checkpoint: Path, out: Path, pipeline
     from transformers import AutoTokenizer
 
     from stages.checkpoint import load_model
-    from stages.generation import stop_ids, turn_end_id
+    from stages.generation import stop_at_turn_end, stop_ids, turn_end_id
 
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty: export writes a new folder")
@@ -117,9 +117,7 @@ def export(mlflow: MlflowClient, run: Run, checkpoint: Path, out: Path, pipeline
     shutil.rmtree(partial, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = load_model(checkpoint, tokenizer)  # an adapter is merged onto its base
-    stops = stop_ids(tokenizer, turn_end_id(tokenizer))
-    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    stop_at_turn_end(model, tokenizer, stop_ids(tokenizer, turn_end_id(tokenizer)))
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     (partial / "README.md").write_text(model_card(mlflow, run, pipeline), encoding="utf-8")

@@ -76,6 +76,8 @@ def _unless_default(stage: Stage) -> dict[str, bool | set[str]]:
     """Fields added with a default that keeps what a stage makes as it was: left out of the keys while default, so
     the runs of specs that never set them stay reused."""
     left_out: dict[str, bool | set[str]] = {"mix": True} if getattr(stage, "mix", None) == Mix() else {}
+    if isinstance(stage, EvalStage) and stage.benchmarks is None:
+        left_out["benchmarks"] = True
     if isinstance(stage, TrainingStage):
         default = TrainSpec()
         added = ("optimizer", "neftune_noise_alpha")
@@ -90,6 +92,8 @@ def _excluded(stage: Stage) -> dict:
     excluded = dict.fromkeys(stage.files(), True) | _unless_default(stage)
     if isinstance(stage, TrainingStage):
         excluded["train"] = {"save_steps", "logging_steps", *excluded.get("train", ())}
+    if isinstance(stage, EvalStage) and stage.benchmarks is not None:
+        excluded["benchmarks"] = {"folder"}  # digested apart: where the task files lie is not what they hold
     return excluded | {"launch": True, "memory": True, "best_by": True}
 
 
@@ -121,6 +125,9 @@ def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, 
     }
     if isinstance(stage, EvalStage):
         payload["scored"] = {s.name: fingerprints[s.name] for s in spec.scored_by(stage)}
+        if (benchmarks := stage.benchmarks) is not None:
+            folder = folder_digest(benchmarks.folder) if benchmarks.folder is not None else None
+            payload["benchmarks"] = {"folder": folder, "lm_eval": version("lm_eval")}
     elif upstream is None:
         payload["model"] = (
             spec.model.init.model_dump(mode="json")

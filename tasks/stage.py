@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -27,7 +28,7 @@ from stages.progress import prepared_line, say
 from tasks import claims, lineage, mirror
 from tasks.checks import check_contracts
 from tasks.home import Home
-from tasks.keys import dataset_key, reference_key
+from tasks.keys import dataset_key, digest, folder_digest, reference_key
 from tasks.launch import launch_stage
 from tasks.models import (
     ADAPTER,
@@ -235,6 +236,19 @@ def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, 
     return {name: fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in reward_runs.items()}
 
 
+def _bench(home: Home, stage: PlannedStage, scored_runs: dict[str, str]):
+    """The eval stage's benchmarks over its checkpoints, their scores kept in the home; None without benchmarks."""
+    from stages.benchmarks import Bench
+
+    if (benchmarks := stage.spec.benchmarks) is None:
+        return None
+    folder = folder_digest(benchmarks.folder) if benchmarks.folder is not None else None
+    identities = {
+        name: digest({"run": run, "folder": folder, "lm_eval": version("lm_eval")}) for name, run in scored_runs.items()
+    }
+    return Bench(stage.name, benchmarks, home.root / "cache" / "benchmarks", identities)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="eval-{stage.name}")
 def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], reward_runs: dict[str, str]) -> str:
     """Score the checkpoints side by side; the table, plot and samples go to the eval run and to the pipeline run, each
@@ -249,8 +263,9 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
         log_input_models(mlflow, run_id, [*scored.values(), *(mlflow.get_run(run) for run in reward_runs.values())])
         checkpoints = {name: fetch_checkpoint(mlflow, home, run) for name, run in scored.items()}
         tokenizer = fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
+        bench = _bench(home, stage, scored_runs)
         report = evaluation.run(
-            stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs)
+            stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs), bench
         )
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
         table = {"columns": list(report.metrics[0]), "data": [list(row.values()) for row in report.metrics]}
@@ -259,6 +274,9 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
         }
         models = [model_of(scored[row["checkpoint"]]) for row in report.metrics]
         lineage.log_comparison(mlflow, run_id, stage.name, table, models, measured_on)
+        if bench is not None:  # what each benchmark cost, a line over the checkpoints as the scores are
+            seconds = {"columns": list(report.seconds[0]), "data": [list(row.values()) for row in report.seconds]}
+            lineage.log_comparison(mlflow, run_id, f"{stage.name}/seconds", seconds)
         return StageResult(checkpoint=None)
 
     return _recorded(ctx, stage, None, work, monitored=True)

@@ -228,6 +228,11 @@ def test_eval_stage_logs_the_comparison_in_its_run_and_the_pipeline_run(quick_ru
     # the eval run charts its table as the pipeline run does: a metric a line, a checkpoint a step
     history = mlflow.get_metric_history(runs["eval"], "eval/perplexity")
     assert sorted(m.step for m in history) == list(range(len(scored)))
+    # the benchmarks (lm-eval on examples/benchmarks) too, and what each cost, a line over the same steps
+    for metric in ("eval/toy_facts/acc", "eval/toy_skills/exact_match", "eval/seconds/toy_facts"):
+        history = mlflow.get_metric_history(runs["eval"], metric)
+        assert sorted(m.step for m in history) == list(range(len(scored))), metric
+    assert all(0 <= m.value <= 1 for m in mlflow.get_metric_history(runs["eval"], "eval/toy_facts/acc"))
 
 
 def test_experiments_made_here_open_as_model_training_and_a_users_own_is_left_as_it_is(

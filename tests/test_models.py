@@ -102,6 +102,7 @@ def test_metrics_are_linked_to_the_model_with_their_run_and_dataset_and_runs_nam
     assert linked["eval/perplexity", runs["eval"]].value == pytest.approx(row["perplexity"])
     assert linked["eval/perplexity", runs["eval"]].dataset_name == "pretrain_heldout.jsonl"
     assert linked["eval/task_accuracy", runs["eval"]].dataset_name == "rl_prompts_heldout.jsonl"
+    assert linked["eval/toy_facts/acc", runs["eval"]].value == pytest.approx(row["toy_facts/acc"])
     # each stage's run names the models it started from (and scored with); the eval's, every one it scored
     inputs = {name: {m.model_id for m in mlflow.get_run(runs[name]).inputs.model_inputs} for name in runs}
     assert inputs["sft"] == {model_of(mlflow, runs["pretrain"]).model_id} and inputs["pretrain"] == set()
