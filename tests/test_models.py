@@ -237,6 +237,7 @@ def test_export_writes_a_folder_that_loads_without_the_store_and_names_its_linea
     quick_run, tmp_path, monkeypatch, capsys
 ) -> None:
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from stages.checkpoint import load_model
@@ -254,10 +255,18 @@ def test_export_writes_a_folder_that_loads_without_the_store_and_names_its_linea
     for stage in ("pretrain", "sft", "sft-lora", "dpo"):
         assert f"| {stage} | " in card and runs[stage] in card
     assert "## Scores the eval stages gave this model" in card and "| exact_match | " in card
+    assert "| eval/toy_facts/acc | " in card  # and its benchmark scores
     assert main(["export", f"models:/{dpo}", str(out)]) == 2  # a folder that holds something is never overwritten
     assert "exists and is not empty" in capsys.readouterr().err
-    assert main(["export", f"{QUICK}:sft", str(tmp_path / "sft-export")]) == 0
-    assert "stage sft of quick exported to" in capsys.readouterr().out
+    # --gguf: a GGUF file beside the folder, read back and checked against it
+    assert main(["export", f"{QUICK}:sft", str(tmp_path / "sft-export"), "--gguf"]) == 0
+    said = capsys.readouterr().out
+    assert "stage sft of quick exported to" in said and "(read back and checked against the folder)" in said
+    from gguf import GGUFReader
+
+    read = GGUFReader(tmp_path / "sft-export.gguf")
+    assert bytes(read.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert len(read.tensors) == len(load_file(tmp_path / "sft-export" / "model.safetensors"))
 
     # a fresh process with no store at all: the merged weights give the pipeline's logits, generation stops at the turn
     tokenizer = AutoTokenizer.from_pretrained(out)
