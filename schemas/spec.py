@@ -43,6 +43,16 @@ EvalMetric = Literal[
     "top1",
 ]
 LOWER_IS_BETTER = ("perplexity", "response_loss")
+# A benchmark's column, <task>/<metric>: lower is better where lm-eval's metric is a perplexity or bits per byte
+BenchmarkMetric = Annotated[str, Field(pattern=r"^[^/\s]+/[^/\s]+$")]
+LOWER_IS_BETTER_BENCHMARKS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether the eval table's column `metric` is better lower: perplexity and response loss, and a benchmark's
+    perplexities and bits per byte."""
+    task, _, measure = metric.rpartition("/")
+    return metric in LOWER_IS_BETTER or (bool(task) and measure in LOWER_IS_BETTER_BENCHMARKS)
 
 
 # A single source (a path, `hf:owner/name` or an object) is accepted where a list is expected.
@@ -532,12 +542,20 @@ class EvalStage(StageBase):
         description="lm-evaluation-harness tasks run on every scored checkpoint: columns <task>/<metric>; their data "
         "must be in the local datasets cache (a task folder's own files need nothing)",
     )
-    best_by: EvalMetric | None = Field(
+    best_by: EvalMetric | BenchmarkMetric | None = Field(
         "exact_match",
-        description="the metric whose best checkpoint gets the registry alias `best` (lower is better for perplexity "
-        "and response_loss, higher for the rest; a tie goes to the earlier stage); null: no alias. Not part of the "
-        "fingerprint: changing it moves the alias without scoring again",
+        description="the metric whose best checkpoint gets the registry alias `best`: a column of the table, a "
+        "benchmark's as <task>/<metric> (lower is better for perplexity, response_loss and a benchmark's "
+        "perplexities and bits_per_byte, higher for the rest; a tie goes to the earlier stage); null: no alias. Not "
+        "part of the fingerprint: changing it moves the alias without scoring again",
     )
+
+    @model_validator(mode="after")
+    def _best_by_a_benchmark_it_runs(self) -> EvalStage:
+        # a task of a group the benchmarks run is named by lm-eval alone: only a stage without benchmarks is refused
+        if self.best_by is not None and "/" in self.best_by and self.benchmarks is None:
+            raise ValueError(f"best_by {self.best_by} is a benchmark's column, and this stage has no benchmarks")
+        return self
 
     def files(self) -> dict[str, tuple[list[Source], Format]]:
         return {fmt: (getattr(self, fmt), fmt) for fmt in ("text", "conversations", "prompts", "preference", "ranked")}

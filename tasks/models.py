@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
 
-from schemas.spec import LOWER_IS_BETTER, TOKENIZER_STAGE, ModelSpec
+from schemas.spec import TOKENIZER_STAGE, ModelSpec, lower_is_better
 from stages.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
 from stages.progress import say, transfer
 from tasks.home import Home
@@ -353,7 +353,7 @@ def mark_best(
         mlflow.set_registered_model_tag(pipeline, f"{TAG}best", f"none: eval {evaluation} measured no {metric}")
         say(f"registry {pipeline}: no alias {BEST}, eval {evaluation} measured no checkpoint's {metric}")
         return None
-    pick = min if metric in LOWER_IS_BETTER else max
+    pick = min if lower_is_better(metric) else max
     value, name = pick(scored, key=lambda pair: pair[0])  # the first of equals: the earlier stage
     mlflow.set_registered_model_alias(pipeline, BEST, versions[name])
     why = f"{name} (version {versions[name]}): {metric} {value:.4g}, the {pick.__name__} of eval {evaluation}"

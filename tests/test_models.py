@@ -226,11 +226,22 @@ def test_a_run_of_an_older_store_is_fetched_from_its_checkpoint_artifact(trained
 def test_best_by_takes_exactly_the_eval_table_s_metrics() -> None:
     from typing import get_args
 
-    from schemas.spec import LOWER_IS_BETTER, EvalMetric
+    from pydantic import ValidationError
+
+    from schemas.spec import LOWER_IS_BETTER, EvalMetric, EvalStage, lower_is_better
     from stages.eval import METRICS
 
     assert set(get_args(EvalMetric)) == {metric for metrics in METRICS.values() for metric in metrics}
     assert set(LOWER_IS_BETTER) <= set(get_args(EvalMetric))
+    # or a benchmark's column, of a stage that runs benchmarks; its direction by lm-eval's metric
+    asked = {"name": "eval", "kind": "eval", "benchmarks": {"tasks": ["hellaswag"]}}
+    assert EvalStage(**asked, best_by="hellaswag/acc_norm").best_by == "hellaswag/acc_norm"
+    with pytest.raises(ValidationError, match="is a benchmark's column, and this stage has no benchmarks"):
+        EvalStage(name="eval", kind="eval", best_by="hellaswag/acc")
+    with pytest.raises(ValidationError):
+        EvalStage(**asked, best_by="acc")  # neither a column of the table nor <task>/<metric>
+    assert lower_is_better("wikitext/word_perplexity") and lower_is_better("perplexity")
+    assert not lower_is_better("hellaswag/acc") and not lower_is_better("exact_match")
 
 
 def test_export_writes_a_folder_that_loads_without_the_store_and_names_its_lineage(
