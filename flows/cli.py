@@ -455,6 +455,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             ) from None
     print(f"{chosen.name} (run {run.info.run_id}); plot: eval/metrics.png in that run\n")
     print(format_metrics(metrics))
+    if spec.registry and chosen.spec.best_by is not None:
+        try:
+            why = mlflow.get_registered_model(spec.name).tags.get("lifecycle.best")
+        except MlflowException:
+            why = None  # registered by no run of this store yet
+        if why:
+            print(f"\nregistry {spec.name}, alias best: {why}")
     if samples["data"]:
         print("\n" + format_samples(samples))
     return 0

@@ -61,6 +61,14 @@ RUNTIME_CPU = 0.6 * GIB  # the process before any model loads
 LIST_LENGTH = 4  # a tuna stage's candidates per list, as the bundled ranked data has them
 
 
+def _size(count: float) -> str:
+    """Bytes in the unit that shows them: a tiny model's weights as MiB, not 0.00 GiB."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}" if count < 10 * scale else f"{count / scale:.1f} {unit}"
+    return f"{count / 1024:.0f} KiB"
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A stage's estimated peak on one device, by part (bytes), against what the device has."""
@@ -82,13 +90,9 @@ class Estimate:
         return self.total <= self.capacity
 
     def line(self) -> str:
-        unit, scale = ("GiB", GIB) if max(self.total, self.capacity) >= GIB else ("MiB", 1 << 20)
-        parts = ", ".join(f"{name} {value / scale:.2f}" for name, value in self.parts.items() if value)
+        parts = ", ".join(f"{name} {_size(value)}" for name, value in self.parts.items() if value)
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        return (
-            f"{self.stage}: about {self.total / scale:.1f} {unit} of {self.capacity / scale:.1f} {unit} "
-            f"({self.device}) {verdict}: {parts} {unit}"
-        )
+        return f"{self.stage}: about {_size(self.total)} of {_size(self.capacity)} ({self.device}) {verdict}: {parts}"
 
     def advice(self) -> str:
         """What to change, for the largest parts first."""

@@ -332,9 +332,9 @@ def mark_best(
     mlflow: MlflowClient, pipeline: str, evaluation: str, table: dict, metric: str, versions: dict[str, str]
 ) -> str | None:
     """Point the alias `best` at the version of the checkpoint the eval table (a log_table JSON, a row per checkpoint)
-    scores best by `metric`; a tie goes to the earlier checkpoint. No checkpoint measured on it: the alias is removed,
-    so it never names a lineage this eval did not score. The version, or None; the registered model's tag
-    `lifecycle.best` says which checkpoint and why."""
+    scores best by `metric`; of equals, the earlier checkpoint. No checkpoint measured on it, or every one scoring the
+    same: the alias is removed, so it never names a lineage this eval did not score, nor one no better than the rest.
+    The version, or None; the registered model's tag `lifecycle.best` says which checkpoint and why, as a sentence."""
     columns, rows = table["columns"], table["data"]
     scored = []
     if metric in columns:
@@ -344,18 +344,28 @@ def mark_best(
             for row in rows
             if isinstance(row[at], int | float) and math.isfinite(row[at]) and row[named] in versions
         ]
-    if not scored:
+    values = {value for value, _ in scored}
+    if not scored or (len(scored) > 1 and len(values) == 1):
         try:
             mlflow.delete_registered_model_alias(pipeline, BEST)
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 raise
-        mlflow.set_registered_model_tag(pipeline, f"{TAG}best", f"none: eval {evaluation} measured no {metric}")
-        say(f"registry {pipeline}: no alias {BEST}, eval {evaluation} measured no checkpoint's {metric}")
+        why = (
+            f"No version is best: eval {evaluation} measured no checkpoint's {metric}."
+            if not scored
+            else f"No version is best: all {len(scored)} checkpoints scored {metric} {scored[0][0]:.4g} in eval "
+            f"{evaluation}."
+        )
+        mlflow.set_registered_model_tag(pipeline, f"{TAG}best", why)
+        say(f"registry {pipeline}: no alias {BEST}. {why}")
         return None
-    pick = min if lower_is_better(metric) else max
-    value, name = pick(scored, key=lambda pair: pair[0])  # the first of equals: the earlier stage
+    lower = lower_is_better(metric)
+    value, name = (min if lower else max)(scored, key=lambda pair: pair[0])  # the first of equals: the earlier stage
     mlflow.set_registered_model_alias(pipeline, BEST, versions[name])
-    why = f"{name} (version {versions[name]}): {metric} {value:.4g}, the {pick.__name__} of eval {evaluation}"
+    why = (
+        f"{name} (version {versions[name]}) is best: {metric} {value:.4g}, the {'lowest' if lower else 'highest'} of "
+        f"{len(scored)} checkpoints in eval {evaluation}."
+    )
     mlflow.set_registered_model_tag(pipeline, f"{TAG}best", why)
     return versions[name]

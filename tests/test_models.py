@@ -110,7 +110,9 @@ def test_metrics_are_linked_to_the_model_with_their_run_and_dataset_and_runs_nam
     assert inputs["eval"] >= {model_of(mlflow, runs[name]).model_id for name in MODELS if name != "reward"}
 
 
-def test_the_registry_has_a_version_per_stage_and_a_rerun_adds_none(quick_run, prefect_harness, monkeypatch) -> None:
+def test_the_registry_has_a_version_per_stage_and_a_rerun_adds_none(
+    quick_run, prefect_harness, monkeypatch, capsys
+) -> None:
     root, runs = quick_run
     mlflow = store(root)
     use_home(monkeypatch, root)
@@ -135,15 +137,18 @@ def test_the_registry_has_a_version_per_stage_and_a_rerun_adds_none(quick_run, p
     assert {"name": "quick", "version": str(versions["sft"].version)} in json.loads(
         model_of(mlflow, runs["sft"]).tags["mlflow.modelVersions"]
     )
-    # aliases: each stage's current version, and the eval's best by exact_match (a tie: the earlier stage)
+    # aliases: each stage's current version, and the eval's best by perplexity (quick's best_by: lowest wins)
     registered = mlflow.get_registered_model("quick")
     assert {name: str(registered.aliases[name]) for name in MODELS} == {n: str(v.version) for n, v in versions.items()}
     parent = mlflow.get_run(mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"])
     named = dict(step.split(":") for step in parent.data.tags["lifecycle.steps.eval"].split())
-    scores = {m.step: m.value for m in mlflow.get_metric_history(runs["eval"], "eval/exact_match")}
-    best = named[str(max(sorted(scores), key=scores.get))]  # max keeps the first of equals: the earliest step
+    scores = {m.step: m.value for m in mlflow.get_metric_history(runs["eval"], "eval/perplexity")}
+    best = named[str(min(sorted(scores), key=scores.get))]  # min keeps the first of equals: the earliest step
     assert str(registered.aliases["best"]) == str(versions[best].version)
-    assert registered.tags["lifecycle.best"].startswith(f"{best} (version {versions[best].version}): exact_match")
+    why = registered.tags["lifecycle.best"]
+    assert why.startswith(f"{best} (version {versions[best].version}) is best: perplexity")
+    assert main(["report", str(QUICK)]) == 0  # and the report says which and why
+    assert f"\nregistry quick, alias best: {why}\n" in capsys.readouterr().out
 
 
 def test_best_goes_by_the_metric_its_direction_and_the_earlier_of_equals(tmp_path) -> None:
@@ -156,12 +161,25 @@ def test_best_goes_by_the_metric_its_direction_and_the_earlier_of_equals(tmp_pat
         "data": [["a", 9.0, 0.5], ["b", 4.0, 0.5], ["c", None, 0.2]],
     }
     assert mark_best(mlflow, "p", "eval", table, "perplexity", versions) == versions["b"]  # lower is better
+    assert mlflow.get_registered_model("p").tags["lifecycle.best"] == (
+        f"b (version {versions['b']}) is best: perplexity 4, the lowest of 2 checkpoints in eval eval."
+    )
     assert mark_best(mlflow, "p", "eval", table, "exact_match", versions) == versions["a"]  # higher; a tie: the first
     assert {k: str(v) for k, v in mlflow.get_registered_model("p").aliases.items()} == {"best": versions["a"]}
     # a metric no checkpoint was measured on: no best, rather than a stale one
     assert mark_best(mlflow, "p", "eval", table, "top1", versions) is None
     assert mlflow.get_registered_model("p").aliases == {}
-    assert mlflow.get_registered_model("p").tags["lifecycle.best"] == "none: eval eval measured no top1"
+    assert mlflow.get_registered_model("p").tags["lifecycle.best"] == (
+        "No version is best: eval eval measured no checkpoint's top1."
+    )
+    # every checkpoint scoring the same: none is best (not the first)
+    mark_best(mlflow, "p", "eval", table, "exact_match", versions)
+    tied = {"columns": ["checkpoint", "exact_match"], "data": [["a", 0.0], ["b", 0.0], ["c", 0.0]]}
+    assert mark_best(mlflow, "p", "eval", tied, "exact_match", versions) is None
+    assert mlflow.get_registered_model("p").aliases == {}
+    assert mlflow.get_registered_model("p").tags["lifecycle.best"] == (
+        "No version is best: all 3 checkpoints scored exact_match 0 in eval eval."
+    )
 
 
 def test_generate_answers_from_models_uris_and_refuses_what_is_not_a_language_model(
