@@ -89,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n".join(submit(args.spec, args.deployment, home)))
         return 0
     _check(args.spec, home)  # bad input starts nothing
+    # the home's own server serves no UI: a link to one would answer 404
+    own_server = "PREFECT_API_URL" not in os.environ
     # a new server starts while this process opens the store and loads the flow
     os.environ["PREFECT_API_URL"], answering = server.start(home)
     from tasks.lineage import open_store
@@ -100,8 +102,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_messages)
+        if not args.verbose:
+            logging.getLogger(name).addFilter(_Bookkeeping(link=not own_server))
     lifecycle(str(args.spec.resolve()), checked=True)
     return 0
+
+
+class _Bookkeeping(logging.Filter):
+    """Prefect's lines that say nothing the stage lines do not: a task or flow that began or completed (a third of a
+    run's output), and the flow run's link where no UI serves it. Failures, retries and the stages' own lines stay."""
+
+    ROUTINE = ("Finished in state Completed", "Beginning flow run", "Created task run", "Executing ")
+
+    def __init__(self, link: bool):
+        super().__init__()
+        self.link = link
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.ROUTINE) or (not self.link and message.startswith("View at ")))
 
 
 def _no_traceback_for_messages(record: logging.LogRecord) -> bool:
@@ -578,6 +597,11 @@ def parser() -> argparse.ArgumentParser:
                 metavar="NAME",
                 help="submit to this Prefect deployment (lifecycle/NAME, on PREFECT_API_URL) for its workers to run, "
                 "instead of running here; SPEC as the workers see it",
+            )
+            sub.add_argument(
+                "--verbose",
+                action="store_true",
+                help="Prefect's own lines too: each task's start and finished state, the flow run's link",
             )
     new = commands.add_parser(
         "new",

@@ -43,12 +43,17 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
         first = lifecycle("run", str(spec), env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         assert "starting this home's Prefect server" in first.stderr
+        # the stage lines, not Prefect's bookkeeping, nor a link to a UI this server does not serve
+        said = first.stdout + first.stderr
+        assert "stage pretrain: finished as run" in said
+        assert "Finished in state Completed" not in said and "View at " not in said
         state = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())
         with urllib.request.urlopen(f"{state['url']}/health", timeout=10) as response:
             assert response.status == 200
 
-        second = lifecycle("run", str(spec), env=env)
+        second = lifecycle("run", str(spec), "--verbose", env=env)
         assert second.returncode == 0, second.stderr[-3000:]
+        assert "Finished in state Completed" in second.stdout + second.stderr  # --verbose: Prefect's lines too
         assert (
             "starting this home's Prefect server" not in second.stderr
             and "Starting temporary server" not in second.stderr
