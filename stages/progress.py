@@ -82,6 +82,17 @@ def prepared_line(stage: str, prepared: Prepared, seconds: float) -> str:
     return f"prepare {stage}: {', '.join(splits)}{cut_text} in {duration(seconds)}"
 
 
+def short_of_a_batch(stage: str, prepared: Prepared, batch_size: int) -> None:
+    """Say so when the training split holds fewer rows than one batch: every step then trains on those same rows, a
+    smaller batch than the spec asks for, so its steps, rate and loss mean less than they seem to."""
+    rows = len(prepared.datasets["train"]) if "train" in prepared.datasets else None  # a streamed corpus: unknown
+    if rows is not None and rows < batch_size:
+        say(
+            f"prepare {stage}: warning: {rows:,} train rows, fewer than one batch (train.batch_size {batch_size}): "
+            f"every step trains on the same {rows:,}; give more rows, or set batch_size to {max(rows, 1)} or less"
+        )
+
+
 def step_line(stage: str, step: int, total: int, figures: dict[str, float], tokens: int, seconds: float, steps: int):
     """`sft  step 20/200  loss 1.234  1,530 tok/s  eta 2m10s`: where a stage is. `tokens`, `seconds` and `steps` are
     counted since this process began training (a resumed stage's rate and ETA start at the resume); rate and ETA are
@@ -164,6 +175,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow the hub's switch
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # a library imported before this ran read its switch already: told through its own call (the user's "0" wins)
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        from datasets.utils import disable_progress_bars
+
+        disable_progress_bars()
     # DeepSpeed guesses its accelerator when transformers' Trainer imports it, and warns in every process without a
     # GPU. It guesses as torch does (CUDA when torch sees one), and the stage's summary line names the device it
     # trained on; the launched ranks are told outright (DS_ACCELERATOR, tasks/launch.py) and never guess.

@@ -47,6 +47,8 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
         said = first.stdout + first.stderr
         assert "stage pretrain: finished as run" in said
         assert "Finished in state Completed" not in said and "View at " not in said
+        # piped, as a log file is: no progress bar redrawn with carriage returns or escape codes
+        assert "\r" not in said and "\x1b[" not in said and "Loading weights" not in said
         state = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())
         with urllib.request.urlopen(f"{state['url']}/health", timeout=10) as response:
             assert response.status == 200
