@@ -27,6 +27,7 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.losses import sequence_logps
 from stages.metrics import mean_scores, preference, ranking
+from stages.progress import short_of_a_batch
 from stages.templates import IGNORE, conversations, encode_completion, store_template
 from stages.training import chosen, fit, make_trainer
 
@@ -78,7 +79,9 @@ def prepare(
             splits[split], cut = encode(listing(read.frame, split), tokenizer, spec.max_len, spec.template)
             counts |= {f"{split}_{name}": float(value) for name, value in cut.items()}
             rejected += read.rejected
-    return Prepared(DatasetDict(splits), rejected, counts)
+    prepared = Prepared(DatasetDict(splits), rejected, counts)
+    short_of_a_batch(spec.name, prepared, spec.train.batch_size)
+    return prepared
 
 
 def examples(spec: ChatStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:

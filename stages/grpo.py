@@ -39,7 +39,7 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids, columns_of
 from stages.generation import Sampling, decode, generate, stop_ids
 from stages.losses import group_advantages, grpo_loss
-from stages.progress import say
+from stages.progress import say, short_of_a_batch
 from stages.rewards import (
     RewardError,
     RewardFunction,
@@ -84,7 +84,9 @@ def prepare(spec: GRPOStage, tokenizer) -> Prepared:
             }
         )
         rejected += read.rejected
-    return Prepared(DatasetDict(splits), rejected, counts)
+    prepared = Prepared(DatasetDict(splits), rejected, counts)
+    short_of_a_batch(spec.name, prepared, spec.train.batch_size)
+    return prepared
 
 
 def examples(spec: GRPOStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:

@@ -19,6 +19,7 @@ from schemas.spec import ModelInit, PretrainStage
 from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.packing import concat_chunk, tokenize_documents
+from stages.progress import short_of_a_batch
 from stages.streaming import StreamingTextDataset
 from stages.training import chosen, fit, make_trainer
 
@@ -49,7 +50,9 @@ def prepare(spec: PretrainStage, tokenizer) -> Prepared:
                 read.frame["text"].to_list(), tokenizer, spec.packing.block_size
             )
             rejected += read.rejected
-    return Prepared(DatasetDict(splits), rejected, counts)
+    prepared = Prepared(DatasetDict(splits), rejected, counts)
+    short_of_a_batch(spec.name, prepared, spec.train.batch_size)
+    return prepared
 
 
 def build_model(init: ModelInit, tokenizer) -> PreTrainedModel:

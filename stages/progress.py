@@ -85,11 +85,11 @@ def prepared_line(stage: str, prepared: Prepared, seconds: float) -> str:
 def short_of_a_batch(stage: str, prepared: Prepared, batch_size: int) -> None:
     """Say so when the training split holds fewer rows than one batch: every step then trains on those same rows, a
     smaller batch than the spec asks for, so its steps, rate and loss mean less than they seem to."""
-    rows = len(prepared.datasets["train"]) if "train" in prepared.datasets else None  # a streamed corpus: unknown
-    if rows is not None and rows < batch_size:
+    rows = len(prepared.datasets["train"]) if "train" in prepared.datasets else 0  # a streamed corpus: unknown
+    if 0 < rows < batch_size:
         say(
             f"prepare {stage}: warning: {rows:,} train rows, fewer than one batch (train.batch_size {batch_size}): "
-            f"every step trains on the same {rows:,}; give more rows, or set batch_size to {max(rows, 1)} or less"
+            f"every step trains on the same {rows:,}; give more rows, or set batch_size to {rows} or less"
         )
 
 

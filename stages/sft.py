@@ -23,6 +23,7 @@ from stages.checkpoint import load_model, save, with_lora
 from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
 from stages.generation import exact_match
 from stages.packing import PackedCollator, pack_examples
+from stages.progress import short_of_a_batch
 from stages.templates import IGNORE, encode_conversation, store_template
 from stages.tools import Chat, chats
 from stages.training import attention, chosen, fit, make_trainer
@@ -67,7 +68,9 @@ def prepare(spec: SFTStage, tokenizer) -> Prepared:
                         "tools": [json.dumps(c.tools, ensure_ascii=False) for c in read_chats],
                     }
                 )
-    return Prepared(DatasetDict(splits), rejected, counts)
+    prepared = Prepared(DatasetDict(splits), rejected, counts)
+    short_of_a_batch(spec.name, prepared, spec.train.batch_size)
+    return prepared
 
 
 def held_out_chats(datasets: DatasetDict, n: int) -> list[Chat]:
