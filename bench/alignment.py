@@ -29,9 +29,9 @@ from transformers import AutoTokenizer, TrainerCallback
 from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TokenizerTrain, TrainSpec
 from stages import dpo, sft
 from stages import tokenizer as tokenizer_stage
-from stages.contract import StageInputs
+from stages.common.contract import StageInputs
+from stages.common.training import use_bf16
 from stages.pretrain import build_model
-from stages.training import use_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"

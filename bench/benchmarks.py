@@ -3,7 +3,7 @@ the digit, and the time (goal: ≤ 1.05x by hand's).
 
 By hand is what lm-eval's documentation shows: `simple_evaluate(model="hf", model_args={"pretrained": folder})`
 with a TaskManager over the task folder, which loads the folder and indexes lm-eval's own tasks too. Ours is the eval
-stage's path: the checkpoint loaded as the stage loads it, `stages.benchmarks.Bench` scoring it (an index of the
+stage's path: the checkpoint loaded as the stage loads it, `stages.common.benchmarks.Bench` scoring it (an index of the
 task folder alone when it holds every task named). Both are timed from the folder to the scores, alternating, in
 one process; the lm-eval call alone is shown too.
 
@@ -26,8 +26,8 @@ from transformers import AutoTokenizer
 from bench.generate import build_checkpoint
 from bench.threads import cpu_model
 from schemas.benchmarks import Benchmarks
-from stages.benchmarks import Bench
-from stages.checkpoint import load_model
+from stages.common.benchmarks import Bench
+from stages.common.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "examples" / "benchmarks"
@@ -50,7 +50,7 @@ def by_hand(folder: Path, benchmarks: Benchmarks) -> tuple[dict[str, float], flo
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from stages.benchmarks import columns_of
+    from stages.common.benchmarks import columns_of
 
     started = time.perf_counter()
     manager = TaskManager(include_path=str(TASKS))

@@ -25,7 +25,7 @@ from bench.threads import cpu_model
 from examples.generate import DATA_DIR
 from schemas.launch import DeepSpeed, Launch
 from schemas.spec import ModelInit, PretrainStage, TokenizerTrain, TrainSpec
-from stages.contract import StageInputs
+from stages.common.contract import StageInputs
 
 
 def main() -> None:

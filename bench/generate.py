@@ -1,5 +1,5 @@
 """Generation's figure beside its baseline, measured in one process: batched greedy generation
-(left-padded, `stages.generation.generate`) vs one prompt at a time, on the same checkpoint, the
+(left-padded, `stages.common.generation.generate`) vs one prompt at a time, on the same checkpoint, the
 same prompts and the same max_new_tokens.
 
 Tokens are counted as the model produced them: each reply up to and including its end-of-turn
@@ -24,8 +24,8 @@ from transformers import AutoTokenizer
 from schemas.spec import ModelInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
 from stages import pretrain, sft
 from stages import tokenizer as tokenizer_stage
-from stages.contract import StageInputs
-from stages.generation import ChatModel, Sampling, generate
+from stages.common.contract import StageInputs
+from stages.common.generation import ChatModel, Sampling, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"

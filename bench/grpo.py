@@ -68,11 +68,11 @@ from schemas.data import read_files
 from schemas.rewards import AnswerReward
 from schemas.spec import GRPOStage, ModelInit, TrainSpec
 from stages import grpo
-from stages.checkpoint import load_model
-from stages.contract import StageInputs
-from stages.generation import cut_at_stop, stop_ids
-from stages.rewards import reward_functions
-from stages.templates import conversations, encode_prompt, end_of_turn_id
+from stages.common.checkpoint import load_model
+from stages.common.contract import StageInputs
+from stages.common.generation import cut_at_stop, stop_ids
+from stages.common.reward_functions import reward_functions
+from stages.common.templates import conversations, encode_prompt, end_of_turn_id
 
 try:
     import trl

@@ -93,8 +93,8 @@ def child(case: dict) -> dict:
 
     from schemas.models import init_config
     from schemas.spec import ModelInit
-    from stages.estimate import Shapes, estimate
-    from stages.training import make_trainer, use_bf16
+    from stages.common.estimate import Shapes, estimate
+    from stages.common.training import make_trainer, use_bf16
 
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     arch, fields = MODELS[case["model"]]

@@ -53,7 +53,7 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     from schemas.data import read_files
     from schemas.load import load_spec
     from stages import pretrain
-    from stages.training import training_arguments
+    from stages.common.training import training_arguments
 
     spec = load_spec(spec_path)
     stage = spec.stages[0]
@@ -100,7 +100,7 @@ def direct_stage_seconds(spec_path: Path, workdir: Path) -> float:
     from schemas.data import check_files
     from schemas.load import load_spec
     from stages import pretrain, sft, tokenizer
-    from stages.contract import StageInputs
+    from stages.common.contract import StageInputs
 
     start = time.perf_counter()
     spec = load_spec(spec_path)

@@ -49,7 +49,7 @@ from examples.generate import SEED, generate, render
 from flows.cli import format_metrics
 from schemas.load import load_spec
 from schemas.spec import PipelineSpec
-from stages.training import cpu_has_bf16
+from stages.common.training import cpu_has_bf16
 from tasks.home import Home
 from tasks.lineage import EVAL_ARTIFACTS, experiment_id, finished_run
 from tasks.plan import plan

@@ -26,8 +26,8 @@ import openai
 
 from bench.generate import build_checkpoint
 from bench.threads import cpu_model
-from stages.generation import ChatModel
-from stages.templates import read_replies
+from stages.common.generation import ChatModel
+from stages.common.templates import read_replies
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [

@@ -178,7 +178,7 @@ class RssSampler:
 
 
 def measure_scan(files: list[str]) -> dict:
-    from stages.streaming import check_corpus
+    from stages.common.streaming import check_corpus
 
     with RssSampler() as rss:
         start = time.perf_counter()
@@ -216,7 +216,7 @@ class CountingTokenizer:
 def measure_stream(files: list[str], tokenizer_dir: str, readers: int) -> dict:
     from transformers import AutoTokenizer
 
-    from stages.streaming import StreamingTextDataset
+    from stages.common.streaming import StreamingTextDataset
 
     def reader(tokenizer) -> StreamingTextDataset:
         return StreamingTextDataset(
@@ -251,7 +251,7 @@ def library_alone(files: list[str], tokenizer, rank: int, world_size: int, shuff
     from datasets import IterableDataset
     from datasets.distributed import split_dataset_by_node
 
-    from stages.streaming import Packer, Slice, checked_rows
+    from stages.common.streaming import Packer, Slice, checked_rows
 
     rows = IterableDataset.from_generator(
         checked_rows,
@@ -266,7 +266,7 @@ def library_alone(files: list[str], tokenizer, rank: int, world_size: int, shuff
 
 
 def streaming_reader(files: list[str], tokenizer, rank: int, world_size: int, shuffle: bool):
-    from stages.streaming import StreamingTextDataset
+    from stages.common.streaming import StreamingTextDataset
 
     buffer = SHUFFLE_BUFFER if shuffle else 0
     return StreamingTextDataset(files, tokenizer, BLOCK_SIZE, shuffle_buffer=buffer, rank=rank, world_size=world_size)

@@ -44,7 +44,7 @@ def step_seconds(spec_path: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     from schemas.models import init_config
-    from stages.training import use_bf16
+    from stages.common.training import use_bf16
 
     spec = load_spec(spec_path)
     stage = spec.stages[0]

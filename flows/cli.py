@@ -19,9 +19,9 @@ from pathlib import Path
 from flows import server
 from schemas.errors import LifecycleError
 from schemas.load import SpecError, load_spec
-from schemas.reference import REFERENCE, render
-from stages import estimate, memory
-from stages.progress import quiet_libraries
+from schemas.spec_doc import REFERENCE, render
+from stages.common import estimate, memory
+from stages.common.progress import quiet_libraries
 from tasks.checks import check_contracts
 from tasks.home import Home
 
@@ -163,7 +163,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from schemas.data import describe
     from stages import training_stage
-    from stages.inspect import render_marked
+    from stages.common.marked import render_marked
     from tasks.lineage import client, experiment_id, finished_run
     from tasks.models import fetch_checkpoint
     from tasks.plan import plan
@@ -205,7 +205,7 @@ def _preview_tokenizer(spec, home: Home, planned) -> Path:
     """The spec's tokenizer before any run has made it: built as the tokenizer stage builds it (adopted, or trained on
     the spec's text: seconds), kept in the home's cache by its fingerprint, not recorded as a run."""
     from stages import tokenizer
-    from stages.contract import partial_folder, publish
+    from stages.common.contract import partial_folder, publish
 
     target = home.cache("preview-tokenizer", planned.fingerprint)
     if not target.exists():
@@ -272,7 +272,7 @@ def _prompt_rows(args: argparse.Namespace, prompts: list[str]) -> tuple[list[lis
     if prompts:
         raise UsageError("give prompts on the command line or with --input, not both")
     from schemas.data import read_files
-    from stages.templates import conversations
+    from stages.common.templates import conversations
 
     frame = read_files([args.input], "prompts").frame
     return conversations(frame, "prompt_"), frame["answer"].to_list()
@@ -307,7 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Replies of one checkpoint through the chat template stored with it."""
     from transformers import set_seed
 
-    from stages.generation import ChatModel, Sampling
+    from stages.common.generation import ChatModel, Sampling
 
     words = list(args.words)
     try:

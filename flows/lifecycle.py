@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from schemas.load import load_spec
-from stages.progress import quiet_libraries
+from stages.common.progress import quiet_libraries
 from tasks import claims, lineage
 from tasks.home import Home, sweep_partials
 from tasks.plan import PlannedStage, plan

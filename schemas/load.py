@@ -1,24 +1,28 @@
 """From a spec file to a validated, resolved `PipelineSpec`: YAML read, the model tree validated, every path
 made absolute against the spec's folder, defaults that depend on other stages filled in, and the checks that
 need the files (a model you bring, how stages are launched). `load_spec` raises `SpecError`, whose message names
-each bad field by its path (`stages[1].train.lr`) and says what is allowed.
+each bad field by its path (`stages[1].train.lr`) and says what is allowed: the field, kind or stage nearest a
+misspelt one, and the line and column of a YAML syntax error.
 """
 
 from __future__ import annotations
 
 import glob
 import re
+from difflib import get_close_matches
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from schemas.errors import LifecycleError
 from schemas.memory import Memory
 from schemas.models import own_model_problems
 from schemas.sources import Source, Unresolved, expand, hub_snapshot, resolve
 from schemas.spec import (
-    STAGE_KINDS,
     ChatStage,
     EvalStage,
     GRPOStage,
@@ -33,16 +37,114 @@ class SpecError(LifecycleError, ValueError):
     """A spec that cannot run, with one line per problem."""
 
 
-def _location(loc: tuple) -> str:
-    out = ""
+# the cross-stage check's words (schemas/spec.py) for a `from` that names no earlier stage: its hint lists them
+def _members(annotation: object) -> list[type[BaseModel]]:
+    """The models a field may hold, through Optional, Annotated, list and unions: where a misspelt key is looked up."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    return [model for arg in get_args(annotation) for model in _members(arg)]
+
+
+def _tags(model: type[BaseModel]) -> tuple[str, ...]:
+    """The `kind` values that pick `model` out of a tagged union (a stage, a reward)."""
+    field = model.model_fields.get("kind")
+    return get_args(field.annotation) if field is not None and get_origin(field.annotation) is Literal else ()
+
+
+def _keys(model: type[BaseModel]) -> dict[str, object]:
+    """The keys a spec gives `model` (a field's alias where it has one: `from`), each with its field's annotation."""
+    return {field.alias or name: field.annotation for name, field in model.model_fields.items()}
+
+
+def _union(annotation: object) -> bool:
+    """Whether a field holds one of several types (None aside): pydantic names the branch in an error's location."""
+    if get_origin(annotation) is Annotated:
+        return _union(get_args(annotation)[0])
+    return get_origin(annotation) in (Union, UnionType) and len(set(get_args(annotation)) - {type(None)}) > 1
+
+
+def _walk(loc: tuple) -> tuple[str, list[type[BaseModel]]]:
+    """The path of a pydantic error's location as the user writes it (`stages[1].train.lr`), and the models that may
+    stand there. The union branch pydantic puts in a location (a stage's kind, a member's class name, a type's schema)
+    is left out of the path, which it adds nothing to, but a kind or a class name says whose fields apply."""
+    out, models, union = "", [PipelineSpec], False
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in STAGE_KINDS and out.endswith("]"):
-            continue  # the tagged-union branch adds no information to the path
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
+            continue
+        if branch := [m for m in models if part == m.__name__ or (len(models) > 1 and part in _tags(m))]:
+            models, union = branch, False
+            continue
+        if union and not any(part in _keys(m) for m in models):
+            union = False  # the label of a member that is no model: `lax-or-strict[...]` for a Path
+            continue
+        out += f".{part}" if out else str(part)
+        annotations = [_keys(m)[part] for m in models if part in _keys(m)]
+        models = [member for annotation in annotations for member in _members(annotation)]
+        union = any(_union(annotation) for annotation in annotations)
+    return out, models
+
+
+def _suggest(word: object, choices: list[str]) -> str:
+    """`; did you mean x?` for the choice nearest a misspelt `word`; nothing where none is near."""
+    close = get_close_matches(str(word), choices, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _hint(error: ErrorDetails, raw: dict) -> str:
+    """What to write instead, for the errors a typo makes: an unknown key (the nearest field, else every field
+    there), an unknown or missing kind (the nearest kind, or every kind). A `from` naming no earlier stage says what it
+    may name where the spec checks it (`PipelineSpec._stages_link`)."""
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        _, models = _walk(loc[:-1])
+        keys = list(dict.fromkeys(key for model in models for key in _keys(model)))
+        if not keys:
+            return ""
+        tags = [tag for model in models for tag in _tags(model)]
+        where = f" of kind {tags[0]}" if len(tags) == 1 else " here"
+        return _suggest(loc[-1], keys) or f"; the fields{where}: {', '.join(keys)}"
+    if kind == "union_tag_invalid":
+        return _suggest(error["ctx"]["tag"], [tag for model in _walk(loc)[1] for tag in _tags(model)])
+    if kind == "union_tag_not_found":
+        return f"; give kind, one of {', '.join(tag for model in _walk(loc)[1] for tag in _tags(model))}"
+    return ""
+
+
+def _problem(error: ErrorDetails, raw: dict) -> str:
+    """One line of a spec's problems: where, what pydantic says is wrong, the value given, and what to write."""
+    got = f" (got {error['input']!r})" if error["type"] != "missing" and not isinstance(error["input"], dict) else ""
+    message = error["msg"].removeprefix("Value error, ")
+    # a check of the whole spec names its own fields (`stages[1].from names ...`): no `(top level):` before it
+    where = f"{_walk(error['loc'])[0]}: " if error["loc"] else ""
+    return f"{where}{message}{got}{_hint(error, raw)}"
+
+
+def _marked(lines: list[str], mark: yaml.Mark) -> str:
+    """The line a YAML mark points into, numbered, with a caret under its column."""
+    shown = lines[mark.line] if mark.line < len(lines) else ""
+    # a tab before the column stays a tab, so the caret lines up as the terminal draws the line
+    caret = "".join(c if c == "\t" else " " for c in shown[: mark.column]) + "^"
+    number = str(mark.line + 1)
+    return f"\n  {number} | {shown}\n  {' ' * len(number)} | {caret}"
+
+
+def _yaml_problem(path: Path, text: str, err: yaml.YAMLError) -> str:
+    """A YAML syntax error as `file:line:column` and what the parser expected, with the line it stopped on (and the
+    line where what it was reading began: an unclosed bracket is found lines after it)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {err}"
+    lines = text.splitlines()
+    message = f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {err.problem}"
+    start = err.context_mark
+    if err.context and start is not None:
+        message += f" ({err.context} that starts at line {start.line + 1}, column {start.column + 1})"
+        if start.line != mark.line:
+            message += _marked(lines, start)
+    return message + _marked(lines, mark)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -189,23 +291,22 @@ def load_spec(path: Path) -> PipelineSpec:
     """Read, validate and resolve a spec file; raise SpecError with every problem found."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(f"{path}: cannot read the spec ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}): is it the spec?") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+        raise SpecError(_yaml_problem(path, text, err)) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the spec must be a mapping with name, model and stages")
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{path}: {len(err.errors())} problem(s) in the spec"]
-        for e in err.errors():
-            lines.append(
-                f"  {_location(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else "")
-            )
-        raise SpecError("\n".join(lines)) from None
+        problems = [_problem(e, raw) for e in err.errors()]
+        raise SpecError(f"{path}: {len(problems)} problem(s) in the spec\n  " + "\n  ".join(problems)) from None
     try:
         spec = _resolve(spec, path.resolve().parent)
     except SpecError as err:

@@ -1,6 +1,6 @@
 """The rewards a GRPO stage scores its completions with, declared in the spec: a tagged union on `kind`.
 
-Each has a weight; the stage sums them. What they compute is in stages/rewards.py.
+Each has a weight; the stage sums them. What they compute is in stages/common/reward_functions.py.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ directory; `schemas/load.py` reads a file into this tree and resolves them.
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -24,7 +25,7 @@ from schemas.sources import Source
 TOKENIZER_STAGE = "tokenizer"
 # names the eval report's tables use for their own columns, and the tokenizer's stage
 RESERVED_NAMES = (TOKENIZER_STAGE, "checkpoint", "prompt")
-# How conversations become text; "tokenizer" is the tokenizer's own chat template (stages/templates.py).
+# How conversations become text; "tokenizer" is the tokenizer's own chat template (stages/common/templates.py).
 TemplateName = Literal["chatml", "llama2", "deepseek", "alpaca", "tokenizer"]
 # The columns of the eval stage's table (stages/eval.py says how each is measured); of these, lower is better for
 # LOWER_IS_BETTER, higher for the rest.
@@ -573,6 +574,19 @@ Stage = Annotated[
 STAGE_KINDS = tuple(get_args(model.model_fields["kind"].annotation)[0] for model in get_args(get_args(Stage)[0]))
 
 
+def _what_from_may_name(wanted: str, name: str, earlier: list[str], later: list[str]) -> str:
+    """The rest of the message of a `from` naming no earlier stage: why not, the nearest earlier stage, every one."""
+    if wanted == name:
+        why = "; a stage cannot start from itself"
+    elif wanted in later:
+        why = f"; {wanted} comes after it: move it before, or name an earlier stage"
+    else:
+        close = get_close_matches(wanted, earlier, n=1)
+        why = f"; did you mean {close[0]}?" if close else ""
+    first = "; it is the first stage: leave out from"
+    return why + (f" (the stages before it: {', '.join(earlier)})" if earlier else first)
+
+
 class PipelineSpec(Strict):
     """The whole spec file: a model, its tokenizer, and the stages that train and evaluate it, run in order."""
 
@@ -611,7 +625,10 @@ class PipelineSpec(Strict):
                     f"stages[{i}].name {stage.name!r} is used twice (or is reserved); stage names must be unique"
                 )
             if stage.from_ is not None and stage.from_ not in seen:
-                raise ValueError(f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage")
+                raise ValueError(
+                    f"stages[{i}].from names {stage.from_!r}, which is not an earlier stage"
+                    + _what_from_may_name(stage.from_, stage.name, list(seen), [s.name for s in self.stages[i + 1 :]])
+                )
             for name in stage.reward_stages():
                 if not isinstance(seen.get(name), RewardStage):
                     raise ValueError(

@@ -1,4 +1,5 @@
-"""The stages: one module per spec kind, named as the kind (stage name = file = task = MLflow run name).
+"""The stages: one module per spec kind, named as the kind (stage name = file = task = MLflow run name); what the
+kinds share is in stages/common/.
 
 Every training kind's module is a `TrainingStage`: it prepares its data, shows prepared examples to `lifecycle
 inspect`, and trains. `training_stage` is the one place that maps a kind to its module; it imports the module on
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from stages.contract import Prepared, StageInputs, StageResult
+    from stages.common.contract import Prepared, StageInputs, StageResult
 
 # kind -> module; tests/test_stages.py checks it against the spec's stage union
 TRAINING_STAGES = {

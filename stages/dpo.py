@@ -7,7 +7,7 @@ the prepared data, keyed by the input checkpoint's fingerprint (no reference for
 ORPO and SimPO need no reference. Per step it logs the implicit rewards of chosen and rejected
 replies, their margin and accuracy, and the policy's log-probs; on held-out pairs it measures
 the model's own preference accuracy and margin before and after. The reference machinery is
-shared with KTO (stages/reference.py).
+shared with KTO (stages/common/reference.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.spec import DPOStage
-from stages.candidates import candidate_logps, examples, prepare, train
-from stages.contract import StageInputs, StageResult
-from stages.losses import dpo_loss, orpo_loss, simpo_loss
-from stages.reference import ReferenceTrainer, start
+from stages.common.candidates import candidate_logps, examples, prepare, train
+from stages.common.contract import StageInputs, StageResult
+from stages.common.losses import dpo_loss, orpo_loss, simpo_loss
+from stages.common.reference import ReferenceTrainer, start
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 

@@ -34,10 +34,10 @@ The metrics (columns):
                          nan on the reference's own row (it would be 0 by definition).
     kendall_tau, top1    ranked lists: mean Kendall tau-b between the checkpoint's scores (as above)
                          and the reference scores, and the share of lists whose best-scored candidate
-                         is one the reference ranks first (`stages.metrics.ranking`).
+                         is one the reference ranks first (`stages.common.metrics.ranking`).
 
     <task>/<metric>      benchmarks: each lm-evaluation-harness task's (and group's) metrics, run on the loaded
-                         checkpoint (`stages.benchmarks`); the seconds each took are a table of their own.
+                         checkpoint (`stages.common.benchmarks`); the seconds each took are a table of their own.
 
 Pairs and lists in which max_len leaves some candidate no reply token are left out: such a reply has no score.
 
@@ -67,18 +67,18 @@ from schemas.formats import Format
 from schemas.rewards import AnswerReward, ModelReward
 from schemas.sources import Source
 from schemas.spec import EvalStage
-from stages.benchmarks import Bench, Scores
-from stages.candidates import encode, rows, scored
-from stages.checkpoint import load_model
-from stages.contract import columns_of
-from stages.generation import answer, exact_match
-from stages.losses import sequence_logps
-from stages.metrics import mean_scores, perplexity, preference, ranking
-from stages.packing import concat_chunk, tokenize_documents
-from stages.progress import duration, say
-from stages.rewards import checked_rewards, reward_functions, task_accuracy, weighted_total
-from stages.templates import IGNORE, conversations, encode_conversation
-from stages.tools import Chat, calling_turns, chats, tool_call_accuracy
+from stages.common.benchmarks import Bench, Scores
+from stages.common.candidates import encode, rows, scored
+from stages.common.checkpoint import load_model
+from stages.common.contract import columns_of
+from stages.common.generation import answer, exact_match
+from stages.common.losses import sequence_logps
+from stages.common.metrics import mean_scores, perplexity, preference, ranking
+from stages.common.packing import concat_chunk, tokenize_documents
+from stages.common.progress import duration, say
+from stages.common.reward_functions import checked_rewards, reward_functions, task_accuracy, weighted_total
+from stages.common.templates import IGNORE, conversations, encode_conversation
+from stages.common.tools import Chat, calling_turns, chats, tool_call_accuracy
 
 SAMPLES = 4  # held-out prompts answered side by side when the spec names none
 BATCH = 8  # sequences per forward when scoring: bounds the float32 logits ([batch, max_len, vocab]) in memory

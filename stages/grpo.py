@@ -3,9 +3,9 @@
 Each optimizer step takes `train.batch_size` prompts and, for each, samples `group_size`
 completions from the current policy through the stage's chat template (temperature, top-p,
 max_new_tokens; a completion ends at the end of its turn). The rewards declared in the spec
-score every completion (stages/rewards.py); a completion's advantage is its reward against its
-group's (stages/losses.group_advantages), and the loss is GRPO's clipped surrogate with an
-optional k3 KL to the reference (stages/losses.grpo_loss). With `iterations` μ > 1 the same
+score every completion (stages/common/reward_functions.py); a completion's advantage is its reward against its
+group's (stages/common/losses.group_advantages), and the loss is GRPO's clipped surrogate with an
+optional k3 KL to the reference (stages/common/losses.grpo_loss). With `iterations` μ > 1 the same
 samples are trained on μ times: the sampler hands the same prompts back μ times in a row, and
 the importance ratio is taken against the log-probs the policy gave when it sampled them.
 
@@ -35,12 +35,12 @@ from transformers import AutoTokenizer, set_seed
 from schemas.data import read_files
 from schemas.rewards import AnswerReward
 from schemas.spec import GRPOStage
-from stages.checkpoint import load_model, save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult, added_token_ids, columns_of
-from stages.generation import Sampling, decode, generate, stop_ids
-from stages.losses import group_advantages, grpo_loss
-from stages.progress import say, short_of_a_batch
-from stages.rewards import (
+from stages.common.checkpoint import load_model, save, with_lora
+from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids, columns_of
+from stages.common.generation import Sampling, decode, generate, stop_ids
+from stages.common.losses import group_advantages, grpo_loss
+from stages.common.progress import say, short_of_a_batch
+from stages.common.reward_functions import (
     RewardError,
     RewardFunction,
     answer_matches,
@@ -48,8 +48,8 @@ from stages.rewards import (
     reward_functions,
     weighted_total,
 )
-from stages.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
-from stages.training import ObjectiveTrainer, chosen, fit, make_trainer
+from stages.common.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
+from stages.common.training import ObjectiveTrainer, chosen, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 

@@ -2,17 +2,17 @@
 
 A row is a prompt, one completion and its label, desirable or undesirable; a preference pair arrives as two
 rows, chosen desirable and rejected undesirable (the `unpaired` format, schemas/formats.py). The loss
-(stages/losses.py) pushes a desirable completion's implied reward β·log π/π_ref above the reference point z₀
+(stages/common/losses.py) pushes a desirable completion's implied reward β·log π/π_ref above the reference point z₀
 and an undesirable one's below it, weighted λ_D and λ_U.
 
 z₀ is the paper's estimate of KL(π_θ ‖ π_ref): the mean log-ratio of mismatched pairs, each row's prompt with
 a completion of another prompt, detached and clamped at 0. Each row's mismatched completion is drawn once,
 when the data is prepared (as TRL's KTOTrainer fixes its KL pairs), so the reference's log-probs of both can
 be precomputed like DPO's; a batch's z₀ averages its rows' mismatched pairs, scored by the policy without
-gradients. So a training row is the DPO family's candidate layout (stages/candidates.py) with two candidates,
+gradients. So a training row is the DPO family's candidate layout (stages/common/candidates.py) with two candidates,
 its completion and the mismatched one, scored [1, 0] when desirable and [0, 0] when not (the mismatched
 candidate's score is unused); the reference is DPO's, a frozen copy, the adapters switched off, or
-precomputed (stages/reference.py). A held-out row is its completion alone.
+precomputed (stages/common/reference.py). A held-out row is its completion alone.
 
 Per step it logs the implied rewards of desirable and undesirable completions, their margin, their log-probs
 and z₀ (`reference_point`); on held-out rows, the model's mean per-token log-prob of desirable and of
@@ -33,12 +33,12 @@ from datasets import Dataset
 from schemas.data import DataError, Problem, read_files
 from schemas.sources import files_of
 from schemas.spec import KTOStage
-from stages import candidates
-from stages.candidates import Listed, candidate_logps, encode, nth_candidate, scored, train
-from stages.contract import Prepared, StageInputs, StageResult
-from stages.losses import kto_loss, kto_reference_point
-from stages.reference import ReferenceTrainer, start
-from stages.templates import conversations
+from stages.common import candidates
+from stages.common.candidates import Listed, candidate_logps, encode, nth_candidate, scored, train
+from stages.common.contract import Prepared, StageInputs, StageResult
+from stages.common.losses import kto_loss, kto_reference_point
+from stages.common.reference import ReferenceTrainer, start
+from stages.common.templates import conversations
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 

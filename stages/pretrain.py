@@ -16,12 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLan
 from schemas.data import read_files
 from schemas.models import init_config
 from schemas.spec import ModelInit, PretrainStage
-from stages.checkpoint import load_model, save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
-from stages.packing import concat_chunk, tokenize_documents
-from stages.progress import short_of_a_batch
-from stages.streaming import StreamingTextDataset
-from stages.training import chosen, fit, make_trainer
+from stages.common.checkpoint import load_model, save, with_lora
+from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids
+from stages.common.packing import concat_chunk, tokenize_documents
+from stages.common.progress import short_of_a_batch
+from stages.common.streaming import StreamingTextDataset
+from stages.common.training import chosen, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 

@@ -4,7 +4,7 @@ Each prompt's candidates, sorted best first by score, are scored by the policy w
 length-normalised log-probs. The loss is PRO's listwise one, summed over k = 1..n−1 (the
 best of the remaining candidates against all below it, each comparison weighted by the score
 difference), plus an SFT term on the best candidate weighted by sft_weight·(n−1)², as in the
-paper's released code (stages/losses.py).
+paper's released code (stages/common/losses.py).
 
 A stage with `curriculum: [2, 3, 4]` is run as successive sub-stages, each a child run on
 lists cut to their n best candidates and fed the previous one's checkpoint. The paper trains
@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.spec import PROStage
-from stages.candidates import candidate_logps, examples, prepare, train_lists
-from stages.contract import StageInputs, StageResult
-from stages.losses import pro_loss, pro_sft_weight
-from stages.training import ObjectiveTrainer
+from stages.common.candidates import candidate_logps, examples, prepare, train_lists
+from stages.common.contract import StageInputs, StageResult
+from stages.common.losses import pro_loss, pro_sft_weight
+from stages.common.training import ObjectiveTrainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 

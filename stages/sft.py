@@ -3,7 +3,7 @@
 Every assistant turn of a multi-turn conversation is trained, its tool calls included; system
 and user turns, tool results, tool definitions and the template's headers are context.
 Conversations are best-fit packed into rows of max_len (position ids restart per conversation
-and attention never crosses one; stages/packing.py), or padded per batch with `packing: false`.
+and attention never crosses one; stages/common/packing.py), or padded per batch with `packing: false`.
 On held-out conversations the stage measures the response loss and the exact-match rate of
 greedy answers, before and after training, so each run shows what SFT changed.
 """
@@ -19,14 +19,14 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 from schemas.data import read_files
 from schemas.spec import SFTStage
-from stages.checkpoint import load_model, save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
-from stages.generation import exact_match
-from stages.packing import PackedCollator, pack_examples
-from stages.progress import short_of_a_batch
-from stages.templates import IGNORE, encode_conversation, store_template
-from stages.tools import Chat, chats
-from stages.training import attention, chosen, fit, make_trainer
+from stages.common.checkpoint import load_model, save, with_lora
+from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids
+from stages.common.generation import exact_match
+from stages.common.packing import PackedCollator, pack_examples
+from stages.common.progress import short_of_a_batch
+from stages.common.templates import IGNORE, encode_conversation, store_template
+from stages.common.tools import Chat, chats
+from stages.common.training import attention, chosen, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 

@@ -8,7 +8,7 @@ template's turn markers (chatml's <|im_start|> and <|im_end|>), an EOS where the
 replies with one, and a pad token that is never a token a reply is trained to end with (Llama 3
 and Mistral ship without one; padding with the end-of-turn token would hide it from a reward
 model, which reads each row's last non-pad token). What was added is written beside it
-(`ADDED_TOKENS`): the model's embeddings grow by those rows when it loads (stages/checkpoint.py).
+(`ADDED_TOKENS`): the model's embeddings grow by those rows when it loads (stages/common/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from schemas.data import read_source
 from schemas.sources import Source
 from schemas.spec import PipelineSpec, TokenizerTrain
-from stages.contract import ADDED_TOKENS, StageResult
-from stages.streaming import documents
-from stages.templates import (
+from stages.common.contract import ADDED_TOKENS, StageResult
+from stages.common.streaming import documents
+from stages.common.templates import (
     BOS,
     EOS,
     IM_END,
@@ -38,7 +38,7 @@ from stages.templates import (
     store_template,
     tool_texts,
 )
-from stages.tools import chats, holds_tools
+from stages.common.tools import chats, holds_tools
 
 # tokens that tokenizers in the wild reserve for padding; the first one present is the pad, else "<|pad|>" is added
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")

@@ -1,7 +1,7 @@
 """The Tuna stage (Li et al. 2023): a margin ranking loss over ranked lists, plus MLE on every candidate.
 
 Candidates are sorted best first and scored by their length-normalised log-probs. Every pair
-at rank distance i must keep the better one ahead by margin·i (stages/losses.py), and the
+at rank distance i must keep the better one ahead by margin·i (stages/common/losses.py), and the
 token-mean NLL over all candidates, weighted by mle_weight, keeps the model fluent on all
 of them, as in the paper's released code. Lists shorter than the longest are left out, and counted.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.spec import TunaStage
-from stages.candidates import candidate_logps, examples, prepare, train_lists
-from stages.contract import StageInputs, StageResult
-from stages.losses import tuna_loss
-from stages.training import ObjectiveTrainer
+from stages.common.candidates import candidate_logps, examples, prepare, train_lists
+from stages.common.contract import StageInputs, StageResult
+from stages.common.losses import tuna_loss
+from stages.common.training import ObjectiveTrainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 

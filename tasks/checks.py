@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from schemas.data import DataError, Problem, check_files
 from schemas.spec import PipelineSpec
-from stages.contract import partial_folder, publish
+from stages.common.contract import partial_folder, publish
 from tasks.home import Home
 from tasks.keys import check_key
 
@@ -71,7 +71,7 @@ def check_contracts(spec: PipelineSpec, home: Home | None = None) -> list[Checke
             _remember(home, key, found)
             checked.append(found)
     if spec.streamed():
-        from stages.streaming import check_corpus  # loads torch: only specs that stream pay for it
+        from stages.common.streaming import check_corpus  # loads torch: only specs that stream pay for it
 
         for stage in spec.streamed():
             key = check_key(stage.data, "text", stage.on_invalid)  # the spec expanded its patterns into files

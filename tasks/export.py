@@ -15,7 +15,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from stages.contract import ModelError
+from stages.common.contract import ModelError
 from tasks.lineage import TAG
 from tasks.models import model_of
 
@@ -108,8 +108,8 @@ def export(mlflow: MlflowClient, run: Run, checkpoint: Path, out: Path, pipeline
     """Write the model of `run` (its checkpoint folder `checkpoint`) into `out`, which must not exist yet."""
     from transformers import AutoTokenizer
 
-    from stages.checkpoint import load_model
-    from stages.generation import stop_at_turn_end, stop_ids, turn_end_id
+    from stages.common.checkpoint import load_model
+    from stages.common.generation import stop_at_turn_end, stop_ids, turn_end_id
 
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty: export writes a new folder")

@@ -30,8 +30,8 @@ from pathlib import Path
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
 from schemas.spec import ModelInit, TrainingStage
-from stages.contract import StageInputs, StageResult
-from stages.progress import quiet_libraries
+from stages.common.contract import StageInputs, StageResult
+from stages.common.progress import quiet_libraries
 
 PLAN, RESULT, ERRORS = "plan.json", "result.json", "errors"
 PARENT_PID = "LIFECYCLE_LAUNCHER_PID"  # the process a launched one must die with

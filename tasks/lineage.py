@@ -27,8 +27,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from schemas.errors import LifecycleError
 from schemas.launch import Launch
 from schemas.sources import Source
-from stages.contract import StageResult
-from stages.progress import say
+from stages.common.contract import StageResult
+from stages.common.progress import say
 from tasks.home import Home, host, lease_seconds, running
 from tasks.keys import digest, source_digests
 from tasks.plan import PlannedStage

@@ -5,11 +5,12 @@ on a shared file system, the work folder itself is reachable and a takeover copi
 
 At each save the Trainer's new `checkpoint-N` folder goes up under the run's artifact path `trainer/checkpoint-N`, from
 a thread, so training goes on while it uploads; one upload at a time: a save that finds the last one still going waits
-for it. `trainer_state.json` goes up last, so a mirror is complete by the rule a folder on disk is (`stages.training`:
-the Trainer writes that file last), and a worker killed mid-upload leaves an incomplete mirror that nothing reads. Once
-a newer mirror is complete the older ones of the run are deleted, so the store holds one checkpoint per run; when the
-stage finishes, the mirrors of all its runs go. The transfers are MLflow's own (its HTTP client retries 429 and 5xx
-answers and dropped connections, `MLFLOW_HTTP_REQUEST_MAX_RETRIES`); nothing here retries on its own."""
+for it. `trainer_state.json` goes up last, so a mirror is complete by the rule a folder on disk is
+(`stages.common.training`: the Trainer writes that file last), and a worker killed mid-upload leaves an incomplete
+mirror that nothing reads. Once a newer mirror is complete the older ones of the run are deleted, so the store holds one
+checkpoint per run; when the stage finishes, the mirrors of all its runs go. The transfers are MLflow's own (its HTTP
+client retries 429 and 5xx answers and dropped connections, `MLFLOW_HTTP_REQUEST_MAX_RETRIES`); nothing here retries on
+its own."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from stages.contract import TRAINER_STATE, partial_folder
-from stages.progress import say, transfer
+from stages.common.contract import TRAINER_STATE, partial_folder
+from stages.common.progress import say, transfer
 
 MIRRORS = "trainer"  # the artifact folder of a run's mirrored in-stage checkpoints
 MIRRORED = "lifecycle.mirrored"  # tag of a run that has mirrored a checkpoint: the last step mirrored

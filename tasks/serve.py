@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from stages.generation import ChatModel
-from stages.templates import read_replies
+from stages.common.generation import ChatModel
+from stages.common.templates import read_replies
 
 
 def app(name: str, checkpoint: Path):

@@ -22,9 +22,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.spec import PipelineSpec
-from stages import estimate, memory, training_stage
-from stages.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
-from stages.progress import prepared_line, say
+from stages import training_stage
+from stages.common import estimate, memory
+from stages.common.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
+from stages.common.progress import prepared_line, say
 from tasks import claims, lineage, mirror
 from tasks.checks import check_contracts
 from tasks.home import Home
@@ -238,7 +239,7 @@ def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, 
 
 def _bench(home: Home, stage: PlannedStage, scored_runs: dict[str, str]):
     """The eval stage's benchmarks over its checkpoints, their scores kept in the home; None without benchmarks."""
-    from stages.benchmarks import Bench
+    from stages.common.benchmarks import Bench
 
     if (benchmarks := stage.spec.benchmarks) is None:
         return None

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from transformers import TrainerCallback
 
-from stages.progress import say, transfer
+from stages.common.progress import say, transfer
 from tasks import mirror
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from examples.generate import DATA_DIR
 from schemas.spec import ModelInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
-from stages.contract import StageResult
+from stages.common.contract import StageResult
 
 # as `lifecycle` sets for its own server and the store: the harness's server and MLflow must not try to reach the
 # network
@@ -56,7 +56,7 @@ def pretrained(trained_tokenizer, train_seed, tmp_path_factory) -> StageResult:
     from transformers import AutoTokenizer
 
     from stages import pretrain
-    from stages.contract import StageInputs
+    from stages.common.contract import StageInputs
 
     spec = PretrainStage(
         name="pretrain",
@@ -77,7 +77,7 @@ def chat_model(trained_tokenizer, pretrained, train_seed, tmp_path_factory) -> P
     from transformers import AutoTokenizer
 
     from stages import sft
-    from stages.contract import StageInputs
+    from stages.common.contract import StageInputs
 
     spec = SFTStage(
         name="sft",

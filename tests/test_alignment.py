@@ -24,10 +24,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from examples.generate import DATA_DIR
 from schemas.data import read_files
 from schemas.spec import DPOStage, LoraSpec, PROStage, RewardStage, SFTStage, TrainSpec, TunaStage
-from stages import candidates, dpo, pro, reward, sft, tuna
-from stages.contract import StageInputs, adapter_base, is_adapter
-from stages.reference import REFERENCE_FILE
-from stages.templates import conversations, encode_completion, encode_prompt
+from stages import dpo, pro, reward, sft, tuna
+from stages.common import candidates, reward_model
+from stages.common.contract import StageInputs, adapter_base, is_adapter
+from stages.common.reference import REFERENCE_FILE
+from stages.common.templates import conversations, encode_completion, encode_prompt
 
 QUICK = dict(batch_size=8, warmup=0.0, logging_steps=1, precision="fp32")
 
@@ -302,8 +303,8 @@ def test_reward_model_learns_pairs_and_scores_replies(
     scorer = AutoModelForSequenceClassification.from_pretrained(result.checkpoint)
     frame = read_files(spec.heldout, "preference").frame
     prompts = conversations(frame, "prompt_")
-    chosen = reward.rewards(scorer, tok, prompts, frame["chosen"].to_list(), "chatml")
-    rejected = reward.rewards(scorer, tok, prompts, frame["rejected"].to_list(), "chatml")
+    chosen = reward_model.scores(scorer, tok, prompts, frame["chosen"].to_list(), "chatml")
+    rejected = reward_model.scores(scorer, tok, prompts, frame["rejected"].to_list(), "chatml")
     assert sum(c > r for c, r in zip(chosen, rejected)) == right
 
 

@@ -12,8 +12,8 @@ from schemas.benchmarks import Benchmarks, Task
 from schemas.load import SpecError, load_spec
 from schemas.spec import EvalStage
 from stages import eval as eval_stage
-from stages import memory
-from stages.benchmarks import Bench, columns_of, problems
+from stages.common import memory
+from stages.common.benchmarks import Bench, columns_of, problems
 
 from .conftest import QUICK
 

@@ -16,8 +16,8 @@ from schemas.load import SpecError, load_spec
 from schemas.memory import Memory
 from schemas.models import init_config
 from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TrainSpec
-from stages.checkpoint import with_lora
-from stages.estimate import GIB, Shapes, check, estimate
+from stages.common.checkpoint import with_lora
+from stages.common.estimate import GIB, Shapes, check, estimate
 
 from .conftest import use_home
 from .test_memory import SPEC

@@ -17,14 +17,15 @@ from flows.cli import format_metrics, format_samples, main
 from schemas.load import load_spec
 from schemas.spec import EvalStage, PretrainStage, SFTStage, TrainSpec
 from stages import eval as eval_stage
-from stages import pretrain, reward, sft
-from stages.checkpoint import load_model
-from stages.contract import StageInputs
+from stages import pretrain, sft
+from stages.common import reward_model
+from stages.common.checkpoint import load_model
+from stages.common.contract import StageInputs
+from stages.common.generation import ChatModel, Sampling, answer, generate, stop_ids, turn_end_id
+from stages.common.metrics import kendall_tau, perplexity, preference, ranking
+from stages.common.reward_functions import answer_matches
+from stages.common.templates import encode_prompt, end_of_turn_id, store_template
 from stages.eval import implicit_reward_margin, labelled_logp, text_blocks
-from stages.generation import ChatModel, Sampling, answer, generate, stop_ids, turn_end_id
-from stages.metrics import kendall_tau, perplexity, preference, ranking
-from stages.rewards import answer_matches
-from stages.templates import encode_prompt, end_of_turn_id, store_template
 from tasks.home import Home
 from tasks.lineage import TAG, client, experiment_id
 from tasks.plan import plan
@@ -288,7 +289,7 @@ def test_eval_scores_the_greedy_replies_with_the_rewards_and_the_reward_model(
             sum(right) / 6 + 0.5 * sum(reply.startswith("The ") for reply in replies) / 6
         )
         assert row["reward_model"] == pytest.approx(
-            sum(reward.rewards(scorer, tok, prompts, replies, "chatml")) / 6, rel=1e-4
+            sum(reward_model.scores(scorer, tok, prompts, replies, "chatml")) / 6, rel=1e-4
         )
 
 

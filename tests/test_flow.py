@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.lifecycle import lifecycle
 from schemas.load import load_spec
-from stages.training import use_bf16
+from stages.common.training import use_bf16
 from tasks.plan import plan
 
 from .conftest import QUICK, use_home
@@ -120,8 +120,8 @@ def test_status_reads_the_store_from_another_process(quick_run) -> None:
 def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_path) -> None:
     from transformers import AutoTokenizer
 
-    from stages.checkpoint import load_model
-    from stages.contract import adapter_base, is_adapter
+    from stages.common.checkpoint import load_model
+    from stages.common.contract import adapter_base, is_adapter
     from tasks.home import Home
     from tasks.models import fetch_checkpoint
 

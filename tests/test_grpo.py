@@ -11,8 +11,8 @@ from examples.generate import DATA_DIR
 from schemas.rewards import AnswerReward, LengthReward, PythonReward, RegexReward
 from schemas.spec import GRPOStage, TrainSpec
 from stages import grpo
-from stages.contract import StageInputs
-from stages.rewards import RewardError, checked_rewards, reward_functions
+from stages.common.contract import StageInputs
+from stages.common.reward_functions import RewardError, checked_rewards, reward_functions
 
 from .conftest import FAST, stage_run
 

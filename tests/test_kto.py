@@ -21,9 +21,9 @@ from schemas.data import DataError, read_file
 from schemas.load import SpecError, load_spec
 from schemas.spec import KTOStage, LoraSpec, TrainSpec
 from stages import kto
-from stages.contract import StageInputs
-from stages.reference import REFERENCE_FILE
-from stages.templates import IGNORE
+from stages.common.contract import StageInputs
+from stages.common.reference import REFERENCE_FILE
+from stages.common.templates import IGNORE
 
 from .test_alignment import QUICK, Logs
 from .test_data import msgs, write
@@ -295,7 +295,7 @@ def test_the_stage_feeds_each_completion_to_the_loss_and_the_mismatched_ones_to_
     """The stage's wiring on a real batch, against kto_loss recomputed in float64 from the summed log-probs."""
     from transformers import AutoModelForCausalLM
 
-    from stages.candidates import CandidatesCollator, candidate_logps
+    from stages.common.candidates import CandidatesCollator, candidate_logps
 
     spec = KTOStage(
         name="kto",

@@ -28,7 +28,7 @@ from examples.generate import DATA_DIR
 from schemas.launch import DEEPSPEED_CONFIGS, DeepSpeed, Launch
 from schemas.load import SpecError, load_spec
 from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, TrainSpec
-from stages.contract import StageInputs
+from stages.common.contract import StageInputs
 from tasks.launch import LaunchError, launch_stage
 from tasks.plan import plan
 

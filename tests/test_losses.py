@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stages.losses import (
+from stages.common.losses import (
     bradley_terry_loss,
     dpo_loss,
     group_advantages,
@@ -21,7 +21,7 @@ from stages.losses import (
     simpo_loss,
     tuna_loss,
 )
-from stages.templates import IGNORE
+from stages.common.templates import IGNORE
 
 
 def t(*values: float) -> torch.Tensor:

@@ -14,9 +14,10 @@ from examples.generate import DATA_DIR
 from schemas.load import SpecError, load_spec
 from schemas.memory import Memory
 from schemas.spec import PretrainStage, SFTStage, TrainSpec
-from stages import memory, pretrain, sft
-from stages.contract import StageInputs
-from stages.training import training_arguments
+from stages import pretrain, sft
+from stages.common import memory
+from stages.common.contract import StageInputs
+from stages.common.training import training_arguments
 from tasks.plan import plan
 
 from .conftest import FAST, TINY

@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from schemas.load import load_spec
-from stages.contract import TRAINER_STATE
+from stages.common.contract import TRAINER_STATE
 from tasks import claims, mirror
 from tasks.home import Home
 from tasks.plan import plan

@@ -15,7 +15,7 @@ from mlflow.entities import LoggedModelStatus
 from flows.cli import main
 from flows.lifecycle import lifecycle
 from schemas.load import load_spec
-from stages.contract import adapter_base, is_adapter
+from stages.common.contract import adapter_base, is_adapter
 from tasks.home import Home
 from tasks.keys import file_digest
 from tasks.models import fetch_checkpoint, fetch_model, mark_best, model_id_of
@@ -269,7 +269,7 @@ def test_export_writes_a_folder_that_loads_without_the_store_and_names_its_linea
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from stages.checkpoint import load_model
+    from stages.common.checkpoint import load_model
 
     root, runs = quick_run
     use_home(monkeypatch, root)

@@ -97,7 +97,7 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flows.lifecycle import lifecycle
-    from stages.contract import ADDED_TOKENS, adapter_base
+    from stages.common.contract import ADDED_TOKENS, adapter_base
     from tasks.home import Home
     from tasks.keys import folder_digest
     from tasks.models import fetch_checkpoint
@@ -145,7 +145,7 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     base.resize_token_embeddings(len(tokenizer))
     merged = PeftModel.from_pretrained(base, sft).merge_and_unload()
-    from stages.checkpoint import load_model
+    from stages.common.checkpoint import load_model
 
     ours = load_model(sft, tokenizer)
     probe = tokenizer.apply_chat_template(
@@ -236,7 +236,7 @@ def test_lora_target_that_matches_nothing_names_the_layers_that_exist(tmp_path) 
     from transformers import AutoModelForCausalLM
 
     from schemas.spec import LoraSpec
-    from stages.checkpoint import ModelError, with_lora
+    from stages.common.checkpoint import ModelError, with_lora
 
     model = AutoModelForCausalLM.from_pretrained(build("phi3", tmp_path / "phi3"))
     with pytest.raises(

@@ -14,8 +14,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, 
 from examples.generate import DATA_DIR
 from schemas.spec import TokenizerTrain
 from stages import tokenizer as tokenizer_stage
-from stages.packing import PackedCollator, best_fit, concat_chunk, pack_examples, tokenize_documents
-from stages.templates import IGNORE
+from stages.common.packing import PackedCollator, best_fit, concat_chunk, pack_examples, tokenize_documents
+from stages.common.templates import IGNORE
 
 PAD = 0
 VOCAB = 97

@@ -15,7 +15,7 @@ import pytest
 from transformers import TrainerState
 
 from examples.generate import DATA_DIR
-from stages.progress import StatusLine, duration, prepared_line, quiet_libraries, size, step_line, transfer
+from stages.common.progress import StatusLine, duration, prepared_line, quiet_libraries, size, step_line, transfer
 from tests.conftest import FAST, TINY
 
 # `sft  step 20/200  loss 1.234  1,530 tok/s  eta 3m00s` (no ETA at the last step)
@@ -71,7 +71,7 @@ def clock(monkeypatch) -> list[float]:
 
 
 def test_without_a_terminal_each_logging_step_is_one_compact_line(clock) -> None:
-    from stages.training import Progress
+    from stages.common.training import Progress
 
     out = io.StringIO()
     drive(Progress(out), clock, TrainerState(max_steps=40), steps=40, log_every=10, tokens_per_step=1530)
@@ -87,7 +87,7 @@ def test_without_a_terminal_each_logging_step_is_one_compact_line(clock) -> None
 
 
 def test_on_a_terminal_the_line_is_redrawn_in_place_and_ended_before_anything_else(clock) -> None:
-    from stages.training import Progress
+    from stages.common.training import Progress
 
     out = io.StringIO()
     progress = Progress(out, live=True)
@@ -106,7 +106,7 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_and_ended_before_anything_el
 
 
 def test_only_the_main_process_shows_progress(clock) -> None:
-    from stages.training import Progress
+    from stages.common.training import Progress
 
     out = io.StringIO()
     state = TrainerState(max_steps=4)
@@ -130,7 +130,7 @@ def test_a_trained_stage_prints_step_lines_and_no_log_dicts(trained_tokenizer: P
 
     from schemas.spec import PretrainStage, TrainSpec
     from stages import pretrain
-    from stages.contract import StageInputs
+    from stages.common.contract import StageInputs
 
     spec = PretrainStage(
         name="pretrain",
@@ -155,7 +155,7 @@ def test_prepare_and_transfer_lines(tmp_path: Path, capsys) -> None:
     from datasets import Dataset, DatasetDict
 
     from schemas.data import Problem
-    from stages.contract import Prepared
+    from stages.common.contract import Prepared
 
     prepared = Prepared(
         DatasetDict({"train": Dataset.from_dict({"x": list(range(1234))}), "heldout": Dataset.from_dict({"x": [1]})}),

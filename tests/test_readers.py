@@ -329,7 +329,7 @@ def test_a_large_json_array_is_read_at_flat_memory(tmp_path: Path) -> None:
 
 
 def test_streamed_slices_deal_out_the_rows_of_any_container(tmp_path: Path) -> None:
-    from stages.streaming import Slice, check_corpus, checked_texts
+    from stages.common.streaming import Slice, check_corpus, checked_texts
 
     docs = [{"text": f"document {i}"} for i in range(7)]
     (tmp_path / "corpus.txt").write_text("".join(doc["text"] + "\n" for doc in docs))

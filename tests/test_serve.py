@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from stages.generation import ChatModel, Sampling
-from stages.templates import read_replies
+from stages.common.generation import ChatModel, Sampling
+from stages.common.templates import read_replies
 
 from .conftest import QUICK, use_home
 

@@ -108,7 +108,7 @@ def test_template_names_match_the_templates_the_stages_render() -> None:
     from typing import get_args
 
     from schemas.spec import TemplateName
-    from stages.templates import TEMPLATE_NAMES
+    from stages.common.templates import TEMPLATE_NAMES
 
     assert get_args(TemplateName) == TEMPLATE_NAMES
 

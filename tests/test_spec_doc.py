@@ -14,9 +14,9 @@ from pydantic import Field, TypeAdapter
 
 from flows.cli import parser
 from schemas.base import Strict
-from schemas.reference import REFERENCE, render, sections
 from schemas.rewards import Reward
 from schemas.spec import STAGE_KINDS, Stage, TemplateName
+from schemas.spec_doc import REFERENCE, render, sections
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,10 +17,10 @@ from examples.generate import DATA_DIR
 from schemas.data import read_files
 from schemas.spec import STAGE_KINDS, ModelInit, PretrainStage, SFTStage, TemplateName, TrainSpec
 from stages import TRAINING_STAGES, pretrain, sft, training_stage
-from stages.contract import StageInputs
-from stages.templates import IGNORE, OWN_TEMPLATE, TEMPLATES, encode_conversation, encode_prompt
-from stages.tools import chats
-from stages.training import last_checkpoint
+from stages.common.contract import StageInputs
+from stages.common.templates import IGNORE, OWN_TEMPLATE, TEMPLATES, encode_conversation, encode_prompt
+from stages.common.tools import chats
+from stages.common.training import last_checkpoint
 from tests.conftest import FAST, TINY
 
 

@@ -15,9 +15,10 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 from examples.generate import DATA_DIR
 from schemas.data import DataError
 from schemas.spec import ModelInit, PretrainStage, TokenizerTrain, TrainSpec
-from stages import pretrain, streaming, tokenizer
-from stages.streaming import StreamingTextDataset, check_corpus
-from stages.training import make_trainer
+from stages import pretrain, tokenizer
+from stages.common import streaming
+from stages.common.streaming import StreamingTextDataset, check_corpus
+from stages.common.training import make_trainer
 
 TEXTS = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]
 

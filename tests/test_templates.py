@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from examples.generate import DATA_DIR
 from schemas.spec import TokenizerTrain
 from stages import tokenizer as tokenizer_stage
-from stages.inspect import GREEN, render_marked
-from stages.templates import (
+from stages.common.marked import GREEN, render_marked
+from stages.common.templates import (
     IGNORE,
     TEMPLATES,
     encode_completion,

@@ -18,10 +18,10 @@ from schemas.sources import Source, resolve
 from schemas.spec import EvalStage, SFTStage, TrainSpec
 from stages import eval as eval_stage
 from stages import sft
-from stages.contract import StageInputs
-from stages.templates import IGNORE, TEMPLATES, conversations, encode_conversation, encode_prompt, store_template
+from stages.common.contract import StageInputs
+from stages.common.templates import IGNORE, TEMPLATES, conversations, encode_conversation, encode_prompt, store_template
+from stages.common.tools import Chat, calls_match, chats, parsed_calls, tool_call_accuracy
 from stages.tokenizer import corpus_of
-from stages.tools import Chat, calls_match, chats, parsed_calls, tool_call_accuracy
 
 from .conftest import FAST
 

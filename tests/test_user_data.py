@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from schemas.data import DataError, read_files
 from schemas.load import load_spec
 from stages import dpo, kto, pretrain, sft
-from stages.contract import StageInputs
+from stages.common.contract import StageInputs
 from tests.conftest import FAST, TINY, stage_run
 
 SUBJECTS = ["cat", "sun", "map", "pen", "box", "cup", "hat", "jam"]

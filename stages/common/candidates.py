@@ -23,13 +23,13 @@ from transformers import AutoTokenizer, PreTrainedModel, Trainer, set_seed
 
 from schemas.data import read_files
 from schemas.spec import ChatStage
-from stages.checkpoint import load_model, save, with_lora
-from stages.contract import Prepared, StageInputs, StageResult, added_token_ids
-from stages.losses import sequence_logps
-from stages.metrics import mean_scores, preference, ranking
-from stages.progress import short_of_a_batch
-from stages.templates import IGNORE, conversations, encode_completion, store_template
-from stages.training import chosen, fit, make_trainer
+from stages.common.checkpoint import load_model, save, with_lora
+from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids
+from stages.common.losses import sequence_logps
+from stages.common.metrics import mean_scores, preference, ranking
+from stages.common.progress import short_of_a_batch
+from stages.common.templates import IGNORE, conversations, encode_completion, store_template
+from stages.common.training import chosen, fit, make_trainer
 
 # per row: prompt messages, candidates best first, their scores
 Listed = list[tuple[list[dict], list[str], list[float]]]

@@ -3,7 +3,7 @@
 A frozen copy (full fine-tuning); the same weights with the LoRA adapters switched off (no second
 copy in memory); or the reference's log-probs of every training candidate, computed once before
 training and kept beside the prepared data, keyed by the input checkpoint's fingerprint (no
-reference forward per step). DPO and KTO score the same candidate layout (stages/candidates.py),
+reference forward per step). DPO and KTO score the same candidate layout (stages/common/candidates.py),
 so one trainer base serves both: `reference_logps` gives the reference's summed log-prob of every
 candidate of a batch, [rows, candidates], whichever way the stage has it.
 """
@@ -21,10 +21,10 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from schemas.spec import ReferenceStage
-from stages.candidates import candidate_logps, scored
-from stages.checkpoint import load_model
-from stages.contract import StageInputs, partial_folder, publish
-from stages.training import ObjectiveTrainer, use_bf16
+from stages.common.candidates import candidate_logps, scored
+from stages.common.checkpoint import load_model
+from stages.common.contract import StageInputs, partial_folder, publish
+from stages.common.training import ObjectiveTrainer, use_bf16
 
 REFERENCE_FILE = "reference_logps.safetensors"
 

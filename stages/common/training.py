@@ -25,8 +25,8 @@ from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallb
 from schemas.errors import LifecycleError
 from schemas.memory import Memory
 from schemas.spec import StageBase, TrainingStage
-from stages.contract import TRAINER_STATE
-from stages.progress import StatusLine, duration, step_line
+from stages.common.contract import TRAINER_STATE
+from stages.common.progress import StatusLine, duration, step_line
 
 
 def cpu_has_bf16() -> bool:
@@ -153,7 +153,7 @@ def chosen(trainer: Trainer) -> dict[str, str]:
 
 
 class Progress(TrainerCallback):
-    """The stage's progress line (`stages.progress`) from the Trainer's events, on the main process only.
+    """The stage's progress line (`stages.common.progress`) from the Trainer's events, on the main process only.
 
     Each step redraws the line on a terminal, each logging step prints it elsewhere; the end-of-training summary
     ends it (in its place, on a terminal); a held-out measure is a line of its own."""

@@ -49,7 +49,7 @@ from schemas.spec import (
     TrainingStage,
     TunaStage,
 )
-from stages.training import attention, use_bf16
+from stages.common.training import attention, use_bf16
 
 GIB = 1 << 30
 # bytes the backward pass keeps per token and layer, per unit of width: (hidden, key/value, MLP) in bf16 autocast and

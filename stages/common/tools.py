@@ -3,7 +3,7 @@
 A conversation offering tools is a `Chat`: Hugging Face's messages (an assistant message that
 calls tools carries `tool_calls: [{type: function, function: {name, arguments}}]`, a tool's
 result is a `tool` message) and the tool definitions beside them, as `apply_chat_template(messages,
-tools=...)` takes them. `ToolFormat` is how a template shows them (stages/templates.py gives chatml
+tools=...)` takes them. `ToolFormat` is how a template shows them (stages/common/templates.py gives chatml
 the Qwen2.5/Hermes one); `parsed_calls` reads the calls back from the text a model generated, so
 the eval stage can score a held-out call (`calls_match`).
 """
@@ -91,7 +91,7 @@ def function_of(call: dict) -> dict:
 
 # ---------------------------------------------------------------- calls read back and scored
 
-# a call as chatml writes it (stages/templates.py, HERMES): JSON between the tags, on lines of its own
+# a call as chatml writes it (stages/common/templates.py, HERMES): JSON between the tags, on lines of its own
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 

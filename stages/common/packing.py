@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
-from stages.templates import IGNORE
+from stages.common.templates import IGNORE
 
 Overlong = Literal["truncate", "drop"]
 

@@ -14,8 +14,8 @@ import torch
 
 from schemas.load import SpecError
 from schemas.spec import PipelineSpec, TrainingStage
-from stages import benchmarks
-from stages.training import use_bf16
+from stages.common import benchmarks
+from stages.common.training import use_bf16
 
 
 def _installed(package: str) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from schemas.benchmarks import Benchmarks, Task
 from schemas.spec import EvalStage, PipelineSpec
-from stages.progress import duration, say
+from stages.common.progress import duration, say
 
 # dataset builders that read local files: their data is wherever the task's files say, not in the Hub's cache
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder", "audiofolder"}

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from stages.checkpoint import load_model
-from stages.templates import NO_CHAT_TEMPLATE, encode_prompt, end_of_turn_id
-from stages.tools import Chat
+from stages.common.checkpoint import load_model
+from stages.common.templates import NO_CHAT_TEMPLATE, encode_prompt, end_of_turn_id
+from stages.common.tools import Chat
 
 # rendered to find where the assistant's turn ends; the reply is a word every tokenizer has
 PROBE = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]

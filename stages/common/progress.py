@@ -7,7 +7,7 @@ Prefect's own lines; stdout keeps what a command answers.
 
 The libraries' own output is cut to what a user can act on by `quiet_libraries`, each cut with its reason. This
 module loads none of those libraries: the flow imports it before they load. The Trainer's events reach the line
-through `stages.training.Progress`.
+through `stages.common.training.Progress`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from stages.contract import Prepared
+    from stages.common.contract import Prepared
 
 REFRESH_SECONDS = 0.2  # the live line is redrawn at most this often: a fast stage's steps would flood a slow terminal
 

@@ -147,7 +147,7 @@ def sections(root: type[BaseModel] = PipelineSpec) -> list[Section]:
 
 def _cannot(where: str, what: str) -> TypeError:
     """A field the renderer does not know how to write down fails the render: nothing is left out silently."""
-    return TypeError(f"{where}: the spec reference cannot describe {what}; extend schemas/reference.py")
+    return TypeError(f"{where}: the spec reference cannot describe {what}; extend schemas/spec_doc.py")
 
 
 def _number(value: float) -> str:

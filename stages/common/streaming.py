@@ -52,7 +52,7 @@ from schemas.formats import Shape, flatten
 from schemas.readers import MAX_TEXT_LINE_BYTES, Rows, read_rows
 from schemas.sources import Source
 from schemas.sources import expand as expand_patterns
-from stages.packing import tokenize_documents
+from stages.common.packing import tokenize_documents
 
 DOCUMENTS_PER_CALL = 256  # one tokenizer call per batch amortises its overhead; the batch stays ~1 MB
 MAX_WORKERS = 64  # DataLoader workers one dataset can count skipped rows for (one shared slot each)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.templates import IGNORE
+from stages.common.templates import IGNORE
 
 PRO_EPS = 1e-10  # the constant PRO's released code adds inside its log-sum
 

@@ -27,8 +27,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.pytorch_utils import Conv1D
 
 from schemas.spec import LoraSpec
-from stages.contract import ModelError, adapter_base, is_adapter, point_adapter_at
-from stages.training import main_process
+from stages.common.contract import ModelError, adapter_base, is_adapter, point_adapter_at
+from stages.common.training import main_process
 
 
 def fit_vocabulary(model: PreTrainedModel, tokenizer) -> None:

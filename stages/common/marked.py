@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from stages.templates import IGNORE
+from stages.common.templates import IGNORE
 
 GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 OPEN, CLOSE = "⟦", "⟧"

@@ -23,9 +23,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from schemas.errors import LifecycleError
 from schemas.rewards import AnswerReward, LengthReward, ModelReward, PythonReward, RegexReward, Reward
-from stages.checkpoint import load_model
-from stages.reward import rewards as reward_model_scores
-from stages.templates import OWN_TEMPLATE
+from stages.common.checkpoint import load_model
+from stages.common.reward_model import scores as reward_model_scores
+from stages.common.templates import OWN_TEMPLATE
 
 # not part of a longer word or number (so "31" is not read out of "310", "x31" or "3.31")
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w]|\.\d)")

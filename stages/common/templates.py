@@ -7,7 +7,7 @@ token ranges, never recovered from character offsets. The same template, written
 by `jinja`, is stored in the tokenizer, so `tokenizer.apply_chat_template` at inference
 renders a prompt exactly as training did; the tests check the two agree token for token.
 
-Tools travel beside the messages, as Hugging Face chat templates take them (stages/tools.py): an
+Tools travel beside the messages, as Hugging Face chat templates take them (stages/common/tools.py): an
 assistant message that calls tools carries `tool_calls`, a tool's result is a `tool` message.
 chatml shows them as Qwen2.5 and Hermes do (`HERMES`); each assistant turn is trained,
 calls and answer alike, and tool results are context. The other templates of ours refuse tools.
@@ -28,7 +28,7 @@ from typing import get_args
 import polars as pl
 
 from schemas.spec import TemplateName
-from stages.tools import Chat, ToolFormat, as_json, function_of, holds_tools
+from stages.common.tools import Chat, ToolFormat, as_json, function_of, holds_tools
 
 IGNORE = -100  # label of a token that carries no loss
 
@@ -561,7 +561,7 @@ def read_replies(tokenizer) -> None:
 
 def conversations(frame: pl.DataFrame, prefix: str = "") -> list[list[dict]]:
     """Canonical rows (parallel roles and contents) as message lists; prefix "prompt_" reads a prompt's columns.
-    Conversations that may offer tools read through `stages.tools.chats`, which keeps them."""
+    Conversations that may offer tools read through `stages.common.tools.chats`, which keeps them."""
     if not prefix and holds_tools(frame):
         raise ValueError(
             "these conversations hold tools or tool calls, which message lists would lose: read them with chats"
