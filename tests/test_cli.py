@@ -135,13 +135,17 @@ def test_inspect_marks_what_each_stage_trains(quick_run, tmp_path: Path) -> None
     sources, _, _ = done.stdout.partition("--- sft example")
     assert sources.startswith("sft data: sft.jsonl (jsonl), read as conversations; ")
     assert "shapes of the first rows: messages (200)" in sources and "sft heldout: sft_heldout.jsonl" in sources
-    assert "<|im_start|>assistant\n⟦The word rock in capital letters is ROCK.<|im_end|>⟧" in done.stdout
+    # the first row's first reply, trained with its end of turn, as the bundled file holds it
+    first = json.loads((QUICK.parent / "data" / "sft.jsonl").read_text().splitlines()[0])["conversations"]
+    reply = next(message["content"] for message in first if message["role"] == "assistant")
+    assert f"<|im_start|>assistant\n⟦{reply}<|im_end|>⟧" in done.stdout
     pretrain = lifecycle("inspect", str(QUICK), "--stage", "pretrain", "-n", "1", home=root).stdout
     assert "\n--- pretrain example 1" in pretrain and pretrain.rstrip().endswith("<|endoftext|>⟧")
     # a row's chosen, then rejected
     pair = lifecycle("inspect", str(QUICK), "--stage", "dpo", "-n", "1", home=root).stdout
     assert pair.count("--- dpo example") == 2
-    assert "assistant\n⟦The word salt in capital letters is SALT.<|im_end|>⟧" in pair
+    chosen = json.loads((QUICK.parent / "data" / "preference.jsonl").read_text().splitlines()[0])["chosen"]
+    assert f"assistant\n⟦{chosen}<|im_end|>⟧" in pair
     missing = lifecycle("inspect", str(QUICK), "--stage", "nope", home=root)
     assert missing.returncode == 2 and "no stage named 'nope'; the stages are pretrain, sft" in missing.stderr
 
