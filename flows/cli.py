@@ -423,8 +423,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """A stage's model behind an OpenAI-compatible API (transformers' server), until interrupted."""
     from tasks.serve import server
 
-    _, run, pipeline, checkpoint = _served_model(args.source)
-    name = f"{pipeline}/{run.data.tags['lifecycle.stage']}"
+    folder = Path(args.source)
+    if folder.is_dir():  # an exported folder (or any checkpoint folder): no store is read
+        if not any((folder / f).exists() for f in CHECKPOINT_FILES):
+            raise UsageError(f"{folder} is not a checkpoint folder (no config.json or adapter_config.json in it)")
+        name, checkpoint = folder.resolve().name, folder
+    else:
+        _, run, pipeline, checkpoint = _served_model(args.source)
+        name = f"{pipeline}/{run.data.tags['lifecycle.stage']}"
     served = server(name, checkpoint, args.host, args.port)
     print(
         f"serving {name} at http://{args.host}:{args.port}/v1 (POST /v1/chat/completions, GET /v1/models); "
@@ -686,7 +692,11 @@ def parser() -> argparse.ArgumentParser:
         "serve",
         help="a stage's model behind an OpenAI-compatible API: /v1/chat/completions (streaming, tools) and /v1/models",
     )
-    serve.add_argument("source", help="SPEC:STAGE (SPEC alone: its last language-model stage), or a models:/ URI")
+    serve.add_argument(
+        "source",
+        help="SPEC:STAGE (SPEC alone: its last language-model stage), a models:/ URI, or a model folder (an export: "
+        "served under the folder's name, no store read)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=cmd_serve)

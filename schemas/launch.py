@@ -37,7 +37,7 @@ class Launch(Strict):
 
     processes: PositiveInt = Field(1, description="ranks on each node (one per GPU on a GPU machine)")
     nodes: PositiveInt = Field(
-        1, description="machines; every node but the first runs `lifecycle join` (README: many machines)"
+        1, description="machines; every node but the first runs `lifecycle join` (docs/scale-out.md)"
     )
     master: str = Field(
         "127.0.0.1:29500",

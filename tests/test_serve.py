@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from flows.cli import main
 from stages.common.generation import ChatModel, Sampling
 from stages.common.templates import read_replies
 
-from .conftest import QUICK, use_home
+from .conftest import QUICK, cli_env, use_home
 
 QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -29,35 +30,47 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(quick_run, tmp_path_factory):
-    """`lifecycle serve examples/quick.yaml:dpo` (an adapter, served on its base) as a user starts it: (openai
-    client, the checkpoint served)."""
+def start(source: str, env: dict[str, str], log: Path):
+    """`lifecycle serve SOURCE` as a user starts it, once it answers: (its process, an openai client of it)."""
     import openai
 
-    root, runs = quick_run
     port = free_port()
-    env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    log = tmp_path_factory.mktemp("serve") / "serve.out"
     with open(log, "w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", f"{QUICK}:dpo", "--port", str(port)],
+            [sys.executable, "-m", "flows.cli", "serve", source, "--port", str(port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60)
+    deadline = time.monotonic() + 120  # imports and a model load, on a machine that may be busy
+    while True:
+        try:
+            client.models.list()
+            return server, client
+        except openai.APIConnectionError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop(server)
+                raise AssertionError("the server did not come up:\n" + log.read_text()) from None
+            time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(quick_run, tmp_path_factory):
+    """`lifecycle serve examples/quick.yaml:dpo` (an adapter, served on its base): (openai client, the checkpoint
+    served, the server's output)."""
+    root, runs = quick_run
+    env = os.environ | {"LIFECYCLE_HOME": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    log = tmp_path_factory.mktemp("serve") / "serve.out"
+    server, client = start(f"{QUICK}:dpo", env, log)
     try:
-        deadline = time.monotonic() + 120  # imports and a model load, on a machine that may be busy
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert server.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the server did not come up:\n" + log.read_text()
-                time.sleep(0.5)
         with pytest.MonkeyPatch.context() as monkeypatch:
             use_home(monkeypatch, root)
             from flows.cli import _served_model
@@ -65,8 +78,7 @@ def served(quick_run, tmp_path_factory):
             checkpoint = _served_model(f"{QUICK}:dpo")[3]
         yield client, checkpoint, log
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop(server)
 
 
 def test_serve_lists_its_model_and_answers_as_generate_does(served) -> None:
@@ -100,6 +112,27 @@ def test_serve_lists_its_model_and_answers_as_generate_does(served) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="other", messages=QUESTION, max_tokens=4)
     assert "pinned to 'quick/dpo'" in refused.value.response.text
+
+
+def test_an_exported_folder_is_served_with_no_store_and_answers_the_same(
+    served, quick_run, tmp_path: Path, monkeypatch
+) -> None:
+    client, _, _ = served
+    root, _ = quick_run
+    use_home(monkeypatch, root)
+    out = tmp_path / "dpo-export"
+    assert main(["export", f"{QUICK}:dpo", str(out)]) == 0
+    gone = tmp_path / "no-store"  # a home and a store that do not exist: the folder is all the server reads
+    env = cli_env(gone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{gone / 'nothing.db'}"}
+    server, exported = start(str(out), env, tmp_path / "export.out")
+    try:
+        assert [model.id for model in exported.models.list()] == ["dpo-export"]
+        asked = dict(messages=QUESTION, max_tokens=12, temperature=0)
+        theirs = exported.chat.completions.create(model="dpo-export", **asked).choices[0].message.content
+        assert theirs == client.chat.completions.create(model="quick/dpo", **asked).choices[0].message.content
+    finally:
+        stop(server)
+    assert not gone.exists()
 
 
 def test_a_chatml_reply_reads_back_as_text_and_tool_calls(trained_tokenizer: Path) -> None:
