@@ -208,16 +208,31 @@ def pipeline_run(
         outcome = f"interrupted {where}" if _interrupted(err) else f"failed {where}: {reason}"
         mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, run.data.tags, outcome))
         raise
-    mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, mlflow.get_run(run_id).data.tags, "finished"))
+    tags = mlflow.get_run(run_id).data.tags
+    outcome = "finished"
+    if all(tags.get(f"{TAG}stage.{name}", "").endswith(" (reused)") for name in stages):
+        # nothing trained: said where the runs list shows it, so the run is not taken for a new model
+        mlflow.update_run(run_id, name=f"{spec_name} (all reused)")
+        outcome = "finished, every stage reused from an earlier run (nothing trained)"
+    mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, tags, outcome, experiment))
     mlflow.set_terminated(run_id, status="FINISHED")
 
 
-def _pipeline_note(spec_name: str, tags: dict[str, str], outcome: str) -> str:
-    """The parent run's description, in the Markdown MLflow shows it in; `tags`: the run's."""
+def _pipeline_note(spec_name: str, tags: dict[str, str], outcome: str, experiment: str | None = None) -> str:
+    """The parent run's description, in the Markdown MLflow shows it in; `tags`: the run's. With `experiment`, each
+    stage's run linked (those reused marked so)."""
     lines = [
         f"Pipeline **{spec_name}** (`{tags[TAG + 'spec']}`): {' → '.join(tags[TAG + 'stages'].split())}.",
         f"Outcome: {outcome}.",
     ]
+    linked = [(name, tags.get(f"{TAG}stage.{name}")) for name in tags[TAG + "stages"].split()]
+    if experiment is not None and any(run for _, run in linked):
+        runs = [
+            f"[{name}](#/experiments/{experiment}/runs/{run.split()[0]}){' (reused)' * run.endswith('(reused)')}"
+            for name, run in linked
+            if run
+        ]
+        lines.append(f"Runs: {', '.join(runs)}.")
     for key, steps in sorted(tags.items()):
         if key.startswith(f"{TAG}steps."):
             evaluation = key.removeprefix(f"{TAG}steps.")

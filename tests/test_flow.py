@@ -287,9 +287,11 @@ def test_runs_describe_themselves_on_their_pages(quick_run) -> None:
         return mlflow.get_run(run_id).data.tags["mlflow.note.content"]
 
     parent = mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"]
+    experiment = mlflow.get_run(parent).info.experiment_id
     assert note(parent).split("\n\n") == [
         f"Pipeline **quick** (`{QUICK}`): " + " → ".join(runs) + ".",
         "Outcome: finished.",
+        "Runs: " + ", ".join(f"[{name}](#/experiments/{experiment}/runs/{run})" for name, run in runs.items()) + ".",
         "Charts: `eval/<metric>` by step, one checkpoint a step: "
         "0:pretrain 1:sft 2:sft-lora 3:dpo 4:pro 5:tuna 6:kto 7:grpo.",
     ]

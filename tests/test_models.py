@@ -119,6 +119,17 @@ def test_the_registry_has_a_version_per_stage_and_a_rerun_adds_none(
     before = {v.version for v in mlflow.search_model_versions("name = 'quick'")}
     assert lifecycle(str(QUICK)) == runs  # every stage reused: no version more, the aliases set again
     assert {v.version for v in mlflow.search_model_versions("name = 'quick'")} == before
+    # and the pipeline run says so where the runs list shows it, linking the runs it reused
+    latest = mlflow.search_runs(
+        [mlflow.get_experiment_by_name("quick").experiment_id],
+        "tags.`lifecycle.kind` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    assert latest.info.run_name == "quick (all reused)"
+    note = latest.data.tags["mlflow.note.content"]
+    assert "Outcome: finished, every stage reused from an earlier run (nothing trained)." in note
+    assert f"[sft](#/experiments/{latest.info.experiment_id}/runs/{runs['sft']}) (reused)" in note
 
     planned = {stage.name: stage for stage in plan(load_spec(QUICK))}
     ours = {v.run_id: v for v in mlflow.search_model_versions("name = 'quick'") if v.run_id in runs.values()}
