@@ -60,6 +60,7 @@ def by_hand(folder: Path, benchmarks: Benchmarks) -> tuple[dict[str, float], flo
         found = simple_evaluate(
             model="hf",
             model_args={"pretrained": str(folder), "dtype": "float32"},
+            device="cuda" if torch.cuda.is_available() else "cpu",
             tasks=[task.task],
             task_manager=manager,
             apply_chat_template=task.chat,

@@ -167,6 +167,11 @@ def main() -> None:
     print(f"{'':22}{'lifecycle serve':>16}{'transformers serve':>20}{'ratio':>8}")
     print(f"{'requests/s':22}{rate[0]:16.2f}{rate[1]:20.2f}{rate[0] / rate[1]:7.2f}x")
     print(f"{'first token (median)':22}{ttft[0] * 1000:14.1f}ms{ttft[1] * 1000:18.1f}ms{ttft[1] / ttft[0]:7.2f}x")
+    for i, (m, b) in enumerate(zip(mine, base), 1):
+        print(
+            f"  round {i}: {m['rate']:.2f} vs {b['rate']:.2f} requests/s, "
+            f"first token {m['ttft'] * 1000:.1f} vs {b['ttft'] * 1000:.1f} ms"
+        )
     print("replies: identical on every request")
 
 
