@@ -40,8 +40,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from stages import pretrain, tokenizer
-    from tasks.launch import launch_stage
     from tasks.step_metrics import StepMetrics
+    from tasks.torchrun import launch_stage
 
     root = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
     texts = [json.loads(line)["text"] for line in (DATA_DIR / "pretrain.jsonl").read_text().splitlines()]

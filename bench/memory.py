@@ -91,7 +91,7 @@ def child(case: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from schemas.models import init_config
+    from schemas.architectures import init_config
     from schemas.spec import ModelInit
     from stages.common.estimate import Shapes, estimate
     from stages.common.training import make_trainer, use_bf16

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tasks.home import Home
-from tasks.models import fetch_checkpoint
+from tasks.registry import fetch_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"

@@ -43,7 +43,7 @@ def step_seconds(spec_path: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from schemas.models import init_config
+    from schemas.architectures import init_config
     from stages.common.training import use_bf16
 
     spec = load_spec(spec_path)

@@ -165,8 +165,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from stages import training_stage
     from stages.common.marked import render_marked
     from tasks.lineage import client, experiment_id, finished_run
-    from tasks.models import fetch_checkpoint
     from tasks.plan import plan
+    from tasks.registry import fetch_checkpoint
 
     spec = load_spec(args.spec)
     stage = next((s for s in spec.stages if s.name == args.stage), None)
@@ -223,7 +223,7 @@ def _preview_tokenizer(spec, home: Home, planned) -> Path:
 def _stage_checkpoint(spec_path: Path, name: str) -> Path:
     """The checkpoint of the stage's finished run, fetched into the home's cache."""
     from tasks.lineage import client
-    from tasks.models import fetch_checkpoint
+    from tasks.registry import fetch_checkpoint
 
     home = Home.from_env()
     return fetch_checkpoint(client(home), home, _finished_stage_run(spec_path, name))
@@ -256,7 +256,7 @@ def _finished_stage_run(spec_path: Path, name: str):
 def _model_checkpoint(uri: str) -> Path:
     """The language model a `models:/` URI names, fetched into the home's cache (an adapter with its base)."""
     from tasks.lineage import open_store
-    from tasks.models import fetch_language_model
+    from tasks.registry import fetch_language_model
 
     home = Home.from_env()
     return fetch_language_model(open_store(home), home, uri)
@@ -386,7 +386,7 @@ def _served_model(source: str):
     """The model a SPEC[:STAGE] or models:/ URI names: (store client, the run that made it, pipeline name, its
     checkpoint fetched into the home's cache). SPEC alone names its last language-model stage."""
     from tasks.lineage import client, open_store
-    from tasks.models import fetch_checkpoint, fetch_language_model, model_id_of
+    from tasks.registry import fetch_checkpoint, fetch_language_model, model_id_of
 
     home = Home.from_env()
     if source.startswith("models:/"):
@@ -539,7 +539,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--node-rank must be 1 to {stage.launch.nodes - 1}: node 0 is the one running `lifecycle run`"
         )
-    from tasks.launch import join
+    from tasks.torchrun import join
 
     join(stage.launch, args.node_rank)
     return 0

@@ -18,9 +18,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from schemas.architectures import own_model_problems
 from schemas.errors import LifecycleError
 from schemas.memory import Memory
-from schemas.models import own_model_problems
 from schemas.sources import Source, Unresolved, expand, hub_snapshot, resolve
 from schemas.spec import (
     ChatStage,

@@ -13,12 +13,12 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BeforeValidator, Field, PositiveInt, model_validator
 
+from schemas.architectures import init_config
 from schemas.base import Strict
 from schemas.benchmarks import Benchmarks
 from schemas.formats import Format
 from schemas.launch import Launch
 from schemas.memory import Memory
-from schemas.models import init_config
 from schemas.rewards import AnswerReward, ModelReward, Reward
 from schemas.sources import Source
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
+from schemas.architectures import POSITION_FIELDS
 from schemas.formats import Shape, flatten
 from schemas.load import SpecError, _folder
-from schemas.models import POSITION_FIELDS
 from schemas.problems import DataError, Problem
 from schemas.readers import read_rows
 

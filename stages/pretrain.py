@@ -13,8 +13,8 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedModel, set_seed
 
+from schemas.architectures import init_config
 from schemas.data import read_files
-from schemas.models import init_config
 from schemas.spec import ModelInit, PretrainStage
 from stages.common.checkpoint import load_model, save, with_lora
 from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids

@@ -17,7 +17,7 @@ from mlflow.entities import Run
 
 from stages.common.contract import ModelError
 from tasks.lineage import TAG
-from tasks.models import model_of
+from tasks.registry import model_of
 
 # each stage's own measures the card shows, where its run has them
 MEASURES = (

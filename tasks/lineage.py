@@ -3,7 +3,7 @@
 One parent run per pipeline run, one child run per stage that trains. Run ids are passed
 explicitly (MLflow's active run is thread-local, and Prefect may run tasks in threads), so
 everything here goes through an `MlflowClient`. A stage's checkpoint is logged once, at the
-end, as a logged model of its run (`tasks/models.py`); the run is marked FINISHED only after
+end, as a logged model of its run (`tasks/registry.py`); the run is marked FINISHED only after
 that, so a FINISHED run always has a complete checkpoint to reuse.
 """
 
@@ -390,7 +390,7 @@ def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float],
 
 
 def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult, model_id: str | None) -> None:
-    """Log the final metrics, linked to the model that holds the run's checkpoint (`tasks.models.log_checkpoints`,
+    """Log the final metrics, linked to the model that holds the run's checkpoint (`tasks.registry.log_checkpoints`,
     called before), then mark the run FINISHED: in that order, always.
 
     A metric linked to a model is shown on the model's page with the dataset it was measured on: the held-out file

@@ -30,8 +30,8 @@ from tasks import claims, lineage, mirror
 from tasks.checks import check_contracts
 from tasks.home import Home
 from tasks.keys import dataset_key, digest, folder_digest, reference_key
-from tasks.launch import launch_stage
-from tasks.models import (
+from tasks.plan import PlannedStage, parts
+from tasks.registry import (
     ADAPTER,
     CHECKPOINT,
     fetch_checkpoint,
@@ -42,7 +42,7 @@ from tasks.models import (
     record_base_model,
     register,
 )
-from tasks.plan import PlannedStage, parts
+from tasks.torchrun import launch_stage
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
 
 @task(cache_policy=NO_CACHE, task_run_name="register-{stage.name}")
 def register_model(ctx: Context, stage: PlannedStage, run_id: str, upstream_version: str | None) -> str | None:
-    """The stage's model as a version of the pipeline's registered model (`tasks.models.register`); its number."""
+    """The stage's model as a version of the pipeline's registered model (`tasks.registry.register`); its number."""
     return register(lineage.client(ctx.home), ctx.spec.name, stage, run_id, upstream_version)
 
 

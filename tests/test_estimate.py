@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from examples.generate import DATA_DIR
 from flows.cli import main
+from schemas.architectures import init_config
 from schemas.launch import DeepSpeed, Launch
 from schemas.load import SpecError, load_spec
 from schemas.memory import Memory
-from schemas.models import init_config
 from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TrainSpec
 from stages.common.checkpoint import with_lora
 from stages.common.estimate import GIB, Shapes, check, estimate

@@ -123,7 +123,7 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     from stages.common.checkpoint import load_model
     from stages.common.contract import adapter_base, is_adapter
     from tasks.home import Home
-    from tasks.models import fetch_checkpoint
+    from tasks.registry import fetch_checkpoint
 
     root, runs = quick_run
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import tasks.gguf as gguf_export
-from schemas.models import init_config
+from schemas.architectures import init_config
 from schemas.spec import ModelInit
 from tasks.gguf import check_gguf, deinterleave_rope, interleave_rope, write_gguf
 

@@ -29,8 +29,8 @@ from schemas.launch import DEEPSPEED_CONFIGS, DeepSpeed, Launch
 from schemas.load import SpecError, load_spec
 from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, TrainSpec
 from stages.common.contract import StageInputs
-from tasks.launch import LaunchError, launch_stage
 from tasks.plan import plan
+from tasks.torchrun import LaunchError, launch_stage
 
 from .conftest import FAST, ROOT, TINY, cli_env, stage_run
 
@@ -269,7 +269,7 @@ def ranks_of(home: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "tasks.launch" in cmdline and str(home) in cmdline:
+        if "tasks.torchrun" in cmdline and str(home) in cmdline:
             found.append(int(proc.name))
     return found
 

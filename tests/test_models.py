@@ -18,8 +18,8 @@ from schemas.load import load_spec
 from stages.common.contract import adapter_base, is_adapter
 from tasks.home import Home
 from tasks.keys import file_digest
-from tasks.models import fetch_checkpoint, fetch_model, mark_best, model_id_of
 from tasks.plan import plan
+from tasks.registry import fetch_checkpoint, fetch_model, mark_best, model_id_of
 
 from .conftest import QUICK, cli_env, stage_run, use_home
 

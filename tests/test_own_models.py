@@ -100,7 +100,7 @@ def test_own_checkpoint_goes_through_lora_sft_dpo_eval_and_generate(
     from stages.common.contract import ADDED_TOKENS, adapter_base
     from tasks.home import Home
     from tasks.keys import folder_digest
-    from tasks.models import fetch_checkpoint
+    from tasks.registry import fetch_checkpoint
 
     template, added = FAMILIES[family]
     if family == "qwen2":  # named by its Hub id, read from a Hugging Face cache that holds it

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from schemas.architectures import init_config
 from schemas.load import SpecError
-from schemas.models import init_config
 from schemas.spec import (
     DPOStage,
     GRPOStage,

@@ -186,7 +186,7 @@ def quiet_libraries() -> None:
         disable_progress_bars()
     # DeepSpeed guesses its accelerator when transformers' Trainer imports it, and warns in every process without a
     # GPU. It guesses as torch does (CUDA when torch sees one), and the stage's summary line names the device it
-    # trained on; the launched ranks are told outright (DS_ACCELERATOR, tasks/launch.py) and never guess.
+    # trained on; the launched ranks are told outright (DS_ACCELERATOR, tasks/torchrun.py) and never guess.
     _drop(logging.getLogger("DeepSpeed"), "Setting accelerator to CPU")
     # Two in-stage saves less than a second apart (a short stage) look to the Trainer like a filesystem without
     # mtimes; it then orders checkpoints by step number, as `last_checkpoint` does anyway.

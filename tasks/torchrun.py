@@ -1,7 +1,7 @@
 """A stage with `launch`: its ranks run under torchrun, rank 0 records, the flow waits.
 
 The flow writes the stage's plan (its spec, its input folders, the MLflow run id) into the
-stage's work folder and starts `torchrun` on `python -m tasks.launch worker`. Every rank
+stage's work folder and starts `torchrun` on `python -m tasks.torchrun worker`. Every rank
 receives the plan from rank 0 over the process group (so ranks on other machines, started by
 `lifecycle join`, need nothing but the rendezvous address and a home on a shared filesystem),
 loads the same prepared data and runs the stage's own `run`; the HF Trainer does DDP or
@@ -68,13 +68,13 @@ def torchrun(launch: Launch, node_rank: int, worker_args: list[str], log_dir: Pa
     return [
         sys.executable,
         "-m",
-        "tasks.launch",
+        "tasks.torchrun",
         "torchrun",
         *where,
         f"--nproc-per-node={launch.processes}",
         *logs,
         "-m",
-        "tasks.launch",
+        "tasks.torchrun",
         "worker",
         *worker_args,
     ]
@@ -262,7 +262,7 @@ def worker(plan_path: str | None) -> None:
 
 
 def main() -> None:
-    """`python -m tasks.launch torchrun ARGS` (torchrun, dying with its parent) or `... worker [PLAN]` (one rank)."""
+    """`python -m tasks.torchrun torchrun ARGS` (torchrun, dying with its parent) or `... worker [PLAN]` (one rank)."""
     role, args = sys.argv[1], sys.argv[2:]
     if role == "torchrun":
         from torch.distributed.run import main as torchrun_main
