@@ -26,8 +26,7 @@ import openai
 
 from bench.generate import build_checkpoint
 from bench.threads import cpu_model
-from stages.common.generation import ChatModel
-from stages.common.templates import read_replies
+from tasks.export import save_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [
@@ -43,12 +42,9 @@ QUESTIONS = [
 
 
 def served_folder(checkpoint: Path, out: Path) -> Path:
-    """The checkpoint as `transformers serve` must be given it to answer as ours does: merged, its generation config
-    stopping at the end of the turn, its tokenizer reading tool calls back (what `lifecycle export` writes)."""
-    loaded = ChatModel.load(checkpoint, device="cpu")
-    read_replies(loaded.tokenizer)
-    loaded.model.save_pretrained(out, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(out)
+    """The checkpoint as `transformers serve` must be given it to answer as ours does: the folder `lifecycle export`
+    writes (merged, stopping at the end of the turn, reading tool calls back), less the model card."""
+    save_chat_model(checkpoint, out)
     return out
 
 

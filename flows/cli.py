@@ -112,7 +112,7 @@ class _Bookkeeping(logging.Filter):
     """Prefect's lines that say nothing the stage lines do not: a task or flow that began or completed (a third of a
     run's output), and the flow run's link where no UI serves it. Failures, retries and the stages' own lines stay."""
 
-    ROUTINE = ("Finished in state Completed", "Beginning flow run", "Created task run", "Executing ")
+    ROUTINE = ("Finished in state Completed", "Beginning flow run")
 
     def __init__(self, link: bool):
         super().__init__()
@@ -303,6 +303,13 @@ def answer_row(messages: list[dict], reply: str, reference: str | None) -> dict:
 CHECKPOINT_FILES = ("config.json", "adapter_config.json")  # a model folder has one, an adapter folder the other
 
 
+def _checkpoint_folder(folder: Path) -> Path:
+    """A folder a model loads from, or a usage error saying it is not one."""
+    if not any((folder / f).exists() for f in CHECKPOINT_FILES):
+        raise UsageError(f"{folder} is not a checkpoint folder (no config.json or adapter_config.json in it)")
+    return folder
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Replies of one checkpoint through the chat template stored with it."""
     from transformers import set_seed
@@ -320,8 +327,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not words:
             raise UsageError('--stage needs the spec first: lifecycle generate SPEC --stage NAME "prompt" ...')
         spec_path = Path(words.pop(0))
-    elif args.checkpoint is not None and not any((args.checkpoint / f).exists() for f in CHECKPOINT_FILES):
-        raise UsageError(f"{args.checkpoint} is not a checkpoint folder (no config.json or adapter_config.json in it)")
+    elif args.checkpoint is not None:
+        _checkpoint_folder(args.checkpoint)
     prompts, references = _prompt_rows(args, words)
     tools = _tools(args.tools) if args.tools is not None else None
     if args.stage is not None:
@@ -406,15 +413,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     GGUF file of it beside the folder."""
     from tasks.export import export
 
-    if args.gguf and args.out.with_suffix(".gguf").exists():
-        raise UsageError(f"{args.out.with_suffix('.gguf')} exists: export writes a new file")
+    # OUT.gguf beside OUT, whatever dots OUT's name has (with_suffix would replace the part after the last one)
+    gguf = args.out.with_name(f"{args.out.name}.gguf")
+    if args.gguf and gguf.exists():
+        raise UsageError(f"{gguf} exists: export writes a new file")
     mlflow, run, pipeline, checkpoint = _served_model(args.source)
     folder = export(mlflow, run, checkpoint, args.out, pipeline)
     print(f"stage {run.data.tags['lifecycle.stage']} of {pipeline} exported to {folder}")
     if args.gguf:
         from tasks.gguf import write_gguf
 
-        written = write_gguf(folder, args.out.with_suffix(".gguf"))
+        written = write_gguf(folder, gguf)
         print(f"and as GGUF to {written} (read back and checked against the folder)")
     return 0
 
@@ -425,9 +434,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     folder = Path(args.source)
     if folder.is_dir():  # an exported folder (or any checkpoint folder): no store is read
-        if not any((folder / f).exists() for f in CHECKPOINT_FILES):
-            raise UsageError(f"{folder} is not a checkpoint folder (no config.json or adapter_config.json in it)")
-        name, checkpoint = folder.resolve().name, folder
+        name, checkpoint = folder.resolve().name, _checkpoint_folder(folder)
     else:
         _, run, pipeline, checkpoint = _served_model(args.source)
         name = f"{pipeline}/{run.data.tags['lifecycle.stage']}"

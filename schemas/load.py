@@ -37,7 +37,6 @@ class SpecError(LifecycleError, ValueError):
     """A spec that cannot run, with one line per problem."""
 
 
-# the cross-stage check's words (schemas/spec.py) for a `from` that names no earlier stage: its hint lists them
 def _members(annotation: object) -> list[type[BaseModel]]:
     """The models a field may hold, through Optional, Annotated, list and unions: where a misspelt key is looked up."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -93,7 +92,7 @@ def _suggest(word: object, choices: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _hint(error: ErrorDetails, raw: dict) -> str:
+def _hint(error: ErrorDetails) -> str:
     """What to write instead, for the errors a typo makes: an unknown key (the nearest field, else every field
     there), an unknown or missing kind (the nearest kind, or every kind). A `from` naming no earlier stage says what it
     may name where the spec checks it (`PipelineSpec._stages_link`)."""
@@ -113,13 +112,13 @@ def _hint(error: ErrorDetails, raw: dict) -> str:
     return ""
 
 
-def _problem(error: ErrorDetails, raw: dict) -> str:
+def _problem(error: ErrorDetails) -> str:
     """One line of a spec's problems: where, what pydantic says is wrong, the value given, and what to write."""
     got = f" (got {error['input']!r})" if error["type"] != "missing" and not isinstance(error["input"], dict) else ""
     message = error["msg"].removeprefix("Value error, ")
     # a check of the whole spec names its own fields (`stages[1].from names ...`): no `(top level):` before it
     where = f"{_walk(error['loc'])[0]}: " if error["loc"] else ""
-    return f"{where}{message}{got}{_hint(error, raw)}"
+    return f"{where}{message}{got}{_hint(error)}"
 
 
 def _marked(lines: list[str], mark: yaml.Mark) -> str:
@@ -155,7 +154,7 @@ def _from_hub(path: Path, base: Path, revision: str | None) -> bool:
     return bool(HUB_ID.match(str(path))) and (revision is not None or not (base / path).is_dir())
 
 
-def _folder(
+def folder_or_snapshot(
     path: Path, base: Path, where: str, missing: list[str], revision: str | None = None
 ) -> tuple[Path, str | None]:
     """A model or tokenizer folder, and None: the local one; or a Hub id's snapshot in the Hugging Face cache at
@@ -239,13 +238,13 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
             stages[i] = _eval_defaults(spec, stage)
     model = spec.model
     if model.path is not None:
-        folder, commit = _folder(model.path, base, "model.path", missing, model.revision)
+        folder, commit = folder_or_snapshot(model.path, base, "model.path", missing, model.revision)
         model = model.model_copy(update={"path": folder, "revision": commit})
     tokenizer = spec.tokenizer
     if tokenizer.path is not None:
         # a tokenizer named like the model is the model's, at the model's revision
         revision = model.revision if spec.tokenizer.path == spec.model.path else None
-        folder, _ = _folder(tokenizer.path, base, "tokenizer.path", missing, revision)
+        folder, _ = folder_or_snapshot(tokenizer.path, base, "tokenizer.path", missing, revision)
         tokenizer = tokenizer.model_copy(update={"path": folder})
     elif tokenizer.train is not None and tokenizer.train.data:
         train = tokenizer.train.model_copy(update={"data": found(tokenizer.train.data, "tokenizer.train.data")})
@@ -305,7 +304,7 @@ def load_spec(path: Path) -> PipelineSpec:
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as err:
-        problems = [_problem(e, raw) for e in err.errors()]
+        problems = [_problem(e) for e in err.errors()]
         raise SpecError(f"{path}: {len(problems)} problem(s) in the spec\n  " + "\n  ".join(problems)) from None
     try:
         spec = _resolve(spec, path.resolve().parent)

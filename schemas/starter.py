@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from schemas.architectures import POSITION_FIELDS
 from schemas.formats import Shape, flatten
-from schemas.load import SpecError, _folder
+from schemas.load import SpecError, folder_or_snapshot
 from schemas.problems import DataError, Problem
 from schemas.readers import read_rows
 
@@ -192,7 +192,7 @@ def starter_spec(name: str, model: Path, files: list[Path], spec_dir: Path) -> s
 
     missing: list[str] = []
     # as `validate` will read it: a folder here, or a Hub id's snapshot in the cache (then `commit` is its commit)
-    folder, commit = _folder(model, Path.cwd(), "model", missing)
+    folder, commit = folder_or_snapshot(model, Path.cwd(), "model", missing)
     if missing:
         raise SpecError("\n".join(missing))
     shown = str(model) if commit else rel(folder)

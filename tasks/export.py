@@ -104,22 +104,23 @@ def model_card(mlflow: MlflowClient, run: Run, pipeline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_chat_model(checkpoint: Path, folder: Path) -> None:
+    """A checkpoint as one plain Hugging Face folder: an adapter merged onto its base, safetensors, the generation
+    config stopping where a reply ends, the tokenizer with its chat and response templates."""
+    from stages.common.generation import ChatModel
+
+    loaded = ChatModel.load(checkpoint, device="cpu")
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(folder)
+
+
 def export(mlflow: MlflowClient, run: Run, checkpoint: Path, out: Path, pipeline: str) -> Path:
     """Write the model of `run` (its checkpoint folder `checkpoint`) into `out`, which must not exist yet."""
-    from transformers import AutoTokenizer
-
-    from stages.common.checkpoint import load_model
-    from stages.common.generation import stop_at_turn_end, stop_ids, turn_end_id
-
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty: export writes a new folder")
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = load_model(checkpoint, tokenizer)  # an adapter is merged onto its base
-    stop_at_turn_end(model, tokenizer, stop_ids(tokenizer, turn_end_id(tokenizer)))
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
+    save_chat_model(checkpoint, partial)
     (partial / "README.md").write_text(model_card(mlflow, run, pipeline), encoding="utf-8")
     if out.exists():
         out.rmdir()

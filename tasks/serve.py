@@ -14,12 +14,10 @@ vLLM would batch requests on a GPU but needs one (and CUDA wheels); MLflow's mod
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 from stages.common.generation import ChatModel
-from stages.common.templates import read_replies
 
 
 def app(name: str, checkpoint: Path):
@@ -34,7 +32,6 @@ def app(name: str, checkpoint: Path):
     from transformers.cli.serving.utils import GenerationState
 
     loaded = ChatModel.load(checkpoint)
-    read_replies(loaded.tokenizer)
     created = int(time.time())
 
     class OneModel(ModelManager):
@@ -65,18 +62,7 @@ def app(name: str, checkpoint: Path):
 
 
 def server(name: str, checkpoint: Path, host: str = "127.0.0.1", port: int = 8000):
-    """A uvicorn server of `app`; `run()` serves until interrupted, `serve_in_background` for tests and benches."""
+    """A uvicorn server of `app`; `run()` serves until interrupted."""
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app(name, checkpoint), host=host, port=port, log_level="warning"))
-
-
-def serve_in_background(served) -> threading.Thread:
-    """Start a uvicorn server in a thread and return once it accepts requests; stop it with `should_exit = True`."""
-    thread = threading.Thread(target=served.run, name="lifecycle-serve", daemon=True)
-    thread.start()
-    while not served.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server stopped before it accepted a request (see its log above)")
-        time.sleep(0.05)
-    return thread

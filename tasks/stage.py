@@ -237,6 +237,11 @@ def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, 
     return {name: fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in reward_runs.items()}
 
 
+def _logged_table(rows: list[dict]) -> dict:
+    """Rows (a dict each, the same keys) as a logged table reads back: {"columns": [...], "data": [[...], ...]}."""
+    return {"columns": list(rows[0]), "data": [list(row.values()) for row in rows]}
+
+
 def _bench(home: Home, stage: PlannedStage, scored_runs: dict[str, str]):
     """The eval stage's benchmarks over its checkpoints, their scores kept in the home; None without benchmarks."""
     from stages.common.benchmarks import Bench
@@ -269,15 +274,14 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
             stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs), bench
         )
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
-        table = {"columns": list(report.metrics[0]), "data": [list(row.values()) for row in report.metrics]}
+        table = _logged_table(report.metrics)
         measured_on = {
             metric: sources for fmt, (sources, _) in stage.spec.files().items() for metric in evaluation.METRICS[fmt]
         }
         models = [model_of(scored[row["checkpoint"]]) for row in report.metrics]
         lineage.log_comparison(mlflow, run_id, stage.name, table, models, measured_on)
         if bench is not None:  # what each benchmark cost, a line over the checkpoints as the scores are
-            seconds = {"columns": list(report.seconds[0]), "data": [list(row.values()) for row in report.seconds]}
-            lineage.log_comparison(mlflow, run_id, f"{stage.name}/seconds", seconds)
+            lineage.log_comparison(mlflow, run_id, f"{stage.name}/seconds", _logged_table(report.seconds))
         return StageResult(checkpoint=None)
 
     return _recorded(ctx, stage, None, work, monitored=True)

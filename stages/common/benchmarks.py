@@ -58,23 +58,20 @@ def _leaves(manager, name: str, seen: set[str]) -> list[dict]:
     return [entry.cfg or {"task": name}]
 
 
-def _cached(dataset: str) -> list[Path]:
-    """Where a Hub dataset's files or prepared tables would lie in the local caches; those that exist."""
+def _cached(dataset: str) -> bool:
+    """Whether a Hub dataset's files or prepared tables lie in the local caches (the hub's, or the datasets')."""
     import datasets
     from huggingface_hub import constants
 
-    places = [
-        Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}",
-        Path(datasets.config.HF_DATASETS_CACHE) / dataset.replace("/", "___"),
-    ]
-    return [place for place in places if place.exists()]
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists() or (
+        Path(datasets.config.HF_DATASETS_CACHE) / dataset.replace("/", "___")
+    ).exists()
 
 
 def _missing_data(task: str, config: dict) -> str | None:
     path = config.get("dataset_path")
-    if config.get("custom_dataset") or not path or path in LOCAL_BUILDERS or Path(path).exists():
-        return None
-    if _cached(path):
+    local = config.get("custom_dataset") or not path or path in LOCAL_BUILDERS or Path(path).exists()
+    if local or _cached(path):
         return None
     name = config.get("dataset_name")
     named = f"{path!r}, {name!r}" if name else repr(path)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from stages.common.checkpoint import load_model
-from stages.common.templates import NO_CHAT_TEMPLATE, encode_prompt, end_of_turn_id
+from stages.common.templates import NO_CHAT_TEMPLATE, encode_prompt, end_of_turn_id, read_replies
 from stages.common.tools import Chat
 
 # rendered to find where the assistant's turn ends; the reply is a word every tokenizer has
@@ -191,10 +191,12 @@ class ChatModel:
 
     @classmethod
     def load(cls, folder: Path, device: str | torch.device | None = None) -> ChatModel:
-        """Any stage's output folder (an adapter is merged into its base), in float32, on the GPU where there is one."""
+        """Any stage's output folder (an adapter is merged into its base), in float32, on the GPU where there is one;
+        its generation config stops where a reply ends, its tokenizer reads replies (and tool calls) back."""
         tokenizer = AutoTokenizer.from_pretrained(folder)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(Path(folder), tokenizer).to(device).eval()
+        read_replies(tokenizer)
         stops = stop_ids(tokenizer, turn_end_id(tokenizer))
         stop_at_turn_end(model, tokenizer, stops)
         return cls(model, tokenizer, stops)
