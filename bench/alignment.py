@@ -30,8 +30,8 @@ from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TokenizerTrain
 from stages import dpo, sft
 from stages import tokenizer as tokenizer_stage
 from stages.common.contract import StageInputs
+from stages.common.recipe import build_model
 from stages.common.training import use_bf16
-from stages.pretrain import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"

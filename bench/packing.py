@@ -28,9 +28,9 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, Trainer
 from schemas.spec import ModelInit, SFTStage, TokenizerTrain, TrainSpec
 from stages import tokenizer as tokenizer_stage
 from stages.common.packing import PackedCollator, concat_chunk, pack_examples, tokenize_documents
+from stages.common.recipe import build_model
 from stages.common.templates import IGNORE, encode_conversation
 from stages.common.training import training_arguments
-from stages.pretrain import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"

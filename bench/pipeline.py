@@ -53,6 +53,7 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
     from schemas.data import read_files
     from schemas.load import load_spec
     from stages import pretrain
+    from stages.common.recipe import build_model
     from stages.common.training import training_arguments
 
     spec = load_spec(spec_path)
@@ -62,7 +63,7 @@ def plain_trainer_tokens_per_second(spec_path: Path, tokenizer_dir: Path, workdi
         read_files(stage.data, "text").frame["text"].to_list(), tokenizer, stage.packing.block_size
     )
     set_seed(stage.train.seed)
-    model = pretrain.build_model(spec.model.init, tokenizer)
+    model = build_model(spec.model.init, tokenizer)
     trainer = Trainer(
         model=model,
         args=training_arguments(stage, workdir),

@@ -15,10 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.spec import DPOStage
-from stages.common.candidates import candidate_logps, examples, prepare, train
+from stages.common.candidates import candidate_logps, candidates_trainer, examples, preference_measure, prepare
 from stages.common.contract import StageInputs, StageResult
 from stages.common.losses import dpo_loss, orpo_loss, simpo_loss
-from stages.common.reference import ReferenceTrainer, start
+from stages.common.recipe import adapt, fit, load, save
+from stages.common.reference import ReferenceTrainer, attach
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -59,5 +60,13 @@ class DPOTrainer(ReferenceTrainer):
 
 
 def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    begun = start(spec, inputs)
-    return train(spec, inputs, workdir, begun.model, begun.datasets, DPOTrainer, reference_model=begun.reference_model)
+    tokenizer, model = load(spec, inputs)
+    reference = attach(spec, inputs, model, tokenizer)
+    model = adapt(spec, inputs, model)
+    datasets = reference.datasets
+    trainer = candidates_trainer(
+        spec, inputs, model, tokenizer, workdir, datasets, DPOTrainer, reference_model=reference.model
+    )
+    metrics, resumed_from = fit(trainer, preference_measure(model, tokenizer, datasets))
+    metrics["train_rows"] = float(len(datasets["train"]))
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from)

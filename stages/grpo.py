@@ -19,7 +19,6 @@ after training: task accuracy (the reference answer in the reply) and the mean r
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -30,16 +29,16 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch import Tensor
 from torch.utils.data import Sampler
-from transformers import AutoTokenizer, set_seed
 
 from schemas.data import read_files
 from schemas.rewards import AnswerReward
 from schemas.spec import GRPOStage
-from stages.common.checkpoint import load_model, save, with_lora
-from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids, columns_of
+from stages.common.contract import Prepared, StageInputs, StageResult, columns_of
 from stages.common.generation import Sampling, decode, generate, stop_ids
 from stages.common.losses import group_advantages, grpo_loss
 from stages.common.progress import say, short_of_a_batch
+from stages.common.recipe import adapt, fit, load, make_trainer, save
+from stages.common.reference import attach
 from stages.common.reward_functions import (
     RewardError,
     RewardFunction,
@@ -48,8 +47,8 @@ from stages.common.reward_functions import (
     reward_functions,
     weighted_total,
 )
-from stages.common.templates import IGNORE, conversations, encode_prompt, end_of_turn_id, store_template
-from stages.common.training import ObjectiveTrainer, chosen, fit, make_trainer
+from stages.common.templates import IGNORE, conversations, encode_prompt, end_of_turn_id
+from stages.common.training import ObjectiveTrainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -381,16 +380,11 @@ def heldout_metrics(
 
 
 def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
-    set_seed(spec.train.seed)
-    model = load_model(inputs.model, tokenizer)
-    reference_model = (
-        copy.deepcopy(model).eval().requires_grad_(False) if spec.reference_strategy() == "frozen" else None
-    )
-    if spec.lora is not None:
-        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
+    tokenizer, model = load(spec, inputs)
+    reference = attach(spec, inputs, model, tokenizer)
+    model = adapt(spec, inputs, model)
     rewards = reward_functions(spec.rewards, inputs.reward_models)
-    datasets = dict(inputs.datasets)
+    datasets = reference.datasets
     # a dry run of every reward function on the first prompts, before any model time is spent
     first = datasets["train"].select(range(min(len(datasets["train"]), spec.train.batch_size)))
     checked_rewards(rewards, first["messages"], [""] * len(first), first["answer"], [0] * len(first))
@@ -402,18 +396,19 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
             return {}
         return {f"heldout_{k}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards).items()}
 
+    collator = PromptCollator(tokenizer.pad_token_id)
     trainer = make_trainer(
         spec,
         model,
         tokenizer,
         workdir,
         datasets,
-        PromptCollator(tokenizer.pad_token_id),
+        collator,
         inputs.callbacks,
         GRPOTrainer,
         spec=spec,
         rewards=rewards,
-        reference_model=reference_model,
+        reference_model=reference.model,
     )
     # a step's prompts or 32, whichever is more: a few prompts can all be answered alike where most are not
     sanity = datasets["train"].select(range(min(len(datasets["train"]), max(spec.train.batch_size, 32))))
@@ -421,13 +416,4 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     metrics, resumed_from = fit(trainer, measure)
     metrics["train_prompts"] = float(len(datasets["train"]))
     metrics.update(reach)
-    store_template(tokenizer, spec.template)
-    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(
-        checkpoint=checkpoint,
-        adapter=adapter,
-        metrics=metrics,
-        resumed_from_step=resumed_from,
-        tables={SAMPLES_TABLE: columns_of(trainer.kept)},
-        tags=chosen(trainer),
-    )
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from, {SAMPLES_TABLE: columns_of(trainer.kept)})

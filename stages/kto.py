@@ -34,10 +34,19 @@ from schemas.data import DataError, Problem, read_files
 from schemas.sources import files_of
 from schemas.spec import KTOStage
 from stages.common import candidates
-from stages.common.candidates import Listed, candidate_logps, encode, nth_candidate, scored, train
+from stages.common.candidates import (
+    Listed,
+    candidate_logps,
+    candidates_trainer,
+    encode,
+    nth_candidate,
+    on_heldout,
+    scored,
+)
 from stages.common.contract import Prepared, StageInputs, StageResult
 from stages.common.losses import kto_loss, kto_reference_point
-from stages.common.reference import ReferenceTrainer, start
+from stages.common.recipe import adapt, fit, load, save
+from stages.common.reference import ReferenceTrainer, attach
 from stages.common.templates import conversations
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -167,17 +176,15 @@ def weight_ratio(spec: KTOStage, dataset: Dataset) -> dict[str, float]:
 
 
 def run(spec: KTOStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    begun = start(spec, inputs)
-    balance = weight_ratio(spec, begun.datasets["train"])
-    result = train(
-        spec,
-        inputs,
-        workdir,
-        begun.model,
-        begun.datasets,
-        KTOTrainer,
-        lambda model, rows: heldout_metrics(model, rows, begun.tokenizer.pad_token_id),
-        reference_model=begun.reference_model,
+    tokenizer, model = load(spec, inputs)
+    reference = attach(spec, inputs, model, tokenizer)
+    model = adapt(spec, inputs, model)
+    datasets = reference.datasets
+    balance = weight_ratio(spec, datasets["train"])
+    trainer = candidates_trainer(
+        spec, inputs, model, tokenizer, workdir, datasets, KTOTrainer, reference_model=reference.model
     )
-    result.metrics.update(balance)
-    return result
+    measure = on_heldout(datasets, lambda rows: heldout_metrics(model, rows, tokenizer.pad_token_id))
+    metrics, resumed_from = fit(trainer, measure)
+    metrics["train_rows"] = float(len(datasets["train"]))
+    return save(spec, inputs, trainer, workdir, metrics | balance, resumed_from)

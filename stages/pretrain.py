@@ -11,17 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedModel, set_seed
+from transformers import DataCollatorForLanguageModeling
 
-from schemas.architectures import init_config
 from schemas.data import read_files
-from schemas.spec import ModelInit, PretrainStage
-from stages.common.checkpoint import load_model, save, with_lora
-from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids
+from schemas.spec import PretrainStage
+from stages.common.contract import Prepared, StageInputs, StageResult
 from stages.common.packing import concat_chunk, tokenize_documents
 from stages.common.progress import short_of_a_batch
+from stages.common.recipe import adapt, fit, load, make_trainer, save
 from stages.common.streaming import StreamingTextDataset
-from stages.common.training import chosen, fit, make_trainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -55,26 +53,9 @@ def prepare(spec: PretrainStage, tokenizer) -> Prepared:
     return prepared
 
 
-def build_model(init: ModelInit, tokenizer) -> PreTrainedModel:
-    config = init_config(
-        init,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return AutoModelForCausalLM.from_config(config)
-
-
 def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
-    set_seed(spec.train.seed)
-    if isinstance(inputs.model, ModelInit):
-        model = build_model(inputs.model, tokenizer)
-    else:
-        model = load_model(inputs.model, tokenizer)
-    if spec.lora is not None:
-        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
+    tokenizer, model = load(spec, inputs)
+    model = adapt(spec, inputs, model)
     datasets = dict(inputs.datasets)
     if spec.streaming:
         # world_size 1: under the Trainer, accelerate has rank 0 read the stream and dispatch batches to every rank
@@ -98,7 +79,4 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
         metrics["stream_rows_skipped"] = float(datasets["train"].skipped)
     else:
         metrics["train_blocks"] = float(len(datasets["train"]))
-    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(
-        checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, tags=chosen(trainer)
-    )
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from)

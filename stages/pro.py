@@ -17,9 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.spec import PROStage
-from stages.common.candidates import candidate_logps, examples, prepare, train_lists
+from stages.common.candidates import (
+    candidate_logps,
+    candidates_trainer,
+    examples,
+    preference_measure,
+    prepare,
+    with_length,
+)
 from stages.common.contract import StageInputs, StageResult
 from stages.common.losses import pro_loss, pro_sft_weight
+from stages.common.recipe import adapt, fit, load, save
 from stages.common.training import ObjectiveTrainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -41,4 +49,10 @@ class PROTrainer(ObjectiveTrainer):
 
 
 def run(spec: PROStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    return train_lists(spec, inputs, workdir, PROTrainer, spec.curriculum[-1] if spec.curriculum else None)
+    tokenizer, model = load(spec, inputs)
+    model = adapt(spec, inputs, model)
+    datasets, lists = with_length(inputs.datasets, spec.curriculum[-1] if spec.curriculum else None)
+    trainer = candidates_trainer(spec, inputs, model, tokenizer, workdir, datasets, PROTrainer)
+    metrics, resumed_from = fit(trainer, preference_measure(model, tokenizer, datasets))
+    metrics["train_rows"] = float(len(datasets["train"]))
+    return save(spec, inputs, trainer, workdir, metrics | lists, resumed_from)

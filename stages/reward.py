@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers import AutoModelForSequenceClassification
 
 from schemas.spec import RewardStage
-from stages.common.candidates import examples, prepare, train
-from stages.common.checkpoint import load_model
+from stages.common.candidates import candidates_trainer, examples, on_heldout, prepare
 from stages.common.contract import StageInputs, StageResult
 from stages.common.losses import bradley_terry_loss
 from stages.common.metrics import preference
+from stages.common.recipe import adapt, fit, load, save
 from stages.common.reward_model import candidate_rewards, pair_rewards
 from stages.common.training import ObjectiveTrainer
 
@@ -42,13 +42,15 @@ class RewardTrainer(ObjectiveTrainer):
 
 
 def run(spec: RewardStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    set_seed(spec.train.seed)
-    model = load_model(
-        inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer), AutoModelForSequenceClassification, num_labels=1
-    )
+    tokenizer, model = load(spec, inputs, AutoModelForSequenceClassification, num_labels=1)
+    model = adapt(spec, inputs, model, task_type="SEQ_CLS")
+    datasets = inputs.datasets
+    trainer = candidates_trainer(spec, inputs, model, tokenizer, workdir, datasets, RewardTrainer)
 
-    def measure(model, rows: Dataset) -> dict[str, float]:
+    def measure(rows: Dataset) -> dict[str, float]:
         pairs = candidate_rewards(model, rows, model.config.pad_token_id)
         return {f"reward_{k}": v for k, v in preference(pairs[:, 0], pairs[:, 1]).items()}
 
-    return train(spec, inputs, workdir, model, dict(inputs.datasets), RewardTrainer, measure, task_type="SEQ_CLS")
+    metrics, resumed_from = fit(trainer, on_heldout(datasets, measure))
+    metrics["train_rows"] = float(len(datasets["train"]))
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from)

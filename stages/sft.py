@@ -15,18 +15,18 @@ import sys
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+from transformers import DataCollatorForSeq2Seq
 
 from schemas.data import read_files
 from schemas.spec import SFTStage
-from stages.common.checkpoint import load_model, save, with_lora
-from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids
+from stages.common.contract import Prepared, StageInputs, StageResult
 from stages.common.generation import exact_match
 from stages.common.packing import PackedCollator, pack_examples
 from stages.common.progress import short_of_a_batch
-from stages.common.templates import IGNORE, encode_conversation, store_template
+from stages.common.recipe import adapt, fit, load, make_trainer, save
+from stages.common.templates import IGNORE, encode_conversation
 from stages.common.tools import Chat, chats
-from stages.common.training import attention, chosen, fit, make_trainer
+from stages.common.training import attention
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
@@ -81,11 +81,8 @@ def held_out_chats(datasets: DatasetDict, n: int) -> list[Chat]:
 
 
 def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
-    set_seed(spec.train.seed)
-    model = load_model(inputs.model, tokenizer)
-    if spec.lora is not None:
-        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer))
+    tokenizer, model = load(spec, inputs)
+    model = adapt(spec, inputs, model)
     datasets = inputs.datasets
     asked = held_out_chats(datasets, spec.eval_samples) if "heldout" in datasets else []
     collator = (
@@ -108,8 +105,4 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
 
     metrics, resumed_from = fit(trainer, measure)
     metrics["train_rows"] = float(len(datasets["train"]))
-    store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
-    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(
-        checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, tags=chosen(trainer)
-    )
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from)

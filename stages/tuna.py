@@ -11,9 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.spec import TunaStage
-from stages.common.candidates import candidate_logps, examples, prepare, train_lists
+from stages.common.candidates import (
+    candidate_logps,
+    candidates_trainer,
+    examples,
+    preference_measure,
+    prepare,
+    with_length,
+)
 from stages.common.contract import StageInputs, StageResult
 from stages.common.losses import tuna_loss
+from stages.common.recipe import adapt, fit, load, save
 from stages.common.training import ObjectiveTrainer
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -29,4 +37,10 @@ class TunaTrainer(ObjectiveTrainer):
 
 
 def run(spec: TunaStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    return train_lists(spec, inputs, workdir, TunaTrainer, None)
+    tokenizer, model = load(spec, inputs)
+    model = adapt(spec, inputs, model)
+    datasets, lists = with_length(inputs.datasets, None)
+    trainer = candidates_trainer(spec, inputs, model, tokenizer, workdir, datasets, TunaTrainer)
+    metrics, resumed_from = fit(trainer, preference_measure(model, tokenizer, datasets))
+    metrics["train_rows"] = float(len(datasets["train"]))
+    return save(spec, inputs, trainer, workdir, metrics | lists, resumed_from)

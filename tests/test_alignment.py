@@ -236,8 +236,9 @@ def test_pro_sub_stage_cuts_lists_to_its_length(trained_tokenizer: Path) -> None
     uneven = dataset.map(
         lambda row, i: {k: row[k][: 2 + i % 3] for k in ("input_ids", "labels", "scores")}, with_indices=True
     )
-    kept, n, left_out = candidates.with_length(uneven, 3)
-    assert n == 3 and left_out == sum(1 for i in range(len(uneven)) if i % 3 == 0)
+    datasets, lists = candidates.with_length({"train": uneven}, 3)
+    kept = datasets["train"]
+    assert lists == {"list_length": 3, "short_lists_left_out": sum(1 for i in range(len(uneven)) if i % 3 == 0)}
     assert all(len(ids) == 3 for ids in kept["input_ids"]) and all(s == sorted(s, reverse=True) for s in kept["scores"])
 
 

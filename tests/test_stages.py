@@ -18,6 +18,7 @@ from schemas.data import read_files
 from schemas.spec import STAGE_KINDS, ModelInit, PretrainStage, SFTStage, TemplateName, TrainSpec
 from stages import TRAINING_STAGES, pretrain, sft, training_stage
 from stages.common.contract import StageInputs
+from stages.common.recipe import build_model
 from stages.common.templates import IGNORE, OWN_TEMPLATE, TEMPLATES, encode_conversation, encode_prompt
 from stages.common.tools import chats
 from stages.common.training import last_checkpoint
@@ -141,7 +142,7 @@ def test_incomplete_checkpoints_are_discarded(tmp_path: Path) -> None:
 
 
 def test_fresh_model_follows_the_init_spec(trained_tokenizer: Path) -> None:
-    model = pretrain.build_model(
+    model = build_model(
         ModelInit(hidden_size=64, layers=3, heads=4, kv_heads=2, max_seq_len=96),
         AutoTokenizer.from_pretrained(trained_tokenizer),
     )
@@ -158,7 +159,7 @@ def test_fresh_model_follows_the_init_spec(trained_tokenizer: Path) -> None:
 @pytest.mark.parametrize("arch, extra", [("qwen2", {"config": {"rms_norm_eps": 1e-5}}), ("gpt2", {}), ("phi3", {})])
 def test_fresh_model_of_any_architecture(trained_tokenizer: Path, arch: str, extra: dict) -> None:
     init = ModelInit(arch=arch, hidden_size=64, layers=2, heads=4, max_seq_len=96, tie_embeddings=False, **extra)
-    model = pretrain.build_model(init, AutoTokenizer.from_pretrained(trained_tokenizer))
+    model = build_model(init, AutoTokenizer.from_pretrained(trained_tokenizer))
     assert model.config.model_type == arch and model.config.num_hidden_layers == 2 and model.config.vocab_size == 512
     assert model.config.max_position_embeddings == 96 and model.config.hidden_size == 64
     assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()

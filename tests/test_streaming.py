@@ -17,6 +17,7 @@ from schemas.data import DataError
 from schemas.spec import ModelInit, PretrainStage, TokenizerTrain, TrainSpec
 from stages import pretrain, tokenizer
 from stages.common import streaming
+from stages.common.recipe import build_model
 from stages.common.streaming import StreamingTextDataset, check_corpus
 from stages.common.training import make_trainer
 
@@ -258,7 +259,7 @@ def test_the_trainer_runs_on_the_stream_and_sets_each_epoch(tok, tmp_path) -> No
         save_steps=1000,
     )
     stage = PretrainStage(name="stream", kind="pretrain", data=paths, train=train)
-    model = pretrain.build_model(ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
+    model = build_model(ModelInit(hidden_size=64, layers=2, heads=2, max_seq_len=64), tok)
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
     trainer = make_trainer(stage, model, tok, tmp_path, {"train": dataset}, collator, ())
     output = trainer.train()

@@ -11,7 +11,7 @@ its row is a labelled completion and, as a second candidate, a completion of ano
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +19,16 @@ import polars as pl
 import torch
 from datasets import Dataset, DatasetDict
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedModel, Trainer, set_seed
+from transformers import PreTrainedModel
 
 from schemas.data import read_files
 from schemas.spec import ChatStage
-from stages.common.checkpoint import load_model, save, with_lora
-from stages.common.contract import Prepared, StageInputs, StageResult, added_token_ids
+from stages.common.contract import Prepared, StageInputs
 from stages.common.losses import sequence_logps
 from stages.common.metrics import mean_scores, preference, ranking
 from stages.common.progress import short_of_a_batch
-from stages.common.templates import IGNORE, conversations, encode_completion, store_template
-from stages.common.training import chosen, fit, make_trainer
+from stages.common.templates import IGNORE, conversations, encode_completion
+from stages.common.training import StageTrainer, make_trainer
 
 # per row: prompt messages, candidates best first, their scores
 Listed = list[tuple[list[dict], list[str], list[float]]]
@@ -91,28 +90,16 @@ def examples(spec: ChatStage, tokenizer, n: int) -> list[tuple[list[int], list[i
     return [pair for row in dataset for pair in zip(row["input_ids"], row["labels"])]
 
 
-def train_lists(
-    spec: ChatStage, inputs: StageInputs, workdir: Path, trainer_class: type[Trainer], length: int | None
-) -> StageResult:
-    """PRO's and Tuna's run: every training row cut to its `length` best candidates (default: the longest list),
-    then `train` from the input model; the list length and the rows too short for it are recorded."""
-    set_seed(spec.train.seed)
-    datasets = dict(inputs.datasets)
-    datasets["train"], n, short = with_length(datasets["train"], length)
-    model = load_model(inputs.model, AutoTokenizer.from_pretrained(inputs.tokenizer))
-    result = train(spec, inputs, workdir, model, datasets, trainer_class)
-    result.metrics.update(list_length=float(n), short_lists_left_out=float(short))
-    return result
-
-
-def with_length(dataset: Dataset, n: int | None) -> tuple[Dataset, int, int]:
-    """Rows with at least n candidates, cut to their n best; n defaults to the longest list. Also n and the rows left
-    out."""
+def with_length(datasets: Mapping, n: int | None) -> tuple[dict, dict[str, float]]:
+    """The datasets with every training row cut to its n best candidates (rows with fewer left out); n defaults to the
+    longest list. Also the list length and the rows left out, as the stage records them."""
+    dataset = datasets["train"]
     lengths = [len(ids) for ids in dataset["input_ids"]]
     n = n or max(lengths)
     keep = [i for i, length in enumerate(lengths) if length >= n]
     kept = dataset.select(keep).map(lambda row: {key: row[key][:n] for key in ("input_ids", "labels", "scores")})
-    return kept, n, len(lengths) - len(keep)
+    lists = {"list_length": float(n), "short_lists_left_out": float(len(lengths) - len(keep))}
+    return dict(datasets) | {"train": kept}, lists
 
 
 @dataclass(frozen=True)
@@ -195,46 +182,30 @@ def heldout_metrics(model, dataset: Dataset, pad_id: int, autocast: bool = False
     return found
 
 
-def train(
+def candidates_trainer(
     spec: ChatStage,
     inputs: StageInputs,
-    workdir: Path,
     model: PreTrainedModel,
-    datasets: dict,
-    trainer_class: type[Trainer],
-    measure: Callable[[PreTrainedModel, Dataset], dict[str, float]] | None = None,
-    task_type: str = "CAUSAL_LM",
+    tokenizer,
+    workdir: Path,
+    datasets: Mapping,
+    trainer_class: type[StageTrainer],
     **extra,
-) -> StageResult:
-    """The common run of the candidate stages: adapters if asked, held-out measures before and after, train, save.
-
-    `measure` scores the model on the held-out rows; by default its preference and ranking agreement."""
-    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
-    if spec.lora is not None:
-        model = with_lora(model, spec.lora, added_token_ids(inputs.tokenizer), task_type)
-    measure = measure or (lambda m, rows: heldout_metrics(m, rows, tokenizer.pad_token_id))
-
-    def measured() -> dict[str, float]:
-        return (
-            {f"heldout_{k}": v for k, v in measure(model, datasets["heldout"]).items()} if "heldout" in datasets else {}
-        )
-
-    trainer = make_trainer(
-        spec,
-        model,
-        tokenizer,
-        workdir,
-        datasets,
-        CandidatesCollator(tokenizer.pad_token_id),
-        inputs.callbacks,
-        trainer_class,
-        spec=spec,
-        **extra,
+) -> StageTrainer:
+    """A candidate stage's Trainer: every candidate of a row in one batch (CandidatesCollator)."""
+    collator = CandidatesCollator(tokenizer.pad_token_id)
+    return make_trainer(
+        spec, model, tokenizer, workdir, datasets, collator, inputs.callbacks, trainer_class, spec=spec, **extra
     )
-    metrics, resumed_from = fit(trainer, measured)
-    metrics["train_rows"] = float(len(datasets["train"]))
-    store_template(tokenizer, spec.template)  # inference renders prompts exactly as this stage trained
-    checkpoint, adapter = save(trainer, tokenizer, workdir, spec.lora, inputs.model)
-    return StageResult(
-        checkpoint=checkpoint, adapter=adapter, metrics=metrics, resumed_from_step=resumed_from, tags=chosen(trainer)
-    )
+
+
+def on_heldout(datasets: Mapping, measure: Callable[[Dataset], dict[str, float]]) -> Callable[[], dict[str, float]]:
+    """`fit`'s measure: `measure` of the held-out rows, its figures named heldout_*; nothing without held-out rows."""
+    if "heldout" not in datasets:
+        return dict
+    return lambda: {f"heldout_{name}": value for name, value in measure(datasets["heldout"]).items()}
+
+
+def preference_measure(model, tokenizer, datasets: Mapping) -> Callable[[], dict[str, float]]:
+    """`fit`'s measure for a stage that scores candidates by log-prob: held-out preference and ranking agreement."""
+    return on_heldout(datasets, lambda rows: heldout_metrics(model, rows, tokenizer.pad_token_id))

@@ -18,11 +18,10 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedModel
 
-from schemas.spec import ReferenceStage
+from schemas.spec import GRPOStage, ReferenceStage
 from stages.common.candidates import candidate_logps, scored
-from stages.common.checkpoint import load_model
 from stages.common.contract import StageInputs, partial_folder, publish
 from stages.common.training import ObjectiveTrainer, use_bf16
 
@@ -60,22 +59,18 @@ def precomputed_reference(model, dataset: Dataset, pad_id: int, folder: Path, au
 
 
 @dataclass(frozen=True)
-class Start:
-    """What a reference stage trains from: the input model, and the datasets and reference model its
-    ReferenceTrainer reads."""
+class Reference:
+    """The reference as the stage's ReferenceTrainer reads it: the training rows (with the reference's log-probs as a
+    column when they are precomputed) and a frozen copy of the input model when the reference is frozen."""
 
-    tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel
     datasets: dict
-    reference_model: PreTrainedModel | None  # a frozen copy of the input model when the reference is frozen
+    model: PreTrainedModel | None
 
 
-def start(spec: ReferenceStage, inputs: StageInputs) -> Start:
-    """Seeded, the input model loaded, the reference attached: a frozen copy of the model when the reference is
-    frozen; when it is precomputed, the reference's log-probs as a column of the training rows."""
-    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
-    set_seed(spec.train.seed)
-    model = load_model(inputs.model, tokenizer)
+def attach(spec: ReferenceStage | GRPOStage, inputs: StageInputs, model: PreTrainedModel, tokenizer) -> Reference:
+    """The reference of the input model as it came in (call it before `adapt`): a frozen copy when the reference is
+    frozen; when it is precomputed, the reference's log-probs as a column of the training rows; nothing more when the
+    adapters are switched off for it (or the loss needs none)."""
     datasets = dict(inputs.datasets)
     strategy = spec.reference_strategy()
     if strategy == "precomputed":
@@ -83,4 +78,4 @@ def start(spec: ReferenceStage, inputs: StageInputs) -> Start:
         reference = precomputed_reference(model, datasets["train"], tokenizer.pad_token_id, inputs.reference, autocast)
         datasets["train"] = datasets["train"].add_column("reference_logps", reference)
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if strategy == "frozen" else None
-    return Start(tokenizer, model, datasets, frozen)
+    return Reference(datasets, frozen)
