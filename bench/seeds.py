@@ -10,7 +10,7 @@ For each seed s (integers; 0 is the demo as shipped):
 - `lifecycle run` runs the copy in a process and a home of its own (`<out>/seed-<s>/home`), then its server stops;
 - the eval stage's table (what `lifecycle report` prints) is read from that home's MLflow store.
 
-A stage's input is its `from:` or the previous training stage (`PipelineSpec.upstream_of`); a stage without one
+A stage's input is its `from:` or the previous training stage (`PipelineSpec.input_of`); a stage without one
 (pretrain: fresh weights, not scored) or whose input the eval stage does not score has no change row. A change is
 marked * where its 95 % t-interval over the seeds, mean ± t(n−1)·std/√n, leaves out 0: with 3 seeds that needs
 |mean| > 2.5 std, with 5 seeds 1.2 std. With 2 seeds nothing is marked: two seeds that happen to agree (a metric counted
@@ -93,12 +93,12 @@ def table_of(logged: dict) -> Table:
     }
 
 
-def changes(table: Table, upstream: dict[str, str | None]) -> Table:
+def changes(table: Table, inputs: dict[str, str | None]) -> Table:
     """Each checkpoint's metrics minus its input stage's, for the checkpoints whose input the same table scores."""
     return {
         stage: {metric: value - table[up].get(metric, math.nan) for metric, value in row.items()}
         for stage, row in table.items()
-        if (up := upstream.get(stage)) in table
+        if (up := inputs.get(stage)) in table
     }
 
 
@@ -112,8 +112,8 @@ def spread(tables: list[Table]) -> dict[str, dict[str, Spread]]:
     }
 
 
-def upstreams(spec: PipelineSpec) -> dict[str, str | None]:
-    return {stage.name: getattr(spec.upstream_of(stage), "name", None) for stage in spec.training_stages()}
+def inputs_of(spec: PipelineSpec) -> dict[str, str | None]:
+    return {stage.name: getattr(spec.input_of(stage), "name", None) for stage in spec.training_stages()}
 
 
 @dataclass
@@ -199,7 +199,7 @@ def read_results(seed_run: SeedRun) -> None:
                 path = Path(mlflow.download_artifacts(run.info.run_id, f"{EVAL_ARTIFACTS}/metrics.json", folder))
                 seed_run.logged = json.loads(path.read_text())
         elif stage.name in trained:
-            seed_run.precision[stage.name] = "bf16" if run.data.metrics["bf16"] else "fp32"
+            seed_run.precision[stage.name] = run.data.tags["lifecycle.precision"]
     if not seed_run.logged:
         raise SystemExit(
             f"{seed_run.spec}: the spec has no eval stage; stage effects need one ({{name: eval, kind: eval}})"
@@ -255,7 +255,7 @@ class Outcome:
     spec: str
     host: dict
     runs: list[SeedRun]
-    upstream: dict[str, str | None]
+    inputs: dict[str, str | None]
     tables: list[Table] = field(init=False)
     levels: dict[str, dict[str, Spread]] = field(init=False)
     changes: dict[str, dict[str, Spread]] = field(init=False)
@@ -264,14 +264,14 @@ class Outcome:
     def __post_init__(self):
         self.tables = [table_of(seed_run.logged) for seed_run in self.runs]
         self.levels = spread(self.tables)
-        self.changes = spread([changes(table, self.upstream) for table in self.tables])
+        self.changes = spread([changes(table, self.inputs) for table in self.tables])
         self.metrics = self.runs[0].logged["columns"][1:]
 
     def rows(self, change: bool) -> list[list[str]]:
         figures = self.changes if change else self.levels
         return [
             [
-                f"{stage} − {self.upstream[stage]}" if change else stage,
+                f"{stage} − {self.inputs[stage]}" if change else stage,
                 *(cell(row[m], len(self.runs), change) for m in self.metrics),
             ]
             for stage, row in figures.items()
@@ -334,7 +334,7 @@ class Outcome:
         return {
             "spec": self.spec,
             "machine": self.host,
-            "upstream": self.upstream,
+            "inputs": self.inputs,
             "runs": [
                 {
                     "seed": r.seed,
@@ -409,7 +409,7 @@ def main() -> None:
     for seed_run in runs:
         read_results(seed_run)
 
-    outcome = Outcome(str(args.spec), host, runs, upstreams(load_spec(runs[0].spec)))
+    outcome = Outcome(str(args.spec), host, runs, inputs_of(load_spec(runs[0].spec)))
     print("\n" + outcome.text())
     (out / "seeds.json").write_text(json.dumps(outcome.record(), indent=2) + "\n")
     (out / "seeds.md").write_text(outcome.markdown())

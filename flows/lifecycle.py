@@ -63,11 +63,11 @@ def lifecycle(spec_path: str, checked: bool = False) -> dict[str, str]:
                 run_id = evaluate(ctx, stage, scored, scorers(stage, runs))
             elif not reused:
                 datasets = prepare(ctx, stage, fetch(ctx, ctx.tokenizer_run))
-                run_id = train(ctx, stage, runs.get(stage.upstream), datasets, scorers(stage, runs))
+                run_id = train(ctx, stage, runs.get(stage.input_stage), datasets, scorers(stage, runs))
             if stage is tokenizer_stage:
                 ctx = replace(ctx, tokenizer_run=run_id)
             lineage.link(mlflow, parent, stage, run_id, reused)
-            if spec.registry and (version := register_model(ctx, stage, run_id, versions.get(stage.upstream))):
+            if spec.registry and (version := register_model(ctx, stage, run_id, versions.get(stage.input_stage))):
                 versions[stage.name] = version
             if stage.kind == "eval":
                 table = lineage.copy_report(mlflow, run_id, parent, stage.name)

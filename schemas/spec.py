@@ -648,27 +648,27 @@ class PipelineSpec(Strict):
                             "language model"
                         )
                 continue
-            upstream = self.upstream_of(stage)
-            if upstream is None and self.model.init is not None and not isinstance(stage, PretrainStage):
+            input_stage = self.input_of(stage)
+            if input_stage is None and self.model.init is not None and not isinstance(stage, PretrainStage):
                 raise ValueError(
                     f"stages[{i}] ({stage.name}, kind {stage.kind}) needs a trained model to start from: "
                     "begin with a pretrain stage, or give model.path"
                 )
-            if upstream is None and self.model.init is not None and stage.lora is not None:
+            if input_stage is None and self.model.init is not None and stage.lora is not None:
                 raise ValueError(
                     f"stages[{i}].lora: adapters on freshly initialised weights learn nothing a full pretrain would "
                     "not; "
                     "use lora on a trained model"
                 )
-            if isinstance(upstream, RewardStage):
+            if isinstance(input_stage, RewardStage):
                 raise ValueError(
-                    f"stages[{i}] ({stage.name}) would start from reward stage {upstream.name!r}, which is a scorer, "
-                    "not a language model: give `from` the stage to continue"
+                    f"stages[{i}] ({stage.name}) would start from reward stage {input_stage.name!r}, which is a "
+                    "scorer, not a language model: give `from` the stage to continue"
                 )
-            if stage.input == "adapter" and (upstream is None or upstream.lora is None):
+            if stage.input == "adapter" and (input_stage is None or input_stage.lora is None):
                 raise ValueError(
-                    f"stages[{i}].input adapter needs an upstream stage with lora, and "
-                    f"{upstream.name if upstream else 'model'} has none"
+                    f"stages[{i}].input adapter needs an input stage with lora, and "
+                    f"{input_stage.name if input_stage else 'model'} has none"
                 )
         if self.model.path is not None and self.tokenizer.path is None:
             raise ValueError(
@@ -692,7 +692,7 @@ class PipelineSpec(Strict):
     def training_stages(self) -> list[TrainingStage]:
         return [stage for stage in self.stages if isinstance(stage, TrainingStage)]
 
-    def upstream_of(self, stage: Stage) -> TrainingStage | None:
+    def input_of(self, stage: Stage) -> TrainingStage | None:
         """The stage whose checkpoint feeds `stage`: `from` if given, else the previous training stage."""
         if stage.from_ is not None:
             return next(s for s in self.stages if s.name == stage.from_)

@@ -68,5 +68,4 @@ def run(spec: DPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
         spec, inputs, model, tokenizer, workdir, datasets, DPOTrainer, reference_model=reference.model
     )
     metrics, resumed_from = fit(trainer, preference_measure(model, tokenizer, datasets))
-    metrics["train_rows"] = float(len(datasets["train"]))
     return save(spec, inputs, trainer, workdir, metrics, resumed_from)

@@ -414,6 +414,6 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     sanity = datasets["train"].select(range(min(len(datasets["train"]), max(spec.train.batch_size, 32))))
     reach = first_groups(model, tokenizer, sanity, spec, rewards)  # on the Trainer's device
     metrics, resumed_from = fit(trainer, measure)
-    metrics["train_prompts"] = float(len(datasets["train"]))
-    metrics.update(reach)
-    return save(spec, inputs, trainer, workdir, metrics, resumed_from, {SAMPLES_TABLE: columns_of(trainer.kept)})
+    return save(
+        spec, inputs, trainer, workdir, metrics | reach, resumed_from, {SAMPLES_TABLE: columns_of(trainer.kept)}
+    )

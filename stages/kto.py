@@ -186,5 +186,4 @@ def run(spec: KTOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     )
     measure = on_heldout(datasets, lambda rows: heldout_metrics(model, rows, tokenizer.pad_token_id))
     metrics, resumed_from = fit(trainer, measure)
-    metrics["train_rows"] = float(len(datasets["train"]))
-    return save(spec, inputs, trainer, workdir, metrics | balance, resumed_from)
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from, counts=balance)

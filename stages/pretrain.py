@@ -2,7 +2,7 @@
 
 Documents are joined with EOS between them and cut into blocks of `block_size` tokens
 (the tail shorter than a block is dropped and counted). The model is built fresh from
-`model.init` (any architecture transformers has a causal LM for), or is the upstream
+`model.init` (any architecture transformers has a causal LM for), or is the input
 checkpoint when pretraining continues.
 """
 
@@ -74,9 +74,7 @@ def run(spec: PretrainStage, inputs: StageInputs, workdir: Path) -> StageResult:
     metrics, resumed_from = fit(trainer)
     if "heldout" in inputs.datasets:
         metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]
-    metrics["parameters"] = float(model.num_parameters())
+    counts = {"parameters": float(model.num_parameters())}
     if spec.streaming:
-        metrics["stream_rows_skipped"] = float(datasets["train"].skipped)
-    else:
-        metrics["train_blocks"] = float(len(datasets["train"]))
-    return save(spec, inputs, trainer, workdir, metrics, resumed_from)
+        counts["stream_rows_skipped"] = float(datasets["train"].skipped)
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from, counts=counts)

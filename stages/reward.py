@@ -52,5 +52,4 @@ def run(spec: RewardStage, inputs: StageInputs, workdir: Path) -> StageResult:
         return {f"reward_{k}": v for k, v in preference(pairs[:, 0], pairs[:, 1]).items()}
 
     metrics, resumed_from = fit(trainer, on_heldout(datasets, measure))
-    metrics["train_rows"] = float(len(datasets["train"]))
     return save(spec, inputs, trainer, workdir, metrics, resumed_from)

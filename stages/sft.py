@@ -104,5 +104,4 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
         return found
 
     metrics, resumed_from = fit(trainer, measure)
-    metrics["train_rows"] = float(len(datasets["train"]))
     return save(spec, inputs, trainer, workdir, metrics, resumed_from)

@@ -42,5 +42,4 @@ def run(spec: TunaStage, inputs: StageInputs, workdir: Path) -> StageResult:
     datasets, lists = with_length(inputs.datasets, None)
     trainer = candidates_trainer(spec, inputs, model, tokenizer, workdir, datasets, TunaTrainer)
     metrics, resumed_from = fit(trainer, preference_measure(model, tokenizer, datasets))
-    metrics["train_rows"] = float(len(datasets["train"]))
-    return save(spec, inputs, trainer, workdir, metrics | lists, resumed_from)
+    return save(spec, inputs, trainer, workdir, metrics, resumed_from, counts=lists)

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from stages.common.contract import ModelError
-from tasks.lineage import TAG
+from tasks.lineage import TAG, input_run_of
 from tasks.registry import model_of
 
 # each stage's own measures the card shows, where its run has them
@@ -31,10 +31,10 @@ MEASURES = (
 
 
 def lineage_of(mlflow: MlflowClient, run: Run) -> list[Run]:
-    """The runs from the first stage to `run`, following each run's upstream."""
+    """The runs from the first stage to `run`, following each run's input run."""
     runs = [run]
-    while upstream := runs[-1].data.tags.get(f"{TAG}upstream_run"):
-        runs.append(mlflow.get_run(upstream))
+    while input_run := input_run_of(runs[-1]):
+        runs.append(mlflow.get_run(input_run))
     return runs[::-1]
 
 

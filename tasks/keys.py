@@ -1,7 +1,7 @@
 """Every content hash the pipeline keys its work by, in one place.
 
 - A stage's fingerprint is the sha256 of what decides its output: its resolved spec (data files by content digest,
-  not by path), the upstream stage's fingerprint, the tokenizer's fingerprint, the fingerprints of the reward stages
+  not by path), the input stage's fingerprint, the tokenizer's fingerprint, the fingerprints of the reward stages
   whose models it scores with, the project version and the versions of torch, transformers and peft. It is computed
   from the spec and the data alone, before anything runs, so `status` can show it and a re-run can find the stage's
   finished run in MLflow.
@@ -110,7 +110,7 @@ def tokenizer_fingerprint(spec: PipelineSpec) -> str:
 
 def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, str], tokenizer: str) -> str:
     """`fingerprints`: those of the stages before it, by name."""
-    upstream = spec.upstream_of(stage)
+    input_stage = spec.input_of(stage)
     resolved = stage.model_dump(
         mode="json",
         by_alias=True,
@@ -128,14 +128,14 @@ def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, 
         if (benchmarks := stage.benchmarks) is not None:
             folder = folder_digest(benchmarks.folder) if benchmarks.folder is not None else None
             payload["benchmarks"] = {"folder": folder, "lm_eval": version("lm_eval")}
-    elif upstream is None:
+    elif input_stage is None:
         payload["model"] = (
             spec.model.init.model_dump(mode="json")
             if spec.model.init is not None
             else {"path_digest": folder_digest(spec.model.path)}
         )
     else:
-        payload["upstream"] = fingerprints[upstream.name]
+        payload["upstream"] = fingerprints[input_stage.name]  # the key is spelt as every fingerprint so far has it
     if scorers := stage.reward_stages():
         payload["reward_models"] = {name: fingerprints[name] for name in scorers}
     return digest(payload)

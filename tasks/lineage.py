@@ -98,6 +98,13 @@ def runs_of(mlflow: MlflowClient, experiment: str, stage: PlannedStage, status: 
     return mlflow.search_runs([experiment], query, order_by=["attributes.start_time DESC"])
 
 
+def input_run_of(run: Run) -> str | None:
+    """The run of the stage whose checkpoint `run` trained from; None for a stage built from the spec. Runs logged
+    before the tag was named `input_run` carry it as `upstream_run`."""
+    tags = run.data.tags
+    return tags.get(f"{TAG}input_run") or tags.get(f"{TAG}upstream_run")
+
+
 def fingerprint_of(run: Run) -> str:
     return run.data.tags[f"{TAG}fingerprint"]
 
@@ -262,7 +269,7 @@ def start_stage_run(
     experiment: str,
     stage: PlannedStage,
     parent: str,
-    upstream_run: str | None,
+    input_run: str | None,
     tokenizer_run: str | None,
     workdir: Path,
 ) -> str:
@@ -275,11 +282,11 @@ def start_stage_run(
         f"{TAG}fingerprint": stage.fingerprint,
         f"{TAG}workdir": str(workdir),
     } | process_tags()
-    if upstream_run:
-        tags[f"{TAG}upstream_run"] = upstream_run
+    if input_run:
+        tags[f"{TAG}input_run"] = input_run
     if tokenizer_run:
         tags[f"{TAG}tokenizer_run"] = tokenizer_run
-    tags[MLFLOW_RUN_NOTE] = describe(stage, upstream_run)
+    tags[MLFLOW_RUN_NOTE] = describe(stage, input_run)
     run_id = mlflow.create_run(experiment, run_name=stage.name, tags=tags).info.run_id
     time.sleep(CLAIM_SETTLE_SECONDS)
     rivals = [run for run in runs_of(mlflow, experiment, stage, "RUNNING") if run.info.run_id == run_id or alive(run)]
@@ -291,7 +298,7 @@ def start_stage_run(
     return run_id
 
 
-def describe(stage: PlannedStage, upstream_run: str | None) -> str:
+def describe(stage: PlannedStage, input_run: str | None) -> str:
     """A stage run's description, one line: what kind of stage, on which data files, from which input."""
     spec = stage.spec
     if stage.kind == "tokenizer":
@@ -305,9 +312,9 @@ def describe(stage: PlannedStage, upstream_run: str | None) -> str:
     line = f"{stage.kind} {stage.name}: trains on {_files(spec.data)}"
     if spec.heldout:
         line += f", measured on {_files(spec.heldout)}"
-    if stage.upstream is None:
+    if stage.input_stage is None:
         return f"{line}, from the spec's model"
-    return f"{line}, from stage {stage.upstream}" + (f" (run {upstream_run})" if upstream_run else "")
+    return f"{line}, from stage {stage.input_stage}" + (f" (run {input_run})" if input_run else "")
 
 
 def _files(sources: list[Source], shown: int = 3) -> str:
@@ -376,13 +383,17 @@ def log_data_inputs(mlflow: MlflowClient, run_id: str, sources: dict[str, list[S
         mlflow.log_inputs(run_id, datasets=inputs)
 
 
+def count_params(counts: dict[str, float]) -> list[Param]:
+    """Counts as MLflow params (whole numbers without a decimal point): figures of the run's record, not charts."""
+    return [Param(name, str(int(value)) if float(value).is_integer() else str(value)) for name, value in counts.items()]
+
+
 def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float], rejected: list[dict]) -> None:
-    """What data preparation dropped or cut, as metrics; rows rejected under on_invalid: skip as an artifact with
-    reasons."""
-    metrics = {f"data_{name}": value for name, value in counts.items()}
-    metrics["data_rejected_rows"] = len({(r["file"], r["line"]) for r in rejected})
-    now = int(time.time() * 1000)
-    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    """What data preparation kept, dropped or cut, as params (`data_*`); rows rejected under on_invalid: skip as an
+    artifact with reasons."""
+    counted = {f"data_{name}": value for name, value in counts.items()}
+    counted["data_rejected_rows"] = len({(r["file"], r["line"]) for r in rejected})
+    mlflow.log_batch(run_id, params=count_params(counted))
     if rejected:
         mlflow.log_text(
             run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), "data/rejected.jsonl"
@@ -391,12 +402,12 @@ def log_preparation(mlflow: MlflowClient, run_id: str, counts: dict[str, float],
 
 def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult, model_id: str | None) -> None:
     """Log the final metrics, linked to the model that holds the run's checkpoint (`tasks.registry.log_checkpoints`,
-    called before), then mark the run FINISHED: in that order, always.
+    called before), and the counts as params, then mark the run FINISHED: in that order, always.
 
     A metric linked to a model is shown on the model's page with the dataset it was measured on: the held-out file
     (`heldout_*`, `exact_match*`) or the training file (`train_*`), where the split is one file."""
     now = int(time.time() * 1000)
-    step = int(result.metrics.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
+    step = int(result.counts.get("global_step", 0))  # at the last step, so MLflow shows them as the latest values
     tags = [RunTag(f"{TAG}resumed_from_step", str(result.resumed_from_step))]
     tags += [RunTag(f"{TAG}{name}", value) for name, value in result.tags.items()]
     if result.source_run is not None:
@@ -416,7 +427,7 @@ def finish_stage_run(mlflow: MlflowClient, run_id: str, result: StageResult, mod
         return found[0] if model_id and len(found) == 1 else (None, None)
 
     metrics = [Metric(k, float(v), now, step, model_id, *measured_on(k)) for k, v in result.metrics.items()]
-    mlflow.log_batch(run_id, metrics=metrics, tags=tags)
+    mlflow.log_batch(run_id, metrics=metrics, params=count_params(result.counts), tags=tags)
     mlflow.set_terminated(run_id, status="FINISHED")
 
 

@@ -1,4 +1,4 @@
-"""The plan of a pipeline run: every stage in order, with its upstream and its fingerprint (tasks/keys.py says what a
+"""The plan of a pipeline run: every stage in order, with its input stage and its fingerprint (tasks/keys.py says what a
 fingerprint covers)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ class PlannedStage:
     kind: str
     spec: Stage | TokenizerSpec
     fingerprint: str
-    upstream: str | None  # the stage whose checkpoint is this stage's input; None: built from the spec
+    input_stage: str | None  # the stage whose checkpoint is this stage's input; None: built from the spec
     pipeline: str  # the spec's name: two pipelines in one home never share a stage's work folder or claim
 
     @property
@@ -32,9 +32,9 @@ def plan(spec: PipelineSpec) -> list[PlannedStage]:
     planned = {TOKENIZER_STAGE: tokenizer}
     fingerprints: dict[str, str] = {}
     for stage in spec.stages:
-        upstream = spec.upstream_of(stage)
+        input_stage = spec.input_of(stage)
         fingerprints[stage.name] = stage_fingerprint(spec, stage, fingerprints, tokenizer.fingerprint)
-        source = upstream.name if upstream is not None and not isinstance(stage, EvalStage) else None
+        source = input_stage.name if input_stage is not None and not isinstance(stage, EvalStage) else None
         planned[stage.name] = PlannedStage(stage.name, stage.kind, stage, fingerprints[stage.name], source, spec.name)
     return list(planned.values())
 
@@ -51,7 +51,7 @@ def parts(stage: PlannedStage) -> list[PlannedStage]:
             stage.kind,
             stage.spec.model_copy(update={"curriculum": [n], "name": f"{stage.name}-n{n}"}),
             part_fingerprint(stage.fingerprint, n),
-            stage.upstream if i == 0 else f"{stage.name}-n{lengths[i - 1]}",
+            stage.input_stage if i == 0 else f"{stage.name}-n{lengths[i - 1]}",
             stage.pipeline,
         )
         for i, n in enumerate(lengths)

@@ -43,7 +43,7 @@ from stages.common.contract import ModelError, StageResult, is_adapter, partial_
 from stages.common.progress import say, transfer
 from tasks.home import Home
 from tasks.keys import folder_digest
-from tasks.lineage import TAG
+from tasks.lineage import TAG, input_run_of
 from tasks.plan import PlannedStage
 
 CHECKPOINT = "checkpoint"
@@ -70,7 +70,7 @@ def log_checkpoints(mlflow: MlflowClient, run_id: str, result: StageResult) -> s
     metrics the run's final metrics are, or None. A curriculum stage's model is its last part's: named as the stage's
     output, not logged again, and its metrics, the part's, are that model's already."""
     run = mlflow.get_run(run_id)
-    step = int(result.metrics.get("global_step", 0))
+    step = int(result.counts.get("global_step", 0))
     if result.source_run is not None:
         if (model_id := model_of(mlflow.get_run(result.source_run))) is not None:
             mlflow.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
@@ -126,10 +126,9 @@ def _base(mlflow: MlflowClient, run: Run) -> dict[str, str]:
     """What an adapter trained in `run` applies to, as tags of its model: the input stage's model, or the user's
     model.path and its digest."""
     tags = run.data.tags
-    if f"{TAG}upstream_run" in tags:
-        upstream = mlflow.get_run(tags[f"{TAG}upstream_run"])
-        base = model_of(upstream)
-        return {BASE_MODEL_ID: base} if base else {f"{TAG}base_run": upstream.info.run_id}
+    if input_run := input_run_of(run):
+        base = model_of(mlflow.get_run(input_run))
+        return {BASE_MODEL_ID: base} if base else {f"{TAG}base_run": input_run}
     return {key: tags[key] for key in (f"{TAG}base_model", f"{TAG}base_model_digest") if key in tags}
 
 
@@ -202,11 +201,11 @@ def record_base_model(mlflow: MlflowClient, run_id: str, model: ModelSpec) -> No
 
 
 def _base_of(mlflow: MlflowClient, home: Home, run: Run) -> Path:
-    """The folder an adapter trained in `run` applies to: its upstream run's checkpoint, or the user's base model,
+    """The folder an adapter trained in `run` applies to: its input run's checkpoint, or the user's base model,
     unchanged."""
     tags = run.data.tags
-    if f"{TAG}upstream_run" in tags:
-        return fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}upstream_run"]))
+    if input_run := input_run_of(run):
+        return fetch_checkpoint(mlflow, home, mlflow.get_run(input_run))
     stage, base, digest = tags.get(f"{TAG}stage"), Path(tags[f"{TAG}base_model"]), tags[f"{TAG}base_model_digest"]
     if not (base / "config.json").exists():
         raise ModelError(
@@ -258,7 +257,7 @@ def model_id_of(mlflow: MlflowClient, uri: str) -> str:
 
 
 def register(
-    mlflow: MlflowClient, pipeline: str, stage: PlannedStage, run_id: str, upstream_version: str | None
+    mlflow: MlflowClient, pipeline: str, stage: PlannedStage, run_id: str, input_version: str | None
 ) -> str | None:
     """The stage's model as a version of the pipeline's registered model, once: a run already registered keeps its
     version (a re-run that reuses the stage adds none). Its number, or None for a stage without a model to register:
@@ -269,7 +268,7 @@ def register(
     on one name of ten and jump between them, and no URI would say "this pipeline's best"; in one, it is
     `models:/<pipeline>@best`, each stage's current version is the alias of its name (`models:/quick@sft`), and the
     version list reads as the lineage, in the order stages finished. Each version's tags say what it is: the stage,
-    its kind and fingerprint, and the version of its input stage's model (`lifecycle.upstream_version`). A stage whose
+    its kind and fingerprint, and the version of its input stage's model (`lifecycle.input_version`). A stage whose
     name MLflow keeps for itself (`latest`, `v<n>`) or that is `best` gets no alias of its name."""
     run = mlflow.get_run(run_id)
     if stage.kind == TOKENIZER_STAGE or (model_id := model_of(run)) is None:
@@ -278,8 +277,8 @@ def register(
     version = _version_of(mlflow, pipeline, run_id)
     if version is None:
         tags = {f"{TAG}stage": stage.name, f"{TAG}kind": stage.kind, f"{TAG}fingerprint": stage.fingerprint}
-        if upstream_version is not None:
-            tags[f"{TAG}upstream_version"] = upstream_version
+        if input_version is not None:
+            tags[f"{TAG}input_version"] = input_version
         # the registry resolves a models:/ source on the process's tracking URI, which `Home.configure` points at the
         # store this client writes to
         created = mlflow.create_model_version(

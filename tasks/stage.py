@@ -109,7 +109,7 @@ def _log_preparation(mlflow, run_id: str, prepared_dir: Path) -> None:
     lineage.log_preparation(mlflow, run_id, report["counts"], report["rejected"])
 
 
-def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work, monitored: bool = False) -> str:
+def _recorded(ctx: Context, stage: PlannedStage, input_run: str | None, work, monitored: bool = False) -> str:
     """Claim the stage, open its child run, do the work, log the checkpoint as the run's model; FAILED on any error.
     `monitored`: the machine's use is logged while the work runs (`lineage.system_metrics`).
 
@@ -125,7 +125,7 @@ def _recorded(ctx: Context, stage: PlannedStage, upstream_run: str | None, work,
         if taken_over:
             get_run_logger().info(taken_over)
         run_id = lineage.start_stage_run(
-            mlflow, ctx.experiment, stage, ctx.parent, upstream_run, ctx.tokenizer_run, workdir
+            mlflow, ctx.experiment, stage, ctx.parent, input_run, ctx.tokenizer_run, workdir
         )
         try:
             with lineage.heartbeat(mlflow, run_id):
@@ -170,7 +170,7 @@ def train_tokenizer(ctx: Context, stage: PlannedStage) -> str:
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
 def train(
-    ctx: Context, stage: PlannedStage, upstream_run: str | None, datasets_dir: Path, reward_runs: dict[str, str]
+    ctx: Context, stage: PlannedStage, input_run: str | None, datasets_dir: Path, reward_runs: dict[str, str]
 ) -> str:
     """Train a stage as a child run of the pipeline run; a curriculum stage trains its parts as child runs of its own.
     `reward_runs`: the runs of the reward stages whose models the stage scores with."""
@@ -218,18 +218,22 @@ def train(
         return _recorded(within, part, input_run, work, monitored=True)
 
     if not (curriculum := parts(stage)):
-        return trained(stage, ctx, upstream_run)
+        return trained(stage, ctx, input_run)
 
     def work(mlflow, run_id) -> StageResult:
-        input_run = upstream_run
+        last = input_run
         for part in curriculum:
-            input_run = trained(part, replace(ctx, parent=run_id), input_run)
+            last = trained(part, replace(ctx, parent=run_id), last)
         # the last part's logged checkpoint stands for the stage: pointed at, not downloaded or logged again; its
-        # final metrics are the stage's (the machine's use, sampled for each part, is each part's)
-        metrics = {k: v for k, v in mlflow.get_run(input_run).data.metrics.items() if not k.startswith("system/")}
-        return StageResult(checkpoint=None, metrics=metrics, source_run=input_run)
+        # final metrics and counts are the stage's (the machine's use, sampled for each part, is each part's)
+        data = mlflow.get_run(last).data
+        metrics = {k: v for k, v in data.metrics.items() if not k.startswith("system/")}
+        # the last part's steps, so the stage's final metrics sit at its last step as a part's do (a part recorded
+        # before steps were counted as params has them as a metric)
+        steps = float(data.params.get("global_step", data.metrics.get("global_step", 0)))
+        return StageResult(checkpoint=None, metrics=metrics, source_run=last, counts={"global_step": steps})
 
-    return _recorded(ctx, stage, upstream_run, work)
+    return _recorded(ctx, stage, input_run, work)
 
 
 def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, Path]:
@@ -288,9 +292,9 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
 
 
 @task(cache_policy=NO_CACHE, task_run_name="register-{stage.name}")
-def register_model(ctx: Context, stage: PlannedStage, run_id: str, upstream_version: str | None) -> str | None:
+def register_model(ctx: Context, stage: PlannedStage, run_id: str, input_version: str | None) -> str | None:
     """The stage's model as a version of the pipeline's registered model (`tasks.registry.register`); its number."""
-    return register(lineage.client(ctx.home), ctx.spec.name, stage, run_id, upstream_version)
+    return register(lineage.client(ctx.home), ctx.spec.name, stage, run_id, input_version)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="best-of-{stage.name}")

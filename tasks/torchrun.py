@@ -162,6 +162,8 @@ def launch_stage(
         metrics=result["metrics"],
         resumed_from_step=result["resumed_from_step"],
         tables=result["tables"],
+        tags=result["tags"],
+        counts=result["counts"],
     )
 
 
@@ -236,11 +238,12 @@ def worker(plan_path: str | None) -> None:
                     {
                         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                         "adapter": str(result.adapter) if result.adapter else None,
-                        "metrics": result.metrics
-                        | {"world_size": float(world_size)}
-                        | {name: max(p[name] for p in peaks) for name in peaks[0]},
+                        # the world size is the run's param already (lineage.log_launch)
+                        "metrics": result.metrics | {name: max(p[name] for p in peaks) for name in peaks[0]},
                         "resumed_from_step": result.resumed_from_step,
                         "tables": result.tables,
+                        "tags": result.tags,
+                        "counts": result.counts,
                     }
                 )
             )

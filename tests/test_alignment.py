@@ -217,7 +217,7 @@ def test_short_pro_raises_heldout_ranking_agreement(
     datasets = pro.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
     result = pro.run(spec, StageInputs(chat_model, trained_tokenizer, datasets), tmp_path)
     metrics, total = result.metrics, len(datasets["heldout"])
-    assert metrics["list_length"] == 4 and metrics["short_lists_left_out"] == 0
+    assert result.counts["list_length"] == 4 and result.counts["short_lists_left_out"] == 0
     # held-out pairs here: each list's best candidate against its worst (an answer about another subject).
     # Before: 28 of 200 right. Seed 0: 138, +110 pairs, clearing +50 by 60 (seeds 1-4: +107, +121, +104, +109).
     right, right_before = (
@@ -268,7 +268,7 @@ def test_tuna_trains_its_ranking_and_mle_terms(
     # the logged loss is the sum of the two terms (mle_weight 1), each averaged over the same 10 steps: equal but
     # for float32 rounding (measured: 1e-8 to 7e-8 apart, relatively)
     assert steps[0]["loss"] == pytest.approx(steps[0]["ranking_loss"] + steps[0]["mle_loss"], rel=1e-5)
-    assert result.metrics["list_length"] == 4
+    assert result.counts["list_length"] == 4
     # the checkpoint holds the trained weights, not those the stage started from
     trained, started = (AutoModelForCausalLM.from_pretrained(p) for p in (result.checkpoint, chat_model))
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), started.parameters()))

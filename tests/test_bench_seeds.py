@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.seeds import Spread, changes, spread, table_of, upstreams
+from bench.seeds import Spread, changes, inputs_of, spread, table_of
 from schemas.load import load_spec
 from tests.conftest import QUICK
 
@@ -30,8 +30,8 @@ def test_changes_subtract_the_input_stage_and_skip_stages_without_a_scored_input
         "sft": {"ppl": 25.0, "acc": 0.5},
         "grpo": {"ppl": 27.0, "acc": 0.75},
     }
-    upstream = {"pretrain": None, "sft": "pretrain", "grpo": "sft", "dpo": "sft"}
-    found = changes(table, upstream)
+    input_stage = {"pretrain": None, "sft": "pretrain", "grpo": "sft", "dpo": "sft"}
+    found = changes(table, input_stage)
     assert list(found) == ["sft", "grpo"]  # pretrain has no input; dpo is not in the table
     assert found["sft"]["ppl"] == -15.0 and math.isnan(found["sft"]["acc"])  # nan on either side stays nan
     assert found["grpo"] == {"ppl": 2.0, "acc": 0.25}
@@ -70,7 +70,7 @@ def test_a_spread_below_float32_rounding_is_zero():
 
 
 def test_every_training_stage_of_quick_yaml_has_its_input_named():
-    assert upstreams(load_spec(QUICK)) == {
+    assert inputs_of(load_spec(QUICK)) == {
         "pretrain": None,
         "sft": "pretrain",
         "sft-lora": "sft",

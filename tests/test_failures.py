@@ -196,7 +196,7 @@ def test_a_stage_killed_on_another_host_is_taken_over_once_its_lease_runs_out_an
     runs = lineage.runs_of(mlflow, experiment, sft)
     assert [r.info.status for r in runs] == ["FINISHED", "KILLED"]
     assert "its lease ran out at" in runs[1].data.tags["lifecycle.killed"]
-    assert runs[0].data.tags["lifecycle.resumed_from_step"] == "0" and runs[0].data.metrics["global_step"] == 60
+    assert runs[0].data.tags["lifecycle.resumed_from_step"] == "0" and runs[0].data.params["global_step"] == "60"
     assert runs[0].info.start_time / 1000 >= lineage.lease_until(dead)
 
 

@@ -46,14 +46,16 @@ def test_quick_spec_makes_a_parent_run_and_a_finished_child_run_per_stage(quick_
     for name in ("tokenizer", "pretrain", "sft", "dpo", "tuna", "reward"):  # checkpoints are logged models, not here
         assert [a.path for a in mlflow.list_artifacts(runs[name])] == ["stage_spec.json"]
     tags = mlflow.get_run(runs["sft"]).data.tags
-    assert tags["lifecycle.upstream_run"] == runs["pretrain"] and tags["lifecycle.tokenizer_run"] == runs["tokenizer"]
+    assert tags["lifecycle.input_run"] == runs["pretrain"] and tags["lifecycle.tokenizer_run"] == runs["tokenizer"]
     (parent,) = parents
     parent_run = mlflow.get_run(parent)
     assert parent_run.info.status == "FINISHED" and parent_run.data.tags["lifecycle.stage.sft"] == runs["sft"]
     sft = mlflow.get_run(runs["sft"])
     assert sft.data.params["train.max_steps"] == "40"
-    assert sft.data.metrics["global_step"] == 40 and "exact_match" in sft.data.metrics
-    assert sft.data.metrics["bf16"] == float(use_bf16("auto"))  # the precision `auto` chose on this machine, recorded
+    assert sft.data.params["global_step"] == "40" and "exact_match" in sft.data.metrics
+    # what `auto` chose on this machine is a tag; what the stage counted, params: no one-point charts beside the loss
+    assert sft.data.tags["lifecycle.precision"] == ("bf16" if use_bf16("auto") else "fp32")
+    assert int(sft.data.params["train_rows"]) > 0 and not {"bf16", "global_step", "train_rows"} & set(sft.data.metrics)
     assert len(mlflow.get_metric_history(runs["sft"], "loss")) == 4  # per-step metrics, every 10 of 40 steps
     assert {d.dataset.name for d in sft.inputs.dataset_inputs} == {"sft.jsonl", "sft_heldout.jsonl"}
 
@@ -93,8 +95,8 @@ def test_rerun_reuses_every_finished_stage_and_an_edit_reruns_downstream_only(qu
     assert again["sft"] != runs["sft"]
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     sft = mlflow.get_run(again["sft"])
-    assert sft.data.tags["lifecycle.upstream_run"] == runs["pretrain"]
-    assert sft.data.metrics["data_rejected_rows"] == 1
+    assert sft.data.tags["lifecycle.input_run"] == runs["pretrain"]
+    assert sft.data.params["data_rejected_rows"] == "1"
     path = mlflow.download_artifacts(again["sft"], "data/rejected.jsonl", str(tmp_path))
     (rejected,) = [json.loads(line) for line in open(path, encoding="utf-8")]
     assert (rejected["file"], rejected["line"]) == (str(heldout), 201)
@@ -149,22 +151,20 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
         [pro.info.experiment_id], f"tags.`mlflow.parentRunId` = '{runs['pro']}'", order_by=["attributes.start_time ASC"]
     )
     assert [p.info.run_name for p in parts] == ["pro-n2", "pro-n3"] and all(p.info.status == "FINISHED" for p in parts)
-    assert parts[0].data.tags["lifecycle.upstream_run"] == runs["dpo"]
-    assert parts[1].data.tags["lifecycle.upstream_run"] == parts[0].info.run_id
-    assert [p.data.metrics["list_length"] for p in parts] == [2, 3]
+    assert parts[0].data.tags["lifecycle.input_run"] == runs["dpo"]
+    assert parts[1].data.tags["lifecycle.input_run"] == parts[0].info.run_id
+    assert [p.data.params["list_length"] for p in parts] == ["2", "3"]
     assert pro.data.tags["lifecycle.checkpoint_run"] == parts[1].info.run_id
-    assert mlflow.get_run(runs["tuna"]).data.tags["lifecycle.upstream_run"] == runs["pro"]
+    assert mlflow.get_run(runs["tuna"]).data.tags["lifecycle.input_run"] == runs["pro"]
     assert fetch_checkpoint(mlflow, home, pro) == fetch_checkpoint(mlflow, home, parts[1])
 
     # KTO on the pairs split into unpaired rows, an adapter on sft-lora's merged model (its reference: the adapter
     # switched off)
     kto = mlflow.get_run(runs["kto"])
-    assert kto.data.tags["lifecycle.upstream_run"] == runs["sft-lora"] and is_adapter(
-        fetch_checkpoint(mlflow, home, kto)
-    )
+    assert kto.data.tags["lifecycle.input_run"] == runs["sft-lora"] and is_adapter(fetch_checkpoint(mlflow, home, kto))
     assert (
-        kto.data.metrics["train_rows"] == 2 * kto.data.metrics["train_desirable_rows"]
-        and kto.data.metrics["desirable_weight_ratio"] == 1
+        int(kto.data.params["train_rows"]) == 2 * int(kto.data.params["train_desirable_rows"])
+        and kto.data.params["desirable_weight_ratio"] == "1"
     )
     assert {
         "rewards/desirable",
@@ -176,11 +176,9 @@ def test_alignment_stages_chain_through_their_logged_checkpoints(quick_run, tmp_
     } <= set(kto.data.metrics)
 
     reward = mlflow.get_run(runs["reward"])
-    assert (
-        reward.data.tags["lifecycle.upstream_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
-    )
+    assert reward.data.tags["lifecycle.input_run"] == runs["sft"] and "heldout_reward_accuracy" in reward.data.metrics
     grpo = mlflow.get_run(runs["grpo"])
-    assert grpo.data.tags["lifecycle.upstream_run"] == runs["sft-lora"]
+    assert grpo.data.tags["lifecycle.input_run"] == runs["sft-lora"]
     assert {
         "reward",
         "reward/answer",

@@ -280,13 +280,13 @@ def test_short_kto_lifts_desirable_completions_above_undesirable_ones(
     # z0 is clamped at 0 once the policy's log-probs of mismatched pairs fall below the reference's, as they soon do
     # here
     assert first["reference_point"] >= 0 and second["reference_point"] >= 0
-    metrics = result.metrics
+    counts = result.counts
     assert (
-        metrics["desirable_weight_ratio"] == 1.0
-        and metrics["train_desirable_rows"] == metrics["train_undesirable_rows"] == PAIRS
+        counts["desirable_weight_ratio"] == 1.0
+        and counts["train_desirable_rows"] == counts["train_undesirable_rows"] == PAIRS
     )
     # held out: the model's own log-prob gap moves by less than its spread over seeds in 32 steps; measured, not judged
-    assert {"heldout_desirable_margin_before", "heldout_desirable_margin", "heldout_desirable_logps"} <= set(metrics)
+    assert {"heldout_desirable_margin_before", "heldout_desirable_margin", "heldout_desirable_logps"} <= set(result.metrics)
 
 
 def test_the_stage_feeds_each_completion_to_the_loss_and_the_mismatched_ones_to_z0(

@@ -93,7 +93,7 @@ def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict:
             with pytest.MonkeyPatch.context() as env:
                 env.setenv("MLFLOW_TRACKING_URI", mlflow.tracking_uri)
                 result = launch_stage(spec, StageInputs(TINY, trained_tokenizer, None), prepared, workdir, root, run_id)
-            assert result.metrics["world_size"] == 2
+            assert result.tags["precision"] in ("bf16", "fp32") and result.counts["global_step"] > 0
         assert (result.checkpoint / "model.safetensors").exists()
         found[name] = losses(mlflow, run_id)
         assert len(found[name]) == STEPS, (name, found[name])
@@ -241,7 +241,7 @@ def test_two_nodes_of_one_process_meet_at_the_master(prefect_api, tmp_path) -> N
         if r.info.run_name == "pretrain"
     )
     assert (
-        run.info.status == "FINISHED" and run.data.params["world_size"] == "2" and run.data.metrics["world_size"] == 2
+        run.info.status == "FINISHED" and run.data.params["world_size"] == "2" and "world_size" not in run.data.metrics
     )
 
 
@@ -309,7 +309,7 @@ def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_
     }
     assert int(runs["sft"].data.tags["lifecycle.resumed_from_step"]) >= 2
     for name, config in (("pretrain", None), ("sft", "zero2.json"), ("dpo", "zero3.json")):
-        assert runs[name].data.params["world_size"] == "2" and runs[name].data.metrics["world_size"] == 2
+        assert runs[name].data.params["world_size"] == "2"
         logged = [a.path for a in mlflow.list_artifacts(runs[name].info.run_id, "launch")]
         assert logged == ([f"launch/{config}"] if config else [])
     assert runs["sft"].data.metrics["heldout_loss"] < runs["sft"].data.metrics["heldout_loss_before"]

@@ -16,8 +16,10 @@ from flows.cli import main
 from flows.lifecycle import lifecycle
 from schemas.load import load_spec
 from stages.common.contract import adapter_base, is_adapter
+from tasks.export import lineage_of
 from tasks.home import Home
 from tasks.keys import file_digest
+from tasks.lineage import input_run_of
 from tasks.plan import plan
 from tasks.registry import fetch_checkpoint, fetch_model, mark_best, model_id_of
 
@@ -141,8 +143,10 @@ def test_the_registry_has_a_version_per_stage_and_a_rerun_adds_none(
             version.tags["lifecycle.stage"] == name
             and version.tags["lifecycle.fingerprint"] == planned[name].fingerprint
         )
-        upstream = planned[name].upstream
-        assert version.tags.get("lifecycle.upstream_version") == (str(versions[upstream].version) if upstream else None)
+        input_stage = planned[name].input_stage
+        assert version.tags.get("lifecycle.input_version") == (
+            str(versions[input_stage].version) if input_stage else None
+        )
     assert [int(versions[name].version) for name in MODELS] == sorted(int(versions[name].version) for name in MODELS)
     # the logged model's page lists its version (MLflow's UI reads this tag)
     assert {"name": "quick", "version": str(versions["sft"].version)} in json.loads(
@@ -250,6 +254,16 @@ def test_a_run_of_an_older_store_is_fetched_from_its_checkpoint_artifact(trained
     folder = fetch_checkpoint(mlflow, Home(tmp_path), mlflow.get_run(run_id))
     assert folder == tmp_path / "cache" / "checkpoint" / run_id
     assert (folder / "tokenizer.json").read_bytes() == (trained_tokenizer / "tokenizer.json").read_bytes()
+
+
+def test_a_run_of_an_older_store_names_its_input_run_under_the_tag_of_then(tmp_path) -> None:
+    mlflow, first = stage_run(tmp_path, "pretrain")
+    _, old = stage_run(tmp_path, "sft")
+    mlflow.set_tag(old, "lifecycle.upstream_run", first)  # as runs were tagged before the tag was named input_run
+    _, new = stage_run(tmp_path, "dpo")
+    mlflow.set_tag(new, "lifecycle.input_run", old)
+    assert [input_run_of(mlflow.get_run(run)) for run in (new, old, first)] == [old, first, None]
+    assert [run.info.run_id for run in lineage_of(mlflow, mlflow.get_run(new))] == [first, old, new]
 
 
 def test_best_by_takes_exactly_the_eval_table_s_metrics() -> None:

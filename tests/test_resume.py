@@ -81,5 +81,5 @@ def test_killed_sft_resumes_from_its_checkpoint_and_reuses_finished_stages(prefe
     assert [r.info.status for r in sft_runs] == ["FINISHED", "KILLED"]
     resumed = sft_runs[0]
     assert int(resumed.data.tags["lifecycle.resumed_from_step"]) >= killed_at >= 10
-    assert resumed.data.metrics["global_step"] == 120
+    assert resumed.data.params["global_step"] == "120"
     assert [s.state for s in stage_statuses(mlflow, home, "quick", stages)] == ["finished"] * 3

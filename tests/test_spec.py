@@ -40,8 +40,8 @@ def test_good_spec_resolves_paths_against_the_spec_folder(tmp_path: Path) -> Non
     spec = load_spec(write(tmp_path, GOOD))
     assert files_of(spec.stages[0].data) == [tmp_path / "data.jsonl"]
     assert isinstance(spec.stages[1], SFTStage) and spec.stages[1].train.lr == 0.001
-    assert spec.upstream_of(spec.stages[1]) is spec.stages[0]
-    assert spec.upstream_of(spec.stages[0]) is None
+    assert spec.input_of(spec.stages[1]) is spec.stages[0]
+    assert spec.input_of(spec.stages[0]) is None
     assert spec.tokenizer.train is not None and spec.tokenizer.train.vocab_size == 8192
 
 
@@ -177,7 +177,7 @@ ALIGNED = (
         ),
         (
             ("kind: dpo,", "kind: dpo, input: adapter,"),
-            "input adapter needs an upstream stage with lora, and sft has none",
+            "input adapter needs an input stage with lora, and sft has none",
         ),
         (
             ("name: pretrain, kind: pretrain,", "name: pretrain, kind: pretrain, lora: {r: 4},"),
@@ -209,7 +209,7 @@ def test_eval_scores_every_earlier_language_model_on_their_heldout_data(tmp_path
         and evaluation.text == []
         and evaluation.template == "chatml"
     )
-    assert spec.upstream_of(spec.stages[4]).name == "sft" and spec.upstream_of(spec.stages[3]).name == "dpo"
+    assert spec.input_of(spec.stages[4]).name == "sft" and spec.input_of(spec.stages[3]).name == "dpo"
 
 
 OWN = """

@@ -85,7 +85,7 @@ def test_pretrain_loss_falls_and_the_output_loads(pretrained) -> None:
     assert float(pretrained.metrics["train_loss"]) < 6.0
     assert float(pretrained.metrics["heldout_loss"]) < 5.0
     model = AutoModelForCausalLM.from_pretrained(pretrained.checkpoint)
-    assert model.config.hidden_size == 64 and model.num_parameters() == pretrained.metrics["parameters"]
+    assert model.config.hidden_size == 64 and model.num_parameters() == pretrained.counts["parameters"]
     assert (pretrained.checkpoint / "model.safetensors").exists() and (
         pretrained.checkpoint / "tokenizer.json"
     ).exists()
@@ -128,7 +128,7 @@ def test_sft_lowers_response_loss_and_resumes_from_its_checkpoint(
     assert last_checkpoint(tmp_path / "trainer").name == "checkpoint-30"
     longer = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 40})})
     resumed = sft.run(longer, StageInputs(pretrained.checkpoint, trained_tokenizer, datasets), tmp_path)
-    assert resumed.resumed_from_step == 30 and resumed.metrics["global_step"] == 40
+    assert resumed.resumed_from_step == 30 and resumed.counts["global_step"] == 40
 
 
 def test_incomplete_checkpoints_are_discarded(tmp_path: Path) -> None:
@@ -199,5 +199,5 @@ def test_pretrain_streams_a_globbed_corpus(trained_tokenizer: Path, tmp_path: Pa
     assert "train" not in prepared.datasets  # nothing is prepared ahead of a stream
     result = pretrain.run(spec, StageInputs(TINY, trained_tokenizer, prepared.datasets), tmp_path / "work")
     # train loss 5.18 (seed 0), clearing 6.0 by 0.82 (seeds 1, 2: 5.21, 5.18)
-    assert result.metrics["global_step"] == 20 and float(result.metrics["train_loss"]) < 6.0
-    assert result.metrics["stream_rows_skipped"] == 0
+    assert result.counts["global_step"] == 20 and float(result.metrics["train_loss"]) < 6.0
+    assert result.counts["stream_rows_skipped"] == 0 and "train_rows" not in result.counts

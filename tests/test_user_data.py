@@ -310,7 +310,7 @@ def test_each_stage_trains_on_the_users_own_files(
     assert prepared.counts["train_source/1-lines.txt/rows"] == len(SUBJECTS)  # a line each
     assert math.isfinite(result.metrics["train_loss"])
     prepared, result = trained(sft, spec.stages[1], pretrained.checkpoint)
-    assert result.metrics["train_rows"] > 0 and math.isfinite(result.metrics["train_loss"])
+    assert result.counts["train_rows"] > 0 and math.isfinite(result.metrics["train_loss"])
     prepared, result = trained(dpo, spec.stages[2], chat_model)
     assert len(prepared.datasets["train"]) == 16 and math.isfinite(result.metrics["train_loss"])
     prepared, result = trained(kto, spec.stages[3], chat_model)

@@ -31,7 +31,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class StageInputs:
-    model: Path | ModelInit  # the upstream checkpoint folder, or a config to build fresh weights from
+    model: Path | ModelInit  # the input stage.s checkpoint folder, or a config to build fresh weights from
     tokenizer: Path  # a Hugging Face tokenizer folder, chat template included
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
     callbacks: tuple[TrainerCallback, ...] = ()  # e.g. the recorder of per-step metrics
@@ -54,7 +54,9 @@ class StageResult:
     tables: dict[str, dict[str, list]] = field(default_factory=dict)  # file name -> columns, logged with the run as
     # MLflow tables (the UI shows them as tables), e.g. sampled completions and their rewards
     tags: dict[str, str] = field(default_factory=dict)  # what the stage chose on this machine (its attention
-    # kernel), logged as the run's lifecycle.<name> tags
+    # kernel, its precision), logged as the run's lifecycle.<name> tags
+    counts: dict[str, float] = field(default_factory=dict)  # what the stage counted (rows trained on, steps taken,
+    # parameters): logged as the run's params, beside its settings, not as one-point charts
 
 
 def columns_of(rows: list[dict]) -> dict[str, list]:

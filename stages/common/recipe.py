@@ -12,6 +12,7 @@ the steps themselves are written here once.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
@@ -65,14 +66,19 @@ def save(
     metrics: dict[str, float],
     resumed_from: int,
     tables: dict[str, dict[str, list]] | None = None,
+    counts: dict[str, float] | None = None,
 ) -> StageResult:
     """The trained model written as the stage's output (a chat stage's tokenizer keeps the template it trained with,
-    so inference renders prompts exactly as this stage did), and the stage's result."""
+    so inference renders prompts exactly as this stage did), and the stage's result: its measures, and what it
+    counted (`counts` and, for every stage, its training rows and steps taken)."""
     tokenizer = trainer.processing_class
     if isinstance(spec, ChatStage):
         store_template(tokenizer, spec.template)
     base = inputs.model if isinstance(inputs.model, Path) else None
     folder, adapter = checkpoint.save(trainer, tokenizer, workdir, spec.lora, base)
+    counted = {"global_step": float(trainer.state.global_step)}
+    if isinstance(trainer.train_dataset, Sized):  # a streamed corpus has no length
+        counted["train_rows"] = float(len(trainer.train_dataset))
     return StageResult(
         checkpoint=folder,
         adapter=adapter,
@@ -80,4 +86,5 @@ def save(
         resumed_from_step=resumed_from,
         tables=tables or {},
         tags=chosen(trainer),
+        counts=counted | (counts or {}),
     )

@@ -141,15 +141,16 @@ def fit(trainer: Trainer, measure: Callable[[], dict[str, float]] | None = None)
     tokens = trainer.state.num_input_tokens_seen - tokens_before
     if tokens and metrics.get("train_runtime"):
         metrics["train_tokens_per_second"] = tokens / metrics["train_runtime"]
-    metrics["global_step"] = float(trainer.state.global_step)
-    metrics["bf16"] = float(trainer.args.bf16)  # what `precision` chose on this machine: 1 bf16 autocast, 0 fp32
     return metrics | before | (measure() if measure else {}), resumed_from
 
 
 def chosen(trainer: Trainer) -> dict[str, str]:
     """What the stage's settings chose on this machine, recorded as its run's tags: the attention kernel it ran with
-    (`memory.attention: auto`'s choice)."""
-    return {"attention": unwrapped(trainer.model).config._attn_implementation}
+    (`memory.attention: auto`'s choice) and its precision (`train.precision: auto`'s: bf16 autocast or fp32)."""
+    return {
+        "attention": unwrapped(trainer.model).config._attn_implementation,
+        "precision": "bf16" if trainer.args.bf16 else "fp32",
+    }
 
 
 class Progress(TrainerCallback):
