@@ -7,6 +7,7 @@ loads), so `validate` and `status` never start Prefect at all.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -148,12 +149,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
-    print(f"{'stage':<14} {'kind':<10} {'fingerprint':<14} {'state':<9} {'run id':<34} metrics")
-    for row in rows:
-        metrics = "  ".join(f"{k}={row.metrics[k]:.4g}" for k in KEY_METRICS if k in row.metrics)
-        print(
-            f"{row.name:<14} {row.kind:<10} {row.fingerprint[:12]:<14} {row.state:<9} {row.run_id or '-':<34} {metrics}"
-        )
+    lines = [
+        [
+            row.name,
+            row.kind,
+            row.fingerprint[:12],
+            row.state,
+            row.run_id or "-",
+            "  ".join(f"{k}={row.metrics[k]:.4g}" for k in KEY_METRICS if k in row.metrics),
+        ]
+        for row in rows
+    ]
+    print(text_table(["stage", "kind", "fingerprint", "state", "run id", "metrics"], lines))
     return 0
 
 
@@ -359,18 +366,30 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def text_table(columns: list[str], rows: list[list[str]], numeric: list[bool] | None = None) -> str:
+    """Aligned columns (rich's table, as plain text): the header, a rule, the rows; `numeric` columns right-aligned.
+    Cells are text as given, never markup."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column, right in zip(columns, numeric or [False] * len(columns)):
+        table.add_column(Text(str(column)), justify="right" if right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*map(Text, row))
+    out = io.StringIO()
+    Console(file=out, width=1 << 16, color_system=None).print(table)
+    return out.getvalue().rstrip("\n")
+
+
 def format_metrics(table: dict) -> str:
     """A log_table JSON ({"columns": [...], "data": [[...], ...]}) as aligned text: text left, numbers right, '-'
     where not measured."""
     columns, data = table["columns"], table["data"]
-    cells = [[_cell(value) for value in row] for row in data]
-    widths = [max(len(str(column)), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
     numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in data) for i in range(len(columns))]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)).rstrip()
-
-    return "\n".join([line([str(c) for c in columns]), line(["-" * w for w in widths]), *map(line, cells)])
+    return text_table(columns, [[_cell(value) for value in row] for row in data], numeric)
 
 
 def format_samples(table: dict) -> str:

@@ -67,6 +67,10 @@ def test_status_of_a_spec_never_run_is_pending(tmp_path: Path) -> None:
     assert [(row["name"], row["state"], row["run_id"]) for row in json.loads(done.stdout)] == [
         (name, "pending", None) for name in names
     ]
+    header, rule, *rows = lifecycle("status", str(QUICK), home=tmp_path).stdout.splitlines()
+    assert header.split() == ["stage", "kind", "fingerprint", "state", "run", "id", "metrics"] and set(rule) == {"─"}
+    assert [row.split()[0] for row in rows] == names and {row.split()[3] for row in rows} == {"pending"}
+    assert {row.index("pending") for row in rows} == {header.index("state")}  # aligned under its header
 
 
 def free_port() -> int:

@@ -361,10 +361,10 @@ def test_report_tables_are_aligned() -> None:
         "data": [["pretrain", 51.234567, None], ["sft-lora", 9.5, 0.25]],
     }
     assert format_metrics(metrics).splitlines() == [
-        "checkpoint  perplexity  exact_match",
-        "----------  ----------  -----------",
-        "pretrain         51.23            -",
-        "sft-lora           9.5         0.25",
+        "checkpoint   perplexity   exact_match",
+        "─────────────────────────────────────",
+        "pretrain          51.23             -",
+        "sft-lora            9.5          0.25",
     ]
     samples = {"columns": ["prompt", "pretrain", "sft"], "data": [["Add 2 and 3.", "2 2 2", "5\nexactly"]]}
     assert format_samples(samples).splitlines() == [

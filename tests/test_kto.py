@@ -286,7 +286,9 @@ def test_short_kto_lifts_desirable_completions_above_undesirable_ones(
         and counts["train_desirable_rows"] == counts["train_undesirable_rows"] == PAIRS
     )
     # held out: the model's own log-prob gap moves by less than its spread over seeds in 32 steps; measured, not judged
-    assert {"heldout_desirable_margin_before", "heldout_desirable_margin", "heldout_desirable_logps"} <= set(result.metrics)
+    assert {"heldout_desirable_margin_before", "heldout_desirable_margin", "heldout_desirable_logps"} <= set(
+        result.metrics
+    )
 
 
 def test_the_stage_feeds_each_completion_to_the_loss_and_the_mismatched_ones_to_z0(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -107,13 +106,14 @@ def step_line(stage: str, step: int, total: int, figures: dict[str, float], toke
 
 
 class StatusLine:
-    """A line that follows a task: on a terminal redrawn in place, elsewhere printed at the moments that matter.
+    """A line that follows a task: on a terminal redrawn in place (rich's live display), elsewhere printed at the
+    moments that matter.
 
     `live`: redraw in place; by default, whether the stream (stderr unless given) is a terminal."""
 
     def __init__(self, stream: TextIO | None = None, live: bool | None = None):
         self._stream, self._live = stream, live
-        self.open = False  # a live line is drawn and not yet ended
+        self._display = None  # rich's Live while a line is drawn and not yet ended
         self.drawn = 0.0  # when it was last drawn
 
     @property
@@ -123,6 +123,11 @@ class StatusLine:
     @property
     def live(self) -> bool:
         return self.stream.isatty() if self._live is None else self._live
+
+    @property
+    def open(self) -> bool:
+        """A live line is drawn and not yet ended."""
+        return self._display is not None
 
     def update(self, text: str) -> None:
         """A moment between the ones that matter (a step): redrawn on a terminal, at most every REFRESH_SECONDS."""
@@ -151,16 +156,23 @@ class StatusLine:
 
     def close(self) -> None:
         """End an open live line, so whatever is printed next (an error) starts on a line of its own."""
-        if self.open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open = False
+        if self._display is not None:
+            self._display.stop()
+            self._display = None
 
     def _draw(self, text: str) -> None:
-        width = shutil.get_terminal_size((120, 24)).columns - 1  # a wrapped line cannot be redrawn in place
-        self.stream.write("\r" + text[:width] + "\x1b[K")
-        self.stream.flush()
-        self.open, self.drawn = True, time.monotonic()
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        if self._display is None:
+            # the line as given, cut to the terminal's width (a wrapped line cannot be redrawn in place); drawn when
+            # told, not by rich's timer, and the streams left alone: Prefect's log handlers hold the real stderr
+            console = Console(file=self.stream, force_terminal=True, color_system=None, highlight=False)
+            self._display = Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+            self._display.start()
+        self._display.update(Text(text, no_wrap=True, overflow="ellipsis"), refresh=True)
+        self.drawn = time.monotonic()
 
 
 def quiet_libraries() -> None:
