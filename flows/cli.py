@@ -20,7 +20,7 @@ from pathlib import Path
 from flows import server
 from schemas.errors import LifecycleError
 from schemas.load import SpecError, load_spec
-from schemas.spec_doc import REFERENCE, render
+from schemas.spec_doc import render
 from stages.common import estimate, memory
 from stages.common.progress import quiet_libraries
 from tasks.checks import check_contracts
@@ -546,8 +546,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
             print(f"  {experiment.name}: {runs}")
     sys.stdout.flush()  # exec replaces this process, buffered output with it
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", home.tracking_uri]
+    command += ["--registry-store-uri", home.tracking_uri]  # where the pipeline registers models (said, not guessed)
     command += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
-    command += ["--uvicorn-opts", f"--timeout-graceful-shutdown {UI_SHUTDOWN_SECONDS}"]
+    # no line per request: a browser's page makes dozens, and the terminal is for what the command says
+    command += ["--uvicorn-opts", f"--timeout-graceful-shutdown {UI_SHUTDOWN_SECONDS} --no-access-log"]
     os.execve(sys.executable, command, os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
@@ -572,8 +574,14 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_doc(args: argparse.Namespace) -> int:
-    """The spec reference rendered from the models: written to the file, or with --check compared with it."""
+    """The spec reference rendered from the models: printed, written to the file, or with --check compared with it."""
     text = render()
+    if args.path is None:
+        if args.check:
+            print("lifecycle spec-doc --check needs the file to compare, e.g. docs/spec.md", file=sys.stderr)
+            return 2
+        print(text, end="")
+        return 0
     if not args.check:
         args.path.parent.mkdir(parents=True, exist_ok=True)
         args.path.write_text(text, encoding="utf-8")
@@ -582,7 +590,7 @@ def cmd_spec_doc(args: argparse.Namespace) -> int:
     if args.path.exists() and args.path.read_text(encoding="utf-8") == text:
         print(f"{args.path}: the spec reference is up to date")
         return 0
-    again = "lifecycle spec-doc" + ("" if args.path == REFERENCE else f" {args.path}")
+    again = f"lifecycle spec-doc {args.path}"
     state = "is stale: it differs from the spec's models" if args.path.exists() else "does not exist"
     print(f"{args.path} {state}; run `{again}` to write it", file=sys.stderr)
     return 1
@@ -605,13 +613,19 @@ def cmd_new(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lifecycle", description="Make a language model from a spec, stage by stage.")
     commands = top.add_subparsers(dest="command", required=True)
+    spec_help = "the pipeline spec (YAML)"
+
+    def command(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+        """A subcommand whose line in `lifecycle --help` and whose own --help both say what it does."""
+        return commands.add_parser(name, help=text, description=description or text[0].upper() + text[1:] + ".")
+
     for name, func, text in [
         ("run", cmd_run, "run every stage; a re-run reuses what finished and resumes the rest"),
         ("status", cmd_status, "one row per stage: name, kind, fingerprint, state, run id, key metrics"),
         ("validate", cmd_validate, "check the spec and every data file; nothing trains"),
     ]:
-        sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("spec", type=Path)
+        sub = command(name, text)
+        sub.add_argument("spec", type=Path, help=spec_help)
         sub.set_defaults(func=func)
         if name == "status":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
@@ -635,10 +649,10 @@ def parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="Prefect's own lines too: each task's start and finished state, the flow run's link",
             )
-    new = commands.add_parser(
+    new = command(
         "new",
-        help="write a commented first spec for your model folder and data files",
-        description="Write a commented first spec: each data file's format detected (any container: .jsonl, .json, "
+        "write a commented first spec for your model folder and data files",
+        "Write a commented first spec: each data file's format detected (any container: .jsonl, .json, "
         ".parquet, .csv, .tsv, .txt, .md, .arrow, compressed too), a stage for each format "
         "(pretrain, LoRA-SFT, DPO, KTO, PRO, GRPO, in that order), an eval of them all. A file named as held out "
         "(heldout, eval, test, valid, dev) is the held-out file of its format's stage.",
@@ -648,22 +662,22 @@ def parser() -> argparse.ArgumentParser:
     new.add_argument("-o", "--output", type=Path, default=Path("spec.yaml"), help="default: spec.yaml")
     new.add_argument("--name", help="the pipeline's name (its MLflow experiment); default: the model folder's")
     new.set_defaults(func=cmd_new)
-    inspect = commands.add_parser(
+    inspect = command(
         "inspect",
-        help="how a stage's sources are read (containers, shapes, rows) and its decoded training examples, trained "
+        "how a stage's sources are read (containers, shapes, rows) and its decoded training examples, trained "
         "spans marked",
     )
-    inspect.add_argument("spec", type=Path)
+    inspect.add_argument("spec", type=Path, help=spec_help)
     inspect.add_argument("--stage", required=True, help="the stage's name")
     inspect.add_argument("-n", type=int, default=3, help="how many examples")
     inspect.add_argument(
         "--tokenizer", type=Path, help="a tokenizer folder; default: the spec's finished tokenizer stage"
     )
     inspect.set_defaults(func=cmd_inspect)
-    generate = commands.add_parser(
+    generate = command(
         "generate",
-        help="a checkpoint's replies to prompts, through the chat template stored with it",
-        description="Replies of one checkpoint: a stage's finished checkpoint (SPEC --stage NAME), a logged or "
+        "a checkpoint's replies to prompts, through the chat template stored with it",
+        "Replies of one checkpoint: a stage's finished checkpoint (SPEC --stage NAME), a logged or "
         "registered model (--model models:/...), or a folder (--checkpoint). "
         "Greedy by default, so a reply is reproducible and is the one `lifecycle report` shows; "
         "--temperature above 0 samples (nucleus, --top-p).",
@@ -688,7 +702,7 @@ def parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
     generate.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (default 0.9)")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="the longest reply, in tokens (default 128)")
     generate.add_argument("--batch-size", type=int, default=16, help="prompts generated together, left-padded")
     generate.add_argument("--seed", type=int, default=0, help="makes sampled replies repeatable")
     generate.add_argument(
@@ -698,9 +712,9 @@ def parser() -> argparse.ArgumentParser:
         "offered with every prompt; a reply calls them in <tool_call> blocks",
     )
     generate.set_defaults(func=cmd_generate)
-    export = commands.add_parser(
+    export = command(
         "export",
-        help="a stage's model as a Hugging Face folder to take elsewhere (merged safetensors, tokenizer and chat "
+        "a stage's model as a Hugging Face folder to take elsewhere (merged safetensors, tokenizer and chat "
         "template, generation config, a model card naming its lineage and scores)",
     )
     export.add_argument(
@@ -714,9 +728,9 @@ def parser() -> argparse.ArgumentParser:
         help="also write OUT.gguf (llama and qwen2 architectures, byte-level BPE tokenizers), read back and checked",
     )
     export.set_defaults(func=cmd_export)
-    serve = commands.add_parser(
+    serve = command(
         "serve",
-        help="a stage's model behind an OpenAI-compatible API: /v1/chat/completions (streaming, tools) and /v1/models",
+        "a stage's model behind an OpenAI-compatible API: /v1/chat/completions (streaming, tools) and /v1/models",
     )
     serve.add_argument(
         "source",
@@ -724,34 +738,32 @@ def parser() -> argparse.ArgumentParser:
         "served under the folder's name, no store read)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default 8000)")
     serve.set_defaults(func=cmd_serve)
-    report = commands.add_parser("report", help="the eval stage's metrics per checkpoint and their sample replies")
-    report.add_argument("spec", type=Path)
+    report = command("report", "the eval stage's metrics per checkpoint and their sample replies")
+    report.add_argument("spec", type=Path, help=spec_help)
     report.add_argument("--stage", help="the eval stage's name; default: the first eval stage")
     report.set_defaults(func=cmd_report)
-    ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the project's store")
-    ui.add_argument("--port", type=int, default=5000)
+    ui = command("ui", "the MLflow UI on 127.0.0.1 against the project's store")
+    ui.add_argument("--port", type=int, default=5000, help="the port to listen on (default 5000)")
     ui.set_defaults(func=cmd_ui)
-    join = commands.add_parser(
+    join = command(
         "join",
-        help="run another node's ranks of a stage launched on several machines",
-        description="On every node but the first, while the first runs `lifecycle run SPEC`: this node's "
+        "run another node's ranks of a stage launched on several machines",
+        "On every node but the first, while the first runs `lifecycle run SPEC`: this node's "
         "ranks of the stage meet it at the stage's launch.master and take their work from it. The home "
         "must be on a filesystem every node shares.",
     )
-    join.add_argument("spec", type=Path)
+    join.add_argument("spec", type=Path, help=spec_help)
     join.add_argument("--stage", required=True, help="the stage's name")
     join.add_argument("--node-rank", type=int, required=True, help="this node's number, 1 to launch.nodes - 1")
     join.set_defaults(func=cmd_join)
-    stop = commands.add_parser(
-        "stop", help="stop the home's Prefect server (the first `run` starts it and leaves it for the next)"
-    )
+    stop = command("stop", "stop the home's Prefect server (the first `run` starts it and leaves it for the next)")
     stop.set_defaults(func=cmd_stop)
-    spec_doc = commands.add_parser(
-        "spec-doc", help="write the reference of every spec field, generated from the spec's models"
+    spec_doc = command(
+        "spec-doc", "print (or write to PATH) the reference of every spec field, generated from the spec's models"
     )
-    spec_doc.add_argument("path", nargs="?", type=Path, default=REFERENCE, help="default: docs/spec.md")
+    spec_doc.add_argument("path", nargs="?", type=Path, help="the file to write (this repository's: docs/spec.md)")
     spec_doc.add_argument("--check", action="store_true", help="write nothing; exit 1 when the file is stale")
     spec_doc.set_defaults(func=cmd_spec_doc)
     return top

@@ -3,7 +3,8 @@
 One section per model a spec reaches from `PipelineSpec`, one table row per field: its YAML name (aliases
 respected), its type as a YAML user writes it, its default, and its `Field(description=...)`; the model's docstring
 introduces the section. Descriptions live in the schema, nowhere else: a field that needs words gets them there.
-`lifecycle spec-doc` writes the result to docs/spec.md, and a test fails while that file differs from it.
+`lifecycle spec-doc` prints the result, `lifecycle spec-doc docs/spec.md` writes this repository's copy, and a test
+fails while that file differs from it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ INTRODUCTION = """\
 # Spec reference
 
 Every field a pipeline spec can have: its YAML name, its type, its default and what it does. This page is
-generated from the pydantic models in `schemas/` by `lifecycle spec-doc`; do not edit it by hand. To change it,
-change the model (a field's `Field(description=...)`, a model's docstring) and run `lifecycle spec-doc`: a test fails
-while this page differs from the models.
+generated from the pydantic models in `schemas/` by `lifecycle spec-doc`, which prints it wherever the tool is
+installed; do not edit it by hand. To change it, change the model (a field's `Field(description=...)`, a model's
+docstring) and run `lifecycle spec-doc docs/spec.md`: a test fails while this page differs from the models.
 
 A spec is validated whole before any data is read: a field not listed here is an error, and every error names the
 field's path (`stages[1].train.lr`). Paths are relative to the spec file; a field typed "source or list of sources"

@@ -223,7 +223,8 @@ def starter_spec(name: str, model: Path, files: list[Path], spec_dir: Path) -> s
     )
     lines = [
         f"# A first spec for {shown}, written by `lifecycle new`. Check it with `lifecycle validate`, see what",
-        "# each stage trains with `lifecycle inspect SPEC --stage NAME`, then `lifecycle run`. Fields: docs/spec.md.",
+        "# each stage trains with `lifecycle inspect SPEC --stage NAME`, then `lifecycle run`.",
+        "# Every field a spec can have, and what it does: `lifecycle spec-doc`.",
         "# Formats detected:",
         *(f"#   {rel(p)}: {fmt}" for fmt, splits in found.items() for paths in splits.values() for p in paths),
         f"name: {name}",

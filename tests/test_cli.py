@@ -61,6 +61,20 @@ def test_bad_spec_is_one_clear_message(tmp_path: Path) -> None:
     assert "stages[0].train.max_steps: Input should be greater than 0" in done.stderr
 
 
+def test_every_subcommand_says_what_it_does_in_the_overview_and_its_own_help() -> None:
+    import argparse
+
+    from flows.cli import parser
+
+    top = parser()
+    (commands,) = [action for action in top._actions if isinstance(action, argparse._SubParsersAction)]
+    listed = {choice.dest: choice.help for choice in commands._choices_actions}
+    assert set(listed) == set(commands.choices) and all(len(text.split()) >= 4 for text in listed.values()), listed
+    for name, sub in commands.choices.items():
+        assert sub.description and len(sub.description.split()) >= 4, name  # `lifecycle NAME --help` says it too
+        assert all(action.help for action in sub._actions if action.dest != "help"), name  # and every argument
+
+
 def test_status_of_a_spec_never_run_is_pending(tmp_path: Path) -> None:
     done = lifecycle("status", str(QUICK), "--json", home=tmp_path)
     names = ["tokenizer", "pretrain", "sft", "sft-lora", "dpo", "pro", "tuna", "reward", "kto", "grpo", "eval"]
@@ -91,7 +105,7 @@ def test_ui_serves_the_project_store_on_loopback_and_ctrl_c_stops_all_of_it(quic
             [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
             env=env,
             stdout=out,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: the test's cleanup reaches whatever it left
         )
     try:
@@ -117,7 +131,8 @@ def test_ui_serves_the_project_store_on_loopback_and_ctrl_c_stops_all_of_it(quic
 
         experiment = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("quick").experiment_id
         link = f"quick: http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
-        assert link in (tmp_path / "ui.out").read_text()
+        said = (tmp_path / "ui.out").read_text()
+        assert link in said and "GET /api" not in said  # no line per request
 
         server.send_signal(signal.SIGINT)  # to the command alone, not its group: it stops what it started
         gone, left = psutil.wait_procs(tree, timeout=10)

@@ -81,6 +81,8 @@ def test_the_written_spec_trains_a_stage_per_format_in_order_and_validates_as_wr
     assert stages["sft"].lora is not None and stages["pretrain"].lora is None
     assert spec.template == "tokenizer" and spec.model.path == model
     assert sum(checked.rows for checked in check_contracts(spec)) > 0
+    # the reference as an installed tool gives it, not a path in this repository
+    assert "`lifecycle spec-doc`" in out.read_text() and "docs/" not in out.read_text()
     assert main(["new", str(model), str(data / "sft.jsonl"), "-o", str(out)]) == 2  # never overwrites
 
 
