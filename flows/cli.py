@@ -534,7 +534,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     from mlflow.tracking.default_experiment import DEFAULT_EXPERIMENT_ID
 
-    from tasks.lineage import open_store
+    from tasks.lineage import open_store, ui_route
 
     address = f"http://127.0.0.1:{args.port}"
     print(f"MLflow UI on {address} for {home.tracking_uri}; Ctrl-C stops it")
@@ -542,8 +542,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     # switch says otherwise: these addresses open each experiment's runs with the switch on Model training
     for experiment in open_store(home).search_experiments(max_results=20, order_by=["last_update_time DESC"]):
         if experiment.experiment_id != DEFAULT_EXPERIMENT_ID:
-            runs = f"{address}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-            print(f"  {experiment.name}: {runs}")
+            print(f"  {experiment.name}: {address}/{ui_route(experiment.experiment_id)}")
     sys.stdout.flush()  # exec replaces this process, buffered output with it
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", home.tracking_uri]
     command += ["--registry-store-uri", home.tracking_uri]  # where the pipeline registers models (said, not guessed)

@@ -74,9 +74,9 @@ def _experiment_link(home: Home, spec_name: str | None) -> str:
         return "recorded where the workers' MLFLOW_TRACKING_URI points; set it here too to follow the run"
     if spec_name is None:
         return uri
-    from tasks.lineage import client
+    from tasks.lineage import client, ui_route
 
     experiment = client(home).get_experiment_by_name(spec_name)
     if experiment is None:
         return f"{uri} (experiment {spec_name}, made when the run starts)"
-    return f"{uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    return f"{uri}/{ui_route(experiment.experiment_id)}"

@@ -225,6 +225,12 @@ def pipeline_run(
     mlflow.set_terminated(run_id, status="FINISHED")
 
 
+def ui_route(experiment: str, run: str | None = None) -> str:
+    """The MLflow UI's address (after the server's) of an experiment's runs, or of one run, in its model-training view:
+    MLflow 3.17 opens its GenAI view (traces) unless the address or the browser's last choice says otherwise."""
+    return f"#/experiments/{experiment}/runs" + (f"/{run}" if run else "") + "?workflowType=machine_learning"
+
+
 def _pipeline_note(spec_name: str, tags: dict[str, str], outcome: str, experiment: str | None = None) -> str:
     """The parent run's description, in the Markdown MLflow shows it in; `tags`: the run's. With `experiment`, each
     stage's run linked (those reused marked so)."""
@@ -235,7 +241,7 @@ def _pipeline_note(spec_name: str, tags: dict[str, str], outcome: str, experimen
     linked = [(name, tags.get(f"{TAG}stage.{name}")) for name in tags[TAG + "stages"].split()]
     if experiment is not None and any(run for _, run in linked):
         runs = [
-            f"[{name}](#/experiments/{experiment}/runs/{run.split()[0]}){' (reused)' * run.endswith('(reused)')}"
+            f"[{name}]({ui_route(experiment, run.split()[0])}){' (reused)' * run.endswith('(reused)')}"
             for name, run in linked
             if run
         ]

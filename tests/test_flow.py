@@ -286,10 +286,13 @@ def test_runs_describe_themselves_on_their_pages(quick_run) -> None:
 
     parent = mlflow.get_run(runs["eval"]).data.tags["mlflow.parentRunId"]
     experiment = mlflow.get_run(parent).info.experiment_id
+    training_view = "workflowType=machine_learning"  # each link opens in the UI's model-training view
     assert note(parent).split("\n\n") == [
         f"Pipeline **quick** (`{QUICK}`): " + " → ".join(runs) + ".",
         "Outcome: finished.",
-        "Runs: " + ", ".join(f"[{name}](#/experiments/{experiment}/runs/{run})" for name, run in runs.items()) + ".",
+        "Runs: "
+        + ", ".join(f"[{name}](#/experiments/{experiment}/runs/{run}?{training_view})" for name, run in runs.items())
+        + ".",
         "Charts: `eval/<metric>` by step, one checkpoint a step: "
         "0:pretrain 1:sft 2:sft-lora 3:dpo 4:pro 5:tuna 6:kto 7:grpo.",
     ]

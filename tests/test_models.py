@@ -131,7 +131,8 @@ def test_the_registry_has_a_version_per_stage_and_a_rerun_adds_none(
     assert latest.info.run_name == "quick (all reused)"
     note = latest.data.tags["mlflow.note.content"]
     assert "Outcome: finished, every stage reused from an earlier run (nothing trained)." in note
-    assert f"[sft](#/experiments/{latest.info.experiment_id}/runs/{runs['sft']}) (reused)" in note
+    sft = f"#/experiments/{latest.info.experiment_id}/runs/{runs['sft']}?workflowType=machine_learning"
+    assert f"[sft]({sft}) (reused)" in note  # opens in the UI's model-training view
 
     planned = {stage.name: stage for stage in plan(load_spec(QUICK))}
     ours = {v.run_id: v for v in mlflow.search_model_versions("name = 'quick'") if v.run_id in runs.values()}
