@@ -212,7 +212,7 @@ def _preview_tokenizer(spec, home: Home, planned) -> Path:
     """The spec's tokenizer before any run has made it: built as the tokenizer stage builds it (adopted, or trained on
     the spec's text: seconds), kept in the home's cache by its fingerprint, not recorded as a run."""
     from stages import tokenizer
-    from stages.common.contract import partial_folder, publish
+    from stages.common.folders import partial_folder, publish
 
     target = home.cache("preview-tokenizer", planned.fingerprint)
     if not target.exists():

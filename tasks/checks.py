@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from schemas.data import DataError, Problem, check_files
 from schemas.spec import PipelineSpec
-from stages.common.contract import partial_folder, publish
+from stages.common.folders import partial_folder, publish
 from tasks.home import Home
 from tasks.keys import check_key
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from stages.common.contract import partial_folder
+from stages.common.folders import partial_folder
 from tasks import mirror
 from tasks.home import Home, host
 from tasks.lineage import TAG, StageBusy, alive, busy, experiment_id, lease_until, owner, runs_of

@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from stages.common.contract import TRAINER_STATE, partial_folder
+from stages.common.contract import TRAINER_STATE
+from stages.common.folders import partial_folder
 from stages.common.progress import say, transfer
 
 MIRRORS = "trainer"  # the artifact folder of a run's mirrored in-stage checkpoints

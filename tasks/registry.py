@@ -39,7 +39,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
 
 from schemas.spec import TOKENIZER_STAGE, ModelSpec, lower_is_better
-from stages.common.contract import ModelError, StageResult, is_adapter, partial_folder, point_adapter_at, publish
+from stages.common.contract import ModelError, StageResult, is_adapter, point_adapter_at
+from stages.common.folders import partial_folder, publish
 from stages.common.progress import say, transfer
 from tasks.home import Home
 from tasks.keys import folder_digest

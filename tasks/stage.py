@@ -24,7 +24,8 @@ from prefect.cache_policies import NO_CACHE
 from schemas.spec import PipelineSpec
 from stages import training_stage
 from stages.common import estimate, memory
-from stages.common.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult, partial_folder, publish
+from stages.common.contract import ADDED_TOKENS, ModelError, StageInputs, StageResult
+from stages.common.folders import partial_folder, publish
 from stages.common.progress import prepared_line, say
 from tasks import claims, lineage, mirror
 from tasks.checks import check_contracts

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,24 +96,3 @@ def point_adapter_at(folder: Path, base: Path) -> None:
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = str(base)
     path.write_text(json.dumps(config, indent=2))
-
-
-def partial_folder(target: Path) -> Path:
-    """An empty folder beside `target` to build it in, named for this process: a kill never leaves a half-written
-    folder where a reader looks for `target`, and two processes never write into the same one."""
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def publish(partial: Path, target: Path) -> Path:
-    """Move a folder built at `partial` to `target` in one step; if another process published it first, keep theirs
-    (the same content: targets are named by what they hold)."""
-    try:
-        partial.rename(target)
-    except OSError:
-        if not target.exists():
-            raise
-        shutil.rmtree(partial)
-    return target

@@ -22,7 +22,8 @@ from transformers import PreTrainedModel
 
 from schemas.spec import GRPOStage, ReferenceStage
 from stages.common.candidates import candidate_logps, scored
-from stages.common.contract import StageInputs, partial_folder, publish
+from stages.common.contract import StageInputs
+from stages.common.folders import partial_folder, publish
 from stages.common.training import ObjectiveTrainer, use_bf16
 
 REFERENCE_FILE = "reference_logps.safetensors"
