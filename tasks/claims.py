@@ -98,7 +98,11 @@ def _take_over(mlflow: MlflowClient, home: Home, experiment: str, stage: Planned
     previous, ours = Path(runs[0].data.tags[f"{TAG}workdir"]) / "trainer", home.work(stage) / "trainer"
     if list(ours.glob("checkpoint-*")):
         return None  # this home's own work: the stage resumes from it as it always does
-    if previous != ours and list(previous.glob("checkpoint-*")):
+    # the tag is the store's word and what it names is loaded (pickled resume state): only a work folder of this very
+    # stage (<home>/work/<pipeline>/<stage>-<fingerprint>, this home's or another's on a shared file system) is read
+    wanted = ("work", *stage.folder.split("/"), "trainer")
+    inside = previous.is_absolute() and previous.resolve().parts[-len(wanted) :] == wanted
+    if previous != ours and inside and list(previous.glob("checkpoint-*")):
         partial = partial_folder(ours)
         shutil.copytree(previous, partial, dirs_exist_ok=True)
         partial.rename(ours)
@@ -109,9 +113,10 @@ def _take_over(mlflow: MlflowClient, home: Home, experiment: str, stage: Planned
         return f"stage {stage.name} takes over the checkpoint of step {step} that run {run.info.run_id} mirrored"
     if previous == ours:
         return None  # this home's own run, killed before its first save: the stage starts as it always does
+    where = "are not reachable from here" if inside else "are not a work folder of this stage, so not read"
     return (
         f"stage {stage.name} restarts from step 0: the in-stage checkpoints of its unfinished run "
-        f"{runs[0].info.run_id} ({owner(runs[0])}) at {previous} are not reachable from here, and none was mirrored "
+        f"{runs[0].info.run_id} ({owner(runs[0])}) at {previous} {where}, and none was mirrored "
         f"to the store (set {mirror.SWITCH}=1 on the workers for that)"
     )
 

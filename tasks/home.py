@@ -8,14 +8,19 @@ the user has set already (a real server when scaling out) is respected, never ov
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from schemas.errors import LifecycleError
+
 if TYPE_CHECKING:
     from tasks.plan import PlannedStage
+
+CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,14 @@ class Home:
         return self.root / "claims" / f"{stage.folder}.lock"
 
     def cache(self, kind: str, key: str) -> Path:
+        """The cache entry `kind`/`key`. Both are single names (a key often comes from the store, where anyone who can
+        write a tag could put `../x` or an absolute path), so an entry is always inside the home's cache."""
+        for part in (kind, key):
+            if not CACHE_NAME.fullmatch(part):
+                raise LifecycleError(
+                    f"{part!r} is not a name the home's cache takes (a letter or digit, then letters, digits, '.', '_' "
+                    f"or '-'): refused, so nothing is read or written outside {self.root / 'cache'}"
+                )
         return self.root / "cache" / kind / key
 
     def configure(self) -> None:

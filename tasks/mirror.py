@@ -14,17 +14,19 @@ its own."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import shutil
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import Run, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from stages.common.contract import TRAINER_STATE
 from stages.common.folders import partial_folder
 from stages.common.progress import say, transfer
+from tasks import seals
 
 MIRRORS = "trainer"  # the artifact folder of a run's mirrored in-stage checkpoints
 MIRRORED = "lifecycle.mirrored"  # tag of a run that has mirrored a checkpoint: the last step mirrored
@@ -38,12 +40,16 @@ def enabled() -> bool:
 def upload(mlflow: MlflowClient, run_id: str, checkpoint: Path) -> None:
     """One in-stage checkpoint folder to `trainer/<its name>` of the run, its state file last; then the run's other
     mirrors are deleted."""
-    target = f"{MIRRORS}/{checkpoint.name}"
+    target, step = f"{MIRRORS}/{checkpoint.name}", int(checkpoint.name.split("-")[1])
+    digest = seals.checkpoint_digest(checkpoint)  # what a worker taking the stage over checks before it loads it
     files = sorted(path for path in checkpoint.rglob("*") if path.is_file() and path.name != TRAINER_STATE)
     for path in [*files, checkpoint / TRAINER_STATE]:
         folder = path.parent.relative_to(checkpoint).as_posix()
         mlflow.log_artifact(run_id, str(path), target if folder == "." else f"{target}/{folder}")
-    mlflow.set_tag(run_id, MIRRORED, checkpoint.name.split("-")[1])
+    tags = [RunTag(MIRRORED, str(step)), RunTag(seals.MIRROR_DIGEST, digest)]
+    if (seal := seals.mirror_seal(run_id, step, digest)) is not None:
+        tags.append(RunTag(seals.MIRROR_SEAL, seal))
+    mlflow.log_batch(run_id, tags=tags)
     for entry in mlflow.list_artifacts(run_id, MIRRORS):  # older mirrors, and any a failed upload left incomplete
         if entry.path != target:
             _delete(mlflow, run_id, entry.path)
@@ -62,7 +68,10 @@ def complete(mlflow: MlflowClient, run_id: str) -> list[tuple[int, str]]:
 
 def fetch(mlflow: MlflowClient, runs: list[Run], trainer_dir: Path) -> tuple[Run, int] | None:
     """The newest complete mirror of the first of `runs` (newest first) that has one, downloaded into `trainer_dir` as
-    the checkpoint folder the Trainer resumes from: (that run, its step), or None when no run mirrored one."""
+    the checkpoint folder the Trainer resumes from: (that run, its step), or None when no run mirrored one.
+
+    The Trainer's resume state is pickled (the optimizer's, DeepSpeed's): a mirror is moved into place only when its
+    files are the ones the run recorded (`tasks.seals`), sealed with the team's key when one is set."""
     for run in runs:
         if MIRRORED not in run.data.tags:
             continue
@@ -72,10 +81,27 @@ def fetch(mlflow: MlflowClient, runs: list[Run], trainer_dir: Path) -> tuple[Run
             partial = partial_folder(target)
             partial.mkdir(parents=True, exist_ok=True)
             with transfer(f"mirrored {path} of run {run.info.run_id}", "downloaded", target):
-                Path(mlflow.download_artifacts(run.info.run_id, path, str(partial))).rename(target)
+                local = Path(mlflow.download_artifacts(run.info.run_id, path, str(partial)))
+            try:
+                _check(run, step, local)
+            except seals.Refused:
+                shutil.rmtree(partial)
+                raise
+            local.rename(target)
             shutil.rmtree(partial)
             return run, step
     return None
+
+
+def _check(run: Run, step: int, folder: Path) -> None:
+    """The downloaded mirror is the one the run recorded at its last mirrored step, and, with a key, sealed so."""
+    tags, what = run.data.tags, f"the checkpoint of step {step} that run {run.info.run_id} mirrored"
+    if tags.get(MIRRORED) != str(step):
+        raise seals.Refused(f"{what}: the run records step {tags.get(MIRRORED)} as its last mirror; not loaded")
+    seals.check_folder(folder, tags.get(seals.MIRROR_DIGEST), what)
+    expected = seals.mirror_seal(run.info.run_id, step, tags.get(seals.MIRROR_DIGEST, ""))
+    if expected is not None and not hmac.compare_digest(tags.get(seals.MIRROR_SEAL, ""), expected):
+        raise seals.Refused(f"{what} is not sealed with this team's key; its pickled resume state is not loaded")
 
 
 def drop(mlflow: MlflowClient, runs: list[Run]) -> None:

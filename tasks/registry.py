@@ -33,7 +33,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
-from mlflow.entities import LoggedModelInput, LoggedModelOutput, LoggedModelStatus, Run, RunTag
+from mlflow.entities import LoggedModel, LoggedModelInput, LoggedModelOutput, LoggedModelStatus, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
@@ -42,6 +42,7 @@ from schemas.spec import TOKENIZER_STAGE, ModelSpec, lower_is_better
 from stages.common.contract import ModelError, StageResult, is_adapter, point_adapter_at
 from stages.common.folders import partial_folder, publish
 from stages.common.progress import say, transfer
+from tasks import seals
 from tasks.home import Home
 from tasks.keys import folder_digest
 from tasks.lineage import TAG, input_run_of
@@ -75,24 +76,33 @@ def log_checkpoints(mlflow: MlflowClient, run_id: str, result: StageResult) -> s
     if result.source_run is not None:
         if (model_id := model_of(mlflow.get_run(result.source_run))) is not None:
             mlflow.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
-            mlflow.set_tag(run_id, MODEL_ID, model_id)
+            digest = mlflow.get_logged_model(model_id).tags.get(seals.DIGEST)
+            _name_models(mlflow, run, {MODEL_ID: (model_id, digest)})
         return None
     if result.checkpoint is None:
         return None
-    model_id = _log_model(mlflow, run, run.info.run_name, result.checkpoint, CHECKPOINT, step)
-    tags = [RunTag(MODEL_ID, model_id)]
+    named = {MODEL_ID: _log_model(mlflow, run, run.info.run_name, result.checkpoint, CHECKPOINT, step)}
     if result.adapter is not None:
-        adapter = _log_model(mlflow, run, f"{run.info.run_name}-adapter", result.adapter, ADAPTER, step)
-        tags.append(RunTag(ADAPTER_MODEL_ID, adapter))
-    mlflow.log_batch(run_id, tags=tags)
-    return model_id
+        named[ADAPTER_MODEL_ID] = _log_model(mlflow, run, f"{run.info.run_name}-adapter", result.adapter, ADAPTER, step)
+    _name_models(mlflow, run, named)
+    return named[MODEL_ID][0]
 
 
-def _log_model(mlflow: MlflowClient, run: Run, name: str, folder: Path, artifact: str, step: int) -> str:
-    """One folder as a READY logged model of `run`; a model whose upload fails is marked FAILED, never READY."""
+def _name_models(mlflow: MlflowClient, run: Run, named: dict[str, tuple[str, str]]) -> None:
+    """The run's tags naming its models ({tag: (model id, digest)}), and its seal over them when a key is set."""
+    tags = [RunTag(tag, model_id) for tag, (model_id, _) in named.items()]
+    seal = seals.run_seal(run.info.run_id, run.data.tags, dict(named.values()))
+    mlflow.log_batch(run.info.run_id, tags=tags + ([RunTag(seals.SEAL, seal)] if seal else []))
+
+
+def _log_model(mlflow: MlflowClient, run: Run, name: str, folder: Path, artifact: str, step: int) -> tuple[str, str]:
+    """One folder as a READY logged model of `run`, its content digest recorded with it; a model whose upload fails is
+    marked FAILED, never READY. The model's id and digest."""
     tags = run.data.tags
     model_type = _model_type(tags[f"{TAG}kind"], folder)
-    model_tags = {f"{TAG}{key}": tags[f"{TAG}{key}"] for key in ("stage", "kind", "fingerprint")} | {ARTIFACT: artifact}
+    digest = seals.checkpoint_digest(folder)
+    model_tags = {f"{TAG}{key}": tags[f"{TAG}{key}"] for key in ("stage", "kind", "fingerprint")}
+    model_tags |= {ARTIFACT: artifact, seals.DIGEST: digest}
     if is_adapter(folder):
         model_tags |= _base(mlflow, run)
     applies = next((f", on {value}" for key, value in model_tags.items() if key in BASES), "")
@@ -111,7 +121,7 @@ def _log_model(mlflow: MlflowClient, run: Run, name: str, folder: Path, artifact
         raise
     mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     mlflow.log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, step)])
-    return model.model_id
+    return model.model_id, digest
 
 
 def _model_type(kind: str, folder: Path) -> str:
@@ -140,16 +150,21 @@ def log_input_models(mlflow: MlflowClient, run_id: str, runs: list[Run]) -> None
 
 
 def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str = CHECKPOINT) -> Path:
-    """The run's checkpoint in the cache, downloaded once through its logged model. `artifact` "adapter" asks for a
-    merged LoRA stage's adapter.
+    """The run's checkpoint in the cache, downloaded once through its logged model and checked against the run's
+    record (`tasks.seals`). `artifact` "adapter" asks for a merged LoRA stage's adapter.
 
     A run of an older store has no model: its checkpoint is the run artifact `checkpoint`, fetched as before, keyed by
-    run (a curriculum stage's is its last part's, which the tag `lifecycle.checkpoint_run` names)."""
+    run (a curriculum stage's is its last part's, which the tag `lifecycle.checkpoint_run` names); with a key set,
+    such a run is refused, having no seal."""
     if (model_id := model_of(run, artifact)) is not None:
-        return fetch_model(mlflow, home, model_id)
+        model = mlflow.get_logged_model(seals.model_id(model_id, f"the model tag of run {run.info.run_id}"))
+        _check_binding(mlflow, run, model)
+        return _fetch(mlflow, home, model)
+    seals.check_seal(run, {})
     tags = run.data.tags
     if f"{TAG}checkpoint_run" in tags:
-        return fetch_checkpoint(mlflow, home, mlflow.get_run(tags[f"{TAG}checkpoint_run"]), artifact)
+        source = seals.run_id(tags[f"{TAG}checkpoint_run"], f"the checkpoint_run tag of run {run.info.run_id}")
+        return fetch_checkpoint(mlflow, home, mlflow.get_run(source), artifact)
     if artifact == ADAPTER and not any(f.path == ADAPTER for f in mlflow.list_artifacts(run.info.run_id)):
         artifact = CHECKPOINT  # an unmerged LoRA stage's checkpoint is its adapter
     target = home.cache(artifact, run.info.run_id)
@@ -162,11 +177,43 @@ def fetch_checkpoint(mlflow: MlflowClient, home: Home, run: Run, artifact: str =
 
 
 def fetch_model(mlflow: MlflowClient, home: Home, model_id: str) -> Path:
-    """A logged model's folder in the cache, downloaded once. An adapter is made to name the fetched folder of the
-    model it was trained on as its base, so it loads on this machine."""
+    """A logged model's folder in the cache, downloaded once and checked against its stage run's record."""
     model = mlflow.get_logged_model(model_id)
-    target = home.cache(model.tags.get(ARTIFACT, CHECKPOINT), model_id)
+    _check_binding(mlflow, mlflow.get_run(model.source_run_id), model)
+    return _fetch(mlflow, home, model)
+
+
+def _check_binding(mlflow: MlflowClient, run: Run, model: LoggedModel) -> None:
+    """`run` is the stage run `model` holds the checkpoint of: the run names it, the model was logged by that run (or by
+    the curriculum part whose checkpoint stands for it) for the same fingerprint, and, with a key, the run's seal
+    covers its models as they are recorded now."""
+    tags, run_id = run.data.tags, run.info.run_id
+    named = {tags[tag] for tag in (MODEL_ID, ADAPTER_MODEL_ID) if tag in tags}
+    stage = tags.get(f"{TAG}stage", run.info.run_name)
+    if model.model_id not in named:
+        raise seals.Refused(f"stage {stage} (run {run_id}) does not name model {model.model_id}; nothing is loaded")
+    part = tags.get(f"{TAG}checkpoint_run")
+    if model.source_run_id != (part or run_id) or (
+        part is None and model.tags.get(f"{TAG}fingerprint") != tags.get(f"{TAG}fingerprint")
+    ):
+        raise seals.Refused(
+            f"stage {stage} (run {run_id}) names model {model.model_id} ({model.name}), which run "
+            f"{model.source_run_id} logged for another stage or fingerprint; nothing is loaded"
+        )
+    seals.check_seal(run, {m: mlflow.get_logged_model(m).tags.get(seals.DIGEST) for m in sorted(named)})
+
+
+def _fetch(mlflow: MlflowClient, home: Home, model: LoggedModel) -> Path:
+    """A logged model's folder in the cache, its content checked against the digest recorded with it: after the
+    download, before it is published; and on every later read of the cache entry. An adapter is made to name the
+    fetched folder of the model it was trained on as its base, so it loads on this machine."""
+    model_id, artifact, recorded = model.model_id, model.tags.get(ARTIFACT, CHECKPOINT), model.tags.get(seals.DIGEST)
+    if artifact not in (CHECKPOINT, ADAPTER):
+        raise seals.Refused(f"model {model.name} ({model_id}): its tag {ARTIFACT} is {artifact!r}, not a folder kind")
+    what = f"model {model.name} ({model_id}) of run {model.source_run_id}"
+    target = home.cache(artifact, model_id)
     if target.exists():
+        seals.check_folder(target, recorded, what + " in the cache")
         return target
     if model.status != LoggedModelStatus.READY:
         raise ModelError(
@@ -178,6 +225,11 @@ def fetch_model(mlflow: MlflowClient, home: Home, model_id: str) -> Path:
         local = download_artifacts(
             artifact_uri=model.artifact_location, dst_path=str(partial), tracking_uri=mlflow.tracking_uri
         )
+    try:
+        seals.check_folder(Path(local), recorded, what)
+    except seals.Refused:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     _publish(Path(local), partial, target, lambda: _base_of(mlflow, home, mlflow.get_run(model.source_run_id)))
     return target
 
