@@ -84,9 +84,23 @@ class Home:
 
 
 def lease_seconds() -> float:
-    """How long a RUNNING run counts as alive after its last heartbeat ($LIFECYCLE_LEASE_SECONDS, 60 by default).
-    The process that opened the run renews it four times a lease, so a slow request or two do not lose it."""
-    return float(os.environ.get("LIFECYCLE_LEASE_SECONDS", "60"))
+    """How long a RUNNING run counts as alive after its last heartbeat ($LIFECYCLE_LEASE_SECONDS). The process that
+    opened the run renews it four times a lease; one renewal can take as long as MLflow retries a request that fails
+    (`mlflow_retry_seconds`), so by default a lease outlasts a quarter lease plus that: no run is judged dead while its
+    owner's client is still retrying (about 5.6 minutes with MLflow's default retries, and at least a minute)."""
+    if "LIFECYCLE_LEASE_SECONDS" in os.environ:
+        return float(os.environ["LIFECYCLE_LEASE_SECONDS"])
+    return max(60.0, 4 / 3 * mlflow_retry_seconds())
+
+
+def mlflow_retry_seconds() -> float:
+    """The longest MLflow's HTTP client waits between the tries of one request: its retries
+    ($MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7), each after backoff_factor·2^i seconds ($MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    2; urllib3 caps one wait at 120 s) plus up to $MLFLOW_HTTP_REQUEST_BACKOFF_JITTER (1) seconds."""
+    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"))
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2"))
+    jitter = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "1"))
+    return sum(min(factor * 2**i, 120.0) + jitter for i in range(retries))
 
 
 def host() -> str:

@@ -129,12 +129,22 @@ LEASE = f"{TAG}lease_until"  # unix time until which a RUNNING run's process is 
 CLAIM_SETTLE_SECONDS = 1.0
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"): two containers share a host name where they are given one,
+    never a pid namespace, so a pid is judged only by a process that sees the same pids; "" without /proc."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def process_tags() -> dict[str, str]:
     """What identifies this process as a run's owner, and its first lease."""
     return {
         f"{TAG}host": host(),
         f"{TAG}pid": str(os.getpid()),
         f"{TAG}pid_started": _started(os.getpid()),
+        f"{TAG}pid_namespace": _pid_namespace(),
         LEASE: f"{time.time() + lease_seconds():.3f}",
     }
 
@@ -150,7 +160,7 @@ def alive(run: Run) -> bool:
     """Whether the process that opened a RUNNING run still holds it. On this host its pid answers at once; on any
     other, its lease: a run whose heartbeat stopped for longer than a lease is dead wherever it ran."""
     tags = run.data.tags
-    if tags.get(f"{TAG}host") == host():
+    if tags.get(f"{TAG}host") == host() and tags.get(f"{TAG}pid_namespace", "") == _pid_namespace():
         pid = int(tags.get(f"{TAG}pid", "0"))
         return pid > 0 and running(pid) and tags.get(f"{TAG}pid_started", "") == _started(pid)
     return time.time() < lease_until(run)
@@ -177,6 +187,23 @@ def heartbeat(mlflow: MlflowClient, run_id: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(timeout=length)
+
+
+class LeaseLost(LifecycleError):
+    """This process stalled past its lease and another closed its run or took the stage over: it stops here."""
+
+
+def still_held(mlflow: MlflowClient, run_id: str) -> None:
+    """Before a stage run is recorded as finished (its models logged, FINISHED set): its process still holds it. A
+    process that stalled past its lease (a long pause, the store out of reach) may find its run closed as KILLED by
+    another, which then trains the stage in a run of its own; it stops rather than finish the stage a second time."""
+    run = mlflow.get_run(run_id)
+    if run.info.status != "RUNNING" or run.data.tags.get(f"{TAG}pid") != str(os.getpid()):
+        why = run.data.tags.get(f"{TAG}killed", f"it is {run.info.status}")
+        raise LeaseLost(
+            f"stage {run.data.tags.get(f'{TAG}stage', run.info.run_name)}: run {run_id} is no longer this process's "
+            f"({why}); its work is not recorded as finished, and the stage is the run that took it over"
+        )
 
 
 def owner(run: Run) -> str:

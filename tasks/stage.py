@@ -133,7 +133,12 @@ def _recorded(ctx: Context, stage: PlannedStage, input_run: str | None, work, mo
                 lineage.log_stage_spec(mlflow, run_id, stage)
                 with lineage.system_metrics(mlflow, run_id, monitored):
                     result: StageResult = work(mlflow, run_id)
-                lineage.finish_stage_run(mlflow, run_id, result, log_checkpoints(mlflow, run_id, result))
+                lineage.still_held(mlflow, run_id)  # a stalled process whose run was taken over stops here
+                model_id = log_checkpoints(mlflow, run_id, result)
+                lineage.still_held(mlflow, run_id)
+                lineage.finish_stage_run(mlflow, run_id, result, model_id)
+        except lineage.LeaseLost:
+            raise  # the run is another's to close now
         except BaseException as err:
             lineage.fail(mlflow, run_id, err)
             raise
