@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -55,19 +56,33 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def tracking_server(folder: Path, timeout: float = 180) -> Iterator[str]:
+def tracking_server(folder: Path, timeout: float = 180, admin_password: str | None = None) -> Iterator[str]:
     """A real `mlflow server` on a free 127.0.0.1 port: sqlite behind it, artifacts proxied (served over HTTP from a
-    folder no client is told of), one worker, job execution off; its URL while the block runs, stopped after."""
+    folder no client is told of), one worker, job execution off; its URL while the block runs, stopped after.
+
+    With `admin_password`, MLflow's basic-auth app guards it as a team's server is guarded (deployments/compose.yaml):
+    no permission for anyone by default, the user `admin` with that password."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--serve-artifacts"]
     command += ["--artifacts-destination", str(folder / "artifacts")]
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if admin_password is not None:
+        config = folder / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\nadmin_username = admin\n"
+            f"database_uri = sqlite:///{folder / 'auth.db'}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        command += ["--app-name", "basic-auth"]
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password}
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)  # signs the UI's CSRF tokens
     with open(folder / "server.log", "w") as log:
         process = subprocess.Popen(
             command,
-            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -81,7 +96,8 @@ def tracking_server(folder: Path, timeout: float = 180) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
 
 

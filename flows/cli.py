@@ -125,11 +125,33 @@ class _Bookkeeping(logging.Filter):
 
 
 def _no_traceback_for_messages(record: logging.LogRecord) -> bool:
-    """Prefect logs a failed task or flow with its traceback; a LifecycleError's message says all there is (and the
-    command prints it last), so its traceback is left out. Any other failure keeps its traceback."""
-    if record.exc_info and isinstance(record.exc_info[1], LifecycleError):
+    """Prefect logs a failed task or flow with its traceback; a LifecycleError's message, or a server's refusal of
+    this client, says all there is (and the command prints it last), so its traceback is left out. Any other failure
+    keeps its traceback."""
+    if record.exc_info and (isinstance(record.exc_info[1], LifecycleError) or _refusal(record.exc_info[1])):
         record.exc_info, record.exc_text = None, None
     return True
+
+
+def _refusal(err: BaseException) -> str | None:
+    """What to say when the tracking server or the Prefect API refused this client (HTTP 401 or 403); None for any
+    other error."""
+    mlflow = sys.modules.get("mlflow.exceptions")
+    if mlflow is not None and isinstance(err, mlflow.MlflowException):
+        if err.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            what = "refused these credentials" if err.error_code == "UNAUTHENTICATED" else "gave no permission for this"
+            return (
+                f"the tracking server at {os.environ.get('MLFLOW_TRACKING_URI')} {what} "
+                f"({err.error_code.lower().replace('_', ' ')}): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account with access to the experiment"
+            )
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403):
+        return (
+            f"the Prefect API at {os.environ.get('PREFECT_API_URL')} refused this client (HTTP "
+            f"{err.response.status_code}): set PREFECT_API_AUTH_STRING to the server's auth string (user:password)"
+        )
+    return None
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -784,6 +806,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LifecycleError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if (refused := _refusal(err)) is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 2
 
 

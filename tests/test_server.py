@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -67,6 +68,31 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not running(state["pid"]) and not (tmp_path / "home" / "prefect" / "server.json").exists()
     assert "no Prefect server was running" in lifecycle("stop", env=env).stdout
+
+
+def test_a_server_with_an_auth_string_refuses_anyone_without_it_and_the_command_says_so(tmp_path: Path) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(SPEC.format(data=QUICK.parent / "data"))
+    secret = "lifecycle:a team's auth string"
+    # the server asks for the string (as compose's does), the client gives it
+    env = cli_env(tmp_path / "home") | {"PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret}
+    try:
+        given = lifecycle("run", str(spec), env=env)
+        assert given.returncode == 0, given.stderr[-3000:]
+        url = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())["url"]
+        anonymous = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=10)
+        assert refused.value.code == 401
+
+        wrong = lifecycle("run", str(spec), env=env | {"PREFECT_API_AUTH_STRING": "lifecycle:guessed"})
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+        assert wrong.stderr.strip().splitlines()[-1] == (
+            f"error: the Prefect API at {url} refused this client (HTTP 401): set PREFECT_API_AUTH_STRING to the "
+            "server's auth string (user:password)"
+        )
+    finally:
+        lifecycle("stop", env=env)
 
 
 def test_a_server_that_cannot_start_is_one_message_naming_its_log(

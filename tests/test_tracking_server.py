@@ -1,5 +1,7 @@
 """Workers with homes of their own, sharing only an MLflow tracking server that proxies the artifacts: a second worker
-reuses what the first finished, one takes over a stage another was killed in, and checkpoints move over HTTP."""
+reuses what the first finished, one takes over a stage another was killed in, and checkpoints move over HTTP. The
+server runs MLflow's basic-auth app as a team's does (deployments/compose.yaml): the workers sign in and seal their
+checkpoints with the team's key; an anonymous client is refused."""
 
 from __future__ import annotations
 
@@ -43,16 +45,29 @@ stages:
 """
 
 
+ADMIN_PASSWORD = "a team's admin password"
+# what every worker of the team holds: the server's account and the key its checkpoints are sealed with
+CREDENTIALS = {
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
+    "LIFECYCLE_SIGNING_KEY": "the team's signing key",
+}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `mlflow server` on a free 127.0.0.1 port: sqlite behind it, artifacts proxied (served over HTTP from a
-    folder no worker is told of), job execution off: its URL."""
-    with tracking_server(tmp_path_factory.mktemp("server")) as url:
-        yield url
+    folder no worker is told of), job execution off, basic auth with no permission by default: its URL. This process
+    signs in as the workers do."""
+    with tracking_server(tmp_path_factory.mktemp("server"), admin_password=ADMIN_PASSWORD) as url:
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in CREDENTIALS.items():
+                env.setenv(name, value)
+            yield url
 
 
 def worker_env(root: Path, server: str, prefect_api: str) -> dict[str, str]:
-    return cli_env(root, prefect_api) | {"MLFLOW_TRACKING_URI": server}
+    return cli_env(root, prefect_api) | {"MLFLOW_TRACKING_URI": server} | CREDENTIALS
 
 
 def lifecycle(spec: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -227,3 +242,32 @@ def test_mirrored_checkpoints_go_up_and_come_down_through_transient_server_error
         proxy.server_close()
     assert same(tmp_path / "back" / "checkpoint-10", saved)
     assert proxy.refused >= 4  # every file's upload among them: each went up again, whole
+
+
+def test_an_anonymous_or_wrong_client_is_refused_a_write_and_the_command_says_so_in_one_line(
+    server, tmp_path, monkeypatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name)
+    with pytest.raises(MlflowException) as refused:
+        MlflowClient(server).create_experiment("anonymous")
+    assert refused.value.error_code == "UNAUTHENTICATED"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin")  # a guessed password fares no better
+    with pytest.raises(MlflowException, match="401"):
+        MlflowClient(server).create_experiment("guessed")
+
+    spec = tmp_path / "shared.yaml"
+    spec.write_text(SPEC)
+    env = worker_env(tmp_path / "e", server, None) | {"MLFLOW_TRACKING_PASSWORD": "wrong"}
+    status = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", str(spec)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert status.returncode == 2 and "Traceback" not in status.stderr
+    assert status.stderr.strip().splitlines()[-1] == (
+        f"error: the tracking server at {server} refused these credentials (unauthenticated): set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account with access "
+        "to the experiment"
+    )
