@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print("\n".join(submit(args.spec, args.deployment, home)))
         return 0
+    _stop_on_sigterm(args.spec)
     _check(args.spec, home)  # bad input starts nothing
     # the home's own server serves no UI: a link to one would answer 404
     own_server = "PREFECT_API_URL" not in os.environ
@@ -131,6 +133,25 @@ def _no_traceback_for_messages(record: logging.LogRecord) -> bool:
     if record.exc_info and (isinstance(record.exc_info[1], LifecycleError) or _refusal(record.exc_info[1])):
         record.exc_info, record.exc_text = None, None
     return True
+
+
+def _resumes(how: str, spec: Path) -> str:
+    return (
+        f"{how}; the stage it was in is recorded as KILLED, and `lifecycle run {spec}` resumes it from its last "
+        "in-stage checkpoint, reusing every finished stage"
+    )
+
+
+def _stop_on_sigterm(spec: Path) -> None:
+    """SIGTERM (how Docker, Kubernetes and Slurm stop a job) ends a run with one line and exit status 143. Inside the
+    flow Prefect turns the signal into its TerminationSignal, which closes the stage's run and the pipeline run as
+    KILLED on its way out (tasks/lineage.py), then hands the signal on to this handler."""
+
+    def stopped(number: int, frame) -> None:
+        print(f"error: {_resumes(f'stopped by {signal.Signals(number).name}', spec)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + number)
+
+    signal.signal(signal.SIGTERM, stopped)
 
 
 def _refusal(err: BaseException) -> str | None:
@@ -807,11 +828,14 @@ def main(argv: list[str] | None = None) -> int:
     except LifecycleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        if (refused := _refusal(err)) is None:
-            raise
-        print(f"error: {refused}", file=sys.stderr)
-        return 2
+    except BaseException as err:
+        if (refused := _refusal(err)) is not None:
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
+        if args.command == "run" and isinstance(err, KeyboardInterrupt):
+            print(f"error: {_resumes('interrupted (Ctrl-C)', args.spec)}", file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":

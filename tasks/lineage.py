@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -239,7 +240,7 @@ def pipeline_run(
         stopped = next((name for name in stages if f"{TAG}stage.{name}" not in run.data.tags), None)
         where = f"at stage {stopped}" if stopped else "after its last stage"
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]  # the whole of it: the tag lifecycle.error
-        outcome = f"interrupted {where}" if _interrupted(err) else f"failed {where}: {reason}"
+        outcome = f"{interruption(err)} {where}" if _interrupted(err) else f"failed {where}: {reason}"
         mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, run.data.tags, outcome))
         raise
     tags = mlflow.get_run(run_id).data.tags
@@ -280,14 +281,27 @@ def _pipeline_note(spec_name: str, tags: dict[str, str], outcome: str, experimen
     return "\n\n".join(lines)
 
 
+def interruption(err: BaseException) -> str | None:
+    """How the process was stopped, when `err` says it was: Ctrl-C, an exit, or a termination signal (SIGTERM: how
+    Docker, Kubernetes and Slurm stop a job; Prefect raises its TerminationSignal for it); None for a failure."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(err, SystemExit):
+        return "interrupted (exit)"
+    signal_number = getattr(err, "signal", None)
+    if type(err).__name__ == "TerminationSignal" and isinstance(signal_number, int):
+        return f"stopped by {signal.Signals(signal_number).name}"
+    return None
+
+
 def _interrupted(err: BaseException) -> bool:
-    return isinstance(err, (KeyboardInterrupt, SystemExit))
+    return interruption(err) is not None
 
 
 def fail(mlflow: MlflowClient, run_id: str, err: BaseException) -> None:
     """Close a run that did not finish: KILLED when interrupted, FAILED otherwise, with the reason as a tag."""
     interrupted = _interrupted(err)
-    reason = "interrupted" if interrupted else f"{type(err).__name__}: {err}"
+    reason = interruption(err) if interrupted else f"{type(err).__name__}: {err}"
     mlflow.set_tag(run_id, f"{TAG}error", reason[:5000])
     mlflow.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
 

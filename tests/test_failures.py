@@ -237,3 +237,40 @@ def test_of_two_workers_racing_to_start_a_stage_exactly_one_trains_it(tmp_path) 
         f"{refusal}; wait for it to finish or stop that process, then run again",
     ]
     assert loser.data.tags["lifecycle.killed"].startswith("lost the claim on stage pretrain to pid")
+
+
+def test_sigterm_ends_a_run_with_one_line_and_a_record_the_next_run_resumes_from(prefect_api, tmp_path) -> None:
+    """How Docker, Kubernetes and Slurm stop a job: SIGTERM to the command, then (after a grace period) SIGKILL."""
+    root, spec = tmp_path / "home", tmp_path / "leased.yaml"
+    spec.write_text(TAKEN_OVER.format(data=DATA))
+    env = cli_env(root, prefect_api)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(spec)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for("work/leased/sft-*/trainer/checkpoint-*/trainer_state.json", root, first)
+        first.send_signal(signal.SIGTERM)
+        said = first.communicate(timeout=60)[1]
+    finally:
+        first.kill()
+    assert first.returncode == 143 and "Traceback" not in said
+    assert said.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM; the stage it was in is recorded as KILLED, and `lifecycle run {spec}` resumes it "
+        "from its last in-stage checkpoint, reusing every finished stage"
+    )
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("leased").experiment_id
+    stopped = {r.info.run_name: r for r in mlflow.search_runs([experiment]) if r.info.status != "FINISHED"}
+    assert {name: (r.info.status, r.data.tags["lifecycle.error"]) for name, r in stopped.items()} == {
+        name: ("KILLED", "stopped by SIGTERM") for name in ("leased", "sft")
+    }
+
+    again = run(spec, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    sft = mlflow.search_runs([experiment], "attributes.run_name = 'sft' and attributes.status = 'FINISHED'")[0]
+    assert int(sft.data.tags["lifecycle.resumed_from_step"]) >= 3 and "stage pretrain: reused" in again.stderr
