@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from schemas.errors import LifecycleError
@@ -84,11 +85,18 @@ def experiment_id(mlflow: MlflowClient, home: Home, name: str, create: bool = Tr
     if not create:
         return None
     artifact_root = home.artifact_root
-    return mlflow.create_experiment(
-        name,
-        artifact_location=f"{artifact_root}/{name}" if artifact_root else None,
-        tags={EXPERIMENT_KIND: MODEL_TRAINING},
-    )
+    try:
+        return mlflow.create_experiment(
+            name,
+            artifact_location=f"{artifact_root}/{name}" if artifact_root else None,
+            tags={EXPERIMENT_KIND: MODEL_TRAINING},
+        )
+    except MlflowException as err:
+        # two first runs of a spec at once: the other made it between the look and the create (the store's unique
+        # name refused this one); its stages' claims settle the rest ("being run right now by ...")
+        if err.error_code != "RESOURCE_ALREADY_EXISTS" or (made := mlflow.get_experiment_by_name(name)) is None:
+            raise
+        return made.experiment_id
 
 
 def runs_of(mlflow: MlflowClient, experiment: str, stage: PlannedStage, status: str | None = None) -> list[Run]:

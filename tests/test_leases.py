@@ -73,3 +73,14 @@ def test_no_worker_replica_is_given_a_fixed_host_name() -> None:
         if isinstance(service.get("environment"), dict) and "LIFECYCLE_HOST" in service["environment"]
     }
     assert fixed == {}, "replicas of a service would share one host name and judge each other's pids"
+
+
+def test_two_first_runs_of_a_spec_share_the_experiment_the_other_made(tmp_path: Path, monkeypatch) -> None:
+    from tasks.home import Home
+
+    mlflow, _ = store(tmp_path)
+    made = mlflow.create_experiment("new-spec")  # by the other run, just after this one looked and found none
+    looks = iter([None])
+    real = mlflow.get_experiment_by_name
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: next(looks, None) or real(name))
+    assert lineage.experiment_id(mlflow, Home(tmp_path), "new-spec") == made
