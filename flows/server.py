@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from schemas.errors import LifecycleError
-from tasks.home import Home, running
+from tasks.home import Home, running, started
 
 WATCH_SECONDS = 15.0  # how often the server checks that its home still records it
 START_TIMEOUT = (
@@ -60,13 +60,19 @@ def _alive(pid: int) -> bool:
     return running(pid)
 
 
+def _ours(state: dict) -> bool:
+    """The process `state` records is still the server this home started: alive, and started when it was (a pid the
+    system has handed to another process since is never signalled)."""
+    return _alive(state["pid"]) and state.get("started") == started(state["pid"])
+
+
 def _recorded(folder: Path) -> dict | None:
     """The server this home recorded, if its process still runs this Prefect version (it may still be starting)."""
     try:
         state = json.loads((folder / "server.json").read_text())
     except (OSError, ValueError):
         return None
-    return state if state.get("prefect") == version("prefect") and _alive(state["pid"]) else None
+    return state if state.get("prefect") == version("prefect") and _ours(state) else None
 
 
 def _lock(folder: Path):
@@ -131,7 +137,8 @@ def _answering(state: dict, log: Path, deadline: float, timeout: float) -> None:
                 f"the Prefect server for this home exited while starting; its log ({log}) ends with:\n{_tail(log)}"
             )
         if time.monotonic() > deadline:
-            os.killpg(state["pid"], signal.SIGKILL)
+            if _ours(state):
+                os.killpg(state["pid"], signal.SIGKILL)
             raise ServerError(
                 f"the Prefect server for this home did not answer within {timeout:.0f} s (log: {log}); "
                 "the machine may be very busy: try again, or start one yourself (`prefect server start`) "
@@ -162,7 +169,7 @@ def start(home: Home, timeout: float = START_TIMEOUT) -> tuple[str, Callable[[],
                 flush=True,
             )
             pid, url = _spawn(folder)
-            state = {"pid": pid, "url": url, "prefect": version("prefect")}
+            state = {"pid": pid, "url": url, "prefect": version("prefect"), "started": started(pid)}
             (folder / "server.json").write_text(json.dumps(state))
     except BaseException:
         lock.close()
@@ -190,11 +197,12 @@ def _stop_recorded(folder: Path) -> bool:
     """Stop the server recorded in `folder`, if its process still runs; forget it either way."""
     path = folder / "server.json"
     try:
-        pid = json.loads(path.read_text())["pid"]
+        state = json.loads(path.read_text())
+        pid = state["pid"]
     except (OSError, ValueError, KeyError):
         return False
     path.unlink()
-    if not _alive(pid):
+    if not _ours(state):
         return False
     os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10

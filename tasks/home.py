@@ -135,3 +135,12 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True  # no /proc to ask: kill(0) answered
+
+
+def started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot), so a pid the system has handed to a new process is not
+    mistaken for the old one; "" where /proc is not there to say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""

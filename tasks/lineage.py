@@ -31,7 +31,7 @@ from schemas.launch import Launch
 from schemas.sources import Source
 from stages.common.contract import StageResult
 from stages.common.progress import say
-from tasks.home import Home, host, lease_seconds, running
+from tasks.home import Home, host, lease_seconds, running, started
 from tasks.keys import digest, source_digests
 from tasks.plan import PlannedStage
 
@@ -123,15 +123,6 @@ def finished_run(mlflow: MlflowClient, experiment: str, stage: PlannedStage) -> 
     return runs[0] if runs else None
 
 
-def _started(pid: int) -> str:
-    """When process `pid` started (clock ticks since boot), so a pid the system has handed to a new process is not
-    mistaken for the old one; "" where /proc is not there to say."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 LEASE = f"{TAG}lease_until"  # unix time until which a RUNNING run's process is taken to be alive
 # How long a stage run waits, once opened, before it reads who else opened one: longer than a request takes to reach the
 # store, so of two processes that race for a stage both see both runs and agree on the first.
@@ -152,7 +143,7 @@ def process_tags() -> dict[str, str]:
     return {
         f"{TAG}host": host(),
         f"{TAG}pid": str(os.getpid()),
-        f"{TAG}pid_started": _started(os.getpid()),
+        f"{TAG}pid_started": started(os.getpid()),
         f"{TAG}pid_namespace": _pid_namespace(),
         LEASE: f"{time.time() + lease_seconds():.3f}",
     }
@@ -171,7 +162,7 @@ def alive(run: Run) -> bool:
     tags = run.data.tags
     if tags.get(f"{TAG}host") == host() and tags.get(f"{TAG}pid_namespace", "") == _pid_namespace():
         pid = int(tags.get(f"{TAG}pid", "0"))
-        return pid > 0 and running(pid) and tags.get(f"{TAG}pid_started", "") == _started(pid)
+        return pid > 0 and running(pid) and tags.get(f"{TAG}pid_started", "") == started(pid)
     return time.time() < lease_until(run)
 
 

@@ -130,3 +130,21 @@ def test_a_server_whose_home_is_removed_stops_itself(tmp_path: Path, monkeypatch
             pass
         time.sleep(0.5)
     assert not running(pid)
+
+
+def test_a_recorded_pid_that_is_now_another_process_is_never_signalled(tmp_path: Path) -> None:
+    """The server died and the system gave its pid to another program: `stop` (and a `run` that starts a new
+    server) leaves that program alone."""
+    stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        folder = tmp_path / "home" / "prefect"
+        folder.mkdir(parents=True)
+        record = {"pid": stranger.pid, "url": "http://127.0.0.1:9/api", "prefect": "3.8.8", "started": "1"}
+        (folder / "server.json").write_text(json.dumps(record))
+        stopped = lifecycle("stop", env=cli_env(tmp_path / "home"))
+        assert stopped.returncode == 0 and "no Prefect server was running" in stopped.stdout
+        time.sleep(0.5)
+        assert stranger.poll() is None and not (folder / "server.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
