@@ -7,6 +7,7 @@ loads), so `validate` and `status` never start Prefect at all.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import logging
@@ -130,7 +131,9 @@ def _no_traceback_for_messages(record: logging.LogRecord) -> bool:
     """Prefect logs a failed task or flow with its traceback; a LifecycleError's message, or a server's refusal of
     this client, says all there is (and the command prints it last), so its traceback is left out. Any other failure
     keeps its traceback."""
-    if record.exc_info and (isinstance(record.exc_info[1], LifecycleError) or _refusal(record.exc_info[1])):
+    if record.exc_info and (
+        isinstance(record.exc_info[1], LifecycleError) or _refusal(record.exc_info[1]) or _disk_full(record.exc_info[1])
+    ):
         record.exc_info, record.exc_text = None, None
     return True
 
@@ -152,6 +155,19 @@ def _stop_on_sigterm(spec: Path) -> None:
         raise SystemExit(128 + number)
 
     signal.signal(signal.SIGTERM, stopped)
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """What to say when a disk filled up (a checkpoint, a cache entry, the store): where, and that nothing half-written
+    counts; None for any other error."""
+    if not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+        return None
+    where = f" writing {err.filename}" if err.filename else ""
+    return (
+        f"the disk is full{where} (no space left on device): nothing half-written is recorded as finished; free some "
+        "space (`du -sh` on the home's work and cache folders shows where it went) and run again: finished stages are "
+        "reused and the interrupted one resumes from its last complete in-stage checkpoint"
+    )
 
 
 def _refusal(err: BaseException) -> str | None:
@@ -829,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BaseException as err:
-        if (refused := _refusal(err)) is not None:
+        if (refused := _refusal(err) or _disk_full(err)) is not None:
             print(f"error: {refused}", file=sys.stderr)
             return 2
         if args.command == "run" and isinstance(err, KeyboardInterrupt):

@@ -274,3 +274,42 @@ def test_sigterm_ends_a_run_with_one_line_and_a_record_the_next_run_resumes_from
     assert again.returncode == 0, again.stderr[-3000:]
     sft = mlflow.search_runs([experiment], "attributes.run_name = 'sft' and attributes.status = 'FINISHED'")[0]
     assert int(sft.data.tags["lifecycle.resumed_from_step"]) >= 3 and "stage pretrain: reused" in again.stderr
+
+
+def test_a_full_disk_while_saving_marks_nothing_finished_says_so_and_the_next_run_resumes(
+    prefect_harness, tmp_path, monkeypatch
+) -> None:
+    import errno
+
+    from flows.cli import _disk_full
+    from flows.lifecycle import lifecycle
+    from stages.common import checkpoint
+
+    from .conftest import use_home
+
+    root, spec = tmp_path / "home", tmp_path / "leased.yaml"
+    spec.write_text(TAKEN_OVER.format(data=DATA))
+    use_home(monkeypatch, root)
+    save = checkpoint.save
+
+    def full(trainer, tokenizer, workdir, *args, **kwargs):
+        if "sft" in str(workdir):  # the SFT stage's final save: its in-stage checkpoints are on disk already
+            raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "model" / "model.safetensors"))
+        return save(trainer, tokenizer, workdir, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    with pytest.raises(OSError) as failed:
+        lifecycle(str(spec))
+    said = _disk_full(failed.value)
+    assert said.startswith("the disk is full writing ") and "model.safetensors (no space left on device)" in said
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("leased").experiment_id
+    sft = mlflow.search_runs([experiment], "attributes.run_name = 'sft'")[0]
+    assert sft.info.status == "FAILED" and "No space left on device" in sft.data.tags["lifecycle.error"]
+    assert "lifecycle.model_id" not in sft.data.tags and not mlflow.search_logged_models(
+        [experiment], filter_string="name = 'sft'"
+    )
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    runs = lifecycle(str(spec))  # space freed: the stage resumes from its last in-stage checkpoint
+    assert int(mlflow.get_run(runs["sft"]).data.tags["lifecycle.resumed_from_step"]) == 60
