@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -221,10 +223,14 @@ def _fetch(mlflow: MlflowClient, home: Home, model: LoggedModel) -> Path:
             "its stage anew"
         )
     partial = partial_folder(target)
-    with transfer(f"model {model.name} ({model_id})", "downloaded", partial):
-        local = download_artifacts(
-            artifact_uri=model.artifact_location, dst_path=str(partial), tracking_uri=mlflow.tracking_uri
-        )
+    if (stored := _local_folder(model.artifact_location)) is not None:
+        with transfer(f"model {model.name} ({model_id})", "linked from the local store", partial):
+            local = _linked(stored, partial / stored.name)
+    else:
+        with transfer(f"model {model.name} ({model_id})", "downloaded", partial):
+            local = download_artifacts(
+                artifact_uri=model.artifact_location, dst_path=str(partial), tracking_uri=mlflow.tracking_uri
+            )
     try:
         seals.check_folder(Path(local), recorded, what)
     except seals.Refused:
@@ -232,6 +238,33 @@ def _fetch(mlflow: MlflowClient, home: Home, model: LoggedModel) -> Path:
         raise
     _publish(Path(local), partial, target, lambda: _base_of(mlflow, home, mlflow.get_run(model.source_run_id)))
     return target
+
+
+def _local_folder(uri: str) -> Path | None:
+    """The folder a `file://` artifact location is on this machine; None for a server's or an object store's."""
+    if not uri.startswith("file://"):
+        return None
+    folder = Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
+    return folder if folder.is_dir() else None
+
+
+def _linked(stored: Path, folder: Path) -> str:
+    """A logged model of a local store in the cache as hard links to its files, not a second copy on the same disk:
+    the files are written once by the stage and never changed in place. An adapter's config is copied, since it is
+    rewritten to name this machine's base folder; across file systems every file is copied."""
+    for path in sorted(stored.rglob("*")):
+        target = folder / path.relative_to(stored)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if path.name == seals.ADAPTER_CONFIG:
+                raise OSError("copied, not linked")
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+    return str(folder)
 
 
 def _publish(folder: Path, partial: Path, target: Path, base: Callable[[], Path]) -> None:

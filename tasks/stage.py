@@ -142,8 +142,10 @@ def _recorded(ctx: Context, stage: PlannedStage, input_run: str | None, work, mo
         except BaseException as err:
             lineage.fail(mlflow, run_id, err)
             raise
-    # the in-stage checkpoints (optimizer state included) have served: the run's logged model is the record now
-    shutil.rmtree(workdir / "trainer", ignore_errors=True)
+    # the in-stage checkpoints (optimizer state included) have served, and the saved model has gone to the store: the
+    # run's logged model is the record now, fetched into the cache when a stage needs it (linked, with a local store)
+    for served in ("trainer", "model", "adapter"):
+        shutil.rmtree(workdir / served, ignore_errors=True)
     mirror.drop(mlflow, lineage.runs_of(mlflow, ctx.experiment, stage))
     resumed = f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
     get_run_logger().info("stage %s: finished as run %s%s", stage.name, run_id, resumed)

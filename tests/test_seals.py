@@ -62,6 +62,9 @@ def test_a_checkpoint_loads_as_logged_and_its_digest_is_recorded(two_stages) -> 
     fetched = fetch_checkpoint(mlflow, home, mlflow.get_run(sft))
     assert (fetched / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
     assert fetch_checkpoint(mlflow, home, mlflow.get_run(sft)) == fetched  # the cache entry, checked again
+    # a local store's files are linked into the cache, not copied: one copy of the weights on the disk
+    stored = Path(model.artifact_location.removeprefix("file://")) / "model.safetensors"
+    assert (fetched / "model.safetensors").stat().st_ino == stored.stat().st_ino
 
 
 def test_a_model_tag_moved_to_another_checkpoint_is_refused(two_stages) -> None:
