@@ -191,6 +191,28 @@ def _refusal(err: BaseException) -> str | None:
     return None
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """What the home holds that nothing will read again (tasks/gc.py), with sizes; removed unless --dry-run."""
+    from stages.common.progress import size
+    from tasks.gc import collect
+    from tasks.lineage import open_store
+
+    home = Home.from_env()
+    found = collect(open_store(home), home, args.dry_run, args.unfinished)
+    if not found:
+        print(f"{home.root}: nothing to remove")
+        return 0
+    verb = "to remove" if args.dry_run else "removed"
+    rows = [
+        [str(item.path.relative_to(home.root)), size(item.size), verb if item.removed else "kept", item.why]
+        for item in found
+    ]
+    print(text_table(["path", "size", "state", "why"], rows, [False, True, False, False]))
+    freed = sum(item.size for item in found if item.removed)
+    print(f"\n{size(freed)} {verb} from {home.root}" + ("; run without --dry-run to remove it" if args.dry_run else ""))
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     stopped = server.stop(Home.from_env())
     print("the home's Prefect server stopped" if stopped else "no Prefect server was running for this home")
@@ -440,7 +462,7 @@ def text_table(columns: list[str], rows: list[list[str]], numeric: list[bool] | 
         table.add_row(*map(Text, row))
     out = io.StringIO()
     Console(file=out, width=1 << 16, color_system=None).print(table)
-    return out.getvalue().rstrip("\n")
+    return "\n".join(line.rstrip() for line in out.getvalue().rstrip("\n").splitlines())
 
 
 def format_metrics(table: dict) -> str:
@@ -818,6 +840,14 @@ def parser() -> argparse.ArgumentParser:
     join.set_defaults(func=cmd_join)
     stop = command("stop", "stop the home's Prefect server (the first `run` starts it and leaves it for the next)")
     stop.set_defaults(func=cmd_stop)
+    gc = command("gc", "remove what the home holds that no run will read again, with sizes (--dry-run: only list it)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go and what is kept, remove nothing")
+    gc.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="also the work of stages that did not finish (their next run then starts from step 0)",
+    )
+    gc.set_defaults(func=cmd_gc)
     spec_doc = command(
         "spec-doc", "print (or write to PATH) the reference of every spec field, generated from the spec's models"
     )

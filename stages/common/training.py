@@ -105,7 +105,7 @@ def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArgumen
     )
 
 
-def _complete(folder: Path) -> bool:
+def complete(folder: Path) -> bool:
     """The Trainer writes its state file last, and not atomically: a checkpoint is complete when that file parses."""
     try:
         return "global_step" in json.loads((folder / TRAINER_STATE).read_text())
@@ -117,7 +117,7 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete in-stage checkpoint; incomplete ones (killed mid-save) are removed, by rank 0 alone."""
     complete = []
     for folder in output_dir.glob("checkpoint-*"):
-        if _complete(folder):
+        if complete(folder):
             complete.append(folder)
         elif main_process():
             shutil.rmtree(folder, ignore_errors=True)
