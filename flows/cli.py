@@ -97,6 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     own_server = "PREFECT_API_URL" not in os.environ
     # a new server starts while this process opens the store and loads the flow
     os.environ["PREFECT_API_URL"], answering = server.start(home)
+    if own_server:
+        server.keep_alive(os.environ["PREFECT_API_URL"])
     from tasks.lineage import open_store
 
     open_store(home)

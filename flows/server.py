@@ -28,7 +28,9 @@ from pathlib import Path
 from schemas.errors import LifecycleError
 from tasks.home import Home, running, started
 
-WATCH_SECONDS = 15.0  # how often the server checks that its home still records it
+WATCH_SECONDS = 15.0  # how often the server checks that its home still records it and that it is still used
+IDLE = "LIFECYCLE_SERVER_IDLE_SECONDS"  # a server no request reached for this long stops itself (0: never)
+KEEPALIVE_SECONDS = 60.0  # how often a `lifecycle run` on the home's server tells it it is still used
 START_TIMEOUT = (
     300.0  # seconds; a first start migrates a new database: 34 s seen on an idle slow machine, more under load
 )
@@ -108,26 +110,62 @@ def _spawn(folder: Path) -> tuple[int, str]:
         return process.pid, f"http://127.0.0.1:{sock.getsockname()[1]}/api"
 
 
+def idle_seconds() -> float:
+    """How long the home's server waits for a request before it stops itself ($LIFECYCLE_SERVER_IDLE_SECONDS, an hour
+    by default; 0 keeps it until `lifecycle stop`). A run keeps it in use (`keep_alive`), however long its stages."""
+    return float(os.environ.get(IDLE, "3600"))
+
+
+class Activity:
+    """An ASGI app that notes when its app last had a request (none yet: it is starting, however long that takes)."""
+
+    def __init__(self, app):
+        self.app, self.last = app, None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.last = time.monotonic()
+        await self.app(scope, receive, send)
+
+
 def serve(record: Path, fd: int) -> None:
     """Prefect's API app under uvicorn, as Prefect runs its own ephemeral server, on the socket `fd`, for as long as the
-    home records this process as its server: removing the home (`make clean`), `lifecycle stop` or a newer server
-    ends it."""
+    home records this process as its server and it is used: removing the home (`make clean`), `lifecycle stop`, a
+    newer server or `idle_seconds` without a request ends it, so no server outlives its use."""
     import uvicorn
+    from prefect.server.api.server import create_app
+
+    app, idle = Activity(create_app()), idle_seconds()
 
     def watch() -> None:
         while True:
-            time.sleep(WATCH_SECONDS)
+            time.sleep(min(WATCH_SECONDS, idle / 3) if idle > 0 else WATCH_SECONDS)
             try:
                 recorded = json.loads(record.read_text())["pid"]
             except (OSError, ValueError, KeyError):
                 recorded = None
-            if recorded != os.getpid():
+            unused = idle > 0 and app.last is not None and time.monotonic() - app.last > idle
+            if recorded != os.getpid() or unused:
+                if unused and recorded == os.getpid():
+                    record.unlink(missing_ok=True)  # gone: the next command starts a server anew
                 os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down cleanly on it
                 return
 
     threading.Thread(target=watch, daemon=True).start()
-    config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, log_level="error", lifespan="on")
+    config = uvicorn.Config(app, log_level="error", lifespan="on")
     uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+
+
+def keep_alive(url: str) -> None:
+    """Tell the home's server, from a daemon thread for as long as this process runs, that it is in use: a stage may
+    make no API call for hours."""
+
+    def ping() -> None:
+        while True:
+            time.sleep(KEEPALIVE_SECONDS)
+            _healthy(url)
+
+    threading.Thread(target=ping, name="prefect-keepalive", daemon=True).start()
 
 
 def _answering(state: dict, log: Path, deadline: float, timeout: float) -> None:

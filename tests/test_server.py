@@ -148,3 +148,23 @@ def test_a_recorded_pid_that_is_now_another_process_is_never_signalled(tmp_path:
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_server_no_request_reached_for_its_idle_time_stops_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home" / "prefect"))
+    monkeypatch.setenv(server.IDLE, "6")
+    url = server.start(Home(tmp_path / "home"))[1]()
+    record = tmp_path / "home" / "prefect" / "server.json"
+    pid = json.loads(record.read_text())["pid"]
+    for _ in range(4):  # in use: a request every 2 s keeps it, past its idle time
+        time.sleep(2)
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            assert response.status == 200
+    assert running(pid)
+    deadline = time.monotonic() + 60  # then left alone
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not running(pid) and not record.exists()
