@@ -134,7 +134,10 @@ def _no_traceback_for_messages(record: logging.LogRecord) -> bool:
     this client, says all there is (and the command prints it last), so its traceback is left out. Any other failure
     keeps its traceback."""
     if record.exc_info and (
-        isinstance(record.exc_info[1], LifecycleError) or _refusal(record.exc_info[1]) or _disk_full(record.exc_info[1])
+        isinstance(record.exc_info[1], LifecycleError)
+        or _refusal(record.exc_info[1])
+        or _disk_full(record.exc_info[1])
+        or _unreachable(record.exc_info[1])
     ):
         record.exc_info, record.exc_text = None, None
     return True
@@ -157,6 +160,18 @@ def _stop_on_sigterm(spec: Path) -> None:
         raise SystemExit(128 + number)
 
     signal.signal(signal.SIGTERM, stopped)
+
+
+def _unreachable(err: BaseException) -> str | None:
+    """What to say when the Prefect API stopped answering mid-run (its server died, the network went): what is
+    recorded and how to go on; None for any other error."""
+    httpx = sys.modules.get("httpx")
+    if httpx is None or not isinstance(err, httpx.TransportError):
+        return None
+    return (
+        f"the Prefect API at {os.environ.get('PREFECT_API_URL')} stopped answering ({type(err).__name__}: {err}); "
+        "every stage that finished is recorded in MLflow: run again once it answers, and they are reused"
+    )
 
 
 def _disk_full(err: BaseException) -> str | None:
@@ -877,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BaseException as err:
-        if (refused := _refusal(err) or _disk_full(err)) is not None:
+        if (refused := _refusal(err) or _disk_full(err) or _unreachable(err)) is not None:
             print(f"error: {refused}", file=sys.stderr)
             return 2
         if args.command == "run" and isinstance(err, KeyboardInterrupt):

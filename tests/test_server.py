@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,9 +38,13 @@ def lifecycle(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(tmp_path: Path) -> None:
+    """The home's server, asking for an auth string as a team's does (PREFECT_SERVER_API_AUTH_STRING): the runs that
+    give it are served, a client without it is refused, and the command says so in one line."""
     spec = tmp_path / "tiny.yaml"
     spec.write_text(SPEC.format(data=QUICK.parent / "data"))
+    secret = "lifecycle:a team's auth string"
     env = cli_env(tmp_path / "home")  # no PREFECT_API_URL: the home's own server
+    env |= {"PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret}
     try:
         first = lifecycle("run", str(spec), env=env)
         assert first.returncode == 0, first.stderr[-3000:]
@@ -53,6 +58,10 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
         state = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())
         with urllib.request.urlopen(f"{state['url']}/health", timeout=10) as response:
             assert response.status == 200
+        anonymous = urllib.request.Request(f"{state['url']}/flow_runs/filter", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=10)
+        assert refused.value.code == 401
 
         second = lifecycle("run", str(spec), "--verbose", env=env)
         assert second.returncode == 0, second.stderr[-3000:]
@@ -63,6 +72,13 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
         )
         assert second.stderr.count("reused from run") == 2  # tokenizer and pretrain
         assert json.loads((tmp_path / "home" / "prefect" / "server.json").read_text()) == state
+
+        wrong = lifecycle("run", str(spec), env=env | {"PREFECT_API_AUTH_STRING": "lifecycle:guessed"})
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+        assert wrong.stderr.strip().splitlines()[-1] == (
+            f"error: the Prefect API at {state['url']} refused this client (HTTP 401): set PREFECT_API_AUTH_STRING to "
+            "the server's auth string (user:password)"
+        )
     finally:
         stopped = lifecycle("stop", env=env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
@@ -70,29 +86,39 @@ def test_first_run_starts_the_home_server_the_next_reuses_it_and_stop_stops_it(t
     assert "no Prefect server was running" in lifecycle("stop", env=env).stdout
 
 
-def test_a_server_with_an_auth_string_refuses_anyone_without_it_and_the_command_says_so(tmp_path: Path) -> None:
+def test_a_server_that_dies_mid_stage_leaves_the_stage_recorded_and_one_line(tmp_path: Path) -> None:
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(SPEC.format(data=QUICK.parent / "data"))
-    secret = "lifecycle:a team's auth string"
-    # the server asks for the string (as compose's does), the client gives it
-    env = cli_env(tmp_path / "home") | {"PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret}
+    spec.write_text(SPEC.format(data=QUICK.parent / "data").replace("max_steps: 2,", "max_steps: 400,"))
+    env = cli_env(tmp_path / "home") | {"PREFECT_CLIENT_MAX_RETRIES": "0"}  # the client's retries, cut short here
+    run = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(spec)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    record = tmp_path / "home" / "prefect" / "server.json"
     try:
-        given = lifecycle("run", str(spec), env=env)
-        assert given.returncode == 0, given.stderr[-3000:]
-        url = json.loads((tmp_path / "home" / "prefect" / "server.json").read_text())["url"]
-        anonymous = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST")
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(anonymous, timeout=10)
-        assert refused.value.code == 401
-
-        wrong = lifecycle("run", str(spec), env=env | {"PREFECT_API_AUTH_STRING": "lifecycle:guessed"})
-        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
-        assert wrong.stderr.strip().splitlines()[-1] == (
-            f"error: the Prefect API at {url} refused this client (HTTP 401): set PREFECT_API_AUTH_STRING to the "
-            "server's auth string (user:password)"
-        )
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "home" / "work").glob("tiny/pretrain-*")):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+            time.sleep(0.2)
+        url = json.loads(record.read_text())["url"]
+        os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)  # the server dies while the stage trains
+        said = run.communicate(timeout=600)[1]
     finally:
-        lifecycle("stop", env=env)
+        run.kill()
+    assert run.returncode == 2 and "Traceback" not in said
+    assert [line for line in said.splitlines() if line.startswith("error: ")] == [
+        f"error: the Prefect API at {url} stopped answering (ConnectError: [Errno 111] Connection refused); every "
+        "stage that finished is recorded in MLflow: run again once it answers, and they are reused"
+    ]
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("tiny").experiment_id
+    assert {r.info.run_name: r.info.status for r in mlflow.search_runs([experiment])}["pretrain"] == "FINISHED"
 
 
 def test_a_server_that_cannot_start_is_one_message_naming_its_log(
