@@ -328,4 +328,6 @@ def test_a_pipeline_run_that_stops_says_at_which_stage(tmp_path) -> None:
     assert failed.data.tags["mlflow.note.content"] == (
         f"{header}\n\nOutcome: failed at stage {pretrain.name}: ValueError: the data moved."
     )
-    assert interrupted.data.tags["mlflow.note.content"] == f"{header}\n\nOutcome: interrupted (Ctrl-C) at stage tokenizer."
+    assert (
+        interrupted.data.tags["mlflow.note.content"] == f"{header}\n\nOutcome: interrupted (Ctrl-C) at stage tokenizer."
+    )

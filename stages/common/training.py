@@ -115,13 +115,13 @@ def complete(folder: Path) -> bool:
 
 def last_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete in-stage checkpoint; incomplete ones (killed mid-save) are removed, by rank 0 alone."""
-    complete = []
+    saved = []
     for folder in output_dir.glob("checkpoint-*"):
         if complete(folder):
-            complete.append(folder)
+            saved.append(folder)
         elif main_process():
             shutil.rmtree(folder, ignore_errors=True)
-    return max(complete, key=lambda f: int(f.name.split("-")[1]), default=None)
+    return max(saved, key=lambda f: int(f.name.split("-")[1]), default=None)
 
 
 def fit(trainer: Trainer, measure: Callable[[], dict[str, float]] | None = None) -> tuple[dict[str, float], int]:
