@@ -298,11 +298,19 @@ def _interrupted(err: BaseException) -> bool:
 
 
 def fail(mlflow: MlflowClient, run_id: str, err: BaseException) -> None:
-    """Close a run that did not finish: KILLED when interrupted, FAILED otherwise, with the reason as a tag."""
+    """Close a run that did not finish: KILLED when interrupted, FAILED otherwise, with the reason as a tag. A store
+    that does not answer now is said, and the error that ended the stage is the one raised: the run's lease runs out,
+    and the next run closes it as KILLED."""
     interrupted = _interrupted(err)
     reason = interruption(err) if interrupted else f"{type(err).__name__}: {err}"
-    mlflow.set_tag(run_id, f"{TAG}error", reason[:5000])
-    mlflow.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+    try:
+        mlflow.set_tag(run_id, f"{TAG}error", reason[:5000])
+        mlflow.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+    except Exception as unrecorded:
+        say(
+            f"run {run_id} could not be closed in the store ({type(unrecorded).__name__}: {unrecorded}); once its "
+            "lease runs out the next run closes it as KILLED"
+        )
 
 
 def link(mlflow: MlflowClient, parent: str, stage: PlannedStage, run_id: str, reused: bool) -> None:
