@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,19 @@ def cli_env(root: Path, prefect_api: str | None = None) -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_HOME", None)  # the home's own (<root>/prefect), whatever this process was pointed at
     return env | ({"PREFECT_API_URL": prefect_api} if prefect_api else {})
+
+
+def start_run(spec: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`lifecycle run SPEC` as a process of its own session (a kill of its group reaches all it started), its stderr
+    piped: a run a test stops, kills or waits for."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(spec)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from tasks import claims, lineage
 from tasks.home import Home
 from tasks.plan import plan
 
-from .conftest import QUICK, cli_env
+from .conftest import QUICK, cli_env, start_run
 
 DATA = QUICK.parent / "data"
 
@@ -96,14 +96,7 @@ def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_ru
     for name in ("first", "second"):  # the same stages under two names: two pipelines with equal fingerprints
         specs[name] = tmp_path / f"{name}.yaml"
         specs[name].write_text(LONG.format(name=name, data=DATA))
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(specs["first"])],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    first = start_run(specs["first"], env)
     try:
         wait_for("work/first/sft-*/trainer/checkpoint-*/trainer_state.json", root, first)
         again = run(specs["first"], env)
@@ -112,14 +105,7 @@ def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_ru
         assert message.startswith(f"error: stage sft is being run right now by pid {first.pid} on "), message
         assert "wait for it to finish" in message
 
-        other = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", str(specs["second"])],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        other = start_run(specs["second"], env)
         try:  # the other pipeline trains its own SFT beside the first one's, in its own work folder
             wait_for("work/second/sft-*/trainer/checkpoint-*/trainer_state.json", root, other)
         finally:
@@ -157,14 +143,7 @@ def test_a_stage_killed_on_another_host_is_taken_over_once_its_lease_runs_out_an
         "LIFECYCLE_HOST": "elsewhere",  # its pid means nothing here: only its lease says whether it lives
         "LIFECYCLE_LEASE_SECONDS": "6",
     }
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(spec)],
-        env=elsewhere,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    first = start_run(str(spec), elsewhere)
     try:
         wait_for("work/leased/sft-*/trainer/checkpoint-*/trainer_state.json", tmp_path / "a", first)
     finally:
@@ -244,14 +223,7 @@ def test_sigterm_ends_a_run_with_one_line_and_a_record_the_next_run_resumes_from
     root, spec = tmp_path / "home", tmp_path / "leased.yaml"
     spec.write_text(TAKEN_OVER.format(data=DATA))
     env = cli_env(root, prefect_api)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(spec)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    first = start_run(str(spec), env)
     try:
         wait_for("work/leased/sft-*/trainer/checkpoint-*/trainer_state.json", root, first)
         first.send_signal(signal.SIGTERM)

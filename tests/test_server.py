@@ -18,7 +18,7 @@ import pytest
 from flows import server
 from tasks.home import Home, running
 
-from .conftest import QUICK, cli_env
+from .conftest import QUICK, cli_env, start_run
 
 # the tokenizer and two pretrain steps: enough for a flow run that records a finished stage
 SPEC = """
@@ -90,14 +90,7 @@ def test_a_server_that_dies_mid_stage_leaves_the_stage_recorded_and_one_line(tmp
     spec = tmp_path / "tiny.yaml"
     spec.write_text(SPEC.format(data=QUICK.parent / "data").replace("max_steps: 2,", "max_steps: 400,"))
     env = cli_env(tmp_path / "home") | {"PREFECT_CLIENT_MAX_RETRIES": "0"}  # the client's retries, cut short here
-    run = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(spec)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    run = start_run(str(spec), env)
     record = tmp_path / "home" / "prefect" / "server.json"
     try:
         deadline = time.monotonic() + 300

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from bench.transfer import tracking_server
 from tasks import mirror
 
-from .conftest import QUICK, cli_env
+from .conftest import QUICK, cli_env, start_run
 from .test_mirror import checkpoint, same
 
 DATA = QUICK.parent / "data"
@@ -82,14 +82,7 @@ def test_workers_share_a_tracking_server_resume_each_others_stages_and_never_red
     spec = tmp_path / "shared.yaml"
     spec.write_text(SPEC)
     mirrored = {"LIFECYCLE_MIRROR_CHECKPOINTS": "1"}  # each in-stage checkpoint goes to the server as it is saved
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(spec)],
-        env=worker_env(tmp_path / "a", server, prefect_api) | mirrored,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    first = start_run(str(spec), worker_env(tmp_path / "a", server, prefect_api) | mirrored)
     mlflow = MlflowClient(server)
     try:
         dead = wait_for_mirror(mlflow, first)
