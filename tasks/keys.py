@@ -25,13 +25,18 @@ CHUNK = 1 << 20
 PLAIN = Source(path=Path(".")).model_dump(exclude={"path", "files"})  # a file read as it is
 
 
-@cache
-def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+def content_digest(path: Path) -> str:
+    """sha256 of a file's full content, read now (`tasks.seals` checks what is on disk, never a memo of it)."""
     sha = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK):
             sha.update(block)
     return sha.hexdigest()
+
+
+@cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    return content_digest(path)
 
 
 def file_digest(path: Path) -> str:

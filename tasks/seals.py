@@ -31,7 +31,7 @@ from pathlib import Path
 from mlflow.entities import Run
 
 from schemas.errors import LifecycleError
-from tasks.keys import file_digest
+from tasks.keys import content_digest
 
 KEY = "LIFECYCLE_SIGNING_KEY"
 KEY_FILE = "LIFECYCLE_SIGNING_KEY_FILE"
@@ -65,7 +65,8 @@ def signing_key() -> bytes | None:
 
 
 def checkpoint_digest(folder: Path) -> str:
-    """sha256 over every file of a checkpoint folder, by relative path. An adapter's `base_model_name_or_path` is left
+    """sha256 over every file of a checkpoint folder, by relative path, each read in full now (never a memo: a file
+    rewritten in place keeps its size and can be given back its time). An adapter's `base_model_name_or_path` is left
     out: it names a folder of the machine that loads it, rewritten on each one (`stages.common.contract.
     point_adapter_at`)."""
     sha = hashlib.sha256()
@@ -75,7 +76,7 @@ def checkpoint_digest(folder: Path) -> str:
             config.pop("base_model_name_or_path", None)
             content = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
         else:
-            content = file_digest(path)
+            content = content_digest(path)
         sha.update(f"{path.relative_to(folder).as_posix()}\0{content}\n".encode())
     return sha.hexdigest()
 
