@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,74 +47,13 @@ from mlflow import MlflowClient
 from examples.generate import SEED, generate, render
 from flows.cli import format_metrics
 from schemas.load import load_spec
-from schemas.spec import PipelineSpec
 from stages.common.training import cpu_has_bf16
 from tasks.home import Home
 from tasks.lineage import EVAL_ARTIFACTS, experiment_id, finished_run
 from tasks.plan import plan
+from tasks.sweeps import Spread, Table, changes, inputs_of, spread, table_of
 
 ROOT = Path(__file__).resolve().parent.parent
-# two-sided 95 % quantiles of Student's t by degrees of freedom; past 10, 10's (a little wider than the truth)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-Table = dict[str, dict[str, float]]  # checkpoint -> metric -> value (nan: not measured)
-
-
-@dataclass(frozen=True)
-class Spread:
-    """Mean and sample standard deviation of one figure over the seeds that measured it."""
-
-    mean: float
-    std: float  # n - 1 in the denominator; nan with fewer than 2 values
-    n: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> Spread:
-        values = [v for v in values if not math.isnan(v)]
-        if not values:
-            return cls(math.nan, math.nan, 0)
-        mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-        # the eval figures are float32: below a millionth of the values, a mean or spread is rounding (1/24 - 1/24)
-        rounding = 1e-6 * max(map(abs, values))
-        return cls(0.0 if abs(mean) <= rounding else mean, 0.0 if std <= rounding else std, len(values))
-
-    @property
-    def clear(self) -> bool:
-        """The 95 % t-interval of the mean leaves out 0, from 3 seeds on."""
-        return self.n >= 3 and abs(self.mean) > T95[min(self.n - 1, 10)] * self.std / math.sqrt(self.n)
-
-
-def table_of(logged: dict) -> Table:
-    """An eval metrics table as MLflow's log_table wrote it ({"columns", "data"}, nan as null) by checkpoint."""
-    columns = logged["columns"][1:]
-    return {
-        row[0]: {c: math.nan if v is None else float(v) for c, v in zip(columns, row[1:])} for row in logged["data"]
-    }
-
-
-def changes(table: Table, inputs: dict[str, str | None]) -> Table:
-    """Each checkpoint's metrics minus its input stage's, for the checkpoints whose input the same table scores."""
-    return {
-        stage: {metric: value - table[up].get(metric, math.nan) for metric, value in row.items()}
-        for stage, row in table.items()
-        if (up := inputs.get(stage)) in table
-    }
-
-
-def spread(tables: list[Table]) -> dict[str, dict[str, Spread]]:
-    """Every (checkpoint, metric) of the tables, its Spread over the tables (the seeds)."""
-    stages = list(dict.fromkeys(stage for table in tables for stage in table))
-    metrics = list(dict.fromkeys(metric for table in tables for row in table.values() for metric in row))
-    return {
-        stage: {metric: Spread.of([t[stage].get(metric, math.nan) for t in tables if stage in t]) for metric in metrics}
-        for stage in stages
-    }
-
-
-def inputs_of(spec: PipelineSpec) -> dict[str, str | None]:
-    return {stage.name: getattr(spec.input_of(stage), "name", None) for stage in spec.training_stages()}
-
-
 @dataclass
 class SeedRun:
     seed: int
@@ -230,15 +168,6 @@ def machine(threads: str | None) -> dict:
     }
 
 
-def cell(figure: Spread, seeds: int, change: bool) -> str:
-    if figure.n == 0:
-        return "-"
-    text = f"{figure.mean:+.3g}" if change else f"{figure.mean:.4g}"
-    if figure.n > 1:
-        text += f" ± {figure.std:.2g}" + ("*" if change and figure.clear else "")
-    return text + (f" (n={figure.n})" if figure.n < seeds else "")
-
-
 def markdown(columns: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -272,7 +201,7 @@ class Outcome:
         return [
             [
                 f"{stage} − {self.inputs[stage]}" if change else stage,
-                *(cell(row[m], len(self.runs), change) for m in self.metrics),
+                *(row[m].cell(len(self.runs), change) for m in self.metrics),
             ]
             for stage, row in figures.items()
         ]

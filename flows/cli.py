@@ -67,6 +67,10 @@ def _check(spec_path: Path, home: Home | None = None, device_memory: float | Non
             print(f"note: {note}")
     for peak in peaks:
         print(f"memory: {peak.line()}")
+    if spec.sweep is not None:
+        from tasks.plan import sweep_cost
+
+        print(sweep_cost(spec).line())
 
 
 def _size(text: str) -> float:
@@ -237,18 +241,23 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """One row per stage; a sweep's stages once per branch, each row naming its branch."""
+    from schemas.sweep import branches
     from tasks.claims import stage_statuses
     from tasks.lineage import client
     from tasks.plan import plan
 
     spec = load_spec(args.spec)
     home = Home.from_env()
-    rows = stage_statuses(client(home), home, spec.name, plan(spec))
+    mlflow = client(home)
+    swept = [(b.name, stage_statuses(mlflow, home, spec.name, plan(b.spec))) for b in branches(spec)]
     if args.json:
-        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        found = [({"branch": name} if spec.sweep else {}) | row.__dict__ for name, rows in swept for row in rows]
+        print(json.dumps(found, indent=2))
         return 0
     lines = [
-        [
+        ([name] if spec.sweep else [])
+        + [
             row.name,
             row.kind,
             row.fingerprint[:12],
@@ -256,9 +265,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             row.run_id or "-",
             "  ".join(f"{k}={row.metrics[k]:.4g}" for k in KEY_METRICS if k in row.metrics),
         ]
+        for name, rows in swept
         for row in rows
     ]
-    print(text_table(["stage", "kind", "fingerprint", "state", "run id", "metrics"], lines))
+    columns = ["stage", "kind", "fingerprint", "state", "run id", "metrics"]
+    print(text_table((["branch"] if spec.sweep else []) + columns, lines))
     return 0
 
 
@@ -506,6 +517,38 @@ def format_samples(table: dict) -> str:
     return "\n\n".join(blocks)
 
 
+def _sweep_report(path: Path, spec) -> int:
+    """A sweep's comparison (tasks/sweeps.py): per point, each checkpoint's figures over the seeds and each stage's
+    change over its input, then the best point."""
+    from schemas.sweep import branches
+    from tasks.lineage import client, experiment_id
+    from tasks.sweeps import report
+
+    home = Home.from_env()
+    mlflow = client(home)
+    experiment = experiment_id(mlflow, home, spec.name, create=False)
+    branched = branches(spec)
+    found = report(mlflow, experiment, spec, branched) if experiment else None
+    if found is None or not found.points:
+        raise SpecError(f"{path}: no branch of the sweep has a finished eval run; run `lifecycle run {path}` first")
+    done = sum(point.seeds for point in found.points)
+    print(f"sweep {spec.name}: {done} of {len(branched)} branches measured by eval stage {found.eval_stage}")
+    for point in found.points:
+        print(f"\n{point.name or 'the spec as it is'} ({point.seeds} seed{'s' * (point.seeds != 1)}): mean ± std")
+        rows = [[stage, *(row[m].cell(point.seeds) for m in found.metrics)] for stage, row in point.levels.items()]
+        print(text_table(["checkpoint", *found.metrics], rows, [False] + [True] * len(found.metrics)))
+        if point.changes:
+            rows = [
+                [f"{stage} − {found.inputs[stage]}", *(row[m].cell(point.seeds, change=True) for m in found.metrics)]
+                for stage, row in point.changes.items()
+            ]
+            print("\n" + text_table(["stage − input", *found.metrics], rows, [False] + [True] * len(found.metrics)))
+    print("\n* the change's 95 % interval over the seeds leaves out 0 (from 3 seeds)")
+    if found.best:
+        print(found.best)
+    return 0
+
+
 def _served_model(source: str):
     """The model a SPEC[:STAGE] or models:/ URI names: (store client, the run that made it, pipeline name, its
     checkpoint fetched into the home's cache). SPEC alone names its last language-model stage."""
@@ -575,6 +618,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tasks.plan import plan
 
     spec = load_spec(args.spec)
+    if spec.sweep is not None:
+        return _sweep_report(args.spec, spec)
     evals = [stage for stage in plan(spec) if stage.kind == "eval"]
     if not evals:
         raise SpecError(f"{args.spec}: the spec has no eval stage; add one ({{name: eval, kind: eval}}) and run it")

@@ -21,6 +21,7 @@ from schemas.launch import Launch
 from schemas.memory import Memory
 from schemas.rewards import AnswerReward, ModelReward, Reward
 from schemas.sources import Source
+from schemas.sweep import Sweep, apply
 
 TOKENIZER_STAGE = "tokenizer"
 # names the eval report's tables use for their own columns, and the tokenizer's stage
@@ -615,6 +616,11 @@ class PipelineSpec(Strict):
         description="register each stage's model as a version of the MLflow registered model named like the "
         "pipeline (aliases: each stage's name, and `best`); false: logged models only",
     )
+    sweep: Sweep | None = Field(
+        None,
+        description="branches of the pipeline: stage fields to try, each over several seeds; stages the branches "
+        "share run once",
+    )
 
     @model_validator(mode="after")
     def _stages_link(self) -> PipelineSpec:
@@ -687,6 +693,9 @@ class PipelineSpec(Strict):
                         f"stages[{i}].max_len {stage.max_len} exceeds model.init.max_seq_len "
                         f"{self.model.init.max_seq_len}"
                     )
+        if self.sweep is not None:
+            for point in self.sweep.point_list():  # every key names a stage field and every value fits it
+                apply(self, point, self.sweep.seeds[0] if self.sweep.seeds else None)
         return self
 
     def training_stages(self) -> list[TrainingStage]:

@@ -220,13 +220,24 @@ def busy(stage: PlannedStage, run: Run) -> StageBusy:
 
 @contextmanager
 def pipeline_run(
-    mlflow: MlflowClient, experiment: str, spec_name: str, spec_path: Path, stages: list[str]
+    mlflow: MlflowClient,
+    experiment: str,
+    spec_name: str,
+    spec_path: Path,
+    stages: list[str],
+    branch: tuple[str, str, dict[str, str]] | None = None,
 ) -> Iterator[str]:
     """The parent run of one pipeline run: FINISHED when every stage is, FAILED otherwise. Its description (the run
-    page's first lines) names the spec, its stages in order and how the run ended."""
+    page's first lines) names the spec, its stages in order and how the run ended. A sweep's branch (`branch`: the
+    sweep's run, the branch's name and its tags) is a child of the sweep's run, named and tagged as the branch."""
     tags = {f"{TAG}kind": "pipeline", f"{TAG}spec": str(spec_path), f"{TAG}stages": " ".join(stages)}
+    name = spec_name
+    if branch is not None:
+        sweep, branch_name, branch_tags = branch
+        tags |= {MLFLOW_PARENT_RUN_ID: sweep, f"{TAG}branch": branch_name} | branch_tags
+        name = f"{spec_name} [{branch_name}]"
     tags[MLFLOW_RUN_NOTE] = _pipeline_note(spec_name, tags, "running")
-    run_id = mlflow.create_run(experiment, run_name=spec_name, tags=tags | process_tags()).info.run_id
+    run_id = mlflow.create_run(experiment, run_name=name, tags=tags | process_tags()).info.run_id
     try:
         with heartbeat(mlflow, run_id):
             mlflow.log_artifact(run_id, str(spec_path), "spec")
@@ -246,9 +257,29 @@ def pipeline_run(
     outcome = "finished"
     if all(tags.get(f"{TAG}stage.{name}", "").endswith(" (reused)") for name in stages):
         # nothing trained: said where the runs list shows it, so the run is not taken for a new model
-        mlflow.update_run(run_id, name=f"{spec_name} (all reused)")
+        mlflow.update_run(run_id, name=f"{name} (all reused)")
         outcome = "finished, every stage reused from an earlier run (nothing trained)"
     mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, tags, outcome, experiment))
+    mlflow.set_terminated(run_id, status="FINISHED")
+
+
+@contextmanager
+def sweep_run(
+    mlflow: MlflowClient, experiment: str, spec_name: str, spec_path: Path, branches: list[str], sweep: dict
+) -> Iterator[str]:
+    """The parent run of a sweep, whose children are its branches' pipeline runs: FINISHED when every branch is,
+    FAILED otherwise. It carries the sweep as params and, at the end, the report of every point (`tasks.sweeps`)."""
+    tags = {f"{TAG}kind": "sweep", f"{TAG}spec": str(spec_path), f"{TAG}branches": " | ".join(branches)}
+    tags[MLFLOW_RUN_NOTE] = f"Sweep **{spec_name}** (`{spec_path}`): {len(branches)} branches: {'; '.join(branches)}."
+    run_id = mlflow.create_run(experiment, run_name=f"{spec_name} (sweep)", tags=tags | process_tags()).info.run_id
+    try:
+        with heartbeat(mlflow, run_id):
+            mlflow.log_artifact(run_id, str(spec_path), "spec")
+            mlflow.log_dict(run_id, sweep, "sweep.json")
+            yield run_id
+    except BaseException as err:
+        fail(mlflow, run_id, err)
+        raise
     mlflow.set_terminated(run_id, status="FINISHED")
 
 

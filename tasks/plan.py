@@ -56,3 +56,38 @@ def parts(stage: PlannedStage) -> list[PlannedStage]:
         )
         for i, n in enumerate(lengths)
     ]
+
+
+@dataclass(frozen=True)
+class SweepCost:
+    """What a sweep's branches cost in stage runs: each distinct fingerprint runs once."""
+
+    branches: int
+    points: int
+    seeds: int
+    shared: int  # stage runs every branch shares (the tokenizer, the stages before the first swept one)
+    total: int  # distinct stage runs in all
+    one_by_one: int  # stage runs had every branch run alone
+
+    def line(self) -> str:
+        seeds = f" × {self.seeds} seeds" if self.seeds > 1 else ""
+        return (
+            f"sweep: {self.points} points{seeds} = {self.branches} branches; {self.total} stage runs "
+            f"({self.shared} shared by every branch, {self.total - self.shared} of single branches), "
+            f"against {self.one_by_one} for the branches run one by one"
+        )
+
+
+def sweep_cost(spec: PipelineSpec) -> SweepCost:
+    from schemas.sweep import branches
+
+    planned = [{stage.fingerprint for stage in plan(branch.spec)} for branch in branches(spec)]
+    sweep = spec.sweep
+    return SweepCost(
+        branches=len(planned),
+        points=len(sweep.point_list()) if sweep else 1,
+        seeds=len(sweep.seeds) if sweep and sweep.seeds else 1,
+        shared=len(set.intersection(*planned)),
+        total=len(set.union(*planned)),
+        one_by_one=sum(map(len, planned)),
+    )
