@@ -54,6 +54,8 @@ from tasks.plan import plan
 from tasks.sweeps import Spread, Table, changes, inputs_of, spread, table_of
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 @dataclass
 class SeedRun:
     seed: int
