@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from schemas.errors import LifecycleError
 from schemas.spec import EvalStage, PipelineSpec, lower_is_better
 from schemas.sweep import Branch
 from tasks.lineage import EVAL_ARTIFACTS, finished_run
@@ -93,6 +94,10 @@ def inputs_of(spec: PipelineSpec) -> dict[str, str | None]:
     return {stage.name: getattr(spec.input_of(stage), "name", None) for stage in spec.training_stages()}
 
 
+class NoEvalStage(LifecycleError):
+    """A sweep's report compares the branches' eval tables: without an eval stage there is none."""
+
+
 @dataclass(frozen=True)
 class Point:
     """One point of a sweep, over its seeds: each checkpoint's figures and each stage's change over its input."""
@@ -137,7 +142,7 @@ def report(mlflow: MlflowClient, experiment: str, spec: PipelineSpec, branched: 
     """The sweep's report from its branches' finished eval runs (a branch not finished yet counts as not measured)."""
     evaluation = next((stage for stage in spec.stages if isinstance(stage, EvalStage)), None)
     if evaluation is None:
-        raise ValueError(f"sweep {spec.name}: the spec has no eval stage to compare the branches by")
+        raise NoEvalStage(f"sweep {spec.name}: the spec has no eval stage to compare the branches by; add one")
     inputs = inputs_of(spec)
     tables: dict[str, list[Table]] = {}
     for branch in branched:
@@ -172,7 +177,9 @@ def _best(spec: PipelineSpec, evaluation: EvalStage, points: list[Point]) -> str
 
 def log_report(mlflow: MlflowClient, run_id: str, spec: PipelineSpec, branched: list[Branch]) -> None:
     """The sweep's report as its run's table `sweep/report.json` (a row per figure) and, with best_by, its best
-    point as the run's tag `lifecycle.best_point`."""
+    point as the run's tag `lifecycle.best_point`; nothing for a sweep without an eval stage."""
+    if not any(isinstance(stage, EvalStage) for stage in spec.stages):
+        return
     found = report(mlflow, mlflow.get_run(run_id).info.experiment_id, spec, branched)
     rows = found.rows()
     if rows:

@@ -191,3 +191,15 @@ def test_a_sweep_runs_each_shared_stage_once_and_reports_every_point_with_its_sp
 
     again = lifecycle(str(path))  # a re-run reuses every branch
     assert again == runs
+
+
+def test_a_sweep_without_an_eval_stage_logs_no_report_and_report_says_why(tmp_path) -> None:
+    from tasks.sweeps import NoEvalStage, log_report, report
+
+    text = SWEEP.format(data=QUICK.parent / "data", sweep="{grid: {dpo.beta: [0.1]}}")
+    path = tmp_path / "no-eval.yaml"
+    path.write_text(text[: text.index("  - {name: eval")])
+    spec = load_spec(path)
+    log_report(None, "a-run", spec, [])  # touches no store
+    with pytest.raises(NoEvalStage, match="has no eval stage to compare the branches by"):
+        report(None, "an-experiment", spec, [])
