@@ -490,7 +490,9 @@ def text_table(columns: list[str], rows: list[list[str]], numeric: list[bool] | 
         table.add_row(*map(Text, row))
     out = io.StringIO()
     Console(file=out, width=1 << 16, color_system=None).print(table)
-    return "\n".join(line.rstrip() for line in out.getvalue().rstrip("\n").splitlines())
+    lines = [line.rstrip() for line in out.getvalue().rstrip("\n").splitlines()]
+    lines[1] = "─" * max(map(len, lines))  # the header's rule under the whole table, however wide
+    return "\n".join(lines)
 
 
 def format_metrics(table: dict) -> str:
