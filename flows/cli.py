@@ -137,12 +137,7 @@ def _no_traceback_for_messages(record: logging.LogRecord) -> bool:
     """Prefect logs a failed task or flow with its traceback; a LifecycleError's message, or a server's refusal of
     this client, says all there is (and the command prints it last), so its traceback is left out. Any other failure
     keeps its traceback."""
-    if record.exc_info and (
-        isinstance(record.exc_info[1], LifecycleError)
-        or _refusal(record.exc_info[1])
-        or _disk_full(record.exc_info[1])
-        or _unreachable(record.exc_info[1])
-    ):
+    if record.exc_info and (isinstance(record.exc_info[1], LifecycleError) or _outside(record.exc_info[1])):
         record.exc_info, record.exc_text = None, None
     return True
 
@@ -164,6 +159,11 @@ def _stop_on_sigterm(spec: Path) -> None:
         raise SystemExit(128 + number)
 
     signal.signal(signal.SIGTERM, stopped)
+
+
+def _outside(err: BaseException) -> str | None:
+    """One line for a failure from outside the pipeline (a server refusing or gone, a full disk); None otherwise."""
+    return _refusal(err) or _disk_full(err) or _unreachable(err)
 
 
 def _unreachable(err: BaseException) -> str | None:
@@ -939,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BaseException as err:
-        if (refused := _refusal(err) or _disk_full(err) or _unreachable(err)) is not None:
+        if (refused := _outside(err)) is not None:
             print(f"error: {refused}", file=sys.stderr)
             return 2
         if args.command == "run" and isinstance(err, KeyboardInterrupt):

@@ -250,7 +250,8 @@ def pipeline_run(
         stopped = next((name for name in stages if f"{TAG}stage.{name}" not in run.data.tags), None)
         where = f"at stage {stopped}" if stopped else "after its last stage"
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]  # the whole of it: the tag lifecycle.error
-        outcome = f"{interruption(err)} {where}" if _interrupted(err) else f"failed {where}: {reason}"
+        how = interruption(err)
+        outcome = f"{how} {where}" if how else f"failed {where}: {reason}"
         mlflow.set_tag(run_id, MLFLOW_RUN_NOTE, _pipeline_note(spec_name, run.data.tags, outcome))
         raise
     tags = mlflow.get_run(run_id).data.tags
@@ -324,16 +325,13 @@ def interruption(err: BaseException) -> str | None:
     return None
 
 
-def _interrupted(err: BaseException) -> bool:
-    return interruption(err) is not None
-
-
 def fail(mlflow: MlflowClient, run_id: str, err: BaseException) -> None:
     """Close a run that did not finish: KILLED when interrupted, FAILED otherwise, with the reason as a tag. A store
     that does not answer now is said, and the error that ended the stage is the one raised: the run's lease runs out,
     and the next run closes it as KILLED."""
-    interrupted = _interrupted(err)
-    reason = interruption(err) if interrupted else f"{type(err).__name__}: {err}"
+    how = interruption(err)
+    interrupted = how is not None
+    reason = how or f"{type(err).__name__}: {err}"
     try:
         mlflow.set_tag(run_id, f"{TAG}error", reason[:5000])
         mlflow.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")

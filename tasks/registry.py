@@ -202,7 +202,9 @@ def _check_binding(mlflow: MlflowClient, run: Run, model: LoggedModel) -> None:
             f"stage {stage} (run {run_id}) names model {model.model_id} ({model.name}), which run "
             f"{model.source_run_id} logged for another stage or fingerprint; nothing is loaded"
         )
-    seals.check_seal(run, {m: mlflow.get_logged_model(m).tags.get(seals.DIGEST) for m in sorted(named)})
+    # the model in hand is not read again; a merged stage's other model is
+    digests = {m: (model if m == model.model_id else mlflow.get_logged_model(m)).tags.get(seals.DIGEST) for m in named}
+    seals.check_seal(run, dict(sorted(digests.items())))
 
 
 def _fetch(mlflow: MlflowClient, home: Home, model: LoggedModel) -> Path:
