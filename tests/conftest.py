@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from examples.generate import DATA_DIR
 from schemas.spec import ModelInit, PretrainStage, SFTStage, TokenizerTrain, TrainSpec
 from stages.common.contract import StageResult
+from stages.common.training import complete
 
 # as `lifecycle` sets for its own server and the store: the harness's server and MLflow must not try to reach the
 # network
@@ -143,6 +145,20 @@ def start_run(spec: Path, env: dict[str, str]) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+def wait_for_checkpoint(work: Path, stage: str, process: subprocess.Popen, timeout: float = 600) -> Path:
+    """The first complete in-stage checkpoint under `work/<stage glob>/trainer` (the Trainer writes its state file
+    last and not atomically: a folder whose state file does not parse yet is not one), while `process` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := sorted(f for f in work.glob(f"{stage}/trainer/checkpoint-*") if complete(f)):
+            return found[0]
+        if process.poll() is not None:
+            said = process.stderr.read() if process.stderr else ""
+            raise AssertionError(f"the run ended before {stage} saved a checkpoint:\n{said[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"{stage} saved no complete checkpoint in {timeout:.0f} s")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from tasks import claims, lineage
 from tasks.home import Home
 from tasks.plan import plan
 
-from .conftest import QUICK, cli_env, start_run
+from .conftest import QUICK, cli_env, start_run, wait_for_checkpoint
 
 DATA = QUICK.parent / "data"
 
@@ -77,16 +77,6 @@ def test_a_diverging_stage_stops_at_that_step_fails_and_keeps_the_last_good_chec
     assert all(math.isfinite(v) for k, v in runs["pretrain"].data.metrics.items() if k == "loss")
 
 
-def wait_for(path_pattern: str, root: Path, process: subprocess.Popen, timeout: float = 600) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := sorted(root.glob(path_pattern)):
-            return found[0]
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"nothing matched {path_pattern} in time")
-
-
 def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_run_beside_it(
     prefect_api, tmp_path
 ) -> None:
@@ -98,7 +88,7 @@ def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_ru
         specs[name].write_text(LONG.format(name=name, data=DATA))
     first = start_run(specs["first"], env)
     try:
-        wait_for("work/first/sft-*/trainer/checkpoint-*/trainer_state.json", root, first)
+        wait_for_checkpoint(root / "work", "first/sft-*", first)
         again = run(specs["first"], env)
         assert again.returncode == 2
         message = again.stderr.strip().splitlines()[-1]
@@ -107,7 +97,7 @@ def test_a_stage_being_run_is_refused_to_a_second_process_and_other_pipelines_ru
 
         other = start_run(specs["second"], env)
         try:  # the other pipeline trains its own SFT beside the first one's, in its own work folder
-            wait_for("work/second/sft-*/trainer/checkpoint-*/trainer_state.json", root, other)
+            wait_for_checkpoint(root / "work", "second/sft-*", other)
         finally:
             other.kill()
             other.wait()
@@ -145,7 +135,7 @@ def test_a_stage_killed_on_another_host_is_taken_over_once_its_lease_runs_out_an
     }
     first = start_run(str(spec), elsewhere)
     try:
-        wait_for("work/leased/sft-*/trainer/checkpoint-*/trainer_state.json", tmp_path / "a", first)
+        wait_for_checkpoint(tmp_path / "a" / "work", "leased/sft-*", first)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -225,7 +215,7 @@ def test_sigterm_ends_a_run_with_one_line_and_a_record_the_next_run_resumes_from
     env = cli_env(root, prefect_api)
     first = start_run(str(spec), env)
     try:
-        wait_for("work/leased/sft-*/trainer/checkpoint-*/trainer_state.json", root, first)
+        wait_for_checkpoint(root / "work", "leased/sft-*", first)
         first.send_signal(signal.SIGTERM)
         said = first.communicate(timeout=60)[1]
     finally:

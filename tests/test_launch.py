@@ -29,6 +29,7 @@ from schemas.launch import DEEPSPEED_CONFIGS, DeepSpeed, Launch
 from schemas.load import SpecError, load_spec
 from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, TrainSpec
 from stages.common.contract import StageInputs
+from stages.common.training import complete
 from tasks.plan import plan
 from tasks.torchrun import LaunchError, launch_stage
 
@@ -285,7 +286,7 @@ def test_distributed_example_survives_a_kill_of_the_flow_during_sft_and_resumes_
     with open(tmp_path / "killed.log", "w") as log:
         flow = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
-    while not list(home.glob("work/distributed/sft-*/trainer/checkpoint-*/trainer_state.json")):
+    while not any(complete(f) for f in home.glob("work/distributed/sft-*/trainer/checkpoint-*")):
         assert flow.poll() is None, (
             "the run ended before SFT saved a checkpoint:\n" + (tmp_path / "killed.log").read_text()[-3000:]
         )

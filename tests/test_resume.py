@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -18,7 +14,7 @@ from tasks.home import Home
 from tasks.lineage import client, runs_of
 from tasks.plan import plan
 
-from .conftest import QUICK, cli_env, use_home
+from .conftest import QUICK, cli_env, start_run, use_home, wait_for_checkpoint
 
 # quick.yaml with an SFT stage long enough to be killed after its first checkpoint
 SPEC = """
@@ -35,31 +31,13 @@ stages:
 """
 
 
-def wait_for_checkpoint(work: Path, process: subprocess.Popen, timeout: float = 240) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(work.glob("*/sft-*/trainer/checkpoint-*/trainer_state.json"))
-        if found:
-            return found[0].parent
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.1)
-    raise AssertionError("no SFT checkpoint appeared in time")
-
-
 def test_killed_sft_resumes_from_its_checkpoint_and_reuses_finished_stages(prefect_api, tmp_path, monkeypatch) -> None:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(SPEC.format(data=QUICK.parent / "data"))
     root = tmp_path / "home"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(spec_path)],
-        env=cli_env(root, prefect_api),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_run(spec_path, cli_env(root, prefect_api))
     try:
-        checkpoint = wait_for_checkpoint(root / "work", process)
+        checkpoint = wait_for_checkpoint(root / "work", "*/sft-*", process, timeout=240)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
