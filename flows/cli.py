@@ -96,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n".join(submit(args.spec, args.deployment, home)))
         return 0
     _stop_on_sigterm(args.spec)
-    _check(args.spec, home)  # bad input starts nothing
+    if args.branch is None:  # a sweep's branch: the sweep checked its spec and data
+        _check(args.spec, home)  # bad input starts nothing
     # the home's own server serves no UI: a link to one would answer 404
     own_server = "PREFECT_API_URL" not in os.environ
     # a new server starts while this process opens the store and loads the flow
@@ -113,8 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_messages)
         if not args.verbose:
-            logging.getLogger(name).addFilter(_Bookkeeping(link=not own_server))
-    lifecycle(str(args.spec.resolve()), checked=True)
+            # a sweep's branch runs on the sweep's server: its link is the sweep's to give
+            logging.getLogger(name).addFilter(_Bookkeeping(link=not own_server and args.branch is None))
+    lifecycle(str(args.spec.resolve()), checked=True, branch=args.branch, sweep_run=args.sweep_run)
     return 0
 
 
@@ -793,6 +795,13 @@ def parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="Prefect's own lines too: each task's start and finished state, the flow run's link",
             )
+            sub.add_argument(
+                "--branch",
+                metavar="NAME",
+                help="only this branch of the spec's sweep (as `validate` names it: 'dpo.beta=0.1 seed=0'), recorded "
+                "under --sweep-run; how a sweep runs its branches side by side",
+            )
+            sub.add_argument("--sweep-run", metavar="RUN_ID", help="the sweep's MLflow run that --branch is under")
     new = command(
         "new",
         "write a commented first spec for your model folder and data files",

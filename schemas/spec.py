@@ -256,6 +256,11 @@ class TrainingStage(StageBase):
     def files(self) -> dict[str, tuple[list[Source], Format]]:
         return {"data": (self.data, self.data_format), "heldout": (self.heldout, self.data_format)}
 
+    @property
+    def sampled(self) -> bool:
+        """The training set is a seeded sample of the sources (`mix.seed` draws it): several sources, or a weight."""
+        return len(self.data) > 1 or any(source.weight not in (None, 1.0) for source in self.data)
+
     @model_validator(mode="after")
     def _neftune_for_sft(self) -> TrainingStage:
         if self.train.neftune_noise_alpha is not None and self.kind != "sft":

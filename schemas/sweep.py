@@ -2,9 +2,11 @@
 
 `sweep:` names stage fields by `<stage>.<field path>` (`dpo.beta`, `sft.train.lr`) with the values to try: `grid`
 tries every combination, `points` a listed set. `seeds` repeats each point over seeds: they are the `train.seed` of
-every stage a key names. The spec expands into one branch per point and seed. A stage that comes out the same in
-several branches has one fingerprint (tasks/keys.py) and so runs once, reused by every branch after the first: a sweep
-over DPO's beta trains the tokenizer, pretrain and SFT once.
+every stage a key names, and its `mix.seed` where its training set is a seeded sample of its sources. The spec
+expands into one branch per point and seed. A stage that comes out the same in several branches has one fingerprint
+(tasks/keys.py) and so runs once, reused by every branch after the first: a sweep over DPO's beta trains the
+tokenizer, pretrain and SFT once. `concurrency` branches run at a time (flows/lifecycle.py); one that reaches a stage
+another branch is training waits for it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import difflib
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, PositiveInt, TypeAdapter, ValidationError, model_validator
 
 from schemas.base import Strict
 
@@ -33,8 +35,14 @@ class Sweep(Strict):
     )
     seeds: list[int] = Field(
         [],
-        description="each point is run once per seed, as the train.seed of every stage a key names; "
-        "none: once, with the spec's own seeds",
+        description="each point is run once per seed, as the train.seed of every stage a key names (and its mix.seed "
+        "where its training set is a seeded sample of its sources); none: once, with the spec's own seeds",
+    )
+    concurrency: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="branches run at a time, each a process of its own with its share of the cores (or, submitted "
+        "to a deployment, a flow run of its own on the pool's workers); auto: one per core on a machine without a "
+        "GPU, one at a time with one, every branch at once on a pool",
     )
 
     @model_validator(mode="after")
@@ -115,6 +123,8 @@ def apply(spec: PipelineSpec, point: dict[str, Any], seed: int | None) -> Pipeli
             if getattr(stages[name], "train", None) is None:
                 raise ValueError(f"sweep seeds: stage {name} trains nothing, so no seed of its own to vary")
             stages[name] = _set(stages[name], ["train", "seed"], seed, f"{name}.train.seed")
+            if stages[name].sampled:
+                stages[name] = _set(stages[name], ["mix", "seed"], seed, f"{name}.mix.seed")
     return spec.model_copy(update={"stages": [stages[s.name] for s in spec.stages], "sweep": None, "registry": False})
 
 

@@ -86,6 +86,21 @@ def claim(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage
         yield _take_over(mlflow, home, experiment, stage)
 
 
+def holder(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> str | None:
+    """Who is running the stage right now, in words (a process of this home, or a live run elsewhere); None when
+    nobody is, so a claim would be granted. Takes no claim."""
+    path = home.claim_file(stage)
+    if path.exists():
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live = [run for run in runs_of(mlflow, experiment, stage, "RUNNING") if alive(run)]
+                return owner(live[0]) if live else "another process of this home"
+    live = [run for run in runs_of(mlflow, experiment, stage, "RUNNING") if alive(run)]
+    return owner(live[0]) if live else None
+
+
 def _take_over(mlflow: MlflowClient, home: Home, experiment: str, stage: PlannedStage) -> str | None:
     """Bring the in-stage checkpoints of the last unfinished run of the stage into this home's work folder when they
     are another home's: copied from its folder when that can be read from here (a shared file system, or this

@@ -551,6 +551,12 @@ def log_report(
     mlflow.log_artifact(run_id, str(plot), EVAL_ARTIFACTS)
 
 
+def eval_table(mlflow: MlflowClient, run_id: str) -> dict:
+    """An eval run's comparison table (a log_table JSON: a row per checkpoint)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return json.loads(Path(mlflow.download_artifacts(run_id, f"{EVAL_ARTIFACTS}/metrics.json", folder)).read_text())
+
+
 def copy_report(mlflow: MlflowClient, source_run: str, target_run: str, folder_name: str) -> dict:
     """An eval run's comparison, logged again in the pipeline run under `folder_name` (the eval stage's name),
     so the pipeline's page shows it whether the eval ran now or was reused; its figures become metrics there too.

@@ -9,19 +9,17 @@ The best point is the one whose last swept stage scores best on the eval stage's
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow import MlflowClient
 
 from schemas.errors import LifecycleError
 from schemas.spec import EvalStage, PipelineSpec, lower_is_better
 from schemas.sweep import Branch
-from tasks.lineage import EVAL_ARTIFACTS, finished_run
+from tasks import lineage
+from tasks.lineage import finished_run
 from tasks.plan import plan
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom; past 10, 10's (a little wider than the truth)
@@ -115,6 +113,7 @@ class SweepReport:
     points: list[Point]
     inputs: dict[str, str | None]
     best: str | None  # the best point's sentence; None without best_by
+    winner: str | None = None  # the branch of the best point whose models a registry takes: its best seed
 
     def rows(self) -> list[dict]:
         """Every figure as a flat row: the sweep's record in MLflow, a table of it."""
@@ -131,11 +130,7 @@ def eval_table(mlflow: MlflowClient, experiment: str, spec: PipelineSpec) -> Tab
     """The first eval stage's table of one branch, from its finished run; None while it has none."""
     stage = next(stage for stage in plan(spec) if stage.kind == "eval")
     run = finished_run(mlflow, experiment, stage)
-    if run is None:
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(mlflow.download_artifacts(run.info.run_id, f"{EVAL_ARTIFACTS}/metrics.json", folder))
-        return table_of(json.loads(path.read_text()))
+    return None if run is None else table_of(lineage.eval_table(mlflow, run.info.run_id))
 
 
 def report(mlflow: MlflowClient, experiment: str, spec: PipelineSpec, branched: list[Branch]) -> SweepReport:
@@ -144,45 +139,57 @@ def report(mlflow: MlflowClient, experiment: str, spec: PipelineSpec, branched: 
     if evaluation is None:
         raise NoEvalStage(f"sweep {spec.name}: the spec has no eval stage to compare the branches by; add one")
     inputs = inputs_of(spec)
-    tables: dict[str, list[Table]] = {}
+    tables: dict[str, dict[str, Table]] = {}  # point -> branch -> its table
     for branch in branched:
         if (table := eval_table(mlflow, experiment, branch.spec)) is not None:
-            tables.setdefault(branch.point_name, []).append(table)
+            tables.setdefault(branch.point_name, {})[branch.name] = table
     points = [
-        Point(name, len(found), spread(found), spread([changes(t, inputs) for t in found]))
+        Point(name, len(found), spread(list(found.values())), spread([changes(t, inputs) for t in found.values()]))
         for name, found in tables.items()
     ]
     metrics = list(dict.fromkeys(m for point in points for row in point.levels.values() for m in row))
-    return SweepReport(evaluation.name, metrics, points, inputs, _best(spec, evaluation, points))
+    best, winner = _best(spec, evaluation, points, tables)
+    return SweepReport(evaluation.name, metrics, points, inputs, best, winner)
 
 
-def _best(spec: PipelineSpec, evaluation: EvalStage, points: list[Point]) -> str | None:
+def _best(
+    spec: PipelineSpec, evaluation: EvalStage, points: list[Point], tables: dict[str, dict[str, Table]]
+) -> tuple[str | None, str | None]:
+    """The best point's sentence, and the branch whose models a registry takes: of the best point's seeds, the one
+    that scores best (the first of a tie). (None, None) without best_by or a point to prefer."""
     metric = evaluation.best_by
     swept = [stage for stage in spec.sweep.stages() if any(stage in p.levels for p in points)] if spec.sweep else []
     if metric is None or not swept or len(points) < 2:
-        return None
+        return None, None
     stage = swept[-1]
     scored = [(p, p.levels[stage].get(metric)) for p in points if stage in p.levels]
     scored = [(p, figure) for p, figure in scored if figure is not None and figure.n]
     if not scored:
-        return None
+        return None, None
     lower = lower_is_better(metric)
     ranked = sorted(scored, key=lambda pair: pair[1].mean, reverse=not lower)
     (best, figure), *rest = ranked
     if rest and rest[0][1].mean == figure.mean:
-        return f"best point by {metric} of {stage}: none, the best points tie at {figure.mean:.4g}"
+        return f"best point by {metric} of {stage}: none, the best points tie at {figure.mean:.4g}", None
     others = ", ".join(f"{p.name}: {f.cell(p.seeds)}" for p, f in rest)
-    return f"best point by {metric} of {stage}: {best.name} ({figure.cell(best.seeds)}; {others})"
+    seeds = {name: table[stage].get(metric, math.nan) for name, table in tables[best.name].items() if stage in table}
+    measured = [name for name, value in seeds.items() if not math.isnan(value)]
+    winner = (min if lower else max)(measured, key=seeds.__getitem__) if measured else None
+    return f"best point by {metric} of {stage}: {best.name} ({figure.cell(best.seeds)}; {others})", winner
 
 
-def log_report(mlflow: MlflowClient, run_id: str, spec: PipelineSpec, branched: list[Branch]) -> None:
+def log_report(mlflow: MlflowClient, run_id: str, spec: PipelineSpec, branched: list[Branch]) -> SweepReport | None:
     """The sweep's report as its run's table `sweep/report.json` (a row per figure) and, with best_by, its best
-    point as the run's tag `lifecycle.best_point`; nothing for a sweep without an eval stage."""
+    point as the run's tag `lifecycle.best_point` (and the branch a registry takes as `lifecycle.best_branch`); the
+    report, None for a sweep without an eval stage."""
     if not any(isinstance(stage, EvalStage) for stage in spec.stages):
-        return
+        return None
     found = report(mlflow, mlflow.get_run(run_id).info.experiment_id, spec, branched)
     rows = found.rows()
     if rows:
         mlflow.log_table(run_id, {key: [row[key] for row in rows] for key in rows[0]}, "sweep/report.json")
     if found.best:
-        mlflow.set_tag(run_id, "lifecycle.best_point", found.best)
+        mlflow.set_tag(run_id, f"{lineage.TAG}best_point", found.best)
+    if found.winner:
+        mlflow.set_tag(run_id, f"{lineage.TAG}best_branch", found.winner)
+    return found

@@ -160,9 +160,14 @@ def test_a_sweep_runs_each_shared_stage_once_and_reports_every_point_with_its_sp
 
     root = tmp_path / "home"
     use_home(monkeypatch, root)
-    path = sweep_spec(tmp_path, "{grid: {dpo.beta: [0.1, 0.5]}, seeds: [0, 1]}")
+    # two branches at a time, each a process of its own; the winner's models registered
+    path = sweep_spec(tmp_path, "{grid: {dpo.beta: [0.1, 0.5]}, seeds: [0, 1], concurrency: 2}\nregistry: true")
+    path.write_text(path.read_text().replace("best_by: preference_accuracy", "best_by: preference_margin"))
     runs = lifecycle(str(path))
+    said = capsys.readouterr().err
     assert list(runs) == [f"dpo.beta={beta} seed={seed}" for beta in (0.1, 0.5) for seed in (0, 1)]
+    # the branches ran side by side: the second waited for the shared stages the first was training
+    assert "[dpo.beta=0.1 seed=1] " in said and "is running it; this branch waits for it" in said
     mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("swept").experiment_id
     stage_runs = [
@@ -180,7 +185,16 @@ def test_a_sweep_runs_each_shared_stage_once_and_reports_every_point_with_its_sp
     assert {(c.data.tags["lifecycle.point.dpo.beta"], c.data.tags["lifecycle.seed"]) for c in children} == {
         (beta, seed) for beta in ("0.1", "0.5") for seed in ("0", "1")
     }
-    assert sweep.data.tags["lifecycle.best_point"].startswith("best point by preference_accuracy of dpo: ")
+    assert sweep.data.tags["lifecycle.best_point"].startswith("best point by preference_margin of dpo: ")
+    # the registered model holds the winning branch's chain, `best` on its best checkpoint by preference_margin
+    winner = sweep.data.tags["lifecycle.best_branch"]
+    assert sweep.data.tags["lifecycle.best_point"].startswith(
+        f"best point by preference_margin of dpo: {winner.rsplit(' seed=', 1)[0]} ("
+    )
+    versions = mlflow.search_model_versions("name = 'swept'")
+    assert {v.run_id for v in versions} == {runs[winner][name] for name in ("pretrain", "sft", "dpo")}
+    best = mlflow.get_model_version_by_alias("swept", "best")
+    assert best.run_id in (runs[winner]["sft"], runs[winner]["dpo"])
 
     assert main(["report", str(path)]) == 0
     said = capsys.readouterr().out
@@ -191,6 +205,33 @@ def test_a_sweep_runs_each_shared_stage_once_and_reports_every_point_with_its_sp
 
     again = lifecycle(str(path))  # a re-run reuses every branch
     assert again == runs
+
+
+def test_a_branch_that_fails_leaves_the_others_finished_and_a_re_run_redoes_only_it(
+    prefect_harness, tmp_path, monkeypatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from flows.lifecycle import SweepFailed, lifecycle
+
+    from .conftest import use_home
+
+    root = tmp_path / "home"
+    use_home(monkeypatch, root)
+    text = SWEEP.format(data=QUICK.parent / "data", sweep="{grid: {sft.train.lr: [0.001, 1.0e+30]}, concurrency: 1}")
+    path = tmp_path / "diverges.yaml"
+    path.write_text(text[: text.index("  - {name: dpo")])  # an lr of 1e30 diverges at once
+    for _ in range(2):
+        with pytest.raises(SweepFailed, match=r"1 of 2 branches failed \(sft.train.lr=1e\+30: Diverged: stage sft"):
+            lifecycle(str(path))
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("swept").experiment_id
+    sft = [
+        (r.data.params["train.lr"], r.info.status)
+        for r in mlflow.search_runs([experiment], "attributes.run_name = 'sft'")
+    ]
+    # the first branch trained once and was reused by the re-run; the one that failed was tried again
+    assert sorted(sft) == [("0.001", "FINISHED"), ("1e+30", "FAILED"), ("1e+30", "FAILED")]
 
 
 def test_a_sweep_without_an_eval_stage_logs_no_report_and_report_says_why(tmp_path) -> None:
