@@ -464,6 +464,16 @@ class GRPOStage(ChatStage):
             "advantages: reward minus the group's mean, divided by the group's std, the batch's, or nothing (Dr. GRPO)"
         ),
     )
+    advantage: Literal["grpo", "rloo"] = Field(
+        "grpo",
+        description="the baseline a reward is measured against: its group's mean (GRPO), or the mean of the other "
+        "completions of its prompt (RLOO; scale defaults to none then, as in RLOO's paper)",
+    )
+    ratio: Literal["token", "sequence"] = Field(
+        "token",
+        description="the importance ratio per token (GRPO, PPO) or per completion, the geometric mean of its "
+        "tokens' (GSPO; clip it far tighter, e.g. epsilon_low 3e-4, epsilon_high 4e-4)",
+    )
     epsilon_low: float = Field(0.2, gt=0, lt=1, description="the ratio is clipped below at 1 - epsilon_low")
     epsilon_high: float = Field(0.2, gt=0, description="and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)")
     iterations: PositiveInt = Field(
@@ -485,6 +495,13 @@ class GRPOStage(ChatStage):
     log_samples: PositiveInt = Field(
         10, description="every this many steps, a batch's completions and their rewards are kept"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rloo_scales_nothing_unless_told(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("advantage") == "rloo" and "scale" not in data:
+            return data | {"scale": "none"}
+        return data
 
     @model_validator(mode="after")
     def _reference_fits(self) -> GRPOStage:

@@ -2,7 +2,8 @@
 
 `sweep:` names stage fields by `<stage>.<field path>` (`dpo.beta`, `sft.train.lr`) with the values to try: `grid`
 tries every combination, `points` a listed set. `seeds` repeats each point over seeds: they are the `train.seed` of
-every stage a key names, and its `mix.seed` where its training set is a seeded sample of its sources. The spec
+every stage a key names (of every training stage when `seeds` is given alone: how much runs of the spec as written
+differ), and its `mix.seed` where its training set is a seeded sample of its sources. The spec
 expands into one branch per point and seed. A stage that comes out the same in several branches has one fingerprint
 (tasks/keys.py) and so runs once, reused by every branch after the first: a sweep over DPO's beta trains the
 tokenizer, pretrain and SFT once. `concurrency` branches run at a time (flows/lifecycle.py); one that reaches a stage
@@ -47,8 +48,10 @@ class Sweep(Strict):
 
     @model_validator(mode="after")
     def _one_way(self) -> Sweep:
-        if bool(self.grid) == bool(self.points):
+        if self.grid and self.points:
             raise ValueError("give the values to try as `grid` (every combination) or as `points`, one of the two")
+        if not (self.grid or self.points or self.seeds):
+            raise ValueError("name values to try (`grid` or `points`), seeds to repeat over (`seeds`), or both")
         if empty := [key for key, values in self.grid.items() if not values]:
             raise ValueError(f"grid.{empty[0]} lists no value to try")
         if self.points and len({tuple(sorted(point)) for point in self.points}) > 1:
@@ -58,6 +61,7 @@ class Sweep(Strict):
         return self
 
     def point_list(self) -> list[dict[str, Any]]:
+        """The points to try; seeds alone: one, the spec as written."""
         if self.points:
             return [dict(point) for point in self.points]
         keys = list(self.grid)
@@ -66,6 +70,9 @@ class Sweep(Strict):
     def stages(self) -> list[str]:
         """The stages the sweep's keys name, in the order first named."""
         return list(dict.fromkeys(key.split(".", 1)[0] for point in self.point_list() for key in point))
+
+
+AS_WRITTEN = "as written"  # the one point of a sweep over seeds alone: the spec's own values
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class Branch:
 
     @property
     def point_name(self) -> str:
-        return " ".join(f"{key}={value}" for key, value in self.point.items())
+        return " ".join(f"{key}={value}" for key, value in self.point.items()) or AS_WRITTEN
 
 
 def _set(model: BaseModel, parts: list[str], value: Any, key: str) -> BaseModel:
@@ -119,7 +126,9 @@ def apply(spec: PipelineSpec, point: dict[str, Any], seed: int | None) -> Pipeli
             raise ValueError(f"sweep key {key!r} names no stage field `<stage>.<field>`{hint}")
         stages[name] = _set(stages[name], path.split("."), value, key)
     if seed is not None:
-        for name in dict.fromkeys(key.split(".", 1)[0] for key in point):
+        # the stages the point names; with seeds alone, every stage that trains
+        named = [key.split(".", 1)[0] for key in point] or [stage.name for stage in spec.training_stages()]
+        for name in dict.fromkeys(named):
             if getattr(stages[name], "train", None) is None:
                 raise ValueError(f"sweep seeds: stage {name} trains nothing, so no seed of its own to vary")
             stages[name] = _set(stages[name], ["train", "seed"], seed, f"{name}.train.seed")

@@ -204,7 +204,7 @@ class GRPOTrainer(ObjectiveTrainer):
             sequences=torch.cat([inputs["input_ids"].repeat_interleave(group, 0), completions], 1),
             attention_mask=torch.cat([inputs["attention_mask"].repeat_interleave(group, 0), completion_mask], 1),
             completion_mask=completion_mask,
-            advantages=group_advantages(grouped, spec.scale).view(-1).to(self.args.device),
+            advantages=group_advantages(grouped, spec.scale, baseline=spec.advantage).view(-1).to(self.args.device),
             old_logps=None,
             uses_left=spec.iterations - 1,
         )
@@ -266,6 +266,7 @@ class GRPOTrainer(ObjectiveTrainer):
             reference,
             spec.aggregation,
             spec.max_new_tokens,
+            spec.ratio,
         )
         self.record(**figures)
         return loss

@@ -72,7 +72,8 @@ class SweepCost:
     def line(self) -> str:
         seeds = f" × {self.seeds} seeds" if self.seeds > 1 else ""
         return (
-            f"sweep: {self.points} points{seeds} = {self.branches} branches; {self.total} stage runs "
+            f"sweep: {self.points} point{'s' * (self.points != 1)}{seeds} = {self.branches} branches; "
+            f"{self.total} stage runs "
             f"({self.shared} shared by every branch, {self.total - self.shared} of single branches), "
             f"against {self.one_by_one} for the branches run one by one"
         )

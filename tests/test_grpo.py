@@ -39,10 +39,22 @@ def trained(spec: GRPOStage, model: Path, tokenizer: Path, workdir: Path):
     return grpo.run(spec, StageInputs(model, tokenizer, datasets), workdir)
 
 
-def test_grpo_raises_the_heldout_reward_of_an_easy_verifiable_task(chat_model, trained_tokenizer, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"advantage": "rloo"},  # RLOO's leave-one-out baseline, unscaled
+        # GSPO, with its paper's clip; two updates per batch, so the sequence ratio leaves 1 and is clipped
+        {"ratio": "sequence", "epsilon_low": 3e-4, "epsilon_high": 4e-4, "iterations": 2},
+    ],
+    ids=["grpo", "rloo", "gspo"],
+)
+def test_grpo_raises_the_heldout_reward_of_an_easy_verifiable_task(
+    chat_model, trained_tokenizer, tmp_path, variant
+) -> None:
     """Reward: a reply of one word. The SFT model answers in sentences as often as not, so groups differ and GRPO
-    learns it."""
-    spec = grpo_stage(rewards=[{"kind": "regex", "pattern": r"^\S+$"}])
+    learns it, with each of its baselines and ratios."""
+    spec = grpo_stage(rewards=[{"kind": "regex", "pattern": r"^\S+$"}], **variant)
     result = trained(spec, chat_model, trained_tokenizer, tmp_path)
     metrics = result.metrics
     print({k: round(v, 3) for k, v in metrics.items() if k.startswith("heldout")})

@@ -263,6 +263,28 @@ def test_group_advantages_flat_group_is_exactly_zero(scale, eps):
     assert group_advantages(t(1.0, 1.0, 1.0, 1.0).reshape(2, 2), scale, eps=eps).tolist() == [[0.0, 0.0]] * 2
 
 
+def test_rloo_advantages_leave_each_completion_out_of_its_own_baseline():
+    rewards = t(0.0, 0.0, 3.0, 1.0, 2.0, 3.0).reshape(2, 3)
+    # Each baseline is the mean of the other two: 0 → (0 + 3)/2, 0 → (0 + 3)/2, 3 → (0 + 0)/2;
+    # 1 → (2 + 3)/2, 2 → (1 + 3)/2, 3 → (1 + 2)/2. That is G/(G − 1) = 3/2 times GRPO's centred rewards.
+    rloo = group_advantages(rewards, "none", baseline="rloo")
+    assert rloo.flatten().tolist() == pytest.approx([-1.5, -1.5, 3.0, -1.5, 0.0, 1.5], rel=1e-12)
+    assert rloo.flatten().tolist() == pytest.approx((1.5 * group_advantages(rewards, "none")).flatten().tolist())
+    # A flat group is still exactly zero; a scale divides as it does for GRPO.
+    assert group_advantages(t(2.0, 2.0, 0.0, 1.0).reshape(2, 2), "group", baseline="rloo")[0].tolist() == [0.0, 0.0]
+    group = group_advantages(rewards, "group", eps=0.0, baseline="rloo")
+    assert group[1].tolist() == pytest.approx([-1.5, 0.0, 1.5], rel=1e-12)  # the second group's std is 1
+
+
+def test_an_rloo_stage_scales_nothing_unless_its_scale_is_given():
+    from schemas.spec import GRPOStage
+
+    stage = {"name": "rl", "kind": "grpo", "data": "prompts.jsonl"}
+    assert GRPOStage.model_validate(stage).scale == "group"
+    assert GRPOStage.model_validate(stage | {"advantage": "rloo"}).scale == "none"
+    assert GRPOStage.model_validate(stage | {"advantage": "rloo", "scale": "batch"}).scale == "batch"
+
+
 def test_group_advantages_rejects_unknown_scale_and_lone_completions():
     with pytest.raises(ValueError, match="unknown advantage scale"):
         group_advantages(t(1.0, 0.0).reshape(1, 2), "rank")  # type: ignore[arg-type]
@@ -311,6 +333,29 @@ def test_grpo_aggregations_by_hand(aggregation, expected):
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert metrics["clip_fraction"].item() == pytest.approx(2 / 8)
     assert "kl" not in metrics  # no reference model, nothing to measure
+
+
+def test_gspo_clips_one_ratio_per_completion_by_hand():
+    # GSPO: s_i is the geometric mean of o_i's token ratios, clipped to [0.8, 1.2] and shared by its tokens.
+    #   o_1 (Â =  0.5): s = (1.1 · 1.5 · 0.9)^(1/3) = 1.485^(1/3) ≈ 1.1409    ℓ = 0.5 · s  (inside the clip)
+    #   o_2 (Â = −0.5): s = 0.5                  ℓ = min(−0.25, 0.8 · −0.5) = −0.4 [clipped]
+    #   o_3 (Â = −1):   s = √1.5 ≈ 1.2247        ℓ = min(−1.2247, −1.2) = −√1.5 [unclipped is the min]
+    #   o_4 (Â =  1):   s = √0.5 ≈ 0.7071        ℓ = min(0.7071, 0.8) = √0.5 [unclipped is the min]
+    # grpo aggregation: each completion's tokens share ℓ, so L = −(Σ_i ℓ_i) / 4; only o_2's one token is clipped.
+    advantages = group_advantages(GRPO_REWARDS, "none").flatten()
+    logps, old = ratio_rows(*GRPO_RATIOS)
+    logps.requires_grad_()
+    mask = lengths_mask(GRPO_LENGTHS, 4)
+    loss, metrics = grpo_loss(logps, old, advantages, mask, 0.2, 0.2, ratio_level="sequence")
+    s1 = 1.485 ** (1 / 3)
+    assert loss.item() == pytest.approx(-(0.5 * s1 - 0.4 - math.sqrt(1.5) + math.sqrt(0.5)) / 4, rel=1e-12)
+    assert metrics["clip_fraction"].item() == pytest.approx(1 / 8)
+    # ∂L/∂log π_{i,t} = −Â_i · s_i / (N · |o_i|) on every token of an unclipped completion (through s_i), 0 on a
+    # clipped one and on padding: one value per completion, where token ratios would give each token its own.
+    loss.backward()
+    expected = [[-0.5 * s1 / 12] * 3 + [0.0], [0.0] * 4, [math.sqrt(1.5) / 8] * 2 + [0.0] * 2]
+    expected.append([-math.sqrt(0.5) / 8] * 2 + [0.0] * 2)
+    assert logps.grad.tolist() == [pytest.approx(row, rel=1e-12, abs=1e-15) for row in expected]
 
 
 def test_grpo_first_pass_has_unit_ratio_and_the_plain_policy_gradient():

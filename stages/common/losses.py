@@ -194,10 +194,23 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
-def group_advantages(rewards: Tensor, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+    baseline: Literal["grpo", "rloo"] = "grpo",
+) -> Tensor:
     """GRPO's outcome advantages (Shao et al. 2024, §4.1.2), one per completion.
 
         Â_{i} = (r_i − mean_g(r)) / (std + ε)
+
+    or, with baseline="rloo", REINFORCE Leave-One-Out's (Kool et al. 2019; Ahmadian et al. 2024, eq. 4): each
+    completion's baseline is the mean reward of the *other* G − 1 completions of its prompt,
+
+        Â_{i} = r_i − 1/(G − 1) Σ_{j≠i} r_j  =  G/(G − 1) · (r_i − mean_g(r))
+
+    an unbiased baseline (it does not depend on the completion it judges), then scaled as `scale` says (RLOO's paper
+    scales nothing: scale="none").
 
     rewards [prompts, group]: the group of completions sampled for each prompt. The mean is
     always the prompt's own group's; the std is the group's (scale="group", as DeepSeekMath),
@@ -218,7 +231,13 @@ def group_advantages(rewards: Tensor, scale: Literal["group", "batch", "none"] =
             f"rewards must be [prompts, group] with at least two completions per group "
             f"(a lone completion has nothing to be relative to), got shape {tuple(rewards.shape)}"
         )
-    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if baseline not in ("grpo", "rloo"):
+        raise ValueError(f"unknown advantage baseline {baseline!r}; expected 'grpo' or 'rloo'")
+    group = rewards.shape[1]
+    if baseline == "rloo":
+        centered = rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (group - 1)
+    else:
+        centered = rewards - rewards.mean(dim=1, keepdim=True)
     if scale == "group":
         centered = centered / (rewards.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
@@ -239,6 +258,7 @@ def grpo_loss(
     ref_logps: Tensor | None = None,
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo",
     max_tokens: int | None = None,
+    ratio_level: Literal["token", "sequence"] = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Group Relative Policy Optimisation (Shao et al. 2024, DeepSeekMath, eq. 3), a scalar.
 
@@ -259,6 +279,15 @@ def grpo_loss(
     accumulation the caller rescales to the whole batch's count if it wants DAPO exactly.
     ε_high > ε_low is DAPO's clip-higher; ε_low = ε_high is the symmetric PPO clip.
 
+    ratio_level="sequence" is GSPO (Zheng et al. 2025, eq. 5–7): one importance ratio per completion, the geometric
+    mean of its tokens' ratios,
+
+        s_i = (π_θ(o_i | q) / π_θold(o_i | q))^(1/|o_i|) = exp(1/|o_i| Σ_t log ρ_{i,t})
+
+    clipped and multiplied by Â_i as above, and shared by the completion's tokens (with "grpo" aggregation the
+    loss is exactly GSPO's −1/N Σ_i min(s_i Â_i, clip(s_i) Â_i); the gradient reaches every token through s_i).
+    A sequence ratio moves much less than a token's, so GSPO clips far tighter (the paper: ε_low 3e-4, ε_high 4e-4).
+
     logps, old_logps, ref_logps [N, T] are per-token log-probs of the completion tokens; mask
     [N, T] is 1 on completion tokens, and what lies under mask = 0 (even NaN) never reaches the
     loss or its gradient. advantages [N] (from `group_advantages`, flattened prompt-major) are
@@ -276,6 +305,8 @@ def grpo_loss(
     """
     if aggregation not in ("grpo", "dr_grpo", "dapo"):
         raise ValueError(f"unknown GRPO aggregation {aggregation!r}; expected 'grpo', 'dr_grpo' or 'dapo'")
+    if ratio_level not in ("token", "sequence"):
+        raise ValueError(f"unknown importance ratio level {ratio_level!r}; expected 'token' or 'sequence'")
     if beta and ref_logps is None:
         raise ValueError(f"beta = {beta} weighs a KL penalty to the reference model, but no ref_logps were given")
     if aggregation == "dr_grpo" and (max_tokens is None or max_tokens < 1):
@@ -300,6 +331,9 @@ def grpo_loss(
     zeros = torch.zeros_like(logps)
     # Padding is zeroed before exp, not after: exp(NaN) · 0 would still be NaN in the backward.
     log_ratio = torch.where(mask, logps - old_logps.detach(), zeros)
+    if ratio_level == "sequence":  # the completion's mean log-ratio, on each of its tokens
+        log_ratio = (log_ratio.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)).expand_as(logps)
+        log_ratio = torch.where(mask, log_ratio, zeros)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().unsqueeze(1).to(ratio.dtype)
     unclipped = ratio * adv
