@@ -30,9 +30,9 @@ from tasks.stage import (
 )
 
 
-def scorers(stage: PlannedStage, runs: dict[str, str]) -> dict[str, str]:
-    """The runs of the reward stages whose models the stage scores replies with."""
-    return {name: runs[name] for name in stage.spec.reward_stages()}
+def models_of(stage: PlannedStage, runs: dict[str, str]) -> dict[str, str]:
+    """The runs of the other stages whose models the stage loads (reward models, a teacher), by stage."""
+    return {name: runs[name] for name in stage.spec.model_stages()}
 
 
 @flow(name="lifecycle")
@@ -103,9 +103,9 @@ def _run_stage(ctx: Context, stage: PlannedStage, runs: dict[str, str], waits: b
                 return train_tokenizer(ctx, stage), False
             if stage.kind == "eval":
                 scored = {name: runs[name] for name in stage.spec.checkpoints}
-                return evaluate(ctx, stage, scored, scorers(stage, runs)), False
+                return evaluate(ctx, stage, scored, models_of(stage, runs)), False
             datasets = prepare(ctx, stage, fetch(ctx, ctx.tokenizer_run))
-            return train(ctx, stage, runs.get(stage.input_stage), datasets, scorers(stage, runs)), False
+            return train(ctx, stage, runs.get(stage.input_stage), datasets, models_of(stage, runs)), False
         except lineage.StageBusy:
             if not waits:  # taken between the look and the claim: a branch looks again
                 raise

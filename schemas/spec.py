@@ -225,6 +225,10 @@ class StageBase(Strict):
         """The reward stages whose models this stage scores replies with (their checkpoints are among its inputs)."""
         return []
 
+    def model_stages(self) -> list[str]:
+        """Every stage besides its input whose model this stage loads: its reward stages, a distillation's teacher."""
+        return self.reward_stages()
+
 
 class TrainingStage(StageBase):
     """A stage that trains its input model on `data`, measured on `heldout`."""

@@ -384,7 +384,7 @@ def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer, model = load(spec, inputs)
     reference = attach(spec, inputs, model, tokenizer)
     model = adapt(spec, inputs, model)
-    rewards = reward_functions(spec.rewards, inputs.reward_models)
+    rewards = reward_functions(spec.rewards, inputs.stage_models)
     datasets = reference.datasets
     # a dry run of every reward function on the first prompts, before any model time is spent
     first = datasets["train"].select(range(min(len(datasets["train"]), spec.train.batch_size)))

@@ -141,8 +141,8 @@ def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, 
         )
     else:
         payload["upstream"] = fingerprints[input_stage.name]  # the key is spelt as every fingerprint so far has it
-    if scorers := stage.reward_stages():
-        payload["reward_models"] = {name: fingerprints[name] for name in scorers}
+    if loaded := stage.model_stages():  # the key is spelt as fingerprints have had it since reward models came
+        payload["reward_models"] = {name: fingerprints[name] for name in loaded}
     return digest(payload)
 
 

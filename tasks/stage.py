@@ -178,10 +178,10 @@ def train_tokenizer(ctx: Context, stage: PlannedStage) -> str:
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{stage.name}")
 def train(
-    ctx: Context, stage: PlannedStage, input_run: str | None, datasets_dir: Path, reward_runs: dict[str, str]
+    ctx: Context, stage: PlannedStage, input_run: str | None, datasets_dir: Path, model_runs: dict[str, str]
 ) -> str:
     """Train a stage as a child run of the pipeline run; a curriculum stage trains its parts as child runs of its own.
-    `reward_runs`: the runs of the reward stages whose models the stage scores with."""
+    `model_runs`: the runs of the other stages whose models the stage loads (reward models, a teacher)."""
     from datasets import load_from_disk
 
     from tasks.step_metrics import recorders
@@ -196,7 +196,7 @@ def train(
         def work(mlflow, run_id) -> StageResult:
             lineage.log_data_inputs(mlflow, run_id, {"train": part.spec.data, "eval": part.spec.heldout})
             _log_preparation(mlflow, run_id, datasets_dir)
-            log_input_models(mlflow, run_id, [mlflow.get_run(run) for run in [input_run, *reward_runs.values()] if run])
+            log_input_models(mlflow, run_id, [mlflow.get_run(run) for run in [input_run, *model_runs.values()] if run])
             if input_run is not None:
                 source = mlflow.get_run(input_run)
                 model = fetch_checkpoint(mlflow, home, source, ADAPTER if part.spec.input == "adapter" else CHECKPOINT)
@@ -211,7 +211,7 @@ def train(
                 datasets=datasets,
                 reference=reference,
                 callbacks=recorders(mlflow, run_id),
-                reward_models=reward_models(mlflow, home, reward_runs),
+                stage_models=stage_models(mlflow, home, model_runs),
             )
             try:
                 if part.spec.launch is not None:
@@ -244,9 +244,9 @@ def train(
     return _recorded(ctx, stage, input_run, work)
 
 
-def reward_models(mlflow, home: Home, reward_runs: dict[str, str]) -> dict[str, Path]:
-    """Each reward stage's logged checkpoint, fetched: what a `reward_model` reward loads."""
-    return {name: fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in reward_runs.items()}
+def stage_models(mlflow, home: Home, model_runs: dict[str, str]) -> dict[str, Path]:
+    """The logged checkpoint of each stage the stage loads besides its input (a reward model, a teacher), fetched."""
+    return {name: fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in model_runs.items()}
 
 
 def _logged_table(rows: list[dict]) -> dict:
@@ -283,7 +283,7 @@ def evaluate(ctx: Context, stage: PlannedStage, scored_runs: dict[str, str], rew
         tokenizer = fetch_checkpoint(mlflow, home, mlflow.get_run(ctx.tokenizer_run))
         bench = _bench(home, stage, scored_runs)
         report = evaluation.run(
-            stage.spec, checkpoints, tokenizer, home.work(stage), reward_models(mlflow, home, reward_runs), bench
+            stage.spec, checkpoints, tokenizer, home.work(stage), stage_models(mlflow, home, reward_runs), bench
         )
         lineage.log_report(mlflow, run_id, report.metrics_table(), report.samples_table(), report.plot)
         table = _logged_table(report.metrics)

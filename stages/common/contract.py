@@ -29,13 +29,13 @@ class Prepared:
 
 @dataclass(frozen=True)
 class StageInputs:
-    model: Path | ModelInit  # the input stage.s checkpoint folder, or a config to build fresh weights from
+    model: Path | ModelInit  # the input stage's checkpoint folder, or a config to build fresh weights from
     tokenizer: Path  # a Hugging Face tokenizer folder, chat template included
     datasets: DatasetDict  # "train" and, when the stage has held-out data, "heldout"
     callbacks: tuple[TrainerCallback, ...] = ()  # e.g. the recorder of per-step metrics
     reference: Path | None = None  # where reference log-probs of this input model on these datasets are kept
-    # reward stage name -> its checkpoint, for the rewards that name one
-    reward_models: dict[str, Path] = field(default_factory=dict)
+    # stage name -> its checkpoint, for each stage this one loads besides its input (a reward model, a teacher)
+    stage_models: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
