@@ -146,7 +146,7 @@ def launch_stage(
         "tokenizer": str(inputs.tokenizer),
         "datasets": str(datasets_dir),
         "reference": str(inputs.reference) if inputs.reference else None,
-        "stage_models": {name: str(folder) for name, folder in inputs.stage_models.items()},
+        "stage_models": {name: str(path) for name, path in inputs.stage_models.items()},
         "workdir": str(workdir),
         "home": str(home_root),
         "run_id": run_id,
@@ -226,7 +226,7 @@ def worker(plan_path: str | None) -> None:
             tokenizer=Path(plan["tokenizer"]),
             datasets=load_from_disk(plan["datasets"]),
             reference=Path(plan["reference"]) if plan["reference"] else None,
-            stage_models={name: Path(folder) for name, folder in plan.get("stage_models", {}).items()},
+            stage_models={name: Path(path) for name, path in plan.get("stage_models", {}).items()},
             # rank 0 alone records: the other ranks (on other nodes too) never open the MLflow store
             callbacks=recorders(lineage.client(Home(Path(plan["home"]))), plan["run_id"]) if rank == 0 else (),
         )
