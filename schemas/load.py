@@ -8,6 +8,7 @@ misspelt one, and the line and column of a YAML syntax error.
 from __future__ import annotations
 
 import glob
+import json
 import re
 from difflib import get_close_matches
 from pathlib import Path
@@ -24,11 +25,13 @@ from schemas.memory import Memory
 from schemas.sources import Source, Unresolved, expand, hub_snapshot, resolve
 from schemas.spec import (
     ChatStage,
+    DistillStage,
     EvalStage,
     GRPOStage,
     PipelineSpec,
     ReferenceStage,
     RewardStage,
+    TokenizerSpec,
     TrainingStage,
 )
 
@@ -249,9 +252,54 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
     elif tokenizer.train is not None and tokenizer.train.data:
         train = tokenizer.train.model_copy(update={"data": found(tokenizer.train.data, "tokenizer.train.data")})
         tokenizer = tokenizer.model_copy(update={"train": train})
+    for i, stage in enumerate(stages):
+        if isinstance(stage, DistillStage) and stage.teacher_is_outside():
+            stages[i] = _outside_teacher(stage, i, base, tokenizer, missing)
     if missing:
         raise SpecError("\n".join(missing))
     return spec.model_copy(update={"stages": stages, "model": model, "tokenizer": tokenizer})
+
+
+def _outside_teacher(
+    stage: DistillStage, i: int, base: Path, tokenizer: TokenizerSpec, missing: list[str]
+) -> DistillStage:
+    """A teacher from outside the spec: a folder made absolute, and refused unless it shares the pipeline's
+    tokenizer (a models:/ URI's is checked when the stage loads it)."""
+    where = f"stages[{i}].teacher"
+    if stage.teacher.startswith("models:/"):
+        return stage
+    folder, _ = folder_or_snapshot(Path(stage.teacher), base, where, missing)
+    if not folder.is_dir():
+        return stage
+    if tokenizer.path is None:
+        missing.append(
+            f"{where}: {stage.teacher} cannot teach this pipeline: the pipeline trains a tokenizer of its own, which "
+            "no outside model shares (a teacher's distributions are over its own tokens); name a stage of this spec "
+            "as the teacher, or give tokenizer.path"
+        )
+    elif (differs := tokenizer_difference(folder, tokenizer.path)) is not None:
+        missing.append(
+            f"{where}: {stage.teacher} does not share the pipeline's tokenizer ({tokenizer.path}): {differs}"
+        )
+    return stage.model_copy(update={"teacher": str(folder)})
+
+
+def tokenizer_difference(teacher: Path, pipeline: Path) -> str | None:
+    """How two tokenizer folders' vocabularies differ (tokenizer.json's), in words; None when they agree or when a
+    folder holds no tokenizer.json to compare (the stage compares the loaded tokenizers then)."""
+    try:
+        vocabularies = [
+            json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"] for folder in (teacher, pipeline)
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    theirs, ours = vocabularies
+    if theirs == ours:
+        return None
+    if len(theirs) != len(ours):
+        return f"{len(theirs)} tokens against {len(ours)}"
+    token = next(t for t in ours if theirs.get(t) != ours[t])
+    return f"token {token!r} is {theirs.get(token)} there and {ours[token]} here"
 
 
 def _launch_problems(spec: PipelineSpec) -> list[str]:

@@ -310,10 +310,9 @@ class ChatStage(TrainingStage):
     template: TemplateName | None = Field(None, description="default: the pipeline's template")
 
 
-class SFTStage(ChatStage):
-    """Supervised fine-tuning on conversations; loss on every assistant turn only."""
+class ConversationStage(ChatStage):
+    """A stage that learns the assistant turns of conversations."""
 
-    kind: Literal["sft"]
     data_format: ClassVar[Format] = "conversations"
     packing: bool = Field(
         True, description="best-fit whole conversations into rows of max_len; attention never crosses one"
@@ -322,6 +321,51 @@ class SFTStage(ChatStage):
         "truncate", description="what happens to a conversation longer than max_len (counted)"
     )
     eval_samples: int = Field(64, ge=0, description="held-out conversations answered greedily for exact match")
+
+
+class SFTStage(ConversationStage):
+    """Supervised fine-tuning on conversations; loss on every assistant turn only."""
+
+    kind: Literal["sft"]
+
+
+class DistillStage(ConversationStage):
+    """Knowledge distillation: the student (the input stage's model, or a fresh `student`) learns the teacher's
+    next-token distributions on the assistant turns of conversations, not only the tokens written there."""
+
+    kind: Literal["distill"]
+    teacher: str = Field(
+        description="an earlier stage of this spec, a model folder, or a models:/ URI; it must share the "
+        "pipeline's tokenizer"
+    )
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl",
+        description="between the teacher's distribution P and the student's Q per token: KL(P||Q) (mode-covering), "
+        "KL(Q||P) (mode-seeking), or GKD's generalised JSD weighted by beta",
+    )
+    beta: float = Field(0.5, gt=0, lt=1, description="the JSD's weight of the teacher in the mixture")
+    temperature: float = Field(1.0, gt=0, description="both distributions softened by logits / temperature")
+    student: ModelInit | None = Field(
+        None,
+        description="a fresh student of this shape (with the pipeline's tokenizer) instead of the input stage's "
+        "model: a smaller model learning from a bigger one",
+    )
+
+    @model_validator(mode="after")
+    def _one_student(self) -> DistillStage:
+        if self.student is not None and self.from_ is not None:
+            raise ValueError(
+                f"a fresh student starts from no stage, so `from: {self.from_}` has nothing to give it: drop `from` to "
+                "train the fresh student, or `student` to distil into the model of stage " + repr(self.from_)
+            )
+        return self
+
+    def model_stages(self) -> list[str]:
+        return [] if self.teacher_is_outside() else [self.teacher]
+
+    def teacher_is_outside(self) -> bool:
+        """The teacher is a model folder or a models:/ URI, not a stage of the spec."""
+        return self.teacher.startswith("models:/") or "/" in self.teacher or self.teacher.startswith(".")
 
 
 class ReferenceStage(ChatStage):
@@ -594,7 +638,16 @@ class EvalStage(StageBase):
 
 
 Stage = Annotated[
-    PretrainStage | SFTStage | DPOStage | KTOStage | PROStage | TunaStage | RewardStage | GRPOStage | EvalStage,
+    PretrainStage
+    | SFTStage
+    | DistillStage
+    | DPOStage
+    | KTOStage
+    | PROStage
+    | TunaStage
+    | RewardStage
+    | GRPOStage
+    | EvalStage,
     Field(discriminator="kind"),
 ]
 # each kind once, in the union's order: the tag of every stage model
@@ -667,6 +720,13 @@ class PipelineSpec(Strict):
                         f"stages[{i}] ({stage.name}) scores with the reward model of {name!r}, which is not an earlier "
                         "reward stage"
                     )
+            if isinstance(stage, DistillStage) and not stage.teacher_is_outside():
+                teacher = seen.get(stage.teacher)
+                if not isinstance(teacher, TrainingStage) or isinstance(teacher, RewardStage):
+                    raise ValueError(
+                        f"stages[{i}] ({stage.name}) learns from teacher {stage.teacher!r}, which is not an earlier "
+                        f"language-model stage (a model folder is written as a path: ./{stage.teacher})"
+                    )
             seen[stage.name] = stage
             if isinstance(stage, EvalStage):
                 for name in stage.checkpoints:
@@ -681,7 +741,8 @@ class PipelineSpec(Strict):
                         )
                 continue
             input_stage = self.input_of(stage)
-            if input_stage is None and self.model.init is not None and not isinstance(stage, PretrainStage):
+            fresh = isinstance(stage, PretrainStage) or (isinstance(stage, DistillStage) and stage.student is not None)
+            if input_stage is None and self.model.init is not None and not fresh:
                 raise ValueError(
                     f"stages[{i}] ({stage.name}, kind {stage.kind}) needs a trained model to start from: "
                     "begin with a pretrain stage, or give model.path"
@@ -728,7 +789,10 @@ class PipelineSpec(Strict):
         return [stage for stage in self.stages if isinstance(stage, TrainingStage)]
 
     def input_of(self, stage: Stage) -> TrainingStage | None:
-        """The stage whose checkpoint feeds `stage`: `from` if given, else the previous training stage."""
+        """The stage whose checkpoint feeds `stage`: `from` if given, else the previous training stage; none for a
+        distillation into a fresh student."""
+        if isinstance(stage, DistillStage) and stage.student is not None:
+            return None
         if stage.from_ is not None:
             return next(s for s in self.stages if s.name == stage.from_)
         earlier = [s for s in self.stages[: self.stages.index(stage)] if isinstance(s, TrainingStage)]

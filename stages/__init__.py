@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 TRAINING_STAGES = {
     "pretrain": "stages.pretrain",
     "sft": "stages.sft",
+    "distill": "stages.distill",
     "dpo": "stages.dpo",
     "kto": "stages.kto",
     "pro": "stages.pro",

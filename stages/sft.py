@@ -18,7 +18,7 @@ from datasets import Dataset, DatasetDict
 from transformers import DataCollatorForSeq2Seq
 
 from schemas.data import read_files
-from schemas.spec import SFTStage
+from schemas.spec import ConversationStage, SFTStage
 from stages.common.contract import Prepared, StageInputs, StageResult
 from stages.common.generation import exact_match
 from stages.common.packing import PackedCollator, pack_examples
@@ -31,7 +31,7 @@ from stages.common.training import attention
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
 
 
-def encode(conversations: list[Chat], tokenizer, spec: SFTStage) -> tuple[Dataset, dict[str, float]]:
+def encode(conversations: list[Chat], tokenizer, spec: ConversationStage) -> tuple[Dataset, dict[str, float]]:
     """Training rows for the conversations (packed or one per row) and what max_len cut or dropped."""
     encoded = [encode_conversation(c.messages, tokenizer, sys.maxsize, spec.template, c.tools) for c in conversations]
     input_ids, labels = [ids for ids, _ in encoded], [lab for _, lab in encoded]
@@ -45,13 +45,13 @@ def encode(conversations: list[Chat], tokenizer, spec: SFTStage) -> tuple[Datase
     ), counts
 
 
-def examples(spec: SFTStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+def examples(spec: ConversationStage, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
     """The first n training conversations as the stage encodes them: (input_ids, labels)."""
     first = chats(read_files(spec.data, "conversations", spec.on_invalid).frame.head(n))
     return [encode_conversation(c.messages, tokenizer, spec.max_len, spec.template, c.tools) for c in first]
 
 
-def prepare(spec: SFTStage, tokenizer) -> Prepared:
+def prepare(spec: ConversationStage, tokenizer) -> Prepared:
     splits, rejected, counts = {}, [], {}
     for split, files in (("train", spec.data), ("heldout", spec.heldout)):
         if files:
@@ -80,18 +80,20 @@ def held_out_chats(datasets: DatasetDict, n: int) -> list[Chat]:
     return [Chat(json.loads(m), json.loads(t) if t else None) for m, t in zip(kept["messages"], tools)]
 
 
+def collator(spec: ConversationStage, tokenizer):
+    """Batches of packed rows (or of conversations padded to the longest)."""
+    if spec.packing:
+        # flash attention's varlen kernel takes the whole batch as one unpadded row: padding-free packing
+        return PackedCollator(tokenizer.pad_token_id, flatten=attention(spec) == "flash_attention_2")
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+
+
 def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer, model = load(spec, inputs)
     model = adapt(spec, inputs, model)
     datasets = inputs.datasets
     asked = held_out_chats(datasets, spec.eval_samples) if "heldout" in datasets else []
-    collator = (
-        # flash attention's varlen kernel takes the whole batch as one unpadded row: padding-free packing
-        PackedCollator(tokenizer.pad_token_id, flatten=attention(spec) == "flash_attention_2")
-        if spec.packing
-        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
-    )
-    trainer = make_trainer(spec, model, tokenizer, workdir, datasets, collator, inputs.callbacks)
+    trainer = make_trainer(spec, model, tokenizer, workdir, datasets, collator(spec, tokenizer), inputs.callbacks)
 
     def measure() -> dict[str, float]:
         """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of

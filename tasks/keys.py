@@ -19,7 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from schemas.sources import Source
-from schemas.spec import EvalStage, Mix, PipelineSpec, Stage, TrainingStage, TrainSpec
+from schemas.spec import DistillStage, EvalStage, Mix, PipelineSpec, Stage, TrainingStage, TrainSpec
 
 CHUNK = 1 << 20
 PLAIN = Source(path=Path(".")).model_dump(exclude={"path", "files"})  # a file read as it is
@@ -141,6 +141,8 @@ def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, 
         )
     else:
         payload["upstream"] = fingerprints[input_stage.name]  # the key is spelt as every fingerprint so far has it
+    if isinstance(stage, DistillStage) and stage.teacher_is_outside() and not stage.teacher.startswith("models:/"):
+        payload["teacher"] = folder_digest(Path(stage.teacher))  # a folder's weights, whatever its path
     if loaded := stage.model_stages():  # the key is spelt as fingerprints have had it since reward models came
         payload["reward_models"] = {name: fingerprints[name] for name in loaded}
     return digest(payload)

@@ -36,6 +36,7 @@ from tasks.registry import (
     ADAPTER,
     CHECKPOINT,
     fetch_checkpoint,
+    fetch_language_model,
     log_checkpoints,
     log_input_models,
     mark_best,
@@ -201,6 +202,8 @@ def train(
                 source = mlflow.get_run(input_run)
                 model = fetch_checkpoint(mlflow, home, source, ADAPTER if part.spec.input == "adapter" else CHECKPOINT)
                 reference = datasets_dir / reference_key(lineage.fingerprint_of(source))
+            elif (student := getattr(part.spec, "student", None)) is not None:  # a fresh student to distil into
+                model, reference = student, None
             else:
                 model, reference = spec.model.init or spec.model.path, None
                 if spec.model.path is not None:
@@ -211,7 +214,7 @@ def train(
                 datasets=datasets,
                 reference=reference,
                 callbacks=recorders(mlflow, run_id),
-                stage_models=stage_models(mlflow, home, model_runs),
+                stage_models=stage_models(mlflow, home, model_runs) | uri_models(mlflow, home, part.spec),
             )
             try:
                 if part.spec.launch is not None:
@@ -247,6 +250,12 @@ def train(
 def stage_models(mlflow, home: Home, model_runs: dict[str, str]) -> dict[str, Path]:
     """The logged checkpoint of each stage the stage loads besides its input (a reward model, a teacher), fetched."""
     return {name: fetch_checkpoint(mlflow, home, mlflow.get_run(run)) for name, run in model_runs.items()}
+
+
+def uri_models(mlflow, home: Home, spec) -> dict[str, Path]:
+    """A models:/ URI the stage loads (a distillation's teacher), fetched, by the URI."""
+    teacher = getattr(spec, "teacher", "")
+    return {teacher: fetch_language_model(mlflow, home, teacher)} if teacher.startswith("models:/") else {}
 
 
 def _logged_table(rows: list[dict]) -> dict:

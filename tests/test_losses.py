@@ -9,6 +9,7 @@ import torch
 
 from stages.common.losses import (
     bradley_terry_loss,
+    distillation_loss,
     dpo_loss,
     group_advantages,
     grpo_loss,
@@ -518,3 +519,52 @@ def test_kto_reference_point_is_a_clamped_detached_mean():
     assert not z0.requires_grad
     # Log ratios −0.5 and −0.3: mean −0.4, clamped to 0 (a KL is never negative).
     assert kto_reference_point(t(-2.0, -1.8), reference).item() == 0.0
+
+
+# One labelled position: the teacher's logits (0, 0) give P = (1/2, 1/2), the student's (ln 3, 0) give Q = (3/4, 1/4).
+# A second position is masked out; its logits are far from each other and must not count.
+DISTILL_TEACHER = torch.tensor([[[0.0, 0.0], [40.0, -40.0]]], dtype=torch.float64)
+DISTILL_STUDENT = torch.tensor([[[math.log(3), 0.0], [-40.0, 40.0]]], dtype=torch.float64)
+DISTILL_MASK = torch.tensor([[1, 0]])
+
+
+@pytest.mark.parametrize(
+    "divergence, expected",
+    [
+        # KL(P ‖ Q) = ½ ln(½ / ¾) + ½ ln(½ / ¼) = ½ ln(4/3)
+        ("forward_kl", 0.5 * math.log(4 / 3)),
+        # KL(Q ‖ P) = ¾ ln(¾ / ½) + ¼ ln(¼ / ½) = ¾ ln(3/2) − ¼ ln 2
+        ("reverse_kl", 0.75 * math.log(1.5) - 0.25 * math.log(2)),
+        # β = ½: M = (5/8, 3/8); ½ [½ ln(½ / ⅝) + ½ ln(½ / ⅜)] + ½ [¾ ln(¾ / ⅝) + ¼ ln(¼ / ⅜)]
+        (
+            "jsd",
+            0.5 * (0.5 * math.log(0.8) + 0.5 * math.log(4 / 3)) + 0.5 * (0.75 * math.log(1.2) + 0.25 * math.log(2 / 3)),
+        ),
+    ],
+)
+def test_distillation_divergences_by_hand(divergence, expected):
+    loss = distillation_loss(DISTILL_STUDENT, DISTILL_TEACHER, DISTILL_MASK, divergence)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_forward_kl_pulls_the_student_toward_the_teacher_by_q_minus_p():
+    # ∂KL(P ‖ Q)/∂z_Q = Q − P per labelled token, divided by their count (1 here): (¾ − ½, ¼ − ½); nothing reaches the
+    # masked position, and the teacher gets no gradient.
+    student = DISTILL_STUDENT.clone().requires_grad_()
+    teacher = DISTILL_TEACHER.clone().requires_grad_()
+    distillation_loss(student, teacher, DISTILL_MASK, "forward_kl").backward()
+    assert student.grad[0, 0].tolist() == pytest.approx([0.25, -0.25], rel=1e-6)
+    assert student.grad[0, 1].tolist() == [0.0, 0.0] and teacher.grad is None
+
+
+def test_distillation_softens_both_sides_and_cuts_a_wider_teacher_vocabulary():
+    # τ = 2: the teacher's (0, ln 4, 9) is cut to the student's two tokens, then P ∝ (1, 4^½) = (1/3, 2/3); the
+    # student's (0, 0) gives Q = (½, ½). KL(P ‖ Q) = ⅓ ln(⅔) + ⅔ ln(4/3).
+    teacher = torch.tensor([[[0.0, math.log(4), 9.0]]], dtype=torch.float64)
+    student = torch.zeros(1, 1, 2, dtype=torch.float64)
+    loss = distillation_loss(student, teacher, torch.ones(1, 1), "forward_kl", temperature=2.0)
+    assert loss.item() == pytest.approx(math.log(2 / 3) / 3 + 2 / 3 * math.log(4 / 3), rel=1e-6)
+    with pytest.raises(ValueError, match="do not cover the student's"):
+        distillation_loss(torch.zeros(1, 1, 3), torch.zeros(1, 1, 2), torch.ones(1, 1))
+    with pytest.raises(ValueError, match=r"strictly in \(0, 1\)"):
+        distillation_loss(student, teacher, torch.ones(1, 1), "jsd", beta=1.0)

@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from schemas.architectures import init_config
 from schemas.load import SpecError
 from schemas.spec import (
+    DistillStage,
     DPOStage,
     GRPOStage,
     KTOStage,
@@ -247,6 +248,8 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
     reference = 0
     if isinstance(stage, (DPOStage, KTOStage, GRPOStage)) and _frozen_reference(stage):
         reference = 4 * shapes.parameters
+    if isinstance(stage, DistillStage):  # the frozen teacher, counted at the pipeline model's size
+        reference = 4 * shapes.parameters
     tokens = max(train.batch_size // world, 1) * _row_tokens(stage)
     per_hidden, per_kv, per_mlp = ACTIVATION_BYTES[bf16]
     layer = per_hidden * shapes.hidden + per_kv * shapes.kv + per_mlp * shapes.mlp
@@ -257,6 +260,8 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
     if attention(stage) == "eager":
         activations += tokens * shapes.layers * shapes.heads * _row_length(stage) * 8
     logits = 0 if isinstance(stage, RewardStage) else tokens * shapes.vocab * LOGIT_BYTES[bf16]
+    if isinstance(stage, DistillStage):  # the teacher's logits beside the student's, and both as float32 in the loss
+        logits *= 2
     parts = {
         "weights": weights,
         "gradients": gradients,

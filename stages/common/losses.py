@@ -408,3 +408,48 @@ def kto_loss(
     weight = torch.where(desirable, logratio.new_tensor(desirable_weight), logratio.new_tensor(undesirable_weight))
     losses = weight - torch.where(desirable, gain, loss_averse)
     return losses, beta * logratio.detach()
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Token-level distillation (Hinton et al. 2015; GKD, Agarwal et al. 2024, §3), a scalar: the mean over the
+    tokens under `mask` of a divergence between the teacher's next-token distribution P and the student's Q, both
+    softened by `temperature` (logits / τ):
+
+        forward_kl  KL(P ‖ Q) = Σ_v P(v) (log P(v) − log Q(v))        mode-covering: the student spreads over P
+        reverse_kl  KL(Q ‖ P) = Σ_v Q(v) (log Q(v) − log P(v))        mode-seeking: the student keeps P's peaks
+        jsd         β KL(P ‖ M) + (1 − β) KL(Q ‖ M),  M = β P + (1 − β) Q   (GKD's generalised JSD, bounded by
+                    log 2 at β = ½; toward forward KL's gradient as β → 0, reverse's as β → 1, both up to scale)
+
+    student_logits, teacher_logits [B, T, V] (the teacher's detached here; a larger teacher vocabulary is cut to the
+    student's, the tokens past it being padding of the embedding), mask [B, T] 1 where the next token is one the
+    stage learns (an assistant reply's). Positions under mask = 0 never reach the loss or its gradient.
+    """
+    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(f"unknown divergence {divergence!r}; expected 'forward_kl', 'reverse_kl' or 'jsd'")
+    if divergence == "jsd" and not 0 < beta < 1:
+        raise ValueError(f"the JSD's beta weighs the teacher in the mixture and lies strictly in (0, 1), got {beta}")
+    vocab = student_logits.shape[-1]
+    if teacher_logits.shape[-1] < vocab or teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} do not cover the student's {tuple(student_logits.shape)}"
+        )
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits[..., :vocab].detach().float() / temperature, dim=-1)
+    if divergence == "forward_kl":
+        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif divergence == "reverse_kl":
+        per_token = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+        kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
+        per_token = beta * kl_p + (1 - beta) * kl_q
+    mask = mask.bool()
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,127 @@
+"""Distillation (stages/distill.py): a smaller fresh student takes the tiny chat model's distributions, and a teacher
+that cannot teach is refused before anything trains."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from examples.generate import DATA_DIR
+from schemas.load import SpecError, load_spec
+from schemas.spec import DistillStage, ModelInit, TokenizerTrain, TrainSpec
+from stages import distill
+from stages.common.contract import ModelError, StageInputs
+
+from .conftest import FAST, QUICK
+
+SMALL = ModelInit(hidden_size=32, layers=1, heads=2, max_seq_len=256)
+
+
+def distill_stage(**fields) -> DistillStage:
+    defaults = dict(
+        teacher="sft",
+        data=[DATA_DIR / "sft.jsonl"],
+        heldout=[DATA_DIR / "sft_heldout.jsonl"],
+        max_len=256,
+        template="chatml",
+        eval_samples=0,
+        student=SMALL,
+        train=TrainSpec(**FAST | {"max_steps": 60, "lr": 1e-2}),
+    )
+    return DistillStage(name="distill", kind="distill", **defaults | fields)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_a_smaller_student_comes_closer_to_its_teacher(chat_model, trained_tokenizer, tmp_path, divergence) -> None:
+    spec = distill_stage(divergence=divergence)
+    datasets = distill.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    inputs = StageInputs(SMALL, trained_tokenizer, datasets, stage_models={"sft": chat_model})
+    result = distill.run(spec, inputs, tmp_path)
+    metrics = result.metrics
+    print({k: round(v, 4) for k, v in metrics.items() if "divergence" in k})
+    # a fresh student is far from the teacher; 60 steps take it at least a third of the way
+    assert metrics["heldout_divergence"] < 0.67 * metrics["heldout_divergence_before"]
+    assert result.counts["student_parameters"] < result.counts["teacher_parameters"] / 2
+    assert (result.checkpoint / "model.safetensors").exists()
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both(chat_model, trained_tokenizer, tmp_path) -> None:
+    from stages import tokenizer
+
+    other = tokenizer.run(
+        TokenizerTrain(vocab_size=300),
+        ["another corpus altogether"] * 50,
+        "chatml",
+        tmp_path / "other",
+    ).checkpoint
+    spec = distill_stage(teacher=str(chat_model))
+    datasets = distill.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    with pytest.raises(ModelError, match=r"has a tokenizer of \d+ tokens that is not the pipeline's"):
+        distill.run(spec, StageInputs(SMALL, other, datasets), tmp_path / "w")
+
+
+DISTILL_SPEC = """
+name: d
+model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 512}}}}
+stages:
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl}}
+  - {{name: reward, kind: reward, data: {data}/preference.jsonl}}
+  - {{name: distill, kind: distill, from: pretrain, data: {data}/sft.jsonl, teacher: {teacher}}}
+"""
+
+
+@pytest.mark.parametrize(
+    "teacher, said",
+    [
+        ("sft", "learns from teacher 'sft', which is not an earlier language-model stage"),
+        ("reward", "learns from teacher 'reward', which is not an earlier language-model stage"),
+        ("./nowhere", "stages[2].teacher: nowhere is not a folder"),
+        ("{model}", "the pipeline trains a tokenizer of its own, which no outside model shares"),
+    ],
+)
+def test_a_teacher_that_cannot_teach_is_refused_when_the_spec_loads(tmp_path, chat_model, teacher, said) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text(DISTILL_SPEC.format(data=QUICK.parent / "data", teacher=teacher.format(model=chat_model)))
+    with pytest.raises((SpecError, ValueError), match=re.escape(said)):
+        load_spec(path)
+
+
+FLOW_SPEC = """
+name: distilled
+model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 256}}}}
+tokenizer: {{train: {{vocab_size: 300, data: [{data}/pretrain.jsonl]}}}}
+stages:
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 64}},
+      train: {{max_steps: 4, batch_size: 8}}}}
+  - {{name: sft, kind: sft, data: {data}/sft.jsonl, max_len: 128, train: {{max_steps: 4, batch_size: 8}}}}
+  - {{name: distill, kind: distill, teacher: sft, student: {{hidden_size: 32, layers: 1, heads: 2, max_seq_len: 256}},
+      data: {data}/sft.jsonl, heldout: {data}/sft_heldout.jsonl, max_len: 128, eval_samples: 0,
+      train: {{max_steps: 4, batch_size: 8}}}}
+"""
+
+
+def test_the_flow_gives_a_fresh_student_its_teacher_stage_and_records_both_as_its_inputs(
+    prefect_harness, tmp_path, monkeypatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from flows.lifecycle import lifecycle
+
+    from .conftest import use_home
+
+    use_home(monkeypatch, tmp_path / "home")
+    path = tmp_path / "distilled.yaml"
+    path.write_text(FLOW_SPEC.format(data=QUICK.parent / "data"))
+    runs = lifecycle(str(path))
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    run = mlflow.get_run(runs["distill"])
+    assert run.data.params["student_parameters"] and float(run.data.params["student_parameters"]) < float(
+        run.data.params["teacher_parameters"]
+    )
+    assert run.data.metrics["heldout_divergence"] < run.data.metrics["heldout_divergence_before"]
+    # the teacher's model is among the run's inputs (the UI's lineage), and the student came from no stage
+    teacher_model = mlflow.get_run(runs["sft"]).outputs.model_outputs[0].model_id
+    assert teacher_model in {m.model_id for m in run.inputs.model_inputs}
+    assert "lifecycle.input_run" not in run.data.tags
