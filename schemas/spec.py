@@ -184,6 +184,11 @@ class LoraSpec(Strict):
         description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head",
     )
     merge: bool = Field(False, description="also log the input model with the adapter merged in (merge_and_unload)")
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None,
+        description="the frozen base loaded in 4-bit NF4 with double quantization (QLoRA, Dettmers et al. 2023) or "
+        "8-bit through bitsandbytes; the adapters train in full precision, a merge is made on the full-precision base",
+    )
 
 
 class Mix(Strict):

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.pytorch_utils import Conv1D
 
@@ -96,11 +97,36 @@ def lora_targets(model: PreTrainedModel, lora: LoraSpec) -> tuple[list[str] | st
     )
 
 
+def quantized(lora: LoraSpec, bf16: bool) -> dict:
+    """`from_pretrained`'s arguments that load a LoRA stage's frozen base quantized (`lora.quantize`): bitsandbytes'
+    config (4-bit NF4 with double quantization, computing in bf16 when the stage trains in it; or 8-bit) and the one
+    device to place it on. A clear error where bitsandbytes is missing."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"lora.quantize: {lora.quantize} loads the base through bitsandbytes, which is not installed here "
+            "(pip install bitsandbytes)"
+        )
+    if lora.quantize == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
 def with_lora(
     model: PreTrainedModel, lora: LoraSpec, new_tokens: list[int] = (), task_type: str = "CAUSAL_LM"
 ) -> PeftModel:
     """The model wrapped with fresh LoRA adapters; only they, the rows of `new_tokens` (tokens the pipeline added,
-    in the input and, when untied, the output embeddings) and a sequence classifier's head train."""
+    in the input and, when untied, the output embeddings) and a sequence classifier's head train. A quantized base
+    is readied for training first (its norms and embeddings in float32, gradients reaching the adapters' inputs)."""
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets, conv1d = lora_targets(model, lora)
     trainable = None
     if new_tokens:
@@ -171,6 +197,12 @@ def save(
             # base's base
             point_adapter_at(trained, base)
             if lora.merge:
-                model.merge_and_unload().save_pretrained(fresh(checkpoint))
+                # a quantized base would be merged at its quantized precision: the adapter goes onto the full one
+                merged = (
+                    PeftModel.from_pretrained(load_model(base, tokenizer), trained).merge_and_unload()
+                    if lora.quantize and base is not None
+                    else model.merge_and_unload()
+                )
+                merged.save_pretrained(fresh(checkpoint))
                 tokenizer.save_pretrained(checkpoint)
     return checkpoint, adapter

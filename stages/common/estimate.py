@@ -53,6 +53,9 @@ from schemas.spec import (
 from stages.common.training import attention, use_bf16
 
 GIB = 1 << 30
+# bytes per weight of a quantized linear layer: NF4 with double quantization (a block of 64 has a float8 scale, the
+# scales a float32 per 256 blocks), and int8 with a float32 scale per row (small beside the row)
+QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 # bytes the backward pass keeps per token and layer, per unit of width: (hidden, key/value, MLP) in bf16 autocast and
 # in float32 (measured, bench/memory.py)
 ACTIVATION_BYTES = {True: (34, 8, 10), False: (40, 8, 16)}
@@ -236,6 +239,9 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
         train.optimizer, 0
     )
     weights = 4 * shapes.parameters + (4 * trained if stage.lora is not None else 0)
+    if stage.lora is not None and stage.lora.quantize is not None:  # the base's linear layers in 4 or 8 bits
+        linear = sum(i * o for _, i, o in shapes.matrices)
+        weights -= (4 - QUANTIZED_BYTES[stage.lora.quantize]) * linear
     gradients = 4 * trained
     if zero >= 2:
         gradients /= world

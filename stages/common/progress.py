@@ -203,6 +203,9 @@ def quiet_libraries() -> None:
     # Two in-stage saves less than a second apart (a short stage) look to the Trainer like a filesystem without
     # mtimes; it then orders checkpoints by step number, as `last_checkpoint` does anyway.
     _drop(logging.getLogger("transformers.trainer_utils"), "mtime may not be reliable")
+    # bitsandbytes (lora.quantize) on a CPU with AVX512-BF16 looks for a faster 4-bit kernel that the `kernels` package
+    # would download from the Hub, and says it runs without it: the pipeline downloads nothing while it runs.
+    _drop(logging.getLogger("bitsandbytes.backends.cpu.ops"), "Failed to load CPU gemm_4bit_forward")
     # MLflow's system-metrics monitor says at INFO that it starts, that it found no GPU, that it stops and that it
     # stopped: four lines a stage, where the run's system/* metrics say what it measured. Its warnings stay.
     logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)

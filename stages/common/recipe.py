@@ -22,7 +22,7 @@ from schemas.spec import ChatStage, ModelInit, TrainingStage
 from stages.common import checkpoint
 from stages.common.contract import StageInputs, StageResult, added_token_ids
 from stages.common.templates import store_template
-from stages.common.training import chosen, fit, make_trainer
+from stages.common.training import chosen, fit, make_trainer, use_bf16
 
 __all__ = ["adapt", "build_model", "fit", "load", "make_trainer", "save"]
 
@@ -48,6 +48,8 @@ def load(
     set_seed(spec.train.seed)
     if isinstance(inputs.model, ModelInit):
         return tokenizer, build_model(inputs.model, tokenizer)
+    if spec.lora is not None and spec.lora.quantize is not None:
+        config |= checkpoint.quantized(spec.lora, use_bf16(spec.train.precision))
     return tokenizer, checkpoint.load_model(inputs.model, tokenizer, auto_class, **config)
 
 
