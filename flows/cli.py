@@ -23,7 +23,6 @@ from flows import server
 from schemas.errors import LifecycleError
 from schemas.load import SpecError, load_spec
 from schemas.spec_doc import render
-from stages.common import estimate, memory
 from stages.common.progress import quiet_libraries
 from tasks.checks import check_contracts
 from tasks.home import Home
@@ -51,6 +50,8 @@ KEY_METRICS = (
 def _check(spec_path: Path, home: Home | None = None, device_memory: float | None = None) -> None:
     """Spec, machine and data, everything a run checks before any model loads; with `home`, data that passed before
     is not read again; with `device_memory` (bytes), the memory estimate is against a device of that size."""
+    from stages.common import estimate, memory  # torch and transformers: after `quiet_libraries`, where needed
+
     spec = load_spec(spec_path)
     memory.check(spec, spec_path)
     device = ("a device of the size given", device_memory) if device_memory is not None else None
