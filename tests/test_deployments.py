@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from uuid import UUID
 
 import pytest
@@ -195,3 +198,75 @@ def test_the_entrypoint_gives_each_secret_to_its_variable_and_refuses_a_short_on
         env={"PATH": "/usr/bin:/bin", "SECRETS_DIR": str(tmp_path)},
     )
     assert refused.returncode == 1 and "mlflow_admin_password is shorter than 16" in refused.stderr
+
+
+SWEEP = """
+name: pooled
+model: {{init: {{hidden_size: 32, layers: 1, heads: 2, max_seq_len: 128}}}}
+tokenizer: {{train: {{vocab_size: 300, data: [{data}/pretrain.jsonl]}}}}
+sweep: {{grid: {{sft.train.lr: [0.001, 0.003]}}}}
+stages:
+  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 64}},
+      train: {{max_steps: 4, batch_size: 8}}}}
+  - {{name: sft, kind: sft, data: {data}/sft.jsonl, max_len: 128, train: {{max_steps: 4, batch_size: 8}}}}
+"""
+
+
+def test_a_sweep_from_a_deployment_runs_each_branch_as_a_flow_run_of_the_pools_workers(
+    prefect_harness, prefect_api, tmp_path
+) -> None:
+    """A real process worker: the sweep's flow run queues its two branches as flow runs of the same deployment, the
+    worker runs them beside it, and the stages they share (the tokenizer, pretrain) train once."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    spec = tmp_path / "pooled.yaml"
+    spec.write_text(SWEEP.format(data=ROOT / "examples" / "data"))
+    pool = "lifecycle-sweep-test"  # a pool of its own: no flow run another test left queued is taken
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+        deployment = client.create_deployment(
+            flow_id=client.create_flow_from_name("lifecycle"),
+            name="pooled",
+            entrypoint="flows/lifecycle.py:lifecycle",
+            parameters={"spec_path": str(spec)},
+            work_pool_name=pool,
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
+        )
+    home = tmp_path / "home"
+    env = cli_env(home, prefect_api) | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        submitted = lifecycle_run(str(spec), "--deployment", "pooled", env=env)
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        flow_run_id = UUID(submitted.stdout.split("(")[1].split(")")[0])
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 600
+            while not (run := client.read_flow_run(flow_run_id)).state.is_final():
+                assert time.monotonic() < deadline, f"the sweep's flow run is still {run.state.name}"
+                time.sleep(2)
+            assert run.state.is_completed(), run.state.message
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])))
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    branches = sorted(r.parameters.get("branch") or "" for r in runs)
+    assert branches == ["", "sft.train.lr=0.001", "sft.train.lr=0.003"]  # the sweep's own, then each branch's
+    assert all(r.state.is_completed() for r in runs)
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("pooled").experiment_id
+    names = [r.info.run_name for r in mlflow.search_runs([experiment], "attributes.status = 'FINISHED'")]
+    assert {name: names.count(name) for name in ("tokenizer", "pretrain", "sft")} == {
+        "tokenizer": 1,
+        "pretrain": 1,
+        "sft": 2,
+    }
