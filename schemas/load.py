@@ -326,15 +326,17 @@ def _launch_problems(spec: PipelineSpec) -> list[str]:
                 f"{where}: a grpo stage runs in one process for now (its sampling is not sharded among ranks): "
                 "leave launch out of it"
             )
-        if launch.deepspeed is not None and stage.lora is not None and stage.lora.quantize is not None:
+        sharded = launch.deepspeed is not None or launch.fsdp is not None
+        if sharded and stage.lora is not None and stage.lora.quantize is not None:
+            engine = "DeepSpeed" if launch.deepspeed is not None else "FSDP"
             problems.append(
-                f"{where}: lora.quantize places the whole quantized base on each process's device, which DeepSpeed "
+                f"{where}: lora.quantize places the whole quantized base on each process's device, which {engine} "
                 "does not shard; run it under torchrun (DDP) or in one process"
             )
         if zero == 3 and isinstance(stage, ReferenceStage) and stage.reference_strategy() == "frozen":
             problems.append(
-                f"{where}: a frozen reference copy is not sharded under ZeRO-3 (every rank would hold the whole "
-                "model again); use reference: precomputed, or lora with reference: adapter-off"
+                f"{where}: a frozen reference copy is not sharded under ZeRO-3 or FSDP (every rank would hold the "
+                "whole model again); use reference: precomputed, or lora with reference: adapter-off"
             )
     return problems
 

@@ -25,7 +25,7 @@ import yaml
 from mlflow import MlflowClient
 
 from examples.generate import DATA_DIR
-from schemas.launch import DEEPSPEED_CONFIGS, DeepSpeed, Launch
+from schemas.launch import DEEPSPEED_CONFIGS, FSDP, DeepSpeed, Launch
 from schemas.load import SpecError, load_spec
 from schemas.spec import DPOStage, PretrainStage, PROStage, RewardStage, SFTStage, TrainSpec
 from stages.common.contract import StageInputs
@@ -82,6 +82,7 @@ def trajectories(trained_tokenizer, prepared, tmp_path_factory) -> dict:
         ("ddp", Launch(processes=2)),
         ("zero2", Launch(processes=2, deepspeed=DeepSpeed(zero=2))),
         ("zero3", Launch(processes=2, deepspeed=DeepSpeed(zero=3))),
+        ("fsdp", Launch(processes=2, fsdp=FSDP())),
     ]:
         mlflow, run_id = stage_run(root, name)
         spec, workdir = pretrain_stage(launch), root / name
@@ -110,6 +111,19 @@ def test_ddp_with_half_the_rows_per_rank_follows_the_one_process_trajectory(traj
 def test_zero_starts_at_the_same_loss_and_ends_within_tolerance_of_ddp(trajectories, zero) -> None:
     assert trajectories[zero][0] == pytest.approx(trajectories["ddp"][0], rel=1e-6)  # same weights, same rows
     assert trajectories[zero] == pytest.approx(trajectories["ddp"], rel=1e-4)
+
+
+def test_fsdp2_shards_every_layer_and_follows_ddp(trajectories) -> None:
+    """FSDP2 (`fully_shard` through Accelerate, on CPU with gloo): the same rows and weights as DDP, so the same losses
+    up to the order of the reductions; its saved model was gathered whole from the shards."""
+    from safetensors.torch import load_file
+
+    assert trajectories["fsdp"][0] == pytest.approx(trajectories["ddp"][0], rel=1e-6)
+    assert trajectories["fsdp"] == pytest.approx(trajectories["ddp"], rel=1e-4)
+    folders = (trajectories["root"] / name / "model" / "model.safetensors" for name in ("fsdp", "ddp"))
+    saved, ddp = (load_file(str(folder)) for folder in folders)
+    assert saved.keys() == ddp.keys() and all(saved[k].shape == ddp[k].shape for k in ddp)
+    assert all(torch.allclose(saved[k], ddp[k], atol=1e-4) for k in ddp)
 
 
 def test_a_launched_stage_resumed_from_its_in_stage_checkpoint_equals_the_uninterrupted_run(

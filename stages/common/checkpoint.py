@@ -182,8 +182,11 @@ def save(
         shutil.rmtree(folder, ignore_errors=True)
         return folder
 
+    # FSDP2's parameters are shards on every rank: gathered whole (every rank takes part) for rank 0 to write
+    state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if lora is None:
-        state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if is_deepspeed_zero3_enabled() else None
+        if is_deepspeed_zero3_enabled():
+            state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if main_process():
             model.save_pretrained(fresh(checkpoint), state_dict=state)
             tokenizer.save_pretrained(checkpoint)
@@ -191,16 +194,17 @@ def save(
     trained = adapter or checkpoint  # the adapter's folder
     with whole_weights(model):
         if main_process():
-            model.save_pretrained(fresh(trained))
+            model.save_pretrained(fresh(trained), state_dict=state)
             tokenizer.save_pretrained(trained)
             # PEFT records the folder the base weights loaded from, which for an input that was itself an adapter is its
             # base's base
             point_adapter_at(trained, base)
             if lora.merge:
-                # a quantized base would be merged at its quantized precision: the adapter goes onto the full one
+                # a quantized base would be merged at its quantized precision, a sharded one is not whole here: the
+                # adapter goes onto the full base as it was saved
                 merged = (
                     PeftModel.from_pretrained(load_model(base, tokenizer), trained).merge_and_unload()
-                    if lora.quantize and base is not None
+                    if (lora.quantize or trainer.is_fsdp_enabled) and base is not None
                     else model.merge_and_unload()
                 )
                 merged.save_pretrained(fresh(checkpoint))

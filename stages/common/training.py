@@ -23,6 +23,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from schemas.errors import LifecycleError
+from schemas.launch import FSDP
 from schemas.memory import Memory
 from schemas.spec import StageBase, TrainingStage
 from stages.common.contract import TRAINER_STATE
@@ -56,6 +57,19 @@ def main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def fsdp_arguments(fsdp: FSDP) -> dict:
+    """The Trainer's FSDP2 settings (through Accelerate): each decoder layer (the model's `_no_split_modules`) a unit
+    of its own, sharded fully, or gradients and optimizer state only while the gathered parameters stay."""
+    return {
+        "fsdp": f"{'full_shard' if fsdp.reshard_after_forward else 'shard_grad_op'} auto_wrap",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": fsdp.reshard_after_forward,
+        },
+    }
+
+
 def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArguments:
     """The Trainer's settings from the stage's `train`; under torchrun, `batch_size` is shared among the ranks and
     `launch.deepspeed` is handed to the Trainer, so one optimizer step sees the same rows however the stage runs."""
@@ -70,6 +84,7 @@ def training_arguments(spec: TrainingStage, output_dir: Path) -> TrainingArgumen
         deepspeed=str(launch.deepspeed_config())
         if launched and launch is not None and launch.deepspeed is not None
         else None,
+        **(fsdp_arguments(launch.fsdp) if launched and launch is not None and launch.fsdp is not None else {}),
         ddp_backend="gloo" if launched and not torch.cuda.is_available() else None,
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.lr,
