@@ -11,11 +11,15 @@ from stages.common.losses import (
     bradley_terry_loss,
     distillation_loss,
     dpo_loss,
+    gae,
     group_advantages,
     grpo_loss,
     kto_loss,
     kto_reference_point,
+    masked_whiten,
     orpo_loss,
+    ppo_loss,
+    ppo_rewards,
     pro_loss,
     pro_sft_weight,
     sequence_logps,
@@ -568,3 +572,71 @@ def test_distillation_softens_both_sides_and_cuts_a_wider_teacher_vocabulary():
         distillation_loss(torch.zeros(1, 1, 3), torch.zeros(1, 1, 2), torch.ones(1, 1))
     with pytest.raises(ValueError, match=r"strictly in \(0, 1\)"):
         distillation_loss(student, teacher, torch.ones(1, 1), "jsd", beta=1.0)
+
+
+def test_gae_by_hand_stops_at_each_completions_end():
+    # γ = 1, λ = ½. Row 1, three tokens: δ = (0 + 0.4 − 0.5, 0 + 0.2 − 0.4, 1 + 0 − 0.2) = (−0.1, −0.2, 0.8);
+    # Â_2 = 0.8, Â_1 = −0.2 + ½·0.8 = 0.2, Â_0 = −0.1 + ½·0.2 = 0; R = Â + V = (0.5, 0.6, 1.0).
+    # Row 2, two tokens and padding (its reward 99 and value 7 must not count): δ_1 = −1 + 0 − 0.5 = −1.5,
+    # δ_0 = 0.3 + 0.5 − 1 = −0.2; Â = (−0.2 + ½·−1.5, −1.5) = (−0.95, −1.5); R = (0.05, −1.0).
+    rewards = t(0.0, 0.0, 1.0, 0.3, -1.0, 99.0).reshape(2, 3)
+    values = t(0.5, 0.4, 0.2, 1.0, 0.5, 7.0).reshape(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert advantages.tolist() == [pytest.approx([0.0, 0.2, 0.8], abs=1e-12), pytest.approx([-0.95, -1.5, 0.0])]
+    assert returns.tolist() == [pytest.approx([0.5, 0.6, 1.0]), pytest.approx([0.05, -1.0, 0.0])]
+
+
+def test_ppo_rewards_put_the_score_on_each_completions_last_token_beside_the_kl_penalty():
+    # β = 0.1; log π − log π_ref = (0.5, −1, 2 | 1, ·): r = (−0.05, 0.1, −0.2 + 3 | −0.1 + (−1), 0).
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -9.0, -9.0]], dtype=torch.float64)
+    ref = logps.new_tensor([[-1.5, -1.0, -2.5], [-2.0, 0.0, 0.0]])
+    rewards = ppo_rewards(t(3.0, -1.0), logps, ref, torch.tensor([[1, 1, 1], [1, 0, 0]]), kl_coef=0.1)
+    assert rewards.tolist() == [pytest.approx([-0.05, 0.1, 2.8]), pytest.approx([-1.1, 0.0, 0.0])]
+
+
+def _trl_ppo(rewards, values, mask, logps, old_logps, new_values, gamma, lam, clip, value_clip, value_weight):
+    """TRL's PPOTrainer arithmetic (trl/trainer/ppo_trainer.py, v0.x and 1.x), transcribed as it is written there:
+    its GAE loop over the padded width, its masked_whiten (unbiased variance, shift_mean) and its loss."""
+    values = values * mask
+    rewards = rewards * mask
+    lastgaelam, reversed_advantages = 0, []
+    width = rewards.shape[1]
+    for step in reversed(range(width)):
+        nextvalues = values[:, step + 1] if step < width - 1 else 0.0
+        delta = rewards[:, step] + gamma * nextvalues - values[:, step]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        reversed_advantages.append(lastgaelam)
+    advantages = torch.stack(reversed_advantages[::-1], axis=1)
+    returns = advantages + values
+
+    def masked_mean(x, m):
+        return (x * m).sum() / m.sum()
+
+    mean = masked_mean(advantages, mask)
+    variance = masked_mean((advantages - mean) ** 2, mask) * (mask.sum() / (mask.sum() - 1))
+    advantages = torch.masked_fill((advantages - mean) * torch.rsqrt(variance + 1e-8), ~mask.bool(), 0)
+    clipped = torch.clamp(new_values, values - value_clip, values + value_clip)
+    vf_loss = 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (clipped - returns) ** 2), mask)
+    ratio = torch.exp(logps - old_logps)
+    pg_loss = masked_mean(torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)), mask)
+    return advantages, returns, pg_loss + value_weight * vf_loss
+
+
+def test_ppo_matches_trls_arithmetic_on_fixed_tensors():
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 1, 4]
+    mask = lengths_mask(lengths, 5)
+    rewards, values, logps, old_logps = (torch.randn(4, 5, generator=generator, dtype=torch.float64) for _ in "1234")
+    new_values = values + 0.3 * torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    settings = dict(gamma=0.99, lam=0.95, clip=0.2, value_clip=0.2, value_weight=0.1)
+    expected_advantages, expected_returns, expected_loss = _trl_ppo(
+        rewards, values, mask, logps, old_logps, new_values, **settings
+    )
+    advantages, returns = gae(rewards, values, mask, settings["gamma"], settings["lam"])
+    advantages = masked_whiten(advantages, mask) * mask
+    loss, metrics = ppo_loss(logps, old_logps, advantages, new_values, values * mask, returns, mask, 0.2, 0.2, 0.1)
+    assert torch.allclose(advantages, expected_advantages, atol=1e-6)
+    assert torch.allclose(returns, expected_returns, atol=1e-6)
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-6)
+    assert 0 < metrics["clip_fraction"] < 1 and 0 < metrics["value_clip_fraction"] < 1

@@ -453,3 +453,94 @@ def distillation_loss(
         per_token = beta * kl_p + (1 - beta) * kl_q
     mask = mask.bool()
     return torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / √(var + ε) over the entries under `mask`, the variance unbiased (n − 1), as PPO implementations
+    whiten advantages (TRL's `masked_whiten`, OpenRLHF's); entries outside the mask are left out of both figures."""
+    mask = mask.bool()
+    count = mask.sum()
+    if count < 2:
+        raise ValueError(f"whitening needs at least two entries under the mask, got {int(count)}")
+    mean = values[mask].mean()
+    variance = ((values - mean)[mask] ** 2).sum() / (count - 1)
+    return (values - mean) * torch.rsqrt(variance + eps)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each completion's tokens, and the returns.
+
+        δ_t = r_t + γ V_{t+1} − V_t          (V past the completion's last token is 0: the episode ends there)
+        Â_t = Σ_{l≥0} (γλ)^l δ_{t+l}  = δ_t + γλ Â_{t+1}
+        R_t = Â_t + V_t                       (the value head's target)
+
+    rewards, values, mask [N, T], a completion's tokens first and its padding after (mask 0); rewards and values
+    under mask = 0 are taken as 0, so nothing past a completion reaches its advantages. Returns (Â, R), 0 under the
+    mask's zeros; whitening the advantages is the caller's (`masked_whiten`)."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        following = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * following - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """PPO-RLHF's per-token rewards (Ouyang et al. 2022; Ziegler et al. 2019): a KL penalty on every completion token
+    and the completion's score on its last one,
+
+        r_t = −β (log π_old(o_t) − log π_ref(o_t))  +  1[t = last] · score
+
+    scores [N]; logps (the sampling policy's), ref_logps, mask [N, T], a completion's tokens first."""
+    mask = mask.bool()
+    rewards = torch.where(mask, -kl_coef * (logps - ref_logps).detach(), torch.zeros_like(logps))
+    last = mask.sum(dim=1).clamp(min=1) - 1
+    return rewards.scatter_add(1, last.unsqueeze(1), scores.detach().to(rewards.dtype).unsqueeze(1))
+
+
+def ppo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float = 0.2,
+    value_clip: float = 0.2,
+    value_weight: float = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped objective (Schulman et al. 2017, eq. 7 and 9) for the policy and its value head, a scalar:
+
+        ρ_t      = π_θ(o_t) / π_old(o_t)
+        L_policy = mean_t max(−Â_t ρ_t, −Â_t clip(ρ_t, 1 − ε, 1 + ε))
+        L_value  = ½ mean_t max((V_t − R_t)², (clip(V_t, V_old,t ± ε_v) − R_t)²)
+        L        = L_policy + c_v · L_value
+
+    each mean over every completion token of the batch (mask), as TRL's and OpenRLHF's PPO take it. Â (whitened),
+    R, V_old and π_old come from the rollout and are detached here. Returns (the loss, metrics detached for logging:
+    policy_loss, value_loss, clip_fraction (share of tokens whose policy term is clipped), value_clip_fraction)."""
+    mask = mask.bool()
+    tokens = mask.sum().clamp(min=1)
+    zeros = torch.zeros_like(logps)
+    ratio = torch.exp(torch.where(mask, logps - old_logps.detach(), zeros))
+    advantages = advantages.detach()
+    policy_terms = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
+    policy = torch.where(mask, policy_terms, zeros).sum() / tokens
+    old_values, returns = old_values.detach(), returns.detach()
+    clipped_values = torch.clamp(values, old_values - value_clip, old_values + value_clip)
+    value_terms = torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
+    value = 0.5 * torch.where(mask, value_terms, torch.zeros_like(values)).sum() / tokens
+    metrics = {
+        "policy_loss": policy.detach(),
+        "value_loss": value.detach(),
+        "clip_fraction": ((-advantages * torch.clamp(ratio, 1 - clip, 1 + clip) > -advantages * ratio) & mask).sum()
+        / tokens,
+        "value_clip_fraction": (((clipped_values - returns) ** 2 > (values - returns) ** 2) & mask).sum() / tokens,
+    }
+    return policy + value_weight * value, {k: v.detach() for k, v in metrics.items()}
