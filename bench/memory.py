@@ -10,6 +10,10 @@ steps after the first.
 
     python -m bench.memory                        # the 0.5B Qwen2 and 1B Llama cases (about 15 min on 2 cores)
     python -m bench.memory --cases tiny           # a 20M model, seconds
+    python -m bench.memory --cases qlora          # LoRA r16 on the 0.5B Qwen2: base in float32, 8 bits, 4 bits
+
+A LoRA case's base is written by a process of its own first, then loaded as a stage loads its input (quantized
+through bitsandbytes for QLoRA), so the full-precision model is never in the measured process's memory.
 """
 
 from __future__ import annotations
@@ -66,10 +70,16 @@ CASES = {
         ("llama-1b", 2, 512, {"optimizer": "adafactor"}, {"gradient_checkpointing": True}),
     ],
     "tiny": [("tiny", 8, 256, {}, {}), ("tiny", 8, 256, {}, {"gradient_checkpointing": True})],
+    # LoRA against QLoRA (`lora.quantize`): the frozen base in float32, in 8 bits and in 4 bits
+    "qlora": [
+        ("qwen2-0.5b", 2, 512, {}, {}, {"r": 16}),
+        ("qwen2-0.5b", 2, 512, {}, {}, {"r": 16, "quantize": "8bit"}),
+        ("qwen2-0.5b", 2, 512, {}, {}, {"r": 16, "quantize": "4bit"}),
+    ],
 }
 
 
-def stage_of(model: str, batch: int, length: int, train: dict, memory: dict, steps: int):
+def stage_of(model: str, batch: int, length: int, train: dict, memory: dict, steps: int, lora: dict | None = None):
     from schemas.memory import Memory
     from schemas.spec import PretrainStage, TrainSpec
 
@@ -80,6 +90,7 @@ def stage_of(model: str, batch: int, length: int, train: dict, memory: dict, ste
         packing={"block_size": length},
         train=TrainSpec(batch_size=batch, max_steps=steps, warmup=0, save_steps=10_000, logging_steps=1, **train),
         memory=Memory(**memory),
+        lora=lora,
     )
 
 
@@ -99,11 +110,23 @@ def child(case: dict) -> dict:
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     arch, fields = MODELS[case["model"]]
     config = init_config(ModelInit(arch=arch, **fields))
-    stage = stage_of(case["model"], case["batch"], case["length"], case["train"], case["memory"], case["steps"])
+    stage = stage_of(
+        case["model"], case["batch"], case["length"], case["train"], case["memory"], case["steps"], case["lora"]
+    )
     device = ("cpu", 0.0) if not torch.cuda.is_available() else (torch.cuda.get_device_name(0), 0.0)
     predicted = estimate(stage, Shapes.of(config), device)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    base = Path(case["workdir"]) / "base"
+    if stage.lora is None or case.get("make_base"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        if case.get("make_base"):  # a LoRA case's input checkpoint, written by a process of its own
+            model.save_pretrained(base)
+            return {}
+    else:  # loaded as a stage loads its input (quantized when asked), then adapted: the full model never in memory
+        from stages.common import checkpoint
+
+        quantized = checkpoint.quantized(stage.lora, use_bf16("auto")) if stage.lora.quantize else {}
+        model = checkpoint.with_lora(AutoModelForCausalLM.from_pretrained(base, **quantized), stage.lora)
     rows = case["batch"] * case["steps"]
     data = Dataset.from_dict(
         {"input_ids": torch.randint(0, config.vocab_size, (rows, case["length"])).tolist()}
@@ -190,8 +213,10 @@ def main() -> None:
     header = f"{'case':52} {'estimate':>9} {'measured':>9} {'error':>7} {'tok/s':>8}"
     print(header)
     for name in args.cases:
-        for model, batch, length, train, memory in CASES[name]:
+        for model, batch, length, train, memory, *lora in CASES[name]:
+            lora = lora[0] if lora else None
             settings = ",".join([*(f"{k}={v}" for k, v in train.items()), *(k for k, v in memory.items() if v)])
+            settings += f"{',' if settings else ''}lora {lora.get('quantize', 'fp32 base')}" if lora else ""
             engines = ["stage", "hand"] if args.baseline else ["stage"]
             for engine in engines:
                 with tempfile.TemporaryDirectory() as workdir:
@@ -204,7 +229,10 @@ def main() -> None:
                         steps=args.steps,
                         engine=engine,
                         workdir=workdir,
+                        lora=lora,
                     )
+                    if lora is not None:
+                        run_case(case | {"make_base": True})
                     got = run_case(case)
                 label = f"{model} {batch}x{length} {settings or 'defaults'} [{engine}]"
                 error = got["estimate"] / got["peak"] - 1
