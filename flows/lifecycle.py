@@ -155,7 +155,7 @@ def sweep(home: Home, mlflow, experiment: str, spec: PipelineSpec, spec_path: Pa
             )
         found = log_report(mlflow, parent, spec, branched)
         if spec.registry and found is not None and (winner := found.winner) is not None:
-            register_branch(home, mlflow, experiment, spec, next(b for b in branched if b.name == winner))
+            register_branch(home, mlflow, experiment, next(b for b in branched if b.name == winner))
     logger.info("sweep %s: every branch finished; `lifecycle report %s` compares them", spec.name, spec_path)
     return {branch.name: finished_runs(mlflow, experiment, branch.spec) for branch in branched}
 
@@ -183,7 +183,7 @@ def finished_runs(mlflow, experiment: str, spec: PipelineSpec) -> dict[str, str]
     return {stage.name: lineage.finished_run(mlflow, experiment, stage).info.run_id for stage in plan(spec)}
 
 
-def register_branch(home: Home, mlflow, experiment: str, spec: PipelineSpec, branch: Branch) -> None:
+def register_branch(home: Home, mlflow, experiment: str, branch: Branch) -> None:
     """The winning branch's models as versions of the pipeline's registered model, its eval stage's best checkpoint
     aliased `best`: the models a user takes from a sweep."""
     runs = finished_runs(mlflow, experiment, branch.spec)
