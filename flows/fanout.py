@@ -113,20 +113,24 @@ class _Processes:
 
         self.env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}
         self.env.setdefault("OMP_NUM_THREADS", str(threads))  # torch's threads per process; a user's own stands
-        self.printing = threading.Lock()
+        self.printing = threading.Lock()  # one branch's line at a time; also guards `running` and `stopped`
         self.running: set[subprocess.Popen] = set()
+        self.stopped = False
 
     def __call__(self, spec_path: Path, branch: Branch, sweep_run: str) -> str | None:
         command = [sys.executable, "-m", "flows.cli", "run", str(spec_path), "--branch", branch.name]
-        process = subprocess.Popen(
-            [*command, "--sweep-run", sweep_run],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-        self.running.add(process)
+        with self.printing:
+            if self.stopped:  # the sweep stopped while this branch waited for its turn
+                return "not started: the sweep was stopped"
+            process = subprocess.Popen(
+                [*command, "--sweep-run", sweep_run],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+            self.running.add(process)
         last = ""
         try:
             for line in process.stdout:
@@ -137,11 +141,15 @@ class _Processes:
             process.wait()
         finally:
             _stop(process)
-            self.running.discard(process)
+            with self.printing:
+                self.running.discard(process)
         return None if process.returncode == 0 else last.removeprefix("error: ") or f"exit code {process.returncode}"
 
     def stop(self) -> None:
-        for process in list(self.running):
+        with self.printing:
+            self.stopped = True
+            running = list(self.running)
+        for process in running:
             _stop(process)
 
 
