@@ -15,7 +15,7 @@ from schemas.architectures import init_config
 from schemas.launch import DeepSpeed, Launch
 from schemas.load import SpecError, load_spec
 from schemas.memory import Memory
-from schemas.spec import DPOStage, LoraSpec, ModelInit, SFTStage, TrainSpec
+from schemas.spec import DistillStage, DPOStage, LoraSpec, ModelInit, SFTStage, TrainSpec
 from stages.common.checkpoint import with_lora
 from stages.common.estimate import GIB, Shapes, check, estimate
 
@@ -74,6 +74,17 @@ def test_each_setting_moves_its_part() -> None:
     pairs = dict(name="dpo", kind="dpo", data=[DATA_DIR / "preference.jsonl"], max_len=64)
     assert estimate(DPOStage(**pairs, reference="frozen"), shapes, CPU).parts["reference"] == plain["weights"]
     assert estimate(DPOStage(**pairs, reference="precomputed"), shapes, CPU).parts["reference"] == 0
+    # QLoRA: the base's linear layers at half a byte and a little (NF4 with double quantization), 8 bits at one
+    linear = sum(i * o for _, i, o in shapes.matrices)
+    for bits, per_weight in (("4bit", 0.5 + 1 / 64 + 4 / (64 * 256)), ("8bit", 1.0)):
+        quantized = estimate(sft(lora=LoraSpec(quantize=bits)), shapes, CPU).parts["weights"]
+        full = estimate(sft(lora=LoraSpec()), shapes, CPU).parts["weights"]
+        assert quantized == pytest.approx(full - (4 - per_weight) * linear)
+    # a distillation holds its frozen teacher beside the student, and the teacher's logits beside its own
+    rows = dict(name="d", data=[DATA_DIR / "sft.jsonl"], max_len=64)
+    distilled = estimate(DistillStage(kind="distill", teacher="sft", **rows), shapes, CPU).parts
+    alone = estimate(SFTStage(kind="sft", **rows), shapes, CPU).parts
+    assert distilled["teacher"] == alone["weights"] and distilled["logits"] == 2 * alone["logits"]
 
 
 def test_validate_prints_every_training_stage_and_refuses_one_that_cannot_fit(

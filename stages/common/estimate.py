@@ -107,8 +107,10 @@ class Estimate:
             "optimizer": "train LoRA adapters (lora:), use train.optimizer adamw_8bit or adafactor, or shard with "
             "launch.deepspeed zero 2 (offload: true on a GPU)",
             "gradients": "train LoRA adapters (lora:) or shard with launch.deepspeed zero 2",
-            "weights": "shard with launch.deepspeed zero 3, or start from a smaller model",
+            "weights": "shard with launch.deepspeed zero 3 or launch.fsdp, load the base in 4 bits (lora.quantize), "
+            "or start from a smaller model",
             "reference": "use reference: precomputed (or adapter-off with lora)",
+            "teacher": "distil from a smaller teacher",
             "step": "use train.optimizer adamw_torch_fused (its step makes no temporaries)",
         }
         ranked = sorted((value, name) for name, value in self.parts.items() if name in remedies)
@@ -212,8 +214,11 @@ def _row_length(stage: TrainingStage) -> int:
     return stage.packing.block_size if isinstance(stage, PretrainStage) else stage.max_len
 
 
-def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | None = None) -> Estimate:
-    """The stage's estimated peak on one device (`device`: its name and bytes; default: this machine's)."""
+def estimate(
+    stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | None = None, teacher: Shapes | None = None
+) -> Estimate:
+    """The stage's estimated peak on one device (`device`: its name and bytes; default: this machine's). `shapes`: the
+    model it trains; `teacher`: a distillation's teacher (default: the same shapes)."""
     name, capacity = device or _capacity()
     on_gpu = name != "cpu"
     launch, memory, train = stage.launch, stage.memory, stage.train
@@ -254,8 +259,7 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
     reference = 0
     if isinstance(stage, (DPOStage, KTOStage, GRPOStage)) and _frozen_reference(stage):
         reference = 4 * shapes.parameters
-    if isinstance(stage, DistillStage):  # the frozen teacher, counted at the pipeline model's size
-        reference = 4 * shapes.parameters
+    frozen_teacher = 4 * (teacher or shapes).parameters if isinstance(stage, DistillStage) else 0
     tokens = max(train.batch_size // world, 1) * _row_tokens(stage)
     per_hidden, per_kv, per_mlp = ACTIVATION_BYTES[bf16]
     layer = per_hidden * shapes.hidden + per_kv * shapes.kv + per_mlp * shapes.mlp
@@ -273,6 +277,7 @@ def estimate(stage: TrainingStage, shapes: Shapes, device: tuple[str, float] | N
         "gradients": gradients,
         "optimizer": optimizer_bytes,
         "reference": reference,
+        "teacher": frozen_teacher,
         "activations": activations,
         "logits": logits,
         "step": step,
@@ -290,9 +295,17 @@ def _frozen_reference(stage: DPOStage | KTOStage | GRPOStage) -> bool:
 
 
 def estimates(spec: PipelineSpec, device: tuple[str, float] | None = None) -> list[Estimate]:
-    """Every training stage's estimate; LoRA and the reference as each stage sets them, one model shape for all."""
+    """Every training stage's estimate; LoRA and the reference as each stage sets them, one model shape for all but a
+    distillation's fresh student."""
     shapes = Shapes.of(model_config(spec))
-    return [estimate(stage, shapes, device) for stage in spec.training_stages()]
+    found = []
+    for stage in spec.training_stages():
+        if isinstance(stage, DistillStage) and stage.student is not None:  # a fresh student of its own shape
+            student = Shapes.of(init_config(stage.student, vocab_size=shapes.vocab))
+            found.append(estimate(stage, student, device, shapes))
+        else:
+            found.append(estimate(stage, shapes, device))
+    return found
 
 
 def check(spec: PipelineSpec, path: Path, device: tuple[str, float] | None = None) -> list[Estimate]:
