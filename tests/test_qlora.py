@@ -68,3 +68,36 @@ def test_qlora_sft_learns_and_merges_onto_the_full_precision_base(
     )
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+
+
+def test_the_adapters_get_the_gradients_they_would_get_on_the_dequantized_base(chat_model: Path) -> None:
+    """The 4-bit layers' backward (bitsandbytes' CPU kernels; one-row inputs take its gemv path, which torch warns has
+    no autograd kernel of its own) gives each adapter the gradient it gets on a plain model holding the dequantized
+    weights: exactly on the gemv path, within bf16 rounding on the batched one."""
+    import bitsandbytes.functional as bnb_functional
+    from peft import LoraConfig, get_peft_model
+
+    from stages.common import checkpoint
+
+    spec = LoraSpec(r=8, quantize="4bit")
+    quantized = AutoModelForCausalLM.from_pretrained(chat_model, **checkpoint.quantized(spec, bf16=False))
+    plain = AutoModelForCausalLM.from_pretrained(chat_model)
+    for name, layer in quantized.named_modules():
+        if isinstance(layer, Linear4bit):
+            weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            plain.get_submodule(name).weight.data.copy_(weight)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    models = []
+    for model in (quantized, plain):
+        torch.manual_seed(0)  # the same random adapters on both
+        models.append(get_peft_model(model, config))
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    for batch, tolerance in ((ids, 2e-2), (ids[:1, :1], 1e-6)):
+        grads = []
+        for model in models:
+            model.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+        for name, grad in grads[1].items():
+            assert torch.allclose(grads[0][name], grad, rtol=0, atol=tolerance * grad.abs().max().item()), name
