@@ -20,7 +20,6 @@ from schemas.spec import DistillStage
 from stages import sft
 from stages.common import checkpoint
 from stages.common.contract import ModelError, StageInputs, StageResult
-from stages.common.generation import exact_match
 from stages.common.losses import distillation_loss
 from stages.common.recipe import adapt, fit, load, make_trainer, save
 from stages.common.templates import IGNORE
@@ -91,16 +90,8 @@ def run(spec: DistillStage, inputs: StageInputs, workdir: Path) -> StageResult:
         teacher=teacher,
     )
 
-    def measure() -> dict[str, float]:
-        """The divergence to the teacher on the held-out conversations; exact match of greedy answers."""
-        if "heldout" not in datasets:
-            return {}
-        found = {"heldout_divergence": trainer.evaluate()["eval_loss"]}
-        if asked:
-            found["exact_match"] = exact_match(model, tokenizer, asked, spec.template)
-        return found
-
-    metrics, resumed_from = fit(trainer, measure)
+    # the divergence to the teacher on the held-out conversations, and exact match
+    metrics, resumed_from = fit(trainer, sft.held_out_measure(trainer, spec, asked, "heldout_divergence"))
     counts = {"teacher_parameters": float(sum(p.numel() for p in teacher.parameters()))}
     counts["student_parameters"] = float(sum(p.numel() for p in model.parameters()))
     return save(spec, inputs, trainer, workdir, metrics, resumed_from, counts=counts)

@@ -88,6 +88,21 @@ def collator(spec: ConversationStage, tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
 
 
+def held_out_measure(trainer, spec: ConversationStage, asked: list[Chat], loss_name: str):
+    """What a conversation stage measures before and after training: its objective on the held-out conversations
+    (the Trainer's evaluate, as `loss_name`) and the exact match of greedy answers to the first eval_samples."""
+
+    def measure() -> dict[str, float]:
+        if trainer.eval_dataset is None:
+            return {}
+        found = {loss_name: trainer.evaluate()["eval_loss"]}
+        if asked:
+            found["exact_match"] = exact_match(trainer.model, trainer.processing_class, asked, spec.template)
+        return found
+
+    return measure
+
+
 def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     tokenizer, model = load(spec, inputs)
     model = adapt(spec, inputs, model)
@@ -95,15 +110,5 @@ def run(spec: SFTStage, inputs: StageInputs, workdir: Path) -> StageResult:
     asked = held_out_chats(datasets, spec.eval_samples) if "heldout" in datasets else []
     trainer = make_trainer(spec, model, tokenizer, workdir, datasets, collator(spec, tokenizer), inputs.callbacks)
 
-    def measure() -> dict[str, float]:
-        """Response loss on the held-out conversations; exact match of greedy answers to the first eval_samples of
-        them."""
-        if "heldout" not in datasets:
-            return {}
-        found = {"heldout_loss": trainer.evaluate()["eval_loss"]}
-        if asked:
-            found["exact_match"] = exact_match(model, tokenizer, asked, spec.template)
-        return found
-
-    metrics, resumed_from = fit(trainer, measure)
+    metrics, resumed_from = fit(trainer, held_out_measure(trainer, spec, asked, "heldout_loss"))
     return save(spec, inputs, trainer, workdir, metrics, resumed_from)
