@@ -22,15 +22,16 @@ from pydantic_core import ErrorDetails
 from schemas.architectures import own_model_problems
 from schemas.errors import LifecycleError
 from schemas.memory import Memory
+from schemas.rewards import PythonReward
 from schemas.sources import Source, Unresolved, expand, hub_snapshot, resolve
 from schemas.spec import (
     ChatStage,
     DistillStage,
     EvalStage,
-    GRPOStage,
     PipelineSpec,
     ReferenceStage,
     RewardStage,
+    RolloutStage,
     TokenizerSpec,
     TrainingStage,
 )
@@ -176,7 +177,7 @@ def folder_or_snapshot(
 
 def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
     """An eval stage's unnamed checkpoints, data and rewards filled in: every scored stage, every held-out file they
-    have, the last earlier reward stage's model, the last scored grpo stage's rewards."""
+    have, the last earlier reward stage's model, the last scored grpo or ppo stage's rewards."""
     scored = spec.scored_by(stage)
     update: dict[str, object] = {"checkpoints": [s.name for s in scored]}
     for fmt in ("text", "conversations", "prompts", "preference", "ranked"):
@@ -185,8 +186,8 @@ def _eval_defaults(spec: PipelineSpec, stage: EvalStage) -> EvalStage:
     earlier = spec.stages[: spec.stages.index(stage)]
     if stage.reward_model is None and (reward := [s for s in earlier if isinstance(s, RewardStage)]):
         update["reward_model"] = reward[-1].name
-    if not stage.rewards and (grpo := [s for s in scored if isinstance(s, GRPOStage)]):
-        update["rewards"] = grpo[-1].rewards
+    if not stage.rewards and (rollout := [s for s in scored if isinstance(s, RolloutStage)]):
+        update["rewards"] = rollout[-1].rewards
     return stage.model_copy(update=update)
 
 
@@ -228,8 +229,8 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
                 missing.append(f"stages[{i}].benchmarks.folder: {folder} is not a folder (looked for {resolved})")
             update["benchmarks"] = stage.benchmarks.model_copy(update={"folder": resolved})
         if isinstance(stage, TrainingStage):
-            # the pipeline's launch is every training stage's but grpo's, which runs in one process for now
-            update["launch"] = launch = stage.launch or (spec.launch if not isinstance(stage, GRPOStage) else None)
+            # the pipeline's launch is every training stage's but the rollout stages', which run in one process for now
+            update["launch"] = launch = stage.launch or (spec.launch if not isinstance(stage, RolloutStage) else None)
             update["memory"] = stage.memory or spec.memory or Memory()
             if launch is not None and isinstance(launch.deepspeed, Path):
                 config = fix(launch.deepspeed, f"stages[{i}].launch.deepspeed")
@@ -255,9 +256,40 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
     for i, stage in enumerate(stages):
         if isinstance(stage, DistillStage) and stage.teacher_is_outside():
             stages[i] = _outside_teacher(stage, i, base, tokenizer, missing)
+        if isinstance(stage, RolloutStage):
+            stages[i] = _functions_found(stage, i, base, missing)
     if missing:
         raise SpecError("\n".join(missing))
     return spec.model_copy(update={"stages": stages, "model": model, "tokenizer": tokenizer})
+
+
+def _file_function(function: str, base: Path, where: str, missing: list[str]) -> str:
+    """`file.py:name` with the file made absolute against the spec's folder (and refused when there is no such file);
+    `module:name` as it is (imported where the stage runs)."""
+    module, name = function.rsplit(":", 1)
+    if not module.endswith(".py"):
+        return function
+    path = Path(module) if Path(module).is_absolute() else (base / module).resolve()
+    if not path.is_file():
+        missing.append(f"{where}: {module} is not a file (looked for {path})")
+    return f"{path}:{name}"
+
+
+def _functions_found(stage: RolloutStage, i: int, base: Path, missing: list[str]) -> RolloutStage:
+    """A rollout stage's Python rewards and tools with their files found."""
+    rewards = [
+        reward.model_copy(
+            update={"function": _file_function(reward.function, base, f"stages[{i}].rewards[{j}]", missing)}
+        )
+        if isinstance(reward, PythonReward)
+        else reward
+        for j, reward in enumerate(stage.rewards)
+    ]
+    tools = [
+        tool.model_copy(update={"function": _file_function(tool.function, base, f"stages[{i}].tools[{j}]", missing)})
+        for j, tool in enumerate(stage.tools)
+    ]
+    return stage.model_copy(update={"rewards": rewards, "tools": tools})
 
 
 def _outside_teacher(
@@ -321,9 +353,9 @@ def _launch_problems(spec: PipelineSpec) -> list[str]:
         except ValueError as err:
             problems.append(f"{where}.launch.deepspeed: {launch.deepspeed} is not a DeepSpeed JSON config ({err})")
             continue
-        if isinstance(stage, GRPOStage):
+        if isinstance(stage, RolloutStage):
             problems.append(
-                f"{where}: a grpo stage runs in one process for now (its sampling is not sharded among ranks): "
+                f"{where}: a {stage.kind} stage runs in one process for now (its sampling is not sharded among ranks): "
                 "leave launch out of it"
             )
         sharded = launch.deepspeed is not None or launch.fsdp is not None

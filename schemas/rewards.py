@@ -1,6 +1,7 @@
-"""The rewards a GRPO stage scores its completions with, declared in the spec: a tagged union on `kind`.
+"""What a rollout stage (grpo, ppo) calls on its samples, declared in the spec: the rewards it scores them with (a
+tagged union on `kind`, each with a weight; the stage sums them) and the tools a reply may call.
 
-Each has a weight; the stage sums them. What they compute is in stages/common/reward_functions.py.
+What they compute is in stages/common/reward_functions.py and stages/common/tools.py.
 """
 
 from __future__ import annotations
@@ -54,13 +55,19 @@ class LengthReward(Strict):
     weight: float = Field(1.0, description=WEIGHT)
 
 
+# a Python function: module:name (importable where the pipeline runs) or file.py:name (a file, beside the spec when
+# relative)
+FUNCTION = r"^([A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_]\w*$"
+
+
 class PythonReward(Strict):
-    """Your own function, `module:name` (importable where the pipeline runs), called once per batch as
+    """Your own function, `module:name` (importable where the pipeline runs) or `file.py:name` (a file, beside the spec
+    when relative), called once per batch as
     `fn(prompts: list[str], completions: list[str], answers: list[str | None]) -> list[float]`: one value per
     completion, where prompts[i] and answers[i] are those of the prompt completions[i] answers."""
 
     kind: Literal["python"]
-    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:name of your function")
+    function: str = Field(pattern=FUNCTION, description="module:name or file.py:name of your function")
     weight: float = Field(1.0, description=WEIGHT)
 
 
@@ -76,3 +83,20 @@ class ModelReward(Strict):
 
 
 Reward = Annotated[AnswerReward | RegexReward | LengthReward | PythonReward | ModelReward, Field(discriminator="kind")]
+
+
+class Tool(Strict):
+    """A Python function a reply may call: `module:name` or `file.py:name` (a file, beside the spec when relative).
+
+    The model is offered its definition, built from the function itself: its name, its docstring's first paragraph as
+    the description, and a JSON Schema type for each parameter from its annotation (str, int, float, bool, list,
+    dict; a parameter without a default is required). A call runs it with the call's arguments as keywords; what it
+    returns, as text (JSON for anything but a string), is the tool turn. A function that raises, or runs past
+    `timeout`, gives an error message as its result, which the reply reads like any other."""
+
+    function: str = Field(pattern=FUNCTION, description="module:name or file.py:name of the function")
+    timeout: float = Field(5.0, gt=0, description="seconds a call may run before its result is an error")
+
+    def name(self) -> str:
+        """The name the model calls it by: the function's."""
+        return self.function.rsplit(":", 1)[1]

@@ -19,7 +19,7 @@ from schemas.benchmarks import Benchmarks
 from schemas.formats import Format
 from schemas.launch import Launch
 from schemas.memory import Memory
-from schemas.rewards import AnswerReward, ModelReward, Reward
+from schemas.rewards import AnswerReward, ModelReward, Reward, Tool
 from schemas.sources import Source
 from schemas.sweep import Sweep, apply
 
@@ -492,25 +492,78 @@ class RewardStage(ChatStage):
     data_format: ClassVar[Format] = "preference"
 
 
-class GRPOStage(ChatStage):
-    """Group Relative Policy Optimization (Shao et al. 2024) on prompts, with rewards computed from each completion.
+class RolloutStage(ChatStage):
+    """A stage that learns from its own samples: each step the policy answers prompts, the spec's rewards score the
+    replies (which may call the spec's tools on the way), and the policy is trained on what they scored."""
 
-    Each step takes `train.batch_size` prompts, samples `group_size` completions of each from the current policy,
-    scores them, and trains on the group-normalised advantages with a clipped importance ratio."""
-
-    kind: Literal["grpo"]
     data_format: ClassVar[Format] = "prompts"
     rewards: list[Reward] = Field(
         default_factory=lambda: [AnswerReward(kind="answer")],
         min_length=1,
         description="summed with their weights; default: the reference answer appears in the reply",
     )
-    group_size: int = Field(8, ge=2, description="completions sampled per prompt")
+    tools: list[Tool] = Field(
+        default_factory=list,
+        description="Python functions a reply may call: offered with every prompt, a call executed and its result "
+        "given back as a tool turn before the reply goes on (never trained on)",
+    )
+    max_tool_turns: PositiveInt = Field(
+        2, description="tool turns a reply may take at most; a call past them ends the reply unanswered"
+    )
     temperature: float = Field(1.0, gt=0, description="sampling temperature; the log-probs are taken at it too")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass; 1: all of it")
     max_new_tokens: PositiveInt = Field(
-        48, description="tokens per completion at most; prompts longer than max_len - max_new_tokens are left out"
+        48,
+        description="tokens per reply turn at most; prompts longer than max_len - max_new_tokens are left out, and "
+        "a tool turn that would leave less room than that ends the reply",
     )
+    iterations: PositiveInt = Field(
+        1, description="updates on the same samples (mu); above 1 the importance ratio moves away from 1"
+    )
+    beta: float = Field(0.0, ge=0, description="weight of the KL to the reference; 0: no reference at all")
+    reference: Literal["auto", "frozen", "adapter-off"] = Field(
+        "auto",
+        description="with beta > 0: a frozen copy of the input model, or (lora) the adapters switched off; auto picks",
+    )
+    eval_samples: int = Field(
+        64, ge=0, description="held-out prompts answered greedily, before and after, for accuracy and reward"
+    )
+    log_samples: PositiveInt = Field(
+        10, description="every this many steps, a batch's completions and their rewards are kept"
+    )
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> RolloutStage:
+        if self.reference == "adapter-off" and self.lora is None:
+            raise ValueError(
+                "reference adapter-off needs a lora block: without an adapter there is nothing to switch off"
+            )
+        if self.reference != "auto" and self.beta == 0:
+            raise ValueError(f"reference {self.reference} is used only with beta > 0 (the KL term); beta is 0")
+        names = [tool.name() for tool in self.tools]
+        if twice := next((name for name in names if names.count(name) > 1), None):
+            raise ValueError(f"tools: two functions are named {twice!r}; a call names the tool by it")
+        return self
+
+    def reference_strategy(self) -> str | None:
+        if self.beta == 0:
+            return None
+        if self.reference == "auto":
+            return "adapter-off" if self.lora is not None else "frozen"
+        return self.reference
+
+    def reward_stages(self) -> list[str]:
+        return list(dict.fromkeys(r.stage for r in self.rewards if isinstance(r, ModelReward)))
+
+
+class GRPOStage(RolloutStage):
+    """Group Relative Policy Optimization (Shao et al. 2024) on prompts, with rewards computed from each completion.
+
+    Each step takes `train.batch_size` prompts, samples `group_size` completions of each from the current policy,
+    scores them, and trains on the group-normalised advantages with a clipped importance ratio."""
+
+    kind: Literal["grpo"]
+    group_size: int = Field(8, ge=2, description="completions sampled per prompt")
     scale: Literal["group", "batch", "none"] = Field(
         "group",
         description=(
@@ -529,24 +582,11 @@ class GRPOStage(ChatStage):
     )
     epsilon_low: float = Field(0.2, gt=0, lt=1, description="the ratio is clipped below at 1 - epsilon_low")
     epsilon_high: float = Field(0.2, gt=0, description="and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)")
-    iterations: PositiveInt = Field(
-        1, description="updates on the same samples (mu); above 1 the importance ratio moves away from 1"
-    )
     beta: float = Field(0.0, ge=0, description="weight of the k3 KL estimate to the reference; 0: no reference at all")
-    reference: Literal["auto", "frozen", "adapter-off"] = Field(
-        "auto",
-        description="with beta > 0: a frozen copy of the input model, or (lora) the adapters switched off; auto picks",
-    )
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = Field(
         "grpo",
         description="grpo: mean over each completion's tokens, then over completions; dapo: mean over every token "
         "of the batch; dr_grpo: sum over tokens divided by completions x max_new_tokens",
-    )
-    eval_samples: int = Field(
-        64, ge=0, description="held-out prompts answered greedily, before and after, for accuracy and reward"
-    )
-    log_samples: PositiveInt = Field(
-        10, description="every this many steps, a batch's completions and their rewards are kept"
     )
 
     @model_validator(mode="before")
@@ -556,25 +596,31 @@ class GRPOStage(ChatStage):
             return data | {"scale": "none"}
         return data
 
-    @model_validator(mode="after")
-    def _reference_fits(self) -> GRPOStage:
-        if self.reference == "adapter-off" and self.lora is None:
-            raise ValueError(
-                "reference adapter-off needs a lora block: without an adapter there is nothing to switch off"
-            )
-        if self.reference != "auto" and self.beta == 0:
-            raise ValueError(f"reference {self.reference} is used only with beta > 0 (the KL term); beta is 0")
-        return self
 
-    def reference_strategy(self) -> str | None:
-        if self.beta == 0:
-            return None
-        if self.reference == "auto":
-            return "adapter-off" if self.lora is not None else "frozen"
-        return self.reference
+class PPOStage(RolloutStage):
+    """Proximal Policy Optimization for language models (Ouyang et al. 2022): one sampled reply per prompt, a learned
+    value model, GAE advantages and clipped policy and value losses.
 
-    def reward_stages(self) -> list[str]:
-        return list(dict.fromkeys(r.stage for r in self.rewards if isinstance(r, ModelReward)))
+    Each step takes `train.batch_size` prompts and samples one reply each. A reply's reward is its score on its last
+    token and a KL penalty to the reference on every token (beta); the value model's estimates turn them into GAE
+    advantages, and the policy and value model are trained on them `iterations` times."""
+
+    kind: Literal["ppo"]
+    value_model: str = Field(
+        "policy",
+        description="what the value model starts from: policy (the input model with a fresh scalar head) or the "
+        "name of an earlier reward stage (its model, head included)",
+    )
+    beta: float = Field(0.05, ge=0, description="the KL penalty per token in the reward; 0: no reference at all")
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE's discount per token")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda: 1 is the Monte-Carlo return, 0 one-step TD")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="the policy's ratio is clipped to 1 ± epsilon")
+    value_clip: float = Field(0.2, gt=0, description="a value estimate moves at most this far from the rollout's")
+    value_weight: float = Field(0.1, gt=0, description="the value loss's factor in the loss (c_v)")
+    value_lr: float | None = Field(None, gt=0, description="the value model's learning rate; default: train.lr")
+
+    def model_stages(self) -> list[str]:
+        return self.reward_stages() + ([self.value_model] if self.value_model != "policy" else [])
 
 
 class EvalStage(StageBase):
@@ -652,6 +698,7 @@ Stage = Annotated[
     | TunaStage
     | RewardStage
     | GRPOStage
+    | PPOStage
     | EvalStage,
     Field(discriminator="kind"),
 ]
@@ -724,6 +771,12 @@ class PipelineSpec(Strict):
                     raise ValueError(
                         f"stages[{i}] ({stage.name}) scores with the reward model of {name!r}, which is not an earlier "
                         "reward stage"
+                    )
+            if isinstance(stage, PPOStage) and stage.value_model != "policy":
+                if not isinstance(seen.get(stage.value_model), RewardStage):
+                    raise ValueError(
+                        f"stages[{i}].value_model names {stage.value_model!r}, which is not an earlier reward stage "
+                        "(or policy: the input model with a fresh head)"
                     )
             if isinstance(stage, DistillStage) and not stage.teacher_is_outside():
                 teacher = seen.get(stage.teacher)

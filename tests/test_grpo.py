@@ -13,6 +13,8 @@ from schemas.spec import GRPOStage, TrainSpec
 from stages import grpo
 from stages.common.contract import StageInputs
 from stages.common.reward_functions import RewardError, checked_rewards, reward_functions
+from stages.common.rollouts import RepeatedBatches
+from stages.common.tools import FunctionError
 
 from .conftest import FAST, stage_run
 
@@ -113,7 +115,7 @@ def test_more_updates_per_sample_and_a_kl_to_a_frozen_reference_train_and_are_lo
 
 
 def test_the_sampler_gives_each_steps_prompts_mu_times_in_a_row_and_a_new_order_each_epoch() -> None:
-    sampler = grpo.RepeatedBatches(rows=10, block=4, times=3, seed=0)
+    sampler = RepeatedBatches(rows=10, block=4, times=3, seed=0)
     order = list(sampler)
     assert len(order) == len(sampler) == 2 * 4 * 3  # the last 2 prompts fill no block
     blocks = [order[i : i + 4] for i in range(0, len(order), 4)]
@@ -188,7 +190,7 @@ def test_a_bad_reward_function_stops_the_stage_before_any_update_naming_itself_a
 
 
 def test_reward_functions_refuse_what_cannot_be_imported_and_the_spec_what_cannot_run() -> None:
-    with pytest.raises(RewardError, match=r"reward tests.test_grpo:missing: cannot import it"):
+    with pytest.raises(FunctionError, match=r"reward tests.test_grpo:missing: cannot import it"):
         reward_functions([PythonReward(kind="python", function="tests.test_grpo:missing")])
     with pytest.raises(ValueError, match="not a regular expression"):
         grpo_stage(rewards=[{"kind": "regex", "pattern": "(unclosed"}])

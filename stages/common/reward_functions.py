@@ -9,7 +9,6 @@ returns the wrong number of values; its message names the function and the promp
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import unicodedata
@@ -26,6 +25,7 @@ from schemas.rewards import AnswerReward, LengthReward, ModelReward, PythonRewar
 from stages.common.checkpoint import load_model
 from stages.common.reward_model import scores as reward_model_scores
 from stages.common.templates import OWN_TEMPLATE
+from stages.common.tools import imported
 
 # not part of a longer word or number (so "31" is not read out of "310", "x31" or "3.31")
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w]|\.\d)")
@@ -104,11 +104,7 @@ def _length(spec: LengthReward) -> Callable[..., list[float]]:
 
 
 def _python(spec: PythonReward) -> Callable[..., list[float]]:
-    module, name = spec.function.split(":")
-    try:
-        function = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise RewardError(f"reward {spec.function}: cannot import it ({err})") from None
+    function = imported(spec.function, f"reward {spec.function}")
     return lambda prompts, completions, answers, lengths: function(
         [p[-1]["content"] for p in prompts], completions, answers
     )

@@ -395,6 +395,23 @@ def encode_prompt(
     return input_ids
 
 
+def after_calls(
+    messages: list[dict], calls: list[dict], results: list[str], tokenizer, template: str, tools: list[dict]
+) -> list[int]:
+    """The tokens that follow an assistant turn calling tools, up to the next reply: the end of that turn, the tool
+    turn holding each call's result, and the assistant header. A rollout appends them to the tokens the policy wrote
+    (up to its end-of-turn token) and generates on; none of them is trained."""
+    called = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": c} for c in calls]}
+    conversation = [*messages, called, *({"role": "tool", "content": result} for result in results)]
+    _check_roles(conversation)
+    if template == OWN_TEMPLATE:
+        pieces = _own_pieces(conversation, tokenizer, len(messages), True, tools)
+    else:
+        pieces = _template_pieces(conversation, tokenizer, template, len(messages), True, tools)
+    reply = max(i for i, (_, trained) in enumerate(pieces) if trained)
+    return tokenizer("".join(text for text, _ in pieces[reply + 1 :]), add_special_tokens=False)["input_ids"]
+
+
 def end_of_turn_id(tokenizer, template: str = "chatml") -> int:
     """The token that ends an assistant reply: where generation stops."""
     probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]

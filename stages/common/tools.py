@@ -5,16 +5,27 @@ calls tools carries `tool_calls: [{type: function, function: {name, arguments}}]
 result is a `tool` message) and the tool definitions beside them, as `apply_chat_template(messages,
 tools=...)` takes them. `ToolFormat` is how a template shows them (stages/common/templates.py gives chatml
 the Qwen2.5/Hermes one); `parsed_calls` reads the calls back from the text a model generated, so
-the eval stage can score a held-out call (`calls_match`).
+the eval stage can score a held-out call (`calls_match`). `Toolbox` runs the spec's tools on the calls a rollout's
+reply makes (grpo, ppo).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import json
 import re
+import threading
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
+
+from schemas.errors import LifecycleError
+from schemas.rewards import Tool
 
 
 @dataclass(frozen=True)
@@ -107,18 +118,23 @@ def _canonical(name: object, arguments: object) -> str | None:
     return json.dumps([name, arguments], sort_keys=True)
 
 
-def parsed_calls(reply: str) -> list[str | None]:
-    """Each <tool_call> block of a generated reply as `_canonical` text (None for one that is not a call's JSON).
-    A block the reply never closed (cut by max_new_tokens) is no call."""
-    found = []
+def read_calls(reply: str) -> list[dict | None]:
+    """Each <tool_call> block of a generated reply as {name, arguments} (None for one that is not a call's JSON:
+    an object with a name). A block the reply never closed (cut by max_new_tokens) is no call."""
+    found: list[dict | None] = []
     for block in CALL.findall(reply):
         try:
             call = json.loads(block)
         except json.JSONDecodeError:
             found.append(None)
             continue
-        found.append(_canonical(call.get("name"), call.get("arguments")) if isinstance(call, dict) else None)
+        found.append(call if isinstance(call, dict) and isinstance(call.get("name"), str) else None)
     return found
+
+
+def parsed_calls(reply: str) -> list[str | None]:
+    """Each <tool_call> block of a generated reply as `_canonical` text (None for one that is not a call's JSON)."""
+    return [None if call is None else _canonical(call["name"], call.get("arguments")) for call in read_calls(reply)]
 
 
 def calls_match(reply: str, reference: list[dict]) -> bool:
@@ -144,3 +160,95 @@ def tool_call_accuracy(replies: list[str], references: list[list[dict]]) -> floa
     if not references:
         return float("nan")
     return sum(calls_match(reply, calls) for reply, calls in zip(replies, references)) / len(references)
+
+
+# ---------------------------------------------------------------- the spec's tools, run on a reply's calls
+
+
+class FunctionError(LifecycleError):
+    """A spec's Python function (a reward or a tool) that cannot be imported or offered."""
+
+
+def imported(function: str, what: str) -> Callable:
+    """The function `module:name` (imported) or `file.py:name` (loaded from that file) names; `what` names it in an
+    error ("reward mypkg:score")."""
+    module, name = function.rsplit(":", 1)
+    try:
+        if module.endswith(".py"):
+            found = importlib.util.spec_from_file_location(Path(module).stem, module)
+            loaded = importlib.util.module_from_spec(found)
+            found.loader.exec_module(loaded)
+        else:
+            loaded = importlib.import_module(module)
+        return getattr(loaded, name)
+    except (ImportError, AttributeError, OSError) as err:
+        raise FunctionError(f"{what}: cannot import it ({err})") from None
+
+
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+def definition(function: Callable, name: str) -> dict:
+    """The tool definition a template offers for a Python function (OpenAI's shape): its docstring's first paragraph
+    as the description, a JSON Schema type for each parameter from its annotation, those without a default
+    required."""
+    hints = typing.get_type_hints(function)
+    properties, required = {}, []
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        annotation = typing.get_origin(hints.get(parameter.name)) or hints.get(parameter.name)
+        if parameter.name in hints and annotation not in JSON_TYPES:
+            raise FunctionError(
+                f"tool {name}: parameter {parameter.name} is annotated {hints[parameter.name]!r}; a tool's parameters "
+                f"are {', '.join(t.__name__ for t in JSON_TYPES)} (or unannotated), as a call's JSON arguments are"
+            )
+        properties[parameter.name] = {"type": JSON_TYPES[annotation]} if parameter.name in hints else {}
+        if parameter.default is parameter.empty:
+            required.append(parameter.name)
+    description = " ".join((inspect.getdoc(function) or "").split("\n\n")[0].split())
+    parameters = {"type": "object", "properties": properties, "required": required}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+class Toolbox:
+    """The spec's tools: their definitions, as a prompt offers them, and `run`, which answers one call."""
+
+    def __init__(self, tools: list[Tool]):
+        self.functions = {tool.name(): imported(tool.function, f"tool {tool.function}") for tool in tools}
+        self.timeouts = {tool.name(): tool.timeout for tool in tools}
+        self.definitions = [definition(function, name) for name, function in self.functions.items()]
+
+    def run(self, call: dict | None) -> str:
+        """A call's result as a tool turn's text: what the function returned (JSON for anything but a string), or an
+        error in words when the call is malformed, names no tool, raises, or runs past its time limit (the thread is
+        left to finish on its own: Python cannot stop it)."""
+        if call is None:
+            return 'error: the call is not JSON of the form {"name": ..., "arguments": {...}}'
+        name, arguments = call["name"], call.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                arguments = None
+        if name not in self.functions:
+            return f"error: there is no tool {name!r}; the tools are {', '.join(self.functions)}"
+        if not isinstance(arguments, dict):
+            return f"error: the arguments of {name} must be a JSON object"
+        outcome: list = []
+
+        def call_it() -> None:
+            try:
+                outcome.append(("ok", self.functions[name](**arguments)))
+            except Exception as err:  # a tool's failure is the reply's to read, not the stage's
+                outcome.append(("error", f"{type(err).__name__}: {err}"))
+
+        worker = threading.Thread(target=call_it, name=f"tool-{name}", daemon=True)
+        worker.start()
+        worker.join(self.timeouts[name])
+        if not outcome:
+            return f"error: {name} ran past its {self.timeouts[name]:g} s time limit"
+        status, value = outcome[0]
+        if status == "error":
+            return f"error: {name} raised {value}"
+        return value if isinstance(value, str) else as_json(value)
