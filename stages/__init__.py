@@ -28,6 +28,7 @@ TRAINING_STAGES = {
     "tuna": "stages.tuna",
     "reward": "stages.reward",
     "grpo": "stages.grpo",
+    "ppo": "stages.ppo",
 }
 
 

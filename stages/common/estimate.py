@@ -44,9 +44,11 @@ from schemas.spec import (
     GRPOStage,
     KTOStage,
     PipelineSpec,
+    PPOStage,
     PretrainStage,
     PROStage,
     RewardStage,
+    RolloutStage,
     TrainingStage,
     TunaStage,
 )
@@ -111,6 +113,7 @@ class Estimate:
             "or start from a smaller model",
             "reference": "use reference: precomputed (or adapter-off with lora)",
             "teacher": "distil from a smaller teacher",
+            "value": "train LoRA adapters (lora:): the value model gets adapters of its own too",
             "step": "use train.optimizer adamw_torch_fused (its step makes no temporaries)",
         }
         ranked = sorted((value, name) for name, value in self.parts.items() if name in remedies)
@@ -206,7 +209,7 @@ def _row_tokens(stage: TrainingStage) -> int:
         return LIST_LENGTH * stage.max_len
     if isinstance(stage, GRPOStage):
         return stage.group_size * stage.max_len
-    return stage.max_len
+    return stage.max_len  # a ppo stage's one reply per prompt too
 
 
 def _row_length(stage: TrainingStage) -> int:
@@ -257,8 +260,12 @@ def estimate(
     if offload and on_gpu:
         optimizer_bytes = step = 0
     reference = 0
-    if isinstance(stage, (DPOStage, KTOStage, GRPOStage)) and _frozen_reference(stage):
+    if isinstance(stage, (DPOStage, KTOStage, RolloutStage)) and _frozen_reference(stage):
         reference = 4 * shapes.parameters
+    value = 0
+    if isinstance(stage, PPOStage):  # a second model of the same shape, trained by torch's AdamW (foreach)
+        value_trained = trained if stage.lora is not None else shapes.parameters
+        value = 4 * shapes.parameters + (4 * value_trained if stage.lora is not None else 0) + 20 * value_trained
     frozen_teacher = 4 * (teacher or shapes).parameters if isinstance(stage, DistillStage) else 0
     tokens = max(train.batch_size // world, 1) * _row_tokens(stage)
     per_hidden, per_kv, per_mlp = ACTIVATION_BYTES[bf16]
@@ -277,6 +284,7 @@ def estimate(
         "gradients": gradients,
         "optimizer": optimizer_bytes,
         "reference": reference,
+        "value": value,
         "teacher": frozen_teacher,
         "activations": activations,
         "logits": logits,
@@ -288,8 +296,8 @@ def estimate(
     return Estimate(stage.name, parts, name, capacity)
 
 
-def _frozen_reference(stage: DPOStage | KTOStage | GRPOStage) -> bool:
-    if isinstance(stage, GRPOStage):
+def _frozen_reference(stage: DPOStage | KTOStage | RolloutStage) -> bool:
+    if isinstance(stage, RolloutStage):
         return stage.beta > 0 and (stage.reference == "frozen" or (stage.reference == "auto" and stage.lora is None))
     return stage.reference_strategy() == "frozen"
 
