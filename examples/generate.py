@@ -11,7 +11,9 @@ the preference stages ask about (a fifth) and a held-out part no stage trains on
 And one tool skill, in conversations of its own (`sft_tools.jsonl`, kept apart from `sft.jsonl`, which trains under
 templates that cannot show tools too): a country's population, through a lookup tool. The number is drawn anew in
 every conversation, so a model gives it only by calling the tool with the country's name and reading back its
-result; held-out conversations ask about the same countries, each with a number of its own.
+result; held-out conversations ask about the same countries, each with a number of its own. The same questions as
+prompts for a rollout stage that calls the tool (`rl_tool_prompts.jsonl`), answered by the number the toy world's tool
+gives (examples/tools.py).
 
 Pretrain text states every fact in prose, in every phrasing, and never uses the chat format,
 so a pretrain-only model continues text while an SFT model answers. An answer is the fact's
@@ -29,8 +31,11 @@ import random
 from pathlib import Path
 from typing import Literal
 
+from examples.tools import population
+
 SEED = 1234
 TOOL_ROWS, TOOL_HELDOUT_ROWS = 800, 200  # the tool skill's training and held-out conversations
+TOOL_PROMPTS, TOOL_HELDOUT_PROMPTS = 400, 100  # its questions for a rollout stage calling the tool
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 SYLLABLES = ["zor", "qua", "mel", "tin", "bar", "vex", "lu", "ran", "do", "fi", "kel", "mor", "sa", "pel", "gri", "ux"]
@@ -353,6 +358,19 @@ def tool_conversations(skills: Skills, rng: random.Random, n_train: int, n_heldo
     ]
 
 
+def tool_prompts(skills: Skills, rng: random.Random, n: int) -> list[dict]:
+    """Population questions for a rollout stage with the toy world's tool (examples/tools.py): the reference answer
+    is the number the tool gives for the country, so a reply earns the answer reward only by calling the tool and
+    reading its result back."""
+    trained = skills.countries + skills.aligned_countries
+    rows = []
+    for _ in range(n):
+        country = rng.choice(trained)
+        question = rng.choice(POPULATION_QUESTIONS).format(c=country)
+        rows.append({"prompt": question, "answer": str(population(country))})
+    return rows
+
+
 def toy_facts(skills: Skills, rng: random.Random, n_sums: int = 60) -> list[dict]:
     """A multiple-choice benchmark on the facts pretraining states: each country's capital among four capitals, and
     sums among four numbers (the right one and its near misses), as plain text to complete."""
@@ -394,6 +412,8 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
     files["sft_tools.jsonl"], files["sft_tools_heldout.jsonl"] = tool_conversations(
         skills, rng, TOOL_ROWS, TOOL_HELDOUT_ROWS
     )
+    files["rl_tool_prompts.jsonl"] = tool_prompts(skills, rng, TOOL_PROMPTS)
+    files["rl_tool_prompts_heldout.jsonl"] = tool_prompts(skills, rng, TOOL_HELDOUT_PROMPTS)
     # the benchmarks' (examples/benchmarks), from a stream of their own too
     rng = random.Random(f"{seed}-benchmarks")
     files["toy_facts.jsonl"], files["toy_skills.jsonl"] = toy_facts(skills, rng), toy_skills(skills, rng)
