@@ -350,6 +350,14 @@ class DistillStage(ConversationStage):
     )
     beta: float = Field(0.5, gt=0, lt=1, description="the JSD's weight of the teacher in the mixture")
     temperature: float = Field(1.0, gt=0, description="both distributions softened by logits / temperature")
+    on_policy: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="the share of steps whose replies the student samples itself, to the data's prompts, and learns "
+        "the teacher's distributions on (GKD's lambda); 0: the data's replies only (off-policy)",
+    )
+    max_new_tokens: PositiveInt = Field(48, description="tokens per reply the student samples at most (on_policy)")
     student: ModelInit | None = Field(
         None,
         description="a fresh student of this shape (with the pipeline's tokenizer) instead of the input stage's "

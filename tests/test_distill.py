@@ -48,6 +48,31 @@ def test_a_smaller_student_comes_closer_to_its_teacher(chat_model, trained_token
     assert (result.checkpoint / "model.safetensors").exists()
 
 
+def test_on_policy_steps_learn_the_teacher_on_the_students_own_replies(chat_model, trained_tokenizer, tmp_path) -> None:
+    """GKD's lambda 0.5: about half the steps are the student's own replies (the share logged as `on_policy`), the
+    tokens it wrote labelled and nothing of its prompts; the student still comes closer to the teacher."""
+    from tasks.step_metrics import StepMetrics
+
+    from .conftest import stage_run
+
+    spec = distill_stage(on_policy=0.5, max_new_tokens=16, train=TrainSpec(**FAST | {"max_steps": 30, "lr": 1e-2}))
+    prepared = distill.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
+    assert prepared.counts["prompts"] == len(prepared.datasets["prompts"]) > 0
+    mlflow, run_id = stage_run(tmp_path, "d")
+    inputs = StageInputs(
+        SMALL,
+        trained_tokenizer,
+        prepared.datasets,
+        stage_models={"sft": chat_model},
+        callbacks=(StepMetrics(mlflow, run_id),),
+    )
+    metrics = distill.run(spec, inputs, tmp_path / "w").metrics
+    assert metrics["heldout_divergence"] < 0.8 * metrics["heldout_divergence_before"]
+    shares = [m.value for m in mlflow.get_metric_history(run_id, "on_policy")]
+    assert shares and 0.2 < sum(shares) / len(shares) < 0.8
+    assert all(m.value > 0 for m in mlflow.get_metric_history(run_id, "own_reply_length"))
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_naming_both(chat_model, trained_tokenizer, tmp_path) -> None:
     from stages import tokenizer
 
