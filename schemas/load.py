@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import re
-from difflib import get_close_matches
+from difflib import SequenceMatcher
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
@@ -91,9 +91,11 @@ def _walk(loc: tuple) -> tuple[str, list[type[BaseModel]]]:
 
 
 def _suggest(word: object, choices: list[str]) -> str:
-    """`; did you mean x?` for the choice nearest a misspelt `word`; nothing where none is near."""
-    close = get_close_matches(str(word), choices, n=1)
-    return f"; did you mean {close[0]}?" if close else ""
+    """`; did you mean x?` for the choice nearest a misspelt `word` (as difflib's get_close_matches scores them; of
+    equally near ones, the first listed: dpp is dpo before ppo); nothing where none is near."""
+    scored = [(SequenceMatcher(None, str(word), choice).ratio(), -i, choice) for i, choice in enumerate(choices)]
+    score, _, choice = max(scored, default=(0.0, 0, ""))
+    return f"; did you mean {choice}?" if score >= 0.6 else ""
 
 
 def _hint(error: ErrorDetails) -> str:
