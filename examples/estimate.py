@@ -40,6 +40,9 @@ def cpu_model() -> str:
 
 def step_seconds(spec_path: Path) -> float:
     """The best of a few pretraining steps of the spec's model at its first stage's shape, warm-up aside."""
+    from stages.common.progress import quiet_libraries
+
+    quiet_libraries()  # before the libraries load, as in a stage: the demo's first lines are this estimate's
     import torch
     from transformers import AutoModelForCausalLM
 
