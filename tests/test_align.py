@@ -35,9 +35,16 @@ def test_the_align_example_runs_ppo_grpo_with_a_tool_and_on_policy_distillation_
     grpo = mlflow.get_run(runs["grpo-tools"])
     assert {"tool_calls", "heldout_tool_calls_before", "heldout_tool_calls"} <= set(grpo.data.metrics)
 
+    # a fresh student a quarter of its teacher's size: the teacher's model among its inputs, and no input stage
     distill = mlflow.get_run(runs["distill"])
-    assert {"on_policy", "own_reply_length", "heldout_divergence"} <= set(distill.data.metrics)
+    assert {"on_policy", "own_reply_length"} <= set(distill.data.metrics)
     assert 0 < distill.data.metrics["on_policy"] <= 1
+    assert distill.data.metrics["heldout_divergence"] < distill.data.metrics["heldout_divergence_before"]
+    params = distill.data.params
+    assert float(params["student_parameters"]) < float(params["teacher_parameters"]) / 2
+    teacher = mlflow.get_run(runs["sft"]).data.tags["lifecycle.model_id"]
+    assert {m.model_id for m in distill.inputs.model_inputs} == {teacher}
+    assert "lifecycle.input_run" not in distill.data.tags
 
     # nothing changed: every stage is reused
     assert lifecycle(str(ALIGN)) == runs

@@ -1,5 +1,5 @@
-"""Distillation (stages/distill.py): a smaller fresh student takes the tiny chat model's distributions, and a teacher
-that cannot teach is refused before anything trains."""
+"""Distillation (stages/distill.py): a smaller fresh student takes the tiny chat model's distributions, off- and
+on-policy, and a teacher that cannot teach is refused before anything trains. Through the flow: tests/test_align.py."""
 
 from __future__ import annotations
 
@@ -112,42 +112,3 @@ def test_a_teacher_that_cannot_teach_is_refused_when_the_spec_loads(tmp_path, ch
     path.write_text(DISTILL_SPEC.format(data=QUICK.parent / "data", teacher=teacher.format(model=chat_model)))
     with pytest.raises((SpecError, ValueError), match=re.escape(said)):
         load_spec(path)
-
-
-FLOW_SPEC = """
-name: distilled
-model: {{init: {{hidden_size: 64, layers: 2, heads: 2, max_seq_len: 256}}}}
-tokenizer: {{train: {{vocab_size: 300, data: [{data}/pretrain.jsonl]}}}}
-stages:
-  - {{name: pretrain, kind: pretrain, data: {data}/pretrain.jsonl, packing: {{block_size: 64}},
-      train: {{max_steps: 4, batch_size: 8}}}}
-  - {{name: sft, kind: sft, data: {data}/sft.jsonl, max_len: 128, train: {{max_steps: 4, batch_size: 8}}}}
-  - {{name: distill, kind: distill, teacher: sft, student: {{hidden_size: 32, layers: 1, heads: 2, max_seq_len: 256}},
-      data: {data}/sft.jsonl, heldout: {data}/sft_heldout.jsonl, max_len: 128, eval_samples: 0,
-      train: {{max_steps: 4, batch_size: 8}}}}
-"""
-
-
-def test_the_flow_gives_a_fresh_student_its_teacher_stage_and_records_both_as_its_inputs(
-    prefect_harness, tmp_path, monkeypatch
-) -> None:
-    from mlflow import MlflowClient
-
-    from flows.lifecycle import lifecycle
-
-    from .conftest import use_home
-
-    use_home(monkeypatch, tmp_path / "home")
-    path = tmp_path / "distilled.yaml"
-    path.write_text(FLOW_SPEC.format(data=QUICK.parent / "data"))
-    runs = lifecycle(str(path))
-    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
-    run = mlflow.get_run(runs["distill"])
-    assert run.data.params["student_parameters"] and float(run.data.params["student_parameters"]) < float(
-        run.data.params["teacher_parameters"]
-    )
-    assert run.data.metrics["heldout_divergence"] < run.data.metrics["heldout_divergence_before"]
-    # the teacher's model is among the run's inputs (the UI's lineage), and the student came from no stage
-    teacher_model = mlflow.get_run(runs["sft"]).outputs.model_outputs[0].model_id
-    assert teacher_model in {m.model_id for m in run.inputs.model_inputs}
-    assert "lifecycle.input_run" not in run.data.tags
