@@ -44,6 +44,8 @@ bench: install
 	$(PY) -m bench.threads
 	$(PY) -m bench.distributed
 	$(PY) -m bench.grpo
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/trl-1.12.0 trl==1.12.0  # the last TRL with a PPOTrainer
+	$(PY) -m bench.ppo --trl $(VENV)/trl-1.12.0
 	$(PY) -m bench.transfer
 
 clean:

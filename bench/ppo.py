@@ -16,7 +16,7 @@ has none), so the baseline is the last release that has it, TRL 1.12.0's `trl.ex
 from a folder of its own under another name beside the installed TRL (its helpers are 1.12.0's too):
 
     .venv/bin/pip install --no-deps --target /tmp/trl-1.12.0 'trl==1.12.0'
-    python -m bench.ppo --trl /tmp/trl-1.12.0     # about 6 min beside busy work on 2 cores
+    python -m bench.ppo --trl /tmp/trl-1.12.0     # about 3 min beside busy work on 2 cores
 
 Without --trl (and without a PPOTrainer in the installed TRL) only our cycle is measured.
 
@@ -33,9 +33,9 @@ What a cycle does differently in the two (the same sampling, rewards, advantages
   logits over the temperature); ours runs one more no-grad forward of the policy over prompts and replies after
   generation (`Samples.logps`): one policy forward per cycle more than TRL.
 - Forwards: TRL's reference, value and reward forwards and its update's forward keep every layer's hidden states
-  (output_hidden_states), and its reference and update forwards build a KV cache they never read; its value head
-  runs on every position. Ours asks for no cache, and its value head runs on the reply positions only. TRL also
-  takes each update's softmax over the vocabulary for its entropy figure.
+  (output_hidden_states), and its reference forward and both of its update's (policy, value backbone) build a KV
+  cache they never read; its value head runs on every position. Ours asks for no cache, and its value head runs on
+  the reply positions only. TRL also takes each update's softmax over the vocabulary for its entropy figure.
 - Reward: TRL scores the sampled ids as they are (prompt + reply, cut after its first <|im_end|>) at the reply's
   last token; ours decodes the reply and renders prompt and reply again through the reward model's chat template
   (the turn closed by <|im_end|>), re-tokenised, and scores its last token: a tokenizer round trip, a few more
@@ -53,6 +53,10 @@ What a cycle does differently in the two (the same sampling, rewards, advantages
 - Loops: TRL's own loop over its own dataloader, its stats kept per minibatch and logged once per update; ours the
   HF Trainer's (a sampler handing each 8 prompts over twice, the samples buffered for the second step, a finite-loss
   check and the recorded figures per step), logging every 2nd step: once per cycle too.
+- Garbage collection: TRL's loop calls `gc.collect()` twice per update, a full collection whose cost grows with
+  the objects the process holds (0.36 s each on the busy 2-core machine the figures in the module's report came
+  from, with only torch, transformers, datasets and TRL loaded; this process holds about 10% more objects, our
+  stages' modules too). Ours never collects in its loop.
 - Order of prompts: each side's own seeded shuffle (the same pool, not the same prompts in the same cycle).
 
 The figures go to bench/RESULTS.md by hand.
@@ -82,6 +86,7 @@ from types import ModuleType
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from bench.alignment import setup
 from bench.grpo import StepClock, load, machine
@@ -308,8 +313,13 @@ def tokenized(tokenizer_dir: Path) -> tuple[Dataset, int, int]:
 def quiet():
     """Both streams swallowed: the trainers' logs and progress lines, transformers' load reports and deprecation
     warnings (an error still propagates, and is printed once the streams are back)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its handler holds the stderr it started with
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def main() -> None:
@@ -337,9 +347,9 @@ def main() -> None:
         with quiet():  # the tokenizer's training, the fresh head's load report
             tokenizer, model = setup(workdir, ModelInit(hidden_size=256, layers=4, heads=4, max_seq_len=256))
             scorer = reward_model(model, tokenizer, workdir / "reward")
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+            params = sum(p.numel() for p in load_model(model, tok).parameters())
         stops = stop_ids(tok, end_of_turn_id(tok, "chatml"))
-        params = sum(p.numel() for p in load_model(model, tok).parameters())
         prompts, same, total = tokenized(tokenizer)
         print(f"prompts: {total}, of which {same} render to the same token ids through the tokenizer's chat template")
         sides = {"ours": lambda r: ours(tokenizer, model, scorer, args.cycles, workdir / f"ours-{r}", stops)}

@@ -48,14 +48,17 @@ def test_a_smaller_student_comes_closer_to_its_teacher(chat_model, trained_token
     assert (result.checkpoint / "model.safetensors").exists()
 
 
-def test_on_policy_steps_learn_the_teacher_on_the_students_own_replies(chat_model, trained_tokenizer, tmp_path) -> None:
+def test_on_policy_steps_learn_the_teacher_on_the_students_own_replies(
+    chat_model, trained_tokenizer, tmp_path, train_seed
+) -> None:
     """GKD's lambda 0.5: about half the steps are the student's own replies (the share logged as `on_policy`), the
     tokens it wrote labelled and nothing of its prompts; the student still comes closer to the teacher."""
     from tasks.step_metrics import StepMetrics
 
     from .conftest import stage_run
 
-    spec = distill_stage(on_policy=0.5, max_new_tokens=16, train=TrainSpec(**FAST | {"max_steps": 30, "lr": 1e-2}))
+    train = TrainSpec(**FAST | {"max_steps": 30, "lr": 1e-2, "seed": train_seed})
+    spec = distill_stage(on_policy=0.5, max_new_tokens=16, train=train)
     prepared = distill.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer))
     assert prepared.counts["prompts"] == len(prepared.datasets["prompts"]) > 0
     mlflow, run_id = stage_run(tmp_path, "d")

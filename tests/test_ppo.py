@@ -44,10 +44,12 @@ def trained(spec: PPOStage, model: Path, tokenizer: Path, workdir: Path, stage_m
     return ppo.run(spec, StageInputs(model, tokenizer, datasets, stage_models=stage_models or {}), workdir)
 
 
-def test_ppo_raises_the_heldout_reward_of_an_easy_verifiable_task(chat_model, trained_tokenizer, tmp_path) -> None:
+def test_ppo_raises_the_heldout_reward_of_an_easy_verifiable_task(
+    chat_model, trained_tokenizer, tmp_path, train_seed
+) -> None:
     """Reward: a reply of one word (as GRPO's direction test). One reply per prompt, the value model learning the
     baseline: the held-out reward rises, the replies are kept with their rewards, and the value model trained."""
-    spec = ppo_stage(rewards=[{"kind": "regex", "pattern": r"^\S+$"}], log_samples=5)
+    spec = ppo_stage(rewards=[{"kind": "regex", "pattern": r"^\S+$"}], log_samples=5, train={"seed": train_seed})
     result = trained(spec, chat_model, trained_tokenizer, tmp_path)
     metrics = result.metrics
     print({k: round(v, 3) for k, v in metrics.items() if k.startswith("heldout")})
