@@ -161,3 +161,39 @@ def test_a_value_model_that_names_no_reward_stage_is_refused_when_the_spec_loads
     )
     with pytest.raises(SpecError, match=r"value_model names 'sft', which is not an earlier reward stage"):
         load_spec(spec)
+
+
+def test_with_lora_the_value_model_gets_adapters_of_its_own_and_the_reference_is_the_adapters_switched_off(
+    chat_model, trained_tokenizer, tmp_path
+) -> None:
+    """The policy's LoRA adapters switched off are its reference (no second copy): the KL starts at 0; the value
+    model trains its own adapters and its head, nothing else."""
+    from tasks.step_metrics import StepMetrics
+
+    from .conftest import stage_run
+
+    spec = ppo_stage(lora={"r": 4, "alpha": 8}, eval_samples=0, train={"max_steps": 2, "logging_steps": 1})
+    assert spec.reference_strategy() == "adapter-off"
+    mlflow, run_id = stage_run(tmp_path, "p")
+    datasets = ppo.prepare(spec, AutoTokenizer.from_pretrained(trained_tokenizer)).datasets
+    watched = {}
+
+    class Watch(ppo.PPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            watched["trained"] = [n for n, p in self.value.named_parameters() if p.requires_grad]
+            watched["reference"] = self.reference_model
+
+    original, ppo.PPOTrainer = ppo.PPOTrainer, Watch
+    try:
+        ppo.run(
+            spec,
+            StageInputs(chat_model, trained_tokenizer, datasets, callbacks=(StepMetrics(mlflow, run_id),)),
+            tmp_path / "w",
+        )
+    finally:
+        ppo.PPOTrainer = original
+    assert watched["reference"] is None  # no frozen copy
+    assert watched["trained"] and all("lora_" in n or "score" in n for n in watched["trained"])
+    kl = [m.value for m in sorted(mlflow.get_metric_history(run_id, "kl"), key=lambda m: m.step)]
+    assert kl[0] == pytest.approx(0.0, abs=1e-5)  # the first replies come from the policy that is its reference
