@@ -32,19 +32,9 @@ from stages.common.contract import StageInputs, StageResult, columns_of
 from stages.common.generation import Sampling
 from stages.common.losses import group_advantages, grpo_loss
 from stages.common.progress import say
-from stages.common.recipe import adapt, fit, load, make_trainer, save
-from stages.common.reference import attach
-from stages.common.reward_functions import RewardFunction, checked_rewards, reward_functions
-from stages.common.rollouts import (
-    PromptCollator,
-    RolloutTrainer,
-    Samples,
-    examples,
-    heldout_metrics,
-    prepare,
-    rollout,
-    toolbox,
-)
+from stages.common.recipe import fit, save
+from stages.common.reward_functions import RewardFunction
+from stages.common.rollouts import RolloutTrainer, Samples, examples, prepare, rollout, rollout_trainer
 from stages.common.tools import Toolbox
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -141,42 +131,13 @@ def first_groups(
 
 
 def run(spec: GRPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    tokenizer, model = load(spec, inputs)
-    reference = attach(spec, inputs, model, tokenizer)
-    model = adapt(spec, inputs, model)
-    rewards = reward_functions(spec.rewards, inputs.stage_models)
-    tools = toolbox(spec)
-    datasets = reference.datasets
-    # a dry run of every reward function on the first prompts, before any model time is spent
-    first = datasets["train"].select(range(min(len(datasets["train"]), spec.train.batch_size)))
-    checked_rewards(rewards, first["messages"], [""] * len(first), first["answer"], [0] * len(first))
-
-    heldout = datasets.pop("heldout", None)  # measured by generation here, never by the Trainer's evaluate
-
-    def measure() -> dict[str, float]:
-        if heldout is None or not spec.eval_samples:
-            return {}
-        return {f"heldout_{k}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards, tools).items()}
-
-    collator = PromptCollator(tokenizer.pad_token_id)
-    trainer = make_trainer(
-        spec,
-        model,
-        tokenizer,
-        workdir,
-        datasets,
-        collator,
-        inputs.callbacks,
-        GRPOTrainer,
-        spec=spec,
-        rewards=rewards,
-        tools=tools,
-        reference_model=reference.model,
-    )
+    trainer = rollout_trainer(spec, inputs, workdir, GRPOTrainer)
     # a step's prompts or 32, whichever is more: a few prompts can all be answered alike where most are not
-    sanity = datasets["train"].select(range(min(len(datasets["train"]), max(spec.train.batch_size, 32))))
-    reach = first_groups(model, tokenizer, sanity, spec, rewards, tools)  # on the Trainer's device
-    metrics, resumed_from = fit(trainer, measure)
+    train = trainer.train_dataset
+    sanity = train.select(range(min(len(train), max(spec.train.batch_size, 32))))
+    # on the Trainer's device
+    reach = first_groups(trainer.model, trainer.processing_class, sanity, spec, trainer.rewards, trainer.tools)
+    metrics, resumed_from = fit(trainer, trainer.measure)
     return save(
         spec, inputs, trainer, workdir, metrics | reach, resumed_from, {SAMPLES_TABLE: columns_of(trainer.kept)}
     )

@@ -27,24 +27,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, TrainerCallback
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from schemas.spec import PPOStage
 from stages.common.checkpoint import load_model
 from stages.common.contract import StageInputs, StageResult, columns_of
 from stages.common.losses import gae, masked_whiten, ppo_loss, ppo_rewards
-from stages.common.recipe import adapt, fit, load, make_trainer, save
-from stages.common.reference import attach
-from stages.common.reward_functions import checked_rewards, reward_functions
-from stages.common.rollouts import (
-    PromptCollator,
-    RolloutTrainer,
-    Samples,
-    examples,
-    heldout_metrics,
-    prepare,
-    toolbox,
-)
+from stages.common.recipe import adapt, fit, save
+from stages.common.rollouts import RolloutTrainer, Samples, examples, prepare, rollout_trainer
 from stages.common.training import unwrapped
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -53,9 +43,10 @@ SAMPLES_TABLE = "ppo_samples.json"
 VALUE_WEIGHTS, VALUE_OPTIMIZER = "value.safetensors", "value_optimizer.pt"
 
 
-def value_model(spec: PPOStage, inputs: StageInputs, tokenizer) -> PreTrainedModel:
+def value_model(spec: PPOStage, inputs: StageInputs) -> PreTrainedModel:
     """The value model the stage starts with: the input model or the named reward stage's, as a sequence classifier
     with one output (a fresh head on the input model), with adapters of its own under `lora`."""
+    tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
     folder = inputs.model if spec.value_model == "policy" else inputs.stage_models[spec.value_model]
     model = load_model(folder, tokenizer, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -185,39 +176,8 @@ class PPOTrainer(RolloutTrainer):
 
 
 def run(spec: PPOStage, inputs: StageInputs, workdir: Path) -> StageResult:
-    tokenizer, model = load(spec, inputs)
-    reference = attach(spec, inputs, model, tokenizer)
-    model = adapt(spec, inputs, model)
-    critic = value_model(spec, inputs, tokenizer)
-    rewards = reward_functions(spec.rewards, inputs.stage_models)
-    tools = toolbox(spec)
-    datasets = reference.datasets
-    # a dry run of every reward function on the first prompts, before any model time is spent
-    first = datasets["train"].select(range(min(len(datasets["train"]), spec.train.batch_size)))
-    checked_rewards(rewards, first["messages"], [""] * len(first), first["answer"], [0] * len(first))
-    heldout = datasets.pop("heldout", None)  # measured by generation here, never by the Trainer's evaluate
-
-    def measure() -> dict[str, float]:
-        if heldout is None or not spec.eval_samples:
-            return {}
-        return {f"heldout_{k}": v for k, v in heldout_metrics(model, tokenizer, heldout, spec, rewards, tools).items()}
-
-    trainer = make_trainer(
-        spec,
-        model,
-        tokenizer,
-        workdir,
-        datasets,
-        PromptCollator(tokenizer.pad_token_id),
-        inputs.callbacks,
-        PPOTrainer,
-        spec=spec,
-        rewards=rewards,
-        tools=tools,
-        reference_model=reference.model,
-        value_model=critic,
-    )
-    metrics, resumed_from = fit(trainer, measure)
+    trainer = rollout_trainer(spec, inputs, workdir, PPOTrainer, value_model=value_model(spec, inputs))
+    metrics, resumed_from = fit(trainer, trainer.measure)
     counts = {"value_parameters": float(sum(p.numel() for p in trainer.value_parameters))}
     return save(
         spec, inputs, trainer, workdir, metrics, resumed_from, {SAMPLES_TABLE: columns_of(trainer.kept)}, counts

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -23,14 +24,17 @@ from torch.utils.data import Sampler
 from schemas.data import read_files
 from schemas.rewards import AnswerReward
 from schemas.spec import RolloutStage
-from stages.common.contract import Prepared
+from stages.common.contract import Prepared, StageInputs
 from stages.common.generation import Sampling, decode, generate, stop_ids
 from stages.common.progress import short_of_a_batch
+from stages.common.recipe import adapt, load, make_trainer
+from stages.common.reference import attach
 from stages.common.reward_functions import (
     RewardError,
     RewardFunction,
     answer_matches,
     checked_rewards,
+    reward_functions,
     weighted_total,
 )
 from stages.common.templates import IGNORE, after_calls, conversations, encode_prompt, end_of_turn_id
@@ -314,9 +318,17 @@ class RolloutTrainer(ObjectiveTrainer):
 
     copies = 1  # replies sampled per prompt
 
-    def __init__(self, *args, rewards: list[RewardFunction], tools: Toolbox | None, reference_model=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        rewards: list[RewardFunction],
+        tools: Toolbox | None,
+        reference_model=None,
+        heldout: Dataset | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.rewards, self.tools = rewards, tools
+        self.rewards, self.tools, self.heldout = rewards, tools, heldout
         self.reference_model = reference_model.to(self.args.device) if reference_model is not None else None
         self.buffer: dict[tuple[int, ...], Samples] = {}
         self.kept: list[dict] = []
@@ -365,6 +377,13 @@ class RolloutTrainer(ObjectiveTrainer):
             self.kept += kept_samples(self.state.global_step, replies, self.rewards)
         return replies, sequences, attention_mask, trained
 
+    def measure(self) -> dict[str, float]:
+        """The held-out measures `fit` takes before and after training (`heldout_metrics`, named heldout_*)."""
+        if self.heldout is None or not self.spec.eval_samples:
+            return {}
+        found = heldout_metrics(self.model, self.processing_class, self.heldout, self.spec, self.rewards, self.tools)
+        return {f"heldout_{name}": value for name, value in found.items()}
+
     def samples(self, model, inputs: dict) -> Samples:
         """The kind's samples of a new batch of prompts."""
         raise NotImplementedError
@@ -387,3 +406,37 @@ class RolloutTrainer(ObjectiveTrainer):
             return samples.logps(self.reference_model, self.spec.temperature)
         with self.accelerator.unwrap_model(model).disable_adapter():
             return samples.logps(model, self.spec.temperature)
+
+
+def rollout_trainer(
+    spec: RolloutStage, inputs: StageInputs, workdir: Path, trainer_class: type[RolloutTrainer], **extra
+) -> RolloutTrainer:
+    """A rollout stage's steps up to its Trainer: the policy loaded, its reference attached, the adapters added; the
+    rewards and tools made, and every reward function tried once on the first prompts before any model time is
+    spent; the held-out prompts kept out of the Trainer's evaluate (they are measured by generation: its `measure`).
+    `extra`: the kind's own Trainer arguments."""
+    tokenizer, model = load(spec, inputs)
+    reference = attach(spec, inputs, model, tokenizer)
+    model = adapt(spec, inputs, model)
+    rewards = reward_functions(spec.rewards, inputs.stage_models)
+    tools = toolbox(spec)
+    datasets = reference.datasets
+    first = datasets["train"].select(range(min(len(datasets["train"]), spec.train.batch_size)))
+    checked_rewards(rewards, first["messages"], [""] * len(first), first["answer"], [0] * len(first))
+    heldout = datasets.pop("heldout", None)
+    return make_trainer(
+        spec,
+        model,
+        tokenizer,
+        workdir,
+        datasets,
+        PromptCollator(tokenizer.pad_token_id),
+        inputs.callbacks,
+        trainer_class,
+        spec=spec,
+        rewards=rewards,
+        tools=tools,
+        reference_model=reference.model,
+        heldout=heldout,
+        **extra,
+    )
