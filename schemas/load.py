@@ -230,6 +230,8 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
             if not resolved.is_dir():
                 missing.append(f"stages[{i}].benchmarks.folder: {folder} is not a folder (looked for {resolved})")
             update["benchmarks"] = stage.benchmarks.model_copy(update={"folder": resolved})
+        if isinstance(stage, (RolloutStage, EvalStage)):
+            update |= _functions_found(stage, i, base, missing)
         if isinstance(stage, TrainingStage):
             # the pipeline's launch is every training stage's but the rollout stages', which run in one process for now
             update["launch"] = launch = stage.launch or (spec.launch if not isinstance(stage, RolloutStage) else None)
@@ -258,8 +260,6 @@ def _resolve(spec: PipelineSpec, base: Path) -> PipelineSpec:
     for i, stage in enumerate(stages):
         if isinstance(stage, DistillStage) and stage.teacher_is_outside():
             stages[i] = _outside_teacher(stage, i, base, tokenizer, missing)
-        if isinstance(stage, RolloutStage):
-            stages[i] = _functions_found(stage, i, base, missing)
     if missing:
         raise SpecError("\n".join(missing))
     return spec.model_copy(update={"stages": stages, "model": model, "tokenizer": tokenizer})
@@ -277,21 +277,26 @@ def _file_function(function: str, base: Path, where: str, missing: list[str]) ->
     return f"{path}:{name}"
 
 
-def _functions_found(stage: RolloutStage, i: int, base: Path, missing: list[str]) -> RolloutStage:
-    """A rollout stage's Python rewards and tools with their files found."""
-    rewards = [
-        reward.model_copy(
-            update={"function": _file_function(reward.function, base, f"stages[{i}].rewards[{j}]", missing)}
-        )
-        if isinstance(reward, PythonReward)
-        else reward
-        for j, reward in enumerate(stage.rewards)
-    ]
-    tools = [
-        tool.model_copy(update={"function": _file_function(tool.function, base, f"stages[{i}].tools[{j}]", missing)})
-        for j, tool in enumerate(stage.tools)
-    ]
-    return stage.model_copy(update={"rewards": rewards, "tools": tools})
+def _functions_found(stage: RolloutStage | EvalStage, i: int, base: Path, missing: list[str]) -> dict[str, list]:
+    """A stage's Python rewards and tools (an eval stage's rewards) with their files found: the fields to update."""
+    update: dict[str, list] = {
+        "rewards": [
+            reward.model_copy(
+                update={"function": _file_function(reward.function, base, f"stages[{i}].rewards[{j}]", missing)}
+            )
+            if isinstance(reward, PythonReward)
+            else reward
+            for j, reward in enumerate(stage.rewards)
+        ]
+    }
+    if isinstance(stage, RolloutStage):
+        update["tools"] = [
+            tool.model_copy(
+                update={"function": _file_function(tool.function, base, f"stages[{i}].tools[{j}]", missing)}
+            )
+            for j, tool in enumerate(stage.tools)
+        ]
+    return update
 
 
 def _outside_teacher(

@@ -65,12 +65,18 @@ class DistillTrainer(ObjectiveTrainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device)
         self.prompts = prompts
+        self.drawn_step, self.drawn = -1, 0  # the step of the last on-policy draw, and its micro-batches so far
 
     def on_policy_step(self) -> bool:
         """Whether this optimizer step learns on the student's own replies: a draw of probability on_policy, seeded
         by the stage's seed and the step."""
         if not self.spec.on_policy:
             return False
+        if self.prompts is None:
+            raise ValueError(
+                f"stage {self.spec.name}: on_policy needs the data's prompts, and its prepared data has none (prepared "
+                "before on_policy was set?): remove the stage's prepared data to prepare it again"
+            )
         draw = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
         return float(torch.rand(1, generator=draw)) < self.spec.on_policy
 
@@ -79,7 +85,11 @@ class DistillTrainer(ObjectiveTrainer):
         """`rows` of the data's prompts (the step's, in a seeded order) answered by the student at the stage's
         temperature: the batch as the loss reads it, labels on the tokens the student wrote."""
         spec, tokenizer = self.spec, self.processing_class
-        order = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
+        # each micro-batch of a step its own prompts: drawn by the step and the micro-batch's place in it
+        step = self.state.global_step
+        self.drawn = self.drawn + 1 if self.drawn_step == step else 0
+        self.drawn_step = step
+        order = torch.Generator().manual_seed(self.args.seed + 1_000_003 * step + self.drawn)
         picked = torch.randperm(len(self.prompts), generator=order)[:rows].tolist()
         prompts = [self.prompts[i]["prompt_ids"] for i in picked]
         student = self.accelerator.unwrap_model(model)

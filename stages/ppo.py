@@ -1,13 +1,15 @@
 """The PPO stage: one reply per prompt, a learned value model, GAE advantages, clipped policy and value losses.
 
-Each optimizer step takes `train.batch_size` prompts and samples one reply to each from the current policy (calling
-the spec's tools on the way: stages/common/rollouts.py). Then, once per batch, with no gradient:
+Each micro-batch takes `train.batch_size` prompts (an optimizer step `grad_accum` micro-batches) and samples one reply
+to each from the current policy (calling the spec's tools on the way: stages/common/rollouts.py). Then, once per
+micro-batch, with no gradient:
 
     log π_old, log π_ref   the sampling policy's and the reference's log-probs of every token the policy wrote
     V_old                  the value model's estimate before each of those tokens (its scalar head on every position)
     r_t                    −β (log π_old − log π_ref) on each token, plus the reply's reward on its last one
     Â, R                   GAE over the policy's tokens (tool turns are not the policy's steps: they are skipped, so
                            a turn after a tool result bootstraps from the value where the policy goes on), whitened
+                           over the micro-batch's policy tokens
 
 and `iterations` updates train on them: the clipped policy loss and the clipped value loss, weighted by
 `value_weight` (stages/common/losses.ppo_loss, checked against TRL's within 1e-6 in tests/test_losses.py).
@@ -27,7 +29,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, TrainerCallback
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    TrainerCallback,
+    set_seed,
+)
 
 from schemas.spec import PPOStage
 from stages.common.checkpoint import load_model
@@ -47,6 +55,7 @@ def value_model(spec: PPOStage, inputs: StageInputs) -> PreTrainedModel:
     """The value model the stage starts with: the input model or the named reward stage's, as a sequence classifier
     with one output (a fresh head on the input model), with adapters of its own under `lora`."""
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer)
+    set_seed(spec.train.seed)  # a fresh head and fresh adapters as the stage's seed draws them
     folder = inputs.model if spec.value_model == "policy" else inputs.stage_models[spec.value_model]
     model = load_model(folder, tokenizer, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -80,7 +89,8 @@ def advantages_and_returns(
     steps = mask.gather(1, order)
     rewards = ppo_rewards(scores, logps.gather(1, order), ref_logps.gather(1, order), steps, spec.beta)
     advantages, returns = gae(rewards, values.gather(1, order), steps, spec.gamma, spec.lam)
-    advantages = masked_whiten(advantages, steps) * steps
+    if steps.sum() > 1:  # whitened over the batch's policy tokens (a lone token has no spread to divide by)
+        advantages = masked_whiten(advantages, steps) * steps
     return (torch.zeros_like(values).scatter(1, order, x) for x in (advantages, returns))
 
 

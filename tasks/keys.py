@@ -18,8 +18,9 @@ from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 
+from schemas.rewards import PythonReward
 from schemas.sources import Source
-from schemas.spec import DistillStage, EvalStage, Mix, PipelineSpec, Stage, TrainingStage, TrainSpec
+from schemas.spec import DistillStage, EvalStage, Mix, PipelineSpec, RolloutStage, Stage, TrainingStage, TrainSpec
 
 CHUNK = 1 << 20
 PLAIN = Source(path=Path(".")).model_dump(exclude={"path", "files"})  # a file read as it is
@@ -87,7 +88,24 @@ def _unless_default(stage: Stage) -> dict[str, bool | set[str]]:
         default = TrainSpec()
         added = ("optimizer", "neftune_noise_alpha")
         left_out["train"] = {name for name in added if getattr(stage.train, name) == getattr(default, name)}
+    if isinstance(stage, RolloutStage) and not stage.tools:
+        left_out |= {"tools": True, "max_tool_turns": True}
+    if isinstance(stage, DistillStage) and not stage.on_policy:
+        left_out |= {"on_policy": True, "max_new_tokens": True}
     return left_out
+
+
+def _file_functions(stage: Stage) -> dict[str, str]:
+    """The `file.py:name` functions a stage's rewards and tools name, each as the file's name and the function's
+    (where the checkout lies is not what it runs) with the file's content digest (what it runs)."""
+    named = [r.function for r in getattr(stage, "rewards", []) if isinstance(r, PythonReward)]
+    named += [tool.function for tool in getattr(stage, "tools", [])]
+    found = {}
+    for function in named:
+        module, name = function.rsplit(":", 1)
+        if module.endswith(".py"):
+            found[function] = (f"{Path(module).name}:{name}", file_digest(Path(module)))
+    return found
 
 
 def _excluded(stage: Stage) -> dict:
@@ -128,6 +146,11 @@ def stage_fingerprint(spec: PipelineSpec, stage: Stage, fingerprints: dict[str, 
         "data": _data(stage),
         "tokenizer": tokenizer,
     }
+    if functions := _file_functions(stage):  # a file's content, not where it lies
+        for entry in [*resolved.get("rewards", []), *resolved.get("tools", [])]:
+            if entry.get("function") in functions:
+                entry["function"] = functions[entry["function"]][0]
+        payload["functions"] = dict(functions.values())
     if isinstance(stage, EvalStage):
         payload["scored"] = {s.name: fingerprints[s.name] for s in spec.scored_by(stage)}
         if (benchmarks := stage.benchmarks) is not None:
@@ -154,19 +177,31 @@ def part_fingerprint(stage_fingerprint: str, list_length: int) -> str:
 
 
 def dataset_key(kind: str, stage: Stage, tokenizer_dir: Path) -> str:
-    return digest(
-        {
-            "kind": kind,
-            "data": _data(stage),
-            "tokenizer": folder_digest(tokenizer_dir),
-            "versions": versions(),
-            "shape": stage.model_dump(
-                mode="json",
-                include={"packing", "max_len", "overlong", "on_invalid", "template", "streaming", "mix"},
-                exclude=_unless_default(stage),
-            ),
-        }
-    )
+    payload = {
+        "kind": kind,
+        "data": _data(stage),
+        "tokenizer": folder_digest(tokenizer_dir),
+        "versions": versions(),
+        "shape": stage.model_dump(
+            mode="json",
+            include={
+                "packing",
+                "max_len",
+                "overlong",
+                "on_invalid",
+                "template",
+                "streaming",
+                "mix",
+                "max_new_tokens",  # a rollout stage drops prompts with no room for a reply
+                "tools",  # offered in every prompt
+                "on_policy",  # a distillation keeps the data's prompts
+            },
+            exclude=_unless_default(stage),
+        ),
+    }
+    if functions := _file_functions(stage):  # a tool's definition comes from its file
+        payload["functions"] = dict(functions.values())
+    return digest(payload)
 
 
 def reference_key(input_fingerprint: str) -> str:

@@ -41,6 +41,8 @@ from stages.common.templates import IGNORE, after_calls, conversations, encode_p
 from stages.common.tools import Toolbox, read_calls
 from stages.common.training import ObjectiveTrainer
 
+NO_CALL = {"name": "invalid", "arguments": {}}
+
 
 def toolbox(spec: RolloutStage) -> Toolbox | None:
     """The stage's tools, imported; None without any."""
@@ -204,7 +206,8 @@ def rollout(
             if not calls or turn == spec.max_tool_turns:
                 continue
             results = [tools.run(call) for call in calls]
-            rendered = [call or {"name": "invalid", "arguments": {}} for call in calls]
+            # as the template writes a call (a missing or malformed one as no call of any tool): the text after it
+            rendered = [{"name": c["name"], "arguments": c.get("arguments", {})} if c else NO_CALL for c in calls]
             following = after_calls(asked[i], rendered, results, tokenizer, spec.template, tools.definitions)
             calls_made[i] += len(calls)
             if len(prompts[i]) + len(completions[i]) + len(following) + spec.max_new_tokens > spec.max_len:
@@ -394,6 +397,9 @@ class RolloutTrainer(ObjectiveTrainer):
         samples = self.buffer.pop(key, None) or self.samples(model, inputs)
         if samples.uses_left:
             self.buffer[key] = replace(samples, uses_left=samples.uses_left - 1)
+            # one step's micro-batches at most: a resume inside a block of μ leaves a block's samples unused
+            while len(self.buffer) > self.args.gradient_accumulation_steps:
+                self.buffer.pop(next(iter(self.buffer)))
         return samples
 
     @torch.no_grad()

@@ -11,11 +11,13 @@ reply makes (grpo, ppo).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
 import re
+import sys
 import threading
 import typing
 from collections.abc import Callable
@@ -169,20 +171,34 @@ class FunctionError(LifecycleError):
     """A spec's Python function (a reward or a tool) that cannot be imported or offered."""
 
 
+def _from_file(path: str):
+    """The module a .py file holds, loaded once per process under a name of its own (a reward and a tool from one
+    file share it, and what it defines can find its module, as dataclasses and pickling do)."""
+    name = f"lifecycle_functions_{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    found = importlib.util.spec_from_file_location(name, path)
+    if found is None:
+        raise ImportError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module
+    try:
+        found.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def imported(function: str, what: str) -> Callable:
     """The function `module:name` (imported) or `file.py:name` (loaded from that file) names; `what` names it in an
-    error ("reward mypkg:score")."""
+    error ("reward mypkg:score"), whatever its module raised while it loaded."""
     module, name = function.rsplit(":", 1)
     try:
-        if module.endswith(".py"):
-            found = importlib.util.spec_from_file_location(Path(module).stem, module)
-            loaded = importlib.util.module_from_spec(found)
-            found.loader.exec_module(loaded)
-        else:
-            loaded = importlib.import_module(module)
+        loaded = _from_file(module) if module.endswith(".py") else importlib.import_module(module)
         return getattr(loaded, name)
-    except (ImportError, AttributeError, OSError) as err:
-        raise FunctionError(f"{what}: cannot import it ({err})") from None
+    except Exception as err:  # a syntax error or a failing import in the user's file: named with the function
+        raise FunctionError(f"{what}: cannot import it ({type(err).__name__}: {err})") from None
 
 
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
@@ -192,7 +208,10 @@ def definition(function: Callable, name: str) -> dict:
     """The tool definition a template offers for a Python function (OpenAI's shape): its docstring's first paragraph
     as the description, a JSON Schema type for each parameter from its annotation, those without a default
     required."""
-    hints = typing.get_type_hints(function)
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception as err:  # an annotation naming what the module never imported
+        raise FunctionError(f"tool {name}: its annotations cannot be read ({type(err).__name__}: {err})") from None
     properties, required = {}, []
     for parameter in inspect.signature(function).parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -239,8 +258,10 @@ class Toolbox:
 
         def call_it() -> None:
             try:
-                outcome.append(("ok", self.functions[name](**arguments)))
-            except Exception as err:  # a tool's failure is the reply's to read, not the stage's
+                value = self.functions[name](**arguments)
+                # JSON for anything but text, what JSON cannot write as its text
+                outcome.append(("ok", value if isinstance(value, str) else json.dumps(value, default=str)))
+            except BaseException as err:  # a tool's failure is the reply's to read, not the stage's (SystemExit too)
                 outcome.append(("error", f"{type(err).__name__}: {err}"))
 
         worker = threading.Thread(target=call_it, name=f"tool-{name}", daemon=True)
@@ -248,7 +269,5 @@ class Toolbox:
         worker.join(self.timeouts[name])
         if not outcome:
             return f"error: {name} ran past its {self.timeouts[name]:g} s time limit"
-        status, value = outcome[0]
-        if status == "error":
-            return f"error: {name} raised {value}"
-        return value if isinstance(value, str) else as_json(value)
+        status, text = outcome[0]
+        return f"error: {name} raised {text}" if status == "error" else text
