@@ -193,14 +193,14 @@ def dataset_key(kind: str, stage: Stage, tokenizer_dir: Path) -> str:
                 "streaming",
                 "mix",
                 "max_new_tokens",  # a rollout stage drops prompts with no room for a reply
-                "tools",  # offered in every prompt
                 "on_policy",  # a distillation keeps the data's prompts
             },
             exclude=_unless_default(stage),
         ),
     }
-    if functions := _file_functions(stage):  # a tool's definition comes from its file
-        payload["functions"] = dict(functions.values())
+    functions = _file_functions(stage)
+    if tools := getattr(stage, "tools", None):  # offered in every prompt, each defined by its function
+        payload["tools"] = [functions[t.function] if t.function in functions else t.function for t in tools]
     return digest(payload)
 
 

@@ -97,3 +97,42 @@ def test_a_reward_model_in_the_loop_reaches_the_fingerprints_of_the_stages_it_sc
     # the eval stage scores with the last reward stage's model and grpo's rewards, on grpo's held-out prompts
     assert evaluated.reward_model == "reward" and [r.kind for r in evaluated.rewards] == ["answer", "reward_model"]
     assert files_of(evaluated.prompts) == [tmp_path / "rl_prompts_heldout.jsonl"]
+
+
+TOOL = '''def population(country: str) -> int:
+    """How many people live in a country today."""
+    return {answer}
+'''
+
+
+def test_a_tool_file_reaches_the_fingerprint_by_its_content_not_its_path(tmp_path: Path) -> None:
+    """A rollout stage's tools (and python rewards) named as file.py:name: the file's content is part of the stage's
+    fingerprint and its prepared data's key (the prompts offer the definition), where the checkout lies is not; a
+    stage without tools keeps the fingerprint it had."""
+    from tasks.keys import dataset_key
+
+    spec = SPEC + (
+        "  - {name: grpo, kind: grpo, from: sft, data: rl_prompts.jsonl, max_len: 128,\n"
+        "     tools: [{function: tools.py:population}], rewards: [{kind: python, function: tools.py:population}]}\n"
+    )
+    keys = {}
+    for folder, answer in (("a", 1), ("b", 1), ("c", 2)):
+        (tmp_path / folder).mkdir()
+        shutil.copy(DATA_DIR / "rl_prompts.jsonl", tmp_path / folder / "rl_prompts.jsonl")
+        (tmp_path / folder / "tools.py").write_text(TOOL.format(answer=answer))
+        keys[folder] = fingerprints(tmp_path / folder, spec)["grpo"]
+        grpo = load_spec(tmp_path / folder / "spec.yaml").stages[-1]
+        assert grpo.tools[0].function == f"{tmp_path / folder / 'tools.py'}:population"
+        keys[f"data-{folder}"] = dataset_key("grpo", grpo, DATA_DIR.parent)  # any folder stands for the tokenizer
+    assert keys["a"] == keys["b"] != keys["c"]
+    assert keys["data-a"] == keys["data-b"] != keys["data-c"]
+    without = fingerprints(tmp_path / "a", spec.replace("tools: [{function: tools.py:population}], ", ""))
+    assert without["grpo"] != keys["a"]
+    # and a missing file is named when the spec loads (the spec as written last: its python reward)
+    (tmp_path / "a" / "tools.py").unlink()
+    import pytest
+
+    from schemas.load import SpecError
+
+    with pytest.raises(SpecError, match=r"stages\[2\]\.rewards\[0\]: tools\.py is not a file"):
+        load_spec(tmp_path / "a" / "spec.yaml")
