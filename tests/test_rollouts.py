@@ -31,6 +31,16 @@ def failing(country: str) -> str:
     raise KeyError(country)
 
 
+def bundle() -> dict:
+    """A value JSON cannot write as it is."""
+    return {"ids": {3}}
+
+
+def exits() -> str:
+    """Stops the interpreter, or would."""
+    raise SystemExit(3)
+
+
 def slow(seconds: float = 5.0) -> str:
     """Sleeps."""
     time.sleep(seconds)
@@ -70,12 +80,14 @@ def stage(**fields) -> GRPOStage:
         kind="grpo",
         data=["unused.jsonl"],
         template="chatml",
-        max_len=fields.pop("max_len", 1024),  # the tools' definitions are long in a 512-token vocabulary
+        max_len=fields.pop("max_len", 4096),  # the tools' definitions are long in a 512-token vocabulary
         max_new_tokens=32,
         tools=[
             {"function": f"{here}:population"},
             {"function": f"{here}:failing"},
             {"function": f"{here}:slow", "timeout": 0.2},
+            {"function": f"{here}:bundle"},
+            {"function": f"{here}:exits"},
         ],
         rewards=[{"kind": "answer"}],
         **fields,
@@ -136,14 +148,20 @@ def test_a_call_is_run_its_result_is_an_untrained_tool_turn_and_the_reply_goes_o
         (CALL.format(name="slow", arguments="{}"), "error: slow ran past its 0.2 s time limit"),
         (
             CALL.format(name="weather", arguments="{}"),
-            "error: there is no tool 'weather'; the tools are population, failing, slow",
+            "error: there is no tool 'weather'; the tools are population, failing, slow, bundle, exits",
         ),
         (
             "<tool_call>\nnot json\n</tool_call>",
             'error: the call is not JSON of the form {"name": ..., "arguments": {...}}',
         ),
+        (
+            '<tool_call>\n{"name": "population"}\n</tool_call>',
+            "error: population raised TypeError: population() missing 1 required positional argument: 'country'",
+        ),
+        (CALL.format(name="bundle", arguments="{}"), '{"ids": "{3}"}'),
+        (CALL.format(name="exits", arguments="{}"), "error: exits raised SystemExit: 3"),
     ],
-    ids=["raises", "too-slow", "unknown", "malformed"],
+    ids=["raises", "too-slow", "unknown", "malformed", "no-arguments", "odd-value", "exits"],
 )
 def test_a_call_that_fails_gives_an_error_result_not_a_crash(trained_tokenizer, call, result) -> None:
     tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer)
