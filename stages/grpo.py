@@ -34,7 +34,15 @@ from stages.common.losses import group_advantages, grpo_loss
 from stages.common.progress import say
 from stages.common.recipe import fit, save
 from stages.common.reward_functions import RewardFunction
-from stages.common.rollouts import RolloutTrainer, Samples, examples, prepare, rollout, rollout_trainer
+from stages.common.rollouts import (
+    RolloutTrainer,
+    Samples,
+    as_sampled,
+    examples,
+    prepare,
+    rollout,
+    rollout_trainer,
+)
 from stages.common.tools import Toolbox
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -55,7 +63,7 @@ class GRPOTrainer(RolloutTrainer):
         self.record(advantage_abs=advantages.abs().mean(), zero_variance_groups=(grouped.std(1) == 0).float())
         samples = Samples(sequences, attention_mask, trained, advantages, None, spec.iterations - 1)
         if spec.iterations > 1:  # the ratio of the later updates is taken against the policy that sampled
-            with torch.no_grad():
+            with as_sampled(model):
                 samples = replace(samples, old_logps=samples.logps(model, spec.temperature))
         return samples
 

@@ -42,7 +42,7 @@ from stages.common.checkpoint import load_model
 from stages.common.contract import StageInputs, StageResult, columns_of
 from stages.common.losses import gae, masked_whiten, ppo_loss, ppo_rewards
 from stages.common.recipe import adapt, fit, save
-from stages.common.rollouts import RolloutTrainer, Samples, examples, prepare, rollout_trainer
+from stages.common.rollouts import RolloutTrainer, Samples, as_sampled, examples, prepare, rollout_trainer
 from stages.common.training import unwrapped
 
 __all__ = ["examples", "prepare", "run"]  # the TrainingStage protocol (stages/__init__.py)
@@ -129,7 +129,7 @@ class PPOTrainer(RolloutTrainer):
         spec = self.spec
         replies, sequences, attention_mask, trained = self.replies(model, inputs)
         samples = Samples(sequences, attention_mask, trained, torch.empty(0), None, spec.iterations - 1)
-        with torch.no_grad():
+        with as_sampled(model, self.value):
             logps = samples.logps(model, spec.temperature)
             reference = self.reference_logps(model, samples)
             values = self.values(samples)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -297,6 +298,22 @@ class Samples:
         """log π of every reply token under `model`, [N, T] (`completion_logps`)."""
         width = self.sequences.shape[1] - self.completion_mask.shape[1]
         return completion_logps(model, self.sequences, self.attention_mask, width, temperature)
+
+
+@contextmanager
+def as_sampled(*models) -> Iterator[None]:
+    """No-grad forwards of the models as the replies were sampled: in eval mode (no dropout), as `generate` runs
+    the policy, so the log-probs an update's ratio and KL are taken against are the sampling policy's own; each model
+    back in its mode after."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
 
 
 def kept_samples(step: int, replies: Rollouts, rewards: list[RewardFunction]) -> list[dict]:
