@@ -94,6 +94,17 @@ def stage(**fields) -> GRPOStage:
     )
 
 
+def go_prompt(trained_tokenizer, **fields):
+    """The tokenizer, a stage with the test's tools, the end of turn, and one conversation ("Go.") as messages and as
+    the prompt the policy continues."""
+    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer)
+    spec = stage(**fields)
+    tools = Toolbox(spec.tools)
+    messages = [[{"role": "user", "content": "Go."}]]
+    prompts = [encode_prompt(messages[0], tokenizer, "chatml", tools.definitions)]
+    return tokenizer, spec, tools, tokenizer.convert_tokens_to_ids("<|im_end|>"), messages, prompts
+
+
 CALL = '<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 
 
@@ -164,12 +175,7 @@ def test_a_call_is_run_its_result_is_an_untrained_tool_turn_and_the_reply_goes_o
     ids=["raises", "too-slow", "unknown", "malformed", "no-arguments", "odd-value", "exits"],
 )
 def test_a_call_that_fails_gives_an_error_result_not_a_crash(trained_tokenizer, call, result) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer)
-    spec = stage(max_tool_turns=1)
-    tools = Toolbox(spec.tools)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    messages = [[{"role": "user", "content": "Go."}]]
-    prompts = [encode_prompt(messages[0], tokenizer, "chatml", tools.definitions)]
+    tokenizer, spec, tools, end, messages, prompts = go_prompt(trained_tokenizer, max_tool_turns=1)
     policy = Scripted(tokenizer, [[call, "Sorry."]], end)
     policy.active = [0]
     started = time.monotonic()
@@ -182,12 +188,7 @@ def test_a_call_that_fails_gives_an_error_result_not_a_crash(trained_tokenizer, 
 
 
 def test_calls_past_max_tool_turns_end_the_reply(trained_tokenizer) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer)
-    spec = stage(max_tool_turns=1)
-    tools = Toolbox(spec.tools)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    messages = [[{"role": "user", "content": "Go."}]]
-    prompts = [encode_prompt(messages[0], tokenizer, "chatml", tools.definitions)]
+    tokenizer, spec, tools, end, messages, prompts = go_prompt(trained_tokenizer, max_tool_turns=1)
     call = CALL.format(name="population", arguments='{"country": "Doluia"}')
     policy = Scripted(tokenizer, [[call, call, "never"]], end)
     policy.active = [0]
@@ -221,12 +222,7 @@ def test_a_tool_is_offered_as_its_function_describes_itself() -> None:
 
 
 def test_a_call_without_room_left_for_its_result_and_a_reply_ends_the_reply_there(trained_tokenizer) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer)
-    spec = stage()
-    tools = Toolbox(spec.tools)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    messages = [[{"role": "user", "content": "Go."}]]
-    prompts = [encode_prompt(messages[0], tokenizer, "chatml", tools.definitions)]
+    tokenizer, spec, tools, end, messages, prompts = go_prompt(trained_tokenizer)
     call = CALL.format(name="population", arguments='{"country": "Doluia"}')
     written = len(tokenizer(call, add_special_tokens=False)["input_ids"]) + 1
     tight = stage(max_len=len(prompts[0]) + written + spec.max_new_tokens)  # the result's turn does not fit

@@ -340,6 +340,23 @@ def _tokenize(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], lis
     return input_ids, labels
 
 
+def _pieces(
+    messages: list[dict],
+    tokenizer,
+    template: str,
+    first_trained: int,
+    generation_prompt: bool,
+    tools: list[dict] | None,
+) -> list[tuple[str, bool]]:
+    """The conversation's (text, trained) pieces under the template: ours, or the tokenizer's own."""
+    _check_roles(messages)
+    if template == OWN_TEMPLATE:
+        return _own_pieces(messages, tokenizer, first_trained, generation_prompt, tools)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
+    return _template_pieces(messages, tokenizer, template, first_trained, generation_prompt, tools)
+
+
 def _encode(
     messages: list[dict],
     tokenizer,
@@ -348,10 +365,9 @@ def _encode(
     generation_prompt: bool = False,
     tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int]]:
-    _check_roles(messages)
+    pieces = _pieces(messages, tokenizer, template, first_trained, generation_prompt, tools)
+    input_ids, labels = _tokenize(pieces, tokenizer)
     if template == OWN_TEMPLATE:
-        pieces = _own_pieces(messages, tokenizer, first_trained, generation_prompt, tools)
-        input_ids, labels = _tokenize(pieces, tokenizer)
         # a user's template may put a piece boundary inside what its tokenizer reads as one word
         whole = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
         if input_ids != whole:
@@ -359,11 +375,7 @@ def _encode(
                 "the tokenizer's chat template splits a reply from its context inside a token, "
                 "so training would not see the tokens inference sees; choose another template"
             )
-        return input_ids, labels
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
-    pieces = _template_pieces(messages, tokenizer, template, first_trained, generation_prompt, tools)
-    return _tokenize(pieces, tokenizer)
+    return input_ids, labels
 
 
 def encode_conversation(
@@ -403,11 +415,7 @@ def after_calls(
     (up to its end-of-turn token) and generates on; none of them is trained."""
     called = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": c} for c in calls]}
     conversation = [*messages, called, *({"role": "tool", "content": result} for result in results)]
-    _check_roles(conversation)
-    if template == OWN_TEMPLATE:
-        pieces = _own_pieces(conversation, tokenizer, len(messages), True, tools)
-    else:
-        pieces = _template_pieces(conversation, tokenizer, template, len(messages), True, tools)
+    pieces = _pieces(conversation, tokenizer, template, len(messages), True, tools)
     reply = max(i for i, (_, trained) in enumerate(pieces) if trained)
     return tokenizer("".join(text for text, _ in pieces[reply + 1 :]), add_special_tokens=False)["input_ids"]
 
